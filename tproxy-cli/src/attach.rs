@@ -1,0 +1,48 @@
+//! Owners of attachments: each holds one kernel attachment and detaches it
+//! when dropped, so every exit path (error, signal, panic unwinding) tears
+//! down what was set up.
+use aya::programs::{
+    Link, cgroup_sockopt::CgroupSockoptLink, sk_msg::SkMsgLink, sock_ops::SockOpsLink,
+    tc::SchedClassifierLink,
+};
+use tracing::{debug, warn};
+
+/// One attachment (a link or a prog_attach) with a human name for the logs.
+pub struct Attachment<L: Link> {
+    what: String,
+    link: Option<L>,
+}
+
+/// tc ingress/egress program on the interface (TCX link or netlink filter).
+pub type TcAttachment = Attachment<SchedClassifierLink>;
+/// cgroup/getsockopt on the cgroup.
+pub type GetsockoptAttachment = Attachment<CgroupSockoptLink>;
+/// sockops on the cgroup.
+pub type SockopsAttachment = Attachment<SockOpsLink>;
+/// sk_msg on the SOCKHASH.
+pub type SkMsgAttachment = Attachment<SkMsgLink>;
+
+impl<L: Link> Attachment<L> {
+    pub fn new(what: String, link: L) -> Self {
+        debug!("attached {what}");
+        Attachment {
+            what,
+            link: Some(link),
+        }
+    }
+
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+}
+
+impl<L: Link> Drop for Attachment<L> {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take() {
+            match link.detach() {
+                Ok(()) => debug!("detached {}", self.what),
+                Err(e) => warn!("detaching {}: {e}", self.what),
+            }
+        }
+    }
+}

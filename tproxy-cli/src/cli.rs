@@ -1,0 +1,233 @@
+//! Command line. `tproxy -i eth0 -ports 8000` (Go-style single-dash long
+//! flags, as in the lab that inspired tproxy) is accepted alongside
+//! `--ports`.
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+use crate::{PortSet, instance::Options, tc::TcMode};
+
+pub const DEFAULT_PROXY_PORT: u16 = 15006;
+/// Istio's mark for the proxy's own traffic; Envoy configs commonly use it.
+pub const DEFAULT_PROXY_MARK: u32 = 0x539;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tproxy",
+    version,
+    about = "Put a local proxy transparently in front of an application with eBPF, and short-circuit the proxy->app leg in the kernel.",
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Example: sudo tproxy -i eth0 -ports 8000\nServes until SIGINT/SIGTERM, then removes everything it installed."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Interface whose inbound TCP is intercepted.
+    #[arg(short = 'i', long = "iface", value_name = "IFACE", required = true)]
+    pub iface: Option<String>,
+
+    /// Intercepted destination ports: 8000 | 8000,8080 | 9000-9010 (also -ports).
+    #[arg(short = 'p', long = "ports", value_name = "PORTS", required = true, value_parser = parse_ports)]
+    pub ports: Option<PortSet>,
+
+    /// cgroup v2 directory holding the proxy and the app (default: the cgroup v2 root).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Port of the proxy's inbound listener.
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROXY_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    pub proxy_port: u16,
+
+    /// SO_MARK on the proxy's upstream sockets: such traffic is never steered (decimal or 0x hex).
+    #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
+    pub proxy_mark: u32,
+
+    /// Leave socket acceleration (sockops + sk_msg) out entirely.
+    #[arg(long)]
+    pub no_accel: bool,
+
+    /// How the tc programs attach: TCX links (kernel >= 6.6) or netlink filters.
+    #[arg(long, value_enum, default_value_t = TcMode::Auto)]
+    pub tc_mode: TcMode,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the counters of the running instance(s).
+    Stats {
+        /// Only the instance on this interface.
+        #[arg(short = 'i', long = "iface")]
+        iface: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Instances in every network namespace, not just this one.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn parse_ports(s: &str) -> Result<PortSet, String> {
+    s.parse().map_err(|e: crate::Error| e.to_string())
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a 32-bit mark (decimal or 0x hex)"))
+}
+
+/// Rewrites Go-style `-ports 8000` / `-proxy-port=…` into `--ports …`, for
+/// every long option whose name is longer than one letter.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let cmd = Cli::command();
+    let mut longs: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(String::from))
+        .collect();
+    longs.extend(["help".to_string(), "version".to_string()]);
+    for sub in cmd.get_subcommands() {
+        longs.extend(
+            sub.get_arguments()
+                .filter_map(|a| a.get_long().map(String::from)),
+        );
+    }
+    let mut out = Vec::new();
+    let mut after_dashdash = false;
+    for arg in args {
+        if after_dashdash {
+            out.push(arg);
+            continue;
+        }
+        let rewritten = arg.to_str().and_then(|s| {
+            if s == "--" {
+                after_dashdash = true;
+                return None;
+            }
+            let body = s.strip_prefix('-').filter(|b| !b.starts_with('-'))?;
+            let name = body.split('=').next()?;
+            (name.len() > 1 && longs.iter().any(|l| l == name)).then(|| format!("-{s}"))
+        });
+        out.push(rewritten.map(OsString::from).unwrap_or(arg));
+    }
+    out
+}
+
+impl RunArgs {
+    pub fn options(&self) -> Options {
+        Options {
+            iface: self.iface.clone().expect("required by clap"),
+            ports: self.ports.clone().expect("required by clap"),
+            cgroup: self.cgroup.clone(),
+            proxy_port: self.proxy_port,
+            proxy_mark: self.proxy_mark,
+            accel: !self.no_accel,
+            tc_mode: self.tc_mode,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from)))
+    }
+
+    #[test]
+    fn single_dash_ports_like_the_lab() {
+        let cli = parse(&["tproxy", "-i", "eth0", "-ports", "8000"]).unwrap();
+        let o = cli.run.options();
+        assert_eq!(o.iface, "eth0");
+        assert_eq!(o.ports.to_string(), "8000");
+        assert_eq!(o.proxy_port, 15006);
+        assert_eq!(o.proxy_mark, 0x539);
+        assert!(o.accel);
+    }
+
+    #[test]
+    fn double_dash_and_equals_forms() {
+        let cli = parse(&[
+            "tproxy",
+            "--iface=eth1",
+            "--ports=8000,8080,9000-9010",
+            "-proxy-port=15001",
+            "-proxy-mark",
+            "0x10",
+            "--no-accel",
+            "--cgroup",
+            "/sys/fs/cgroup/unified/x",
+        ])
+        .unwrap();
+        let o = cli.run.options();
+        assert_eq!(o.iface, "eth1");
+        assert_eq!(o.ports.len(), 13);
+        assert_eq!(o.proxy_port, 15001);
+        assert_eq!(o.proxy_mark, 16);
+        assert!(!o.accel);
+        assert_eq!(o.cgroup.unwrap(), PathBuf::from("/sys/fs/cgroup/unified/x"));
+    }
+
+    #[test]
+    fn short_flags_are_left_alone() {
+        let cli = parse(&["tproxy", "-vv", "-i", "eth0", "-p", "80"]).unwrap();
+        assert_eq!(cli.verbose, 2);
+        assert_eq!(cli.run.options().ports.to_string(), "80");
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error() {
+        for args in [
+            &["tproxy", "-i", "eth0"][..],
+            &["tproxy", "-ports", "8000"],
+            &["tproxy", "-i", "eth0", "-ports", ""],
+            &["tproxy", "-i", "eth0", "-ports", "0"],
+            &["tproxy", "-i", "eth0", "-ports", "70000"],
+            &["tproxy", "-i", "eth0", "-ports", "80,x"],
+            &["tproxy", "-i", "eth0", "-ports", "80", "--proxy-port", "0"],
+            &["tproxy", "-i", "eth0", "-ports", "80", "--proxy-mark", "zz"],
+            &["tproxy", "-i", "eth0", "-ports", "80", "--bogus"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} parsed");
+        }
+    }
+
+    #[test]
+    fn proxy_port_inside_the_set_is_refused() {
+        let cli = parse(&["tproxy", "-i", "eth0", "-ports", "15000-15010"]).unwrap();
+        assert!(matches!(
+            cli.run.options().validate(),
+            Err(crate::Error::ProxyPortIntercepted(15006))
+        ));
+    }
+
+    #[test]
+    fn stats_subcommand_needs_no_iface() {
+        let cli = parse(&["tproxy", "stats", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Stats { json: true, .. })
+        ));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

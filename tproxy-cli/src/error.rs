@@ -1,0 +1,88 @@
+//! Library errors. Each message is one line that names the problem and,
+//! where there is one, the fix.
+use std::{io, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "bad port list: {0}; use e.g. `-ports 8000` or `-ports 8000,8080,9000-9010` (ports 1-65535)"
+    )]
+    BadPorts(String),
+
+    #[error(
+        "the proxy port {0} is in the intercepted set: the proxy's own listener would be steered to itself; choose another --proxy-port or drop {0} from --ports"
+    )]
+    ProxyPortIntercepted(u16),
+
+    #[error("--proxy-mark must be non-zero: it is how tproxy tells the proxy's own traffic apart")]
+    ZeroMark,
+
+    #[error(
+        "no interface named {0:?} in this network namespace; list them with `ip link` (or run tproxy in the namespace that has it)"
+    )]
+    NoSuchInterface(String),
+
+    #[error(
+        "{0} is not a cgroup v2 directory; pass --cgroup with a path on the cgroup2 mount (see `mount -t cgroup2`)"
+    )]
+    NotCgroup2(PathBuf),
+
+    #[error(
+        "no cgroup v2 hierarchy is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup"
+    )]
+    NoCgroup2,
+
+    #[error(
+        "tproxy needs root (or CAP_BPF and CAP_NET_ADMIN) to load and attach eBPF programs; run it with sudo"
+    )]
+    NotPrivileged,
+
+    #[error(
+        "another tproxy (pid {pid}) already serves {iface} in this network namespace; stop it first"
+    )]
+    AlreadyRunning { pid: i32, iface: String },
+
+    #[error("the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF")]
+    LoadObject(#[source] aya::EbpfError),
+
+    #[error(
+        "the kernel refused program {name}: {source}; tproxy needs Linux >= 6.1 (TCX needs 6.6; run with -v for the verifier log)"
+    )]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+
+    #[error("could not attach {what}: {source}")]
+    Attach {
+        what: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

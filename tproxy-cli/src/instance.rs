@@ -1,0 +1,418 @@
+//! One running tproxy: the loaded object, every attachment, and the lock on
+//! its runtime record. Built all-or-nothing: if a step fails, the owners
+//! already created are dropped (detached) before the error returns.
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSockopt, SchedClassifier, SkMsg, SockOps, TcAttachType,
+        links::LinkOrder,
+        tc::{NlOptions, TcAttachOptions},
+    },
+};
+use tproxy_common::{Config, Counter, SockKey, SteerMode, flags, names};
+use tracing::{info, warn};
+
+use crate::{
+    Error, PortSet, Result,
+    attach::{Attachment, GetsockoptAttachment, SkMsgAttachment, SockopsAttachment, TcAttachment},
+    state::{InstanceLock, Record},
+    system,
+    tc::{self, ClsactQdisc, TcMode},
+};
+
+/// The eBPF object, built by build.rs and embedded in the binary.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
+
+/// Everything `tproxy -i IFACE -ports …` is asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub iface: String,
+    pub ports: PortSet,
+    pub cgroup: Option<PathBuf>,
+    pub proxy_port: u16,
+    pub proxy_mark: u32,
+    pub accel: bool,
+    pub tc_mode: TcMode,
+}
+
+impl Options {
+    /// Checks that need no privileges and touch nothing.
+    pub fn validate(&self) -> Result<()> {
+        if self.ports.contains(self.proxy_port) {
+            return Err(Error::ProxyPortIntercepted(self.proxy_port));
+        }
+        if self.proxy_mark == 0 {
+            return Err(Error::ZeroMark);
+        }
+        Ok(())
+    }
+}
+
+/// A running instance. Fields drop in declaration order: steering stops
+/// first, the runtime record goes last.
+pub struct Instance {
+    steer: Option<TcAttachment>,
+    restore: Option<TcAttachment>,
+    getsockopt: Option<GetsockoptAttachment>,
+    sockops: Option<SockopsAttachment>,
+    sk_msg: Option<SkMsgAttachment>,
+    #[expect(dead_code, reason = "held for its Drop")]
+    clsact: Option<ClsactQdisc>,
+    #[expect(dead_code, reason = "held for its Drop")]
+    sockhash: Option<SockHash<MapData, SockKey>>,
+    ebpf: Ebpf,
+    record: Record,
+    #[expect(dead_code, reason = "held for its Drop")]
+    lock: InstanceLock,
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("program {name} missing from the embedded object"));
+    prog.try_into()
+        .map_err(|source| Error::LoadProgram { name, source })
+}
+
+fn map_id(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
+    let map = ebpf
+        .map(name)
+        .unwrap_or_else(|| panic!("map {name} missing"));
+    let data: &MapData = match map {
+        aya::maps::Map::Array(d)
+        | aya::maps::Map::PerCpuArray(d)
+        | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::SockHash(d) => d,
+        other => panic!("unexpected map type for {name}: {other:?}"),
+    };
+    data.info()
+        .map(|i| i.id())
+        .map_err(|source| Error::Map { name, source })
+}
+
+impl Instance {
+    pub fn start(opts: &Options) -> Result<Instance> {
+        opts.validate()?;
+        system::check_privileges()?;
+        let ifindex = system::ifindex(&opts.iface)?;
+        let cgroup = system::resolve_cgroup(opts.cgroup.as_deref())?;
+        let netns_inode = system::netns_inode()?;
+
+        let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
+        if let Some(stale) = stale {
+            clean_up_after(&stale, &opts.iface, ifindex);
+        }
+
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(Error::LoadObject)?;
+        let config = Config {
+            proxy_port: opts.proxy_port,
+            steer_mode: SteerMode::Rewrite as u8,
+            _pad0: 0,
+            proxy_mark: opts.proxy_mark,
+            steer_mark: 0,
+            flags: flags::STEER_NEW | if opts.accel { flags::ACCEL } else { 0 },
+        };
+        write_config(&mut ebpf, &config, &opts.ports)?;
+
+        let mut record = Record {
+            pid: std::process::id() as i32,
+            iface: opts.iface.clone(),
+            ifindex,
+            netns_inode,
+            cgroup: cgroup.clone(),
+            tc_mode: None,
+            created_clsact: false,
+            counters_map_id: map_id(&ebpf, names::COUNTERS)?,
+            flows_map_id: map_id(&ebpf, names::FLOWS)?,
+            sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
+        };
+
+        let cgroup_fd = std::fs::File::open(&cgroup)
+            .map_err(|e| Error::io(format!("opening cgroup {}", cgroup.display()), e))?;
+
+        // Cgroup attachments are bpf_links, which the kernel always stacks
+        // (multi mode): `Single` only means "no BPF_F_ALLOW_* flags", which
+        // link_create requires. Other programs on the cgroup are untouched.
+        //
+        // Attach from the inside out, steering last: by the time a flow is
+        // steered, everything that serves it is in place.
+        let mut inst_sk_msg = None;
+        let mut inst_sockops = None;
+        let mut inst_sockhash = None;
+        if opts.accel {
+            let sockhash: SockHash<MapData, SockKey> =
+                SockHash::try_from(ebpf.take_map(names::SOCKHASH).expect("SOCKHASH in object"))
+                    .map_err(|source| Error::Map {
+                        name: names::SOCKHASH,
+                        source,
+                    })?;
+            let prog: &mut SkMsg = program(&mut ebpf, names::PROG_SK_MSG)?;
+            prog.load().map_err(|source| Error::LoadProgram {
+                name: names::PROG_SK_MSG,
+                source,
+            })?;
+            let id = prog.attach(sockhash.fd()).map_err(|source| Error::Attach {
+                what: "sk_msg to the SOCKHASH".into(),
+                source,
+            })?;
+            let link = prog.take_link(id).expect("fresh link");
+            inst_sk_msg = Some(SkMsgAttachment::new(
+                format!("sk_msg {} to SOCKHASH", names::PROG_SK_MSG),
+                link,
+            ));
+
+            let prog: &mut SockOps = program(&mut ebpf, names::PROG_SOCKOPS)?;
+            prog.load().map_err(|source| Error::LoadProgram {
+                name: names::PROG_SOCKOPS,
+                source,
+            })?;
+            let id = prog
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    what: format!("sockops to cgroup {}", cgroup.display()),
+                    source,
+                })?;
+            inst_sockops = Some(SockopsAttachment::new(
+                format!("sockops {} to {}", names::PROG_SOCKOPS, cgroup.display()),
+                prog.take_link(id).expect("fresh link"),
+            ));
+            // Kept open: the programs were relocated against this fd.
+            inst_sockhash = Some(sockhash);
+        }
+
+        let prog: &mut CgroupSockopt = program(&mut ebpf, names::PROG_GETSOCKOPT)?;
+        prog.load().map_err(|source| Error::LoadProgram {
+            name: names::PROG_GETSOCKOPT,
+            source,
+        })?;
+        let id = prog
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(|source| Error::Attach {
+                what: format!("cgroup/getsockopt to {}", cgroup.display()),
+                source,
+            })?;
+        let inst_getsockopt = Some(GetsockoptAttachment::new(
+            format!(
+                "cgroup/getsockopt {} to {}",
+                names::PROG_GETSOCKOPT,
+                cgroup.display()
+            ),
+            prog.take_link(id).expect("fresh link"),
+        ));
+
+        let tc_mode = opts.tc_mode.resolve();
+        let clsact = match tc_mode {
+            TcMode::Netlink => Some(ClsactQdisc::ensure(&opts.iface, ifindex)?),
+            _ => None,
+        };
+        record.tc_mode = Some(tc_mode);
+        record.created_clsact = clsact.as_ref().is_some_and(ClsactQdisc::created);
+        // Written before the tc filters exist, so a kill right after leaves
+        // a record that says what to remove.
+        lock.write(&record)?;
+
+        let inst_restore = Some(attach_tc(
+            &mut ebpf,
+            names::PROG_RESTORE,
+            &opts.iface,
+            TcAttachType::Egress,
+            tc_mode,
+        )?);
+        let inst_steer = Some(attach_tc(
+            &mut ebpf,
+            names::PROG_STEER,
+            &opts.iface,
+            TcAttachType::Ingress,
+            tc_mode,
+        )?);
+
+        info!(
+            iface = %opts.iface,
+            ports = %opts.ports,
+            proxy_port = opts.proxy_port,
+            proxy_mark = format_args!("{:#x}", opts.proxy_mark),
+            cgroup = %cgroup.display(),
+            accel = opts.accel,
+            tc = ?tc_mode,
+            "attached"
+        );
+        Ok(Instance {
+            steer: inst_steer,
+            restore: inst_restore,
+            getsockopt: inst_getsockopt,
+            sockops: inst_sockops,
+            sk_msg: inst_sk_msg,
+            clsact,
+            sockhash: inst_sockhash,
+            ebpf,
+            record,
+            lock,
+        })
+    }
+
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// What is attached, one line each (for the demo and `-v`).
+    pub fn attachments(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(a) = &self.steer {
+            out.push(a.what().to_string());
+        }
+        if let Some(a) = &self.restore {
+            out.push(a.what().to_string());
+        }
+        if let Some(a) = &self.getsockopt {
+            out.push(a.what().to_string());
+        }
+        if let Some(a) = &self.sockops {
+            out.push(a.what().to_string());
+        }
+        if let Some(a) = &self.sk_msg {
+            out.push(a.what().to_string());
+        }
+        out
+    }
+
+    /// Counter totals over all CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let map = self.ebpf.map(names::COUNTERS).expect("COUNTERS in object");
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        sum_counters(&arr)
+    }
+
+    /// Stops steering new flows (flows already steered keep their state).
+    pub fn stop_steering_new(&mut self) -> Result<()> {
+        let map = self.ebpf.map_mut(names::CONFIG).expect("CONFIG in object");
+        let mut arr: Array<&mut MapData, Config> =
+            Array::try_from(map).map_err(|source| Error::Map {
+                name: names::CONFIG,
+                source,
+            })?;
+        let mut cfg = arr.get(&0, 0).map_err(|source| Error::Map {
+            name: names::CONFIG,
+            source,
+        })?;
+        cfg.flags &= !flags::STEER_NEW;
+        arr.set(0, cfg, 0).map_err(|source| Error::Map {
+            name: names::CONFIG,
+            source,
+        })
+    }
+
+    /// Detaches everything, steering first. Same as dropping, with a log line.
+    pub fn shutdown(self) {
+        let n = self.attachments().len();
+        drop(self);
+        info!("detached {n} programs; nothing of tproxy's is left attached");
+    }
+}
+
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    hook: TcAttachType,
+    mode: TcMode,
+) -> Result<TcAttachment> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    prog.load()
+        .map_err(|source| Error::LoadProgram { name, source })?;
+    let options = match mode {
+        TcMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+        _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
+    };
+    let hook_name = if hook == TcAttachType::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    };
+    let id = prog
+        .attach_with_options(iface, hook, options)
+        .map_err(|source| Error::Attach {
+            what: format!("tc {hook_name} ({mode:?}) on {iface}"),
+            source,
+        })?;
+    Ok(Attachment::new(
+        format!("tc {hook_name} {name} on {iface} ({mode:?})"),
+        prog.take_link(id).expect("fresh link"),
+    ))
+}
+
+fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &PortSet) -> Result<()> {
+    let map_err = |name| move |source| Error::Map { name, source };
+    let mut cfg: Array<&mut MapData, Config> =
+        Array::try_from(ebpf.map_mut(names::CONFIG).expect("CONFIG"))
+            .map_err(map_err(names::CONFIG))?;
+    cfg.set(0, *config, 0).map_err(map_err(names::CONFIG))?;
+    let mut intercept: Array<&mut MapData, u8> = Array::try_from(
+        ebpf.map_mut(names::INTERCEPT_PORTS)
+            .expect("INTERCEPT_PORTS"),
+    )
+    .map_err(map_err(names::INTERCEPT_PORTS))?;
+    for port in ports.iter() {
+        intercept
+            .set(u32::from(port), 1, 0)
+            .map_err(map_err(names::INTERCEPT_PORTS))?;
+    }
+    Ok(())
+}
+
+pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {
+    Counter::ALL
+        .iter()
+        .map(|&c| {
+            let v = arr.get(&(c as u32), 0).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+            Ok((c, v.iter().sum()))
+        })
+        .collect()
+}
+
+/// Counters of another, running instance, read through its map id.
+pub fn counters_of(record: &Record) -> Result<Vec<(Counter, u64)>> {
+    let data = MapData::from_id(record.counters_map_id).map_err(|source| Error::Map {
+        name: names::COUNTERS,
+        source,
+    })?;
+    let map = aya::maps::Map::PerCpuArray(data);
+    let arr: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(&map).map_err(|source| Error::Map {
+            name: names::COUNTERS,
+            source,
+        })?;
+    sum_counters(&arr)
+}
+
+/// Removes what an instance killed without cleanup left behind. TCX and
+/// cgroup links went with its file descriptors; netlink tc filters did not.
+fn clean_up_after(stale: &Record, iface: &str, ifindex: u32) {
+    match stale.tc_mode {
+        Some(TcMode::Netlink) => {
+            let n = tc::remove_stale_filters(iface, ifindex, stale.created_clsact);
+            warn!(
+                "a previous tproxy (pid {}) on {iface} died without cleaning up; removed {n} tc filter hook(s) it left",
+                stale.pid
+            );
+        }
+        _ => warn!(
+            "a previous tproxy (pid {}) on {iface} died without cleaning up; its links died with it, nothing to remove",
+            stale.pid
+        ),
+    }
+}

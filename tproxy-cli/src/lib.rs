@@ -1,0 +1,19 @@
+//! tproxy: transparent ingress steering to a local proxy with eBPF, and
+//! socket-level acceleration of the proxy<->app leg.
+//!
+//! Where things are: `instance` loads and attaches everything (one owner per
+//! attachment, in `attach`); `tc` handles netlink-mode tc; `state` is the
+//! runtime record and instance lock; `system` the host checks; `cli` the
+//! command line. The kernel side is in the `tproxy-ebpf` crate.
+pub mod attach;
+pub mod cli;
+pub mod error;
+pub mod instance;
+pub mod ports;
+pub mod state;
+pub mod system;
+pub mod tc;
+
+pub use error::{Error, Result};
+pub use instance::{Instance, Options};
+pub use ports::PortSet;

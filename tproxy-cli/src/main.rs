@@ -1,0 +1,139 @@
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tproxy::{
+    Instance,
+    cli::{Cli, Command, normalize_args},
+    state,
+};
+use tracing::info;
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TPROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Usage errors in one line, like every other error.
+fn usage_error(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect();
+    let msg = parts.join(" ");
+    format!(
+        "{} (see `tproxy --help`)",
+        msg.trim_start_matches("error: ")
+    )
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("tproxy: {}", usage_error(&e));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.verbose);
+    let result = match &cli.command {
+        Some(Command::Stats { iface, json, all }) => stats(iface.as_deref(), *json, *all),
+        None => serve(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the library errors already name the problem and fix.
+            eprintln!("tproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cli: &Cli) -> anyhow::Result<()> {
+    let opts = cli.run.options();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        // Signal handlers first: a signal during attach must still tear down.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let instance = Instance::start(&opts)?;
+        for what in instance.attachments() {
+            info!("  {what}");
+        }
+        info!("serving; SIGINT or SIGTERM to stop");
+        let sig = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!("{sig}: detaching");
+        let counters = instance.counters()?;
+        instance.shutdown();
+        let summary: Vec<String> = counters
+            .iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(c, v)| format!("{}={v}", c.name()))
+            .collect();
+        info!("counters: {}", summary.join(" "));
+        Ok(())
+    })
+}
+
+fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
+    tproxy::system::check_privileges()?;
+    let netns = tproxy::system::netns_inode()?;
+    let records: Vec<_> = state::live_records()
+        .into_iter()
+        .filter(|r| all || r.netns_inode == netns)
+        .filter(|r| iface.is_none_or(|i| r.iface == i))
+        .collect();
+    if records.is_empty() {
+        anyhow::bail!(
+            "no running tproxy instance{} in this network namespace (try --all)",
+            iface.map(|i| format!(" on {i}")).unwrap_or_default()
+        );
+    }
+    let mut all = Vec::new();
+    for r in &records {
+        let counters = tproxy::instance::counters_of(r)?;
+        if json {
+            let m: serde_json::Map<String, serde_json::Value> = counters
+                .iter()
+                .map(|(c, v)| (c.name().to_string(), (*v).into()))
+                .collect();
+            all.push(serde_json::json!({
+                "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode, "counters": m
+            }));
+        } else {
+            println!(
+                "tproxy pid {} on {} (netns {}):",
+                r.pid, r.iface, r.netns_inode
+            );
+            for (c, v) in counters {
+                println!("  {:<22} {v}", c.name());
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The embedded eBPF object agrees with tproxy-common: every map's key and
+//! value sizes, entry counts and the program set are what userspace reads
+//! and writes. A mismatch here would be silent garbage at run time.
+use std::mem::size_of;
+
+use tproxy::instance::EBPF_OBJECT;
+use tproxy_common::{
+    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PORTS_MAX, SOCKHASH_MAX, SockKey, names,
+};
+
+// Map types from the kernel's uapi (enum bpf_map_type).
+const ARRAY: u32 = 2;
+const PERCPU_ARRAY: u32 = 6;
+const LRU_HASH: u32 = 9;
+const SOCKHASH: u32 = 18;
+
+#[test]
+fn maps_in_the_object_match_the_shared_types() {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("embedded object parses");
+    let check = |name: &str, ty: u32, key: usize, value: usize, max: u32| {
+        let m = obj
+            .maps
+            .get(name)
+            .unwrap_or_else(|| panic!("map {name} missing"));
+        assert_eq!(m.map_type(), ty, "{name} type");
+        assert_eq!(m.key_size() as usize, key, "{name} key size");
+        assert_eq!(m.value_size() as usize, value, "{name} value size");
+        assert_eq!(m.max_entries(), max, "{name} max entries");
+    };
+    check(names::CONFIG, ARRAY, 4, size_of::<Config>(), 1);
+    check(names::INTERCEPT_PORTS, ARRAY, 4, 1, PORTS_MAX);
+    check(names::COUNTERS, PERCPU_ARRAY, 4, 8, Counter::COUNT);
+    check(
+        names::FLOWS,
+        LRU_HASH,
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+        FLOWS_MAX,
+    );
+    check(
+        names::SOCKHASH,
+        SOCKHASH,
+        size_of::<SockKey>(),
+        4,
+        SOCKHASH_MAX,
+    );
+    assert_eq!(
+        obj.maps.len(),
+        5,
+        "maps: {:?}",
+        obj.maps.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn programs_in_the_object_are_the_five_hooks() {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("embedded object parses");
+    let mut progs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+    progs.sort_unstable();
+    let mut want = vec![
+        names::PROG_STEER,
+        names::PROG_RESTORE,
+        names::PROG_GETSOCKOPT,
+        names::PROG_SOCKOPS,
+        names::PROG_SK_MSG,
+    ];
+    want.sort_unstable();
+    assert_eq!(progs, want);
+}

@@ -1,0 +1,468 @@
+//! Lifecycle of a tproxy instance, checked with the kernel: everything it
+//! attaches is where it should be, and after SIGTERM nothing of it is left.
+//! Root only; each test makes its own namespace and child cgroup.
+use std::{path::Path, process::Command, time::Duration};
+
+use tproxy_lab::{Cgroup, Netns, Tproxy, kernel, unique};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
+
+/// A namespace with a veth `eth0` (peer in the same namespace, so nothing
+/// touches the host's interfaces) and a child cgroup.
+struct Sandbox {
+    cgroup: Cgroup,
+    ns: Netns,
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        let name = unique("tpx-lc-");
+        let ns = Netns::create(&name).unwrap();
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ])
+        .unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+        ns.ip(&["link", "set", "peer0", "up"]).unwrap();
+        let cgroup = Cgroup::create(&name).unwrap();
+        Sandbox { cgroup, ns }
+    }
+
+    fn cg(&self) -> String {
+        self.cgroup.path().display().to_string()
+    }
+
+    fn start(&self, extra: &[&str]) -> Tproxy {
+        let cg = self.cg();
+        let mut args = vec!["-i", "eth0", "-ports", "8000", "--cgroup", &cg];
+        args.extend_from_slice(extra);
+        Tproxy::start(BIN, &self.ns, None, &args).unwrap()
+    }
+
+    /// tc state of eth0 (qdiscs and filters), to compare before/after.
+    fn tc_listing(&self) -> String {
+        let mut s = self
+            .ns
+            .exec("tc", &["qdisc", "show", "dev", "eth0"])
+            .unwrap();
+        for hook in ["ingress", "egress"] {
+            s += &self
+                .ns
+                .exec("tc", &["filter", "show", "dev", "eth0", hook])
+                .unwrap_or_default();
+        }
+        s
+    }
+}
+
+/// The runtime record a running instance wrote (its map ids).
+fn record_of(ns: &Netns) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(ns.path()).unwrap().ino();
+    let p = format!("/run/tproxy/{ino}-eth0.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn record_exists(ns: &Netns) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(ns.path()).unwrap().ino();
+    Path::new(&format!("/run/tproxy/{ino}-eth0.json")).exists()
+}
+
+/// Polls `f` for up to 3 s: the kernel frees programs after the last
+/// reference goes (RCU), not at the instant the process exits.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..150 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+const ALL_PROGS: [&str; 5] = [
+    "tproxy_steer",
+    "tproxy_restore",
+    "tproxy_getsockopt",
+    "tproxy_sockops",
+    "tproxy_sk_msg",
+];
+
+/// Checks every program of the instance whose COUNTERS map is `map_id` is
+/// loaded and attached where it should be; returns the program ids.
+fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64> {
+    let progs = kernel::programs_using_map(map_id).unwrap();
+    let names: Vec<&str> = progs.iter().map(|p| p.name.as_str()).collect();
+    let expected: Vec<&str> = if accel {
+        ALL_PROGS.to_vec()
+    } else {
+        ALL_PROGS[..3].to_vec()
+    };
+    for name in &expected {
+        assert!(names.contains(name), "{name} not loaded; loaded: {names:?}");
+    }
+    assert_eq!(
+        progs.len(),
+        expected.len(),
+        "unexpected programs: {names:?}"
+    );
+    let kind = |n: &str| progs.iter().find(|p| p.name == n).unwrap().kind.clone();
+    assert_eq!(kind("tproxy_steer"), "sched_cls");
+    assert_eq!(kind("tproxy_getsockopt"), "cgroup_sockopt");
+    if accel {
+        assert_eq!(kind("tproxy_sockops"), "sock_ops");
+        assert_eq!(kind("tproxy_sk_msg"), "sk_msg");
+    }
+
+    // Cgroup: attached to the child cgroup, nowhere else we can see.
+    let mut cg: Vec<(String, String)> = kernel::cgroup_programs(sb.cgroup.path()).unwrap();
+    cg.sort();
+    let mut want = vec![(
+        "cgroup_getsockopt".to_string(),
+        "tproxy_getsockopt".to_string(),
+    )];
+    if accel {
+        want.push(("cgroup_sock_ops".into(), "tproxy_sockops".into()));
+    }
+    want.sort();
+    assert_eq!(cg, want, "cgroup attachments");
+
+    // tc: TCX links for both hooks, or netlink filters on clsact.
+    let ids: Vec<u64> = progs.iter().map(|p| p.id).collect();
+    let id_of = |n: &str| progs.iter().find(|p| p.name == n).unwrap().id;
+    if tcx {
+        // bpftool 7.1 names no TCX details, only the link type (11 = TCX).
+        let links = kernel::links().unwrap();
+        for prog in ["tproxy_steer", "tproxy_restore"] {
+            let pid = id_of(prog);
+            let link = links
+                .iter()
+                .find(|l| l["prog_id"].as_u64() == Some(pid))
+                .unwrap_or_else(|| panic!("no link for {prog}: {links:?}"));
+            assert!(
+                link["type"] == 11 || link["type"] == "tcx",
+                "{prog}: {link}"
+            );
+        }
+    } else {
+        let tc = sb.tc_listing();
+        assert!(tc.contains("clsact"), "{tc}");
+        assert!(
+            tc.contains("tproxy_steer") && tc.contains("tproxy_restore"),
+            "{tc}"
+        );
+    }
+    assert_tc_runs_on_eth0(sb);
+    ids
+}
+
+/// The tc programs run on eth0's hooks: packets sent out of eth0 and into it
+/// (ARP from unanswered pings across the veth) move the counters.
+fn assert_tc_runs_on_eth0(sb: &Sandbox) {
+    let counters = || -> (u64, u64) {
+        let out = sb.ns.exec(BIN, &["stats", "-i", "eth0", "--json"]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+        let c = &v[0]["counters"];
+        (
+            c["ingress_packets"].as_u64().unwrap(),
+            c["egress_packets"].as_u64().unwrap(),
+        )
+    };
+    let _ = sb.ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    let _ = sb.ns.ip(&["addr", "add", "10.98.0.1/24", "dev", "peer0"]);
+    let (in0, out0) = counters();
+    // Out of eth0 (egress), then out of peer0 into eth0 (ingress). A fresh
+    // target each time: a failed neighbour entry would send no new ARP.
+    static HOST: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(2);
+    let h = HOST.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = sb
+        .ns
+        .exec("ping", &["-c", "1", "-W", "1", &format!("10.99.0.{h}")]);
+    let _ = sb
+        .ns
+        .exec("ping", &["-c", "1", "-W", "1", &format!("10.98.0.{h}")]);
+    let (in1, out1) = counters();
+    assert!(in1 > in0, "ingress counter did not move ({in0} -> {in1})");
+    assert!(
+        out1 > out0,
+        "egress counter did not move ({out0} -> {out1})"
+    );
+}
+
+/// After the instance is gone: none of its programs, links, cgroup
+/// attachments or runtime record remain.
+fn assert_gone(sb: &Sandbox, prog_ids: &[u64], tc_before: &str) {
+    eventually("programs freed", || {
+        let live = kernel::programs().unwrap();
+        !live.iter().any(|p| prog_ids.contains(&p.id))
+    });
+    let links = kernel::links().unwrap();
+    for l in &links {
+        let pid = l["prog_id"].as_u64().unwrap_or(0);
+        assert!(!prog_ids.contains(&pid), "link left: {l}");
+    }
+    assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
+    assert_eq!(sb.tc_listing(), tc_before, "tc state changed");
+    assert!(!record_exists(&sb.ns), "runtime record left behind");
+    let pins = Command::new("sh")
+        .args(["-c", "find /sys/fs/bpf -name '*tproxy*' 2>/dev/null"])
+        .output()
+        .unwrap();
+    assert!(pins.stdout.is_empty(), "pins left: {:?}", pins.stdout);
+}
+
+#[test]
+fn attaches_everything_and_sigterm_removes_it_all() {
+    let sb = Sandbox::new();
+    let before = sb.tc_listing();
+    let t = sb.start(&[]);
+    let rec = record_of(&sb.ns);
+    assert_eq!(rec["tc_mode"], "tcx", "this kernel has TCX: {rec}");
+    let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, true);
+    let (status, log) = t.terminate().unwrap();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(log.contains("detached 5 programs"), "{log}");
+    assert_gone(&sb, &ids, &before);
+}
+
+#[test]
+fn sigint_works_too_and_no_accel_loads_no_socket_programs() {
+    let sb = Sandbox::new();
+    let before = sb.tc_listing();
+    let mut t = sb.start(&["--no-accel"]);
+    let rec = record_of(&sb.ns);
+    let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), false, true);
+    t.proc.signal(libc::SIGINT);
+    let status = t.proc.wait_timeout(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "exit {status}");
+    assert_gone(&sb, &ids, &before);
+}
+
+#[test]
+fn netlink_mode_adds_and_removes_its_clsact_qdisc() {
+    let sb = Sandbox::new();
+    let before = sb.tc_listing();
+    assert!(!before.contains("clsact"));
+    let t = sb.start(&["--tc-mode", "netlink"]);
+    let rec = record_of(&sb.ns);
+    assert_eq!(rec["created_clsact"], true);
+    let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, false);
+    let (status, log) = t.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    assert_gone(&sb, &ids, &before);
+}
+
+/// SIGKILL runs no cleanup. What remains, by attachment kind:
+/// - TCX links and cgroup bpf_links: nothing; the kernel detaches a link
+///   when its last fd closes, and a killed process's fds all close.
+/// - the runtime record /run/tproxy/<netns>-<iface>.json: stays, unlocked;
+///   the next start sees the free lock, says so, and takes over.
+#[test]
+fn sigkill_with_tcx_leaves_only_the_record_and_next_start_recovers() {
+    let sb = Sandbox::new();
+    let before = sb.tc_listing();
+    let t = sb.start(&[]);
+    let rec = record_of(&sb.ns);
+    let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, true);
+    t.kill9().unwrap();
+    eventually("programs freed after SIGKILL", || {
+        !kernel::programs()
+            .unwrap()
+            .iter()
+            .any(|p| ids.contains(&p.id))
+    });
+    assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
+    assert_eq!(sb.tc_listing(), before);
+    assert!(
+        record_exists(&sb.ns),
+        "the record is expected to survive SIGKILL"
+    );
+
+    let mut t = sb.start(&[]);
+    t.wait_for("", Duration::from_millis(1)).ok();
+    assert!(t.log().contains("died without cleaning up"), "{}", t.log());
+    let rec = record_of(&sb.ns);
+    let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, true);
+    let (status, _) = t.terminate().unwrap();
+    assert!(status.success());
+    assert_gone(&sb, &ids, &before);
+}
+
+/// Netlink tc filters (and the clsact qdisc) outlive a killed process; the
+/// next start removes them before attaching its own.
+#[test]
+fn sigkill_with_netlink_filters_next_start_removes_them() {
+    let sb = Sandbox::new();
+    let before = sb.tc_listing();
+    let t = sb.start(&["--tc-mode", "netlink"]);
+    t.kill9().unwrap();
+    let left = sb.tc_listing();
+    assert!(
+        left.contains("tproxy_steer") && left.contains("tproxy_restore"),
+        "{left}"
+    );
+
+    let t = sb.start(&["--tc-mode", "netlink"]);
+    assert!(
+        t.log().contains("removed 2 tc filter hook(s)"),
+        "{}",
+        t.log()
+    );
+    let rec = record_of(&sb.ns);
+    let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, false);
+    // Exactly one filter per hook: the old ones are gone.
+    let tc = sb.tc_listing();
+    assert_eq!(tc.matches("name tproxy_steer").count(), 1, "{tc}");
+    let (status, _) = t.terminate().unwrap();
+    assert!(status.success());
+    assert_gone(&sb, &ids, &before);
+}
+
+#[test]
+fn instances_in_two_namespaces_do_not_collide_and_one_per_interface() {
+    let a = Sandbox::new();
+    let b = Sandbox::new();
+    let ta = a.start(&[]);
+    let tb = b.start(&[]);
+    // A second instance on the same interface and namespace is refused.
+    let cg = a.cg();
+    let out =
+        a.ns.command(BIN)
+            .args(["-i", "eth0", "-ports", "9000", "--cgroup", &cg])
+            .output()
+            .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already serves eth0"), "{err}");
+
+    let ra = record_of(&a.ns);
+    let rb = record_of(&b.ns);
+    assert_ne!(ra["counters_map_id"], rb["counters_map_id"]);
+    let ids_a = assert_attached(&a, ra["counters_map_id"].as_u64().unwrap(), true, true);
+    assert_attached(&b, rb["counters_map_id"].as_u64().unwrap(), true, true);
+    let (st, _) = ta.terminate().unwrap();
+    assert!(st.success());
+    assert_gone(&a, &ids_a, &a.tc_listing());
+    // b is untouched by a's exit.
+    let ids_b = assert_attached(&b, rb["counters_map_id"].as_u64().unwrap(), true, true);
+    let (st, _) = tb.terminate().unwrap();
+    assert!(st.success());
+    assert_gone(&b, &ids_b, &b.tc_listing());
+}
+
+/// Runs tproxy with `args` in a fresh sandbox; it must fail with exactly
+/// one line containing `needle`, and leave nothing installed.
+fn refused(args: &[&str], needle: &str, as_nobody: bool) {
+    let sb = Sandbox::new();
+    let before = sb.tc_listing();
+    let cg = sb.cg();
+    let mut full: Vec<&str> = args.to_vec();
+    if !args.contains(&"--cgroup") {
+        full.extend(["--cgroup", &cg]);
+    }
+    let out = if as_nobody {
+        sb.ns
+            .command("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                BIN,
+            ])
+            .args(&full)
+            .output()
+            .unwrap()
+    } else {
+        sb.ns.command(BIN).args(&full).output().unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: {:?} does not mention {needle:?}",
+        lines[0]
+    );
+    assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
+    assert_eq!(sb.tc_listing(), before);
+    assert!(!record_exists(&sb.ns));
+}
+
+#[test]
+fn bad_input_gets_one_line_and_leaves_nothing() {
+    refused(
+        &["-i", "nosuch0", "-ports", "8000"],
+        "no interface named \"nosuch0\"",
+        false,
+    );
+    refused(&["-i", "eth0", "-ports", ""], "empty", false);
+    refused(&["-i", "eth0", "-ports", "0"], "port 0", false);
+    refused(&["-i", "eth0", "-ports", "65536"], "above 65535", false);
+    refused(&["-i", "eth0", "-ports", "80,,90"], "bad port list", false);
+    refused(
+        &["-i", "eth0", "-ports", "15000-15010"],
+        "proxy port 15006",
+        false,
+    );
+    refused(
+        &["-i", "eth0", "-ports", "8000", "--cgroup", "/tmp"],
+        "not a cgroup v2",
+        false,
+    );
+    refused(
+        &[
+            "-i",
+            "eth0",
+            "-ports",
+            "8000",
+            "--cgroup",
+            "/sys/fs/cgroup/cpu",
+        ],
+        "not a cgroup v2",
+        false,
+    );
+    refused(&["-i", "eth0", "-ports", "8000"], "needs root", true);
+}
+
+/// All-or-nothing: an `ingress` qdisc (not clsact) on the interface makes
+/// the netlink tc attach fail after the cgroup programs are attached; they
+/// must be gone when the error is printed.
+#[test]
+fn failure_late_in_attach_rolls_back_everything() {
+    let sb = Sandbox::new();
+    sb.ns
+        .exec("tc", &["qdisc", "add", "dev", "eth0", "ingress"])
+        .unwrap();
+    let before = sb.tc_listing();
+    let cg = sb.cg();
+    let out = sb
+        .ns
+        .command(BIN)
+        .args([
+            "-i",
+            "eth0",
+            "-ports",
+            "8000",
+            "--cgroup",
+            &cg,
+            "--tc-mode",
+            "netlink",
+        ])
+        .env("TPROXY_LOG", "debug")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    // The cgroup programs were attached before tc failed, and detached after.
+    assert!(err.contains("attached sockops"), "{err}");
+    assert!(err.contains("detached sockops"), "{err}");
+    assert!(err.contains("detached cgroup/getsockopt"), "{err}");
+    assert!(err.lines().last().unwrap().starts_with("tproxy: "), "{err}");
+    assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
+    assert_eq!(sb.tc_listing(), before);
+    assert!(!record_exists(&sb.ns));
+}

@@ -1,0 +1,239 @@
+//! Types shared by the eBPF programs (`tproxy-ebpf`) and userspace
+//! (`tproxy-cli`). Every struct is `#[repr(C)]` with explicit padding so both
+//! sides agree byte for byte; the size asserts at the bottom fail the build
+//! if a field is added without thought.
+#![cfg_attr(not(test), no_std)]
+
+use core::mem::{offset_of, size_of};
+
+/// Names of the maps and programs in the eBPF object, so userspace finds each
+/// one by the same constant the eBPF side is named after.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const SOCKHASH: &str = "SOCKHASH";
+
+    pub const PROG_STEER: &str = "tproxy_steer";
+    pub const PROG_RESTORE: &str = "tproxy_restore";
+    pub const PROG_GETSOCKOPT: &str = "tproxy_getsockopt";
+    pub const PROG_SOCKOPS: &str = "tproxy_sockops";
+    pub const PROG_SK_MSG: &str = "tproxy_sk_msg";
+}
+
+/// Size of the flow table (LRU: flows that vanish silently age out).
+pub const FLOWS_MAX: u32 = 65_536;
+/// Size of the SOCKHASH (two entries per accelerated connection).
+pub const SOCKHASH_MAX: u32 = 65_536;
+/// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
+/// one lookup, no hashing, on the per-packet path.
+pub const PORTS_MAX: u32 = 65_536;
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// `Config::flags` bits.
+pub mod flags {
+    /// New flows are steered to the proxy. Cleared on SIGTERM so that draining
+    /// starts at once while already-steered flows keep their entries.
+    pub const STEER_NEW: u32 = 1 << 0;
+    /// sockops may insert sockets into the SOCKHASH.
+    pub const ACCEL: u32 = 1 << 1;
+}
+
+/// How flows reach the proxy.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SteerMode {
+    /// tc rewrites the destination port (and restores it on egress).
+    Rewrite = 0,
+    /// tc only marks; policy routing + nftables `tproxy` deliver the flow.
+    Tproxy = 1,
+}
+
+/// The one entry of the `CONFIG` array map, written by userspace at start and
+/// updated at runtime (drain).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Proxy listener port, host order.
+    pub proxy_port: u16,
+    /// `SteerMode as u8`.
+    pub steer_mode: u8,
+    pub _pad0: u8,
+    /// SO_MARK the proxy puts on its upstream sockets: never steered.
+    pub proxy_mark: u32,
+    /// Mark the tc program sets in `tproxy` mode (matched by the fwmark rule).
+    pub steer_mark: u32,
+    /// `flags::*`.
+    pub flags: u32,
+}
+
+/// Flow-table key: the connection as the proxy's accepted socket sees it
+/// (client address and port, and the local address the client dialled).
+/// Addresses in network order, IPv4 in `[0]` with the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client_addr: [u32; 4],
+    pub local_addr: [u32; 4],
+    /// Network order.
+    pub client_port: u16,
+    pub family: u8,
+    pub _pad0: u8,
+}
+
+/// Flow-table value: where the flow was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    /// The destination port the client dialled, network order.
+    pub orig_port: u16,
+    /// `flow_state::*` bits.
+    pub state: u8,
+    pub _pad0: u8,
+    pub _pad1: u32,
+}
+
+pub mod flow_state {
+    pub const FIN_FROM_CLIENT: u8 = 1 << 0;
+    pub const FIN_FROM_PROXY: u8 = 1 << 1;
+}
+
+/// SOCKHASH key: the full tuple of one socket as that socket sees it, plus
+/// the cookie of its network namespace, so identical tuples in two
+/// namespaces never meet. Addresses network order, ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub family: u32,
+    pub _pad0: u32,
+    pub netns_cookie: u64,
+}
+
+/// Indexes into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets the tc ingress program looked at.
+    IngressPackets = 0,
+    /// Packets it steered to the proxy.
+    IngressSteered,
+    /// Packets the tc egress program looked at.
+    EgressPackets,
+    /// Reply packets whose source was restored.
+    EgressRestored,
+    /// getsockopt calls seen by the cgroup/getsockopt program.
+    GetsockoptCalls,
+    /// SO_ORIGINAL_DST answers given from the flow table.
+    GetsockoptAnswered,
+    /// sockops callbacks seen.
+    SockopsEvents,
+    /// Sockets inserted into the SOCKHASH.
+    SockhashInserted,
+    /// Sockets that left the SOCKHASH (closed).
+    SockhashRemoved,
+    /// sendmsg calls seen by sk_msg.
+    MsgSeen,
+    /// sendmsg calls redirected to the peer.
+    MsgRedirected,
+    /// Bytes redirected.
+    MsgRedirectedBytes,
+    /// sk_msg lookups that missed (passed to plain TCP).
+    MsgMiss,
+    /// Flow-table entries created.
+    FlowsCreated,
+    /// Flow-table entries removed on FIN/RST.
+    FlowsRemoved,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 15] = [
+        Counter::IngressPackets,
+        Counter::IngressSteered,
+        Counter::EgressPackets,
+        Counter::EgressRestored,
+        Counter::GetsockoptCalls,
+        Counter::GetsockoptAnswered,
+        Counter::SockopsEvents,
+        Counter::SockhashInserted,
+        Counter::SockhashRemoved,
+        Counter::MsgSeen,
+        Counter::MsgRedirected,
+        Counter::MsgRedirectedBytes,
+        Counter::MsgMiss,
+        Counter::FlowsCreated,
+        Counter::FlowsRemoved,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::IngressPackets => "ingress_packets",
+            Counter::IngressSteered => "ingress_steered",
+            Counter::EgressPackets => "egress_packets",
+            Counter::EgressRestored => "egress_restored",
+            Counter::GetsockoptCalls => "getsockopt_calls",
+            Counter::GetsockoptAnswered => "getsockopt_answered",
+            Counter::SockopsEvents => "sockops_events",
+            Counter::SockhashInserted => "sockhash_inserted",
+            Counter::SockhashRemoved => "sockhash_removed",
+            Counter::MsgSeen => "msg_seen",
+            Counter::MsgRedirected => "msg_redirected",
+            Counter::MsgRedirectedBytes => "msg_redirected_bytes",
+            Counter::MsgMiss => "msg_miss",
+            Counter::FlowsCreated => "flows_created",
+            Counter::FlowsRemoved => "flows_removed",
+        }
+    }
+}
+
+// Layout checks: the eBPF side reads these structs through raw map values,
+// so a silent change of size or offset would be a wrong answer, not an error.
+const _: () = {
+    assert!(size_of::<Config>() == 16);
+    assert!(offset_of!(Config, proxy_mark) == 4);
+    assert!(offset_of!(Config, steer_mark) == 8);
+    assert!(offset_of!(Config, flags) == 12);
+    assert!(size_of::<FlowKey>() == 36);
+    assert!(offset_of!(FlowKey, local_addr) == 16);
+    assert!(offset_of!(FlowKey, client_port) == 32);
+    assert!(offset_of!(FlowKey, family) == 34);
+    assert!(size_of::<FlowValue>() == 8);
+    assert!(size_of::<SockKey>() == 56);
+    assert!(offset_of!(SockKey, local_port) == 32);
+    assert!(offset_of!(SockKey, family) == 40);
+    assert!(offset_of!(SockKey, netns_cookie) == 48);
+    assert!(Counter::COUNT == Counter::FlowsRemoved as u32 + 1);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, with explicit padding fields
+    // and no invalid bit patterns.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for SockKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_dense_and_named_uniquely() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32, "{c:?} out of order");
+            for d in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), d.name());
+            }
+        }
+    }
+}

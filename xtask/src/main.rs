@@ -1,0 +1,79 @@
+//! `cargo xtask …`: the project's tasks. The README's two commands are
+//! `cargo xtask demo` and `cargo xtask test`; both run `setup` first.
+mod demo;
+mod lab;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "tproxy's build, test and lab tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker.
+    Setup,
+    /// Setup, then every check and test: clippy, unit and root integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, and run the lab demo start to finish.
+    Demo,
+    /// The lab playground: bring it up or down, open a shell in it.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab::LabCmd,
+    },
+}
+
+/// Runs a command, inheriting stdio; fails on a non-zero exit.
+pub fn sh(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status()?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "this task creates network namespaces and loads eBPF: run it as root (sudo -E cargo xtask …)"
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { args } => {
+            require_root()?;
+            setup::run()?;
+            sh(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            sh(Command::new("cargo")
+                .args(["test", "--no-fail-fast"])
+                .args(&args))
+        }
+        Task::Demo => {
+            require_root()?;
+            setup::run()?;
+            demo::run()
+        }
+        Task::Lab { cmd } => {
+            require_root()?;
+            lab::run(cmd)
+        }
+    }
+}
