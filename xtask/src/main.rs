@@ -54,6 +54,41 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// `cargo test`, streamed through, then one closing line with the totals
+/// over every test binary (cargo prints one `test result:` line per binary,
+/// the last of which is often an empty doc-test run).
+fn run_tests(args: &[String]) -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut child = Command::new("cargo")
+        .args(["test", "--no-fail-fast"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let count = |line: &str, word: &str| -> u64 {
+        line.split(';')
+            .find_map(|part| part.trim().strip_suffix(word))
+            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        std::io::stdout().flush()?;
+        if line.starts_with("test result:") {
+            passed += count(&line, "passed");
+            failed += count(&line, "failed");
+        }
+    }
+    let st = child.wait()?;
+    println!("\nall tests: {passed} passed, {failed} failed");
+    if !st.success() || failed > 0 || passed == 0 {
+        bail!("tests failed ({st})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
@@ -62,9 +97,7 @@ fn main() -> Result<()> {
             require_root()?;
             setup::run()?;
             sh(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-            sh(Command::new("cargo")
-                .args(["test", "--no-fail-fast"])
-                .args(&args))
+            run_tests(&args)
         }
         Task::Demo => {
             require_root()?;
