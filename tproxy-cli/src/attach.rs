@@ -2,8 +2,8 @@
 //! when dropped, so every exit path (error, signal, panic unwinding) tears
 //! down what was set up.
 use aya::programs::{
-    Link, cgroup_sockopt::CgroupSockoptLink, sk_msg::SkMsgLink, sock_ops::SockOpsLink,
-    tc::SchedClassifierLink,
+    Link, cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
+    sk_msg::SkMsgLink, sock_ops::SockOpsLink, tc::SchedClassifierLink,
 };
 use tracing::{debug, warn};
 
@@ -17,6 +17,8 @@ pub struct Attachment<L: Link> {
 pub type TcAttachment = Attachment<SchedClassifierLink>;
 /// cgroup/getsockopt on the cgroup.
 pub type GetsockoptAttachment = Attachment<CgroupSockoptLink>;
+/// cgroup/getsockname4 and getsockname6 on the cgroup.
+pub type GetsocknameAttachment = Attachment<CgroupSockAddrLink>;
 /// sockops on the cgroup.
 pub type SockopsAttachment = Attachment<SockOpsLink>;
 /// sk_msg on the SOCKHASH.

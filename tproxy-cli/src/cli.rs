@@ -5,7 +5,11 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 
-use crate::{PortSet, instance::Options, tc::TcMode};
+use crate::{
+    PortSet,
+    instance::{Options, Steer},
+    tc::TcMode,
+};
 
 pub const DEFAULT_PROXY_PORT: u16 = 15006;
 /// Istio's mark for the proxy's own traffic; Envoy configs commonly use it.
@@ -62,6 +66,24 @@ pub struct RunArgs {
     /// How the tc programs attach: TCX links (kernel >= 6.6) or netlink filters.
     #[arg(long, value_enum, default_value_t = TcMode::Auto)]
     pub tc_mode: TcMode,
+
+    /// Steering back-end: rewrite the port in tc, or mark for policy routing + nftables tproxy.
+    #[arg(long, value_enum, default_value_t = Steer::Rewrite)]
+    pub steer: Steer,
+
+    /// tproxy back-end: mark set by tc and matched by the fwmark rule [default: 0x7400 | ifindex].
+    #[arg(long, value_name = "MARK", value_parser = parse_mark)]
+    pub steer_mark: Option<u32>,
+
+    /// tproxy back-end: routing table of the local default route [default: the steer mark].
+    #[arg(long, value_name = "ID", value_parser = parse_mark)]
+    pub route_table: Option<u32>,
+
+    /// On SIGTERM/SIGINT, stop steering new flows at once and let steered
+    /// flows finish for up to this many seconds (0: stop at once). A second
+    /// signal stops at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub drain_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +160,9 @@ impl RunArgs {
             proxy_mark: self.proxy_mark,
             accel: !self.no_accel,
             tc_mode: self.tc_mode,
+            steer: self.steer,
+            steer_mark: self.steer_mark,
+            route_table: self.route_table,
         }
     }
 }
@@ -173,9 +198,17 @@ mod tests {
             "--no-accel",
             "--cgroup",
             "/sys/fs/cgroup/unified/x",
+            "-steer",
+            "tproxy",
+            "--steer-mark=0x20",
+            "--drain-timeout",
+            "0",
         ])
         .unwrap();
+        assert_eq!(cli.run.drain_timeout, 0);
         let o = cli.run.options();
+        assert_eq!(o.steer, Steer::Tproxy);
+        assert_eq!(o.steer_mark, Some(0x20));
         assert_eq!(o.iface, "eth1");
         assert_eq!(o.ports.len(), 13);
         assert_eq!(o.proxy_port, 15001);

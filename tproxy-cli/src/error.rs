@@ -14,7 +14,14 @@ pub enum Error {
     )]
     ProxyPortIntercepted(u16),
 
-    #[error("--proxy-mark must be non-zero: it is how tproxy tells the proxy's own traffic apart")]
+    #[error(
+        "the proxy mark and the steer mark are both {0:#x}; they must differ (--proxy-mark / --steer-mark)"
+    )]
+    MarksCollide(u32),
+
+    #[error(
+        "--proxy-mark and --steer-mark must be non-zero: marks are how tproxy tells traffic apart"
+    )]
     ZeroMark,
 
     #[error(
@@ -46,13 +53,9 @@ pub enum Error {
     LoadObject(#[source] aya::EbpfError),
 
     #[error(
-        "the kernel refused program {name}: {source}; tproxy needs Linux >= 6.1 (TCX needs 6.6; run with -v for the verifier log)"
+        "the kernel refused program {name}: {reason}; tproxy needs Linux >= 6.1 with BTF (run with -v for the verifier log)"
     )]
-    LoadProgram {
-        name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
+    LoadProgram { name: &'static str, reason: String },
 
     #[error("could not attach {what}: {source}")]
     Attach {
@@ -79,6 +82,22 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A program the kernel would not load. The verifier log is many lines:
+    /// it goes to the debug log (-v), the error stays one line.
+    pub fn load_program(name: &'static str, err: aya::programs::ProgramError) -> Self {
+        let reason = match err {
+            aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } => {
+                tracing::debug!("verifier log for {name}:\n{verifier_log}");
+                format!("BPF_PROG_LOAD failed: {io_error}")
+            }
+            other => other.to_string(),
+        };
+        Error::LoadProgram { name, reason }
+    }
+
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             what: what.into(),

@@ -5,19 +5,24 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockopt, SchedClassifier, SkMsg, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
+        TcAttachType,
         links::LinkOrder,
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use tproxy_common::{Config, Counter, SockKey, SteerMode, flags, names};
+use tproxy_common::{Config, Counter, FlowKey, FlowValue, SockKey, SteerMode, flags, names};
 use tracing::{info, warn};
 
 use crate::{
     Error, PortSet, Result,
-    attach::{Attachment, GetsockoptAttachment, SkMsgAttachment, SockopsAttachment, TcAttachment},
+    attach::{
+        Attachment, GetsocknameAttachment, GetsockoptAttachment, SkMsgAttachment,
+        SockopsAttachment, TcAttachment,
+    },
+    routing::{TproxyRouting, TproxySpec},
     state::{InstanceLock, Record},
     system,
     tc::{self, ClsactQdisc, TcMode},
@@ -36,6 +41,39 @@ pub struct Options {
     pub proxy_mark: u32,
     pub accel: bool,
     pub tc_mode: TcMode,
+    pub steer: Steer,
+    /// tproxy back-end: the mark tc sets and the routing table it selects.
+    pub steer_mark: Option<u32>,
+    pub route_table: Option<u32>,
+}
+
+/// The steering back-end.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Steer {
+    /// tc rewrites the destination port to the proxy port and restores it
+    /// on replies. Flows addressed to this host only.
+    Rewrite,
+    /// tc marks; a fwmark rule, a local route and an nftables `tproxy` rule
+    /// deliver the flow to a transparent listener, destination intact.
+    Tproxy,
+}
+
+impl Steer {
+    fn mode(self) -> SteerMode {
+        match self {
+            Steer::Rewrite => SteerMode::Rewrite,
+            Steer::Tproxy => SteerMode::Tproxy,
+        }
+    }
+}
+
+/// Default steer mark / routing table for an interface: distinct per
+/// interface so instances in one namespace never share them.
+pub fn default_steer_mark(ifindex: u32) -> u32 {
+    0x7400 | (ifindex & 0xff)
 }
 
 impl Options {
@@ -44,8 +82,11 @@ impl Options {
         if self.ports.contains(self.proxy_port) {
             return Err(Error::ProxyPortIntercepted(self.proxy_port));
         }
-        if self.proxy_mark == 0 {
+        if self.proxy_mark == 0 || self.steer_mark == Some(0) {
             return Err(Error::ZeroMark);
+        }
+        if self.steer_mark == Some(self.proxy_mark) {
+            return Err(Error::MarksCollide(self.proxy_mark));
         }
         Ok(())
     }
@@ -56,7 +97,10 @@ impl Options {
 pub struct Instance {
     steer: Option<TcAttachment>,
     restore: Option<TcAttachment>,
+    #[expect(dead_code, reason = "held for its Drop")]
+    routing: Option<TproxyRouting>,
     getsockopt: Option<GetsockoptAttachment>,
+    getsockname: Vec<GetsocknameAttachment>,
     sockops: Option<SockopsAttachment>,
     sk_msg: Option<SkMsgAttachment>,
     #[expect(dead_code, reason = "held for its Drop")]
@@ -76,8 +120,7 @@ where
     let prog = ebpf
         .program_mut(name)
         .unwrap_or_else(|| panic!("program {name} missing from the embedded object"));
-    prog.try_into()
-        .map_err(|source| Error::LoadProgram { name, source })
+    prog.try_into().map_err(|e| Error::load_program(name, e))
 }
 
 fn map_id(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
@@ -108,16 +151,30 @@ impl Instance {
         if let Some(stale) = stale {
             clean_up_after(&stale, &opts.iface, ifindex);
         }
+        let steer_mark = opts
+            .steer_mark
+            .unwrap_or_else(|| default_steer_mark(ifindex));
+        if steer_mark == opts.proxy_mark {
+            return Err(Error::MarksCollide(steer_mark));
+        }
+        let tproxy_spec = (opts.steer == Steer::Tproxy).then(|| {
+            TproxySpec::new(
+                &opts.iface,
+                steer_mark,
+                opts.route_table.unwrap_or(steer_mark),
+                opts.proxy_port,
+            )
+        });
 
         let mut ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
             .map_err(Error::LoadObject)?;
         let config = Config {
             proxy_port: opts.proxy_port,
-            steer_mode: SteerMode::Rewrite as u8,
+            steer_mode: opts.steer.mode() as u8,
             _pad0: 0,
             proxy_mark: opts.proxy_mark,
-            steer_mark: 0,
+            steer_mark,
             flags: flags::STEER_NEW | if opts.accel { flags::ACCEL } else { 0 },
         };
         write_config(&mut ebpf, &config, &opts.ports)?;
@@ -130,6 +187,8 @@ impl Instance {
             cgroup: cgroup.clone(),
             tc_mode: None,
             created_clsact: false,
+            steer: opts.steer,
+            tproxy: tproxy_spec.clone(),
             counters_map_id: map_id(&ebpf, names::COUNTERS)?,
             flows_map_id: map_id(&ebpf, names::FLOWS)?,
             sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
@@ -155,10 +214,8 @@ impl Instance {
                         source,
                     })?;
             let prog: &mut SkMsg = program(&mut ebpf, names::PROG_SK_MSG)?;
-            prog.load().map_err(|source| Error::LoadProgram {
-                name: names::PROG_SK_MSG,
-                source,
-            })?;
+            prog.load()
+                .map_err(|e| Error::load_program(names::PROG_SK_MSG, e))?;
             let id = prog.attach(sockhash.fd()).map_err(|source| Error::Attach {
                 what: "sk_msg to the SOCKHASH".into(),
                 source,
@@ -170,10 +227,8 @@ impl Instance {
             ));
 
             let prog: &mut SockOps = program(&mut ebpf, names::PROG_SOCKOPS)?;
-            prog.load().map_err(|source| Error::LoadProgram {
-                name: names::PROG_SOCKOPS,
-                source,
-            })?;
+            prog.load()
+                .map_err(|e| Error::load_program(names::PROG_SOCKOPS, e))?;
             let id = prog
                 .attach(&cgroup_fd, CgroupAttachMode::Single)
                 .map_err(|source| Error::Attach {
@@ -189,10 +244,8 @@ impl Instance {
         }
 
         let prog: &mut CgroupSockopt = program(&mut ebpf, names::PROG_GETSOCKOPT)?;
-        prog.load().map_err(|source| Error::LoadProgram {
-            name: names::PROG_GETSOCKOPT,
-            source,
-        })?;
+        prog.load()
+            .map_err(|e| Error::load_program(names::PROG_GETSOCKOPT, e))?;
         let id = prog
             .attach(&cgroup_fd, CgroupAttachMode::Single)
             .map_err(|source| Error::Attach {
@@ -207,6 +260,24 @@ impl Instance {
             ),
             prog.take_link(id).expect("fresh link"),
         ));
+        let mut inst_getsockname = Vec::new();
+        for (name, hook) in [
+            (names::PROG_GETSOCKNAME4, "getsockname4"),
+            (names::PROG_GETSOCKNAME6, "getsockname6"),
+        ] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::load_program(name, e))?;
+            let id = prog
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    what: format!("cgroup/{hook} to {}", cgroup.display()),
+                    source,
+                })?;
+            inst_getsockname.push(GetsocknameAttachment::new(
+                format!("cgroup/{hook} {name} to {}", cgroup.display()),
+                prog.take_link(id).expect("fresh link"),
+            ));
+        }
 
         let tc_mode = opts.tc_mode.resolve();
         let clsact = match tc_mode {
@@ -215,9 +286,10 @@ impl Instance {
         };
         record.tc_mode = Some(tc_mode);
         record.created_clsact = clsact.as_ref().is_some_and(ClsactQdisc::created);
-        // Written before the tc filters exist, so a kill right after leaves
-        // a record that says what to remove.
+        // Written before the tc filters and routing exist, so a kill right
+        // after leaves a record that says what to remove.
         lock.write(&record)?;
+        let routing = tproxy_spec.map(TproxyRouting::install).transpose()?;
 
         let inst_restore = Some(attach_tc(
             &mut ebpf,
@@ -242,12 +314,15 @@ impl Instance {
             cgroup = %cgroup.display(),
             accel = opts.accel,
             tc = ?tc_mode,
+            steer = ?opts.steer,
             "attached"
         );
         Ok(Instance {
             steer: inst_steer,
             restore: inst_restore,
+            routing,
             getsockopt: inst_getsockopt,
+            getsockname: inst_getsockname,
             sockops: inst_sockops,
             sk_msg: inst_sk_msg,
             clsact,
@@ -274,6 +349,7 @@ impl Instance {
         if let Some(a) = &self.getsockopt {
             out.push(a.what().to_string());
         }
+        out.extend(self.getsockname.iter().map(|a| a.what().to_string()));
         if let Some(a) = &self.sockops {
             out.push(a.what().to_string());
         }
@@ -292,6 +368,12 @@ impl Instance {
                 source,
             })?;
         sum_counters(&arr)
+    }
+
+    /// Entries in the flow table (steered flows not yet closed).
+    pub fn flow_count(&self) -> Result<usize> {
+        let map = self.ebpf.map(names::FLOWS).expect("FLOWS in object");
+        count_entries::<FlowKey, FlowValue>(map, names::FLOWS)
     }
 
     /// Stops steering new flows (flows already steered keep their state).
@@ -329,8 +411,7 @@ fn attach_tc(
     mode: TcMode,
 ) -> Result<TcAttachment> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
-    prog.load()
-        .map_err(|source| Error::LoadProgram { name, source })?;
+    prog.load().map_err(|e| Error::load_program(name, e))?;
     let options = match mode {
         TcMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
         _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
@@ -371,6 +452,24 @@ fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &PortSet) -> Result<()>
     Ok(())
 }
 
+fn count_entries<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::Map,
+    name: &'static str,
+) -> Result<usize> {
+    let m: HashMap<&MapData, K, V> =
+        HashMap::try_from(map).map_err(|source| Error::Map { name, source })?;
+    Ok(m.keys().filter(Result::is_ok).count())
+}
+
+/// Live entries in another instance's flow table.
+pub fn flows_of(record: &Record) -> Result<usize> {
+    let data = MapData::from_id(record.flows_map_id).map_err(|source| Error::Map {
+        name: names::FLOWS,
+        source,
+    })?;
+    count_entries::<FlowKey, FlowValue>(&aya::maps::Map::LruHashMap(data), names::FLOWS)
+}
+
 pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {
     Counter::ALL
         .iter()
@@ -402,6 +501,13 @@ pub fn counters_of(record: &Record) -> Result<Vec<(Counter, u64)>> {
 /// Removes what an instance killed without cleanup left behind. TCX and
 /// cgroup links went with its file descriptors; netlink tc filters did not.
 fn clean_up_after(stale: &Record, iface: &str, ifindex: u32) {
+    if let Some(spec) = &stale.tproxy {
+        let n = TproxyRouting::remove(spec);
+        warn!(
+            "a previous tproxy (pid {}) on {iface} died without cleaning up; removed {n} routing object(s) it left (nftables table {}, fwmark rules, table {:#x} routes)",
+            stale.pid, spec.nft_table, spec.table
+        );
+    }
     match stale.tc_mode {
         Some(TcMode::Netlink) => {
             let n = tc::remove_stale_filters(iface, ifindex, stale.created_clsact);

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod error;
 pub mod instance;
 pub mod ports;
+pub mod routing;
 pub mod state;
 pub mod system;
 pub mod tc;

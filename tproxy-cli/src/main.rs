@@ -84,7 +84,15 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        info!("{sig}: detaching");
+        let mut instance = instance;
+        drain(
+            &mut instance,
+            sig,
+            cli.run.drain_timeout,
+            &mut term,
+            &mut int,
+        )
+        .await?;
         let counters = instance.counters()?;
         instance.shutdown();
         let summary: Vec<String> = counters
@@ -95,6 +103,47 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         info!("counters: {}", summary.join(" "));
         Ok(())
     })
+}
+
+/// Graceful stop: new flows go straight to the app from now on, flows
+/// already steered keep their path until they end or the timeout runs out.
+async fn drain(
+    instance: &mut Instance,
+    sig: &str,
+    timeout_s: u64,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    instance.stop_steering_new()?;
+    let start = instance.flow_count()?;
+    if start == 0 || timeout_s == 0 {
+        info!("{sig}: detaching ({start} steered flow(s) open, cut)");
+        return Ok(());
+    }
+    info!(
+        "{sig}: new flows now go straight to the app; draining {start} steered flow(s) for up to {timeout_s} s (signal again to stop now)"
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    let mut left = start;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                left = instance.flow_count()?;
+                if left == 0 || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
+            _ = term.recv() => { info!("second signal: stopping now"); break; }
+            _ = int.recv() => { info!("second signal: stopping now"); break; }
+        }
+    }
+    let left = instance.flow_count().unwrap_or(left);
+    info!(
+        "drained {} flow(s), cut {left}; detaching",
+        start.saturating_sub(left)
+    );
+    Ok(())
 }
 
 fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
@@ -114,18 +163,20 @@ fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
     let mut all = Vec::new();
     for r in &records {
         let counters = tproxy::instance::counters_of(r)?;
+        let flows = tproxy::instance::flows_of(r)?;
         if json {
             let m: serde_json::Map<String, serde_json::Value> = counters
                 .iter()
                 .map(|(c, v)| (c.name().to_string(), (*v).into()))
                 .collect();
             all.push(serde_json::json!({
-                "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode, "counters": m
+                "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode,
+                "steer": r.steer, "flows": flows, "counters": m
             }));
         } else {
             println!(
-                "tproxy pid {} on {} (netns {}):",
-                r.pid, r.iface, r.netns_inode
+                "tproxy pid {} on {} (netns {}, steer {:?}): {flows} open flow(s)",
+                r.pid, r.iface, r.netns_inode, r.steer
             );
             for (c, v) in counters {
                 println!("  {:<22} {v}", c.name());

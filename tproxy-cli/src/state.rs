@@ -13,12 +13,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result, tc::TcMode};
+use crate::{Error, Result, instance::Steer, routing::TproxySpec, tc::TcMode};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
 
 /// What a running instance installed, and where to find its maps.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
     pub pid: i32,
     pub iface: String,
@@ -29,6 +29,9 @@ pub struct Record {
     pub tc_mode: Option<TcMode>,
     /// tproxy added the clsact qdisc (netlink mode).
     pub created_clsact: bool,
+    pub steer: Steer,
+    /// What the tproxy back-end installed (rule, routes, nftables table).
+    pub tproxy: Option<TproxySpec>,
     /// Map ids, for `tproxy stats` from another process.
     pub counters_map_id: u32,
     pub flows_map_id: u32,
@@ -151,7 +154,16 @@ mod tests {
         let rec = Record {
             pid: 42,
             iface: "eth9".into(),
-            ..Default::default()
+            ifindex: 9,
+            netns_inode: 1,
+            cgroup: "/sys/fs/cgroup".into(),
+            tc_mode: None,
+            created_clsact: false,
+            steer: Steer::Tproxy,
+            tproxy: Some(TproxySpec::new("eth9", 0x7409, 0x7409, 15006)),
+            counters_map_id: 1,
+            flows_map_id: 2,
+            sockhash_map_id: 3,
         };
         lock.write(&rec).unwrap();
         match InstanceLock::acquire(1, "eth9") {

@@ -88,7 +88,7 @@ impl Drop for ClsactQdisc {
 
 /// Runs a small netlink conversation on a private runtime, so Drop impls
 /// (which may run outside any runtime) can use rtnetlink too.
-fn with_rtnetlink<T, F>(f: F) -> std::io::Result<T>
+pub(crate) fn with_rtnetlink<T, F>(f: F) -> std::io::Result<T>
 where
     T: Send,
     F: AsyncFnOnce(rtnetlink::Handle) -> std::result::Result<T, rtnetlink::Error> + Send,

@@ -18,6 +18,8 @@ pub mod names {
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
     pub const PROG_GETSOCKOPT: &str = "tproxy_getsockopt";
+    pub const PROG_GETSOCKNAME4: &str = "tproxy_getsockname4";
+    pub const PROG_GETSOCKNAME6: &str = "tproxy_getsockname6";
     pub const PROG_SOCKOPS: &str = "tproxy_sockops";
     pub const PROG_SK_MSG: &str = "tproxy_sk_msg";
 }
@@ -132,6 +134,8 @@ pub enum Counter {
     GetsockoptCalls,
     /// SO_ORIGINAL_DST answers given from the flow table.
     GetsockoptAnswered,
+    /// getsockname() answers changed to the original destination.
+    GetsocknameAnswered,
     /// sockops callbacks seen.
     SockopsEvents,
     /// Sockets inserted into the SOCKHASH.
@@ -150,16 +154,21 @@ pub enum Counter {
     FlowsCreated,
     /// Flow-table entries removed on FIN/RST.
     FlowsRemoved,
+    /// SYNs dropped because the same client address and port already has a
+    /// live flow to another intercepted port (they would be one 4-tuple at
+    /// the proxy).
+    SteerCollisions,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 15] = [
+    pub const ALL: [Counter; 17] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
         Counter::EgressRestored,
         Counter::GetsockoptCalls,
         Counter::GetsockoptAnswered,
+        Counter::GetsocknameAnswered,
         Counter::SockopsEvents,
         Counter::SockhashInserted,
         Counter::SockhashRemoved,
@@ -169,6 +178,7 @@ impl Counter {
         Counter::MsgMiss,
         Counter::FlowsCreated,
         Counter::FlowsRemoved,
+        Counter::SteerCollisions,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -180,6 +190,7 @@ impl Counter {
             Counter::EgressRestored => "egress_restored",
             Counter::GetsockoptCalls => "getsockopt_calls",
             Counter::GetsockoptAnswered => "getsockopt_answered",
+            Counter::GetsocknameAnswered => "getsockname_answered",
             Counter::SockopsEvents => "sockops_events",
             Counter::SockhashInserted => "sockhash_inserted",
             Counter::SockhashRemoved => "sockhash_removed",
@@ -189,6 +200,7 @@ impl Counter {
             Counter::MsgMiss => "msg_miss",
             Counter::FlowsCreated => "flows_created",
             Counter::FlowsRemoved => "flows_removed",
+            Counter::SteerCollisions => "steer_collisions",
         }
     }
 }
@@ -209,7 +221,7 @@ const _: () = {
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
     assert!(offset_of!(SockKey, netns_cookie) == 48);
-    assert!(Counter::COUNT == Counter::FlowsRemoved as u32 + 1);
+    assert!(Counter::COUNT == Counter::SteerCollisions as u32 + 1);
 };
 
 #[cfg(feature = "user")]

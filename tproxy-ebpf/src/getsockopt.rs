@@ -1,19 +1,77 @@
-//! cgroup/getsockopt on `--cgroup`: answers SO_ORIGINAL_DST for steered flows.
-use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
-use tproxy_common::Counter;
+//! cgroup/getsockopt on `--cgroup`: answers SO_ORIGINAL_DST (SOL_IP, 80)
+//! and IP6T_SO_ORIGINAL_DST (SOL_IPV6, 80) for sockets the steering
+//! delivered to the proxy, from the flow table. Every other call, and every
+//! socket without a flow entry, keeps the kernel's own answer (including a
+//! real conntrack answer from an unrelated NAT rule).
+use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
+use tproxy_common::{AF_INET, AF_INET6, Counter};
 
-use crate::counters;
+use crate::{accepted, counters};
 
-/// 1 = let the kernel's answer (possibly changed by us) through.
+/// 1 = the call returns (with whatever we changed); 0 would be EPERM.
 const PROCEED: i32 = 1;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+const SO_ORIGINAL_DST: i32 = 80;
+const SOCKADDR_IN_LEN: usize = 16;
+const SOCKADDR_IN6_LEN: usize = 28;
 
 #[cgroup_sockopt(getsockopt)]
 pub fn tproxy_getsockopt(ctx: SockoptContext) -> i32 {
-    try_getsockopt(&ctx).unwrap_or(PROCEED)
+    // SAFETY: the kernel passes a valid bpf_sockopt for the program's run.
+    let so = unsafe { &mut *ctx.sockopt };
+    let _ = try_getsockopt(so);
+    PROCEED
 }
 
 #[inline(always)]
-fn try_getsockopt(_ctx: &SockoptContext) -> Result<i32, ()> {
+fn try_getsockopt(so: &mut bpf_sockopt) -> Result<(), ()> {
+    if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
+        return Ok(());
+    }
     counters::inc(Counter::GetsockoptCalls);
-    Ok(PROCEED)
+    // SAFETY: reading a ctx field the verifier allows for this program type.
+    let sk = unsafe { so.__bindgen_anon_1.sk };
+    let orig = accepted::original_dst(sk).ok_or(())?;
+    let (family, local, orig_port) = (orig.family, orig.addr, orig.port);
+
+    // SAFETY: optval/optval_end are the kernel's bounds for the buffer.
+    let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
+    let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
+    // SOL_IP answers an IPv4 flow, SOL_IPV6 an IPv6 one, as netfilter does.
+    let len = if family == AF_INET {
+        if so.level != SOL_IP {
+            return Ok(());
+        }
+        if optval + SOCKADDR_IN_LEN > optval_end {
+            return Ok(());
+        }
+        let p = optval as *mut u8;
+        // SAFETY: 16 bytes at optval are in bounds (checked just above).
+        unsafe {
+            core::ptr::write_unaligned(p as *mut u16, AF_INET as u16);
+            core::ptr::write_unaligned(p.add(2) as *mut u16, orig_port);
+            core::ptr::write_unaligned(p.add(4) as *mut u32, local[0]);
+            core::ptr::write_unaligned(p.add(8) as *mut u64, 0);
+        }
+        SOCKADDR_IN_LEN
+    } else {
+        if so.level != SOL_IPV6 || optval + SOCKADDR_IN6_LEN > optval_end {
+            return Ok(());
+        }
+        let p = optval as *mut u8;
+        // SAFETY: 28 bytes at optval are in bounds (checked just above).
+        unsafe {
+            core::ptr::write_unaligned(p as *mut u16, AF_INET6 as u16);
+            core::ptr::write_unaligned(p.add(2) as *mut u16, orig_port);
+            core::ptr::write_unaligned(p.add(4) as *mut u32, 0); // flowinfo
+            core::ptr::write_unaligned(p.add(8) as *mut [u32; 4], local);
+            core::ptr::write_unaligned(p.add(24) as *mut u32, 0); // scope id
+        }
+        SOCKADDR_IN6_LEN
+    };
+    so.optlen = len as i32;
+    so.retval = 0;
+    counters::inc(Counter::GetsockoptAnswered);
+    Ok(())
 }

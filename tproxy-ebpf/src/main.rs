@@ -5,14 +5,19 @@
 //! | tc ingress        | `tproxy_steer`     | `steer.rs`      |
 //! | tc egress         | `tproxy_restore`   | `restore.rs`    |
 //! | cgroup/getsockopt | `tproxy_getsockopt`| `getsockopt.rs` |
+//! | cgroup/getsockname4/6 | `tproxy_getsockname4/6` | `getsockname.rs` |
 //! | sockops           | `tproxy_sockops`   | `sockops.rs`    |
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
 #![no_std]
 #![no_main]
 
+mod accepted;
 mod counters;
+mod flow;
+mod getsockname;
 mod getsockopt;
 mod maps;
+mod packet;
 mod restore;
 mod sk_msg;
 mod sockops;

@@ -1,0 +1,91 @@
+//! Is this socket the proxy's end of a steered flow, and where was that
+//! flow going? Shared by cgroup/getsockopt and cgroup/getsockname.
+use aya_ebpf::bindings::bpf_sock;
+use tproxy_common::{AF_INET, AF_INET6, FlowKey};
+
+use crate::maps::{CONFIG, FLOWS};
+
+const IPPROTO_TCP: u32 = 6;
+
+/// The original destination of a steered flow, as the proxy's accepted
+/// socket should see it. Address network order, IPv4 in `[0]`.
+pub struct OrigDst {
+    pub family: u8,
+    pub addr: [u32; 4],
+    /// Network order.
+    pub port: u16,
+}
+
+/// `::ffff:a.b.c.d` (an IPv4 connection on a dual-stack socket).
+#[inline(always)]
+fn v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == 0xffff_u32.to_be()
+}
+
+/// Looks the socket up in the flow table. Its remote end must be the
+/// client and its local port the proxy port (rewrite) or the original port
+/// (tproxy): a direct connection from the same client address and port to
+/// some other port is not the steered flow.
+#[inline(always)]
+pub fn original_dst(sk: *const bpf_sock) -> Option<OrigDst> {
+    if sk.is_null() {
+        return None;
+    }
+    // The verifier forbids pointer arithmetic on a socket pointer: every
+    // field is one volatile load at a constant offset from `sk`.
+    macro_rules! field {
+        ($($f:tt)+) => {
+            // SAFETY: sk is a valid bpf_sock (checked non-null).
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).$($f)+)) }
+        };
+    }
+    if field!(protocol) != IPPROTO_TCP {
+        return None;
+    }
+    let (family, remote, local) = match field!(family) as u8 {
+        AF_INET => (
+            AF_INET,
+            [field!(dst_ip4), 0, 0, 0],
+            [field!(src_ip4), 0, 0, 0],
+        ),
+        AF_INET6 => {
+            let r = [
+                field!(dst_ip6[0]),
+                field!(dst_ip6[1]),
+                field!(dst_ip6[2]),
+                field!(dst_ip6[3]),
+            ];
+            let l = [
+                field!(src_ip6[0]),
+                field!(src_ip6[1]),
+                field!(src_ip6[2]),
+                field!(src_ip6[3]),
+            ];
+            if v4_mapped(&r) {
+                (AF_INET, [r[3], 0, 0, 0], [l[3], 0, 0, 0])
+            } else {
+                (AF_INET6, r, l)
+            }
+        }
+        _ => return None,
+    };
+    let key = FlowKey {
+        client_addr: remote,
+        local_addr: local,
+        client_port: field!(dst_port),
+        family,
+        _pad0: 0,
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let orig_port = unsafe { FLOWS.get(&key) }?.orig_port;
+    let local_port = field!(src_port) as u16; // host order
+    let proxy_port = CONFIG.get(0)?.proxy_port;
+    if local_port != proxy_port && local_port != u16::from_be(orig_port) {
+        return None;
+    }
+    Some(OrigDst {
+        family,
+        addr: local,
+        port: orig_port,
+    })
+}
