@@ -12,7 +12,7 @@ pub mod topology;
 
 pub use cgroup::Cgroup;
 pub use netns::Netns;
-pub use proc::{Proc, Tproxy};
+pub use proc::{Logged, Proc, Tproxy, sibling_bin};
 pub use topology::Topology;
 
 /// A name unique to this process and call, for namespaces and cgroups that

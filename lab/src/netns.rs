@@ -97,6 +97,21 @@ impl Netns {
         cmd
     }
 
+    /// Runs `f` on a thread of this process that has entered the namespace
+    /// (setns affects only the calling thread): sockets it opens live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let ns = File::open(&path).expect("open netns");
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
     /// Runs a command in the namespace to completion.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         run(self.command(program).args(args)).with_context(|| format!("in netns {}", self.name))

@@ -73,44 +73,63 @@ impl Drop for Proc {
     }
 }
 
-/// A running `tproxy` with its log captured line by line.
-pub struct Tproxy {
+/// A running process with its stdout and stderr captured line by line.
+pub struct Logged {
     pub proc: Proc,
     log: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
 }
 
-impl Tproxy {
-    /// Starts `bin ARGS…` in `ns` (and `cgroup`, if given); does not wait.
-    pub fn spawn(bin: &str, ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Tproxy> {
-        let mut cmd = ns.command_in(bin, cgroup);
-        cmd.args(args)
-            .env("TPROXY_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+/// A running `tproxy` (started with [`Logged::start_tproxy`]).
+pub type Tproxy = Logged;
+
+impl Logged {
+    /// Starts `cmd`; its output is captured (stdin is closed).
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Logged> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut proc = Proc::spawn("tproxy", &mut cmd)?;
-        let stderr = proc.child.as_mut().unwrap().stderr.take().unwrap();
+        let mut proc = Proc::spawn(name, cmd)?;
+        let child = proc.child.as_mut().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, lines) = mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log2.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        Ok(Tproxy { proc, log, lines })
+        let readers: Vec<Box<dyn std::io::Read + Send>> = vec![
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for r in readers {
+            let (log, tx) = (log.clone(), tx.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Ok(Logged { proc, log, lines })
+    }
+
+    /// Starts `bin ARGS…` as tproxy in `ns` (and `cgroup`, if given),
+    /// with debug logging; does not wait.
+    pub fn spawn_tproxy(
+        bin: &str,
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        args: &[&str],
+    ) -> Result<Logged> {
+        let mut cmd = ns.command_in(bin, cgroup);
+        cmd.args(args).env("TPROXY_LOG", "debug");
+        Logged::spawn("tproxy", &mut cmd)
     }
 
     /// Starts tproxy and waits until it says it is serving.
-    pub fn start(bin: &str, ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Tproxy> {
-        let mut t = Tproxy::spawn(bin, ns, cgroup, args)?;
+    pub fn start(bin: &str, ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Logged> {
+        let mut t = Logged::spawn_tproxy(bin, ns, cgroup, args)?;
         t.wait_for("serving", Duration::from_secs(20))?;
         Ok(t)
     }
 
-    /// Waits for a log line containing `needle`.
+    /// Waits for an output line containing `needle`.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -119,7 +138,7 @@ impl Tproxy {
                 Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(_) => {}
                 Err(_) => bail!(
-                    "tproxy did not log {needle:?} within {timeout:?}; log:\n{}",
+                    "no output line with {needle:?} within {timeout:?}; output:\n{}",
                     self.log()
                 ),
             }
@@ -130,11 +149,15 @@ impl Tproxy {
         self.log.lock().unwrap().join("\n")
     }
 
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
     /// SIGTERM and wait for exit.
     pub fn terminate(mut self) -> Result<(ExitStatus, String)> {
         self.proc.signal(libc::SIGTERM);
         let st = self.proc.wait_timeout(Duration::from_secs(60))?;
-        // Let the reader thread drain the pipe.
+        // Let the reader threads drain the pipes.
         std::thread::sleep(Duration::from_millis(50));
         Ok((st, self.log()))
     }
@@ -145,4 +168,20 @@ impl Tproxy {
         self.proc.wait_timeout(Duration::from_secs(10))?;
         Ok(self.log())
     }
+}
+
+/// A program built next to `sibling` (e.g. `lab-app` and `origdst-proxy`
+/// from tproxy-examples, next to the `tproxy` binary); built on demand.
+pub fn sibling_bin(name: &str, sibling: &std::path::Path) -> Result<std::path::PathBuf> {
+    let path = sibling.with_file_name(name);
+    if !path.exists() {
+        let release = sibling.components().any(|c| c.as_os_str() == "release");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-q", "-p", "tproxy-examples"]);
+        if release {
+            cmd.arg("--release");
+        }
+        crate::run(&mut cmd)?;
+    }
+    Ok(path)
 }

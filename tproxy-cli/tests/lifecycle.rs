@@ -81,10 +81,13 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for: {what}");
 }
 
-const ALL_PROGS: [&str; 5] = [
+/// Without acceleration, the first five.
+const ALL_PROGS: [&str; 7] = [
     "tproxy_steer",
     "tproxy_restore",
     "tproxy_getsockopt",
+    "tproxy_getsockname4",
+    "tproxy_getsockname6",
     "tproxy_sockops",
     "tproxy_sk_msg",
 ];
@@ -97,7 +100,7 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
     let expected: Vec<&str> = if accel {
         ALL_PROGS.to_vec()
     } else {
-        ALL_PROGS[..3].to_vec()
+        ALL_PROGS[..5].to_vec()
     };
     for name in &expected {
         assert!(names.contains(name), "{name} not loaded; loaded: {names:?}");
@@ -118,10 +121,13 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
     // Cgroup: attached to the child cgroup, nowhere else we can see.
     let mut cg: Vec<(String, String)> = kernel::cgroup_programs(sb.cgroup.path()).unwrap();
     cg.sort();
-    let mut want = vec![(
-        "cgroup_getsockopt".to_string(),
-        "tproxy_getsockopt".to_string(),
-    )];
+    let mut want: Vec<(String, String)> = [
+        ("cgroup_getsockopt", "tproxy_getsockopt"),
+        ("cgroup_inet4_getsockname", "tproxy_getsockname4"),
+        ("cgroup_inet6_getsockname", "tproxy_getsockname6"),
+    ]
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .into();
     if accel {
         want.push(("cgroup_sock_ops".into(), "tproxy_sockops".into()));
     }
@@ -223,7 +229,7 @@ fn attaches_everything_and_sigterm_removes_it_all() {
     let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, true);
     let (status, log) = t.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
-    assert!(log.contains("detached 5 programs"), "{log}");
+    assert!(log.contains("detached 7 programs"), "{log}");
     assert_gone(&sb, &ids, &before);
 }
 
@@ -465,4 +471,44 @@ fn failure_late_in_attach_rolls_back_everything() {
     assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
     assert_eq!(sb.tc_listing(), before);
     assert!(!record_exists(&sb.ns));
+}
+
+/// The tproxy back-end's rule, routes and nftables table outlive a killed
+/// process (they are not tied to any fd); the next start removes them
+/// before installing its own, and SIGTERM removes those.
+#[test]
+fn sigkill_in_tproxy_mode_next_start_removes_the_routing_it_left() {
+    let sb = Sandbox::new();
+    let routing = |sb: &Sandbox| {
+        format!(
+            "{}{}{}{}",
+            sb.ns.exec("nft", &["list", "ruleset"]).unwrap(),
+            sb.ns.ip(&["rule", "show"]).unwrap(),
+            sb.ns.ip(&["-6", "rule", "show"]).unwrap(),
+            sb.ns.ip(&["route", "show", "table", "all"]).unwrap()
+        )
+    };
+    let before = routing(&sb);
+    let t = sb.start(&["--steer", "tproxy"]);
+    t.kill9().unwrap();
+    let left = routing(&sb);
+    assert!(left.contains("table inet tproxy_eth0"), "{left}");
+    assert!(left.contains("fwmark"), "{left}");
+
+    let t = sb.start(&["--steer", "tproxy"]);
+    assert!(
+        t.log().contains("removed 5 routing object(s)"),
+        "{}",
+        t.log()
+    );
+    let now = routing(&sb);
+    assert_eq!(now.matches("table inet tproxy_eth0").count(), 1, "{now}");
+    assert_eq!(
+        now.matches("fwmark").count(),
+        2,
+        "one rule per family: {now}"
+    );
+    let (st, _) = t.terminate().unwrap();
+    assert!(st.success());
+    assert_eq!(routing(&sb), before);
 }

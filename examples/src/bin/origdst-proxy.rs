@@ -189,7 +189,9 @@ async fn serve(l: TcpListener, mark: u32) {
             // kernel's answer is our own listener) must not make us dial
             // ourselves in a loop.
             if orig.port() == listen_port {
-                say(format!("refusing {peer}: original destination {orig} is the proxy port"));
+                say(format!(
+                    "refusing {peer}: original destination {orig} is the proxy port"
+                ));
                 return;
             }
             let mut up = match dial(orig, mark).await {

@@ -1,0 +1,657 @@
+//! Transparent ingress, end to end, in the three-namespace lab: a client
+//! dials the server's app port and is served by the app through the proxy,
+//! which learnt the original destination from tproxy. Both steering
+//! back-ends, IPv4 and IPv6, our own proxy and HAProxy. Root only.
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tproxy_lab::{Logged, Netns, Topology, sibling_bin, topology::*, unique};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
+const APP_PORTS: &str = "7000,8000,8080,8081,9000-9002";
+const INTERCEPTED: &str = "8000,8080,9000-9002";
+const INTERCEPTED_LIST: [u16; 5] = [8000, 8080, 9000, 9001, 9002];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Proxy {
+    Ours,
+    Haproxy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Steer {
+    Rewrite,
+    Tproxy,
+}
+
+impl Steer {
+    fn arg(self) -> &'static str {
+        match self {
+            Steer::Rewrite => "rewrite",
+            Steer::Tproxy => "tproxy",
+        }
+    }
+}
+
+fn example(name: &str) -> String {
+    sibling_bin(name, Path::new(BIN))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn repo_file(rel: &str) -> String {
+    format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The lab with the app running in the server namespace's cgroup.
+struct Lab {
+    topo: Topology,
+    _app: Logged,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let topo = Topology::up(&unique("tpx-in-")).unwrap();
+        let mut cmd = topo
+            .server
+            .command_in(example("lab-app"), Some(&topo.cgroup));
+        cmd.arg(APP_PORTS);
+        let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
+        app.wait_for("listening", Duration::from_secs(10)).unwrap();
+        Lab { topo, _app: app }
+    }
+
+    fn cg(&self) -> String {
+        self.topo.cgroup.path().display().to_string()
+    }
+
+    /// Starts the proxy on 15006 in the server namespace and cgroup.
+    fn proxy(&self, proxy: Proxy, steer: Steer) -> Logged {
+        self.proxy_in(&self.topo.server, proxy, steer)
+    }
+
+    fn proxy_in(&self, ns: &Netns, proxy: Proxy, steer: Steer) -> Logged {
+        let cg = Some(&self.topo.cgroup);
+        let mut p = match proxy {
+            Proxy::Ours => {
+                let mut cmd = ns.command_in(example("origdst-proxy"), cg);
+                if steer == Steer::Tproxy {
+                    cmd.arg("--transparent");
+                }
+                Logged::spawn("origdst-proxy", &mut cmd).unwrap()
+            }
+            Proxy::Haproxy => {
+                let cfg = match steer {
+                    Steer::Rewrite => repo_file("examples/haproxy/haproxy.cfg"),
+                    Steer::Tproxy => repo_file("examples/haproxy/haproxy-transparent.cfg"),
+                };
+                let mut cmd = ns.command_in("haproxy", cg);
+                cmd.args(["-db", "-f", &cfg]);
+                Logged::spawn("haproxy", &mut cmd).unwrap()
+            }
+        };
+        match proxy {
+            Proxy::Ours => {
+                p.wait_for("listening", Duration::from_secs(10)).unwrap();
+            }
+            // HAProxy says nothing when it is up: wait for the port.
+            Proxy::Haproxy => wait_listening(ns, 15006),
+        }
+        p
+    }
+
+    fn tproxy(&self, steer: Steer, extra: &[&str]) -> Logged {
+        let cg = self.cg();
+        let mut args = vec![
+            "-i",
+            "eth0",
+            "-ports",
+            INTERCEPTED,
+            "--cgroup",
+            &cg,
+            "--steer",
+            steer.arg(),
+        ];
+        args.extend_from_slice(extra);
+        Logged::start(BIN, &self.topo.server, None, &args).unwrap()
+    }
+}
+
+fn wait_listening(ns: &Netns, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = ns
+            .exec("ss", &["-Hltn", &format!("sport = :{port}")])
+            .unwrap_or_default();
+        if !out.trim().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {port} in {}", ns.name());
+}
+
+/// What the app told one client.
+#[derive(Debug)]
+struct Reply {
+    port: u16,
+    peer: IpAddr,
+    /// The client's own address (to find the proxy's log line).
+    local: SocketAddr,
+    echoed: Vec<u8>,
+}
+
+/// Connects, sends `payload`, half-closes, reads everything back.
+fn exchange(dst: SocketAddr, payload: &[u8]) -> std::io::Result<Reply> {
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let local = s.local_addr()?;
+    s.write_all(payload)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    let nl = all.iter().position(|&b| b == b'\n').ok_or_else(|| {
+        std::io::Error::other(format!("no banner in {:?}", String::from_utf8_lossy(&all)))
+    })?;
+    let banner = String::from_utf8_lossy(&all[..nl]).into_owned();
+    // "app port=8000 peer=10.0.0.20:4711" / "peer=[fd00::1]:4711"
+    let port = banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("port="))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad banner {banner:?}")))?;
+    let peer: SocketAddr = banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("peer="))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad banner {banner:?}")))?;
+    Ok(Reply {
+        port,
+        peer: peer.ip(),
+        local,
+        echoed: all[nl + 1..].to_vec(),
+    })
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// Original destinations the proxy reported, by client address.
+fn reported_origdst(proxy: Proxy, log: &[String]) -> HashMap<SocketAddr, SocketAddr> {
+    let mut out = HashMap::new();
+    for line in log {
+        let (client, orig) = match proxy {
+            // accepted 10.0.0.20:4711 on 192.168.178.10:15006 original-dst 192.168.178.10:8000
+            Proxy::Ours => {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                if w.first() != Some(&"accepted") || w.len() < 6 {
+                    continue;
+                }
+                (w[1].parse().ok(), w[5].parse().ok())
+            }
+            // haproxy: client 10.0.0.20:4711 -> 192.168.178.10:8000, upstream …
+            Proxy::Haproxy => {
+                let Some(rest) = line.strip_prefix("haproxy: client ") else {
+                    continue;
+                };
+                let mut parts = rest.split(" -> ");
+                let c = parts.next().unwrap_or("");
+                let f = parts.next().unwrap_or("").split(',').next().unwrap_or("");
+                (haproxy_addr(c), haproxy_addr(f))
+            }
+        };
+        if let (Some(c), Some(o)) = (client, orig) {
+            out.insert(c, o);
+        }
+    }
+    out
+}
+
+/// HAProxy logs IPv6 addresses without brackets: `fd00::1:8000`.
+fn haproxy_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.rsplit_once(':')?;
+    Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+}
+
+fn flows(ns: &Netns) -> u64 {
+    let out = ns.exec(BIN, &["stats", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["flows"].as_u64().unwrap()
+}
+
+fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out: {what}");
+}
+
+/// Many concurrent clients, every intercepted port (a list and a range),
+/// IPv4 and IPv6: every reply comes from the app on the dialled port via the
+/// proxy, the proxy's original destination equals what the client dialled,
+/// a port that is not intercepted reaches the app directly, and the flow
+/// table is empty once all is closed.
+fn matrix(proxy: Proxy, steer: Steer) {
+    let lab = Lab::new();
+    let p = lab.proxy(proxy, steer);
+    let t = lab.tproxy(steer, &[]);
+
+    const CLIENTS: usize = 48;
+    let replies: Vec<(SocketAddr, Vec<u8>, Reply)> = lab.topo.client.run(|| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..CLIENTS)
+                .map(|i| {
+                    s.spawn(move || {
+                        let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
+                        let dst = addr(ip, INTERCEPTED_LIST[i % INTERCEPTED_LIST.len()]);
+                        let payload: Vec<u8> = format!("client {i} says hello\n")
+                            .into_bytes()
+                            .into_iter()
+                            .cycle()
+                            .take(1000 + i * 997)
+                            .collect();
+                        let r = exchange(dst, &payload)
+                            .unwrap_or_else(|e| panic!("client {i} to {dst}: {e}"));
+                        (dst, payload, r)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    });
+
+    // The proxy writes its line before dialling; give HAProxy's log (written
+    // at the end of each session) a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let reported = reported_origdst(proxy, &p.lines());
+    for (dst, payload, r) in &replies {
+        assert_eq!(r.port, dst.port(), "{dst}: app answered on {}", r.port);
+        assert_eq!(&r.echoed, payload, "{dst}: echo differs");
+        // Proxied: the app's peer is the proxy, on the server itself.
+        let server: IpAddr = if dst.is_ipv4() { SERVER_IP } else { SERVER_IP6 }
+            .parse()
+            .unwrap();
+        assert_eq!(
+            r.peer, server,
+            "{dst}: the app saw {} (not the proxy)",
+            r.peer
+        );
+        let orig = reported.get(&r.local).unwrap_or_else(|| {
+            panic!(
+                "{proxy:?} has no line for client {}; log:\n{}",
+                r.local,
+                p.log()
+            )
+        });
+        assert_eq!(orig, dst, "SO_ORIGINAL_DST answer for {}", r.local);
+    }
+
+    // Not intercepted: straight to the app, which sees the client itself.
+    for ip in [SERVER_IP, SERVER_IP6] {
+        let r = lab
+            .topo
+            .client
+            .run(|| exchange(addr(ip, 8081), b"direct\n"))
+            .unwrap();
+        assert_eq!(r.port, 8081);
+        let client: IpAddr = if ip == SERVER_IP {
+            CLIENT_IP
+        } else {
+            CLIENT_IP6
+        }
+        .parse()
+        .unwrap();
+        assert_eq!(r.peer, client, "port 8081 went through the proxy");
+    }
+
+    eventually("flow table empty", Duration::from_secs(5), || {
+        flows(&lab.topo.server) == 0
+    });
+    let (st, log) = t.terminate().unwrap();
+    assert!(st.success(), "{log}");
+}
+
+#[test]
+fn rewrite_through_our_proxy() {
+    matrix(Proxy::Ours, Steer::Rewrite);
+}
+
+#[test]
+fn rewrite_through_haproxy() {
+    matrix(Proxy::Haproxy, Steer::Rewrite);
+}
+
+#[test]
+fn tproxy_through_our_proxy() {
+    matrix(Proxy::Ours, Steer::Tproxy);
+}
+
+#[test]
+fn tproxy_through_haproxy() {
+    matrix(Proxy::Haproxy, Steer::Tproxy);
+}
+
+/// Steered while no proxy listens: the client is refused, quickly, by an
+/// RST that matches the port it dialled (a connect() only reports
+/// ECONNREFUSED for an RST on its own 4-tuple).
+fn proxy_down(steer: Steer) {
+    let lab = Lab::new();
+    let _t = lab.tproxy(steer, &[]);
+    for ip in [SERVER_IP, SERVER_IP6] {
+        let started = Instant::now();
+        let err = lab
+            .topo
+            .client
+            .run(|| TcpStream::connect_timeout(&addr(ip, 8000), Duration::from_secs(5)))
+            .expect_err("connected with no proxy listening");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{ip}: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{ip}: refusal took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn rewrite_proxy_down_is_refused_on_the_dialled_port() {
+    proxy_down(Steer::Rewrite);
+}
+
+#[test]
+fn tproxy_proxy_down_is_refused_on_the_dialled_port() {
+    proxy_down(Steer::Tproxy);
+}
+
+/// tproxy on the loopback interface: the client, proxy and app share the
+/// host. The proxy's upstream connection to 127.0.0.1:8000 crosses the
+/// same tc hook as the client's; only its SO_MARK keeps it from being
+/// steered back to the proxy.
+#[test]
+fn proxy_mark_prevents_a_loop_on_loopback() {
+    let lab = Lab::new();
+    let p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let cg = lab.cg();
+    let _t = Logged::start(
+        BIN,
+        &lab.topo.server,
+        None,
+        &["-i", "lo", "-ports", "8000", "--cgroup", &cg],
+    )
+    .unwrap();
+    for ip in ["127.0.0.1", "::1"] {
+        let r = lab
+            .topo
+            .server
+            .run(|| exchange(addr(ip, 8000), b"local\n"))
+            .unwrap();
+        assert_eq!(r.port, 8000);
+        assert_eq!(r.echoed, b"local\n");
+        std::thread::sleep(Duration::from_millis(100));
+        let reported = reported_origdst(Proxy::Ours, &p.lines());
+        assert_eq!(reported.get(&r.local), Some(&addr(ip, 8000)), "{}", p.log());
+    }
+    let accepted = p
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("accepted"))
+        .count();
+    assert_eq!(
+        accepted,
+        2,
+        "the proxy accepted its own connections:\n{}",
+        p.log()
+    );
+}
+
+/// The tproxy back-end on a gateway: flows to a remote app pass through a
+/// transparent proxy on the gateway, which dials the real server. Its
+/// upstream traffic is never steered back to itself.
+#[test]
+fn tproxy_on_a_gateway_with_a_remote_app() {
+    let lab = Lab::new();
+    let p = lab.proxy_in(&lab.topo.gateway, Proxy::Ours, Steer::Tproxy);
+    let cg = lab.cg();
+    let _t = Logged::start(
+        BIN,
+        &lab.topo.gateway,
+        None,
+        &[
+            "-i", "eth0", "-ports", "8000", "--cgroup", &cg, "--steer", "tproxy",
+        ],
+    )
+    .unwrap();
+    for (ip, gw) in [
+        (SERVER_IP, GATEWAY_SERVER_IP),
+        (SERVER_IP6, GATEWAY_SERVER_IP6),
+    ] {
+        let r = lab
+            .topo
+            .client
+            .run(|| exchange(addr(ip, 8000), b"via the gateway\n"))
+            .unwrap();
+        assert_eq!(r.port, 8000);
+        assert_eq!(r.echoed, b"via the gateway\n");
+        // The app sees the gateway's proxy, not the client.
+        assert_eq!(r.peer, gw.parse::<IpAddr>().unwrap());
+    }
+    let accepted = p
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("accepted"))
+        .count();
+    assert_eq!(accepted, 2, "{}", p.log());
+}
+
+/// Everything tproxy may touch, in the server namespace and on the host.
+fn listings(ns: &Netns, cgroup: &Path) -> String {
+    let mut out = String::new();
+    let cmds: &[&[&str]] = &[
+        &["tc", "qdisc", "show"],
+        &["tc", "filter", "show", "dev", "eth0", "ingress"],
+        &["tc", "filter", "show", "dev", "eth0", "egress"],
+        &["nft", "list", "ruleset"],
+        &["ip", "rule", "show"],
+        &["ip", "-6", "rule", "show"],
+        &["ip", "route", "show", "table", "all"],
+        &["ip", "-6", "route", "show", "table", "all"],
+    ];
+    for c in cmds {
+        out += &format!(
+            "## ns {c:?}\n{}",
+            ns.exec(c[0], &c[1..]).unwrap_or_default()
+        );
+    }
+    for c in [&["nft", "list", "ruleset"][..], &["ip", "rule", "show"]] {
+        let o = std::process::Command::new(c[0])
+            .args(&c[1..])
+            .output()
+            .unwrap();
+        out += &format!("## host {c:?}\n{}", String::from_utf8_lossy(&o.stdout));
+    }
+    let o = std::process::Command::new("bpftool")
+        .args(["cgroup", "show", &cgroup.to_string_lossy()])
+        .output()
+        .unwrap();
+    out += &format!("## cgroup\n{}", String::from_utf8_lossy(&o.stdout));
+    let o = std::process::Command::new("sh")
+        .args(["-c", "ls -R /sys/fs/bpf 2>/dev/null"])
+        .output()
+        .unwrap();
+    out += &format!("## bpffs\n{}", String::from_utf8_lossy(&o.stdout));
+    out
+}
+
+fn sigterm_restores_everything(steer: Steer) {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, steer);
+    let before = listings(&lab.topo.server, lab.topo.cgroup.path());
+    let t = lab.tproxy(steer, &["--tc-mode", "netlink"]);
+    let during = listings(&lab.topo.server, lab.topo.cgroup.path());
+    assert_ne!(before, during, "tproxy installed nothing visible?");
+    let r = lab
+        .topo
+        .client
+        .run(|| exchange(addr(SERVER_IP, 8000), b"x\n"))
+        .unwrap();
+    assert_eq!(r.port, 8000);
+    let (st, log) = t.terminate().unwrap();
+    assert!(st.success(), "{log}");
+    let after = listings(&lab.topo.server, lab.topo.cgroup.path());
+    assert_eq!(before, after, "state differs after SIGTERM");
+}
+
+#[test]
+fn rewrite_sigterm_leaves_host_as_before() {
+    sigterm_restores_everything(Steer::Rewrite);
+}
+
+#[test]
+fn tproxy_sigterm_leaves_host_as_before() {
+    sigterm_restores_everything(Steer::Tproxy);
+}
+
+/// A large transfer in flight when tproxy gets SIGTERM completes byte-exact
+/// through the proxy (drain); a connection made after the signal goes
+/// straight to the app.
+fn drain_under_load(steer: Steer) {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, steer);
+    let mut t = lab.tproxy(steer, &["--drain-timeout", "60"]);
+    const TOTAL: usize = 256 << 20;
+    let started = Arc::new(AtomicBool::new(false));
+    let started2 = started.clone();
+    let client = &lab.topo.client;
+    std::thread::scope(|s| {
+        let big = s.spawn(move || {
+            client.run(move || {
+                let mut c = TcpStream::connect(addr(SERVER_IP, 8000)).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut r = c.try_clone().unwrap();
+                let reader = std::thread::spawn(move || {
+                    let mut got = Vec::with_capacity(TOTAL + 128);
+                    r.read_to_end(&mut got).unwrap();
+                    got
+                });
+                let chunk: Vec<u8> = (0..65536u32)
+                    .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                    .collect();
+                let mut sent = 0;
+                while sent < TOTAL {
+                    c.write_all(&chunk).unwrap();
+                    sent += chunk.len();
+                    if sent > TOTAL / 8 {
+                        started2.store(true, Ordering::SeqCst);
+                        // Keep it slow enough to still be running at the signal.
+                        std::thread::sleep(Duration::from_micros(300));
+                    }
+                }
+                c.shutdown(Shutdown::Write).unwrap();
+                let got = reader.join().unwrap();
+                let nl = got.iter().position(|&b| b == b'\n').unwrap();
+                assert!(String::from_utf8_lossy(&got[..nl]).contains("port=8000"));
+                let body = &got[nl + 1..];
+                assert_eq!(body.len(), TOTAL, "bytes lost");
+                for (i, part) in body.chunks(chunk.len()).enumerate() {
+                    assert_eq!(part, &chunk[..part.len()], "chunk {i} differs");
+                }
+            })
+        });
+        eventually("transfer under way", Duration::from_secs(20), || {
+            started.load(Ordering::SeqCst)
+        });
+        t.proc.signal(libc::SIGTERM);
+        t.wait_for("draining 1 steered flow", Duration::from_secs(10))
+            .unwrap();
+        // New connections now reach the app directly (the app sees the client).
+        let r = lab
+            .topo
+            .client
+            .run(|| exchange(addr(SERVER_IP, 8000), b"after\n"))
+            .unwrap();
+        assert_eq!(
+            r.peer,
+            CLIENT_IP.parse::<IpAddr>().unwrap(),
+            "new flow was steered while draining"
+        );
+        big.join().unwrap();
+    });
+    t.wait_for("drained 1 flow(s), cut 0", Duration::from_secs(30))
+        .unwrap();
+    let st = t.proc.wait_timeout(Duration::from_secs(30)).unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn rewrite_drain_completes_large_transfer() {
+    drain_under_load(Steer::Rewrite);
+}
+
+#[test]
+fn tproxy_drain_completes_large_transfer() {
+    drain_under_load(Steer::Tproxy);
+}
+
+/// Sockets that tproxy did not steer keep the kernel's own SO_ORIGINAL_DST
+/// answer: a real conntrack answer from an unrelated nftables REDIRECT
+/// (port 7000 to the proxy), and for a direct connection to the proxy port
+/// conntrack's (un-NATed) tuple, which the proxy refuses to dial.
+#[test]
+fn unrelated_sockets_keep_the_kernels_answer() {
+    let lab = Lab::new();
+    let p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    lab.topo
+        .server
+        .exec(
+            "nft",
+            &["add table ip natlab; add chain ip natlab pre { type nat hook prerouting priority dstnat; }; add rule ip natlab pre tcp dport 7000 redirect to :15006"],
+        )
+        .unwrap();
+    let r = lab
+        .topo
+        .client
+        .run(|| exchange(addr(SERVER_IP, 7000), b"nat\n"))
+        .unwrap();
+    assert_eq!(
+        r.port, 7000,
+        "conntrack's original destination was not used"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let reported = reported_origdst(Proxy::Ours, &p.lines());
+    assert_eq!(reported.get(&r.local), Some(&addr(SERVER_IP, 7000)));
+
+    // A direct connection to the proxy port: not steered, so conntrack
+    // (loaded by the NAT rule) answers with the connection's own tuple.
+    let direct = lab
+        .topo
+        .client
+        .run(|| exchange(addr(SERVER_IP, 15006), b"direct\n"));
+    assert!(
+        direct.is_err(),
+        "the proxy served a direct connection: {direct:?}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let reported = reported_origdst(Proxy::Ours, &p.lines());
+    let own: Vec<_> = reported.values().filter(|o| o.port() == 15006).collect();
+    assert_eq!(own, vec![&addr(SERVER_IP, 15006)], "{}", p.log());
+}
