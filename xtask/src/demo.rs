@@ -1,15 +1,18 @@
 //! `cargo xtask demo`: the README's main job. Brings up the three-namespace
-//! lab, runs `tproxy -i eth0 -ports 8000` in the server namespace with a
-//! child cgroup, shows what is attached, stops it, tears the lab down, and
-//! checks the host is as it was.
+//! lab; in the server namespace (and a child cgroup) starts the app on 8000,
+//! the proxy on 15006 (Envoy where an `envoy` binary is on PATH, HAProxy
+//! otherwise) and `tproxy -i eth0 -ports 8000`; sends requests from the
+//! client namespace and shows the evidence (the app's answer, the proxy's
+//! log line with the original destination it read, tproxy's counters);
+//! stops tproxy, tears the lab down and checks the host is as it was.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use tproxy_lab::{Topology, Tproxy, kernel, topology};
+use tproxy_lab::{Logged, Topology, Tproxy, kernel, topology};
 
 use crate::sh;
 
@@ -54,7 +57,14 @@ fn tproxy_bin() -> PathBuf {
 pub fn run() -> Result<()> {
     step("building tproxy (release; the eBPF object is embedded in the binary)");
     let t0 = Instant::now();
-    sh(Command::new("cargo").args(["build", "--release", "-p", "tproxy-cli"]))?;
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "tproxy-cli",
+        "-p",
+        "tproxy-examples",
+    ]))?;
     let bin = tproxy_bin();
     let size = std::fs::metadata(&bin).context("release binary")?.len();
     println!(
@@ -77,7 +87,51 @@ pub fn run() -> Result<()> {
     result
 }
 
+/// Which proxy the demo runs: Envoy where it is installed, else HAProxy.
+fn start_proxy(lab: &Topology) -> Result<(Logged, &'static str)> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let envoy = which("envoy");
+    let (name, mut cmd) = match envoy {
+        Some(envoy) => {
+            let cfg = repo.join("examples/envoy/envoy.yaml");
+            let mut cmd = lab.server.command_in(envoy, Some(&lab.cgroup));
+            cmd.arg("-c")
+                .arg(cfg)
+                .args(["--base-id", "7470", "-l", "warning"]);
+            ("envoy", cmd)
+        }
+        None => {
+            let cfg = repo.join("examples/haproxy/haproxy.cfg");
+            let mut cmd = lab.server.command_in("haproxy", Some(&lab.cgroup));
+            cmd.arg("-db").arg("-f").arg(cfg);
+            ("haproxy", cmd)
+        }
+    };
+    let p = Logged::spawn(name, &mut cmd)?;
+    // Wait until the proxy listens on 15006.
+    for _ in 0..100 {
+        let out = lab
+            .server
+            .exec("ss", &["-Hltn", "sport = :15006"])
+            .unwrap_or_default();
+        if !out.trim().is_empty() {
+            return Ok((p, name));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{name} did not listen on 15006; its output:\n{}", p.log())
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
 fn run_lab(bin: &str) -> Result<()> {
+    let examples = Path::new(bin).parent().context("binary folder")?;
     step("bringing up the lab: client -- gateway -- server (three network namespaces)");
     let lab = Topology::up(PREFIX)?;
     lab.check_reachability()?;
@@ -93,6 +147,18 @@ fn run_lab(bin: &str) -> Result<()> {
         lab.cgroup.path().display()
     );
 
+    step("server: the app on 8000, the proxy on 15006");
+    let mut app_cmd = lab
+        .server
+        .command_in(examples.join("lab-app"), Some(&lab.cgroup));
+    app_cmd.arg("8000");
+    let mut app = Logged::spawn("lab-app", &mut app_cmd)?;
+    app.wait_for("listening", Duration::from_secs(10))?;
+    let (proxy, proxy_name) = start_proxy(&lab)?;
+    println!(
+        "app: lab-app on :8000; proxy: {proxy_name} on :15006 (`server original 0.0.0.0` / ORIGINAL_DST cluster)"
+    );
+
     step("sudo tproxy -i eth0 -ports 8000   (in the server namespace)");
     let cg = lab.cgroup.path().display().to_string();
     let tp = Tproxy::start(
@@ -101,14 +167,14 @@ fn run_lab(bin: &str) -> Result<()> {
         None,
         &["-i", "eth0", "-ports", "8000", "--cgroup", &cg],
     )?;
-    for line in tp.log().lines() {
+    for line in tp.log().lines().filter(|l| l.contains("INFO")) {
         println!("  | {line}");
     }
 
     step("what the kernel has attached");
-    println!("cgroup {}:", cg);
+    println!("cgroup {cg}:");
     for (hook, name) in kernel::cgroup_programs(lab.cgroup.path())? {
-        println!("  {hook:<20} {name}");
+        println!("  {hook:<26} {name}");
     }
     let progs = kernel::programs()?;
     for l in kernel::links()? {
@@ -125,32 +191,76 @@ fn run_lab(bin: &str) -> Result<()> {
         }
     }
 
-    step("traffic from the client reaches the server's eth0 (tc counters move)");
-    sh(lab
-        .client
-        .command("ping")
-        .args(["-c", "3", "-i", "0.2", "-q", topology::SERVER_IP]))?;
+    step("client: curl http://192.168.178.10:8000/ and http://[fd00:178::10]:8000/");
+    for url in [
+        format!("http://{}:8000/", topology::SERVER_IP),
+        format!("http://[{}]:8000/", topology::SERVER_IP6),
+    ] {
+        let out = lab.client.exec("curl", &["-sS", "-m", "5", &url])?;
+        print!("  {url} -> {out}");
+        if !out.contains("hello from the app on port 8000") {
+            bail!("unexpected answer from {url}: {out:?}");
+        }
+    }
+    println!(
+        "(the app saw the proxy as its peer: the request went client -> tc steer -> {proxy_name} -> app)"
+    );
+
+    step(&format!(
+        "{proxy_name}'s log: the original destination it read (SO_ORIGINAL_DST or getsockname, answered by tproxy's cgroup programs)"
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let lines: Vec<String> = proxy
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with(&format!("{proxy_name}: client")))
+        .collect();
+    for l in &lines {
+        println!("  | {l}");
+    }
+    if lines.len() < 2 {
+        bail!(
+            "{proxy_name} logged {} connection(s), expected 2:\n{}",
+            lines.len(),
+            proxy.log()
+        );
+    }
+
+    step("tproxy stats (in the server namespace)");
     sh(lab.server.command(bin).args(["stats", "-i", "eth0"]))?;
 
-    step("SIGTERM: tproxy detaches everything");
+    step("SIGTERM: tproxy stops steering, drains, detaches everything");
     let (status, log) = tp.terminate()?;
-    for line in log
-        .lines()
-        .filter(|l| l.contains("SIGTERM") || l.contains("detached") || l.contains("counters"))
-    {
+    for line in log.lines().filter(|l| {
+        l.contains("SIGTERM")
+            || l.contains("drained")
+            || l.contains("detached")
+            || l.contains("counters")
+    }) {
         println!("  | {line}");
     }
     if !status.success() {
         bail!("tproxy exited with {status}");
     }
-    std::thread::sleep(Duration::from_millis(200));
     let left = kernel::cgroup_programs(lab.cgroup.path())?;
     if !left.is_empty() {
         bail!("programs still attached to the cgroup: {left:?}");
     }
     println!("cgroup {cg}: nothing attached");
+    let out = lab.client.exec(
+        "curl",
+        &[
+            "-sS",
+            "-m",
+            "5",
+            &format!("http://{}:8000/", topology::SERVER_IP),
+        ],
+    )?;
+    print!("without tproxy the client reaches the app directly: {out}");
 
     step("tearing down the lab");
+    drop(proxy);
+    drop(app);
     drop(lab);
     Ok(())
 }
