@@ -1,5 +1,6 @@
 //! `cargo xtask …`: the project's tasks. The README's two commands are
 //! `cargo xtask demo` and `cargo xtask test`; both run `setup` first.
+mod bench;
 mod demo;
 mod lab;
 mod setup;
@@ -28,6 +29,8 @@ enum Task {
     },
     /// Setup, build, and run the lab demo start to finish.
     Demo,
+    /// The comparison: base, proxy, proxy+accel, nft-redirect (and the tproxy back-end).
+    Bench(bench::Opts),
     /// The lab playground: bring it up or down, open a shell in it.
     Lab {
         #[command(subcommand)]
@@ -42,6 +45,22 @@ pub fn sh(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {st}");
     }
     Ok(())
+}
+
+/// Runs a command and returns its stdout; fails with its stderr.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn require_root() -> Result<()> {
@@ -103,6 +122,11 @@ fn main() -> Result<()> {
             require_root()?;
             setup::run()?;
             demo::run()
+        }
+        Task::Bench(opts) => {
+            require_root()?;
+            setup::run()?;
+            bench::run(opts)
         }
         Task::Lab { cmd } => {
             require_root()?;

@@ -10,6 +10,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::output;
+
 /// Debian packages: the lab's tools and what the tests drive.
 pub const PACKAGES: &[&str] = &[
     "iproute2",
@@ -22,6 +24,8 @@ pub const PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "procps",
+    "fonts-dejavu-core",
+    "strace",
 ];
 
 fn status(cmd: &mut Command) -> bool {
@@ -29,17 +33,6 @@ fn status(cmd: &mut Command) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn missing_packages() -> Vec<&'static str> {

@@ -1,0 +1,455 @@
+//! `cargo xtask bench`: the reproducible comparison. In one run on one
+//! host, the set-ups of `setups.rs`, interleaved repetition by repetition:
+//! iperf3 throughput by write size, sockperf ping-pong latency, connection
+//! rate, process-to-process loopback latency (with and without the
+//! SOCKHASH), CPU seconds per GB. Writes a results folder with the raw tool
+//! output, results.json, report.md and PNG plots.
+mod parse;
+mod plot;
+mod report;
+mod setups;
+mod stats;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+pub use setups::Setup;
+use tproxy_lab::{Logged, Topology, topology::SERVER_IP};
+
+use crate::sh;
+
+#[derive(clap::Args, Debug)]
+pub struct Opts {
+    /// About a minute: 3 repetitions, fewer sizes, 1 s per measurement.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print results.json to stdout as well.
+    #[arg(long)]
+    pub json: bool,
+    /// Repetitions (default 5, or 3 with --quick).
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Seconds per throughput/latency measurement (default 3, or 1 with --quick).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Set-ups to run (default: all): base, proxy, proxy+accel, nft-redirect, proxy-tproxy-backend.
+    #[arg(long, value_delimiter = ',')]
+    pub setups: Vec<String>,
+    /// Results folder (default lab/results/<UTC time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub const SIZES_FULL: [u64; 5] = [64, 1448, 16 << 10, 64 << 10, 1 << 20];
+pub const SIZES_QUICK: [u64; 2] = [1448, 64 << 10];
+
+pub fn size_label(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// One measured figure of one repetition.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Sample {
+    pub setup: &'static str,
+    pub rep: usize,
+    pub metric: String,
+    pub unit: &'static str,
+    pub value: f64,
+}
+
+/// Everything a run needs to know.
+struct Bench<'a> {
+    lab: &'a Topology,
+    tproxy: String,
+    raw: PathBuf,
+    seconds: u64,
+    sizes: Vec<u64>,
+    samples: Vec<Sample>,
+    progress: ProgressBar,
+}
+
+/// Busy and total CPU time of the whole host, in clock ticks.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+impl Bench<'_> {
+    fn push(&mut self, setup: Setup, rep: usize, metric: String, unit: &'static str, value: f64) {
+        self.samples.push(Sample {
+            setup: setup.name(),
+            rep,
+            metric,
+            unit,
+            value,
+        });
+    }
+
+    fn save(&self, name: &str, text: &str) -> Result<()> {
+        std::fs::write(self.raw.join(name), text).with_context(|| format!("writing raw {name}"))
+    }
+
+    fn step(&self, msg: String) {
+        self.progress.set_message(msg);
+    }
+
+    fn iperf3(&mut self, setup: Setup, rep: usize) -> Result<()> {
+        for size in self.sizes.clone() {
+            self.step(format!(
+                "rep {rep} {}: iperf3 {}",
+                setup.name(),
+                size_label(size)
+            ));
+            let (busy0, _) = cpu_ticks();
+            let out = crate::output(self.lab.client.command("iperf3").args([
+                "-c",
+                SERVER_IP,
+                "-p",
+                "5201",
+                "-t",
+                &self.seconds.to_string(),
+                "-l",
+                &size.to_string(),
+                "-J",
+            ]))?;
+            let (busy1, _) = cpu_ticks();
+            self.save(
+                &format!("iperf3-{}-{size}-rep{rep}.json", setup.name()),
+                &out,
+            )?;
+            let r = parse::iperf3_json(&out)?;
+            let label = size_label(size);
+            self.push(
+                setup,
+                rep,
+                format!("throughput/{label}"),
+                "Gbit/s",
+                r.bits_per_second / 1e9,
+            );
+            let cpu_s = (busy1 - busy0) as f64 / ticks_per_second();
+            self.push(
+                setup,
+                rep,
+                format!("cpu_s_per_gb/{label}"),
+                "CPU s/GB",
+                cpu_s / (r.bytes / 1e9),
+            );
+            self.progress.inc(1);
+        }
+        Ok(())
+    }
+
+    fn sockperf(&mut self, setup: Setup, rep: usize, loopback: bool) -> Result<()> {
+        let what = if loopback { "loopback" } else { "latency" };
+        self.step(format!("rep {rep} {}: sockperf {what}", setup.name()));
+        let mut cmd = if loopback {
+            // Process to process on the server, both in the cgroup: the
+            // shape of the proxy->app leg.
+            self.lab
+                .server
+                .command_in("sockperf", Some(&self.lab.cgroup))
+        } else {
+            self.lab.client.command("sockperf")
+        };
+        let ip = if loopback { "127.0.0.1" } else { SERVER_IP };
+        cmd.args([
+            "pp",
+            "--tcp",
+            "-i",
+            ip,
+            "-p",
+            "11111",
+            "-m",
+            "64",
+            "-t",
+            &self.seconds.to_string(),
+        ]);
+        let out = crate::output(&mut cmd)?;
+        self.save(
+            &format!("sockperf-{what}-{}-rep{rep}.txt", setup.name()),
+            &out,
+        )?;
+        let r = parse::sockperf(&out)?;
+        for (k, v) in [
+            ("avg", r.avg),
+            ("p50", r.p50),
+            ("p90", r.p90),
+            ("p99", r.p99),
+            ("p99.9", r.p999),
+            ("max", r.max),
+        ] {
+            self.push(setup, rep, format!("{what}/{k}"), "µs", v);
+        }
+        self.progress.inc(1);
+        Ok(())
+    }
+
+    /// New connections per second: connect, one small exchange, close;
+    /// two clients in parallel.
+    fn conn_rate(&mut self, setup: Setup, rep: usize) -> Result<()> {
+        self.step(format!("rep {rep} {}: connection rate", setup.name()));
+        let dur = Duration::from_secs(self.seconds.min(2));
+        let done = AtomicU64::new(0);
+        let failed = AtomicBool::new(false);
+        let dst: SocketAddr = format!("{SERVER_IP}:8000").parse()?;
+        let t0 = Instant::now();
+        self.lab.client.run(|| {
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        let mut buf = [0u8; 256];
+                        while t0.elapsed() < dur {
+                            let ok = (|| -> std::io::Result<()> {
+                                let mut c = TcpStream::connect(dst)?;
+                                c.set_nodelay(true)?;
+                                c.write_all(b"x\n")?;
+                                c.shutdown(Shutdown::Write)?;
+                                while c.read(&mut buf)? > 0 {}
+                                Ok(())
+                            })();
+                            if ok.is_err() {
+                                failed.store(true, Ordering::Relaxed);
+                                return;
+                            }
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                }
+            })
+        });
+        if failed.load(Ordering::Relaxed) {
+            bail!(
+                "{}: a connection failed during the connection-rate run",
+                setup.name()
+            );
+        }
+        let rate = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+        self.push(setup, rep, "conn_rate".into(), "conn/s", rate);
+        self.progress.inc(1);
+        Ok(())
+    }
+}
+
+/// The apps on the server: lab-app (8000), iperf3 (5201), sockperf (11111);
+/// and HAProxy on 15006 with transparent binds (serves every set-up),
+/// logging off.
+fn start_servers(lab: &Topology, bin_dir: &Path, out: &Path) -> Result<Vec<Logged>> {
+    let cg = Some(&lab.cgroup);
+    let mut procs = Vec::new();
+    let mut app = lab.server.command_in(bin_dir.join("lab-app"), cg);
+    app.arg("8000");
+    procs.push(Logged::spawn("lab-app", &mut app)?);
+    let mut iperf = lab.server.command_in("iperf3", cg);
+    iperf.args(["-s", "-p", "5201"]);
+    procs.push(Logged::spawn("iperf3", &mut iperf)?);
+    let mut sp = lab.server.command_in("sockperf", cg);
+    sp.args(["sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"]);
+    procs.push(Logged::spawn("sockperf", &mut sp)?);
+
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/haproxy/haproxy-transparent.cfg");
+    let cfg: String = std::fs::read_to_string(&example)?
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("log"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let cfg_path = out.join("haproxy-bench.cfg");
+    std::fs::write(&cfg_path, cfg)?;
+    let mut hap = lab.server.command_in("haproxy", cg);
+    hap.arg("-db").arg("-f").arg(&cfg_path);
+    procs.push(Logged::spawn("haproxy", &mut hap)?);
+    for port in [8000, 5201, 11111, 15006] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let o = lab
+                .server
+                .exec("ss", &["-Hltn", &format!("sport = :{port}")])?;
+            if !o.trim().is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("nothing listens on {port} in the server namespace");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(procs)
+}
+
+fn environment() -> serde_json::Value {
+    let cmd = |c: &str, args: &[&str]| -> String {
+        Command::new(c)
+            .args(args)
+            .output()
+            .map(|o| {
+                let s = if o.stdout.is_empty() {
+                    o.stderr
+                } else {
+                    o.stdout
+                };
+                String::from_utf8_lossy(&s)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "kernel": cmd("uname", &["-r"]),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "iperf3": cmd("iperf3", &["--version"]),
+        "sockperf": cmd("sockperf", &["--version"]),
+        "haproxy": cmd("haproxy", &["-v"]),
+        "git_commit": cmd("git", &["rev-parse", "--short", "HEAD"]),
+        "date_utc": cmd("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
+}
+
+pub fn run(opts: Opts) -> Result<()> {
+    let reps = opts.reps.unwrap_or(if opts.quick { 3 } else { 5 });
+    let seconds = opts.seconds.unwrap_or(if opts.quick { 1 } else { 3 });
+    let sizes: Vec<u64> = if opts.quick {
+        SIZES_QUICK.to_vec()
+    } else {
+        SIZES_FULL.to_vec()
+    };
+    let setups: Vec<Setup> = if opts.setups.is_empty() && opts.quick {
+        Setup::ALL[..4].to_vec()
+    } else if opts.setups.is_empty() {
+        Setup::ALL.to_vec()
+    } else {
+        opts.setups
+            .iter()
+            .map(|s| Setup::parse(s).with_context(|| format!("unknown set-up {s:?}")))
+            .collect::<Result<_>>()?
+    };
+
+    eprintln!("bench: building the release binaries");
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "tproxy-cli",
+        "-p",
+        "tproxy-examples",
+    ]))?;
+    let bin_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    let tproxy = bin_dir.join("tproxy").to_string_lossy().into_owned();
+
+    let stamp = crate::output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))?;
+    let out = opts.out.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../lab/results")
+            .join(stamp.trim())
+    });
+    let raw = out.join("raw");
+    std::fs::create_dir_all(&raw)?;
+
+    let lab = Topology::up("tproxy-bench")?;
+    lab.check_reachability()?;
+    // Thousands of short connections per second: TIME_WAIT must not run
+    // the ephemeral ports out (client side, and the proxy's upstream side).
+    for ns in [&lab.client, &lab.server] {
+        ns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65000",
+            ],
+        )?;
+    }
+    let servers = start_servers(&lab, &bin_dir, &out)?;
+
+    let per_setup = sizes.len() as u64 + 3; // iperf3 sizes, latency, loopback, conn rate
+    let progress = ProgressBar::new(reps as u64 * setups.len() as u64 * per_setup);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
+            .progress_chars("=> "),
+    );
+    let mut bench = Bench {
+        lab: &lab,
+        tproxy,
+        raw,
+        seconds,
+        sizes: sizes.clone(),
+        samples: Vec::new(),
+        progress,
+    };
+    // Interleaved: every set-up once per repetition, so drift over the run
+    // (thermal, noisy neighbours) spreads over all of them alike.
+    for rep in 1..=reps {
+        for &setup in &setups {
+            bench.step(format!("rep {rep} {}: entering", setup.name()));
+            let active = setups::enter(setup, &lab, &bench.tproxy)?;
+            let r = (|| -> Result<()> {
+                bench.iperf3(setup, rep)?;
+                bench.sockperf(setup, rep, false)?;
+                bench.sockperf(setup, rep, true)?;
+                bench.conn_rate(setup, rep)?;
+                Ok(())
+            })();
+            setups::leave(active, &lab)?;
+            r?;
+        }
+    }
+    bench.progress.finish_with_message("done");
+    drop(servers);
+
+    let env = environment();
+    let results = report::Results::new(env, &setups, &sizes, reps, seconds, bench.samples);
+    let json = serde_json::to_string_pretty(&results)?;
+    std::fs::write(out.join("results.json"), &json)?;
+    let md = report::markdown(&results);
+    std::fs::write(out.join("report.md"), &md)?;
+    plot::throughput(&results, &out.join("throughput.png"))?;
+    plot::latency(&results, &out.join("latency.png"))?;
+    drop(lab);
+
+    if opts.json {
+        println!("{json}");
+    } else {
+        println!("{md}");
+    }
+    eprintln!("bench: results in {}", out.display());
+    Ok(())
+}
