@@ -2,7 +2,7 @@
 //! when dropped, so every exit path (error, signal, panic unwinding) tears
 //! down what was set up.
 use aya::programs::{
-    Link, cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
+    Link, cgroup_sock_addr::CgroupSockAddrLink, raw_trace_point::RawTracePointLink, cgroup_sockopt::CgroupSockoptLink,
     sk_msg::SkMsgLink, sock_ops::SockOpsLink, tc::SchedClassifierLink,
 };
 use tracing::{debug, warn};
@@ -23,6 +23,8 @@ pub type GetsocknameAttachment = Attachment<CgroupSockAddrLink>;
 pub type SockopsAttachment = Attachment<SockOpsLink>;
 /// sk_msg on the SOCKHASH.
 pub type SkMsgAttachment = Attachment<SkMsgLink>;
+/// raw tracepoint sock_recv_length (reads of redirected bytes).
+pub type RecvmsgAttachment = Attachment<RawTracePointLink>;
 
 impl<L: Link> Attachment<L> {
     pub fn new(what: String, link: L) -> Self {

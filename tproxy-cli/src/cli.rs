@@ -63,6 +63,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_accel: bool,
 
+    /// Redirected bytes a socket may hold unread before its sender leaves the
+    /// fast path for good (slow reader); plain TCP then applies backpressure.
+    #[arg(long, value_name = "BYTES", default_value_t = tproxy_common::DEFAULT_ACCEL_MAX_QUEUED)]
+    pub accel_max_queued: u32,
+
     /// How the tc programs attach: TCX links (kernel >= 6.6) or netlink filters.
     #[arg(long, value_enum, default_value_t = TcMode::Auto)]
     pub tc_mode: TcMode,
@@ -163,6 +168,7 @@ impl RunArgs {
             steer: self.steer,
             steer_mark: self.steer_mark,
             route_table: self.route_table,
+            accel_max_queued: self.accel_max_queued,
         }
     }
 }

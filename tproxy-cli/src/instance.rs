@@ -7,19 +7,21 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, RawTracePoint, SchedClassifier, SkMsg, SockOps,
         TcAttachType,
         links::LinkOrder,
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use tproxy_common::{Config, Counter, FlowKey, FlowValue, SockKey, SteerMode, flags, names};
+use tproxy_common::{
+    Config, Counter, FlowKey, FlowValue, SockKey, SockState, SteerMode, flags, names,
+};
 use tracing::{info, warn};
 
 use crate::{
     Error, PortSet, Result,
     attach::{
-        Attachment, GetsocknameAttachment, GetsockoptAttachment, SkMsgAttachment,
+        Attachment, GetsocknameAttachment, GetsockoptAttachment, RecvmsgAttachment, SkMsgAttachment,
         SockopsAttachment, TcAttachment,
     },
     routing::{TproxyRouting, TproxySpec},
@@ -45,6 +47,8 @@ pub struct Options {
     /// tproxy back-end: the mark tc sets and the routing table it selects.
     pub steer_mark: Option<u32>,
     pub route_table: Option<u32>,
+    /// Bound on redirected-but-unread bytes at one socket (slow reader).
+    pub accel_max_queued: u32,
 }
 
 /// The steering back-end.
@@ -103,6 +107,8 @@ pub struct Instance {
     getsockname: Vec<GetsocknameAttachment>,
     sockops: Option<SockopsAttachment>,
     sk_msg: Option<SkMsgAttachment>,
+    recvmsg: Option<RecvmsgAttachment>,
+    accel_stopped: bool,
     #[expect(dead_code, reason = "held for its Drop")]
     clsact: Option<ClsactQdisc>,
     #[expect(dead_code, reason = "held for its Drop")]
@@ -131,6 +137,7 @@ fn map_id(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
         aya::maps::Map::Array(d)
         | aya::maps::Map::PerCpuArray(d)
         | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::HashMap(d)
         | aya::maps::Map::SockHash(d) => d,
         other => panic!("unexpected map type for {name}: {other:?}"),
     };
@@ -176,6 +183,8 @@ impl Instance {
             proxy_mark: opts.proxy_mark,
             steer_mark,
             flags: flags::STEER_NEW | if opts.accel { flags::ACCEL } else { 0 },
+            accel_max_queued: opts.accel_max_queued,
+            _pad1: 0,
         };
         write_config(&mut ebpf, &config, &opts.ports)?;
 
@@ -192,6 +201,7 @@ impl Instance {
             counters_map_id: map_id(&ebpf, names::COUNTERS)?,
             flows_map_id: map_id(&ebpf, names::FLOWS)?,
             sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
+            socks_map_id: map_id(&ebpf, names::SOCKS)?,
         };
 
         let cgroup_fd = std::fs::File::open(&cgroup)
@@ -206,7 +216,27 @@ impl Instance {
         let mut inst_sk_msg = None;
         let mut inst_sockops = None;
         let mut inst_sockhash = None;
+        let mut inst_recvmsg = None;
         if opts.accel {
+            // Reads of redirected bytes, counted before any byte is redirected.
+            let prog: &mut RawTracePoint = program(&mut ebpf, names::PROG_RECV_LENGTH)?;
+            prog.load()
+                .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
+            let id = prog
+                .attach(names::RECV_TRACEPOINT)
+                .map_err(|source| Error::Attach {
+                    what: format!("raw tracepoint {}", names::RECV_TRACEPOINT),
+                    source,
+                })?;
+            inst_recvmsg = Some(RecvmsgAttachment::new(
+                format!(
+                    "raw tracepoint {} on {}",
+                    names::PROG_RECV_LENGTH,
+                    names::RECV_TRACEPOINT
+                ),
+                prog.take_link(id).expect("fresh link"),
+            ));
+
             let sockhash: SockHash<MapData, SockKey> =
                 SockHash::try_from(ebpf.take_map(names::SOCKHASH).expect("SOCKHASH in object"))
                     .map_err(|source| Error::Map {
@@ -325,6 +355,8 @@ impl Instance {
             getsockname: inst_getsockname,
             sockops: inst_sockops,
             sk_msg: inst_sk_msg,
+            recvmsg: inst_recvmsg,
+            accel_stopped: false,
             clsact,
             sockhash: inst_sockhash,
             ebpf,
@@ -356,6 +388,9 @@ impl Instance {
         if let Some(a) = &self.sk_msg {
             out.push(a.what().to_string());
         }
+        if let Some(a) = &self.recvmsg {
+            out.push(a.what().to_string());
+        }
         out
     }
 
@@ -378,6 +413,57 @@ impl Instance {
 
     /// Stops steering new flows (flows already steered keep their state).
     pub fn stop_steering_new(&mut self) -> Result<()> {
+        self.set_flag(flags::STEER_NEW, false)
+    }
+
+    /// Accelerated sockets and the redirected bytes queued, unread, at them.
+    pub fn accel_state(&self) -> Result<(usize, i64)> {
+        let map = self.ebpf.map(names::SOCKS).expect("SOCKS in object");
+        socks_state(map)
+    }
+
+    /// Takes acceleration down without losing a byte. The kernel frees a
+    /// socket's ingress queue of redirected bytes when the socket leaves
+    /// the SOCKHASH (or the map goes): whatever the reader has not read by
+    /// then is gone. So: no new sockets enter (sockops detached); no new
+    /// bytes are redirected (sk_msg passes everything to TCP, which the
+    /// readers see only after their queued redirected bytes: order is
+    /// kept); then wait, bounded, until the readers have read what is
+    /// queued; only then may the map and the programs go.
+    pub fn stop_accel(&mut self) {
+        if self.accel_stopped || self.sockops.is_none() {
+            return;
+        }
+        self.accel_stopped = true;
+        drop(self.sockops.take());
+        if let Err(e) = self.set_flag(flags::ACCEL, false) {
+            warn!("accel: could not stop redirecting ({e}); detaching anyway");
+            return;
+        }
+        // A sender that read the flag just before it changed may still be
+        // between its verdict and the enqueue: let it finish.
+        std::thread::sleep(ACCEL_GRACE);
+        let start = std::time::Instant::now();
+        let (sockets, at_stop) = self.accel_state().unwrap_or((0, 0));
+        let mut left = at_stop;
+        while left > 0 && start.elapsed() < ACCEL_DRAIN_TIMEOUT {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            left = self.accel_state().map(|(_, q)| q).unwrap_or(0);
+        }
+        if left > 0 {
+            warn!(
+                "accel: {sockets} accelerated socket(s); {left} redirected byte(s) still unread after {:?}: removing the map drops them (a reader that stopped reading)",
+                ACCEL_DRAIN_TIMEOUT
+            );
+        } else {
+            info!(
+                "accel: {sockets} accelerated socket(s) handed back to plain TCP; {at_stop} queued byte(s) read by their apps in {} ms; nothing lost",
+                start.elapsed().as_millis()
+            );
+        }
+    }
+
+    fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
         let map = self.ebpf.map_mut(names::CONFIG).expect("CONFIG in object");
         let mut arr: Array<&mut MapData, Config> =
             Array::try_from(map).map_err(|source| Error::Map {
@@ -388,19 +474,62 @@ impl Instance {
             name: names::CONFIG,
             source,
         })?;
-        cfg.flags &= !flags::STEER_NEW;
+        if on {
+            cfg.flags |= flag;
+        } else {
+            cfg.flags &= !flag;
+        }
         arr.set(0, cfg, 0).map_err(|source| Error::Map {
             name: names::CONFIG,
             source,
         })
     }
 
-    /// Detaches everything, steering first. Same as dropping, with a log line.
-    pub fn shutdown(self) {
+    /// Detaches everything, acceleration first (safely), then steering.
+    pub fn shutdown(mut self) {
+        self.stop_accel();
         let n = self.attachments().len();
         drop(self);
         info!("detached {n} programs; nothing of tproxy's is left attached");
     }
+}
+
+/// After the redirect flag is cleared, time for a sender that read it just
+/// before to finish its enqueue.
+const ACCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long teardown waits for readers to read their queued redirected bytes.
+pub const ACCEL_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // Every exit path (errors included) takes acceleration down safely
+        // before the map goes with the fields.
+        self.stop_accel();
+    }
+}
+
+fn socks_state(map: &aya::maps::Map) -> Result<(usize, i64)> {
+    let m: HashMap<&MapData, SockKey, SockState> =
+        HashMap::try_from(map).map_err(|source| Error::Map {
+            name: names::SOCKS,
+            source,
+        })?;
+    let mut n = 0;
+    let mut queued = 0;
+    for (_, st) in m.iter().flatten() {
+        n += 1;
+        queued += st.queued.max(0);
+    }
+    Ok((n, queued))
+}
+
+/// Accelerated sockets and queued bytes of another, running instance.
+pub fn accel_of(record: &Record) -> Result<(usize, i64)> {
+    let data = MapData::from_id(record.socks_map_id).map_err(|source| Error::Map {
+        name: names::SOCKS,
+        source,
+    })?;
+    socks_state(&aya::maps::Map::HashMap(data))
 }
 
 fn attach_tc(

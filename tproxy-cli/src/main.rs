@@ -164,6 +164,7 @@ fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
     for r in &records {
         let counters = tproxy::instance::counters_of(r)?;
         let flows = tproxy::instance::flows_of(r)?;
+        let (accel_socks, queued) = tproxy::instance::accel_of(r).unwrap_or((0, 0));
         if json {
             let m: serde_json::Map<String, serde_json::Value> = counters
                 .iter()
@@ -171,11 +172,12 @@ fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
                 .collect();
             all.push(serde_json::json!({
                 "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode,
-                "steer": r.steer, "flows": flows, "counters": m
+                "steer": r.steer, "flows": flows, "accel_sockets": accel_socks,
+                "accel_queued_bytes": queued, "counters": m
             }));
         } else {
             println!(
-                "tproxy pid {} on {} (netns {}, steer {:?}): {flows} open flow(s)",
+                "tproxy pid {} on {} (netns {}, steer {:?}): {flows} open flow(s), {accel_socks} accelerated socket(s), {queued} byte(s) queued",
                 r.pid, r.iface, r.netns_inode, r.steer
             );
             for (c, v) in counters {

@@ -36,6 +36,7 @@ pub struct Record {
     pub counters_map_id: u32,
     pub flows_map_id: u32,
     pub sockhash_map_id: u32,
+    pub socks_map_id: u32,
 }
 
 /// The held lock on an instance's record; dropping it removes the record.
@@ -164,6 +165,7 @@ mod tests {
             counters_map_id: 1,
             flows_map_id: 2,
             sockhash_map_id: 3,
+            socks_map_id: 4,
         };
         lock.write(&rec).unwrap();
         match InstanceLock::acquire(1, "eth9") {

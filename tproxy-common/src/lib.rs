@@ -14,6 +14,9 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const FLOWS: &str = "FLOWS";
     pub const SOCKHASH: &str = "SOCKHASH";
+    pub const SOCKS: &str = "SOCKS";
+    pub const SK_KEYS: &str = "SK_KEYS";
+    pub const PENDING_PEERS: &str = "PENDING_PEERS";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -22,12 +25,19 @@ pub mod names {
     pub const PROG_GETSOCKNAME6: &str = "tproxy_getsockname6";
     pub const PROG_SOCKOPS: &str = "tproxy_sockops";
     pub const PROG_SK_MSG: &str = "tproxy_sk_msg";
+    pub const PROG_RECV_LENGTH: &str = "tproxy_recv_length";
+    /// Raw tracepoint after every recvmsg (socket, bytes read, flags).
+    pub const RECV_TRACEPOINT: &str = "sock_recv_length";
 }
 
 /// Size of the flow table (LRU: flows that vanish silently age out).
 pub const FLOWS_MAX: u32 = 65_536;
 /// Size of the SOCKHASH (two entries per accelerated connection).
 pub const SOCKHASH_MAX: u32 = 65_536;
+/// Proxy-side sockets waiting for their app-side peer to be established.
+pub const PENDING_MAX: u32 = 4_096;
+/// Default bound on redirected bytes queued, unread, at one socket.
+pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 4 << 20;
 /// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
 /// one lookup, no hashing, on the per-packet path.
 pub const PORTS_MAX: u32 = 65_536;
@@ -70,6 +80,11 @@ pub struct Config {
     pub steer_mark: u32,
     /// `flags::*`.
     pub flags: u32,
+    /// Past this many redirected-but-unread bytes at the receiving socket,
+    /// the sender leaves the fast path for good (plain TCP from then on,
+    /// with TCP's backpressure).
+    pub accel_max_queued: u32,
+    pub _pad1: u32,
 }
 
 /// Flow-table key: the connection as the proxy's accepted socket sees it
@@ -118,6 +133,43 @@ pub struct SockKey {
     pub netns_cookie: u64,
 }
 
+/// `SOCKS` value: one accelerated socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockState {
+    /// The socket's kernel address (key of `SK_KEYS`, for the recvmsg
+    /// tracepoint).
+    pub sk: u64,
+    /// Bytes redirected into this socket's ingress queue and not yet read
+    /// (added by sk_msg, subtracted by the recvmsg tracepoint). Signed:
+    /// reads of bytes queued before the count began may take it below 0.
+    pub queued: i64,
+    /// `sock_flags::*`.
+    pub flags: u32,
+    pub _pad0: u32,
+}
+
+pub mod sock_flags {
+    /// This socket's sends go by plain TCP from now on (slow reader at the
+    /// peer). One-way: the peer reads its queued redirected bytes first.
+    pub const PASSTHROUGH: u32 = 1 << 0;
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+            _pad0: 0,
+            netns_cookie: self.netns_cookie,
+        }
+    }
+}
+
 /// Indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +206,13 @@ pub enum Counter {
     FlowsCreated,
     /// Flow-table entries removed on FIN/RST.
     FlowsRemoved,
+    /// sendmsg calls passed to plain TCP because the peer had too much queued
+    /// (or the sender had already left the fast path).
+    MsgPassthrough,
+    /// Sockets that left the fast path for good (slow reader).
+    AccelFallbacks,
+    /// Redirected bytes read by the receiving application.
+    MsgReadBytes,
     /// SYNs dropped because the same client address and port already has a
     /// live flow to another intercepted port (they would be one 4-tuple at
     /// the proxy).
@@ -161,7 +220,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 20] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -178,6 +237,9 @@ impl Counter {
         Counter::MsgMiss,
         Counter::FlowsCreated,
         Counter::FlowsRemoved,
+        Counter::MsgPassthrough,
+        Counter::AccelFallbacks,
+        Counter::MsgReadBytes,
         Counter::SteerCollisions,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -200,6 +262,9 @@ impl Counter {
             Counter::MsgMiss => "msg_miss",
             Counter::FlowsCreated => "flows_created",
             Counter::FlowsRemoved => "flows_removed",
+            Counter::MsgPassthrough => "msg_passthrough",
+            Counter::AccelFallbacks => "accel_fallbacks",
+            Counter::MsgReadBytes => "msg_read_bytes",
             Counter::SteerCollisions => "steer_collisions",
         }
     }
@@ -208,7 +273,11 @@ impl Counter {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<Config>() == 16);
+    assert!(size_of::<Config>() == 24);
+    assert!(offset_of!(Config, accel_max_queued) == 16);
+    assert!(size_of::<SockState>() == 24);
+    assert!(offset_of!(SockState, queued) == 8);
+    assert!(offset_of!(SockState, flags) == 16);
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
@@ -233,11 +302,30 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockState {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_key_swaps_ends_and_keeps_the_namespace() {
+        let k = SockKey {
+            local_addr: [1, 0, 0, 0],
+            remote_addr: [2, 0, 0, 0],
+            local_port: 40000,
+            remote_port: 8000,
+            family: AF_INET as u32,
+            _pad0: 0,
+            netns_cookie: 77,
+        };
+        let p = k.peer();
+        assert_eq!((p.local_addr, p.remote_addr), ([2, 0, 0, 0], [1, 0, 0, 0]));
+        assert_eq!((p.local_port, p.remote_port), (8000, 40000));
+        assert_eq!(p.netns_cookie, 77);
+        assert_eq!(p.peer(), k);
+    }
 
     #[test]
     fn counters_are_dense_and_named_uniquely() {

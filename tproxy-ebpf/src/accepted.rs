@@ -31,35 +31,27 @@ pub fn original_dst(sk: *const bpf_sock) -> Option<OrigDst> {
     if sk.is_null() {
         return None;
     }
-    // The verifier forbids pointer arithmetic on a socket pointer: every
-    // field is one volatile load at a constant offset from `sk`.
-    macro_rules! field {
-        ($($f:tt)+) => {
-            // SAFETY: sk is a valid bpf_sock (checked non-null).
-            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).$($f)+)) }
-        };
-    }
-    if field!(protocol) != IPPROTO_TCP {
+    if read_field!(sk, protocol) != IPPROTO_TCP {
         return None;
     }
-    let (family, remote, local) = match field!(family) as u8 {
+    let (family, remote, local) = match read_field!(sk, family) as u8 {
         AF_INET => (
             AF_INET,
-            [field!(dst_ip4), 0, 0, 0],
-            [field!(src_ip4), 0, 0, 0],
+            [read_field!(sk, dst_ip4), 0, 0, 0],
+            [read_field!(sk, src_ip4), 0, 0, 0],
         ),
         AF_INET6 => {
             let r = [
-                field!(dst_ip6[0]),
-                field!(dst_ip6[1]),
-                field!(dst_ip6[2]),
-                field!(dst_ip6[3]),
+                read_field!(sk, dst_ip6[0]),
+                read_field!(sk, dst_ip6[1]),
+                read_field!(sk, dst_ip6[2]),
+                read_field!(sk, dst_ip6[3]),
             ];
             let l = [
-                field!(src_ip6[0]),
-                field!(src_ip6[1]),
-                field!(src_ip6[2]),
-                field!(src_ip6[3]),
+                read_field!(sk, src_ip6[0]),
+                read_field!(sk, src_ip6[1]),
+                read_field!(sk, src_ip6[2]),
+                read_field!(sk, src_ip6[3]),
             ];
             if v4_mapped(&r) {
                 (AF_INET, [r[3], 0, 0, 0], [l[3], 0, 0, 0])
@@ -72,13 +64,13 @@ pub fn original_dst(sk: *const bpf_sock) -> Option<OrigDst> {
     let key = FlowKey {
         client_addr: remote,
         local_addr: local,
-        client_port: field!(dst_port),
+        client_port: read_field!(sk, dst_port),
         family,
         _pad0: 0,
     };
     // SAFETY: a plain lookup; the value is copied out at once.
     let orig_port = unsafe { FLOWS.get(&key) }?.orig_port;
-    let local_port = field!(src_port) as u16; // host order
+    let local_port = read_field!(sk, src_port) as u16; // host order
     let proxy_port = CONFIG.get(0)?.proxy_port;
     if local_port != proxy_port && local_port != u16::from_be(orig_port) {
         return None;

@@ -8,18 +8,29 @@
 //! | cgroup/getsockname4/6 | `tproxy_getsockname4/6` | `getsockname.rs` |
 //! | sockops           | `tproxy_sockops`   | `sockops.rs`    |
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
+//! | raw tracepoint sock_recv_length | `tproxy_recv_length` | `recv_length.rs` |
 #![no_std]
 #![no_main]
+// Atomic add on map values (the BPF target has no CAS, so core's
+// AtomicI64::fetch_add is not offered; XADD is).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+#[macro_use]
+mod macros;
 
 mod accepted;
+mod atomic;
 mod counters;
 mod flow;
 mod getsockname;
 mod getsockopt;
 mod maps;
 mod packet;
+mod recv_length;
 mod restore;
 mod sk_msg;
+mod sockkey;
 mod sockops;
 mod steer;
 

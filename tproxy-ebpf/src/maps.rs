@@ -2,10 +2,11 @@
 //! same names (`tproxy_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use tproxy_common::{
-    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PORTS_MAX, SOCKHASH_MAX, SockKey,
+    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX,
+    SockKey, SockState,
 };
 
 /// One entry, written by userspace: proxy port, marks, mode, flags.
@@ -27,3 +28,17 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(
 /// The proxy<->app socket pairs, keyed by full tuple + netns cookie.
 #[map]
 pub static SOCKHASH: SockHash<SockKey> = SockHash::with_max_entries(SOCKHASH_MAX, 0);
+
+/// Per accelerated socket: its cookie, bytes queued at it, flags.
+#[map]
+pub static SOCKS: HashMap<SockKey, SockState> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
+
+/// Socket address (`struct sock *`) -> SOCKHASH key, for the recvmsg
+/// tracepoint (which has the socket, not its tuple).
+#[map]
+pub static SK_KEYS: HashMap<u64, SockKey> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
+
+/// App-side keys whose proxy side is in the map: the passive side enters
+/// only if its active side did (both ends local, in the cgroup).
+#[map]
+pub static PENDING_PEERS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(PENDING_MAX, 0);

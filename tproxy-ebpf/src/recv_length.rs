@@ -1,0 +1,42 @@
+//! Raw tracepoint `sock_recv_length` (fires after every recvmsg on any
+//! socket, with the bytes read): a reader took bytes off one of our
+//! sockets. Keeps SOCKS[..].queued (redirected, not yet read) exact, which
+//! is what bounds a slow reader and what teardown waits on.
+//!
+//! Why a tracepoint: fentry/fexit (tracing programs) and kprobes are not
+//! available on every kernel tproxy runs on (not on the CI's); raw
+//! tracepoints are. The cost falls on every recvmsg of the host: one hash
+//! lookup by socket address, a miss for sockets that are not ours.
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use tproxy_common::Counter;
+
+use crate::{
+    atomic, counters,
+    maps::{SK_KEYS, SOCKS},
+};
+
+const MSG_PEEK: i32 = 2;
+
+// TP_PROTO(struct sock *sk, int ret, int flags)
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn tproxy_recv_length(ctx: RawTracePointContext) -> i32 {
+    let _ = try_recv_length(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
+    let sk: u64 = ctx.arg(0);
+    // SAFETY: a plain lookup; the key is copied out at once.
+    let key = unsafe { SK_KEYS.get(&sk) }.ok_or(())?;
+    let read = ctx.arg::<u64>(1) as i32;
+    let flags = ctx.arg::<u64>(2) as i32;
+    if read <= 0 || flags & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    let st = SOCKS.get_ptr_mut(key).ok_or(())?;
+    // SAFETY: st points at a live SOCKS entry.
+    atomic::add(unsafe { &raw mut (*st).queued }, -i64::from(read));
+    counters::add(Counter::MsgReadBytes, read as u64);
+    Ok(())
+}
