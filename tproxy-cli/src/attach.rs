@@ -2,8 +2,9 @@
 //! when dropped, so every exit path (error, signal, panic unwinding) tears
 //! down what was set up.
 use aya::programs::{
-    Link, cgroup_sock_addr::CgroupSockAddrLink, raw_trace_point::RawTracePointLink, cgroup_sockopt::CgroupSockoptLink,
-    sk_msg::SkMsgLink, sock_ops::SockOpsLink, tc::SchedClassifierLink,
+    Link, cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
+    raw_trace_point::RawTracePointLink, sk_msg::SkMsgLink, sock_ops::SockOpsLink,
+    tc::SchedClassifierLink,
 };
 use tracing::{debug, warn};
 

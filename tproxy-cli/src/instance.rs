@@ -7,8 +7,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, RawTracePoint, SchedClassifier, SkMsg, SockOps,
-        TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, RawTracePoint, SchedClassifier, SkMsg,
+        SockOps, TcAttachType,
         links::LinkOrder,
         tc::{NlOptions, TcAttachOptions},
     },
@@ -21,8 +21,8 @@ use tracing::{info, warn};
 use crate::{
     Error, PortSet, Result,
     attach::{
-        Attachment, GetsocknameAttachment, GetsockoptAttachment, RecvmsgAttachment, SkMsgAttachment,
-        SockopsAttachment, TcAttachment,
+        Attachment, GetsocknameAttachment, GetsockoptAttachment, RecvmsgAttachment,
+        SkMsgAttachment, SockopsAttachment, TcAttachment,
     },
     routing::{TproxyRouting, TproxySpec},
     state::{InstanceLock, Record},
@@ -422,14 +422,17 @@ impl Instance {
         socks_state(map)
     }
 
-    /// Takes acceleration down without losing a byte. The kernel frees a
-    /// socket's ingress queue of redirected bytes when the socket leaves
-    /// the SOCKHASH (or the map goes): whatever the reader has not read by
-    /// then is gone. So: no new sockets enter (sockops detached); no new
-    /// bytes are redirected (sk_msg passes everything to TCP, which the
-    /// readers see only after their queued redirected bytes: order is
-    /// kept); then wait, bounded, until the readers have read what is
-    /// queued; only then may the map and the programs go.
+    /// Takes acceleration down without losing a byte.
+    ///
+    /// No new sockets enter (sockops detached) and no new bytes are
+    /// redirected (sk_msg passes everything to TCP, which each reader sees
+    /// only after its queued redirected bytes: order is kept). Then a
+    /// bounded wait for the readers to read what is queued: a psock that is
+    /// destroyed frees its unread ingress queue. On 6.18 the kernel keeps
+    /// the SOCKHASH (and, through it, the now pass-through sk_msg program)
+    /// alive while accelerated sockets remain in it, and frees both with
+    /// the last of them, so connections still open when tproxy exits keep
+    /// every byte (lab/experiments/sockmap_close.py, case map-gone).
     pub fn stop_accel(&mut self) {
         if self.accel_stopped || self.sockops.is_none() {
             return;
@@ -450,14 +453,16 @@ impl Instance {
             std::thread::sleep(std::time::Duration::from_millis(10));
             left = self.accel_state().map(|(_, q)| q).unwrap_or(0);
         }
-        if left > 0 {
+        if sockets == 0 {
+            info!("accel: no accelerated connection open; stopped");
+        } else if left > 0 {
             warn!(
-                "accel: {sockets} accelerated socket(s); {left} redirected byte(s) still unread after {:?}: removing the map drops them (a reader that stopped reading)",
+                "accel: {sockets} accelerated socket(s) handed back to plain TCP; {left} redirected byte(s) still unread after {:?} (a reader that is not reading) stay queued for it: the kernel keeps the SOCKHASH and the pass-through sk_msg program until the last of these connections closes",
                 ACCEL_DRAIN_TIMEOUT
             );
         } else {
             info!(
-                "accel: {sockets} accelerated socket(s) handed back to plain TCP; {at_stop} queued byte(s) read by their apps in {} ms; nothing lost",
+                "accel: {sockets} accelerated socket(s) handed back to plain TCP; {at_stop} queued byte(s) read by their apps in {} ms; the kernel frees the SOCKHASH and the pass-through sk_msg program when the last of them closes",
                 start.elapsed().as_millis()
             );
         }
@@ -498,7 +503,7 @@ impl Instance {
 /// before to finish its enqueue.
 const ACCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long teardown waits for readers to read their queued redirected bytes.
-pub const ACCEL_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const ACCEL_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Instance {
     fn drop(&mut self) {

@@ -5,12 +5,14 @@ use std::mem::size_of;
 
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
-    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PORTS_MAX, SOCKHASH_MAX, SockKey, names,
+    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SockKey,
+    SockState, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
 const ARRAY: u32 = 2;
 const PERCPU_ARRAY: u32 = 6;
+const HASH: u32 = 1;
 const LRU_HASH: u32 = 9;
 const SOCKHASH: u32 = 18;
 
@@ -44,9 +46,24 @@ fn maps_in_the_object_match_the_shared_types() {
         4,
         SOCKHASH_MAX,
     );
+    check(
+        names::SOCKS,
+        HASH,
+        size_of::<SockKey>(),
+        size_of::<SockState>(),
+        SOCKHASH_MAX,
+    );
+    check(names::SK_KEYS, HASH, 8, size_of::<SockKey>(), SOCKHASH_MAX);
+    check(
+        names::PENDING_PEERS,
+        LRU_HASH,
+        size_of::<SockKey>(),
+        1,
+        PENDING_MAX,
+    );
     assert_eq!(
         obj.maps.len(),
-        5,
+        8,
         "maps: {:?}",
         obj.maps.keys().collect::<Vec<_>>()
     );
@@ -65,6 +82,7 @@ fn programs_in_the_object_are_the_hooks() {
         names::PROG_GETSOCKNAME6,
         names::PROG_SOCKOPS,
         names::PROG_SK_MSG,
+        names::PROG_RECV_LENGTH,
     ];
     want.sort_unstable();
     assert_eq!(progs, want);

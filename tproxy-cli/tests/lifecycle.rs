@@ -82,7 +82,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// Without acceleration, the first five.
-const ALL_PROGS: [&str; 7] = [
+const ALL_PROGS: [&str; 8] = [
     "tproxy_steer",
     "tproxy_restore",
     "tproxy_getsockopt",
@@ -90,6 +90,7 @@ const ALL_PROGS: [&str; 7] = [
     "tproxy_getsockname6",
     "tproxy_sockops",
     "tproxy_sk_msg",
+    "tproxy_recv_length",
 ];
 
 /// Checks every program of the instance whose COUNTERS map is `map_id` is
@@ -116,6 +117,7 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
     if accel {
         assert_eq!(kind("tproxy_sockops"), "sock_ops");
         assert_eq!(kind("tproxy_sk_msg"), "sk_msg");
+        assert_eq!(kind("tproxy_recv_length"), "raw_tracepoint");
     }
 
     // Cgroup: attached to the child cgroup, nowhere else we can see.
@@ -229,7 +231,7 @@ fn attaches_everything_and_sigterm_removes_it_all() {
     let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, true);
     let (status, log) = t.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
-    assert!(log.contains("detached 7 programs"), "{log}");
+    assert!(log.contains("detached 8 programs"), "{log}");
     assert_gone(&sb, &ids, &before);
 }
 

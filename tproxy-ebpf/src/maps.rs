@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use tproxy_common::{
-    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX,
-    SockKey, SockState,
+    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SockKey,
+    SockState,
 };
 
 /// One entry, written by userspace: proxy port, marks, mode, flags.

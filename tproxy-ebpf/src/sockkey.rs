@@ -23,11 +23,24 @@ macro_rules! key_from {
         let family = read_field!(c, family);
         let (local_addr, remote_addr) = if family == AF_INET6 as u32 {
             (
-                [read_field!(c, local_ip6[0]), read_field!(c, local_ip6[1]), read_field!(c, local_ip6[2]), read_field!(c, local_ip6[3])],
-                [read_field!(c, remote_ip6[0]), read_field!(c, remote_ip6[1]), read_field!(c, remote_ip6[2]), read_field!(c, remote_ip6[3])],
+                [
+                    read_field!(c, local_ip6[0]),
+                    read_field!(c, local_ip6[1]),
+                    read_field!(c, local_ip6[2]),
+                    read_field!(c, local_ip6[3]),
+                ],
+                [
+                    read_field!(c, remote_ip6[0]),
+                    read_field!(c, remote_ip6[1]),
+                    read_field!(c, remote_ip6[2]),
+                    read_field!(c, remote_ip6[3]),
+                ],
             )
         } else {
-            ([read_field!(c, local_ip4), 0, 0, 0], [read_field!(c, remote_ip4), 0, 0, 0])
+            (
+                [read_field!(c, local_ip4), 0, 0, 0],
+                [read_field!(c, remote_ip4), 0, 0, 0],
+            )
         };
         SockKey {
             local_addr,

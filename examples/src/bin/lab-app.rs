@@ -3,10 +3,16 @@
 //! which is how the tests tell a proxied connection from a direct one.
 //!
 //! - HTTP: `GET …` gets `200` with "hello from the app on port P; peer A".
-//! - Anything else: the first reply line is `app port=P peer=A`, then every
-//!   byte received is echoed back until EOF, then the app closes its side.
+//! - `SEND <n>` (a line): n bytes of the seeded stream (seed n), then the app
+//!   closes at once (a peer that closes mid-stream).
+//! - `SINK <seed>` (a line): a slow reader: reads at --sink-rate bytes/s,
+//!   checks the seeded stream, answers `sink ok bytes=N` (or a mismatch)
+//!   at EOF.
+//! - Anything else: the first reply line is `app port=P peer=A [tag=T]`,
+//!   then every byte received is echoed back until EOF, then the app closes
+//!   its side.
 //!
-//! Usage: lab-app 8000,8080,9000-9002
+//! Usage: lab-app PORTS [--tag T] [--sink-rate BYTES_PER_S]   (PORTS: 8000,8080,9000-9002)
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context as _, Result};
@@ -45,12 +51,76 @@ fn listener(addr: SocketAddr) -> Result<TcpListener> {
     Ok(TcpListener::from_std(s.into())?)
 }
 
-async fn handle(mut s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+#[derive(Clone)]
+struct Opts {
+    tag: Option<String>,
+    sink_rate: u64,
+}
+
+/// SEND: n bytes of the stream seeded with n, then close without reading.
+async fn send(mut s: TcpStream, n: usize) -> std::io::Result<()> {
+    let mut data = tproxy_examples::Stream::new(n as u64);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < n {
+        let k = buf.len().min(n - sent);
+        data.fill(&mut buf[..k]);
+        s.write_all(&buf[..k]).await?;
+        sent += k;
+    }
+    s.shutdown().await
+}
+
+/// SINK: read slowly (rate-limited), check every byte, report at EOF.
+async fn sink(mut s: TcpStream, seed: u64, rest: Vec<u8>, rate: u64) -> std::io::Result<()> {
+    let mut check = tproxy_examples::Stream::new(seed);
+    let mut got = rest.len();
+    let mut bad = check.check(&rest);
+    let chunk = (rate / 100).clamp(1, 64 * 1024) as usize;
+    let mut buf = vec![0u8; chunk];
+    let start = tokio::time::Instant::now();
+    loop {
+        // Keep to `rate` bytes per second on average.
+        let due = start + std::time::Duration::from_secs_f64(got as f64 / rate as f64);
+        tokio::time::sleep_until(due).await;
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if bad.is_none() {
+            bad = check.check(&buf[..n]).map(|o| got + o);
+        }
+        got += n;
+    }
+    let msg = match bad {
+        None => format!("sink ok bytes={got}\n"),
+        Some(at) => format!("sink MISMATCH at byte {at} of {got}\n"),
+    };
+    s.write_all(msg.as_bytes()).await?;
+    s.shutdown().await
+}
+
+async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Result<()> {
     let port = s.local_addr()?.port();
     let mut buf = vec![0u8; 64 * 1024];
     let n = s.read(&mut buf).await?;
     if n == 0 {
         return Ok(());
+    }
+    let first_line = buf[..n]
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or(&[])
+        .to_vec();
+    let first_line = String::from_utf8_lossy(&first_line).into_owned();
+    if let Some(v) = first_line.strip_prefix("SEND ") {
+        let n: usize = v.trim().parse().unwrap_or(0);
+        return send(s, n).await;
+    }
+    if let Some(v) = first_line.strip_prefix("SINK ") {
+        let seed: u64 = v.trim().parse().unwrap_or(0);
+        let rest = buf[first_line.len() + 1..n].to_vec();
+        return sink(s, seed, rest, opts.sink_rate).await;
     }
     if buf[..n].starts_with(b"GET ") || buf[..n].starts_with(b"HEAD ") {
         let body = format!("hello from the app on port {port}; peer {peer}\n");
@@ -61,7 +131,12 @@ async fn handle(mut s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
         s.write_all(resp.as_bytes()).await?;
         return s.shutdown().await;
     }
-    s.write_all(format!("app port={port} peer={peer}\n").as_bytes())
+    let tag = opts
+        .tag
+        .as_deref()
+        .map(|t| format!(" tag={t}"))
+        .unwrap_or_default();
+    s.write_all(format!("app port={port} peer={peer}{tag}\n").as_bytes())
         .await?;
     s.write_all(&buf[..n]).await?;
     loop {
@@ -74,11 +149,12 @@ async fn handle(mut s: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     s.shutdown().await
 }
 
-async fn serve(l: TcpListener) {
+async fn serve(l: TcpListener, opts: Opts) {
     loop {
         if let Ok((s, peer)) = l.accept().await {
+            let opts = opts.clone();
             tokio::spawn(async move {
-                let _ = handle(s, peer).await;
+                let _ = handle(s, peer, opts).await;
             });
         }
     }
@@ -86,19 +162,33 @@ async fn serve(l: TcpListener) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let spec = std::env::args()
-        .nth(1)
-        .context("usage: lab-app PORTS (e.g. 8000,8080,9000-9002)")?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let spec = args
+        .first()
+        .context("usage: lab-app PORTS [--tag T] [--sink-rate BYTES_PER_S]")?
+        .clone();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let opts = Opts {
+        tag: opt("--tag"),
+        sink_rate: opt("--sink-rate")
+            .map(|v| v.parse())
+            .transpose()?
+            .unwrap_or(1 << 20),
+    };
     let mut tasks = Vec::new();
     for port in ports(&spec)? {
-        tasks.push(tokio::spawn(serve(listener(SocketAddr::from((
-            Ipv4Addr::UNSPECIFIED,
-            port,
-        )))?)));
-        tasks.push(tokio::spawn(serve(listener(SocketAddr::from((
-            Ipv6Addr::UNSPECIFIED,
-            port,
-        )))?)));
+        for ip in [
+            std::net::IpAddr::from(Ipv4Addr::UNSPECIFIED),
+            Ipv6Addr::UNSPECIFIED.into(),
+        ] {
+            let l = listener(SocketAddr::new(ip, port))?;
+            tasks.push(tokio::spawn(serve(l, opts.clone())));
+        }
     }
     println!("lab-app listening on {spec} (IPv4 and IPv6)");
     tokio::signal::ctrl_c().await?;

@@ -1,0 +1,198 @@
+//! The lab's checking client, for runs that must happen inside the app's
+//! cgroup (socket acceleration only applies to sockets in it).
+//!
+//!     lab-client echo ADDR --bytes N [--conns C] [--bind IP:PORT] [--seed S]
+//!
+//! Each connection writes N bytes of a seeded stream in writes of 1 B to
+//! 1 MiB while a second thread reads the app's echo and checks every byte;
+//! prints `ok conn=I bytes=N banner=...` per connection (or `FAIL ...`) and
+//! exits non-zero on any failure.
+//!
+//!     lab-client sink ADDR --bytes N [--seed S]
+//!
+//! Writes N bytes (`SINK <seed>` first) as fast as it can, for a slow
+//! reader; prints `ok bytes=N errors=…` with what the writes returned.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use socket2::{Domain, Socket, Type};
+use tproxy_examples::{Stream, WriteSizes};
+
+fn connect(addr: SocketAddr, bind: Option<SocketAddr>) -> Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if let Some(b) = bind {
+        s.set_reuse_address(true)?;
+        s.bind(&b.into())?;
+    }
+    s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(s.into())
+}
+
+/// `read`, retrying the spurious EAGAIN that a blocking read on a socket in
+/// a SOCKHASH can return when the peer closes (the kernel's
+/// tcp_bpf_recvmsg, seen on 6.18: lab/experiments/sockmap_close.py).
+fn read_retry(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut spurious = 0;
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && spurious < 100 => spurious += 1,
+            other => return other,
+        }
+    }
+}
+
+fn echo_one(
+    i: usize,
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+    bytes: usize,
+    seed: u64,
+) -> Result<String> {
+    let c = connect(addr, bind)?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    c.set_write_timeout(Some(Duration::from_secs(60)))?;
+    let mut r = BufReader::with_capacity(1 << 20, c.try_clone()?);
+    let reader = std::thread::spawn(move || -> Result<(String, usize)> {
+        let mut banner = String::new();
+        loop {
+            match r.read_line(&mut banner) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
+        let mut check = Stream::new(seed);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        loop {
+            let n = read_retry(&mut r, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if let Some(off) = check.check(&buf[..n]) {
+                bail!("byte {} differs", got + off);
+            }
+            got += n;
+        }
+        Ok((banner.trim().to_string(), got))
+    });
+    let mut w = c;
+    let mut data = Stream::new(seed);
+    let mut sizes = WriteSizes::new(seed);
+    let mut buf = vec![0u8; WriteSizes::MAX];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = sizes.next_size().min(bytes - sent);
+        data.fill(&mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        sent += n;
+    }
+    w.shutdown(Shutdown::Write)?;
+    let (banner, got) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    if got != bytes {
+        bail!("sent {bytes} bytes, got {got} back");
+    }
+    Ok(format!("ok conn={i} bytes={got} banner={banner}"))
+}
+
+fn sink(addr: SocketAddr, bytes: usize, seed: u64) -> Result<String> {
+    let mut c = connect(addr, None)?;
+    c.write_all(format!("SINK {seed}\n").as_bytes())?;
+    let mut data = Stream::new(seed);
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut sent, mut errors) = (0, Vec::new());
+    let t0 = Instant::now();
+    while sent < bytes {
+        let n = buf.len().min(bytes - sent);
+        data.fill(&mut buf[..n]);
+        let mut off = 0;
+        while off < n {
+            match c.write(&buf[off..n]) {
+                Ok(k) => off += k,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    if errors.len() > 100 {
+                        bail!("writes keep failing: {e}");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        sent += n;
+    }
+    let wrote_in = t0.elapsed();
+    c.shutdown(Shutdown::Write)?;
+    c.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = read_retry(&mut c, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    Ok(format!(
+        "ok bytes={sent} wrote_in_ms={} errors={} reply={}",
+        wrote_in.as_millis(),
+        errors.len(),
+        reply.trim()
+    ))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args
+        .first()
+        .context("usage: lab-client echo|sink ADDR [options]")?
+        .clone();
+    let addr: SocketAddr = args.get(1).context("ADDR")?.parse()?;
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let bytes: usize = opt("--bytes")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(1 << 20);
+    let seed: u64 = opt("--seed").map(|v| v.parse()).transpose()?.unwrap_or(1);
+    match mode.as_str() {
+        "echo" => {
+            let conns: usize = opt("--conns").map(|v| v.parse()).transpose()?.unwrap_or(1);
+            let bind: Option<SocketAddr> = opt("--bind").map(|v| v.parse()).transpose()?;
+            let results: Vec<Result<String>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..conns)
+                    .map(|i| s.spawn(move || echo_one(i, addr, bind, bytes, seed + i as u64)))
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let mut failed = false;
+            for (i, r) in results.into_iter().enumerate() {
+                match r {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => {
+                        failed = true;
+                        println!("FAIL conn={i}: {e:#}");
+                    }
+                }
+            }
+            if failed {
+                std::process::exit(1);
+            }
+        }
+        "sink" => println!("{}", sink(addr, bytes, seed)?),
+        other => bail!("unknown mode {other:?}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Shared by the example programs and the tests: a deterministic byte
+//! stream (so a reader can check every byte a writer sent without either
+//! storing it) and the write-size pattern the integrity tests use.
+
+/// xorshift64* bytes: `Stream::new(seed)` gives the same sequence on both
+/// ends of a connection.
+pub struct Stream {
+    state: u64,
+    buf: u64,
+    left: u8,
+}
+
+impl Stream {
+    pub fn new(seed: u64) -> Stream {
+        Stream {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            buf: 0,
+            left: 0,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.state;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.state = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn fill(&mut self, out: &mut [u8]) {
+        for b in out {
+            if self.left == 0 {
+                self.buf = self.next_u64();
+                self.left = 8;
+            }
+            *b = self.buf as u8;
+            self.buf >>= 8;
+            self.left -= 1;
+        }
+    }
+
+    /// Checks `got` against the next bytes of the stream; the offset of the
+    /// first difference, if any.
+    pub fn check(&mut self, got: &[u8]) -> Option<usize> {
+        let mut want = vec![0u8; got.len()];
+        self.fill(&mut want);
+        want.iter().zip(got).position(|(a, b)| a != b)
+    }
+}
+
+/// Write sizes from 1 byte to 1 MiB, log-uniform (as many 1–10 B writes
+/// as 100 KiB–1 MiB ones), from a seed.
+pub struct WriteSizes(Stream);
+
+impl WriteSizes {
+    pub const MAX: usize = 1 << 20;
+
+    pub fn new(seed: u64) -> WriteSizes {
+        WriteSizes(Stream::new(seed ^ 0x5151))
+    }
+
+    pub fn next_size(&mut self) -> usize {
+        let r = self.0.next_u64();
+        let bits = (r % 21) as u32; // 2^0 .. 2^20
+        let base = 1usize << bits;
+        (base + (r >> 8) as usize % base).min(Self::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_is_deterministic_and_checkable() {
+        let mut a = Stream::new(7);
+        let mut b = Stream::new(7);
+        let mut x = vec![0u8; 1000];
+        a.fill(&mut x[..3]);
+        a.fill(&mut x[3..]);
+        assert_eq!(b.check(&x), None);
+        let mut c = Stream::new(7);
+        x[500] ^= 1;
+        assert_eq!(c.check(&x), Some(500));
+        assert_ne!(Stream::new(8).check(&x[..8]), None);
+    }
+
+    #[test]
+    fn write_sizes_span_one_byte_to_a_mebibyte() {
+        let mut w = WriteSizes::new(1);
+        let sizes: Vec<usize> = (0..10_000).map(|_| w.next_size()).collect();
+        assert!(sizes.iter().all(|&s| (1..=WriteSizes::MAX).contains(&s)));
+        assert!(sizes.iter().any(|&s| s < 4));
+        assert!(sizes.iter().any(|&s| s > 512 << 10));
+    }
+}

@@ -1,0 +1,254 @@
+//! Shared by the root integration tests: the lab with the app, proxies and
+//! tproxy in it, and small clients.
+#![allow(dead_code)]
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use tproxy_lab::{Logged, Netns, Topology, sibling_bin, unique};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
+pub const APP_PORTS: &str = "7000,8000,8080,8081,9000-9002";
+pub const INTERCEPTED: &str = "8000,8080,9000-9002";
+pub const INTERCEPTED_LIST: [u16; 5] = [8000, 8080, 9000, 9001, 9002];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Proxy {
+    Ours,
+    Haproxy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Steer {
+    Rewrite,
+    Tproxy,
+}
+
+impl Steer {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Steer::Rewrite => "rewrite",
+            Steer::Tproxy => "tproxy",
+        }
+    }
+}
+
+pub fn example(name: &str) -> String {
+    sibling_bin(name, Path::new(BIN))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+pub fn repo_file(rel: &str) -> String {
+    format!("{}/../{rel}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The lab with the app running in the server namespace's cgroup.
+pub struct Lab {
+    pub topo: Topology,
+    pub app: Logged,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        Lab::with_app(&[])
+    }
+
+    /// The lab, with `extra` arguments for the app.
+    pub fn with_app(extra: &[&str]) -> Lab {
+        let topo = Topology::up(&unique("tpx-in-")).unwrap();
+        let mut cmd = topo
+            .server
+            .command_in(example("lab-app"), Some(&topo.cgroup));
+        cmd.arg(APP_PORTS).args(extra);
+        let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
+        app.wait_for("listening", Duration::from_secs(10)).unwrap();
+        Lab { topo, app }
+    }
+
+    pub fn cg(&self) -> String {
+        self.topo.cgroup.path().display().to_string()
+    }
+
+    /// Starts the proxy on 15006 in the server namespace and cgroup.
+    pub fn proxy(&self, proxy: Proxy, steer: Steer) -> Logged {
+        self.proxy_in(&self.topo.server, proxy, steer)
+    }
+
+    pub fn proxy_in(&self, ns: &Netns, proxy: Proxy, steer: Steer) -> Logged {
+        let cg = Some(&self.topo.cgroup);
+        let mut p = match proxy {
+            Proxy::Ours => {
+                let mut cmd = ns.command_in(example("origdst-proxy"), cg);
+                if steer == Steer::Tproxy {
+                    cmd.arg("--transparent");
+                }
+                Logged::spawn("origdst-proxy", &mut cmd).unwrap()
+            }
+            Proxy::Haproxy => {
+                let cfg = match steer {
+                    Steer::Rewrite => repo_file("examples/haproxy/haproxy.cfg"),
+                    Steer::Tproxy => repo_file("examples/haproxy/haproxy-transparent.cfg"),
+                };
+                let mut cmd = ns.command_in("haproxy", cg);
+                cmd.args(["-db", "-f", &cfg]);
+                Logged::spawn("haproxy", &mut cmd).unwrap()
+            }
+        };
+        match proxy {
+            Proxy::Ours => {
+                p.wait_for("listening", Duration::from_secs(10)).unwrap();
+            }
+            // HAProxy says nothing when it is up: wait for the port.
+            Proxy::Haproxy => wait_listening(ns, 15006),
+        }
+        p
+    }
+
+    pub fn tproxy(&self, steer: Steer, extra: &[&str]) -> Logged {
+        let cg = self.cg();
+        let mut args = vec![
+            "-i",
+            "eth0",
+            "-ports",
+            INTERCEPTED,
+            "--cgroup",
+            &cg,
+            "--steer",
+            steer.arg(),
+        ];
+        args.extend_from_slice(extra);
+        Logged::start(BIN, &self.topo.server, None, &args).unwrap()
+    }
+}
+
+pub fn wait_listening(ns: &Netns, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = ns
+            .exec("ss", &["-Hltn", &format!("sport = :{port}")])
+            .unwrap_or_default();
+        if !out.trim().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {port} in {}", ns.name());
+}
+
+/// What the app told one client.
+#[derive(Debug)]
+pub struct Reply {
+    pub port: u16,
+    pub peer: IpAddr,
+    /// The client's own address (to find the proxy's log line).
+    pub local: SocketAddr,
+    pub echoed: Vec<u8>,
+}
+
+/// Connects, sends `payload`, half-closes, reads everything back.
+pub fn exchange(dst: SocketAddr, payload: &[u8]) -> std::io::Result<Reply> {
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let local = s.local_addr()?;
+    s.write_all(payload)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    let nl = all.iter().position(|&b| b == b'\n').ok_or_else(|| {
+        std::io::Error::other(format!("no banner in {:?}", String::from_utf8_lossy(&all)))
+    })?;
+    let banner = String::from_utf8_lossy(&all[..nl]).into_owned();
+    // "app port=8000 peer=10.0.0.20:4711" / "peer=[fd00::1]:4711"
+    let port = banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("port="))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad banner {banner:?}")))?;
+    let peer: SocketAddr = banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("peer="))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad banner {banner:?}")))?;
+    Ok(Reply {
+        port,
+        peer: peer.ip(),
+        local,
+        echoed: all[nl + 1..].to_vec(),
+    })
+}
+
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// Original destinations the proxy reported, by client address.
+pub fn reported_origdst(proxy: Proxy, log: &[String]) -> HashMap<SocketAddr, SocketAddr> {
+    let mut out = HashMap::new();
+    for line in log {
+        let (client, orig) = match proxy {
+            // accepted 10.0.0.20:4711 on 192.168.178.10:15006 original-dst 192.168.178.10:8000
+            Proxy::Ours => {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                if w.first() != Some(&"accepted") || w.len() < 6 {
+                    continue;
+                }
+                (w[1].parse().ok(), w[5].parse().ok())
+            }
+            // haproxy: client 10.0.0.20:4711 -> 192.168.178.10:8000, upstream …
+            Proxy::Haproxy => {
+                let Some(rest) = line.strip_prefix("haproxy: client ") else {
+                    continue;
+                };
+                let mut parts = rest.split(" -> ");
+                let c = parts.next().unwrap_or("");
+                let f = parts.next().unwrap_or("").split(',').next().unwrap_or("");
+                (haproxy_addr(c), haproxy_addr(f))
+            }
+        };
+        if let (Some(c), Some(o)) = (client, orig) {
+            out.insert(c, o);
+        }
+    }
+    out
+}
+
+/// HAProxy logs IPv6 addresses without brackets: `fd00::1:8000`.
+pub fn haproxy_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.rsplit_once(':')?;
+    Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+}
+
+pub fn flows(ns: &Netns) -> u64 {
+    let out = ns.exec(BIN, &["stats", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["flows"].as_u64().unwrap()
+}
+
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out: {what}");
+}
+
+/// `tproxy stats --json` of the one instance in `ns`.
+pub fn stats(ns: &Netns) -> serde_json::Value {
+    let out = ns.exec(BIN, &["stats", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0].clone()
+}
+
+/// One counter of the instance in `ns`.
+pub fn counter(ns: &Netns, name: &str) -> u64 {
+    stats(ns)["counters"][name].as_u64().unwrap()
+}
