@@ -492,8 +492,8 @@ impl Instance {
 
     /// Detaches everything, acceleration first (safely), then steering.
     pub fn shutdown(mut self) {
-        self.stop_accel();
         let n = self.attachments().len();
+        self.stop_accel();
         drop(self);
         info!("detached {n} programs; nothing of tproxy's is left attached");
     }

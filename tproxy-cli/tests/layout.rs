@@ -61,12 +61,9 @@ fn maps_in_the_object_match_the_shared_types() {
         1,
         PENDING_MAX,
     );
-    assert_eq!(
-        obj.maps.len(),
-        8,
-        "maps: {:?}",
-        obj.maps.keys().collect::<Vec<_>>()
-    );
+    // Our maps; the compiler may add data sections (.rodata) of its own.
+    let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
+    assert_eq!(ours, 8, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

@@ -257,6 +257,46 @@ impl Bench<'_> {
     }
 }
 
+/// `kernel.bpf_stats_enabled` on for the run (per-program run time and
+/// count, read with bpftool), restored on drop.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Result<BpfStats> {
+        let old = std::fs::read_to_string(Self::PATH)?.trim().to_string();
+        std::fs::write(Self::PATH, "1")?;
+        Ok(BpfStats(old))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+impl Bench<'_> {
+    /// Average cost per run of each tproxy program of the current set-up.
+    fn bpf_costs(&mut self, setup: Setup, rep: usize) -> Result<()> {
+        let out = crate::output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        for p in v.as_array().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or("");
+            let (ns, cnt) = (
+                p["run_time_ns"].as_f64().unwrap_or(0.0),
+                p["run_cnt"].as_f64().unwrap_or(0.0),
+            );
+            if name.starts_with("tproxy_") && cnt > 0.0 {
+                self.push(setup, rep, format!("bpf_ns_per_run/{name}"), "ns", ns / cnt);
+                self.push(setup, rep, format!("bpf_runs/{name}"), "runs", cnt);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The apps on the server: lab-app (8000), iperf3 (5201), sockperf (11111);
 /// and HAProxy on 15006 with transparent binds (serves every set-up),
 /// logging off.
@@ -384,6 +424,7 @@ pub fn run(opts: Opts) -> Result<()> {
     let raw = out.join("raw");
     std::fs::create_dir_all(&raw)?;
 
+    let _bpf_stats = BpfStats::enable()?;
     let lab = Topology::up("tproxy-bench")?;
     lab.check_reachability()?;
     // Thousands of short connections per second: TIME_WAIT must not run
@@ -426,6 +467,7 @@ pub fn run(opts: Opts) -> Result<()> {
                 bench.sockperf(setup, rep, false)?;
                 bench.sockperf(setup, rep, true)?;
                 bench.conn_rate(setup, rep)?;
+                bench.bpf_costs(setup, rep)?;
                 Ok(())
             })();
             setups::leave(active, &lab)?;

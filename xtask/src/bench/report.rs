@@ -223,6 +223,24 @@ pub fn markdown(r: &Results) -> String {
         "CPU seconds per GB moved (whole host, during iperf3)",
         &cpu,
     );
+    let progs: std::collections::BTreeSet<String> = r
+        .summary
+        .values()
+        .flat_map(|m| m.keys())
+        .filter_map(|k| k.strip_prefix("bpf_ns_per_run/").map(String::from))
+        .collect();
+    let rows: Vec<(String, String)> = progs
+        .iter()
+        .map(|p| (p.clone(), format!("bpf_ns_per_run/{p}")))
+        .collect();
+    if !rows.is_empty() {
+        table(
+            &mut out,
+            r,
+            "eBPF cost: ns per program run (kernel.bpf_stats_enabled, over the whole set-up run)",
+            &rows,
+        );
+    }
     let _ = writeln!(out, "\n### Ratios (of medians)\n");
     let _ = writeln!(out, "| ratio | value |\n|---|---|");
     for (k, v) in &r.ratios {
