@@ -1,6 +1,44 @@
-//! Shared by the example programs and the tests: a deterministic byte
-//! stream (so a reader can check every byte a writer sent without either
-//! storing it) and the write-size pattern the integrity tests use.
+//! Shared by the example programs and the tests: listeners, a
+//! deterministic byte stream (so a reader can check every byte a writer
+//! sent without either storing it) and the write-size pattern the
+//! integrity tests use.
+use std::{net::SocketAddr, os::fd::AsRawFd as _};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// A non-blocking listener on `addr` (IPv6 ones are v6-only, so IPv4 flows
+/// land on the IPv4 listener and read SOL_IP options). `transparent`: the
+/// listener accepts flows addressed to other addresses (IP_TRANSPARENT /
+/// IPV6_TRANSPARENT), as the tproxy back-end needs.
+pub fn listener(addr: SocketAddr, transparent: bool) -> std::io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    if transparent && addr.is_ipv4() {
+        s.set_ip_transparent(true)?;
+    } else if transparent {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with an int on our own socket.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_IPV6,
+                libc::IPV6_TRANSPARENT,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
 
 /// xorshift64* bytes: `Stream::new(seed)` gives the same sequence on both
 /// ends of a connection.

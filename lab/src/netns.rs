@@ -112,6 +112,24 @@ impl Netns {
         })
     }
 
+    /// Waits until something in the namespace listens on TCP `port`.
+    pub fn wait_listening(&self, port: u16, timeout: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let out = self.exec("ss", &["-Hltn", &format!("sport = :{port}")])?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "nothing listens on {port} in netns {} after {timeout:?}",
+                    self.name
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Runs a command in the namespace to completion.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
         run(self.command(program).args(args)).with_context(|| format!("in netns {}", self.name))

@@ -158,49 +158,57 @@ fn rule_matches(m: &RuleMessage, spec: &TproxySpec) -> bool {
         && (table == Some(spec.table) || u32::from(m.header.table) == spec.table)
 }
 
+/// `local default dev lo table T`, for one family.
+fn local_default_route(table: u32, v6: bool) -> netlink_packet_route::route::RouteMessage {
+    use rtnetlink::RouteMessageBuilder;
+    let mut msg = if v6 {
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(std::net::Ipv6Addr::UNSPECIFIED, 0)
+            .build()
+    } else {
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(std::net::Ipv4Addr::UNSPECIFIED, 0)
+            .build()
+    };
+    msg.header.kind = RouteType::Local;
+    msg.header.scope = RouteScope::Host;
+    msg.header.protocol = RouteProtocol::Static;
+    msg.attributes
+        .push(netlink_packet_route::route::RouteAttribute::Oif(
+            LOOPBACK_IFINDEX,
+        ));
+    msg.attributes
+        .push(netlink_packet_route::route::RouteAttribute::Table(table));
+    if table <= 255 {
+        msg.header.table = table as u8;
+    }
+    msg
+}
+
 async fn install_routes(
     handle: rtnetlink::Handle,
     spec: TproxySpec,
 ) -> std::result::Result<(), rtnetlink::Error> {
-    use rtnetlink::RouteMessageBuilder;
-    let v4 = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-        .destination_prefix(std::net::Ipv4Addr::UNSPECIFIED, 0)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .protocol(RouteProtocol::Static)
-        .output_interface(LOOPBACK_IFINDEX)
-        .table_id(spec.table)
-        .build();
-    handle.route().add(v4).replace().execute().await?;
-    let v6 = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-        .destination_prefix(std::net::Ipv6Addr::UNSPECIFIED, 0)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .protocol(RouteProtocol::Static)
-        .output_interface(LOOPBACK_IFINDEX)
-        .table_id(spec.table)
-        .build();
-    handle.route().add(v6).replace().execute().await?;
-    handle
-        .rule()
-        .add()
-        .v4()
-        .fw_mark(spec.mark)
-        .table_id(spec.table)
-        .priority(RULE_PRIORITY)
-        .action(RuleAction::ToTable)
-        .execute()
-        .await?;
-    handle
-        .rule()
-        .add()
-        .v6()
-        .fw_mark(spec.mark)
-        .table_id(spec.table)
-        .priority(RULE_PRIORITY)
-        .action(RuleAction::ToTable)
-        .execute()
-        .await?;
+    for v6 in [false, true] {
+        handle
+            .route()
+            .add(local_default_route(spec.table, v6))
+            .replace()
+            .execute()
+            .await?;
+        let rule = handle
+            .rule()
+            .add()
+            .fw_mark(spec.mark)
+            .table_id(spec.table)
+            .priority(RULE_PRIORITY)
+            .action(RuleAction::ToTable);
+        if v6 {
+            rule.v6().execute().await?;
+        } else {
+            rule.v4().execute().await?;
+        }
+    }
     Ok(())
 }
 

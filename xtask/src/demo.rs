@@ -108,18 +108,10 @@ fn start_proxy(lab: &Topology) -> Result<(Logged, &'static str)> {
         }
     };
     let p = Logged::spawn(name, &mut cmd)?;
-    // Wait until the proxy listens on 15006.
-    for _ in 0..100 {
-        let out = lab
-            .server
-            .exec("ss", &["-Hltn", "sport = :15006"])
-            .unwrap_or_default();
-        if !out.trim().is_empty() {
-            return Ok((p, name));
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if let Err(e) = lab.server.wait_listening(15006, Duration::from_secs(10)) {
+        bail!("{name} did not come up ({e}); its output:\n{}", p.log());
     }
-    bail!("{name} did not listen on 15006; its output:\n{}", p.log())
+    Ok((p, name))
 }
 
 fn which(bin: &str) -> Option<PathBuf> {

@@ -16,7 +16,6 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context as _, Result};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -34,21 +33,8 @@ fn ports(spec: &str) -> Result<Vec<u16>> {
 }
 
 fn listener(addr: SocketAddr) -> Result<TcpListener> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&SockAddr::from(addr))
-        .with_context(|| format!("bind {addr}"))?;
-    s.listen(1024)?;
-    Ok(TcpListener::from_std(s.into())?)
+    let l = tproxy_examples::listener(addr, false).with_context(|| format!("bind {addr}"))?;
+    Ok(TcpListener::from_std(l)?)
 }
 
 #[derive(Clone)]

@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 const SO_ORIGINAL_DST: libc::c_int = 80;
@@ -103,41 +103,9 @@ fn original_dst(fd: RawFd, local: SocketAddr) -> std::io::Result<SocketAddr> {
 }
 
 fn listener(addr: SocketAddr, transparent: bool) -> Result<TcpListener> {
-    let domain = if addr.is_ipv4() {
-        Domain::IPV4
-    } else {
-        Domain::IPV6
-    };
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    if transparent {
-        // tproxy back-end: the listener accepts flows addressed elsewhere.
-        if addr.is_ipv4() {
-            s.set_ip_transparent(true)?;
-        } else {
-            let one: libc::c_int = 1;
-            // SAFETY: setsockopt with an int.
-            let r = unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_IPV6,
-                    libc::IPV6_TRANSPARENT,
-                    (&raw const one).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-        }
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&SockAddr::from(addr))?;
-    s.listen(1024)?;
-    Ok(TcpListener::from_std(s.into())?)
+    let l = tproxy_examples::listener(addr, transparent)
+        .with_context(|| format!("listen on {addr}"))?;
+    Ok(TcpListener::from_std(l)?)
 }
 
 async fn dial(orig: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {

@@ -105,7 +105,7 @@ impl Lab {
                 p.wait_for("listening", Duration::from_secs(10)).unwrap();
             }
             // HAProxy says nothing when it is up: wait for the port.
-            Proxy::Haproxy => wait_listening(ns, 15006),
+            Proxy::Haproxy => ns.wait_listening(15006, Duration::from_secs(10)).unwrap(),
         }
         p
     }
@@ -125,20 +125,6 @@ impl Lab {
         args.extend_from_slice(extra);
         Logged::start(BIN, &self.topo.server, None, &args).unwrap()
     }
-}
-
-pub fn wait_listening(ns: &Netns, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let out = ns
-            .exec("ss", &["-Hltn", &format!("sport = :{port}")])
-            .unwrap_or_default();
-        if !out.trim().is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on {port} in {}", ns.name());
 }
 
 /// What the app told one client.
