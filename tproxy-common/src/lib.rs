@@ -37,7 +37,10 @@ pub const SOCKHASH_MAX: u32 = 65_536;
 /// Proxy-side sockets waiting for their app-side peer to be established.
 pub const PENDING_MAX: u32 = 4_096;
 /// Default bound on redirected bytes queued, unread, at one socket.
-pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 4 << 20;
+/// Of the order of what plain TCP lets one connection hold per direction
+/// (tcp_rmem max 6 MiB + tcp_wmem max 4 MiB by default): below that, bulk
+/// senders fall back to TCP after a few milliseconds of a busy reader.
+pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 16 << 20;
 /// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
 /// one lookup, no hashing, on the per-packet path.
 pub const PORTS_MAX: u32 = 65_536;

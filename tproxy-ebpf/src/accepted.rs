@@ -3,7 +3,10 @@
 use aya_ebpf::bindings::bpf_sock;
 use tproxy_common::{AF_INET, AF_INET6, FlowKey};
 
-use crate::maps::{CONFIG, FLOWS};
+use crate::{
+    maps::{CONFIG, FLOWS},
+    sockkey::v4_mapped,
+};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -16,11 +19,6 @@ pub struct OrigDst {
     pub port: u16,
 }
 
-/// `::ffff:a.b.c.d` (an IPv4 connection on a dual-stack socket).
-#[inline(always)]
-fn v4_mapped(a: &[u32; 4]) -> bool {
-    a[0] == 0 && a[1] == 0 && a[2] == 0xffff_u32.to_be()
-}
 
 /// Looks the socket up in the flow table. Its remote end must be the
 /// client and its local port the proxy port (rewrite) or the original port

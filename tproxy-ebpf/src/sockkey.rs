@@ -20,8 +20,8 @@ use tproxy_common::{AF_INET, AF_INET6, SockKey};
 macro_rules! key_from {
     ($ptr:expr, $cookie:expr) => {{
         let c = $ptr;
-        let family = read_field!(c, family);
-        let (local_addr, remote_addr) = if family == AF_INET6 as u32 {
+        let mut family = read_field!(c, family);
+        let (mut local_addr, mut remote_addr) = if family == AF_INET6 as u32 {
             (
                 [
                     read_field!(c, local_ip6[0]),
@@ -42,6 +42,13 @@ macro_rules! key_from {
                 [read_field!(c, remote_ip4), 0, 0, 0],
             )
         };
+        // An IPv4 connection on a dual-stack (AF_INET6) socket, e.g. an app
+        // listening on [::]: key it as IPv4, as its IPv4 peer keys it.
+        if family == AF_INET6 as u32 && v4_mapped(&local_addr) && v4_mapped(&remote_addr) {
+            family = AF_INET as u32;
+            local_addr = [local_addr[3], 0, 0, 0];
+            remote_addr = [remote_addr[3], 0, 0, 0];
+        }
         SockKey {
             local_addr,
             remote_addr,
@@ -52,6 +59,12 @@ macro_rules! key_from {
             netns_cookie: $cookie,
         }
     }};
+}
+
+/// `::ffff:a.b.c.d`.
+#[inline(always)]
+pub fn v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == 0xffff_u32.to_be()
 }
 
 #[inline(always)]
