@@ -147,6 +147,9 @@ async fn drain(
 }
 
 fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
+    // `tproxy stats | head`: end quietly on a closed pipe, as Unix tools do.
+    // SAFETY: setting a signal disposition before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tproxy::system::check_privileges()?;
     let netns = tproxy::system::netns_inode()?;
     let records: Vec<_> = state::live_records()

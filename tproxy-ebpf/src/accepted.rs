@@ -19,7 +19,6 @@ pub struct OrigDst {
     pub port: u16,
 }
 
-
 /// Looks the socket up in the flow table. Its remote end must be the
 /// client and its local port the proxy port (rewrite) or the original port
 /// (tproxy): a direct connection from the same client address and port to

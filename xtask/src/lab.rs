@@ -1,43 +1,288 @@
 //! `cargo xtask lab up|down|shell|status`: the three-namespace lab of
 //! DESIGN.md, kept up between commands for a person to play in.
-use std::{os::unix::process::CommandExt as _, process::Command};
+//!
+//! `up` builds the release binaries, creates the client, gateway and server
+//! namespaces and the server's cgroup, and starts in the server namespace
+//! (and cgroup): the app (`lab-app`, HTTP and echo) on 8000, an iperf3
+//! server on 5201, a sockperf server on 11111, the proxy on 15006 (Envoy if
+//! an `envoy` binary is on PATH, else HAProxy, or `--proxy ours`), and
+//! `tproxy -i eth0 -ports 8000,5201,11111`. They run detached, logging to
+//! /run/tproxy-lab/; `down` stops them by PID and removes everything, also
+//! after an interrupted run.
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use anyhow::{Result, bail};
-use clap::Subcommand;
+use anyhow::{Context as _, Result, bail};
+use clap::{Subcommand, ValueEnum};
 use tproxy_lab::{Netns, Topology, topology};
 
+use crate::sh;
+
 pub const PREFIX: &str = "tproxy-lab";
+/// Other labs the tasks bring up (demo, bench): `down` removes their
+/// leftovers too, should a run have been killed.
+const OTHER_PREFIXES: [&str; 2] = ["tproxy-demo", "tproxy-bench"];
+const STATE: &str = "/run/tproxy-lab";
+pub const PORTS: &str = "8000,5201,11111";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProxyKind {
+    /// Envoy if an `envoy` binary is on PATH, else HAProxy.
+    Auto,
+    Envoy,
+    Haproxy,
+    /// examples' origdst-proxy.
+    Ours,
+}
 
 #[derive(Subcommand)]
 pub enum LabCmd {
-    /// Create the client, gateway and server namespaces (replaces a stale lab).
-    Up,
-    /// Remove everything `up` made.
+    /// Create the namespaces and start the app, iperf3, sockperf, the proxy and tproxy.
+    Up {
+        /// Only the namespaces and the cgroup; start nothing.
+        #[arg(long)]
+        bare: bool,
+        #[arg(long, value_enum, default_value_t = ProxyKind::Auto)]
+        proxy: ProxyKind,
+        /// tproxy's steering back-end: rewrite or tproxy.
+        #[arg(long, default_value = "rewrite")]
+        steer: String,
+        /// Run tproxy without socket acceleration.
+        #[arg(long)]
+        no_accel: bool,
+    },
+    /// Stop everything `up` started and remove the namespaces and cgroup.
     Down,
     /// Open a shell in one namespace: client, gateway or server.
     Shell { ns: String },
-    /// Show what exists.
+    /// Show what exists and what runs.
     Status,
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Starts `cmd` detached (own session, output to STATE/name.log) and
+/// records its PID for `down`.
+fn daemon(name: &str, mut cmd: Command) -> Result<u32> {
+    let log = fs::File::create(Path::new(STATE).join(format!("{name}.log")))?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid(2) between fork and exec: async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let pid = child.id();
+    let mut pids = fs::read_to_string(Path::new(STATE).join("pids")).unwrap_or_default();
+    pids.push_str(&format!("{name} {pid}\n"));
+    fs::write(Path::new(STATE).join("pids"), pids)?;
+    Ok(pid)
+}
+
+fn recorded() -> Vec<(String, i32)> {
+    fs::read_to_string(Path::new(STATE).join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (n, p) = l.split_once(' ')?;
+            Some((n.to_string(), p.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Stops what `up` started, tproxy first (a second SIGTERM skips its drain).
+fn stop_daemons() {
+    let mut procs = recorded();
+    procs.sort_by_key(|(n, _)| n != "tproxy");
+    for (name, pid) in procs {
+        if !alive(pid) {
+            continue;
+        }
+        for sig in [libc::SIGTERM, libc::SIGTERM, libc::SIGKILL] {
+            // SAFETY: kill(2) on a PID this lab started and recorded.
+            unsafe { libc::kill(pid, sig) };
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !alive(pid) {
+                break;
+            }
+        }
+        println!("stopped {name} (pid {pid})");
+    }
+    let _ = fs::remove_dir_all(STATE);
+}
+
+fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
+    if !matches!(steer, "rewrite" | "tproxy") {
+        bail!("--steer is rewrite or tproxy");
+    }
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "tproxy-cli",
+        "-p",
+        "tproxy-examples",
+    ]))?;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = |n: &str| repo.join("target/release").join(n);
+    fs::create_dir_all(STATE)?;
+    let transparent = steer == "tproxy";
+    let mut t = Topology::up(PREFIX)?;
+    t.check_reachability()?;
+    t.keep();
+    let cg = Some(&t.cgroup);
+    let srv = &t.server;
+
+    let mut app = srv.command_in(bin("lab-app"), cg);
+    app.arg("8000");
+    daemon("lab-app", app)?;
+    let mut ip = srv.command_in("iperf3", cg);
+    ip.args(["-s", "-p", "5201"]);
+    daemon("iperf3", ip)?;
+    let mut sp = srv.command_in("sockperf", cg);
+    sp.args(["sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"]);
+    daemon("sockperf", sp)?;
+
+    let proxy = match proxy {
+        ProxyKind::Auto if which("envoy").is_some() => ProxyKind::Envoy,
+        ProxyKind::Auto => ProxyKind::Haproxy,
+        p => p,
+    };
+    let pcmd = match proxy {
+        ProxyKind::Envoy => {
+            let envoy = which("envoy").context("no envoy binary on PATH")?;
+            let cfg = if transparent {
+                "envoy-transparent.yaml"
+            } else {
+                "envoy.yaml"
+            };
+            let mut c = srv.command_in(envoy, cg);
+            c.arg("-c")
+                .arg(repo.join("examples/envoy").join(cfg))
+                .args(["--base-id", "7471"]);
+            c
+        }
+        ProxyKind::Haproxy => {
+            let cfg = if transparent {
+                "haproxy-transparent.cfg"
+            } else {
+                "haproxy.cfg"
+            };
+            let mut c = srv.command_in("haproxy", cg);
+            c.arg("-db")
+                .arg("-f")
+                .arg(repo.join("examples/haproxy").join(cfg));
+            c
+        }
+        _ => {
+            let mut c = srv.command_in(bin("origdst-proxy"), cg);
+            if transparent {
+                c.arg("--transparent");
+            }
+            c
+        }
+    };
+    daemon(&format!("{proxy:?}").to_lowercase(), pcmd)?;
+    for port in [8000, 5201, 11111, 15006] {
+        srv.wait_listening(port, Duration::from_secs(10))?;
+    }
+
+    let cgroup = t.cgroup.path().display().to_string();
+    let mut tp = srv.command(bin("tproxy"));
+    tp.args([
+        "-i", "eth0", "-ports", PORTS, "--cgroup", &cgroup, "--steer", steer,
+    ]);
+    if no_accel {
+        tp.arg("--no-accel");
+    }
+    daemon("tproxy", tp)?;
+    std::thread::sleep(Duration::from_millis(500));
+    println!(
+        "lab up: client {} / {} -> gateway -> server {} / {}",
+        topology::CLIENT_IP,
+        topology::CLIENT_IP6,
+        topology::SERVER_IP,
+        topology::SERVER_IP6
+    );
+    println!(
+        "server runs (cgroup {cgroup}): lab-app :8000, iperf3 :5201, sockperf :11111, {proxy:?} :15006, tproxy -i eth0 -ports {PORTS} --steer {steer}{}",
+        if no_accel { " --no-accel" } else { "" }
+    );
+    println!("logs in {STATE}/; try:");
+    println!(
+        "  cargo xtask lab shell client     then: curl http://{}:8000/",
+        topology::SERVER_IP
+    );
+    println!(
+        "  ip netns exec {PREFIX}-client iperf3 -c {} -p 5201",
+        topology::SERVER_IP
+    );
+    println!(
+        "  ip netns exec {PREFIX}-client sockperf pp --tcp -i {} -p 11111",
+        topology::SERVER_IP
+    );
+    println!("  nsenter --net=/run/netns/{PREFIX}-server target/release/tproxy stats");
+    Ok(())
 }
 
 pub fn run(cmd: LabCmd) -> Result<()> {
     match cmd {
-        LabCmd::Up => {
+        LabCmd::Up {
+            bare,
+            proxy,
+            steer,
+            no_accel,
+        } => {
+            stop_daemons();
             Topology::down(PREFIX);
-            let mut t = Topology::up(PREFIX)?;
-            t.check_reachability()?;
-            t.keep();
-            println!(
-                "lab up: namespaces {PREFIX}-client ({}), {PREFIX}-gateway, {PREFIX}-server ({}); cgroup {}",
-                topology::CLIENT_IP,
-                topology::SERVER_IP,
-                t.cgroup.path().display()
-            );
-            println!("open a shell: cargo xtask lab shell server");
-            Ok(())
+            if bare {
+                let mut t = Topology::up(PREFIX)?;
+                t.check_reachability()?;
+                t.keep();
+                println!(
+                    "lab up (bare): namespaces {PREFIX}-client/-gateway/-server, cgroup {}",
+                    t.cgroup.path().display()
+                );
+                return Ok(());
+            }
+            let r = up(proxy, &steer, no_accel);
+            if r.is_err() {
+                // All or nothing: an interrupted `up` leaves nothing behind.
+                stop_daemons();
+                Topology::down(PREFIX);
+            }
+            r
         }
         LabCmd::Down => {
-            let removed = Topology::down(PREFIX);
+            stop_daemons();
+            let mut removed = Topology::down(PREFIX);
+            for p in OTHER_PREFIXES {
+                removed.extend(Topology::down(p));
+            }
             if removed.is_empty() {
                 println!("lab down: nothing to remove");
             } else {
@@ -70,6 +315,12 @@ pub fn run(cmd: LabCmd) -> Result<()> {
                     ours.join(", ")
                 }
             );
+            for (name, pid) in recorded() {
+                println!(
+                    "  {name:<10} pid {pid:<7} {}",
+                    if alive(pid) { "running" } else { "gone" }
+                );
+            }
             Ok(())
         }
     }
