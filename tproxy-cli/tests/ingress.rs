@@ -52,10 +52,18 @@ fn matrix(proxy: Proxy, steer: Steer) {
         })
     });
 
-    // The proxy writes its line before dialling; give HAProxy's log (written
-    // at the end of each session) a moment.
-    std::thread::sleep(Duration::from_millis(300));
-    let reported = reported_origdst(proxy, &p.lines());
+    // Our proxy logs before dialling; HAProxy at the end of each session,
+    // which may lag behind the client's close under load: wait for all.
+    let mut reported = reported_origdst(proxy, &p.lines());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replies
+        .iter()
+        .any(|(_, _, r)| !reported.contains_key(&r.local))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        reported = reported_origdst(proxy, &p.lines());
+    }
     for (dst, payload, r) in &replies {
         assert_eq!(r.port, dst.port(), "{dst}: app answered on {}", r.port);
         assert_eq!(&r.echoed, payload, "{dst}: echo differs");

@@ -201,12 +201,20 @@ fn run_lab(bin: &str) -> Result<()> {
     step(&format!(
         "{proxy_name}'s log: the original destination it read (SO_ORIGINAL_DST or getsockname, answered by tproxy's cgroup programs)"
     ));
-    std::thread::sleep(Duration::from_millis(300));
-    let lines: Vec<String> = proxy
-        .lines()
-        .into_iter()
-        .filter(|l| l.starts_with(&format!("{proxy_name}: client")))
-        .collect();
+    // The proxy logs a session when it ends, a moment after the client.
+    let prefix = format!("{proxy_name}: client");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines: Vec<String> = loop {
+        let lines: Vec<String> = proxy
+            .lines()
+            .into_iter()
+            .filter(|l| l.starts_with(&prefix))
+            .collect();
+        if lines.len() >= 2 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     for l in &lines {
         println!("  | {l}");
     }
