@@ -28,7 +28,7 @@ use crate::sh;
 
 #[derive(clap::Args, Debug)]
 pub struct Opts {
-    /// About a minute: 3 repetitions of 4 set-ups, 64 KiB writes only, 1 s per measurement.
+    /// A short run (under two minutes): 3 repetitions of 4 set-ups, 64 KiB writes only, 1 s per measurement.
     #[arg(long)]
     pub quick: bool,
     /// Print results.json to stdout as well.
