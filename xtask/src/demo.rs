@@ -6,7 +6,7 @@
 //! log line with the original destination it read, tproxy's counters);
 //! stops tproxy, tears the lab down and checks the host is as it was.
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -47,25 +47,10 @@ fn host_snapshot() -> Result<String> {
     ))
 }
 
-fn tproxy_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("release/tproxy")
-}
-
 pub fn run() -> Result<()> {
     step("building tproxy (release; the eBPF object is embedded in the binary)");
     let t0 = Instant::now();
-    sh(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "tproxy-cli",
-        "-p",
-        "tproxy-examples",
-    ]))?;
-    let bin = tproxy_bin();
+    let bin = crate::build_release()?.join("tproxy");
     let size = std::fs::metadata(&bin).context("release binary")?.len();
     println!(
         "built {} ({:.1} MiB) in {:.0} s",
@@ -90,7 +75,7 @@ pub fn run() -> Result<()> {
 /// Which proxy the demo runs: Envoy where it is installed, else HAProxy.
 fn start_proxy(lab: &Topology) -> Result<(Logged, &'static str)> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let envoy = which("envoy");
+    let envoy = crate::which("envoy");
     let (name, mut cmd) = match envoy {
         Some(envoy) => {
             let cfg = repo.join("examples/envoy/envoy.yaml");
@@ -112,14 +97,6 @@ fn start_proxy(lab: &Topology) -> Result<(Logged, &'static str)> {
         bail!("{name} did not come up ({e}); its output:\n{}", p.log());
     }
     Ok((p, name))
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(bin))
-            .find(|p| p.is_file())
-    })
 }
 
 fn run_lab(bin: &str) -> Result<()> {

@@ -12,7 +12,7 @@
 use std::{
     fs,
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -20,8 +20,6 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::{Subcommand, ValueEnum};
 use tproxy_lab::{Netns, Topology, topology};
-
-use crate::sh;
 
 pub const PREFIX: &str = "tproxy-lab";
 /// Other labs the tasks bring up (demo, bench): `down` removes their
@@ -62,14 +60,6 @@ pub enum LabCmd {
     Shell { ns: String },
     /// Show what exists and what runs.
     Status,
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(bin))
-            .find(|p| p.is_file())
-    })
 }
 
 /// Starts `cmd` detached (own session, output to STATE/name.log) and
@@ -138,17 +128,9 @@ fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
     if !matches!(steer, "rewrite" | "tproxy") {
         bail!("--steer is rewrite or tproxy");
     }
-    sh(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "tproxy-cli",
-        "-p",
-        "tproxy-examples",
-    ]))?;
+    let release = crate::build_release()?;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = |n: &str| repo.join("target/release").join(n);
+    let bin = |n: &str| release.join(n);
     fs::create_dir_all(STATE)?;
     let transparent = steer == "tproxy";
     let mut t = Topology::up(PREFIX)?;
@@ -168,13 +150,13 @@ fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
     daemon("sockperf", sp)?;
 
     let proxy = match proxy {
-        ProxyKind::Auto if which("envoy").is_some() => ProxyKind::Envoy,
+        ProxyKind::Auto if crate::which("envoy").is_some() => ProxyKind::Envoy,
         ProxyKind::Auto => ProxyKind::Haproxy,
         p => p,
     };
     let pcmd = match proxy {
         ProxyKind::Envoy => {
-            let envoy = which("envoy").context("no envoy binary on PATH")?;
+            let envoy = crate::which("envoy").context("no envoy binary on PATH")?;
             let cfg = if transparent {
                 "envoy-transparent.yaml"
             } else {

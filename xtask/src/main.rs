@@ -63,6 +63,33 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Builds the release binaries the lab runs (tproxy, with its embedded
+/// eBPF object, and the example programs) and returns their folder.
+pub fn build_release() -> Result<std::path::PathBuf> {
+    sh(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "tproxy-cli",
+        "-p",
+        "tproxy-examples",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    Ok(target.join("release"))
+}
+
+/// A program on PATH.
+pub fn which(bin: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -24,8 +24,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub use setups::Setup;
 use tproxy_lab::{Logged, Topology, topology::SERVER_IP};
 
-use crate::sh;
-
 #[derive(clap::Args, Debug)]
 pub struct Opts {
     /// A short run (under two minutes): 3 repetitions of 4 set-ups, 64 KiB writes only, 1 s per measurement.
@@ -391,16 +389,7 @@ pub fn run(opts: Opts) -> Result<()> {
     };
 
     eprintln!("bench: building the release binaries");
-    sh(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "tproxy-cli",
-        "-p",
-        "tproxy-examples",
-    ]))?;
-    let bin_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    let bin_dir = crate::build_release()?;
     let tproxy = bin_dir.join("tproxy").to_string_lossy().into_owned();
 
     let stamp = crate::output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))?;
