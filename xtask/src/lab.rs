@@ -124,6 +124,42 @@ fn stop_daemons() {
     let _ = fs::remove_dir_all(STATE);
 }
 
+/// Runtime records a killed tproxy left in /run/tproxy for a lab
+/// namespace (their lock is free): the namespace goes, so do they.
+fn remove_stale_records() -> Vec<String> {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    let mut inodes = Vec::new();
+    for p in std::iter::once(PREFIX).chain(OTHER_PREFIXES) {
+        for part in ["client", "gateway", "server"] {
+            if let Ok(m) = fs::metadata(format!("/run/netns/{p}-{part}")) {
+                inodes.push(m.ino());
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    let Ok(dir) = fs::read_dir("/run/tproxy") else {
+        return removed;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name
+            .split('-')
+            .next()
+            .and_then(|i| i.parse::<u64>().ok())
+            .is_some_and(|i| inodes.contains(&i));
+        let Ok(f) = fs::File::open(e.path()) else {
+            continue;
+        };
+        // SAFETY: flock on an fd we own; a free lock means a dead owner.
+        let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if ours && free && fs::remove_file(e.path()).is_ok() {
+            removed.push(format!("stale record /run/tproxy/{name}"));
+        }
+    }
+    let _ = fs::remove_dir("/run/tproxy"); // only if empty
+    removed
+}
+
 fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
     if !matches!(steer, "rewrite" | "tproxy") {
         bail!("--steer is rewrite or tproxy");
@@ -261,7 +297,9 @@ pub fn run(cmd: LabCmd) -> Result<()> {
         }
         LabCmd::Down => {
             stop_daemons();
+            let stale = remove_stale_records();
             let mut removed = Topology::down(PREFIX);
+            removed.extend(stale);
             for p in OTHER_PREFIXES {
                 removed.extend(Topology::down(p));
             }
