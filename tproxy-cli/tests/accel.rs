@@ -235,7 +235,7 @@ fn identical_tuples_in_two_namespaces_never_meet() {
         &["-i", "eth0", "-ports", "8000", "--cgroup", &cg],
     )
     .unwrap();
-    let clients: Vec<Logged> = [(&a, "1"), (&b, "2")]
+    let mut clients: Vec<Logged> = [(&a, "1"), (&b, "2")]
         .into_iter()
         .map(|(ns, seed)| {
             let mut cmd = ns.command_in(example("lab-client"), Some(&cgroup));
@@ -243,7 +243,7 @@ fn identical_tuples_in_two_namespaces_never_meet() {
                 "echo",
                 "127.0.0.1:8000",
                 "--bytes",
-                "67108864",
+                "268435456",
                 "--bind",
                 "127.0.0.1:40000",
                 "--seed",
@@ -252,12 +252,25 @@ fn identical_tuples_in_two_namespaces_never_meet() {
             Logged::spawn("lab-client", &mut cmd).unwrap()
         })
         .collect();
+    // Both pairs must be in the map at once: with keys that ignore the
+    // namespace, the second pair would replace the first (4 never seen),
+    // and a send between the two replacements would cross namespaces.
+    let mut most = 0;
+    let started = Instant::now();
+    while most < 4
+        && started.elapsed() < Duration::from_secs(60)
+        && clients.iter_mut().any(|c| c.proc.is_running())
+    {
+        most = most.max(stats(&a)["accel_sockets"].as_u64().unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(most, 4, "both pairs never were in the map together");
     for (mut c, tag) in clients.into_iter().zip(["A", "B"]) {
         let st = c.proc.wait_timeout(Duration::from_secs(120)).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let log = c.log();
         assert!(st.success(), "{tag}: {log}");
-        assert!(log.contains("ok conn=0 bytes=67108864"), "{tag}: {log}");
+        assert!(log.contains("ok conn=0 bytes=268435456"), "{tag}: {log}");
         assert!(
             log.contains(&format!("peer=127.0.0.1:40000 tag={tag}")),
             "{tag} reached the other app: {log}"
