@@ -94,12 +94,19 @@ fn install_nft(spec: &TproxySpec) -> Result<()> {
     }));
     let marked = || meta_match(MetaKey::Mark, Expression::Number(spec.mark));
     let tcp = || meta_match(MetaKey::L4proto, Expression::String("tcp".into()));
-    for (nfproto, family) in [("ipv4", "ip"), ("ipv6", "ip6")] {
-        batch.add(NfListObject::Rule(Rule {
+    let rule = |expr: Vec<Statement<'static>>, comment: &'static str| {
+        NfListObject::Rule(Rule {
             family: NfFamily::INet,
             table: table.clone(),
             chain: "prerouting".into(),
-            expr: Cow::Owned(vec![
+            expr: Cow::Owned(expr),
+            comment: Some(comment.into()),
+            ..Default::default()
+        })
+    };
+    for (nfproto, family) in [("ipv4", "ip"), ("ipv6", "ip6")] {
+        batch.add(rule(
+            vec![
                 marked(),
                 meta_match(MetaKey::Nfproto, Expression::String(nfproto.into())),
                 tcp(),
@@ -109,28 +116,23 @@ fn install_nft(spec: &TproxySpec) -> Result<()> {
                     addr: None,
                 }),
                 Statement::Accept(Some(Accept {})),
-            ]),
-            comment: Some("tproxy: steered flows to the proxy's transparent listener".into()),
-            ..Default::default()
-        }));
+            ],
+            "tproxy: steered flows to the proxy's transparent listener",
+        ));
     }
     // No transparent socket (proxy down): refuse on the port the client
     // dialled instead of letting the flow reach the app behind the proxy.
-    batch.add(NfListObject::Rule(Rule {
-        family: NfFamily::INet,
-        table: table.clone(),
-        chain: "prerouting".into(),
-        expr: Cow::Owned(vec![
+    batch.add(rule(
+        vec![
             marked(),
             tcp(),
             Statement::Reject(Some(Reject {
                 _type: Some(RejectType::TCPReset),
                 expr: None,
             })),
-        ]),
-        comment: Some("tproxy: proxy not listening".into()),
-        ..Default::default()
-    }));
+        ],
+        "tproxy: proxy not listening",
+    ));
     helper::apply_ruleset(&batch.to_nftables()).map_err(|e| nft_err("adding the tproxy table", e))
 }
 
