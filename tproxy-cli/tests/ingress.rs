@@ -64,7 +64,11 @@ fn matrix(proxy: Proxy, steer: Steer) {
         std::thread::sleep(Duration::from_millis(50));
         reported = reported_origdst(proxy, &p.lines());
     }
+    let mut logged = 0;
     for (dst, payload, r) in &replies {
+        // The app answering on the dialled port is itself the proof that
+        // the proxy learnt it: it dials what SO_ORIGINAL_DST (or
+        // getsockname) told it.
         assert_eq!(r.port, dst.port(), "{dst}: app answered on {}", r.port);
         assert_eq!(&r.echoed, payload, "{dst}: echo differs");
         // Proxied: the app's peer is the proxy, on the server itself.
@@ -76,15 +80,26 @@ fn matrix(proxy: Proxy, steer: Steer) {
             "{dst}: the app saw {} (not the proxy)",
             r.peer
         );
-        let orig = reported.get(&r.local).unwrap_or_else(|| {
-            panic!(
-                "{proxy:?} has no line for client {}; log:\n{}",
-                r.local,
-                p.log()
-            )
-        });
-        assert_eq!(orig, dst, "SO_ORIGINAL_DST answer for {}", r.local);
+        match reported.get(&r.local) {
+            Some(orig) => {
+                assert_eq!(orig, dst, "SO_ORIGINAL_DST answer for {}", r.local);
+                logged += 1;
+            }
+            // Our proxy logs every connection before it dials.
+            None if proxy == Proxy::Ours => {
+                panic!("no line for client {}; log:\n{}", r.local, p.log())
+            }
+            None => {}
+        }
     }
+    // HAProxy's `log stdout` writes without blocking and drops a line when
+    // it cannot (seen: 45 of 48 under a loaded CI run): most must be there.
+    assert!(
+        logged * 10 >= replies.len() * 9,
+        "{proxy:?} logged {logged} of {} connections:\n{}",
+        replies.len(),
+        p.log()
+    );
 
     // Not intercepted: straight to the app, which sees the client itself.
     for ip in [SERVER_IP, SERVER_IP6] {
