@@ -6,8 +6,21 @@ use serde_json::Value;
 
 use crate::run;
 
+/// bpftool lists ids first and then asks for each object; one that goes
+/// away in between (another test detaching) makes the listing fail, so a
+/// failed listing is retried.
 fn bpftool(args: &[&str]) -> Result<Value> {
-    let out = run(Command::new("bpftool").arg("-j").args(args))?;
+    let mut tries = 0;
+    let out = loop {
+        match run(Command::new("bpftool").arg("-j").args(args)) {
+            Ok(out) => break out,
+            Err(_) if tries < 5 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     if out.trim().is_empty() {
         return Ok(Value::Array(vec![]));
     }
