@@ -63,8 +63,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_accel: bool,
 
-    /// Redirected bytes a socket may hold unread before its sender leaves the
-    /// fast path for good (slow reader); plain TCP then applies backpressure.
+    /// Unread bytes a socket may hold before its sender leaves the fast path
+    /// (slow reader): plain TCP then applies backpressure, until the reader
+    /// has read every byte and the sender redirects again.
     #[arg(long, value_name = "BYTES", default_value_t = tproxy_common::DEFAULT_ACCEL_MAX_QUEUED)]
     pub accel_max_queued: u32,
 

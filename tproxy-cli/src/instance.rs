@@ -514,18 +514,27 @@ impl Drop for Instance {
 }
 
 fn socks_state(map: &aya::maps::Map) -> Result<(usize, i64)> {
-    let m: HashMap<&MapData, SockKey, SockState> =
+    let m: HashMap<&MapData, u64, SockState> =
         HashMap::try_from(map).map_err(|source| Error::Map {
             name: names::SOCKS,
             source,
         })?;
-    let mut n = 0;
-    let mut queued = 0;
-    for (_, st) in m.iter().flatten() {
-        n += 1;
-        queued += st.queued.max(0);
-    }
-    Ok((n, queued))
+    let socks: std::collections::HashMap<u64, SockState> = m.iter().flatten().collect();
+    Ok((socks.len(), queued_redirected(&socks)))
+}
+
+/// Redirected bytes not yet read, over all pairs: what a reader still has
+/// in its ingress queue. A sender's redirected bytes end at its
+/// `redirected_end`; its peer has read `read` bytes of the same stream, and
+/// reads redirected bytes before any sent later by TCP.
+pub fn queued_redirected(socks: &std::collections::HashMap<u64, SockState>) -> i64 {
+    socks
+        .values()
+        .filter_map(|s| {
+            let peer = socks.get(&s.peer)?;
+            Some(s.redirected_end.saturating_sub(peer.read) as i64)
+        })
+        .sum()
 }
 
 /// Accelerated sockets and queued bytes of another, running instance.
@@ -654,5 +663,47 @@ fn clean_up_after(stale: &Record, iface: &str, ifindex: u32) {
             "a previous tproxy (pid {}) on {iface} died without cleaning up; its links died with it, nothing to remove",
             stale.pid
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tproxy_common::SockKey;
+
+    use super::*;
+
+    fn sock(peer: u64, redirected_end: u64, read: u64) -> SockState {
+        SockState {
+            peer_key: SockKey {
+                local_addr: [0; 4],
+                remote_addr: [0; 4],
+                local_port: 0,
+                remote_port: 0,
+                family: 0,
+                _pad0: 0,
+                netns_cookie: 0,
+            },
+            peer,
+            sent: redirected_end + 100,
+            redirected_end,
+            read,
+            flags: 0,
+            _pad0: 0,
+        }
+    }
+
+    #[test]
+    fn queued_is_redirected_but_unread_per_direction() {
+        // proxy (1) -> app (2): 1000 redirected, the app read 300 (the
+        // 100 sent later by TCP are not "queued"); app -> proxy: 50
+        // redirected, all read; a socket whose peer is not in yet counts 0.
+        let socks = HashMap::from([
+            (1, sock(2, 1000, 50)),
+            (2, sock(1, 50, 300)),
+            (3, sock(0, 7, 0)),
+        ]);
+        assert_eq!(queued_redirected(&socks), 700);
     }
 }

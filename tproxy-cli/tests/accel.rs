@@ -320,21 +320,19 @@ fn teardown_under_load_loses_nothing() {
     assert_eq!(log.matches("ok conn=").count(), 6, "{log}");
 }
 
-/// A fast writer and a reader at well under 1% of its rate: the bytes
-/// queued at the reader stay under --accel-max-queued (the writer leaves
-/// the fast path for TCP, which has backpressure), the writer sees no
-/// error, and every byte arrives.
-#[test]
-fn a_slow_reader_is_bounded() {
-    // The app reads SINK connections at 4 MB/s.
+/// A writer into the app's slow reader (4 MB/s), with the given extra
+/// lab-client arguments: the largest number of unread bytes seen, and the
+/// counters at the end. Asserts that every byte arrived, in order (the app
+/// checks the seeded stream), and that the writer saw no error.
+fn slow_reader(bound: u64, extra: &[&str]) -> (u64, serde_json::Value) {
     let lab = Lab::with_app(&["--sink-rate", "4000000"]);
-    const MAX: u64 = 1 << 20;
-    let _t = lab.tproxy(Steer::Rewrite, &["--accel-max-queued", &MAX.to_string()]);
+    let _t = lab.tproxy(Steer::Rewrite, &["--accel-max-queued", &bound.to_string()]);
     let mut cmd = lab
         .topo
         .server
         .command_in(example("lab-client"), Some(&lab.topo.cgroup));
     cmd.args(["sink", "127.0.0.1:8000", "--bytes", "12000000"]);
+    cmd.args(extra);
     let started = Instant::now();
     let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
     let mut max_queued = 0u64;
@@ -352,9 +350,39 @@ fn a_slow_reader_is_bounded() {
     assert!(st.success(), "{log}");
     assert!(log.contains("errors=0"), "the writer saw errors: {log}");
     assert!(log.contains("reply=sink ok bytes=12000000"), "{log}");
-    let c = &stats(&lab.topo.server)["counters"];
+    (max_queued, stats(&lab.topo.server)["counters"].clone())
+}
+
+/// A fast writer and a reader at well under 1% of its rate: the bytes
+/// queued at the reader stay under --accel-max-queued (the writer leaves
+/// the fast path for TCP, which has backpressure), the writer sees no
+/// error, and every byte arrives.
+#[test]
+fn a_slow_reader_is_bounded() {
+    const MAX: u64 = 1 << 20;
+    let (max_queued, c) = slow_reader(MAX, &[]);
     eprintln!("slow reader: max queued {max_queued} B (bound {MAX}), counters {c}");
     assert!(max_queued <= MAX, "queued {max_queued} > bound {MAX}");
     assert!(c["accel_fallbacks"].as_u64().unwrap() >= 1, "{c}");
     assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
+}
+
+/// The same writer in bursts of 3 MB with pauses the reader uses to catch
+/// up: each burst overruns the bound and goes on by TCP; once the reader
+/// has read every byte, the next burst is redirected again. The app checks
+/// the stream byte by byte, so a redirected byte overtaking a TCP one
+/// would fail it.
+#[test]
+fn a_sender_returns_to_the_fast_path_once_its_reader_caught_up() {
+    const MAX: u64 = 1 << 20;
+    let (max_queued, c) = slow_reader(MAX, &["--pause-every", "3000000", "--pause-ms", "1500"]);
+    eprintln!("bursts: max queued {max_queued} B (bound {MAX}), counters {c}");
+    assert!(max_queued <= MAX, "queued {max_queued} > bound {MAX}");
+    // Four bursts: each falls back; the last three start on the fast path again.
+    assert!(c["accel_fallbacks"].as_u64().unwrap() >= 4, "{c}");
+    assert!(c["accel_resumed"].as_u64().unwrap() >= 3, "{c}");
+    assert!(
+        c["msg_redirected_bytes"].as_u64().unwrap() >= 4 * (MAX - (256 << 10)),
+        "{c}"
+    );
 }

@@ -15,7 +15,6 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     pub const SOCKHASH: &str = "SOCKHASH";
     pub const SOCKS: &str = "SOCKS";
-    pub const SK_KEYS: &str = "SK_KEYS";
     pub const PENDING_PEERS: &str = "PENDING_PEERS";
 
     pub const PROG_STEER: &str = "tproxy_steer";
@@ -83,9 +82,9 @@ pub struct Config {
     pub steer_mark: u32,
     /// `flags::*`.
     pub flags: u32,
-    /// Past this many redirected-but-unread bytes at the receiving socket,
-    /// the sender leaves the fast path for good (plain TCP from then on,
-    /// with TCP's backpressure).
+    /// Past this many unread bytes at the receiving socket, the sender
+    /// leaves the fast path (plain TCP, with TCP's backpressure) until the
+    /// reader has caught up.
     pub accel_max_queued: u32,
     pub _pad1: u32,
 }
@@ -136,26 +135,44 @@ pub struct SockKey {
     pub netns_cookie: u64,
 }
 
-/// `SOCKS` value: one accelerated socket.
+/// `SOCKS` value: one accelerated socket, keyed by its kernel address
+/// (`struct sock *`, which sockops, sk_msg and the recvmsg tracepoint all
+/// see), so each hook finds it with one 8-byte hash lookup.
+///
+/// Byte order across the two paths (redirect and plain TCP) is kept by
+/// counting: `sent` (this socket's bytes, either path) against the peer's
+/// `read`. A sender redirects only while every byte it sent before went
+/// the same way, or once the peer has read all of them (`sent == peer
+/// read`): the peer's reader takes queued redirected bytes before TCP's
+/// receive queue, so a redirected byte must never overtake a TCP one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockState {
-    /// The socket's kernel address (key of `SK_KEYS`, for the recvmsg
-    /// tracepoint).
-    pub sk: u64,
-    /// Bytes redirected into this socket's ingress queue and not yet read
-    /// (added by sk_msg, subtracted by the recvmsg tracepoint). Signed:
-    /// reads of bytes queued before the count began may take it below 0.
-    pub queued: i64,
+    /// SOCKHASH key of the other end: where this socket's bytes go.
+    pub peer_key: SockKey,
+    /// The other end's kernel address (its `SOCKS` key); 0 until it is
+    /// established and in the map.
+    pub peer: u64,
+    /// Bytes this socket's sendmsg handed over, by either path, since it
+    /// entered the map (written only under the sender's socket lock).
+    pub sent: u64,
+    /// `sent` just after the last redirected message: every byte before it
+    /// is at the peer, read or queued in its ingress queue.
+    pub redirected_end: u64,
+    /// Bytes this socket's readers took (recvmsg tracepoint, MSG_PEEK
+    /// excluded), since it entered the map. Atomic adds.
+    pub read: u64,
     /// `sock_flags::*`.
     pub flags: u32,
     pub _pad0: u32,
 }
 
 pub mod sock_flags {
-    /// This socket's sends go by plain TCP from now on (slow reader at the
-    /// peer). One-way: the peer reads its queued redirected bytes first.
-    pub const PASSTHROUGH: u32 = 1 << 0;
+    /// This socket's sends are being redirected (fast path). Cleared when
+    /// the peer has more than `accel_max_queued` bytes unread (slow
+    /// reader: TCP's backpressure takes over), set again once the peer has
+    /// read every byte sent.
+    pub const FAST: u32 = 1 << 0;
 }
 
 impl SockKey {
@@ -209,21 +226,26 @@ pub enum Counter {
     FlowsCreated,
     /// Flow-table entries removed on FIN/RST.
     FlowsRemoved,
-    /// sendmsg calls passed to plain TCP because the peer had too much queued
-    /// (or the sender had already left the fast path).
+    /// sendmsg calls passed to plain TCP while the sender is off the fast
+    /// path (slow reader, or earlier TCP bytes still unread), or during
+    /// teardown.
     MsgPassthrough,
-    /// Sockets that left the fast path for good (slow reader).
+    /// Times a sender left the fast path (its reader fell behind by more
+    /// than `accel_max_queued`).
     AccelFallbacks,
-    /// Redirected bytes read by the receiving application.
+    /// Bytes read by the applications from accelerated sockets (either path).
     MsgReadBytes,
     /// SYNs dropped because the same client address and port already has a
     /// live flow to another intercepted port (they would be one 4-tuple at
     /// the proxy).
     SteerCollisions,
+    /// Times a sender came (back) to the fast path after sending by TCP,
+    /// once its reader had read every byte.
+    AccelResumed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 20] = [
+    pub const ALL: [Counter; 21] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -244,6 +266,7 @@ impl Counter {
         Counter::AccelFallbacks,
         Counter::MsgReadBytes,
         Counter::SteerCollisions,
+        Counter::AccelResumed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -269,6 +292,7 @@ impl Counter {
             Counter::AccelFallbacks => "accel_fallbacks",
             Counter::MsgReadBytes => "msg_read_bytes",
             Counter::SteerCollisions => "steer_collisions",
+            Counter::AccelResumed => "accel_resumed",
         }
     }
 }
@@ -278,9 +302,10 @@ impl Counter {
 const _: () = {
     assert!(size_of::<Config>() == 24);
     assert!(offset_of!(Config, accel_max_queued) == 16);
-    assert!(size_of::<SockState>() == 24);
-    assert!(offset_of!(SockState, queued) == 8);
-    assert!(offset_of!(SockState, flags) == 16);
+    assert!(size_of::<SockState>() == 96);
+    assert!(offset_of!(SockState, peer) == 56);
+    assert!(offset_of!(SockState, read) == 80);
+    assert!(offset_of!(SockState, flags) == 88);
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
@@ -293,7 +318,7 @@ const _: () = {
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
     assert!(offset_of!(SockKey, netns_cookie) == 48);
-    assert!(Counter::COUNT == Counter::SteerCollisions as u32 + 1);
+    assert!(Counter::COUNT == Counter::AccelResumed as u32 + 1);
 };
 
 #[cfg(feature = "user")]

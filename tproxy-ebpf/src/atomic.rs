@@ -5,9 +5,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 /// `*p += n`, atomically, result unused (so LLVM emits a plain XADD).
 #[inline(always)]
-pub fn add(p: *mut i64, n: i64) {
+pub fn add(p: *mut u64, n: u64) {
     // SAFETY: callers pass a pointer into a live map value.
     unsafe {
-        atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(p, n);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n);
     }
 }

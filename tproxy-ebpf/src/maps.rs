@@ -29,16 +29,13 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(
 #[map]
 pub static SOCKHASH: SockHash<SockKey> = SockHash::with_max_entries(SOCKHASH_MAX, 0);
 
-/// Per accelerated socket: its cookie, bytes queued at it, flags.
+/// Per accelerated socket, keyed by its kernel address (`struct sock *`):
+/// its peer, bytes sent and read, fast-path flag.
 #[map]
-pub static SOCKS: HashMap<SockKey, SockState> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
+pub static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
 
-/// Socket address (`struct sock *`) -> SOCKHASH key, for the recvmsg
-/// tracepoint (which has the socket, not its tuple).
+/// App-side key -> the proxy side's kernel address, for proxy sides in the
+/// map: the passive side enters only if its active side did (both ends
+/// local, in the cgroup), and learns its peer here.
 #[map]
-pub static SK_KEYS: HashMap<u64, SockKey> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
-
-/// App-side keys whose proxy side is in the map: the passive side enters
-/// only if its active side did (both ends local, in the cgroup).
-#[map]
-pub static PENDING_PEERS: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(PENDING_MAX, 0);
+pub static PENDING_PEERS: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(PENDING_MAX, 0);

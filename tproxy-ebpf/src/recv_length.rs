@@ -1,19 +1,17 @@
 //! Raw tracepoint `sock_recv_length` (fires after every recvmsg on any
 //! socket, with the bytes read): a reader took bytes off one of our
-//! sockets. Keeps SOCKS[..].queued (redirected, not yet read) exact, which
-//! is what bounds a slow reader and what teardown waits on.
+//! sockets. Keeps SOCKS[..].read exact, which is what bounds a slow reader,
+//! what lets a sender come back to the fast path without reordering, and
+//! what teardown waits on.
 //!
 //! Why a tracepoint: fentry/fexit (tracing programs) and kprobes are not
 //! available on every kernel tproxy runs on (not on the CI's); raw
-//! tracepoints are. The cost falls on every recvmsg of the host: one hash
-//! lookup by socket address, a miss for sockets that are not ours.
+//! tracepoints are. The cost falls on every recvmsg of the host: one
+//! 8-byte hash lookup, a miss for sockets that are not ours.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use tproxy_common::Counter;
 
-use crate::{
-    atomic, counters,
-    maps::{SK_KEYS, SOCKS},
-};
+use crate::{atomic, counters, maps::SOCKS};
 
 const MSG_PEEK: i32 = 2;
 
@@ -27,16 +25,16 @@ pub fn tproxy_recv_length(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     let sk: u64 = ctx.arg(0);
-    // SAFETY: a plain lookup; the key is copied out at once.
-    let key = unsafe { SK_KEYS.get(&sk) }.ok_or(())?;
+    let st = SOCKS.get_ptr_mut(&sk).ok_or(())?;
     let read = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
+    // A peek takes nothing off the queue.
     if read <= 0 || flags & MSG_PEEK != 0 {
         return Ok(());
     }
-    let st = SOCKS.get_ptr_mut(key).ok_or(())?;
-    // SAFETY: st points at a live SOCKS entry.
-    atomic::add(unsafe { &raw mut (*st).queued }, -i64::from(read));
+    // SAFETY: st points at a live SOCKS entry; two readers of one socket
+    // may add at once.
+    atomic::add(unsafe { &raw mut (*st).read }, u64::from(read as u32));
     counters::add(Counter::MsgReadBytes, read as u64);
     Ok(())
 }

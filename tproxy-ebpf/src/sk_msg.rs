@@ -2,22 +2,26 @@
 //! pair straight into the peer's receive (ingress) queue.
 //!
 //! Any miss means plain TCP (SK_PASS), never a drop. Ingress redirect has
-//! no backpressure, so the bytes queued and unread at each socket are
-//! counted (here, and by the recvmsg tracepoint in recv_length.rs); past the bound, the
-//! sender leaves the fast path for good: its later bytes go by TCP, which
-//! the peer reads only after its queued redirected bytes, so the switch
-//! keeps the byte order.
+//! no backpressure of its own, so a sender whose peer has more than
+//! `accel_max_queued` bytes unread goes by TCP (which blocks it when the
+//! peer's window is full) until the peer has read every byte it sent; then
+//! it redirects again. Order across the two paths: the peer's reader takes
+//! its queued redirected bytes before TCP's receive queue, so a switch to
+//! TCP is always safe, and a switch back only when nothing sent by TCP is
+//! still unread (`SockState` in tproxy-common: `sent` against the peer's
+//! `read`).
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use tproxy_common::{Counter, flags, sock_flags};
+use tproxy_common::{Counter, flags, sock_flags::FAST};
 
 use crate::{
-    atomic, counters,
+    counters,
     maps::{CONFIG, SOCKHASH, SOCKS},
-    sockkey,
 };
 
 #[sk_msg]
@@ -29,46 +33,66 @@ pub fn tproxy_sk_msg(ctx: SkMsgContext) -> u32 {
 #[inline(always)]
 fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     counters::inc(Counter::MsgSeen);
+    // SAFETY: the sending socket's kernel address, as a number: its key.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk } as u64;
+    let Some(own) = SOCKS.get_ptr_mut(&sk) else {
+        counters::inc(Counter::MsgMiss);
+        return Ok(());
+    };
+    // SAFETY (every access to *own below): this socket's live SOCKS entry.
+    // `sent`, `redirected_end` and `flags` are written only here, and sk_msg
+    // runs under the sending socket's lock; `peer` is one aligned 8-byte
+    // word that sockops sets once.
+    let sent = unsafe { (*own).sent };
+    let state = unsafe { (*own).flags };
+    let peer_sk = unsafe { read_volatile(&raw const (*own).peer) };
+    let size = u64::from(ctx.size());
+    // Every byte counts, whichever way it goes.
+    unsafe { (*own).sent = sent + size };
+    let pass = |counter| {
+        unsafe { (*own).flags = state & !FAST };
+        counters::inc(counter);
+        Ok(())
+    };
     let cfg = CONFIG.get(0).ok_or(())?;
     // Teardown: tproxy is stopping; everything goes by TCP from here on.
     if cfg.flags & flags::ACCEL == 0 {
-        counters::inc(Counter::MsgPassthrough);
-        return Ok(());
+        return pass(Counter::MsgPassthrough);
     }
-    let key = sockkey::from_sk_msg(ctx);
-    let Some(own) = SOCKS.get_ptr_mut(&key) else {
-        counters::inc(Counter::MsgMiss);
-        return Ok(());
-    };
-    // SAFETY: own points at this socket's live SOCKS entry.
-    if unsafe { (*own).flags } & sock_flags::PASSTHROUGH != 0 {
-        counters::inc(Counter::MsgPassthrough);
-        return Ok(());
-    }
-    let peer_key = key.peer();
-    let Some(peer) = SOCKS.get_ptr_mut(&peer_key) else {
-        counters::inc(Counter::MsgMiss);
-        return Ok(());
-    };
-    let size = ctx.size() as i64;
-    // SAFETY: peer points at the peer's live SOCKS entry; other CPUs add to
-    // the counter too, so it is read whole and changed with atomic adds.
-    let queued = unsafe { &raw mut (*peer).queued };
-    if unsafe { core::ptr::read_volatile(queued) } + size > i64::from(cfg.accel_max_queued) {
-        // SAFETY: as for `own` above.
-        unsafe { (*own).flags |= sock_flags::PASSTHROUGH };
-        counters::inc(Counter::AccelFallbacks);
-        counters::inc(Counter::MsgPassthrough);
-        return Ok(());
-    }
-    atomic::add(queued, size);
-    if SOCKHASH.redirect_msg(ctx, peer_key, BPF_F_INGRESS as u64) == SK_PASS as i64 {
-        counters::inc(Counter::MsgRedirected);
-        counters::add(Counter::MsgRedirectedBytes, size as u64);
+    // The app side is not established yet: TCP until it has read this.
+    let Some(peer) = (if peer_sk == 0 {
+        None
     } else {
-        // The peer left the map between the lookups: plain TCP.
-        atomic::add(queued, -size);
-        counters::inc(Counter::MsgMiss);
+        SOCKS.get_ptr(&peer_sk)
+    }) else {
+        return pass(Counter::MsgPassthrough);
+    };
+    // SAFETY: the peer's live SOCKS entry; `read` is one aligned 8-byte
+    // word its readers add to atomically (a stale value only overstates
+    // what is unread).
+    let unread = sent.wrapping_sub(unsafe { read_volatile(&raw const (*peer).read) }) as i64;
+    if state & FAST == 0 {
+        // Bytes sent by TCP still unread: a redirected byte would overtake them.
+        if unread != 0 {
+            return pass(Counter::MsgPassthrough);
+        }
+        if sent != 0 {
+            counters::inc(Counter::AccelResumed);
+        }
+    } else if unread + size as i64 > i64::from(cfg.accel_max_queued) {
+        counters::inc(Counter::AccelFallbacks);
+        return pass(Counter::MsgPassthrough);
     }
+    let peer_key = unsafe { (*own).peer_key };
+    if SOCKHASH.redirect_msg(ctx, peer_key, BPF_F_INGRESS as u64) != SK_PASS as i64 {
+        // The peer left the map (closed): plain TCP, like the rest of it.
+        return pass(Counter::MsgMiss);
+    }
+    unsafe {
+        (*own).flags = state | FAST;
+        write_volatile(&raw mut (*own).redirected_end, sent + size);
+    }
+    counters::inc(Counter::MsgRedirected);
+    counters::add(Counter::MsgRedirectedBytes, size);
     Ok(())
 }

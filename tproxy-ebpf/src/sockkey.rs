@@ -1,20 +1,21 @@
-//! SOCKHASH keys from the sockops and sk_msg contexts: the full tuple as
-//! the socket sees it, plus its network namespace's cookie.
+//! SOCKHASH keys from the sockops context: the full tuple as the socket
+//! sees it, plus its network namespace's cookie. (sk_msg needs no key of
+//! its own: it finds its socket's state by address, with the peer's key in
+//! it.)
 //!
 //! Byte orders (they differ by field, and getting them wrong silently
-//! breaks the lookup): addresses are network order in both contexts;
+//! breaks the lookup): addresses are network order;
 //! `local_port` is host order; `remote_port` is the network-order port in
 //! the upper 16 bits of a 32-bit field, i.e. `u32::from_be` of it is the
 //! port in host order.
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{bpf_sock_ops, sk_msg_md},
-    helpers::bpf_get_netns_cookie,
-    programs::{SkMsgContext, SockOpsContext},
+    EbpfContext as _, bindings::bpf_sock_ops, helpers::bpf_get_netns_cookie,
+    programs::SockOpsContext,
 };
 use tproxy_common::{AF_INET, AF_INET6, SockKey};
 
-/// Fields shared by `bpf_sock_ops` and `sk_msg_md`. The verifier allows
+/// The tuple fields of a `bpf_sock_ops` (the same names exist in
+/// `sk_msg_md` and `bpf_sock`). The verifier allows
 /// only constant-offset loads from a context (no pointer into an array in
 /// it), so each field, and each array element, is one volatile load.
 macro_rules! key_from {
@@ -73,14 +74,6 @@ pub fn from_sock_ops(ctx: &SockOpsContext) -> SockKey {
     // SAFETY: the kernel's context for this program run.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     key_from!(ops, cookie)
-}
-
-#[inline(always)]
-pub fn from_sk_msg(ctx: &SkMsgContext) -> SockKey {
-    let md: *const sk_msg_md = ctx.msg;
-    // SAFETY: the kernel's context for this program run.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    key_from!(md, cookie)
 }
 
 /// Both ends on this host: the same address, or loopback.

@@ -5,9 +5,10 @@
 //! cgroup, to an intercepted app port. The connecting (proxy) side reaches
 //! ACTIVE_ESTABLISHED first (it handles the SYN-ACK and only then sends the
 //! ACK that establishes the app side); it enters the map and leaves the
-//! app side's key in PENDING_PEERS. The app side enters at
-//! PASSIVE_ESTABLISHED only if its key is pending. Every other socket in
-//! the cgroup stays untouched.
+//! app side's key in PENDING_PEERS, with its own address. The app side
+//! enters at PASSIVE_ESTABLISHED only if its key is pending, and then the
+//! two learn each other's address (SOCKS). Every other socket in the
+//! cgroup stays untouched.
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -20,7 +21,7 @@ use tproxy_common::{Counter, SockKey, SockState, flags};
 
 use crate::{
     counters,
-    maps::{CONFIG, INTERCEPT_PORTS, PENDING_PEERS, SK_KEYS, SOCKHASH, SOCKS},
+    maps::{CONFIG, INTERCEPT_PORTS, PENDING_PEERS, SOCKHASH, SOCKS},
     sockkey,
 };
 
@@ -53,23 +54,34 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
                 if !intercepted(key.remote_port) || !sockkey::both_local(&key) {
                     return Ok(());
                 }
-                insert(ctx, &key)?;
-                PENDING_PEERS.insert(&key.peer(), &1, 0).map_err(|_| ())?;
+                let sk = insert(ctx, &key, 0)?;
+                PENDING_PEERS.insert(&key.peer(), &sk, 0).map_err(|_| ())?;
             } else {
-                if !intercepted(key.local_port) || PENDING_PEERS.remove(&key).is_err() {
+                if !intercepted(key.local_port) {
                     return Ok(());
                 }
-                insert(ctx, &key)?;
+                // SAFETY: a plain lookup; the value is copied out at once.
+                let Some(&proxy_sk) = (unsafe { PENDING_PEERS.get(&key) }) else {
+                    return Ok(());
+                };
+                let _ = PENDING_PEERS.remove(&key);
+                // The proxy side may have closed in between.
+                if SOCKS.get_ptr(&proxy_sk).is_none() {
+                    return Ok(());
+                }
+                let sk = insert(ctx, &key, proxy_sk)?;
+                // Now the proxy side may redirect to us. Until here its
+                // bytes went by TCP, and were counted: it switches only
+                // once we have read them all.
+                let proxy = SOCKS.get_ptr_mut(&proxy_sk).ok_or(())?;
+                // SAFETY: a live SOCKS entry; a single aligned 8-byte store.
+                unsafe { core::ptr::write_volatile(&raw mut (*proxy).peer, sk) };
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             // The kernel drops a closed socket from the SOCKHASH itself;
             // this is our bookkeeping.
-            let key = sockkey::from_sock_ops(ctx);
-            // SAFETY: a plain lookup; the value is copied out at once.
-            if let Some(st) = unsafe { SOCKS.get(&key) } {
-                let _ = SK_KEYS.remove(&st.sk);
-                let _ = SOCKS.remove(&key);
+            if SOCKS.remove(&sk_addr(ctx)).is_ok() {
                 counters::inc(Counter::SockhashRemoved);
             }
         }
@@ -78,31 +90,39 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     Ok(())
 }
 
+/// The socket's kernel address: what sk_msg and the recvmsg tracepoint see.
 #[inline(always)]
-fn insert(ctx: &SockOpsContext, key: &SockKey) -> Result<(), ()> {
-    // The socket's kernel address: what the recvmsg tracepoint sees.
+fn sk_addr(ctx: &SockOpsContext) -> u64 {
     // SAFETY: reading the context's socket pointer, as a number.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as u64;
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as u64 }
+}
+
+/// Puts the socket in SOCKS and the SOCKHASH; `peer` is the other end's
+/// address if it is already in, else 0. Returns this socket's address.
+#[inline(always)]
+fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
+    let sk = sk_addr(ctx);
     if sk == 0 {
         return Err(());
     }
     let state = SockState {
-        sk,
-        queued: 0,
+        peer_key: key.peer(),
+        peer,
+        sent: 0,
+        redirected_end: 0,
+        read: 0,
         flags: 0,
         _pad0: 0,
     };
-    SOCKS.insert(key, &state, 0).map_err(|_| ())?;
-    SK_KEYS.insert(&sk, key, 0).map_err(|_| ())?;
+    SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
     SOCKHASH
         .update(*key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)
         .map_err(|_| {
-            let _ = SOCKS.remove(key);
-            let _ = SK_KEYS.remove(&sk);
+            let _ = SOCKS.remove(&sk);
         })?;
     // Ask for state callbacks, to forget the socket when it closes.
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     counters::inc(Counter::SockhashInserted);
-    Ok(())
+    Ok(sk)
 }

@@ -8,10 +8,11 @@
 //! prints `ok conn=I bytes=N banner=...` per connection (or `FAIL ...`) and
 //! exits non-zero on any failure.
 //!
-//!     lab-client sink ADDR --bytes N [--seed S]
+//!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B --pause-ms MS]
 //!
 //! Writes N bytes (`SINK <seed>` first) as fast as it can, for a slow
-//! reader; prints `ok bytes=N errors=…` with what the writes returned.
+//! reader, optionally pausing MS ms after every B bytes (bursts); prints
+//! `ok bytes=N errors=…` with what the writes returned.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
@@ -103,7 +104,7 @@ fn echo_one(
     Ok(format!("ok conn={i} bytes={got} banner={banner}"))
 }
 
-fn sink(addr: SocketAddr, bytes: usize, seed: u64) -> Result<String> {
+fn sink(addr: SocketAddr, bytes: usize, seed: u64, pause: Option<(usize, u64)>) -> Result<String> {
     let mut c = connect(addr, None)?;
     c.write_all(format!("SINK {seed}\n").as_bytes())?;
     let mut data = Stream::new(seed);
@@ -127,6 +128,12 @@ fn sink(addr: SocketAddr, bytes: usize, seed: u64) -> Result<String> {
             }
         }
         sent += n;
+        if let Some((every, ms)) = pause
+            && sent % every < n
+            && sent < bytes
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
     }
     let wrote_in = t0.elapsed();
     c.shutdown(Shutdown::Write)?;
@@ -191,7 +198,14 @@ fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        "sink" => println!("{}", sink(addr, bytes, seed)?),
+        "sink" => {
+            let every: Option<usize> = opt("--pause-every").map(|v| v.parse()).transpose()?;
+            let ms: u64 = opt("--pause-ms")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(0);
+            println!("{}", sink(addr, bytes, seed, every.map(|e| (e, ms)))?)
+        }
         other => bail!("unknown mode {other:?}"),
     }
     Ok(())
