@@ -13,6 +13,7 @@ mod stats;
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
@@ -44,6 +45,58 @@ pub struct Opts {
     /// Results folder (default lab/results/<UTC time>).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Pin the client side (iperf3/sockperf clients, connection-rate
+    /// threads) to the first CPU and the server side (proxy, apps, the
+    /// loopback pair) to the last, like a sidecar sharing its app's core;
+    /// without it the scheduler places everything.
+    #[arg(long)]
+    pub pin: bool,
+}
+
+/// CPUs for the two sides under `--pin`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pin {
+    client: Option<usize>,
+    server: Option<usize>,
+}
+
+impl Pin {
+    fn new(on: bool) -> Pin {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if on {
+            Pin {
+                client: Some(0),
+                server: Some(n - 1),
+            }
+        } else {
+            Pin::default()
+        }
+    }
+}
+
+/// Binds the calling thread (or, between fork and exec, the child) to `cpu`.
+fn set_affinity(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in it;
+    // sched_setaffinity is a plain syscall (async-signal-safe).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `cmd`, run on `cpu` if there is one.
+fn pinned(mut cmd: Command, cpu: Option<usize>) -> Command {
+    if let Some(cpu) = cpu {
+        // SAFETY: set_affinity only makes a syscall.
+        unsafe {
+            cmd.pre_exec(move || set_affinity(cpu));
+        }
+    }
+    cmd
 }
 
 pub const SIZES_FULL: [u64; 5] = [64, 1448, 16 << 10, 64 << 10, 1 << 20];
@@ -76,6 +129,7 @@ struct Bench<'a> {
     sizes: Vec<u64>,
     samples: Vec<Sample>,
     progress: ProgressBar,
+    pin: Pin,
 }
 
 /// Busy and total CPU time of the whole host, in clock ticks.
@@ -126,7 +180,8 @@ impl Bench<'_> {
                 size_label(size)
             ));
             let (busy0, _) = cpu_ticks();
-            let out = crate::output(self.lab.client.command("iperf3").args([
+            let mut cmd = pinned(self.lab.client.command("iperf3"), self.pin.client);
+            let out = crate::output(cmd.args([
                 "-c",
                 SERVER_IP,
                 "-p",
@@ -170,11 +225,14 @@ impl Bench<'_> {
         let mut cmd = if loopback {
             // Process to process on the server, both in the cgroup: the
             // shape of the proxy->app leg.
-            self.lab
-                .server
-                .command_in("sockperf", Some(&self.lab.cgroup))
+            pinned(
+                self.lab
+                    .server
+                    .command_in("sockperf", Some(&self.lab.cgroup)),
+                self.pin.server,
+            )
         } else {
-            self.lab.client.command("sockperf")
+            pinned(self.lab.client.command("sockperf"), self.pin.client)
         };
         let ip = if loopback { "127.0.0.1" } else { SERVER_IP };
         cmd.args([
@@ -222,6 +280,12 @@ impl Bench<'_> {
             std::thread::scope(|s| {
                 for _ in 0..2 {
                     s.spawn(|| {
+                        if let Some(cpu) = self.pin.client
+                            && set_affinity(cpu).is_err()
+                        {
+                            failed.store(true, Ordering::Relaxed);
+                            return;
+                        }
                         let mut buf = [0u8; 256];
                         while t0.elapsed() < dur {
                             let ok = (|| -> std::io::Result<()> {
@@ -298,16 +362,23 @@ impl Bench<'_> {
 /// The apps on the server: lab-app (8000), iperf3 (5201), sockperf (11111);
 /// and HAProxy on 15006 with transparent binds (serves every set-up),
 /// logging off.
-fn start_servers(lab: &Topology, bin_dir: &Path, out: &Path) -> Result<Vec<Logged>> {
+fn start_servers(
+    lab: &Topology,
+    bin_dir: &Path,
+    out: &Path,
+    cpu: Option<usize>,
+) -> Result<Vec<Logged>> {
     let cg = Some(&lab.cgroup);
+    let cmd =
+        |program: &dyn AsRef<std::ffi::OsStr>| pinned(lab.server.command_in(program, cg), cpu);
     let mut procs = Vec::new();
-    let mut app = lab.server.command_in(bin_dir.join("lab-app"), cg);
+    let mut app = cmd(&bin_dir.join("lab-app"));
     app.arg("8000");
     procs.push(Logged::spawn("lab-app", &mut app)?);
-    let mut iperf = lab.server.command_in("iperf3", cg);
+    let mut iperf = cmd(&"iperf3");
     iperf.args(["-s", "-p", "5201"]);
     procs.push(Logged::spawn("iperf3", &mut iperf)?);
-    let mut sp = lab.server.command_in("sockperf", cg);
+    let mut sp = cmd(&"sockperf");
     sp.args(["sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"]);
     procs.push(Logged::spawn("sockperf", &mut sp)?);
 
@@ -320,7 +391,7 @@ fn start_servers(lab: &Topology, bin_dir: &Path, out: &Path) -> Result<Vec<Logge
         .collect();
     let cfg_path = out.join("haproxy-bench.cfg");
     std::fs::write(&cfg_path, cfg)?;
-    let mut hap = lab.server.command_in("haproxy", cg);
+    let mut hap = cmd(&"haproxy");
     hap.arg("-db").arg("-f").arg(&cfg_path);
     procs.push(Logged::spawn("haproxy", &mut hap)?);
     for port in [8000, 5201, 11111, 15006] {
@@ -416,7 +487,8 @@ pub fn run(opts: Opts) -> Result<()> {
             ],
         )?;
     }
-    let servers = start_servers(&lab, &bin_dir, &out)?;
+    let pin = Pin::new(opts.pin);
+    let servers = start_servers(&lab, &bin_dir, &out, pin.server)?;
 
     let per_setup = sizes.len() as u64 + 3; // iperf3 sizes, latency, loopback, conn rate
     let progress = ProgressBar::new(reps as u64 * setups.len() as u64 * per_setup);
@@ -432,6 +504,7 @@ pub fn run(opts: Opts) -> Result<()> {
         sizes: sizes.clone(),
         samples: Vec::new(),
         progress,
+        pin,
     };
     // Interleaved: every set-up once per repetition, so drift over the run
     // (thermal, noisy neighbours) spreads over all of them alike.
@@ -454,7 +527,12 @@ pub fn run(opts: Opts) -> Result<()> {
     bench.progress.finish_with_message("done");
     drop(servers);
 
-    let env = environment();
+    let mut env = environment();
+    env["placement"] = match (pin.client, pin.server) {
+        (Some(c), Some(s)) => format!("pinned: client side on CPU {c}, proxy and apps on CPU {s}"),
+        _ => "the scheduler's (nothing pinned)".to_string(),
+    }
+    .into();
     let results = report::Results::new(env, &setups, &sizes, reps, seconds, bench.samples);
     let json = serde_json::to_string_pretty(&results)?;
     std::fs::write(out.join("results.json"), &json)?;

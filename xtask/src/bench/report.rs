@@ -161,11 +161,16 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         out,
-        "\nMedians of {} interleaved repetitions, (min–max) beside them; {} s per measurement. \
+        "\nMedians of {} interleaved repetitions, (min–max) beside them; {} s per measurement; \
+         CPU placement: {}. \
          Proxy: HAProxy (tcp mode). base = client→app; proxy = tproxy rewrite steering, no accel; \
          proxy+accel = with sockops/sk_msg; nft-redirect = the same proxy behind an nftables REDIRECT; \
          proxy-tproxy-backend = tproxy's tproxy back-end.",
-        r.reps, r.seconds_per_measurement
+        r.reps,
+        r.seconds_per_measurement,
+        env["placement"]
+            .as_str()
+            .unwrap_or("the scheduler's (nothing pinned)")
     );
     let rows: Vec<(String, String)> = r
         .sizes
