@@ -14,6 +14,7 @@ use tproxy_common::Counter;
 use crate::{atomic, counters, maps::SOCKS};
 
 const MSG_PEEK: i32 = 2;
+const MSG_ERRQUEUE: i32 = 0x2000;
 
 // TP_PROTO(struct sock *sk, int ret, int flags)
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
@@ -28,8 +29,10 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     let st = SOCKS.get_ptr_mut(&sk).ok_or(())?;
     let read = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
-    // A peek takes nothing off the queue.
-    if read <= 0 || flags & MSG_PEEK != 0 {
+    // A peek takes nothing off the stream, nor does a read of the error
+    // queue (timestamps, zerocopy notices). Counting either would let a
+    // sender think its TCP bytes were read and redirect past them.
+    if read <= 0 || flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
         return Ok(());
     }
     // SAFETY: st points at a live SOCKS entry; two readers of one socket
