@@ -130,6 +130,21 @@ struct Bench<'a> {
     samples: Vec<Sample>,
     progress: ProgressBar,
     pin: Pin,
+    /// HAProxy's and the sockperf server's PIDs, for their CPU time.
+    haproxy_pid: i32,
+    app_pid: i32,
+}
+
+/// CPU time a process (all its threads) has run, in ns (schedstat).
+fn cpu_ns(pid: i32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Busy and total CPU time of the whole host, in clock ticks.
@@ -247,12 +262,26 @@ impl Bench<'_> {
             "-t",
             &self.seconds.to_string(),
         ]);
+        let cpu0 = (cpu_ns(self.haproxy_pid), cpu_ns(self.app_pid));
         let out = crate::output(&mut cmd)?;
+        let cpu1 = (cpu_ns(self.haproxy_pid), cpu_ns(self.app_pid));
         self.save(
             &format!("sockperf-{what}-{}-rep{rep}.txt", setup.name()),
             &out,
         )?;
         let r = parse::sockperf(&out)?;
+        if !loopback && r.round_trips > 0.0 {
+            // Where a round trip's time goes: the proxy's CPU and the app's.
+            for (who, ns) in [("haproxy", cpu1.0 - cpu0.0), ("app", cpu1.1 - cpu0.1)] {
+                self.push(
+                    setup,
+                    rep,
+                    format!("rt_cpu/{who}"),
+                    "µs",
+                    ns / 1e3 / r.round_trips,
+                );
+            }
+        }
         for (k, v) in [
             ("avg", r.avg),
             ("p50", r.p50),
@@ -505,6 +534,8 @@ pub fn run(opts: Opts) -> Result<()> {
         samples: Vec::new(),
         progress,
         pin,
+        haproxy_pid: servers[3].proc.pid(),
+        app_pid: servers[2].proc.pid(),
     };
     // Interleaved: every set-up once per repetition, so drift over the run
     // (thermal, noisy neighbours) spreads over all of them alike.

@@ -34,6 +34,8 @@ pub struct Sockperf {
     pub p999: f64,
     pub max: f64,
     pub observations: f64,
+    /// Round trips over the whole run, warm-up included ([Total Run]).
+    pub round_trips: f64,
 }
 
 /// Strips the ANSI colour sequences sockperf puts around some lines.
@@ -59,9 +61,16 @@ pub fn sockperf(text: &str) -> Result<Sockperf> {
     let mut obs = None;
     let mut pct = std::collections::HashMap::new();
     let mut max = None;
+    let mut round_trips = None;
     for raw in text.lines() {
         let line = plain(raw);
-        if let Some(rest) = line.split("avg-latency=").nth(1) {
+        if line.contains("[Total Run]") {
+            round_trips = line
+                .split("SentMessages=")
+                .nth(1)
+                .and_then(|r| r.split(';').next())
+                .and_then(|v| v.trim().parse().ok());
+        } else if let Some(rest) = line.split("avg-latency=").nth(1) {
             avg = rest.split_whitespace().next().and_then(|v| v.parse().ok());
         } else if let Some(rest) = line
             .split("Total ")
@@ -91,6 +100,7 @@ pub fn sockperf(text: &str) -> Result<Sockperf> {
         p999: p("99.900")?,
         max: max.context("sockperf <MAX> missing")?,
         observations: obs.unwrap_or(0.0),
+        round_trips: round_trips.unwrap_or(0.0),
     })
 }
 
@@ -121,6 +131,7 @@ mod tests {
         assert_eq!(r.p999, 36.165);
         assert_eq!(r.max, 242.975);
         assert_eq!(r.observations, 54108.0);
+        assert_eq!(r.round_trips, 80624.0);
         assert!(sockperf("sockperf: nothing useful").is_err());
     }
 }

@@ -209,6 +209,15 @@ pub fn markdown(r: &Results) -> String {
     table(
         &mut out,
         r,
+        "CPU time per ping-pong round trip (µs, schedstat): where the proxy tax goes",
+        &[
+            ("HAProxy".into(), "rt_cpu/haproxy".into()),
+            ("app (sockperf server)".into(), "rt_cpu/app".into()),
+        ],
+    );
+    table(
+        &mut out,
+        r,
         "Connection rate (new connections/s, 2 clients, one small exchange each)",
         &[("conn/s".into(), "conn_rate".into())],
     );
