@@ -27,7 +27,7 @@ use tproxy_lab::{Logged, Topology, topology::SERVER_IP};
 
 #[derive(clap::Args, Debug)]
 pub struct Opts {
-    /// A short run (under two minutes): 3 repetitions of 4 set-ups, 64 KiB writes only, 1 s per measurement.
+    /// A short run (about two minutes): 3 repetitions of 4 set-ups, 64 KiB writes only, 1 s per measurement.
     #[arg(long)]
     pub quick: bool,
     /// Print results.json to stdout as well.
@@ -570,7 +570,10 @@ pub fn run(opts: Opts) -> Result<()> {
                 bench.sockperf(setup, rep, false)?;
                 bench.sockperf(setup, rep, true)?;
                 bench.conn_rate(setup, rep)?;
-                bench.bpf_costs(setup, rep)?;
+                // Base and nft-redirect run no tproxy program.
+                if matches!(active, setups::Active::Tproxy(_)) {
+                    bench.bpf_costs(setup, rep)?;
+                }
                 Ok(())
             })();
             setups::leave(active, &lab)?;
