@@ -4,6 +4,8 @@
 //! integrity tests use.
 use std::{net::SocketAddr, os::fd::AsRawFd as _};
 
+pub mod packet;
+
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// A non-blocking listener on `addr` (IPv6 ones are v6-only, so IPv4 flows

@@ -26,6 +26,7 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     "fonts-dejavu-core",
     "strace",
+    "tcpdump",
 ];
 
 fn status(cmd: &mut Command) -> bool {

@@ -13,6 +13,18 @@
 //! Writes N bytes (`SINK <seed>` first) as fast as it can, for a slow
 //! reader, optionally pausing MS ms after every B bytes (bursts); prints
 //! `ok bytes=N errors=…` with what the writes returned.
+//!
+//!     lab-client synflood ADDR --count N [--seconds S] [--seed S]
+//!
+//! Sends N SYNs to ADDR (IPv4) from a raw socket, each from a random
+//! source address in 198.18.0.0/15 (the benchmarking range: replies go
+//! nowhere) and a random port, stopping after S seconds (default 20) if N
+//! is not reached; prints `sent N in MS ms`.
+//!
+//!     lab-client forge ADDR --from IP:PORT --flags rst|fin|ack [--seq N] [--ack N]
+//!
+//! Sends one forged TCP segment from IP:PORT to ADDR (a blind RST, a
+//! retransmitted FIN); prints `sent`.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
@@ -21,7 +33,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use socket2::{Domain, Socket, Type};
-use tproxy_examples::{Stream, WriteSizes};
+use tproxy_examples::{Stream, WriteSizes, packet};
 
 fn connect(addr: SocketAddr, bind: Option<SocketAddr>) -> Result<TcpStream> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -156,6 +168,56 @@ fn sink(addr: SocketAddr, bytes: usize, seed: u64, pause: Option<(usize, u64)>) 
     ))
 }
 
+/// A raw IP socket that takes whole packets (IP header included).
+fn raw_socket(dst: SocketAddr) -> Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(dst),
+        Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .context("raw socket (needs CAP_NET_RAW)")?;
+    if dst.is_ipv6() {
+        // IPPROTO_RAW implies IP_HDRINCL for IPv4 only.
+        s.set_header_included_v6(true)?;
+    }
+    Ok(s)
+}
+
+fn send_raw(dst: SocketAddr, pkt: &[u8]) -> Result<()> {
+    let s = raw_socket(dst)?;
+    // The kernel wants port 0 in the address of a raw socket.
+    let to = SocketAddr::new(dst.ip(), 0);
+    s.send_to(pkt, &to.into()).context("sendto")?;
+    Ok(())
+}
+
+fn synflood(dst: SocketAddr, count: u64, limit: Duration, seed: u64) -> Result<String> {
+    let std::net::IpAddr::V4(d) = dst.ip() else {
+        bail!("synflood: IPv4 only");
+    };
+    let s = raw_socket(dst)?;
+    let to: socket2::SockAddr = SocketAddr::new(dst.ip(), 0).into();
+    let mut rng = packet::XorShift::new(seed);
+    let start = Instant::now();
+    let mut sent = 0;
+    let mut t = packet::Tcp::new(0, dst.port(), packet::SYN);
+    while sent < count && start.elapsed() < limit {
+        let r = rng.next_u64();
+        // 198.18.0.0/15
+        let src = std::net::Ipv4Addr::from(0xc612_0000 | (r as u32 & 0x1_ffff));
+        t.sport = 1024 + ((r >> 17) as u16 % 64000);
+        t.seq = (r >> 33) as u32;
+        let pkt = packet::ip_tcp(src.into(), d.into(), &t);
+        match s.send_to(&pkt, &to) {
+            Ok(_) => sent += 1,
+            // The device queue is full: let it drain.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => std::thread::yield_now(),
+            Err(e) => return Err(e).context("sendto"),
+        }
+    }
+    Ok(format!("sent {sent} in {} ms", start.elapsed().as_millis()))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args
@@ -205,6 +267,31 @@ fn main() -> Result<()> {
                 .transpose()?
                 .unwrap_or(0);
             println!("{}", sink(addr, bytes, seed, every.map(|e| (e, ms)))?)
+        }
+        "synflood" => {
+            let count: u64 = opt("--count").context("--count")?.parse()?;
+            let secs: u64 = opt("--seconds")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(20);
+            println!(
+                "{}",
+                synflood(addr, count, Duration::from_secs(secs), seed)?
+            );
+        }
+        "forge" => {
+            let from: SocketAddr = opt("--from").context("--from")?.parse()?;
+            let flags = match opt("--flags").context("--flags")?.as_str() {
+                "rst" => packet::RST,
+                "fin" => packet::FIN | packet::ACK,
+                "ack" => packet::ACK,
+                other => bail!("--flags {other:?}: rst, fin or ack"),
+            };
+            let mut t = packet::Tcp::new(from.port(), addr.port(), flags);
+            t.seq = opt("--seq").map(|v| v.parse()).transpose()?.unwrap_or(1);
+            t.ack = opt("--ack").map(|v| v.parse()).transpose()?.unwrap_or(0);
+            send_raw(addr, &packet::ip_tcp(from.ip(), addr.ip(), &t))?;
+            println!("sent");
         }
         other => bail!("unknown mode {other:?}"),
     }

@@ -1,0 +1,411 @@
+//! The flow table under attack and at the edges of a connection's life,
+//! held to conntrack's promises: a SYN flood evicts no live flow, a blind
+//! RST ends nothing, a closed flow lingers for retransmitted FINs and
+//! TIME_WAIT ACKs, drain counts only live flows, and a newcomer reusing a
+//! client port never breaks the connection that holds it. In the lab's
+//! namespaces, with forged packets from raw sockets. Root only.
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use socket2::{Domain, Socket, Type};
+use tproxy_examples::Stream;
+use tproxy_lab::{Logged, Netns, topology::*};
+
+/// Runs `lab-client ARGS…` in `ns` to completion; its output.
+fn lab_client(ns: &Netns, args: &[&str]) -> String {
+    ns.exec(&example("lab-client"), args)
+        .unwrap_or_else(|e| panic!("lab-client {args:?}: {e:#}"))
+}
+
+/// A connection from a chosen client port (SO_REUSEADDR, so two
+/// connections to different ports may share it, as NATs and Linux do).
+fn connect_from(
+    local: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&local.into())?;
+    s.connect_timeout(&dst.into(), timeout)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// Sends a line and reads the app's banner and the echo of that line.
+fn ping(c: &mut TcpStream, line: &str) -> std::io::Result<String> {
+    c.write_all(line.as_bytes())?;
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(line.as_bytes()) {
+        c.read_exact(&mut b)?;
+        got.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+/// Writes `SINK <seed>` and `bytes` of the seeded stream to the app's slow
+/// reader; its verdict (`sink ok bytes=N` when every byte arrived in order).
+fn sink_through(mut c: TcpStream, bytes: usize, seed: u64) -> Result<String, String> {
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.write_all(format!("SINK {seed}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut data = Stream::new(seed);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = buf.len().min(bytes - sent);
+        data.fill(&mut buf[..n]);
+        c.write_all(&buf[..n])
+            .map_err(|e| format!("write after {sent} bytes: {e}"))?;
+        sent += n;
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply)
+        .map_err(|e| format!("reading the verdict: {e}"))?;
+    Ok(reply.trim().to_string())
+}
+
+/// 200,000 spoofed SYNs with random sources to the intercepted port, while
+/// a slow byte-exact transfer runs and a keep-alive connection idles: both
+/// survive, and a new connection still works.
+#[test]
+fn a_syn_flood_evicts_no_live_flow() {
+    let lab = Lab::new(); // the app's sink reads at 1 MiB/s
+    let _p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    // Forged sources come from 198.18.0.0/15: the gateway must forward them.
+    lab.topo
+        .gateway
+        .exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ],
+        )
+        .unwrap();
+    let client = &lab.topo.client;
+    let dst = addr(SERVER_IP, 8000);
+    let (verdict, idle_after, fresh) = client.run(|| {
+        std::thread::scope(|s| {
+            let mut idle = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+            idle.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            ping(&mut idle, "before\n").unwrap();
+            let long = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+            // About 6 s at the app's 1 MiB/s: the flood runs in the middle.
+            let transfer = s.spawn(move || sink_through(long, 6 << 20, 9));
+            std::thread::sleep(Duration::from_millis(500));
+            let out = lab_client(
+                &lab.topo.client,
+                &[
+                    "synflood",
+                    "192.168.178.10:8000",
+                    "--count",
+                    "200000",
+                    "--seconds",
+                    "30",
+                ],
+            );
+            eprintln!("flood: {out}");
+            assert!(out.starts_with("sent 200000 "), "{out}");
+            let idle_after = ping(&mut idle, "after\n");
+            let fresh = exchange(dst, b"fresh\n");
+            (transfer.join().unwrap(), idle_after, fresh)
+        })
+    });
+    let c = &stats(&lab.topo.server)["counters"];
+    eprintln!("counters after the flood: {c}");
+    assert_eq!(
+        verdict,
+        Ok(format!("sink ok bytes={}", 6 << 20)),
+        "the transfer broke"
+    );
+    let idle_after = idle_after.expect("the idle keep-alive connection broke");
+    assert!(idle_after.ends_with("after\n"), "{idle_after}");
+    let fresh = fresh.expect("a new connection after the flood failed");
+    assert_eq!(
+        (fresh.port, fresh.echoed.as_slice()),
+        (8000, &b"fresh\n"[..])
+    );
+    assert!(c["ingress_steered"].as_u64().unwrap() >= 200_000, "{c}");
+}
+
+/// The client's address and port of a connection (for forging its packets).
+fn from(c: &TcpStream) -> String {
+    c.local_addr().unwrap().to_string()
+}
+
+/// RSTs with the right 4-tuple and a wrong sequence number, during a
+/// transfer and on an idle connection: the kernel's TCP on the proxy's
+/// socket ignores them, and so must the flow table.
+#[test]
+fn a_blind_rst_ends_nothing() {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    let dst = addr(SERVER_IP, 8000);
+    let (verdict, idle_after) = lab.topo.client.run(|| {
+        std::thread::scope(|s| {
+            let mut idle = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+            idle.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            ping(&mut idle, "before\n").unwrap();
+            let long = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+            let long_from = from(&long);
+            let transfer = s.spawn(move || sink_through(long, 3 << 20, 4));
+            std::thread::sleep(Duration::from_millis(500));
+            for (who, seq) in [
+                (&long_from, "7"),
+                (&from(&idle), "7"),
+                (&long_from, "2147483648"),
+            ] {
+                lab_client(
+                    &lab.topo.client,
+                    &[
+                        "forge",
+                        "192.168.178.10:8000",
+                        "--from",
+                        who,
+                        "--flags",
+                        "rst",
+                        "--seq",
+                        seq,
+                    ],
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let idle_after = ping(&mut idle, "after\n");
+            (transfer.join().unwrap(), idle_after)
+        })
+    });
+    assert_eq!(
+        verdict,
+        Ok(format!("sink ok bytes={}", 3 << 20)),
+        "a blind RST broke the transfer"
+    );
+    let idle_after = idle_after.expect("a blind RST broke the idle connection");
+    assert!(idle_after.ends_with("after\n"), "{idle_after}");
+}
+
+/// Captures TCP from the server in the client namespace while `f` runs:
+/// tcpdump's lines.
+fn capture(ns: &Netns, f: impl FnOnce()) -> String {
+    let mut cmd = ns.command("tcpdump");
+    cmd.args([
+        "-i",
+        "eth0",
+        "-n",
+        "-l",
+        "-U",
+        "tcp and src host 192.168.178.10",
+    ]);
+    let dump = Logged::spawn("tcpdump", &mut cmd).unwrap();
+    std::thread::sleep(Duration::from_millis(700)); // tcpdump attaches
+    f();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, log) = dump.terminate().unwrap();
+    log
+}
+
+/// The proxy closes first and sits in TIME_WAIT; a FIN the client
+/// retransmits then gets the TIME_WAIT's ACK, which must leave with the
+/// port the client dialled (8000), never the proxy's own (15006).
+#[test]
+fn a_retransmitted_fin_after_close_is_answered_from_the_dialled_port() {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    let client = &lab.topo.client;
+    let who = client.run(|| {
+        let mut c =
+            TcpStream::connect_timeout(&addr(SERVER_IP, 8000), Duration::from_secs(5)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let who = from(&c);
+        // The app sends 100 bytes and closes: the proxy then closes
+        // towards us first, and our close after it puts it in TIME_WAIT.
+        c.write_all(b"SEND 100\n").unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 100);
+        drop(c);
+        who
+    });
+    let port = who.rsplit_once(':').unwrap().1.to_string();
+    eventually(
+        "the proxy's socket in TIME_WAIT",
+        Duration::from_secs(5),
+        || {
+            let out = lab
+                .topo
+                .server
+                .exec("ss", &["-Htan", "state", "time-wait"])
+                .unwrap();
+            out.contains(&format!("{CLIENT_IP}:{port}"))
+        },
+    );
+    let seen = capture(client, || {
+        lab_client(
+            client,
+            &[
+                "forge",
+                "192.168.178.10:8000",
+                "--from",
+                &who,
+                "--flags",
+                "fin",
+                "--seq",
+                "1",
+                "--ack",
+                "1",
+            ],
+        );
+    });
+    eprintln!("{seen}");
+    let to_us = |sport: &str, flags: &str| {
+        seen.lines()
+            .filter(|l| l.contains(&format!("192.168.178.10.{sport} > {CLIENT_IP}.{port}:")))
+            .filter(|l| l.contains(flags))
+            .count()
+    };
+    assert_eq!(
+        to_us("15006", ""),
+        0,
+        "the proxy's port leaked to the client:\n{seen}"
+    );
+    // Not the app's kernel refusing a segment it has no socket for.
+    assert_eq!(
+        to_us("8000", "Flags [R"),
+        0,
+        "the FIN reached the app, not the proxy:\n{seen}"
+    );
+    assert!(
+        to_us("8000", "Flags [.]") >= 1,
+        "no TIME_WAIT ACK for the retransmitted FIN:\n{seen}"
+    );
+}
+
+/// A connection whose client went silent still holds its entry (the
+/// proxy's socket is open), but drain counts only flows seen lately, so
+/// SIGTERM does not wait out the whole --drain-timeout for it.
+#[test]
+fn drain_does_not_wait_for_a_silent_client() {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let t = lab.tproxy(Steer::Rewrite, &["--drain-timeout", "30"]);
+    let client = &lab.topo.client;
+    let _silent = client.run(|| {
+        let mut c =
+            TcpStream::connect_timeout(&addr(SERVER_IP, 8000), Duration::from_secs(5)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        ping(&mut c, "hello\n").unwrap();
+        c
+    });
+    // The client vanishes: its packets no longer reach the server.
+    client.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let st = stats(&lab.topo.server);
+    assert_eq!(st["flows"], 1, "{st}");
+    std::thread::sleep(Duration::from_secs(12));
+    let st = stats(&lab.topo.server);
+    eprintln!("after 12 s of silence: {st}");
+    assert_eq!(st["flows"], 1, "the proxy's socket is still open: {st}");
+    assert_eq!(st["flows_active"], 0, "{st}");
+    let started = Instant::now();
+    let (status, log) = t.terminate().unwrap();
+    assert!(status.success(), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain waited {:?} for a silent client:\n{log}",
+        started.elapsed()
+    );
+}
+
+/// Two connections from one client port: A to 8000, half-closed while the
+/// app still sends; B to 8080 while A lives. Rewritten to the proxy they
+/// would be one 4-tuple, so B is held off (its SYNs dropped and counted)
+/// until A is gone, then served; A is never broken. With the tproxy
+/// back-end the proxy's sockets differ and B is served at once.
+fn port_reuse(steer: Steer, half_close: bool) -> (serde_json::Value, Duration) {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, steer);
+    let _t = lab.tproxy(steer, &[]);
+    const A_BYTES: usize = 16 << 20;
+    let local = addr(CLIENT_IP, 45000);
+    let (a, b, b_after) = lab.topo.client.run(|| {
+        std::thread::scope(|s| {
+            let mut a = connect_from(local, addr(SERVER_IP, 8000), Duration::from_secs(5)).unwrap();
+            a.write_all(format!("SEND {A_BYTES}\n").as_bytes()).unwrap();
+            if half_close {
+                a.shutdown(Shutdown::Write).unwrap();
+            }
+            let started = Instant::now();
+            let reader = s.spawn(move || -> Result<usize, String> {
+                // A slow reader (about 4 MB/s): A lives for ~4 s.
+                let mut check = Stream::new(A_BYTES as u64);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = 0;
+                loop {
+                    let n = a
+                        .read(&mut buf)
+                        .map_err(|e| format!("A broke after {got} bytes: {e}"))?;
+                    if n == 0 {
+                        return Ok(got);
+                    }
+                    if let Some(off) = check.check(&buf[..n]) {
+                        return Err(format!("A: byte {} differs", got + off));
+                    }
+                    got += n;
+                    std::thread::sleep(Duration::from_millis(15));
+                }
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            let b =
+                connect_from(local, addr(SERVER_IP, 8080), Duration::from_secs(30)).map(|mut b| {
+                    let line = ping(&mut b, "B\n");
+                    (line, started.elapsed())
+                });
+            (reader.join().unwrap(), b, started.elapsed())
+        })
+    });
+    eprintln!("{steer:?}: A {a:?}, B {b:?} (done at {b_after:?})");
+    assert_eq!(
+        a,
+        Ok(A_BYTES),
+        "the older connection was broken by the newcomer"
+    );
+    let (line, b_at) = b.expect("the newcomer was never served");
+    let line = line.expect("the newcomer's exchange failed");
+    assert!(line.starts_with("app port=8080 "), "{line}");
+    let c = stats(&lab.topo.server)["counters"].clone();
+    eprintln!("{steer:?}: B connected after {b_at:?}; counters {c}");
+    (c, b_at)
+}
+
+#[test]
+fn a_newcomer_on_a_reused_client_port_never_breaks_the_live_flow() {
+    let (c, _) = port_reuse(Steer::Rewrite, true);
+    assert!(
+        c["steer_collisions"].as_u64().unwrap() >= 1,
+        "B was not held off: {c}"
+    );
+}
+
+#[test]
+fn reused_client_ports_do_not_collide_with_the_tproxy_backend() {
+    // A still open both ways: no FIN has been seen on its flow.
+    let (c, b_at) = port_reuse(Steer::Tproxy, false);
+    assert_eq!(c["steer_collisions"], 0, "{c}");
+    // Served on its first SYN, not after a retransmission (1 s).
+    assert!(b_at < Duration::from_millis(1300), "B waited {b_at:?}");
+}
