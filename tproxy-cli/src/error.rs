@@ -30,6 +30,11 @@ pub enum Error {
     NoSuchInterface(String),
 
     #[error(
+        "interface {0:?} has link type {1} (ARPHRD), whose frames tproxy does not parse; it supports Ethernet, loopback and L3 devices (WireGuard, tun, ipip, sit, PPP): steer on one of those"
+    )]
+    UnsupportedLinkType(String, u16),
+
+    #[error(
         "{0} is not a cgroup v2 directory; pass --cgroup with a path on the cgroup2 mount (see `mount -t cgroup2`)"
     )]
     NotCgroup2(PathBuf),

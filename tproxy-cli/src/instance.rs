@@ -14,7 +14,8 @@ use aya::{
     },
 };
 use tproxy_common::{
-    Config, Counter, FlowKey, FlowValue, SockKey, SockState, SteerMode, flags, names,
+    Config, Counter, FLOW_ACTIVE_NS, FLOW_LINGER_NS, FlowKey, FlowValue, SockKey, SockState,
+    SteerMode, flags, flow_state, names,
 };
 use tracing::{info, warn};
 
@@ -153,6 +154,8 @@ impl Instance {
         let ifindex = system::ifindex(&opts.iface)?;
         let cgroup = system::resolve_cgroup(opts.cgroup.as_deref())?;
         let netns_inode = system::netns_inode()?;
+        let l2_len = system::link_header_len(&opts.iface)?;
+        let netns_cookie = system::netns_cookie()?;
 
         let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
         if let Some(stale) = stale {
@@ -179,12 +182,13 @@ impl Instance {
         let config = Config {
             proxy_port: opts.proxy_port,
             steer_mode: opts.steer.mode() as u8,
-            _pad0: 0,
+            l2_len,
             proxy_mark: opts.proxy_mark,
             steer_mark,
             flags: flags::STEER_NEW | if opts.accel { flags::ACCEL } else { 0 },
             accel_max_queued: opts.accel_max_queued,
             _pad1: 0,
+            netns_cookie,
         };
         write_config(&mut ebpf, &config, &opts.ports)?;
 
@@ -200,6 +204,7 @@ impl Instance {
             tproxy: tproxy_spec.clone(),
             counters_map_id: map_id(&ebpf, names::COUNTERS)?,
             flows_map_id: map_id(&ebpf, names::FLOWS)?,
+            syns_map_id: map_id(&ebpf, names::SYNS)?,
             sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
             socks_map_id: map_id(&ebpf, names::SOCKS)?,
         };
@@ -214,7 +219,6 @@ impl Instance {
         // Attach from the inside out, steering last: by the time a flow is
         // steered, everything that serves it is in place.
         let mut inst_sk_msg = None;
-        let mut inst_sockops = None;
         let mut inst_sockhash = None;
         let mut inst_recvmsg = None;
         if opts.accel {
@@ -255,23 +259,31 @@ impl Instance {
                 format!("sk_msg {} to SOCKHASH", names::PROG_SK_MSG),
                 link,
             ));
-
-            let prog: &mut SockOps = program(&mut ebpf, names::PROG_SOCKOPS)?;
-            prog.load()
-                .map_err(|e| Error::load_program(names::PROG_SOCKOPS, e))?;
-            let id = prog
-                .attach(&cgroup_fd, CgroupAttachMode::Single)
-                .map_err(|source| Error::Attach {
-                    what: format!("sockops to cgroup {}", cgroup.display()),
-                    source,
-                })?;
-            inst_sockops = Some(SockopsAttachment::new(
-                format!("sockops {} to {}", names::PROG_SOCKOPS, cgroup.display()),
-                prog.take_link(id).expect("fresh link"),
-            ));
             // Kept open: the programs were relocated against this fd.
             inst_sockhash = Some(sockhash);
         }
+
+        // sockops tells the flow table when the proxy's socket is
+        // established and when it closes, so it is attached in every mode;
+        // with acceleration the same program pairs the sockets.
+        let sockops_name = if opts.accel {
+            names::PROG_SOCKOPS
+        } else {
+            names::PROG_SOCKOPS_FLOWS
+        };
+        let prog: &mut SockOps = program(&mut ebpf, sockops_name)?;
+        prog.load()
+            .map_err(|e| Error::load_program(sockops_name, e))?;
+        let id = prog
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(|source| Error::Attach {
+                what: format!("sockops to cgroup {}", cgroup.display()),
+                source,
+            })?;
+        let inst_sockops = Some(SockopsAttachment::new(
+            format!("sockops {sockops_name} to {}", cgroup.display()),
+            prog.take_link(id).expect("fresh link"),
+        ));
 
         let prog: &mut CgroupSockopt = program(&mut ebpf, names::PROG_GETSOCKOPT)?;
         prog.load()
@@ -405,10 +417,40 @@ impl Instance {
         sum_counters(&arr)
     }
 
-    /// Entries in the flow table (steered flows not yet closed).
-    pub fn flow_count(&self) -> Result<usize> {
-        let map = self.ebpf.map(names::FLOWS).expect("FLOWS in object");
-        count_entries::<FlowKey, FlowValue>(map, names::FLOWS)
+    /// The flow table at a glance (open, active, closing, embryonic).
+    pub fn flows(&self) -> Result<FlowStats> {
+        flow_stats(
+            self.ebpf.map(names::FLOWS).expect("FLOWS in object"),
+            self.ebpf.map(names::SYNS).expect("SYNS in object"),
+        )
+    }
+
+    /// Removes established flows whose proxy socket closed more than
+    /// `FLOW_LINGER_NS` ago; how many it removed.
+    pub fn reap_flows(&mut self) -> Result<usize> {
+        let map = self.ebpf.map_mut(names::FLOWS).expect("FLOWS in object");
+        let mut m: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(|source| Error::Map {
+                name: names::FLOWS,
+                source,
+            })?;
+        let now = monotonic_coarse_ns();
+        let done: Vec<FlowKey> = m
+            .iter()
+            .flatten()
+            .filter(|(_, v)| lingered(v, now))
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in done {
+            // A new connection may have reopened the tuple since the read:
+            // look again just before removing (the window left is one
+            // syscall long, and needs a same-tuple handshake inside it).
+            if m.get(&k, 0).is_ok_and(|v| lingered(&v, now)) && m.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Stops steering new flows (flows already steered keep their state).
@@ -434,11 +476,10 @@ impl Instance {
     /// the last of them, so connections still open when tproxy exits keep
     /// every byte (lab/experiments/sockmap_close.py, case map-gone).
     pub fn stop_accel(&mut self) {
-        if self.accel_stopped || self.sockops.is_none() {
+        if self.accel_stopped || self.sk_msg.is_none() {
             return;
         }
         self.accel_stopped = true;
-        drop(self.sockops.take());
         if let Err(e) = self.set_flag(flags::ACCEL, false) {
             warn!("accel: could not stop redirecting ({e}); detaching anyway");
             return;
@@ -497,6 +538,67 @@ impl Instance {
         drop(self);
         info!("detached {n} programs; nothing of tproxy's is left attached");
     }
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock the programs stamp entries with
+/// (bpf_ktime_get_coarse_ns).
+pub fn monotonic_coarse_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Closed, and past its linger.
+fn lingered(v: &FlowValue, now: u64) -> bool {
+    v.state & flow_state::CLOSED != 0 && now.saturating_sub(v.closed_at) > FLOW_LINGER_NS
+}
+
+/// The flow table at a glance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FlowStats {
+    /// Established flows whose proxy socket is open.
+    pub open: usize,
+    /// Of those, seen within `FLOW_ACTIVE_NS`: what drain waits for.
+    pub active: usize,
+    /// Closed flows lingering for retransmissions.
+    pub closing: usize,
+    /// Embryonic flows (SYN seen, not established).
+    pub embryonic: usize,
+}
+
+impl FlowStats {
+    fn of(flows: impl Iterator<Item = FlowValue>, embryonic: usize, now: u64) -> FlowStats {
+        let mut s = FlowStats {
+            embryonic,
+            ..FlowStats::default()
+        };
+        for v in flows {
+            if v.state & flow_state::CLOSED != 0 {
+                s.closing += 1;
+            } else {
+                s.open += 1;
+                if now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS {
+                    s.active += 1;
+                }
+            }
+        }
+        s
+    }
+}
+
+fn flow_stats(flows: &aya::maps::Map, syns: &aya::maps::Map) -> Result<FlowStats> {
+    let now = monotonic_coarse_ns();
+    let m: HashMap<&MapData, FlowKey, FlowValue> =
+        HashMap::try_from(flows).map_err(|source| Error::Map {
+            name: names::FLOWS,
+            source,
+        })?;
+    let embryonic = count_entries::<FlowKey, FlowValue>(syns, names::SYNS)?;
+    Ok(FlowStats::of(
+        m.iter().flatten().map(|(_, v)| v),
+        embryonic,
+        now,
+    ))
 }
 
 /// After the redirect flag is cleared, time for a sender that read it just
@@ -604,13 +706,12 @@ fn count_entries<K: aya::Pod, V: aya::Pod>(
     Ok(m.keys().filter(Result::is_ok).count())
 }
 
-/// Live entries in another instance's flow table.
-pub fn flows_of(record: &Record) -> Result<usize> {
-    let data = MapData::from_id(record.flows_map_id).map_err(|source| Error::Map {
-        name: names::FLOWS,
-        source,
-    })?;
-    count_entries::<FlowKey, FlowValue>(&aya::maps::Map::LruHashMap(data), names::FLOWS)
+/// Another instance's flow table at a glance.
+pub fn flows_of(record: &Record) -> Result<FlowStats> {
+    let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
+    let flows = aya::maps::Map::HashMap(open(record.flows_map_id, names::FLOWS)?);
+    let syns = aya::maps::Map::LruHashMap(open(record.syns_map_id, names::SYNS)?);
+    flow_stats(&flows, &syns)
 }
 
 pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {

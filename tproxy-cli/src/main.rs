@@ -80,11 +80,16 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             info!("  {what}");
         }
         info!("serving; SIGINT or SIGTERM to stop");
-        let sig = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
         let mut instance = instance;
+        // Closed flows linger for retransmissions, then go.
+        let mut reap = tokio::time::interval(std::time::Duration::from_secs(1));
+        let sig = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = reap.tick() => reap_flows(&mut instance),
+            }
+        };
         drain(
             &mut instance,
             sig,
@@ -115,13 +120,20 @@ async fn drain(
     int: &mut tokio::signal::unix::Signal,
 ) -> anyhow::Result<()> {
     instance.stop_steering_new()?;
-    let start = instance.flow_count()?;
+    // Only flows seen lately: a client that went silent would hold the
+    // drain for its whole timeout and gain nothing.
+    let flows = instance.flows()?;
+    let start = flows.active;
     if start == 0 || timeout_s == 0 {
-        info!("{sig}: detaching ({start} steered flow(s) open, cut)");
+        info!(
+            "{sig}: detaching ({start} active steered flow(s) cut; {} idle)",
+            flows.open - flows.active
+        );
         return Ok(());
     }
     info!(
-        "{sig}: new flows now go straight to the app; draining {start} steered flow(s) for up to {timeout_s} s (signal again to stop now)"
+        "{sig}: new flows now go straight to the app; draining {start} active steered flow(s) for up to {timeout_s} s ({} idle ones are not waited for; signal again to stop now)",
+        flows.open - flows.active
     );
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
@@ -129,7 +141,8 @@ async fn drain(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                left = instance.flow_count()?;
+                reap_flows(instance);
+                left = instance.flows()?.active;
                 if left == 0 || tokio::time::Instant::now() >= deadline {
                     break;
                 }
@@ -138,12 +151,20 @@ async fn drain(
             _ = int.recv() => { info!("second signal: stopping now"); break; }
         }
     }
-    let left = instance.flow_count().unwrap_or(left);
+    let left = instance.flows().map(|f| f.active).unwrap_or(left);
     info!(
         "drained {} flow(s), cut {left}; detaching",
         start.saturating_sub(left)
     );
     Ok(())
+}
+
+fn reap_flows(instance: &mut Instance) {
+    match instance.reap_flows() {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!("removed {n} closed flow(s) after their linger"),
+        Err(e) => tracing::warn!("reaping closed flows: {e}"),
+    }
 }
 
 fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
@@ -175,13 +196,23 @@ fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
                 .collect();
             all.push(serde_json::json!({
                 "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode,
-                "steer": r.steer, "flows": flows, "accel_sockets": accel_socks,
+                "steer": r.steer, "flows": flows.open, "flows_active": flows.active,
+                "flows_closing": flows.closing, "flows_embryonic": flows.embryonic,
+                "accel_sockets": accel_socks,
                 "accel_queued_bytes": queued, "counters": m
             }));
         } else {
             println!(
-                "tproxy pid {} on {} (netns {}, steer {:?}): {flows} open flow(s), {accel_socks} accelerated socket(s), {queued} byte(s) queued",
-                r.pid, r.iface, r.netns_inode, r.steer
+                "tproxy pid {} on {} (netns {}, steer {:?}): {} open flow(s) ({} active in the last {} s), {} closing, {} embryonic; {accel_socks} accelerated socket(s), {queued} byte(s) queued",
+                r.pid,
+                r.iface,
+                r.netns_inode,
+                r.steer,
+                flows.open,
+                flows.active,
+                tproxy_common::FLOW_ACTIVE_NS / 1_000_000_000,
+                flows.closing,
+                flows.embryonic
             );
             for (c, v) in counters {
                 println!("  {:<22} {v}", c.name());

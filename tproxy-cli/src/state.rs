@@ -35,6 +35,9 @@ pub struct Record {
     /// Map ids, for `tproxy stats` from another process.
     pub counters_map_id: u32,
     pub flows_map_id: u32,
+    /// The embryonic flows (`SYNS`).
+    #[serde(default)]
+    pub syns_map_id: u32,
     pub sockhash_map_id: u32,
     pub socks_map_id: u32,
 }
@@ -164,6 +167,7 @@ mod tests {
             tproxy: Some(TproxySpec::new("eth9", 0x7409, 0x7409, 15006)),
             counters_map_id: 1,
             flows_map_id: 2,
+            syns_map_id: 5,
             sockhash_map_id: 3,
             socks_map_id: 4,
         };

@@ -46,6 +46,89 @@ pub fn ifindex(name: &str) -> Result<u32> {
     }
 }
 
+/// Bytes of link-layer header the tc programs see before the IP header on
+/// this interface: 14 on Ethernet and loopback, 0 on L3 devices. From the
+/// device type (SIOCGIFHWADDR's address family), asked in this network
+/// namespace (sysfs may show another one's devices).
+pub fn link_header_len(name: &str) -> Result<u8> {
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_PPP: u16 = 512;
+    const ARPHRD_RAWIP: u16 = 519;
+    const ARPHRD_TUNNEL: u16 = 768;
+    const ARPHRD_TUNNEL6: u16 = 769;
+    const ARPHRD_LOOPBACK: u16 = 772;
+    const ARPHRD_SIT: u16 = 776;
+    const ARPHRD_NONE: u16 = 0xfffe;
+    let kind = link_type(name)?;
+    match kind {
+        ARPHRD_ETHER | ARPHRD_LOOPBACK => Ok(14),
+        ARPHRD_NONE | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT | ARPHRD_RAWIP | ARPHRD_PPP => {
+            Ok(0)
+        }
+        other => Err(Error::UnsupportedLinkType(name.into(), other)),
+    }
+}
+
+fn link_type(name: &str) -> Result<u16> {
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::io("socket()", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(Error::NoSuchInterface(name.into()));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of the ifreq we pass.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SIOCGIFHWADDR,
+            &mut req,
+        )
+    };
+    if rc < 0 {
+        return Err(Error::NoSuchInterface(name.into()));
+    }
+    // SAFETY: the kernel wrote the hardware address union.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE, Linux
+/// 5.14): what the cgroup programs compare a socket's namespace with.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .map_err(|e| Error::io("a socket to read the network namespace's cookie", e))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for the kernel to write.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(Error::io(
+            "reading SO_NETNS_COOKIE (needs Linux >= 5.14)",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(cookie)
+}
+
 pub fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
@@ -120,6 +203,12 @@ mod tests {
             ifindex("no-such-if0"),
             Err(Error::NoSuchInterface(_))
         ));
+    }
+
+    #[test]
+    fn loopback_has_an_ethernet_sized_header() {
+        assert_eq!(link_header_len("lo").unwrap(), 14);
+        assert!(netns_cookie().unwrap() != 0);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod names {
     pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const FLOWS: &str = "FLOWS";
+    pub const SYNS: &str = "SYNS";
     pub const SOCKHASH: &str = "SOCKHASH";
     pub const SOCKS: &str = "SOCKS";
     pub const PENDING_PEERS: &str = "PENDING_PEERS";
@@ -23,14 +24,35 @@ pub mod names {
     pub const PROG_GETSOCKNAME4: &str = "tproxy_getsockname4";
     pub const PROG_GETSOCKNAME6: &str = "tproxy_getsockname6";
     pub const PROG_SOCKOPS: &str = "tproxy_sockops";
+    /// sockops without acceleration (--no-accel): flow tracking only, no
+    /// socket addresses as map keys (so no CAP_PERFMON needed).
+    pub const PROG_SOCKOPS_FLOWS: &str = "tproxy_sockops_flows";
     pub const PROG_SK_MSG: &str = "tproxy_sk_msg";
     pub const PROG_RECV_LENGTH: &str = "tproxy_recv_length";
     /// Raw tracepoint after every recvmsg (socket, bytes read, flags).
     pub const RECV_TRACEPOINT: &str = "sock_recv_length";
 }
 
-/// Size of the flow table (LRU: flows that vanish silently age out).
+/// Established flows (`FLOWS`): a plain hash, never evicted. An entry
+/// enters when the proxy's accepted socket reaches ESTABLISHED (sockops)
+/// and leaves `FLOW_LINGER_NS` after that socket closed. When full, new
+/// flows stay in `SYNS` (still served, but evictable) and are counted.
 pub const FLOWS_MAX: u32 = 65_536;
+/// Embryonic flows (`SYNS`): SYN seen, the proxy's socket not yet
+/// established. LRU: a SYN flood churns this table and no other.
+pub const SYNS_MAX: u32 = 65_536;
+/// A closed flow's entry stays this long, so retransmitted FINs and the
+/// proxy's TIME_WAIT ACKs are still steered and restored (TCP_TIMEWAIT_LEN).
+pub const FLOW_LINGER_NS: u64 = 60_000_000_000;
+/// A newcomer to another port may take a closed flow's tuple (rewrite
+/// mode: both are one 4-tuple at the proxy) this long after it closed.
+pub const FLOW_TAKEOVER_NS: u64 = 1_000_000_000;
+/// An embryonic flow seen this recently holds its tuple against a
+/// newcomer to another port (its SYN may still be retransmitted).
+pub const EMBRYONIC_HOLD_NS: u64 = 3_000_000_000;
+/// An open flow seen this recently is active: drain waits for active flows
+/// only (a client that went silent would hold it for its whole timeout).
+pub const FLOW_ACTIVE_NS: u64 = 10_000_000_000;
 /// Size of the SOCKHASH (two entries per accelerated connection).
 pub const SOCKHASH_MAX: u32 = 65_536;
 /// Proxy-side sockets waiting for their app-side peer to be established.
@@ -75,7 +97,9 @@ pub struct Config {
     pub proxy_port: u16,
     /// `SteerMode as u8`.
     pub steer_mode: u8,
-    pub _pad0: u8,
+    /// Link-layer header length on `--iface`: 14 (Ethernet, loopback) or 0
+    /// (L3 devices: WireGuard, tun, ipip; the packet starts at IP).
+    pub l2_len: u8,
     /// SO_MARK the proxy puts on its upstream sockets: never steered.
     pub proxy_mark: u32,
     /// Mark the tc program sets in `tproxy` mode (matched by the fwmark rule).
@@ -87,11 +111,17 @@ pub struct Config {
     /// reader has caught up.
     pub accel_max_queued: u32,
     pub _pad1: u32,
+    /// Cookie of the network namespace tproxy serves: cgroup programs see
+    /// sockets of every namespace whose processes are in the cgroup, and
+    /// must not take another namespace's identical tuple for a steered flow.
+    pub netns_cookie: u64,
 }
 
-/// Flow-table key: the connection as the proxy's accepted socket sees it
-/// (client address and port, and the local address the client dialled).
-/// Addresses in network order, IPv4 in `[0]` with the rest zero.
+/// Flow-table key (`SYNS`, `FLOWS`): the connection exactly as the proxy's
+/// accepted socket sees it: client address and port, the local address the
+/// client dialled, and the local port (the proxy port with rewrite
+/// steering, the dialled port with the tproxy back-end). Addresses in
+/// network order, IPv4 in `[0]` with the rest zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -99,11 +129,13 @@ pub struct FlowKey {
     pub local_addr: [u32; 4],
     /// Network order.
     pub client_port: u16,
+    /// Network order.
+    pub local_port: u16,
     pub family: u8,
-    pub _pad0: u8,
+    pub _pad0: [u8; 3],
 }
 
-/// Flow-table value: where the flow was going.
+/// Flow-table value: where the flow was going, and its life.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
@@ -113,11 +145,17 @@ pub struct FlowValue {
     pub state: u8,
     pub _pad0: u8,
     pub _pad1: u32,
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last
+    /// packet of the flow, either way.
+    pub last_seen: u64,
+    /// When the proxy's socket closed (CLOCK_MONOTONIC_COARSE); 0 if open.
+    pub closed_at: u64,
 }
 
 pub mod flow_state {
-    pub const FIN_FROM_CLIENT: u8 = 1 << 0;
-    pub const FIN_FROM_PROXY: u8 = 1 << 1;
+    /// The proxy's socket of this flow has closed (sockops saw TCP_CLOSE):
+    /// the entry lingers for retransmissions, then goes.
+    pub const CLOSED: u8 = 1 << 0;
 }
 
 /// SOCKHASH key: the full tuple of one socket as that socket sees it, plus
@@ -242,10 +280,23 @@ pub enum Counter {
     /// Times a sender came (back) to the fast path after sending by TCP,
     /// once its reader had read every byte.
     AccelResumed,
+    /// Flows promoted from `SYNS` to `FLOWS`: the proxy's socket reached
+    /// ESTABLISHED.
+    FlowsEstablished,
+    /// Established flows whose proxy socket closed (they linger, then go).
+    FlowsClosed,
+    /// Promotions refused because `FLOWS` was full (the flow stays
+    /// embryonic: served, but evictable).
+    FlowsTableFull,
+    /// IP fragments after the first (no TCP header): passed untouched.
+    Fragments,
+    /// Frames with a VLAN tag (in the frame, or taken off by the device):
+    /// passed untouched; run tproxy on the VLAN interface instead.
+    VlanPassed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 26] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -267,6 +318,11 @@ impl Counter {
         Counter::MsgReadBytes,
         Counter::SteerCollisions,
         Counter::AccelResumed,
+        Counter::FlowsEstablished,
+        Counter::FlowsClosed,
+        Counter::FlowsTableFull,
+        Counter::Fragments,
+        Counter::VlanPassed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -293,6 +349,11 @@ impl Counter {
             Counter::MsgReadBytes => "msg_read_bytes",
             Counter::SteerCollisions => "steer_collisions",
             Counter::AccelResumed => "accel_resumed",
+            Counter::FlowsEstablished => "flows_established",
+            Counter::FlowsClosed => "flows_closed",
+            Counter::FlowsTableFull => "flows_table_full",
+            Counter::Fragments => "fragments",
+            Counter::VlanPassed => "vlan_passed",
         }
     }
 }
@@ -300,7 +361,9 @@ impl Counter {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<Config>() == 24);
+    assert!(size_of::<Config>() == 32);
+    assert!(offset_of!(Config, l2_len) == 3);
+    assert!(offset_of!(Config, netns_cookie) == 24);
     assert!(offset_of!(Config, accel_max_queued) == 16);
     assert!(size_of::<SockState>() == 96);
     assert!(offset_of!(SockState, peer) == 56);
@@ -309,16 +372,19 @@ const _: () = {
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
-    assert!(size_of::<FlowKey>() == 36);
+    assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, local_addr) == 16);
     assert!(offset_of!(FlowKey, client_port) == 32);
-    assert!(offset_of!(FlowKey, family) == 34);
-    assert!(size_of::<FlowValue>() == 8);
+    assert!(offset_of!(FlowKey, local_port) == 34);
+    assert!(offset_of!(FlowKey, family) == 36);
+    assert!(size_of::<FlowValue>() == 24);
+    assert!(offset_of!(FlowValue, last_seen) == 8);
+    assert!(offset_of!(FlowValue, closed_at) == 16);
     assert!(size_of::<SockKey>() == 56);
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
     assert!(offset_of!(SockKey, netns_cookie) == 48);
-    assert!(Counter::COUNT == Counter::AccelResumed as u32 + 1);
+    assert!(Counter::COUNT == Counter::VlanPassed as u32 + 1);
 };
 
 #[cfg(feature = "user")]

@@ -3,10 +3,7 @@
 use aya_ebpf::bindings::bpf_sock;
 use tproxy_common::{AF_INET, AF_INET6, FlowKey};
 
-use crate::{
-    maps::{CONFIG, FLOWS},
-    sockkey::v4_mapped,
-};
+use crate::{flow, maps::CONFIG, sockkey::v4_mapped};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -19,12 +16,15 @@ pub struct OrigDst {
     pub port: u16,
 }
 
-/// Looks the socket up in the flow table. Its remote end must be the
-/// client and its local port the proxy port (rewrite) or the original port
-/// (tproxy): a direct connection from the same client address and port to
-/// some other port is not the steered flow.
+/// Looks the socket up in the flow table, by exactly the tuple the steering
+/// recorded: its remote end is the client, its local port the proxy port
+/// (rewrite) or the dialled port (tproxy), so a direct connection from the
+/// same client address and port to some other port is not the steered
+/// flow. `netns_cookie` is called only on a hit: the socket must be in the
+/// namespace tproxy serves (the cgroup may hold other namespaces' sockets
+/// with the same tuple).
 #[inline(always)]
-pub fn original_dst(sk: *const bpf_sock) -> Option<OrigDst> {
+pub fn original_dst(sk: *const bpf_sock, netns_cookie: impl FnOnce() -> u64) -> Option<OrigDst> {
     if sk.is_null() {
         return None;
     }
@@ -61,15 +61,13 @@ pub fn original_dst(sk: *const bpf_sock) -> Option<OrigDst> {
     let key = FlowKey {
         client_addr: remote,
         local_addr: local,
-        client_port: read_field!(sk, dst_port),
+        client_port: read_field!(sk, dst_port) as u16,
+        local_port: (read_field!(sk, src_port) as u16).to_be(), // host order in bpf_sock
         family,
-        _pad0: 0,
+        _pad0: [0; 3],
     };
-    // SAFETY: a plain lookup; the value is copied out at once.
-    let orig_port = unsafe { FLOWS.get(&key) }?.orig_port;
-    let local_port = read_field!(sk, src_port) as u16; // host order
-    let proxy_port = CONFIG.get(0)?.proxy_port;
-    if local_port != proxy_port && local_port != u16::from_be(orig_port) {
+    let orig_port = flow::lookup(&key)?.orig_port();
+    if netns_cookie() != CONFIG.get(0)?.netns_cookie {
         return None;
     }
     Some(OrigDst {

@@ -1,53 +1,214 @@
-//! Flow-table bookkeeping shared by the two tc programs: an entry lives from
-//! the client's SYN to the last ACK after both FINs, or to an RST. The LRU
-//! bound covers flows that vanish silently.
-use tproxy_common::{Counter, FlowKey, FlowValue, flow_state};
+//! The flow table, tproxy's conntrack, shared by the tc programs, sockops
+//! and the original-destination hooks.
+//!
+//! A flow is embryonic (`SYNS`, LRU) from the client's SYN until the
+//! proxy's accepted socket reaches ESTABLISHED, when sockops moves it to
+//! `FLOWS` (a plain hash: nothing a packet does evicts it). Packets never
+//! end a flow: the kernel's TCP on the proxy's socket decides that (an
+//! out-of-window RST changes nothing), and sockops marks the entry closed
+//! when that socket reaches TCP_CLOSE. A closed entry lingers
+//! (`FLOW_LINGER_NS`) for retransmitted FINs and TIME_WAIT ACKs; userspace
+//! removes it after that. Every packet refreshes `last_seen`.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use tproxy_common::{
+    Counter, EMBRYONIC_HOLD_NS, FLOW_TAKEOVER_NS, FlowKey, FlowValue, SockKey, flow_state,
+};
 
 use crate::{
     counters,
-    maps::FLOWS,
-    packet::{TCP_ACK, TCP_FIN, TCP_RST, Tcp},
+    maps::{FLOWS, SYNS},
+    packet::Tcp,
 };
 
-/// Key for a packet from the client (ingress).
+/// CLOCK_MONOTONIC_COARSE: a tick's resolution is plenty for ages in
+/// seconds, and it costs a load, not a clock read.
 #[inline(always)]
-pub fn key_from_client(tcp: &Tcp) -> FlowKey {
+pub fn now() -> u64 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Key for a packet from the client (ingress); `local_port` is the port
+/// the proxy's socket will have (network order).
+#[inline(always)]
+pub fn key_from_client(tcp: &Tcp, local_port: u16) -> FlowKey {
     FlowKey {
         client_addr: tcp.src,
         local_addr: tcp.dst,
         client_port: tcp.sport,
+        local_port,
         family: tcp.family,
-        _pad0: 0,
+        _pad0: [0; 3],
     }
 }
 
-/// Key for a packet to the client (egress).
+/// Key for a packet to the client (egress), sent from the proxy's socket.
 #[inline(always)]
 pub fn key_to_client(tcp: &Tcp) -> FlowKey {
     FlowKey {
         client_addr: tcp.dst,
         local_addr: tcp.src,
         client_port: tcp.dport,
+        local_port: tcp.sport,
         family: tcp.family,
-        _pad0: 0,
+        _pad0: [0; 3],
     }
 }
 
-/// Updates the entry after a packet of its flow was handled; `fin_bit` is
-/// this direction's FIN flag. Removes it on RST, and on the final ACK once
-/// both sides have sent FIN.
+/// Key of the flow whose proxy-side socket this is (sockops' view of it:
+/// host-order ports, v4-mapped addresses already folded to IPv4).
 #[inline(always)]
-pub fn track_close(key: &FlowKey, value: *mut FlowValue, tcp: &Tcp, fin_bit: u8) {
-    // SAFETY: value points into the map entry for key (from get_ptr_mut).
-    let state = unsafe { (*value).state };
-    let both = flow_state::FIN_FROM_CLIENT | flow_state::FIN_FROM_PROXY;
-    let done = tcp.has(TCP_RST) || (state & both == both && tcp.has(TCP_ACK) && !tcp.has(TCP_FIN));
-    if done {
-        if FLOWS.remove(key).is_ok() {
-            counters::inc(Counter::FlowsRemoved);
-        }
-    } else if tcp.has(TCP_FIN) && state & fin_bit == 0 {
+pub fn key_of_socket(k: &SockKey) -> FlowKey {
+    FlowKey {
+        client_addr: k.remote_addr,
+        local_addr: k.local_addr,
+        client_port: (k.remote_port as u16).to_be(),
+        local_port: (k.local_port as u16).to_be(),
+        family: k.family as u8,
+        _pad0: [0; 3],
+    }
+}
+
+/// A flow-table entry and the table it is in.
+pub struct Entry {
+    pub value: *mut FlowValue,
+    pub established: bool,
+}
+
+impl Entry {
+    #[inline(always)]
+    pub fn orig_port(&self) -> u16 {
+        // SAFETY: value points at a live map entry (from get_ptr_mut).
+        unsafe { (*self.value).orig_port }
+    }
+
+    #[inline(always)]
+    pub fn closed(&self) -> bool {
         // SAFETY: as above.
-        unsafe { (*value).state = state | fin_bit };
+        unsafe { (*self.value).state & flow_state::CLOSED != 0 }
+    }
+
+    /// Refreshes `last_seen`, writing at most once per clock tick.
+    #[inline(always)]
+    pub fn touch(&self, now: u64) {
+        // SAFETY: as above; a racing writer stores the same kind of value.
+        unsafe {
+            if (*self.value).last_seen != now {
+                (*self.value).last_seen = now;
+            }
+        }
+    }
+
+    /// May a newcomer's SYN to another port take this tuple? Only once the
+    /// old flow is gone: its proxy socket closed a moment ago (so a late
+    /// retransmission no longer needs the entry), or, embryonic, it has not
+    /// been seen for a while (its SYNs stopped).
+    #[inline(always)]
+    pub fn may_take_over(&self, now: u64) -> bool {
+        // SAFETY: as above.
+        let v = unsafe { &*self.value };
+        if self.established {
+            v.state & flow_state::CLOSED != 0 && now.wrapping_sub(v.closed_at) >= FLOW_TAKEOVER_NS
+        } else {
+            now.wrapping_sub(v.last_seen) >= EMBRYONIC_HOLD_NS
+        }
+    }
+}
+
+/// The flow's entry: established first (the common case), then embryonic.
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<Entry> {
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
+        return Some(Entry {
+            value,
+            established: true,
+        });
+    }
+    SYNS.get_ptr_mut(key).map(|value| Entry {
+        value,
+        established: false,
+    })
+}
+
+/// Removes the entry from whichever table holds it.
+#[inline(always)]
+pub fn remove(key: &FlowKey, entry: &Entry) {
+    let gone = if entry.established {
+        FLOWS.remove(key)
+    } else {
+        SYNS.remove(key)
+    };
+    if gone.is_ok() {
+        counters::inc(Counter::FlowsRemoved);
+    }
+}
+
+/// Records a new embryonic flow.
+#[inline(always)]
+pub fn embryonic(key: &FlowKey, orig_port: u16, now: u64) -> Result<(), ()> {
+    let value = FlowValue {
+        orig_port,
+        state: 0,
+        _pad0: 0,
+        _pad1: 0,
+        last_seen: now,
+        closed_at: 0,
+    };
+    SYNS.insert(key, &value, 0).map_err(|_| ())?;
+    counters::inc(Counter::FlowsCreated);
+    Ok(())
+}
+
+/// sockops, PASSIVE_ESTABLISHED of a socket in the served namespace: if it
+/// is the proxy's end of a steered flow, the flow is established. Returns
+/// whether it was (the caller then asks for state callbacks).
+#[inline(always)]
+pub fn established(key: &FlowKey) -> bool {
+    let now = now();
+    // SAFETY: a plain lookup; the value is copied out at once.
+    if let Some(v) = unsafe { SYNS.get(key) } {
+        let value = FlowValue {
+            state: 0,
+            last_seen: now,
+            closed_at: 0,
+            ..*v
+        };
+        if FLOWS.insert(key, &value, 0).is_err() {
+            // Full: it stays embryonic (served, but evictable).
+            counters::inc(Counter::FlowsTableFull);
+            return false;
+        }
+        let _ = SYNS.remove(key);
+    } else if let Some(v) = FLOWS.get_ptr_mut(key) {
+        // The tuple came back (a new connection on a lingering entry, same
+        // dialled port): open again.
+        // SAFETY: a live FLOWS entry.
+        unsafe {
+            (*v).state = 0;
+            (*v).closed_at = 0;
+            (*v).last_seen = now;
+        }
+    } else {
+        return false;
+    }
+    counters::inc(Counter::FlowsEstablished);
+    true
+}
+
+/// sockops, TCP_CLOSE of a socket in the served namespace: if it is the
+/// proxy's end of an established flow, the flow starts to linger.
+#[inline(always)]
+pub fn closed(key: &FlowKey) {
+    if let Some(v) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: a live FLOWS entry.
+        unsafe {
+            if (*v).state & flow_state::CLOSED == 0 {
+                let now = now();
+                (*v).closed_at = now;
+                (*v).last_seen = now;
+                (*v).state |= flow_state::CLOSED;
+                counters::inc(Counter::FlowsClosed);
+            }
+        }
     }
 }

@@ -5,7 +5,10 @@
 //! Why: a proxy that finds the original destination with getsockname()
 //! instead of SO_ORIGINAL_DST (HAProxy 2.6 on IPv6 sockets does exactly
 //! that) would otherwise dial its own listener, in a loop.
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
 use tproxy_common::Counter;
 
 use crate::{accepted, counters};
@@ -31,7 +34,9 @@ fn try_getsockname(ctx: &SockAddrContext) {
     let sa = unsafe { &mut *ctx.sock_addr };
     // SAFETY: reading a ctx field the verifier allows for this program type.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if let Some(orig) = accepted::original_dst(sk) {
+    // SAFETY: the helper takes this program's own context.
+    let cookie = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(orig) = accepted::original_dst(sk, cookie) {
         // user_port holds a network-order port in its low 16 bits.
         sa.user_port = u32::from(orig.port);
         counters::inc(Counter::GetsocknameAnswered);

@@ -3,7 +3,10 @@
 //! delivered to the proxy, from the flow table. Every other call, and every
 //! socket without a flow entry, keeps the kernel's own answer (including a
 //! real conntrack answer from an unrelated NAT rule).
-use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
+use aya_ebpf::{
+    EbpfContext as _, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
+    programs::SockoptContext,
+};
 use tproxy_common::{AF_INET, AF_INET6, Counter};
 
 use crate::{accepted, counters};
@@ -20,19 +23,21 @@ const SOCKADDR_IN6_LEN: usize = 28;
 pub fn tproxy_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sockopt for the program's run.
     let so = unsafe { &mut *ctx.sockopt };
-    let _ = try_getsockopt(so);
+    let _ = try_getsockopt(&ctx, so);
     PROCEED
 }
 
 #[inline(always)]
-fn try_getsockopt(so: &mut bpf_sockopt) -> Result<(), ()> {
+fn try_getsockopt(ctx: &SockoptContext, so: &mut bpf_sockopt) -> Result<(), ()> {
     if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
         return Ok(());
     }
     counters::inc(Counter::GetsockoptCalls);
     // SAFETY: reading a ctx field the verifier allows for this program type.
     let sk = unsafe { so.__bindgen_anon_1.sk };
-    let orig = accepted::original_dst(sk).ok_or(())?;
+    // SAFETY: the helper takes this program's own context.
+    let cookie = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let orig = accepted::original_dst(sk, cookie).ok_or(())?;
     let (family, local, orig_port) = (orig.family, orig.addr, orig.port);
 
     // SAFETY: optval/optval_end are the kernel's bounds for the buffer.

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use tproxy_common::{
-    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SockKey,
-    SockState,
+    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SYNS_MAX,
+    SockKey, SockState,
 };
 
 /// One entry, written by userspace: proxy port, marks, mode, flags.
@@ -21,9 +21,17 @@ pub static INTERCEPT_PORTS: Array<u8> = Array::with_max_entries(PORTS_MAX, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Steered flows: where each was going. LRU so silent flows age out.
+/// Established steered flows (the proxy's socket reached ESTABLISHED):
+/// where each was going. Not LRU: nothing a packet does evicts a live flow.
+/// Entries leave after the proxy's socket closed and a linger (userspace).
 #[map]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(FLOWS_MAX, 0);
+pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(FLOWS_MAX, 0);
+
+/// Embryonic steered flows (SYN seen): LRU, so a SYN flood only evicts
+/// other embryonic entries. sockops promotes an entry to FLOWS when the
+/// proxy's accepted socket reaches ESTABLISHED.
+#[map]
+pub static SYNS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(SYNS_MAX, 0);
 
 /// The proxy<->app socket pairs, keyed by full tuple + netns cookie.
 #[map]

@@ -1,17 +1,45 @@
-//! Just enough packet parsing for the tc programs: Ethernet, IPv4 or IPv6
-//! (no extension headers), TCP. Direct packet access, with one
-//! bpf_skb_pull_data when the headers are not in the linear part.
+//! Just enough packet parsing for the tc programs: an optional Ethernet
+//! header, IPv4 (with options) or IPv6 (with extension headers), TCP.
+//! Direct packet access, with one bpf_skb_pull_data when the headers are
+//! not in the linear part.
+//!
+//! Defined behaviour for the odd ones (each is passed untouched, never
+//! dropped, and counted where it is worth knowing):
+//! - VLAN: a frame with a tag (in the frame, or taken off by the device
+//!   into skb metadata) belongs to a VLAN interface: run tproxy there.
+//! - IPv4 options: parsed past (IHL).
+//! - IPv6 extension headers: hop-by-hop, routing, destination options,
+//!   fragment and AH are walked (up to `MAX_EXT` of them within the first
+//!   `HDR_ROOM` bytes); anything else (ESP, no next header) is not TCP to us.
+//! - Fragments: the first fragment carries the TCP header and is handled
+//!   like any segment (the port rewrite's checksum delta stays valid for
+//!   the reassembled segment); later fragments have no ports and pass.
+//! - L3 devices (WireGuard, tun, ipip): `Config::l2_len` is 0 and the
+//!   packet starts at the IP header.
 use aya_ebpf::programs::TcContext;
-use tproxy_common::{AF_INET, AF_INET6};
+use tproxy_common::{AF_INET, AF_INET6, Counter};
 
-const ETH_HLEN: usize = 14;
+use crate::counters;
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
-/// Ethernet + the largest IPv4 header + TCP up to and including its flags.
-const MAX_HDRS: usize = ETH_HLEN + 60 + 14;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked at most (IPv6).
+const MAX_EXT: usize = 4;
+/// Bytes after the link-layer header that the parser may need: the largest
+/// IPv4 header (60) + TCP up to its checksum (18) fit; IPv6 (40) leaves
+/// room for ~100 bytes of extension headers.
+const HDR_ROOM: usize = 160;
+/// The longest link-layer header (Ethernet).
+const MAX_L2: usize = 14;
 
-pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
@@ -41,13 +69,26 @@ impl Tcp {
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }
+
+    /// A connection request: SYN without ACK.
+    pub fn is_syn(&self) -> bool {
+        self.flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    }
 }
 
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
+    // At least 2 bytes: LLVM turns `p + 1 > end` into `p >= end`, a bounds
+    // check the verifier cannot use. Every field read here is followed by
+    // more header, so the extra byte is always there in a valid packet.
+    let need = if core::mem::size_of::<T>() < 2 {
+        2
+    } else {
+        core::mem::size_of::<T>()
+    };
+    if start + off + need > end {
         return None;
     }
     Some((start + off) as *const T)
@@ -59,46 +100,112 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
 
-/// Parses a TCP segment; `None` for anything else (or a fragment).
+/// The skb's protocol (host order) and whether the device took a VLAN tag
+/// off it: both from the skb, so they hold for L3 devices too.
 #[inline(always)]
-pub fn parse_tcp(ctx: &TcContext) -> Option<Tcp> {
-    if ctx.data() + MAX_HDRS > ctx.data_end() {
+fn skb_protocol(ctx: &TcContext) -> (u16, bool) {
+    let skb = ctx.skb.skb;
+    // One load per field: the verifier refuses wider loads of the context.
+    (
+        u16::from_be(read_field!(skb, protocol) as u16),
+        read_field!(skb, vlan_present) != 0,
+    )
+}
+
+/// Walks IPv6 extension headers from `off` (the first one's type `next`);
+/// the offset of the TCP header, or None (not TCP, a later fragment, or
+/// beyond what we look at).
+#[inline(always)]
+fn ipv6_l4(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<usize> {
+    for _ in 0..MAX_EXT {
+        let len = match next {
+            IPPROTO_TCP => return Some(off),
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                (read::<u8>(ctx, off + 1)? as usize + 1) * 8
+            }
+            NEXTHDR_FRAGMENT => {
+                let frag = u16::from_be(read::<u16>(ctx, off + 2)?);
+                if frag & 0xfff8 != 0 {
+                    counters::inc(Counter::Fragments);
+                    return None;
+                }
+                8
+            }
+            NEXTHDR_AUTH => (read::<u8>(ctx, off + 1)? as usize + 2) * 4,
+            _ => return None,
+        };
+        next = read::<u8>(ctx, off)?;
+        off += len;
+        // The verifier wants a bounded offset.
+        if off > MAX_L2 + HDR_ROOM {
+            return None;
+        }
+    }
+    (next == IPPROTO_TCP).then_some(off)
+}
+
+/// Parses a TCP segment after `l2_len` bytes of link-layer header (14 or
+/// 0); `None` for anything else (see the module's list).
+#[inline(always)]
+pub fn parse_tcp(ctx: &TcContext, l2_len: u8) -> Option<Tcp> {
+    let (proto, vlan) = skb_protocol(ctx);
+    if vlan || proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        counters::inc(Counter::VlanPassed);
+        return None;
+    }
+    // Constant offsets only: the verifier loses the packet range of a
+    // pointer moved by a value it reads from a map.
+    match l2_len {
+        0 => parse_ip::<0>(ctx, proto),
+        14 => parse_ip::<14>(ctx, proto),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
+    let l2 = L2;
+    if ctx.data() + l2 + HDR_ROOM > ctx.data_end() {
         // Headers may sit outside the linear area (or the packet is short).
-        let want = core::cmp::min(ctx.len() as usize, MAX_HDRS);
+        let want = core::cmp::min(ctx.len() as usize, l2 + HDR_ROOM);
         let _ = ctx.pull_data(want as u32);
     }
-    let proto = u16::from_be(read::<u16>(ctx, 12)?);
     let (family, src, dst, l4_off) = match proto {
         ETH_P_IP => {
-            let vihl: u8 = read(ctx, ETH_HLEN)?;
+            let vihl: u8 = read(ctx, l2)?;
             let ihl = ((vihl & 0x0f) as usize) * 4;
-            if ihl < 20 || read::<u8>(ctx, ETH_HLEN + 9)? != IPPROTO_TCP {
+            if vihl >> 4 != 4 || ihl < 20 || read::<u8>(ctx, l2 + 9)? != IPPROTO_TCP {
                 return None;
             }
-            // Fragment offset or more-fragments: not the first fragment's
-            // full header, leave it alone.
-            let frag = u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?);
-            if frag & 0x3fff != 0 {
+            // A later fragment has no TCP header; the first one (offset 0,
+            // more-fragments set) has, and is handled like any segment.
+            let frag = u16::from_be(read::<u16>(ctx, l2 + 6)?);
+            if frag & 0x1fff != 0 {
+                counters::inc(Counter::Fragments);
                 return None;
             }
-            let s: u32 = read(ctx, ETH_HLEN + 12)?;
-            let d: u32 = read(ctx, ETH_HLEN + 16)?;
-            (AF_INET, [s, 0, 0, 0], [d, 0, 0, 0], ETH_HLEN + ihl)
+            let s: u32 = read(ctx, l2 + 12)?;
+            let d: u32 = read(ctx, l2 + 16)?;
+            (AF_INET, [s, 0, 0, 0], [d, 0, 0, 0], l2 + ihl)
         }
         ETH_P_IPV6 => {
-            if read::<u8>(ctx, ETH_HLEN + 6)? != IPPROTO_TCP {
+            if read::<u8>(ctx, l2)? >> 4 != 6 {
                 return None;
             }
-            let s: [u32; 4] = read(ctx, ETH_HLEN + 8)?;
-            let d: [u32; 4] = read(ctx, ETH_HLEN + 24)?;
-            (AF_INET6, s, d, ETH_HLEN + 40)
+            let next: u8 = read(ctx, l2 + 6)?;
+            let s: [u32; 4] = read(ctx, l2 + 8)?;
+            let d: [u32; 4] = read(ctx, l2 + 24)?;
+            (AF_INET6, s, d, ipv6_l4(ctx, next, l2 + 40)?)
         }
         _ => return None,
     };
     // The verifier wants a bounded offset.
-    if l4_off > ETH_HLEN + 60 {
+    if l4_off > MAX_L2 + HDR_ROOM {
         return None;
     }
+    // The whole header up to the checksum must be here (a first fragment
+    // too short for it is left alone, as the tiny-fragment rules advise).
+    read::<u16>(ctx, l4_off + TCP_CSUM)?;
     Some(Tcp {
         family,
         src,

@@ -1,14 +1,14 @@
 //! tc egress on `--iface`: replies of steered flows. In rewrite mode the
-//! source port (the proxy port) goes back to the port that flow dialled;
-//! in both modes the proxy's FIN/RST are tracked so the entry is removed
-//! when the flow ends.
+//! source port (the proxy port) goes back to the port that flow dialled.
+//! Every reply refreshes the flow's last-seen time; the kernel's own RST
+//! for an embryonic flow (nothing accepted it) ends that entry.
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
-use tproxy_common::{Counter, SteerMode, flow_state};
+use tproxy_common::{Counter, SteerMode};
 
 use crate::{
     counters, flow,
-    maps::{CONFIG, FLOWS, INTERCEPT_PORTS},
-    packet::{self, TCP_SPORT},
+    maps::{CONFIG, INTERCEPT_PORTS},
+    packet::{self, TCP_RST, TCP_SPORT},
 };
 
 #[classifier]
@@ -23,7 +23,7 @@ fn try_restore(ctx: &TcContext) -> Result<i32, ()> {
     if packet::mark(ctx) == cfg.proxy_mark {
         return Ok(TC_ACT_UNSPEC);
     }
-    let tcp = packet::parse_tcp(ctx).ok_or(())?;
+    let tcp = packet::parse_tcp(ctx, cfg.l2_len).ok_or(())?;
     let rewrite = cfg.steer_mode == SteerMode::Rewrite as u8;
     let sport = tcp.sport_host();
     // Replies of steered flows leave from the proxy port (rewrite) or from
@@ -37,17 +37,21 @@ fn try_restore(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(TC_ACT_UNSPEC);
     }
     let key = flow::key_to_client(&tcp);
-    let Some(value) = FLOWS.get_ptr_mut(&key) else {
+    let Some(entry) = flow::lookup(&key) else {
         return Ok(TC_ACT_UNSPEC);
     };
     if rewrite {
-        // SAFETY: value points at the live map entry for key.
-        let orig = unsafe { (*value).orig_port };
-        if !packet::rewrite_port(ctx, &tcp, TCP_SPORT, tcp.sport, orig) {
+        if !packet::rewrite_port(ctx, &tcp, TCP_SPORT, tcp.sport, entry.orig_port()) {
             return Err(());
         }
         counters::inc(Counter::EgressRestored);
     }
-    flow::track_close(&key, value, &tcp, flow_state::FIN_FROM_PROXY);
+    if tcp.has(TCP_RST) && !entry.established {
+        // Our own kernel refused the connection (the proxy is down, or its
+        // listener dropped it): the entry has nothing left to serve.
+        flow::remove(&key, &entry);
+    } else {
+        entry.touch(flow::now());
+    }
     Ok(TC_ACT_UNSPEC)
 }

@@ -1,5 +1,12 @@
-//! sockops on `--cgroup`: puts exactly the proxy<->app socket pairs in the
-//! SOCKHASH, at ESTABLISHED, before any data moves.
+//! sockops on `--cgroup`: the flow table's view of the proxy's accepted
+//! sockets (a steered flow is established when the proxy's socket is, and
+//! ends when that socket closes: `flow.rs`), and, with acceleration, puts
+//! exactly the proxy<->app socket pairs in the SOCKHASH, at ESTABLISHED,
+//! before any data moves.
+//!
+//! Two programs: `tproxy_sockops` (flows + acceleration) and
+//! `tproxy_sockops_flows` (--no-accel: flows only; it keys nothing by
+//! socket address, so it loads without CAP_PERFMON).
 //!
 //! A pair is a connection between two sockets of this host, both in the
 //! cgroup, to an intercepted app port. The connecting (proxy) side reaches
@@ -20,7 +27,7 @@ use aya_ebpf::{
 use tproxy_common::{Counter, SockKey, SockState, flags};
 
 use crate::{
-    counters,
+    counters, flow,
     maps::{CONFIG, INTERCEPT_PORTS, PENDING_PEERS, SOCKHASH, SOCKS},
     sockkey,
 };
@@ -30,7 +37,13 @@ const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
 pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
-    let _ = try_sockops(&ctx);
+    let _ = try_sockops::<true>(&ctx);
+    1
+}
+
+#[sock_ops]
+pub fn tproxy_sockops_flows(ctx: SockOpsContext) -> u32 {
+    let _ = try_sockops::<false>(&ctx);
     1
 }
 
@@ -40,52 +53,71 @@ fn intercepted(port: u32) -> bool {
 }
 
 #[inline(always)]
-fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
+fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
     counters::inc(Counter::SockopsEvents);
     let op = ctx.op();
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let cfg = CONFIG.get(0).ok_or(())?;
-            if cfg.flags & flags::ACCEL == 0 {
-                return Ok(());
-            }
             let key = sockkey::from_sock_ops(ctx);
-            if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-                if !intercepted(key.remote_port) || !sockkey::both_local(&key) {
-                    return Ok(());
-                }
-                let sk = insert(ctx, &key, 0)?;
-                PENDING_PEERS.insert(&key.peer(), &sk, 0).map_err(|_| ())?;
-            } else {
-                if !intercepted(key.local_port) {
-                    return Ok(());
-                }
-                // SAFETY: a plain lookup; the value is copied out at once.
-                let Some(&proxy_sk) = (unsafe { PENDING_PEERS.get(&key) }) else {
-                    return Ok(());
-                };
-                let _ = PENDING_PEERS.remove(&key);
-                // The proxy side may have closed in between.
-                if SOCKS.get_ptr(&proxy_sk).is_none() {
-                    return Ok(());
-                }
-                let sk = insert(ctx, &key, proxy_sk)?;
-                // Now the proxy side may redirect to us. Until here its
-                // bytes went by TCP, and were counted: it switches only
-                // once we have read them all.
-                let proxy = SOCKS.get_ptr_mut(&proxy_sk).ok_or(())?;
-                // SAFETY: a live SOCKS entry; a single aligned 8-byte store.
-                unsafe { core::ptr::write_volatile(&raw mut (*proxy).peer, sk) };
+            // Only sockets of the namespace tproxy serves are its flows.
+            if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+                && key.netns_cookie == cfg.netns_cookie
+                && flow::established(&flow::key_of_socket(&key))
+            {
+                // To see it close.
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+            if ACCEL && cfg.flags & flags::ACCEL != 0 {
+                accelerate(ctx, op, &key)?;
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            let key = sockkey::from_sock_ops(ctx);
+            if key.netns_cookie == CONFIG.get(0).ok_or(())?.netns_cookie {
+                flow::closed(&flow::key_of_socket(&key));
+            }
             // The kernel drops a closed socket from the SOCKHASH itself;
             // this is our bookkeeping.
-            if SOCKS.remove(&sk_addr(ctx)).is_ok() {
+            if ACCEL && SOCKS.remove(&sk_addr(ctx)).is_ok() {
                 counters::inc(Counter::SockhashRemoved);
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// ESTABLISHED: the proxy side of a proxy<->app pair enters the map and
+/// leaves its peer's key pending; the app side enters if it is pending.
+#[inline(always)]
+fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey) -> Result<(), ()> {
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        if !intercepted(key.remote_port) || !sockkey::both_local(key) {
+            return Ok(());
+        }
+        let sk = insert(ctx, key, 0)?;
+        PENDING_PEERS.insert(&key.peer(), &sk, 0).map_err(|_| ())?;
+    } else {
+        if !intercepted(key.local_port) {
+            return Ok(());
+        }
+        // SAFETY: a plain lookup; the value is copied out at once.
+        let Some(&proxy_sk) = (unsafe { PENDING_PEERS.get(key) }) else {
+            return Ok(());
+        };
+        let _ = PENDING_PEERS.remove(key);
+        // The proxy side may have closed in between.
+        if SOCKS.get_ptr(&proxy_sk).is_none() {
+            return Ok(());
+        }
+        let sk = insert(ctx, key, proxy_sk)?;
+        // Now the proxy side may redirect to us. Until here its
+        // bytes went by TCP, and were counted: it switches only
+        // once we have read them all.
+        let proxy = SOCKS.get_ptr_mut(&proxy_sk).ok_or(())?;
+        // SAFETY: a live SOCKS entry; a single aligned 8-byte store.
+        unsafe { core::ptr::write_volatile(&raw mut (*proxy).peer, sk) };
     }
     Ok(())
 }

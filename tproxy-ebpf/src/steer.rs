@@ -2,20 +2,20 @@
 //!
 //! rewrite mode: the destination port becomes the proxy port (checksum
 //! fixed by the kernel's helper); tproxy mode: the packet gets the steer
-//! mark, and policy routing + nftables `tproxy` deliver it. Either way the
-//! flow's original destination goes into FLOWS for cgroup/getsockopt and
-//! for the egress program.
+//! mark, and policy routing + nftables `tproxy` deliver it. A SYN opens an
+//! embryonic entry (`SYNS`); later packets of the flow follow their entry
+//! (see `flow.rs` for its life). Packets never end a flow.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
-use tproxy_common::{Counter, FlowValue, SteerMode, flags, flow_state};
+use tproxy_common::{Counter, SteerMode, flags};
 
 use crate::{
     counters, flow,
-    maps::{CONFIG, FLOWS, INTERCEPT_PORTS},
-    packet::{self, TCP_ACK, TCP_DPORT, TCP_SYN},
+    maps::{CONFIG, INTERCEPT_PORTS},
+    packet::{self, TCP_DPORT},
 };
 
 #[classifier]
@@ -32,68 +32,57 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
     if packet::mark(ctx) == cfg.proxy_mark {
         return Ok(TC_ACT_UNSPEC);
     }
-    let tcp = packet::parse_tcp(ctx).ok_or(())?;
-    let dport = tcp.dport_host();
-    if *INTERCEPT_PORTS.get(dport as u32).ok_or(())? == 0 {
+    let tcp = packet::parse_tcp(ctx, cfg.l2_len).ok_or(())?;
+    if *INTERCEPT_PORTS.get(tcp.dport_host() as u32).ok_or(())? == 0 {
         return Ok(TC_ACT_UNSPEC);
     }
-    let key = flow::key_from_client(&tcp);
-
-    let value = match FLOWS.get_ptr_mut(&key) {
-        Some(v) => {
-            // SAFETY: v points at the live map entry for key.
-            let orig = unsafe { (*v).orig_port };
-            if orig != tcp.dport {
-                // The same client address and port towards another
-                // intercepted port: after the rewrite both would be one
-                // 4-tuple at the proxy. Only a new connection may replace an
-                // entry; a live one wins and the newcomer is dropped.
-                if !(tcp.has(TCP_SYN) && !tcp.has(TCP_ACK)) {
-                    return Ok(TC_ACT_UNSPEC);
-                }
-                // SAFETY: as above.
-                if unsafe { (*v).state } == 0 {
-                    counters::inc(Counter::SteerCollisions);
-                    return Ok(TC_ACT_SHOT);
-                }
-                new_flow(&key, &tcp, cfg.flags)?
-            } else {
-                v
+    let rewrite = cfg.steer_mode == SteerMode::Rewrite as u8;
+    // The flow as the proxy's socket will see it: rewritten flows all land
+    // on the proxy port, transparent ones keep the dialled port.
+    let local_port = if rewrite {
+        cfg.proxy_port.to_be()
+    } else {
+        tcp.dport
+    };
+    let key = flow::key_from_client(&tcp, local_port);
+    let steer_new = cfg.flags & flags::STEER_NEW != 0;
+    let now = flow::now();
+    match flow::lookup(&key) {
+        Some(entry) if entry.orig_port() == tcp.dport => {
+            // A new connection on a closed flow's tuple while draining goes
+            // straight to the app, like every new connection then.
+            if tcp.is_syn() && entry.closed() && !steer_new {
+                return Ok(TC_ACT_UNSPEC);
             }
+            entry.touch(now);
         }
-        None if tcp.has(TCP_SYN) && !tcp.has(TCP_ACK) => new_flow(&key, &tcp, cfg.flags)?,
+        Some(entry) => {
+            // The same client address and port to another intercepted port
+            // (rewrite mode only: tproxy keys differ by port): both would be
+            // one 4-tuple at the proxy. Only a new connection may take the
+            // tuple, and only once the old flow is gone; until then its SYN
+            // is dropped (the client retries) and counted.
+            if !tcp.is_syn() || !steer_new {
+                return Ok(TC_ACT_UNSPEC);
+            }
+            if !entry.may_take_over(now) {
+                counters::inc(Counter::SteerCollisions);
+                return Ok(TC_ACT_SHOT);
+            }
+            flow::remove(&key, &entry);
+            flow::embryonic(&key, tcp.dport, now)?;
+        }
+        None if tcp.is_syn() && steer_new => flow::embryonic(&key, tcp.dport, now)?,
         // A flow that began before tproxy started (or was not steered):
         // leave it on its way to the app.
         None => return Ok(TC_ACT_UNSPEC),
-    };
+    }
 
-    if cfg.steer_mode == SteerMode::Tproxy as u8 {
+    if !rewrite {
         ctx.set_mark(cfg.steer_mark);
     } else if !packet::rewrite_port(ctx, &tcp, TCP_DPORT, tcp.dport, cfg.proxy_port.to_be()) {
         return Err(());
     }
     counters::inc(Counter::IngressSteered);
-    flow::track_close(&key, value, &tcp, flow_state::FIN_FROM_CLIENT);
     Ok(TC_ACT_UNSPEC)
-}
-
-/// Records a new flow, unless steering of new flows has stopped (drain).
-#[inline(always)]
-fn new_flow(
-    key: &tproxy_common::FlowKey,
-    tcp: &packet::Tcp,
-    cfg_flags: u32,
-) -> Result<*mut FlowValue, ()> {
-    if cfg_flags & flags::STEER_NEW == 0 {
-        return Err(());
-    }
-    let value = FlowValue {
-        orig_port: tcp.dport,
-        state: 0,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    FLOWS.insert(key, &value, 0).map_err(|_| ())?;
-    counters::inc(Counter::FlowsCreated);
-    FLOWS.get_ptr_mut(key).ok_or(())
 }
