@@ -5,8 +5,8 @@ use std::mem::size_of;
 
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
-    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SockKey,
-    SockState, names,
+    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SYNS_MAX,
+    SockKey, SockState, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -32,12 +32,21 @@ fn maps_in_the_object_match_the_shared_types() {
     check(names::CONFIG, ARRAY, 4, size_of::<Config>(), 1);
     check(names::INTERCEPT_PORTS, ARRAY, 4, 1, PORTS_MAX);
     check(names::COUNTERS, PERCPU_ARRAY, 4, 8, Counter::COUNT);
+    // Established flows: a plain hash (nothing evicts them); embryonic
+    // ones: LRU (a SYN flood churns only these).
     check(
         names::FLOWS,
-        LRU_HASH,
+        HASH,
         size_of::<FlowKey>(),
         size_of::<FlowValue>(),
         FLOWS_MAX,
+    );
+    check(
+        names::SYNS,
+        LRU_HASH,
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+        SYNS_MAX,
     );
     check(
         names::SOCKHASH,
@@ -56,7 +65,7 @@ fn maps_in_the_object_match_the_shared_types() {
     );
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 7, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 8, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]
@@ -71,6 +80,7 @@ fn programs_in_the_object_are_the_hooks() {
         names::PROG_GETSOCKNAME4,
         names::PROG_GETSOCKNAME6,
         names::PROG_SOCKOPS,
+        names::PROG_SOCKOPS_FLOWS,
         names::PROG_SK_MSG,
         names::PROG_RECV_LENGTH,
     ];

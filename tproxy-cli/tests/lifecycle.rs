@@ -98,10 +98,14 @@ const ALL_PROGS: [&str; 8] = [
 fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64> {
     let progs = kernel::programs_using_map(map_id).unwrap();
     let names: Vec<&str> = progs.iter().map(|p| p.name.as_str()).collect();
+    // Without acceleration: the flow-tracking sockops and no socket
+    // programs (no SOCKHASH, sk_msg or recvmsg tracepoint).
     let expected: Vec<&str> = if accel {
         ALL_PROGS.to_vec()
     } else {
-        ALL_PROGS[..5].to_vec()
+        let mut v = ALL_PROGS[..5].to_vec();
+        v.push("tproxy_sockops_flows");
+        v
     };
     for name in &expected {
         assert!(names.contains(name), "{name} not loaded; loaded: {names:?}");
@@ -130,9 +134,12 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
     ]
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .into();
-    if accel {
-        want.push(("cgroup_sock_ops".into(), "tproxy_sockops".into()));
-    }
+    let sockops = if accel {
+        "tproxy_sockops"
+    } else {
+        "tproxy_sockops_flows"
+    };
+    want.push(("cgroup_sock_ops".into(), sockops.into()));
     want.sort();
     assert_eq!(cg, want, "cgroup attachments");
 
@@ -237,6 +244,8 @@ fn attaches_everything_and_sigterm_removes_it_all() {
 
 #[test]
 fn sigint_works_too_and_no_accel_loads_no_socket_programs() {
+    // (--no-accel still tracks flows with sockops, but loads no SOCKHASH,
+    // sk_msg or tracepoint program.)
     let sb = Sandbox::new();
     let before = sb.tc_listing();
     let mut t = sb.start(&["--no-accel"]);

@@ -1,0 +1,439 @@
+//! The tc programs, one crafted packet at a time, through
+//! `BPF_PROG_TEST_RUN`: the verdict, the bytes they rewrite (with valid
+//! checksums), and the flow-table entries they leave. Nothing is attached:
+//! the programs run on private copies of the maps. Root only.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use tproxy::instance::{EBPF_OBJECT, monotonic_coarse_ns};
+use tproxy_common::{Config, Counter, FlowKey, FlowValue, SteerMode, flags, flow_state, names};
+use tproxy_examples::packet::{self as pkt, ACK, Ext, FIN, PSH, RST, SYN, Tcp};
+
+const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
+const TC_ACT_SHOT: u32 = 2;
+const PROXY_PORT: u16 = 15006;
+const PROXY_MARK: u32 = 0x539;
+const STEER_MARK: u32 = 0x7400_0002;
+/// sizeof(struct __sk_buff) on this kernel's uapi; `mark` is at offset 8.
+const SKB_CTX: usize = 192;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 178, 10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x20);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x178, 0, 0, 0, 0, 0, 0x10);
+
+struct Progs {
+    ebpf: Ebpf,
+    mode: SteerMode,
+}
+
+/// What one run did.
+#[derive(Debug)]
+struct Run {
+    verdict: u32,
+    out: Vec<u8>,
+    mark: u32,
+}
+
+impl Progs {
+    fn new(mode: SteerMode) -> Progs {
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).expect("load object");
+        let cfg = Config {
+            proxy_port: PROXY_PORT,
+            steer_mode: mode as u8,
+            l2_len: 14,
+            proxy_mark: PROXY_MARK,
+            steer_mark: STEER_MARK,
+            flags: flags::STEER_NEW,
+            accel_max_queued: 1 << 20,
+            _pad1: 0,
+            netns_cookie: 1,
+        };
+        let mut c: Array<&mut MapData, Config> =
+            Array::try_from(ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
+        c.set(0, cfg, 0).unwrap();
+        let mut ports: Array<&mut MapData, u8> =
+            Array::try_from(ebpf.map_mut(names::INTERCEPT_PORTS).unwrap()).unwrap();
+        for p in [8000u32, 8080] {
+            ports.set(p, 1, 0).unwrap();
+        }
+        for name in [names::PROG_STEER, names::PROG_RESTORE] {
+            let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            p.load().unwrap();
+        }
+        Progs { ebpf, mode }
+    }
+
+    fn run(&self, prog: &str, frame: &[u8], mark: u32) -> Run {
+        let p: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let mut ctx_in = [0u8; SKB_CTX];
+        ctx_in[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SKB_CTX];
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = p
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        Run {
+            verdict: r.return_value,
+            out,
+            mark: u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()),
+        }
+    }
+
+    fn ingress(&self, frame: &[u8]) -> Run {
+        self.run(names::PROG_STEER, frame, 0)
+    }
+
+    fn egress(&self, frame: &[u8]) -> Run {
+        self.run(names::PROG_RESTORE, frame, 0)
+    }
+
+    fn table(&self, name: &str) -> Vec<(FlowKey, FlowValue)> {
+        let m = self.ebpf.map(name).unwrap();
+        let h: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(m).unwrap();
+        h.iter().map(Result::unwrap).collect()
+    }
+
+    fn put(&mut self, name: &str, k: FlowKey, v: FlowValue) {
+        let mut h: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap();
+        h.insert(k, v, 0).unwrap();
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map(names::COUNTERS).unwrap()).unwrap();
+        arr.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+
+    /// The flow key a client connection gets (as the proxy's socket sees it).
+    fn key(&self, client: IpAddr, cport: u16, server: IpAddr, dport: u16) -> FlowKey {
+        let a = |ip: IpAddr| match ip {
+            IpAddr::V4(v) => [u32::from_ne_bytes(v.octets()), 0, 0, 0],
+            IpAddr::V6(v) => {
+                let o = v.octets();
+                std::array::from_fn(|i| u32::from_ne_bytes(o[4 * i..4 * i + 4].try_into().unwrap()))
+            }
+        };
+        let local = if self.mode == SteerMode::Rewrite {
+            PROXY_PORT
+        } else {
+            dport
+        };
+        FlowKey {
+            client_addr: a(client),
+            local_addr: a(server),
+            client_port: cport.to_be(),
+            local_port: local.to_be(),
+            family: if client.is_ipv4() { 2 } else { 10 },
+            _pad0: [0; 3],
+        }
+    }
+}
+
+fn flow(orig: u16, state: u8, last_seen: u64, closed_at: u64) -> FlowValue {
+    FlowValue {
+        orig_port: orig.to_be(),
+        state,
+        _pad0: 0,
+        _pad1: 0,
+        last_seen,
+        closed_at,
+    }
+}
+
+fn v4(src: Ipv4Addr, dst: Ipv4Addr, t: &Tcp) -> Vec<u8> {
+    pkt::ether(pkt::ETH_P_IP, None, &pkt::ip_tcp(src.into(), dst.into(), t))
+}
+
+fn v6(src: Ipv6Addr, dst: Ipv6Addr, t: &Tcp) -> Vec<u8> {
+    pkt::ether(
+        pkt::ETH_P_IPV6,
+        None,
+        &pkt::ip_tcp(src.into(), dst.into(), t),
+    )
+}
+
+/// The TCP header's ports in a frame, and whether its checksum is right.
+fn tcp_of(frame: &[u8]) -> (u16, u16, bool) {
+    let ip = &frame[14..];
+    let (src, dst, l4): (IpAddr, IpAddr, &[u8]) = if ip[0] >> 4 == 4 {
+        let ihl = usize::from(ip[0] & 0xf) * 4;
+        assert_eq!(pkt::checksum(&ip[..ihl]), 0, "IPv4 header checksum");
+        let s: [u8; 4] = ip[12..16].try_into().unwrap();
+        let d: [u8; 4] = ip[16..20].try_into().unwrap();
+        (s.into(), d.into(), &ip[ihl..])
+    } else {
+        let s: [u8; 16] = ip[8..24].try_into().unwrap();
+        let d: [u8; 16] = ip[24..40].try_into().unwrap();
+        // Walk the extension headers the tests build.
+        let (mut next, mut off) = (ip[6], 40);
+        while next != pkt::IPPROTO_TCP {
+            let len = if next == 44 {
+                8
+            } else {
+                (usize::from(ip[off + 1]) + 1) * 8
+            };
+            next = ip[off];
+            off += len;
+        }
+        (s.into(), d.into(), &ip[off..])
+    };
+    let ok = pkt::l4_checksum_ok(src, dst, pkt::IPPROTO_TCP, l4);
+    (
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+        ok,
+    )
+}
+
+#[test]
+fn a_syn_opens_an_embryonic_flow_and_its_packets_are_rewritten_both_ways() {
+    let p = Progs::new(SteerMode::Rewrite);
+    let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN)));
+    assert_eq!(r.verdict, TC_ACT_UNSPEC);
+    assert_eq!(tcp_of(&r.out), (40000, PROXY_PORT, true));
+    let syns = p.table(names::SYNS);
+    assert_eq!(syns.len(), 1);
+    assert_eq!(syns[0].0, p.key(CLIENT.into(), 40000, SERVER.into(), 8000));
+    assert_eq!(u16::from_be(syns[0].1.orig_port), 8000);
+    assert!(p.table(names::FLOWS).is_empty(), "only sockops establishes");
+
+    let r = p.egress(&v4(SERVER, CLIENT, &Tcp::new(PROXY_PORT, 40000, SYN | ACK)));
+    assert_eq!(tcp_of(&r.out), (8000, 40000, true), "SYN-ACK restored");
+    let mut data = Tcp::new(40000, 8000, PSH | ACK);
+    data.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+    let r = p.ingress(&v4(CLIENT, SERVER, &data));
+    assert_eq!(tcp_of(&r.out), (40000, PROXY_PORT, true));
+    // Another client port, not a SYN: not ours, left alone.
+    let stray = v4(CLIENT, SERVER, &Tcp::new(40001, 8000, ACK));
+    assert_eq!(p.ingress(&stray).out, stray);
+    // A port that is not intercepted: untouched, no entry.
+    let other = v4(CLIENT, SERVER, &Tcp::new(40002, 8081, SYN));
+    assert_eq!(p.ingress(&other).out, other);
+    assert_eq!(p.table(names::SYNS).len(), 1);
+}
+
+#[test]
+fn rsts_and_fins_from_the_client_end_nothing() {
+    let mut p = Progs::new(SteerMode::Rewrite);
+    let now = monotonic_coarse_ns();
+    let k = p.key(CLIENT.into(), 40000, SERVER.into(), 8000);
+    p.put(names::FLOWS, k, flow(8000, 0, now, 0));
+    for (flags, seq) in [(RST, 7), (RST | ACK, 0x8000_0000), (FIN | ACK, 1000)] {
+        let mut t = Tcp::new(40000, 8000, flags);
+        t.seq = seq;
+        let r = p.ingress(&v4(CLIENT, SERVER, &t));
+        // Steered to the proxy's socket, whose TCP decides what it means.
+        assert_eq!(
+            tcp_of(&r.out),
+            (40000, PROXY_PORT, true),
+            "flags {flags:#x}"
+        );
+    }
+    let flows = p.table(names::FLOWS);
+    assert_eq!(flows.len(), 1, "the entry survives");
+    assert_eq!(flows[0].1.state, 0, "and is still open");
+}
+
+#[test]
+fn a_closed_flow_lingers_for_retransmissions() {
+    let mut p = Progs::new(SteerMode::Rewrite);
+    let now = monotonic_coarse_ns();
+    let k = p.key(CLIENT.into(), 40000, SERVER.into(), 8000);
+    p.put(names::FLOWS, k, flow(8000, flow_state::CLOSED, now, now));
+    let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(40000, 8000, FIN | ACK)));
+    assert_eq!(
+        tcp_of(&r.out),
+        (40000, PROXY_PORT, true),
+        "retransmitted FIN steered"
+    );
+    let r = p.egress(&v4(SERVER, CLIENT, &Tcp::new(PROXY_PORT, 40000, ACK)));
+    assert_eq!(
+        tcp_of(&r.out),
+        (8000, 40000, true),
+        "TIME_WAIT ACK restored"
+    );
+    assert_eq!(p.table(names::FLOWS).len(), 1);
+}
+
+#[test]
+fn the_kernels_rst_for_an_embryonic_flow_ends_it_and_is_restored() {
+    let p = Progs::new(SteerMode::Rewrite);
+    p.ingress(&v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN)));
+    let r = p.egress(&v4(SERVER, CLIENT, &Tcp::new(PROXY_PORT, 40000, RST | ACK)));
+    assert_eq!(tcp_of(&r.out), (8000, 40000, true));
+    assert!(p.table(names::SYNS).is_empty());
+}
+
+#[test]
+fn a_newcomer_on_a_live_tuple_is_held_off_until_the_old_flow_is_gone() {
+    let mut p = Progs::new(SteerMode::Rewrite);
+    let now = monotonic_coarse_ns();
+    let k = p.key(CLIENT.into(), 45000, SERVER.into(), 8000);
+    let syn_8080 = v4(CLIENT, SERVER, &Tcp::new(45000, 8080, SYN));
+    // Open: dropped and counted.
+    p.put(names::FLOWS, k, flow(8000, 0, now, 0));
+    assert_eq!(p.ingress(&syn_8080).verdict, TC_ACT_SHOT);
+    assert_eq!(p.counter(Counter::SteerCollisions), 1);
+    // Closed just now: still held (a late retransmission may need it).
+    p.put(names::FLOWS, k, flow(8000, flow_state::CLOSED, now, now));
+    assert_eq!(p.ingress(&syn_8080).verdict, TC_ACT_SHOT);
+    // Closed 2 s ago: the newcomer takes the tuple.
+    let then = now - 2_000_000_000;
+    p.put(names::FLOWS, k, flow(8000, flow_state::CLOSED, then, then));
+    let r = p.ingress(&syn_8080);
+    assert_eq!(r.verdict, TC_ACT_UNSPEC);
+    assert_eq!(tcp_of(&r.out), (45000, PROXY_PORT, true));
+    assert!(p.table(names::FLOWS).is_empty());
+    let syns = p.table(names::SYNS);
+    assert_eq!((syns.len(), u16::from_be(syns[0].1.orig_port)), (1, 8080));
+    // A non-SYN to the other port never touches the entry.
+    let ack = v4(CLIENT, SERVER, &Tcp::new(45000, 8000, ACK));
+    assert_eq!(p.ingress(&ack).out, ack);
+}
+
+#[test]
+fn the_tproxy_backend_marks_and_keys_by_the_dialled_port() {
+    let p = Progs::new(SteerMode::Tproxy);
+    let syn = v4(CLIENT, SERVER, &Tcp::new(45000, 8000, SYN));
+    let r = p.ingress(&syn);
+    assert_eq!((r.verdict, r.mark), (TC_ACT_UNSPEC, STEER_MARK));
+    assert_eq!(r.out, syn, "tproxy mode rewrites nothing");
+    // The same client port to another port: a flow of its own.
+    let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(45000, 8080, SYN)));
+    assert_eq!((r.verdict, r.mark), (TC_ACT_UNSPEC, STEER_MARK));
+    assert_eq!(p.table(names::SYNS).len(), 2);
+    assert_eq!(p.counter(Counter::SteerCollisions), 0);
+}
+
+#[test]
+fn the_proxys_own_packets_are_never_steered() {
+    let p = Progs::new(SteerMode::Rewrite);
+    let syn = v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN));
+    let r = p.run(names::PROG_STEER, &syn, PROXY_MARK);
+    assert_eq!(r.out, syn);
+    assert!(p.table(names::SYNS).is_empty());
+}
+
+#[test]
+fn ipv4_options_are_parsed_past() {
+    let p = Progs::new(SteerMode::Rewrite);
+    let seg = Tcp::new(40000, 8000, SYN).bytes(CLIENT.into(), SERVER.into());
+    // Record route (7), 11 bytes, plus padding to 12: IHL 8.
+    let opts = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0];
+    let frame = pkt::ether(
+        pkt::ETH_P_IP,
+        None,
+        &pkt::ipv4(CLIENT, SERVER, &opts, 0x4000, 6, &seg),
+    );
+    let r = p.ingress(&frame);
+    assert_eq!(tcp_of(&r.out), (40000, PROXY_PORT, true));
+    assert_eq!(r.out[14] & 0xf, 8);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    let p = Progs::new(SteerMode::Rewrite);
+    let seg = Tcp::new(40000, 8000, SYN).bytes(CLIENT6.into(), SERVER6.into());
+    let exts = [Ext::options(0, 1), Ext::options(60, 2)];
+    let frame = pkt::ether(
+        pkt::ETH_P_IPV6,
+        None,
+        &pkt::ipv6(CLIENT6, SERVER6, &exts, 6, &seg),
+    );
+    let r = p.ingress(&frame);
+    assert_eq!(tcp_of(&r.out), (40000, PROXY_PORT, true));
+    let r = p.egress(&v6(
+        SERVER6,
+        CLIENT6,
+        &Tcp::new(PROXY_PORT, 40000, SYN | ACK),
+    ));
+    assert_eq!(tcp_of(&r.out), (8000, 40000, true));
+    // ESP (50) is not TCP to us: untouched.
+    let esp = pkt::ether(
+        pkt::ETH_P_IPV6,
+        None,
+        &pkt::ipv6(CLIENT6, SERVER6, &[], 50, &seg),
+    );
+    assert_eq!(p.ingress(&esp).out, esp);
+}
+
+#[test]
+fn first_fragments_are_steered_and_later_ones_pass() {
+    let p = Progs::new(SteerMode::Rewrite);
+    // IPv4: the first fragment (MF, offset 0) carries the TCP header. Its
+    // checksum covers bytes in later fragments, so check the delta instead:
+    // the rewritten port, and the checksum field moved by exactly that.
+    let mut t = Tcp::new(40000, 8000, PSH | ACK);
+    t.payload = vec![7; 64];
+    let seg = t.bytes(CLIENT.into(), SERVER.into());
+    let first = pkt::ether(
+        pkt::ETH_P_IP,
+        None,
+        &pkt::ipv4(CLIENT, SERVER, &[], 0x2000, 6, &seg[..48]),
+    );
+    let p2 = Progs::new(SteerMode::Rewrite);
+    p2.ingress(&v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN)));
+    let r = p2.ingress(&first);
+    let l4 = &r.out[34..];
+    assert_eq!(u16::from_be_bytes([l4[2], l4[3]]), PROXY_PORT);
+    // Reassemble in our head: the whole segment's checksum must verify.
+    let mut whole = seg.clone();
+    whole[..48].copy_from_slice(l4);
+    assert!(pkt::l4_checksum_ok(CLIENT.into(), SERVER.into(), 6, &whole));
+    // A later fragment has no ports: untouched and counted.
+    let later = pkt::ether(
+        pkt::ETH_P_IP,
+        None,
+        &pkt::ipv4(CLIENT, SERVER, &[], 6, 6, &seg[48..]),
+    );
+    assert_eq!(p.ingress(&later).out, later);
+    assert_eq!(p.counter(Counter::Fragments), 1);
+    // IPv6: a fragment header at offset 0 is walked; a later one passes.
+    let seg6 = Tcp::new(40000, 8000, SYN).bytes(CLIENT6.into(), SERVER6.into());
+    let first6 = pkt::ether(
+        pkt::ETH_P_IPV6,
+        None,
+        &pkt::ipv6(CLIENT6, SERVER6, &[Ext::fragment(0, true)], 6, &seg6),
+    );
+    assert_eq!(tcp_of(&p.ingress(&first6).out), (40000, PROXY_PORT, true));
+    let later6 = pkt::ether(
+        pkt::ETH_P_IPV6,
+        None,
+        &pkt::ipv6(CLIENT6, SERVER6, &[Ext::fragment(3, false)], 6, &seg6),
+    );
+    assert_eq!(p.ingress(&later6).out, later6);
+    assert_eq!(p.counter(Counter::Fragments), 2);
+}
+
+#[test]
+fn vlan_tagged_and_short_frames_pass_untouched() {
+    let p = Progs::new(SteerMode::Rewrite);
+    let inner = pkt::ip_tcp(CLIENT.into(), SERVER.into(), &Tcp::new(40000, 8000, SYN));
+    let tagged = pkt::ether(pkt::ETH_P_IP, Some(100), &inner);
+    assert_eq!(p.ingress(&tagged).out, tagged);
+    assert_eq!(p.counter(Counter::VlanPassed), 1);
+    let syn = v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN));
+    for cut in [34, 40, 50] {
+        let short = &syn[..cut];
+        let r = p.ingress(short);
+        assert_eq!(
+            (r.verdict, r.out.as_slice()),
+            (TC_ACT_UNSPEC, short),
+            "cut at {cut}"
+        );
+    }
+    assert!(p.table(names::SYNS).is_empty());
+}
