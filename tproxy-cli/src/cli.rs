@@ -260,6 +260,31 @@ mod tests {
     }
 
     #[test]
+    fn reserved_route_tables_are_refused_without_privileges() {
+        for t in ["0", "253", "254", "0xff"] {
+            let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80", "--route-table", t]).unwrap();
+            assert!(
+                matches!(
+                    cli.run.options().validate(),
+                    Err(crate::Error::ReservedTable(_))
+                ),
+                "{t}"
+            );
+        }
+        let cli = parse(&[
+            "tproxy",
+            "-i",
+            "eth0",
+            "-ports",
+            "80",
+            "--route-table",
+            "100",
+        ])
+        .unwrap();
+        assert!(cli.run.options().validate().is_ok());
+    }
+
+    #[test]
     fn stats_subcommand_needs_no_iface() {
         let cli = parse(&["tproxy", "stats", "--json"]).unwrap();
         assert!(matches!(
