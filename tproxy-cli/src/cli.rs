@@ -77,11 +77,13 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Steer::Rewrite)]
     pub steer: Steer,
 
-    /// tproxy back-end: mark set by tc and matched by the fwmark rule [default: 0x7400 | ifindex].
+    /// tproxy back-end: mark set by tc and matched by the fwmark rule
+    /// [default: 0x7400 + ifindex, or the next mark no ip rule uses].
     #[arg(long, value_name = "MARK", value_parser = parse_mark)]
     pub steer_mark: Option<u32>,
 
-    /// tproxy back-end: routing table of the local default route [default: the steer mark].
+    /// tproxy back-end: routing table of the local default route, unused and
+    /// not reserved [default: the steer mark, or the next unused table].
     #[arg(long, value_name = "ID", value_parser = parse_mark)]
     pub route_table: Option<u32>,
 
@@ -255,6 +257,31 @@ mod tests {
             cli.run.options().validate(),
             Err(crate::Error::ProxyPortIntercepted(15006))
         ));
+    }
+
+    #[test]
+    fn reserved_route_tables_are_refused_without_privileges() {
+        for t in ["0", "253", "254", "0xff"] {
+            let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80", "--route-table", t]).unwrap();
+            assert!(
+                matches!(
+                    cli.run.options().validate(),
+                    Err(crate::Error::ReservedTable(_))
+                ),
+                "{t}"
+            );
+        }
+        let cli = parse(&[
+            "tproxy",
+            "-i",
+            "eth0",
+            "-ports",
+            "80",
+            "--route-table",
+            "100",
+        ])
+        .unwrap();
+        assert!(cli.run.options().validate().is_ok());
     }
 
     #[test]

@@ -25,6 +25,27 @@ pub enum Error {
     ZeroMark,
 
     #[error(
+        "--route-table {0} is a reserved routing table (0 unspec, 253 default, 254 main, 255 local): tproxy's table holds its own route and nothing else; choose an unused table (e.g. 100) or leave --route-table out to have one picked"
+    )]
+    ReservedTable(u32),
+
+    #[error(
+        "routing table {table} is already in use ({user}); tproxy needs a table of its own: choose an unused --route-table or leave it out to have one picked"
+    )]
+    TableInUse { table: u32, user: String },
+
+    #[error(
+        "steer mark {mark:#x} is already matched by an ip fwmark rule ({user}); choose an unused --steer-mark or leave it out to have one picked"
+    )]
+    MarkInUse { mark: u32, user: String },
+
+    #[error(
+        "no free {what} among the {} values from {from:#x}: ip rules and routes use them all; pass --steer-mark and --route-table",
+        crate::routing::SEARCH
+    )]
+    NoFreeRouting { what: &'static str, from: u32 },
+
+    #[error(
         "no interface named {0:?} in this network namespace; list them with `ip link` (or run tproxy in the namespace that has it)"
     )]
     NoSuchInterface(String),

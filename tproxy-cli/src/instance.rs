@@ -25,7 +25,7 @@ use crate::{
         Attachment, GetsocknameAttachment, GetsockoptAttachment, RecvmsgAttachment,
         SkMsgAttachment, SockopsAttachment, TcAttachment,
     },
-    routing::{TproxyRouting, TproxySpec},
+    routing::{self, TproxyRouting},
     state::{InstanceLock, Record},
     system,
     tc::{self, ClsactQdisc, TcMode},
@@ -76,9 +76,10 @@ impl Steer {
 }
 
 /// Default steer mark / routing table for an interface: distinct per
-/// interface so instances in one namespace never share them.
+/// interface (the whole ifindex, not its low byte) so instances in one
+/// namespace never share them; `routing::plan` moves on if it is taken.
 pub fn default_steer_mark(ifindex: u32) -> u32 {
-    0x7400 | (ifindex & 0xff)
+    0x7400u32.wrapping_add(ifindex)
 }
 
 impl Options {
@@ -92,6 +93,9 @@ impl Options {
         }
         if self.steer_mark == Some(self.proxy_mark) {
             return Err(Error::MarksCollide(self.proxy_mark));
+        }
+        if let Some(table) = self.route_table {
+            routing::check_table_not_reserved(table)?;
         }
         Ok(())
     }
@@ -161,20 +165,21 @@ impl Instance {
         if let Some(stale) = stale {
             clean_up_after(&stale, &opts.iface, ifindex);
         }
-        let steer_mark = opts
-            .steer_mark
-            .unwrap_or_else(|| default_steer_mark(ifindex));
+        // Mark and table checked free (or picked) before anything exists.
+        let tproxy_spec = match opts.steer {
+            Steer::Tproxy => Some(routing::plan(opts, ifindex)?),
+            Steer::Rewrite => None,
+        };
+        let steer_mark = tproxy_spec.as_ref().map_or_else(
+            || {
+                opts.steer_mark
+                    .unwrap_or_else(|| default_steer_mark(ifindex))
+            },
+            |s| s.mark,
+        );
         if steer_mark == opts.proxy_mark {
             return Err(Error::MarksCollide(steer_mark));
         }
-        let tproxy_spec = (opts.steer == Steer::Tproxy).then(|| {
-            TproxySpec::new(
-                &opts.iface,
-                steer_mark,
-                opts.route_table.unwrap_or(steer_mark),
-                opts.proxy_port,
-            )
-        });
 
         let mut ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
