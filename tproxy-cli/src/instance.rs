@@ -15,7 +15,7 @@ use aya::{
 };
 use tproxy_common::{
     Config, Counter, FLOW_ACTIVE_NS, FLOW_LINGER_NS, FlowKey, FlowValue, SockKey, SockState,
-    SteerMode, flags, flow_state, names,
+    SteerMode, flags, names,
 };
 use tracing::{info, warn};
 
@@ -210,6 +210,7 @@ impl Instance {
             counters_map_id: map_id(&ebpf, names::COUNTERS)?,
             flows_map_id: map_id(&ebpf, names::FLOWS)?,
             syns_map_id: map_id(&ebpf, names::SYNS)?,
+            closing_map_id: map_id(&ebpf, names::CLOSING)?,
             sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
             socks_map_id: map_id(&ebpf, names::SOCKS)?,
         };
@@ -427,16 +428,19 @@ impl Instance {
         flow_stats(
             self.ebpf.map(names::FLOWS).expect("FLOWS in object"),
             self.ebpf.map(names::SYNS).expect("SYNS in object"),
+            self.ebpf.map(names::CLOSING).expect("CLOSING in object"),
         )
     }
 
-    /// Removes established flows whose proxy socket closed more than
-    /// `FLOW_LINGER_NS` ago; how many it removed.
+    /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many.
     pub fn reap_flows(&mut self) -> Result<usize> {
-        let map = self.ebpf.map_mut(names::FLOWS).expect("FLOWS in object");
+        let map = self
+            .ebpf
+            .map_mut(names::CLOSING)
+            .expect("CLOSING in object");
         let mut m: HashMap<&mut MapData, FlowKey, FlowValue> =
             HashMap::try_from(map).map_err(|source| Error::Map {
-                name: names::FLOWS,
+                name: names::CLOSING,
                 source,
             })?;
         let now = monotonic_coarse_ns();
@@ -448,9 +452,8 @@ impl Instance {
             .collect();
         let mut n = 0;
         for k in done {
-            // A new connection may have reopened the tuple since the read:
-            // look again just before removing (the window left is one
-            // syscall long, and needs a same-tuple handshake inside it).
+            // The same tuple may have closed again since the read: look
+            // again just before removing.
             if m.get(&k, 0).is_ok_and(|v| lingered(&v, now)) && m.remove(&k).is_ok() {
                 n += 1;
             }
@@ -553,9 +556,9 @@ pub fn monotonic_coarse_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-/// Closed, and past its linger.
+/// Past its linger.
 fn lingered(v: &FlowValue, now: u64) -> bool {
-    v.state & flow_state::CLOSED != 0 && now.saturating_sub(v.closed_at) > FLOW_LINGER_NS
+    now.saturating_sub(v.closed_at) > FLOW_LINGER_NS
 }
 
 /// The flow table at a glance.
@@ -572,36 +575,43 @@ pub struct FlowStats {
 }
 
 impl FlowStats {
-    fn of(flows: impl Iterator<Item = FlowValue>, embryonic: usize, now: u64) -> FlowStats {
+    /// From the open flows' values and the other tables' sizes.
+    fn of(
+        open: impl Iterator<Item = FlowValue>,
+        embryonic: usize,
+        closing: usize,
+        now: u64,
+    ) -> FlowStats {
         let mut s = FlowStats {
             embryonic,
+            closing,
             ..FlowStats::default()
         };
-        for v in flows {
-            if v.state & flow_state::CLOSED != 0 {
-                s.closing += 1;
-            } else {
-                s.open += 1;
-                if now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS {
-                    s.active += 1;
-                }
+        for v in open {
+            s.open += 1;
+            if now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS {
+                s.active += 1;
             }
         }
         s
     }
 }
 
-fn flow_stats(flows: &aya::maps::Map, syns: &aya::maps::Map) -> Result<FlowStats> {
+fn flow_stats(
+    flows: &aya::maps::Map,
+    syns: &aya::maps::Map,
+    closing: &aya::maps::Map,
+) -> Result<FlowStats> {
     let now = monotonic_coarse_ns();
     let m: HashMap<&MapData, FlowKey, FlowValue> =
         HashMap::try_from(flows).map_err(|source| Error::Map {
             name: names::FLOWS,
             source,
         })?;
-    let embryonic = count_entries::<FlowKey, FlowValue>(syns, names::SYNS)?;
     Ok(FlowStats::of(
         m.iter().flatten().map(|(_, v)| v),
-        embryonic,
+        count_entries::<FlowKey, FlowValue>(syns, names::SYNS)?,
+        count_entries::<FlowKey, FlowValue>(closing, names::CLOSING)?,
         now,
     ))
 }
@@ -716,7 +726,8 @@ pub fn flows_of(record: &Record) -> Result<FlowStats> {
     let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
     let flows = aya::maps::Map::HashMap(open(record.flows_map_id, names::FLOWS)?);
     let syns = aya::maps::Map::LruHashMap(open(record.syns_map_id, names::SYNS)?);
-    flow_stats(&flows, &syns)
+    let closing = aya::maps::Map::LruHashMap(open(record.closing_map_id, names::CLOSING)?);
+    flow_stats(&flows, &syns, &closing)
 }
 
 pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {

@@ -38,6 +38,9 @@ pub struct Record {
     /// The embryonic flows (`SYNS`).
     #[serde(default)]
     pub syns_map_id: u32,
+    /// The closed flows lingering (`CLOSING`).
+    #[serde(default)]
+    pub closing_map_id: u32,
     pub sockhash_map_id: u32,
     pub socks_map_id: u32,
 }
@@ -168,6 +171,7 @@ mod tests {
             counters_map_id: 1,
             flows_map_id: 2,
             syns_map_id: 5,
+            closing_map_id: 6,
             sockhash_map_id: 3,
             socks_map_id: 4,
         };

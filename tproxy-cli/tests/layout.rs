@@ -5,8 +5,8 @@ use std::mem::size_of;
 
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
-    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SYNS_MAX,
-    SockKey, SockState, names,
+    CLOSING_MAX, Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX,
+    SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -48,6 +48,14 @@ fn maps_in_the_object_match_the_shared_types() {
         size_of::<FlowValue>(),
         SYNS_MAX,
     );
+    // Closed flows lingering: LRU of their own.
+    check(
+        names::CLOSING,
+        LRU_HASH,
+        size_of::<FlowKey>(),
+        size_of::<FlowValue>(),
+        CLOSING_MAX,
+    );
     check(
         names::SOCKHASH,
         SOCKHASH,
@@ -65,7 +73,7 @@ fn maps_in_the_object_match_the_shared_types() {
     );
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 8, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 9, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

@@ -252,7 +252,7 @@ fn a_closed_flow_lingers_for_retransmissions() {
     let mut p = Progs::new(SteerMode::Rewrite);
     let now = monotonic_coarse_ns();
     let k = p.key(CLIENT.into(), 40000, SERVER.into(), 8000);
-    p.put(names::FLOWS, k, flow(8000, flow_state::CLOSED, now, now));
+    p.put(names::CLOSING, k, flow(8000, flow_state::CLOSED, now, now));
     let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(40000, 8000, FIN | ACK)));
     assert_eq!(
         tcp_of(&r.out),
@@ -265,7 +265,14 @@ fn a_closed_flow_lingers_for_retransmissions() {
         (8000, 40000, true),
         "TIME_WAIT ACK restored"
     );
-    assert_eq!(p.table(names::FLOWS).len(), 1);
+    assert_eq!(p.table(names::CLOSING).len(), 1);
+    // A new connection on the same tuple and port: a new embryonic flow.
+    let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN)));
+    assert_eq!(tcp_of(&r.out), (40000, PROXY_PORT, true));
+    assert_eq!(
+        (p.table(names::CLOSING).len(), p.table(names::SYNS).len()),
+        (0, 1)
+    );
 }
 
 #[test]
@@ -287,16 +294,24 @@ fn a_newcomer_on_a_live_tuple_is_held_off_until_the_old_flow_is_gone() {
     p.put(names::FLOWS, k, flow(8000, 0, now, 0));
     assert_eq!(p.ingress(&syn_8080).verdict, TC_ACT_SHOT);
     assert_eq!(p.counter(Counter::SteerCollisions), 1);
-    // Closed just now: still held (a late retransmission may need it).
-    p.put(names::FLOWS, k, flow(8000, flow_state::CLOSED, now, now));
+    // Closed just now (sockops moved it to CLOSING): still held, a late
+    // retransmission may need it.
+    let mut flows: HashMap<&mut MapData, FlowKey, FlowValue> =
+        HashMap::try_from(p.ebpf.map_mut(names::FLOWS).unwrap()).unwrap();
+    flows.remove(&k).unwrap();
+    p.put(names::CLOSING, k, flow(8000, flow_state::CLOSED, now, now));
     assert_eq!(p.ingress(&syn_8080).verdict, TC_ACT_SHOT);
     // Closed 2 s ago: the newcomer takes the tuple.
     let then = now - 2_000_000_000;
-    p.put(names::FLOWS, k, flow(8000, flow_state::CLOSED, then, then));
+    p.put(
+        names::CLOSING,
+        k,
+        flow(8000, flow_state::CLOSED, then, then),
+    );
     let r = p.ingress(&syn_8080);
     assert_eq!(r.verdict, TC_ACT_UNSPEC);
     assert_eq!(tcp_of(&r.out), (45000, PROXY_PORT, true));
-    assert!(p.table(names::FLOWS).is_empty());
+    assert!(p.table(names::CLOSING).is_empty());
     let syns = p.table(names::SYNS);
     assert_eq!((syns.len(), u16::from_be(syns[0].1.orig_port)), (1, 8080));
     // A non-SYN to the other port never touches the entry.

@@ -14,6 +14,7 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const FLOWS: &str = "FLOWS";
     pub const SYNS: &str = "SYNS";
+    pub const CLOSING: &str = "CLOSING";
     pub const SOCKHASH: &str = "SOCKHASH";
     pub const SOCKS: &str = "SOCKS";
     pub const PENDING_PEERS: &str = "PENDING_PEERS";
@@ -35,9 +36,14 @@ pub mod names {
 
 /// Established flows (`FLOWS`): a plain hash, never evicted. An entry
 /// enters when the proxy's accepted socket reaches ESTABLISHED (sockops)
-/// and leaves `FLOW_LINGER_NS` after that socket closed. When full, new
-/// flows stay in `SYNS` (still served, but evictable) and are counted.
+/// and leaves for `CLOSING` when that socket closes, so it holds open
+/// flows only. When full, new flows stay in `SYNS` (still served, but
+/// evictable) and are counted.
 pub const FLOWS_MAX: u32 = 65_536;
+/// Closed flows lingering (`CLOSING`): LRU, so at connection rates above
+/// CLOSING_MAX / linger (about 1,000/s) the oldest lingerers go early;
+/// never an open flow.
+pub const CLOSING_MAX: u32 = 65_536;
 /// Embryonic flows (`SYNS`): SYN seen, the proxy's socket not yet
 /// established. LRU: a SYN flood churns this table and no other.
 pub const SYNS_MAX: u32 = 65_536;

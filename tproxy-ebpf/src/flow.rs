@@ -5,8 +5,8 @@
 //! proxy's accepted socket reaches ESTABLISHED, when sockops moves it to
 //! `FLOWS` (a plain hash: nothing a packet does evicts it). Packets never
 //! end a flow: the kernel's TCP on the proxy's socket decides that (an
-//! out-of-window RST changes nothing), and sockops marks the entry closed
-//! when that socket reaches TCP_CLOSE. A closed entry lingers
+//! out-of-window RST changes nothing), and when that socket reaches
+//! TCP_CLOSE sockops moves the entry to `CLOSING` (LRU), where it lingers
 //! (`FLOW_LINGER_NS`) for retransmitted FINs and TIME_WAIT ACKs; userspace
 //! removes it after that. Every packet refreshes `last_seen`.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
@@ -16,7 +16,7 @@ use tproxy_common::{
 
 use crate::{
     counters,
-    maps::{FLOWS, SYNS},
+    maps::{CLOSING, FLOWS, SYNS},
     packet::Tcp,
 };
 
@@ -69,10 +69,18 @@ pub fn key_of_socket(k: &SockKey) -> FlowKey {
     }
 }
 
+/// Which table an entry is in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Established,
+    Embryonic,
+    Closing,
+}
+
 /// A flow-table entry and the table it is in.
 pub struct Entry {
     pub value: *mut FlowValue,
-    pub established: bool,
+    pub table: Table,
 }
 
 impl Entry {
@@ -84,8 +92,7 @@ impl Entry {
 
     #[inline(always)]
     pub fn closed(&self) -> bool {
-        // SAFETY: as above.
-        unsafe { (*self.value).state & flow_state::CLOSED != 0 }
+        self.table == Table::Closing
     }
 
     /// Refreshes `last_seen`, writing at most once per clock tick.
@@ -107,36 +114,37 @@ impl Entry {
     pub fn may_take_over(&self, now: u64) -> bool {
         // SAFETY: as above.
         let v = unsafe { &*self.value };
-        if self.established {
-            v.state & flow_state::CLOSED != 0 && now.wrapping_sub(v.closed_at) >= FLOW_TAKEOVER_NS
-        } else {
-            now.wrapping_sub(v.last_seen) >= EMBRYONIC_HOLD_NS
+        match self.table {
+            Table::Established => false,
+            Table::Closing => now.wrapping_sub(v.closed_at) >= FLOW_TAKEOVER_NS,
+            Table::Embryonic => now.wrapping_sub(v.last_seen) >= EMBRYONIC_HOLD_NS,
         }
     }
 }
 
-/// The flow's entry: established first (the common case), then embryonic.
+/// The flow's entry: established first (one lookup for the packets of
+/// open flows), then embryonic, then closing.
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<Entry> {
-    if let Some(value) = FLOWS.get_ptr_mut(key) {
-        return Some(Entry {
-            value,
-            established: true,
-        });
+    let found = |value, table| Some(Entry { value, table });
+    if let Some(v) = FLOWS.get_ptr_mut(key) {
+        return found(v, Table::Established);
     }
-    SYNS.get_ptr_mut(key).map(|value| Entry {
-        value,
-        established: false,
-    })
+    if let Some(v) = SYNS.get_ptr_mut(key) {
+        return found(v, Table::Embryonic);
+    }
+    CLOSING
+        .get_ptr_mut(key)
+        .and_then(|v| found(v, Table::Closing))
 }
 
 /// Removes the entry from whichever table holds it.
 #[inline(always)]
 pub fn remove(key: &FlowKey, entry: &Entry) {
-    let gone = if entry.established {
-        FLOWS.remove(key)
-    } else {
-        SYNS.remove(key)
+    let gone = match entry.table {
+        Table::Established => FLOWS.remove(key),
+        Table::Embryonic => SYNS.remove(key),
+        Table::Closing => CLOSING.remove(key),
     };
     if gone.is_ok() {
         counters::inc(Counter::FlowsRemoved);
@@ -164,51 +172,43 @@ pub fn embryonic(key: &FlowKey, orig_port: u16, now: u64) -> Result<(), ()> {
 /// whether it was (the caller then asks for state callbacks).
 #[inline(always)]
 pub fn established(key: &FlowKey) -> bool {
-    let now = now();
     // SAFETY: a plain lookup; the value is copied out at once.
-    if let Some(v) = unsafe { SYNS.get(key) } {
-        let value = FlowValue {
-            state: 0,
-            last_seen: now,
-            closed_at: 0,
-            ..*v
-        };
-        if FLOWS.insert(key, &value, 0).is_err() {
-            // Full: it stays embryonic (served, but evictable).
-            counters::inc(Counter::FlowsTableFull);
-            return false;
-        }
-        let _ = SYNS.remove(key);
-    } else if let Some(v) = FLOWS.get_ptr_mut(key) {
-        // The tuple came back (a new connection on a lingering entry, same
-        // dialled port): open again.
-        // SAFETY: a live FLOWS entry.
-        unsafe {
-            (*v).state = 0;
-            (*v).closed_at = 0;
-            (*v).last_seen = now;
-        }
-    } else {
+    let Some(v) = (unsafe { SYNS.get(key) }) else {
+        return false;
+    };
+    let value = FlowValue {
+        state: 0,
+        last_seen: now(),
+        closed_at: 0,
+        ..*v
+    };
+    if FLOWS.insert(key, &value, 0).is_err() {
+        // Full: it stays embryonic (served, but evictable).
+        counters::inc(Counter::FlowsTableFull);
         return false;
     }
+    let _ = SYNS.remove(key);
     counters::inc(Counter::FlowsEstablished);
     true
 }
 
 /// sockops, TCP_CLOSE of a socket in the served namespace: if it is the
-/// proxy's end of an established flow, the flow starts to linger.
+/// proxy's end of an established flow, the flow moves to CLOSING to linger.
 #[inline(always)]
 pub fn closed(key: &FlowKey) {
-    if let Some(v) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: a live FLOWS entry.
-        unsafe {
-            if (*v).state & flow_state::CLOSED == 0 {
-                let now = now();
-                (*v).closed_at = now;
-                (*v).last_seen = now;
-                (*v).state |= flow_state::CLOSED;
-                counters::inc(Counter::FlowsClosed);
-            }
-        }
-    }
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let Some(v) = (unsafe { FLOWS.get(key) }) else {
+        return;
+    };
+    let now = now();
+    let value = FlowValue {
+        state: v.state | flow_state::CLOSED,
+        last_seen: now,
+        closed_at: now,
+        ..*v
+    };
+    // Into CLOSING first: a packet in between finds one or the other.
+    let _ = CLOSING.insert(key, &value, 0);
+    let _ = FLOWS.remove(key);
+    counters::inc(Counter::FlowsClosed);
 }

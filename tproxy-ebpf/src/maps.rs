@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use tproxy_common::{
-    Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX, SOCKHASH_MAX, SYNS_MAX,
-    SockKey, SockState,
+    CLOSING_MAX, Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX,
+    SOCKHASH_MAX, SYNS_MAX, SockKey, SockState,
 };
 
 /// One entry, written by userspace: proxy port, marks, mode, flags.
@@ -21,9 +21,9 @@ pub static INTERCEPT_PORTS: Array<u8> = Array::with_max_entries(PORTS_MAX, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-/// Established steered flows (the proxy's socket reached ESTABLISHED):
-/// where each was going. Not LRU: nothing a packet does evicts a live flow.
-/// Entries leave after the proxy's socket closed and a linger (userspace).
+/// Established steered flows (the proxy's socket reached ESTABLISHED and
+/// is open): where each was going. Not LRU: nothing a packet does evicts a
+/// live flow. sockops moves an entry to CLOSING when its socket closes.
 #[map]
 pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(FLOWS_MAX, 0);
 
@@ -32,6 +32,13 @@ pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(FLOWS_
 /// proxy's accepted socket reaches ESTABLISHED.
 #[map]
 pub static SYNS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(SYNS_MAX, 0);
+
+/// Closed steered flows, lingering for retransmitted FINs and TIME_WAIT
+/// ACKs: LRU of its own, so neither a SYN flood nor a high connection rate
+/// can crowd open flows out of FLOWS; userspace removes an entry after
+/// the linger.
+#[map]
+pub static CLOSING: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(CLOSING_MAX, 0);
 
 /// The proxy<->app socket pairs, keyed by full tuple + netns cookie.
 #[map]

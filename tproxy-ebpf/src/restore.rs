@@ -46,7 +46,7 @@ fn try_restore(ctx: &TcContext) -> Result<i32, ()> {
         }
         counters::inc(Counter::EgressRestored);
     }
-    if tcp.has(TCP_RST) && !entry.established {
+    if tcp.has(TCP_RST) && entry.table == flow::Table::Embryonic {
         // Our own kernel refused the connection (the proxy is down, or its
         // listener dropped it): the entry has nothing left to serve.
         flow::remove(&key, &entry);

@@ -49,12 +49,18 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
     let now = flow::now();
     match flow::lookup(&key) {
         Some(entry) if entry.orig_port() == tcp.dport => {
-            // A new connection on a closed flow's tuple while draining goes
-            // straight to the app, like every new connection then.
-            if tcp.is_syn() && entry.closed() && !steer_new {
-                return Ok(TC_ACT_UNSPEC);
+            if tcp.is_syn() && entry.closed() {
+                // A new connection on a closed flow's tuple: a new flow
+                // (while draining, it goes straight to the app, like every
+                // new connection then).
+                if !steer_new {
+                    return Ok(TC_ACT_UNSPEC);
+                }
+                flow::remove(&key, &entry);
+                flow::embryonic(&key, tcp.dport, now)?;
+            } else {
+                entry.touch(now);
             }
-            entry.touch(now);
         }
         Some(entry) => {
             // The same client address and port to another intercepted port
