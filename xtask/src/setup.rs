@@ -26,6 +26,10 @@ pub const PACKAGES: &[&str] = &[
     "procps",
     "fonts-dejavu-core",
     "strace",
+    // host_hooks tests: a legacy iptables table (a getsockopt larger than a
+    // page) and capsh (tproxy without CAP_PERFMON / CAP_NET_ADMIN).
+    "iptables",
+    "libcap2-bin",
 ];
 
 fn status(cmd: &mut Command) -> bool {
