@@ -2,7 +2,8 @@
 //! and IP6T_SO_ORIGINAL_DST (SOL_IPV6, 80) for sockets the steering
 //! delivered to the proxy, from the flow table. Every other call, and every
 //! socket without a flow entry, keeps the kernel's own answer (including a
-//! real conntrack answer from an unrelated NAT rule).
+//! real conntrack answer from an unrelated NAT rule, and answers larger
+//! than the page the program sees).
 use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
 use tproxy_common::{AF_INET, AF_INET6, Counter};
 
@@ -16,12 +17,41 @@ const SO_ORIGINAL_DST: i32 = 80;
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
 
+/// Above any page size Linux has (256 KiB): bounds optlen for the verifier
+/// before it is added to the buffer pointer; anything larger is past the
+/// buffer anyway.
+const MAX_BUF: u32 = 1 << 18;
+
 #[cgroup_sockopt(getsockopt)]
 pub fn tproxy_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sockopt for the program's run.
     let so = unsafe { &mut *ctx.sockopt };
     let _ = try_getsockopt(so);
+    leave_to_kernel_if_past_buffer(so);
     PROCEED
+}
+
+/// The kernel shows a program at most a page of the answer (optval..
+/// optval_end) and copies `optlen` bytes of that buffer back to the caller
+/// afterwards. An answer longer than the buffer (e.g. IPT_SO_GET_ENTRIES)
+/// leaves optlen past its end, which before Linux 6.5 fails the call with
+/// EFAULT and from 6.5 is ignored with a warning. `optlen = 0` tells every
+/// kernel since 5.8 to copy nothing and keep its own answer and return
+/// value. Only then: an optlen within the buffer is the kernel's answer (the
+/// copy back is the same bytes) or that of a program that ran before us,
+/// which must stay.
+#[inline(always)]
+fn leave_to_kernel_if_past_buffer(so: &mut bpf_sockopt) {
+    let len = so.optlen;
+    if len <= 0 {
+        return;
+    }
+    // SAFETY: optval/optval_end are the kernel's bounds for the buffer.
+    let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
+    let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
+    if len as u32 > MAX_BUF || optval + len as usize > optval_end {
+        so.optlen = 0;
+    }
 }
 
 #[inline(always)]
