@@ -17,48 +17,45 @@ const SO_ORIGINAL_DST: i32 = 80;
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
 
-/// Above any page size Linux has (256 KiB): bounds optlen for the verifier
-/// before it is added to the buffer pointer; anything larger is past the
-/// buffer anyway.
-const MAX_BUF: u32 = 1 << 18;
+/// The smallest page size: the buffer a program sees is at most a page.
+const SMALLEST_PAGE: i32 = 4096;
 
 #[cgroup_sockopt(getsockopt)]
 pub fn tproxy_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sockopt for the program's run.
     let so = unsafe { &mut *ctx.sockopt };
-    let _ = try_getsockopt(so);
-    leave_to_kernel_if_past_buffer(so);
+    if is_original_dst(so) {
+        let _ = try_getsockopt(so);
+        // A sockaddr answer (ours, the kernel's or an earlier program's)
+        // never fills a page; an optlen that long is the caller's buffer
+        // size on an error, which the kernel must keep (see below).
+        if so.optlen > SMALLEST_PAGE {
+            so.optlen = 0;
+        }
+    } else {
+        // Not a call tproxy answers: hand it back untouched. The kernel shows
+        // a program at most a page of the answer and afterwards copies
+        // `optlen` bytes of that buffer back; an optlen past the buffer (an
+        // answer over a page, e.g. IPT_SO_GET_ENTRIES, or one longer than the
+        // caller's buffer, e.g. NETLINK_LIST_MEMBERSHIPS) fails the call with
+        // EFAULT (before 6.5 always, since then unless above a page, where it
+        // warns and ignores the buffer). `optlen = 0` makes every kernel since
+        // 5.8 copy nothing and keep its own answer and return value. Checking
+        // optlen against the buffer instead would need pointer arithmetic
+        // the verifier allows only with CAP_PERFMON, which --no-accel must
+        // not need.
+        so.optlen = 0;
+    }
     PROCEED
 }
 
-/// The kernel shows a program at most a page of the answer (optval..
-/// optval_end) and copies `optlen` bytes of that buffer back to the caller
-/// afterwards. An answer longer than the buffer (e.g. IPT_SO_GET_ENTRIES)
-/// leaves optlen past its end, which before Linux 6.5 fails the call with
-/// EFAULT and from 6.5 is ignored with a warning. `optlen = 0` tells every
-/// kernel since 5.8 to copy nothing and keep its own answer and return
-/// value. Only then: an optlen within the buffer is the kernel's answer (the
-/// copy back is the same bytes) or that of a program that ran before us,
-/// which must stay.
 #[inline(always)]
-fn leave_to_kernel_if_past_buffer(so: &mut bpf_sockopt) {
-    let len = so.optlen;
-    if len <= 0 {
-        return;
-    }
-    // SAFETY: optval/optval_end are the kernel's bounds for the buffer.
-    let optval = unsafe { so.__bindgen_anon_2.optval } as usize;
-    let optval_end = unsafe { so.__bindgen_anon_3.optval_end } as usize;
-    if len as u32 > MAX_BUF || optval + len as usize > optval_end {
-        so.optlen = 0;
-    }
+fn is_original_dst(so: &bpf_sockopt) -> bool {
+    so.optname == SO_ORIGINAL_DST && (so.level == SOL_IP || so.level == SOL_IPV6)
 }
 
 #[inline(always)]
 fn try_getsockopt(so: &mut bpf_sockopt) -> Result<(), ()> {
-    if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
-        return Ok(());
-    }
     counters::inc(Counter::GetsockoptCalls);
     // SAFETY: reading a ctx field the verifier allows for this program type.
     let sk = unsafe { so.__bindgen_anon_1.sk };

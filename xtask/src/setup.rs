@@ -27,8 +27,10 @@ pub const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "strace",
     // host_hooks tests: a legacy iptables table (a getsockopt larger than a
-    // page) and capsh (tproxy without CAP_PERFMON / CAP_NET_ADMIN).
+    // page), a netlink getsockopt (python3) and capsh (tproxy without
+    // CAP_PERFMON / CAP_NET_ADMIN).
     "iptables",
+    "python3",
     "libcap2-bin",
 ];
 
