@@ -66,20 +66,40 @@ pub enum Error {
     NoCgroup2,
 
     #[error(
-        "tproxy needs root (or CAP_BPF and CAP_NET_ADMIN) to load and attach eBPF programs; run it with sudo"
+        "tproxy needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) and lacks {missing}; run it with sudo or grant it {missing}"
     )]
-    NotPrivileged,
+    NotPrivileged { missing: String },
+
+    #[error(
+        "socket acceleration needs CAP_PERFMON (or CAP_SYS_ADMIN) for its tracepoint program and socket-pointer map keys, and tproxy lacks it; run it as root, grant it CAP_PERFMON, or use --no-accel"
+    )]
+    NoPerfmonForAccel,
+
+    #[error(
+        "socket acceleration needs the sock_recv_length tracepoint (Linux >= 6.3), which this kernel lacks; use --no-accel or a newer kernel"
+    )]
+    NoRecvTracepoint,
+
+    #[error(
+        "socket acceleration needs {0}, which this kernel lacks; use --no-accel or a kernel that has them (Linux >= 6.3)"
+    )]
+    AccelUnsupported(&'static str),
+
+    #[error("this kernel lacks {0}, which tproxy needs; it needs Linux >= 6.1 with BTF")]
+    KernelLacks(&'static str),
 
     #[error(
         "another tproxy (pid {pid}) already serves {iface} in this network namespace; stop it first"
     )]
     AlreadyRunning { pid: i32, iface: String },
 
-    #[error("the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF")]
+    #[error(
+        "the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF (6.3 for acceleration)"
+    )]
     LoadObject(#[source] aya::EbpfError),
 
     #[error(
-        "the kernel refused program {name}: {reason}; tproxy needs Linux >= 6.1 with BTF (run with -v for the verifier log)"
+        "the kernel refused program {name}: {reason}; tproxy needs Linux >= 6.1 with BTF, 6.3 for acceleration (run with -v for the verifier log)"
     )]
     LoadProgram { name: &'static str, reason: String },
 

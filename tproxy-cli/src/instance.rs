@@ -154,7 +154,8 @@ fn map_id(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
 impl Instance {
     pub fn start(opts: &Options) -> Result<Instance> {
         opts.validate()?;
-        system::check_privileges()?;
+        system::check_privileges_for(opts.accel)?;
+        crate::probe::check(opts.accel)?;
         let ifindex = system::ifindex(&opts.iface)?;
         let cgroup = system::resolve_cgroup(opts.cgroup.as_deref())?;
         let netns_inode = system::netns_inode()?;

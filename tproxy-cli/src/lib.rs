@@ -3,13 +3,14 @@
 //!
 //! Where things are: `instance` loads and attaches everything (one owner per
 //! attachment, in `attach`); `tc` handles netlink-mode tc; `state` is the
-//! runtime record and instance lock; `system` the host checks; `cli` the
+//! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
 pub mod cli;
 pub mod error;
 pub mod instance;
 pub mod ports;
+pub mod probe;
 pub mod routing;
 pub mod state;
 pub mod system;

@@ -10,6 +10,7 @@ use crate::{Error, Result};
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Effective capabilities of this process, from /proc/self/status.
@@ -24,15 +25,60 @@ fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
-/// Loading and attaching needs CAP_BPF (or the older CAP_SYS_ADMIN) and
-/// CAP_NET_ADMIN (tc, sockops, cgroup sockopt).
-pub fn check_privileges() -> Result<()> {
-    let caps = effective_caps();
+/// Whether --no-accel needs CAP_PERFMON too. It does today: the tc
+/// programs' packet parser adds a variable offset (the IPv4 header length)
+/// to the packet pointer, which the verifier allows only with CAP_PERFMON
+/// (its Spectre v1 sanitation). Once the tc and sockops programs of
+/// --no-accel do without, this goes false.
+const NO_ACCEL_NEEDS_PERFMON: bool = true;
+
+/// The capabilities missing from `caps` (a CapEff mask), as the kernel
+/// checks them: loading needs CAP_BPF, attaching to tc and cgroups
+/// CAP_NET_ADMIN; acceleration's raw tracepoint program and the socket
+/// pointers its sockops/sk_msg programs use as map keys need CAP_PERFMON
+/// (and so, for now, does --no-accel). CAP_SYS_ADMIN stands in for CAP_BPF
+/// and CAP_PERFMON.
+fn missing_caps(caps: u64, needs_perfmon: bool) -> Vec<&'static str> {
     let has = |c: u32| caps & (1u64 << c) != 0;
-    if (has(CAP_BPF) || has(CAP_SYS_ADMIN)) && has(CAP_NET_ADMIN) {
-        Ok(())
-    } else {
-        Err(Error::NotPrivileged)
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if needs_perfmon && !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    missing
+}
+
+/// `no_accel_helps`: --no-accel would do without what is missing.
+fn privilege_error(missing: &[&str], no_accel_helps: bool) -> Option<Error> {
+    match missing {
+        [] => None,
+        ["CAP_PERFMON"] if no_accel_helps => Some(Error::NoPerfmonForAccel),
+        _ => Some(Error::NotPrivileged {
+            missing: missing.join(", "),
+        }),
+    }
+}
+
+/// Checks the effective capabilities against what the mode needs.
+pub fn check_privileges_for(accel: bool) -> Result<()> {
+    let needs_perfmon = accel || NO_ACCEL_NEEDS_PERFMON;
+    let missing = missing_caps(effective_caps(), needs_perfmon);
+    match privilege_error(&missing, accel && !NO_ACCEL_NEEDS_PERFMON) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What reading a running instance needs (CAP_BPF and CAP_NET_ADMIN).
+pub fn check_privileges() -> Result<()> {
+    match privilege_error(&missing_caps(effective_caps(), false), false) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -209,6 +255,51 @@ mod tests {
     fn loopback_has_an_ethernet_sized_header() {
         assert_eq!(link_header_len("lo").unwrap(), 14);
         assert!(netns_cookie().unwrap() != 0);
+    }
+
+    #[test]
+    fn capabilities_each_mode_needs() {
+        let caps = |cs: &[u32]| cs.iter().fold(0u64, |m, c| m | 1 << c);
+        let all = caps(&[CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON]);
+        assert!(missing_caps(all, true).is_empty());
+        // Root: CAP_SYS_ADMIN covers CAP_BPF and CAP_PERFMON.
+        assert!(missing_caps(caps(&[CAP_SYS_ADMIN, CAP_NET_ADMIN]), true).is_empty());
+        // CAP_BPF + CAP_NET_ADMIN is not enough where CAP_PERFMON is needed.
+        let bpf_net = caps(&[CAP_BPF, CAP_NET_ADMIN]);
+        assert_eq!(missing_caps(bpf_net, true), ["CAP_PERFMON"]);
+        assert!(missing_caps(bpf_net, false).is_empty());
+        assert_eq!(
+            missing_caps(caps(&[CAP_BPF, CAP_PERFMON]), true),
+            ["CAP_NET_ADMIN"]
+        );
+        assert_eq!(
+            missing_caps(0, true),
+            ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
+        );
+        assert_eq!(missing_caps(0, false), ["CAP_BPF", "CAP_NET_ADMIN"]);
+    }
+
+    #[test]
+    fn privilege_errors_name_the_capability_and_the_fix() {
+        assert!(privilege_error(&[], true).is_none());
+        let perfmon = privilege_error(&["CAP_PERFMON"], true).unwrap().to_string();
+        assert!(perfmon.contains("CAP_PERFMON"), "{perfmon}");
+        assert!(perfmon.contains("--no-accel"), "{perfmon}");
+        // Where --no-accel needs it too, the line does not offer it.
+        let perfmon = privilege_error(&["CAP_PERFMON"], false)
+            .unwrap()
+            .to_string();
+        assert!(perfmon.contains("lacks CAP_PERFMON"), "{perfmon}");
+        assert!(!perfmon.contains("--no-accel"), "{perfmon}");
+        let net = privilege_error(&["CAP_NET_ADMIN"], true)
+            .unwrap()
+            .to_string();
+        assert!(net.contains("lacks CAP_NET_ADMIN"), "{net}");
+        assert!(net.contains("sudo"), "{net}");
+        let both = privilege_error(&["CAP_BPF", "CAP_PERFMON"], true)
+            .unwrap()
+            .to_string();
+        assert!(both.contains("lacks CAP_BPF, CAP_PERFMON"), "{both}");
     }
 
     #[test]

@@ -18,12 +18,28 @@ impl Sandbox {
     fn new() -> Sandbox {
         let name = unique("tpx-lc-");
         let ns = Netns::create(&name).unwrap();
+        // No duplicate address detection: the link-local addresses (and
+        // their routes in the local table) appear at once, not during a
+        // test that compares route listings.
+        ns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_dad=0",
+            ],
+        )
+        .unwrap();
         ns.ip(&[
             "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
         ])
         .unwrap();
         ns.ip(&["link", "set", "eth0", "up"]).unwrap();
         ns.ip(&["link", "set", "peer0", "up"]).unwrap();
+        eventually("both link-local addresses in the local table", || {
+            let t = ns.ip(&["-6", "route", "show", "table", "local"]).unwrap();
+            t.matches("local fe80::").count() == 2
+        });
         let cgroup = Cgroup::create(&name).unwrap();
         Sandbox { cgroup, ns }
     }

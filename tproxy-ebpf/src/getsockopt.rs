@@ -2,7 +2,8 @@
 //! and IP6T_SO_ORIGINAL_DST (SOL_IPV6, 80) for sockets the steering
 //! delivered to the proxy, from the flow table. Every other call, and every
 //! socket without a flow entry, keeps the kernel's own answer (including a
-//! real conntrack answer from an unrelated NAT rule).
+//! real conntrack answer from an unrelated NAT rule, and answers larger
+//! than the page the program sees).
 use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
@@ -19,19 +20,45 @@ const SO_ORIGINAL_DST: i32 = 80;
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
 
+/// The smallest page size: the buffer a program sees is at most a page.
+const SMALLEST_PAGE: i32 = 4096;
+
 #[cgroup_sockopt(getsockopt)]
 pub fn tproxy_getsockopt(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sockopt for the program's run.
     let so = unsafe { &mut *ctx.sockopt };
-    let _ = try_getsockopt(&ctx, so);
+    if is_original_dst(so) {
+        let _ = try_getsockopt(&ctx, so);
+        // A sockaddr answer (ours, the kernel's or an earlier program's)
+        // never fills a page; an optlen that long is the caller's buffer
+        // size on an error, which the kernel must keep (see below).
+        if so.optlen > SMALLEST_PAGE {
+            so.optlen = 0;
+        }
+    } else {
+        // Not a call tproxy answers: hand it back untouched. The kernel shows
+        // a program at most a page of the answer and afterwards copies
+        // `optlen` bytes of that buffer back; an optlen past the buffer (an
+        // answer over a page, e.g. IPT_SO_GET_ENTRIES, or one longer than the
+        // caller's buffer, e.g. NETLINK_LIST_MEMBERSHIPS) fails the call with
+        // EFAULT (before 6.5 always, since then unless above a page, where it
+        // warns and ignores the buffer). `optlen = 0` makes every kernel since
+        // 5.8 copy nothing and keep its own answer and return value. Checking
+        // optlen against the buffer instead would need pointer arithmetic
+        // the verifier allows only with CAP_PERFMON, which --no-accel must
+        // not need.
+        so.optlen = 0;
+    }
     PROCEED
 }
 
 #[inline(always)]
+fn is_original_dst(so: &bpf_sockopt) -> bool {
+    so.optname == SO_ORIGINAL_DST && (so.level == SOL_IP || so.level == SOL_IPV6)
+}
+
+#[inline(always)]
 fn try_getsockopt(ctx: &SockoptContext, so: &mut bpf_sockopt) -> Result<(), ()> {
-    if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
-        return Ok(());
-    }
     counters::inc(Counter::GetsockoptCalls);
     // SAFETY: reading a ctx field the verifier allows for this program type.
     let sk = unsafe { so.__bindgen_anon_1.sk };

@@ -27,6 +27,12 @@ pub const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "strace",
     "tcpdump",
+    // host_hooks tests: a legacy iptables table (a getsockopt larger than a
+    // page), a netlink getsockopt (python3) and capsh (tproxy without
+    // CAP_PERFMON / CAP_NET_ADMIN).
+    "iptables",
+    "python3",
+    "libcap2-bin",
 ];
 
 fn status(cmd: &mut Command) -> bool {
