@@ -35,10 +35,9 @@ pub const FLOWS_MAX: u32 = 65_536;
 pub const SOCKHASH_MAX: u32 = 65_536;
 /// Proxy-side sockets waiting for their app-side peer to be established.
 pub const PENDING_MAX: u32 = 4_096;
-/// Default bound on redirected bytes queued, unread, at one socket.
-/// Of the order of what plain TCP lets one connection hold per direction
-/// (tcp_rmem max 6 MiB + tcp_wmem max 4 MiB by default): below that, bulk
-/// senders fall back to TCP after a few milliseconds of a busy reader.
+/// Default upper bound on redirected bytes queued, unread, at one socket.
+/// The bound in force is the reader's receive buffer (`SockState::rcvbuf`)
+/// when that is smaller, which it is unless TCP autotuned it past this.
 pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 16 << 20;
 /// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
 /// one lookup, no hashing, on the per-packet path.
@@ -82,11 +81,14 @@ pub struct Config {
     pub steer_mark: u32,
     /// `flags::*`.
     pub flags: u32,
-    /// Past this many unread bytes at the receiving socket, the sender
-    /// leaves the fast path (plain TCP, with TCP's backpressure) until the
+    /// Past this many unread bytes at the receiving socket (or its receive
+    /// buffer, if smaller), the sender leaves the fast path (plain TCP, with TCP's backpressure) until the
     /// reader has caught up.
     pub accel_max_queued: u32,
-    pub _pad1: u32,
+    /// Offset of `sk_rcvbuf` in the kernel's `struct sock` (from its BTF),
+    /// for the recvmsg tracepoint to refresh `SockState::rcvbuf`; 0 if
+    /// unknown (then the value read at insert stays).
+    pub sk_rcvbuf_offset: u32,
 }
 
 /// Flow-table key: the connection as the proxy's accepted socket sees it
@@ -164,12 +166,16 @@ pub struct SockState {
     pub read: u64,
     /// `sock_flags::*`.
     pub flags: u32,
-    pub _pad0: u32,
+    /// This socket's receive buffer (`sk_rcvbuf`, bytes): read with
+    /// getsockopt at insert, refreshed on each of its reads. A sender
+    /// redirects into this socket only while what it has unread stays
+    /// within it (and `accel_max_queued`), as TCP would hold.
+    pub rcvbuf: u32,
 }
 
 pub mod sock_flags {
     /// This socket's sends are being redirected (fast path). Cleared when
-    /// the peer has more than `accel_max_queued` bytes unread (slow
+    /// the peer has more unread than its receive buffer or `accel_max_queued` (slow
     /// reader: TCP's backpressure takes over), set again once the peer has
     /// read every byte sent.
     pub const FAST: u32 = 1 << 0;
@@ -306,9 +312,13 @@ const _: () = {
     assert!(offset_of!(SockState, peer) == 56);
     assert!(offset_of!(SockState, read) == 80);
     assert!(offset_of!(SockState, flags) == 88);
+    assert!(offset_of!(SockState, rcvbuf) == 92);
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
+    assert!(offset_of!(Config, accel_max_queued) == 16);
+    assert!(offset_of!(Config, sk_rcvbuf_offset) == 20);
+    assert!(size_of::<Config>() == 24);
     assert!(size_of::<FlowKey>() == 36);
     assert!(offset_of!(FlowKey, local_addr) == 16);
     assert!(offset_of!(FlowKey, client_port) == 32);

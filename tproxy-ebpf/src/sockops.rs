@@ -112,7 +112,7 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
         redirected_end: 0,
         read: 0,
         flags: 0,
-        _pad0: 0,
+        rcvbuf: rcvbuf(ctx),
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
@@ -125,4 +125,25 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     counters::inc(Counter::SockhashInserted);
     Ok(sk)
+}
+
+/// The socket's receive buffer (`sk_rcvbuf`), what bounds the bytes a
+/// sender may leave queued at it; 0 if the kernel cannot tell (SOL_SOCKET
+/// in bpf_getsockopt is 6.1+); then the first read fills it in.
+#[inline(always)]
+fn rcvbuf(ctx: &SockOpsContext) -> u32 {
+    const SOL_SOCKET: i32 = 1;
+    const SO_RCVBUF: i32 = 8;
+    let mut v: i32 = 0;
+    // SAFETY: a full socket at ESTABLISHED; the helper writes 4 bytes.
+    let r = unsafe {
+        aya_ebpf::helpers::bpf_getsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_RCVBUF,
+            (&raw mut v).cast(),
+            4,
+        )
+    };
+    if r == 0 && v > 0 { v as u32 } else { 0 }
 }
