@@ -381,8 +381,10 @@ fn a_sender_returns_to_the_fast_path_once_its_reader_caught_up() {
     // Four bursts: each falls back; the last three start on the fast path again.
     assert!(c["accel_fallbacks"].as_u64().unwrap() >= 4, "{c}");
     assert!(c["accel_resumed"].as_u64().unwrap() >= 3, "{c}");
+    // Each burst redirects up to the reader's receive buffer (at least
+    // tcp_rmem[1], 128 KiB here, below MAX), and at least its first write.
     assert!(
-        c["msg_redirected_bytes"].as_u64().unwrap() >= 4 * (MAX - (256 << 10)),
+        c["msg_redirected_bytes"].as_u64().unwrap() >= 4 * (128 << 10),
         "{c}"
     );
 }
