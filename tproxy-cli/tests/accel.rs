@@ -496,3 +496,68 @@ fn a_slow_reader_costs_no_more_memory_than_without_acceleration_haproxy() {
 fn a_slow_reader_costs_no_more_memory_than_without_acceleration_ours() {
     memory_follows_the_reader(Proxy::Ours);
 }
+
+/// Many switches between the redirect and TCP (a 64 KiB bound), echoed
+/// by the app (tokio, edge-triggered): every connection must finish. A
+/// reader that drained its redirected bytes with a short read while TCP
+/// bytes filled its window used to wait for an edge that never came.
+#[test]
+fn many_switches_never_freeze_a_reader() {
+    let lab = Lab::new();
+    let _t = lab.tproxy(Steer::Rewrite, &["--accel-max-queued", "65536"]);
+    let mut cmd = lab
+        .topo
+        .server
+        .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    cmd.args([
+        "echo",
+        "127.0.0.1:8000",
+        "--bytes",
+        "67108864",
+        "--conns",
+        "8",
+    ]);
+    let started = Instant::now();
+    let mut client = Logged::spawn("lab-client", &mut cmd).unwrap();
+    let st = client.proc.wait_timeout(Duration::from_secs(45));
+    let server = &lab.topo.server;
+    let frozen = server.exec("ss", &["-Htmnip"]).unwrap_or_default();
+    let c = stats(server)["counters"].clone();
+    eprintln!("{:.1} s, counters {c}", started.elapsed().as_secs_f64());
+    let st = st.unwrap_or_else(|e| panic!("frozen: {e}\n{}\n{frozen}\n{c}", client.log()));
+    std::thread::sleep(Duration::from_millis(50));
+    let log = client.log();
+    assert!(st.success(), "{log}\n{frozen}\n{c}");
+    assert_eq!(log.matches("ok conn=").count(), 8, "{log}");
+    assert!(c["accel_fallbacks"].as_u64().unwrap() >= 8, "{c}");
+}
+
+/// The freeze, made deterministic: the app (tokio, edge-triggered) looks
+/// only 300 ms after accepting. By then its queue holds the one redirected
+/// line, and the writer, whose next write overran the reader's receive
+/// buffer, has filled the TCP window behind it and waits in zero-window
+/// probes. The app's first read gets only the redirected line (Linux reads
+/// the psock queue alone while it is non-empty), a short read after which
+/// tokio waits for a new edge; the pending TCP bytes never make one. It
+/// must still get all 4 MB.
+#[test]
+fn a_reader_that_drained_its_redirected_bytes_sees_the_tcp_ones() {
+    let lab = Lab::with_app(&["--sink-rate", "40000000", "--first-read-delay-ms", "300"]);
+    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    let mut cmd = lab
+        .topo
+        .server
+        .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    cmd.args(["sink", "127.0.0.1:8000", "--bytes", "4000000"]);
+    let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
+    let st = w.proc.wait_timeout(Duration::from_secs(20));
+    let server = &lab.topo.server;
+    let c = stats(server)["counters"].clone();
+    let ss = server.exec("ss", &["-Htmnio"]).unwrap_or_default();
+    let st = st.unwrap_or_else(|e| panic!("frozen: {e}\n{}\n{ss}\n{c}", w.log()));
+    std::thread::sleep(Duration::from_millis(50));
+    let log = w.log();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("reply=sink ok bytes=4000000"), "{log}");
+    assert!(c["accel_fallbacks"].as_u64().unwrap() >= 1, "{c}");
+}
