@@ -549,10 +549,12 @@ fn a_reader_that_drained_its_redirected_bytes_sees_the_tcp_ones() {
         .server
         .command_in(example("lab-client"), Some(&lab.topo.cgroup));
     cmd.args(["sink", "127.0.0.1:8000", "--bytes", "4000000"]);
+    let started = Instant::now();
     let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
     let st = w.proc.wait_timeout(Duration::from_secs(20));
     let server = &lab.topo.server;
     let c = stats(server)["counters"].clone();
+    eprintln!("{:.2} s, counters {c}", started.elapsed().as_secs_f64());
     let ss = server.exec("ss", &["-Htmnio"]).unwrap_or_default();
     let st = st.unwrap_or_else(|e| panic!("frozen: {e}\n{}\n{ss}\n{c}", w.log()));
     std::thread::sleep(Duration::from_millis(50));
@@ -560,4 +562,6 @@ fn a_reader_that_drained_its_redirected_bytes_sees_the_tcp_ones() {
     assert!(st.success(), "{log}");
     assert!(log.contains("reply=sink ok bytes=4000000"), "{log}");
     assert!(c["accel_fallbacks"].as_u64().unwrap() >= 1, "{c}");
+    // What woke it: a nudge (sockops.rs), not a byte from the writer.
+    assert!(c["accel_nudges"].as_u64().unwrap() >= 1, "{c}");
 }

@@ -248,10 +248,13 @@ pub enum Counter {
     /// Times a sender came (back) to the fast path after sending by TCP,
     /// once its reader had read every byte.
     AccelResumed,
+    /// Wake-ups given to a reader that had read every redirected byte while
+    /// bytes its peer sent by TCP were waiting (see sockops.rs: `nudge`).
+    AccelNudges,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 22] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -273,6 +276,7 @@ impl Counter {
         Counter::MsgReadBytes,
         Counter::SteerCollisions,
         Counter::AccelResumed,
+        Counter::AccelNudges,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -299,6 +303,7 @@ impl Counter {
             Counter::MsgReadBytes => "msg_read_bytes",
             Counter::SteerCollisions => "steer_collisions",
             Counter::AccelResumed => "accel_resumed",
+            Counter::AccelNudges => "accel_nudges",
         }
     }
 }
@@ -328,7 +333,7 @@ const _: () = {
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
     assert!(offset_of!(SockKey, netns_cookie) == 48);
-    assert!(Counter::COUNT == Counter::AccelResumed as u32 + 1);
+    assert!(Counter::COUNT == Counter::AccelNudges as u32 + 1);
 };
 
 #[cfg(feature = "user")]
