@@ -172,12 +172,19 @@ fn rcvbuf(ctx: &SockOpsContext) -> u32 {
 /// for good. The reader answers each probe with an ACK, which brings us
 /// here; setting SO_RCVLOWAT (to the value it has) makes tcp_set_rcvlowat
 /// call tcp_data_ready, which wakes the reader if TCP bytes are readable.
-/// The same happens on any other packet this socket sends meanwhile. A
-/// reader that is merely slow gets a spurious wake-up, which costs a read.
+/// Only pure ACKs (no payload: not the sends of its own writer, nor the
+/// header-size queries made for them); a reader that is merely slow gets a
+/// spurious wake-up on its window updates, which costs a read.
 #[inline(always)]
 fn nudge(ctx: &SockOpsContext) {
     const SOL_SOCKET: i32 = 1;
     const SO_RCVLOWAT: i32 = 18;
+    const TCP_FLAG_ACK: u32 = 0x10;
+    // SAFETY: reading the context; skb fields are 0 without a packet.
+    let (len, tcp_flags) = unsafe { ((*ctx.ops).skb_len, (*ctx.ops).skb_tcp_flags) };
+    if len != 0 || tcp_flags & TCP_FLAG_ACK == 0 {
+        return;
+    }
     let Some(own) = SOCKS.get_ptr(&sk_addr(ctx)) else {
         return;
     };
