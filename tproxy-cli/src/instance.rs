@@ -193,7 +193,7 @@ impl Instance {
             steer_mark,
             flags: flags::STEER_NEW | if opts.accel { flags::ACCEL } else { 0 },
             accel_max_queued: opts.accel_max_queued,
-            _pad1: 0,
+            sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
             netns_cookie,
         };
         write_config(&mut ebpf, &config, &opts.ports)?;
@@ -808,7 +808,7 @@ mod tests {
             redirected_end,
             read,
             flags: 0,
-            _pad0: 0,
+            rcvbuf: 0,
         }
     }
 

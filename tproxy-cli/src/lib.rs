@@ -6,6 +6,7 @@
 //! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
+pub mod btf;
 pub mod cli;
 pub mod error;
 pub mod instance;

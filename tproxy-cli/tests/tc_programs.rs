@@ -50,7 +50,7 @@ impl Progs {
             steer_mark: STEER_MARK,
             flags: flags::STEER_NEW,
             accel_max_queued: 1 << 20,
-            _pad1: 0,
+            sk_rcvbuf_offset: 0,
             netns_cookie: 1,
         };
         let mut c: Array<&mut MapData, Config> =

@@ -63,10 +63,9 @@ pub const FLOW_ACTIVE_NS: u64 = 10_000_000_000;
 pub const SOCKHASH_MAX: u32 = 65_536;
 /// Proxy-side sockets waiting for their app-side peer to be established.
 pub const PENDING_MAX: u32 = 4_096;
-/// Default bound on redirected bytes queued, unread, at one socket.
-/// Of the order of what plain TCP lets one connection hold per direction
-/// (tcp_rmem max 6 MiB + tcp_wmem max 4 MiB by default): below that, bulk
-/// senders fall back to TCP after a few milliseconds of a busy reader.
+/// Default upper bound on redirected bytes queued, unread, at one socket.
+/// The bound in force is the reader's receive buffer (`SockState::rcvbuf`)
+/// when that is smaller, which it is unless TCP autotuned it past this.
 pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 16 << 20;
 /// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
 /// one lookup, no hashing, on the per-packet path.
@@ -112,11 +111,14 @@ pub struct Config {
     pub steer_mark: u32,
     /// `flags::*`.
     pub flags: u32,
-    /// Past this many unread bytes at the receiving socket, the sender
-    /// leaves the fast path (plain TCP, with TCP's backpressure) until the
+    /// Past this many unread bytes at the receiving socket (or its receive
+    /// buffer, if smaller), the sender leaves the fast path (plain TCP, with TCP's backpressure) until the
     /// reader has caught up.
     pub accel_max_queued: u32,
-    pub _pad1: u32,
+    /// Offset of `sk_rcvbuf` in the kernel's `struct sock` (from its BTF),
+    /// for the recvmsg tracepoint to refresh `SockState::rcvbuf`; 0 if
+    /// unknown (then the value read at insert stays).
+    pub sk_rcvbuf_offset: u32,
     /// Cookie of the network namespace tproxy serves: cgroup programs see
     /// sockets of every namespace whose processes are in the cgroup, and
     /// must not take another namespace's identical tuple for a steered flow.
@@ -208,12 +210,16 @@ pub struct SockState {
     pub read: u64,
     /// `sock_flags::*`.
     pub flags: u32,
-    pub _pad0: u32,
+    /// This socket's receive buffer (`sk_rcvbuf`, bytes): read with
+    /// getsockopt at insert, refreshed on each of its reads. A sender
+    /// redirects into this socket only while what it has unread stays
+    /// within it (and `accel_max_queued`), as TCP would hold.
+    pub rcvbuf: u32,
 }
 
 pub mod sock_flags {
     /// This socket's sends are being redirected (fast path). Cleared when
-    /// the peer has more than `accel_max_queued` bytes unread (slow
+    /// the peer has more unread than its receive buffer or `accel_max_queued` (slow
     /// reader: TCP's backpressure takes over), set again once the peer has
     /// read every byte sent.
     pub const FAST: u32 = 1 << 0;
@@ -299,10 +305,13 @@ pub enum Counter {
     /// Frames with a VLAN tag (in the frame, or taken off by the device):
     /// passed untouched; run tproxy on the VLAN interface instead.
     VlanPassed,
+    /// Wake-ups given to a reader that had read every redirected byte while
+    /// bytes its peer sent by TCP were waiting (see sockops.rs: `nudge`).
+    AccelNudges,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 26] = [
+    pub const ALL: [Counter; 27] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -329,6 +338,7 @@ impl Counter {
         Counter::FlowsTableFull,
         Counter::Fragments,
         Counter::VlanPassed,
+        Counter::AccelNudges,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -360,6 +370,7 @@ impl Counter {
             Counter::FlowsTableFull => "flows_table_full",
             Counter::Fragments => "fragments",
             Counter::VlanPassed => "vlan_passed",
+            Counter::AccelNudges => "accel_nudges",
         }
     }
 }
@@ -375,9 +386,11 @@ const _: () = {
     assert!(offset_of!(SockState, peer) == 56);
     assert!(offset_of!(SockState, read) == 80);
     assert!(offset_of!(SockState, flags) == 88);
+    assert!(offset_of!(SockState, rcvbuf) == 92);
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
+    assert!(offset_of!(Config, sk_rcvbuf_offset) == 20);
     assert!(size_of::<FlowKey>() == 40);
     assert!(offset_of!(FlowKey, local_addr) == 16);
     assert!(offset_of!(FlowKey, client_port) == 32);
@@ -390,7 +403,7 @@ const _: () = {
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
     assert!(offset_of!(SockKey, netns_cookie) == 48);
-    assert!(Counter::COUNT == Counter::VlanPassed as u32 + 1);
+    assert!(Counter::COUNT == Counter::AccelNudges as u32 + 1);
 };
 
 #[cfg(feature = "user")]

@@ -8,10 +8,15 @@
 //! available on every kernel tproxy runs on (not on the CI's); raw
 //! tracepoints are. The cost falls on every recvmsg of the host: one
 //! 8-byte hash lookup, a miss for sockets that are not ours.
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext,
+};
 use tproxy_common::Counter;
 
-use crate::{atomic, counters, maps::SOCKS};
+use crate::{
+    atomic, counters,
+    maps::{CONFIG, SOCKS},
+};
 
 const MSG_PEEK: i32 = 2;
 const MSG_ERRQUEUE: i32 = 0x2000;
@@ -39,5 +44,18 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     // may add at once.
     atomic::add(unsafe { &raw mut (*st).read }, u64::from(read as u32));
     counters::add(Counter::MsgReadBytes, read as u64);
+    // The reader's receive buffer, which bounds what its sender may leave
+    // queued here: TCP autotunes it while the sender goes by TCP, an app
+    // may set SO_RCVBUF. Its offset in struct sock is from the kernel's BTF.
+    let off = CONFIG.get(0).map_or(0, |c| c.sk_rcvbuf_offset);
+    if off != 0 {
+        // SAFETY: sk is the live socket the tracepoint fired for; the helper
+        // checks the read. One aligned 4-byte store into our entry.
+        if let Ok(v) = unsafe { bpf_probe_read_kernel((sk + u64::from(off)) as *const i32) }
+            && v > 0
+        {
+            unsafe { core::ptr::write_volatile(&raw mut (*st).rcvbuf, v as u32) };
+        }
+    }
     Ok(())
 }

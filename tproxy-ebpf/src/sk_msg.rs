@@ -2,10 +2,10 @@
 //! pair straight into the peer's receive (ingress) queue.
 //!
 //! Any miss means plain TCP (SK_PASS), never a drop. Ingress redirect has
-//! no backpressure of its own, so a sender whose peer has more than
-//! `accel_max_queued` bytes unread goes by TCP (which blocks it when the
-//! peer's window is full) until the peer has read every byte it sent; then
-//! it redirects again. Order across the two paths: the peer's reader takes
+//! no backpressure of its own, so a sender whose peer has more bytes unread
+//! than the peer's receive buffer (at most `accel_max_queued`) goes by TCP
+//! (which blocks it when the peer's window is full) until the peer has read
+//! every byte it sent; then it redirects again. Order across the two paths: the peer's reader takes
 //! its queued redirected bytes before TCP's receive queue, so a switch to
 //! TCP is always safe, and a switch back only when nothing sent by TCP is
 //! still unread (`SockState` in tproxy-common: `sent` against the peer's
@@ -71,6 +71,8 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     // word its readers add to atomically (a stale value only overstates
     // what is unread).
     let unread = sent.wrapping_sub(unsafe { read_volatile(&raw const (*peer).read) }) as i64;
+    // SAFETY: as above; one aligned 4-byte word.
+    let peer_rcvbuf = unsafe { read_volatile(&raw const (*peer).rcvbuf) };
     if state & FAST == 0 {
         // Bytes sent by TCP still unread: a redirected byte would overtake them.
         if unread != 0 {
@@ -79,7 +81,11 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
         if sent != 0 {
             counters::inc(Counter::AccelResumed);
         }
-    } else if unread + size as i64 > i64::from(cfg.accel_max_queued) {
+    } else if unread > 0
+        && unread + size as i64 > i64::from(bound(cfg.accel_max_queued, peer_rcvbuf))
+    {
+        // (A reader that has read everything takes the next message whatever
+        // its size, as TCP takes a write larger than the receive buffer.)
         counters::inc(Counter::AccelFallbacks);
         return pass(Counter::MsgPassthrough);
     }
@@ -95,4 +101,15 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     counters::inc(Counter::MsgRedirected);
     counters::add(Counter::MsgRedirectedBytes, size);
     Ok(())
+}
+
+/// Unread bytes a sender may leave at its peer: what the peer's receive
+/// buffer would let TCP hold there, at most `max` (`--accel-max-queued`).
+/// Redirected bytes are charged to the peer's sk_rmem_alloc but not limited
+/// by its sk_rcvbuf; past it, TCP's own segments meet a full buffer and the
+/// kernel grows sk_rcvbuf to what is allocated (tcp_clamp_window), for the
+/// rest of the connection. 0 (not known yet): `max`.
+#[inline(always)]
+fn bound(max: u32, rcvbuf: u32) -> u32 {
+    if rcvbuf == 0 { max } else { max.min(rcvbuf) }
 }

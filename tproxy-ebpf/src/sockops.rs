@@ -16,15 +16,19 @@
 //! enters at PASSIVE_ESTABLISHED only if its key is pending, and then the
 //! two learn each other's address (SOCKS). Every other socket in the
 //! cgroup stays untouched.
+//!
+//! It also keeps readers of accelerated sockets from sleeping on TCP bytes
+//! (`nudge`): it sees each packet those sockets send.
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use tproxy_common::{Counter, SockKey, SockState, flags};
+use tproxy_common::{Counter, SockKey, SockState, flags, sock_flags::FAST};
 
 use crate::{
     counters, flow,
@@ -54,8 +58,13 @@ fn intercepted(port: u32) -> bool {
 
 #[inline(always)]
 fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
-    counters::inc(Counter::SockopsEvents);
     let op = ctx.op();
+    // Every packet an accelerated socket sends: not an event worth counting.
+    if ACCEL && op == BPF_SOCK_OPS_HDR_OPT_LEN_CB {
+        nudge(ctx);
+        return Ok(());
+    }
+    counters::inc(Counter::SockopsEvents);
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let cfg = CONFIG.get(0).ok_or(())?;
@@ -144,7 +153,7 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
         redirected_end: 0,
         read: 0,
         flags: 0,
-        _pad0: 0,
+        rcvbuf: rcvbuf(ctx),
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
@@ -153,8 +162,114 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
         .map_err(|_| {
             let _ = SOCKS.remove(&sk);
         })?;
-    // Ask for state callbacks, to forget the socket when it closes.
-    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    // Ask for state callbacks, to forget the socket when it closes, and for
+    // a look at each packet it sends (we reserve no option space), to nudge
+    // its reader.
+    let _ =
+        ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     counters::inc(Counter::SockhashInserted);
     Ok(sk)
+}
+
+/// The socket's receive buffer (`sk_rcvbuf`), what bounds the bytes a
+/// sender may leave queued at it; 0 if the kernel cannot tell (SOL_SOCKET
+/// in bpf_getsockopt is 6.1+); then the first read fills it in.
+#[inline(always)]
+fn rcvbuf(ctx: &SockOpsContext) -> u32 {
+    const SOL_SOCKET: i32 = 1;
+    const SO_RCVBUF: i32 = 8;
+    let mut v: i32 = 0;
+    // SAFETY: a full socket at ESTABLISHED; the helper writes 4 bytes.
+    let r = unsafe {
+        aya_ebpf::helpers::bpf_getsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_RCVBUF,
+            (&raw mut v).cast(),
+            4,
+        )
+    };
+    if r == 0 && v > 0 { v as u32 } else { 0 }
+}
+
+/// Wakes this socket's reader when it has read every redirected byte while
+/// bytes its peer sent by TCP wait in the receive queue.
+///
+/// Linux's tcp_bpf_recvmsg reads only the psock's queue of redirected bytes
+/// while it is non-empty, so the read that empties it is short even when TCP
+/// bytes are queued behind. An edge-triggered reader (tokio, HAProxy) takes
+/// a short read as "drained" and waits for the next wake-up; the TCP bytes
+/// woke it before that read. If they filled the window (or the sender has
+/// nothing more to say), none comes: both ends sit in zero-window probes
+/// for good. The reader answers each probe with an ACK, which brings us
+/// here; setting SO_RCVLOWAT (to the value it has) makes tcp_set_rcvlowat
+/// call tcp_data_ready, which wakes the reader if TCP bytes are readable.
+/// Only pure ACKs (no payload: not the sends of its own writer, nor the
+/// header-size queries made for them); a reader that is merely slow gets a
+/// spurious wake-up on its window updates, which costs a read.
+#[inline(always)]
+fn nudge(ctx: &SockOpsContext) {
+    const SOL_SOCKET: i32 = 1;
+    const SO_RCVLOWAT: i32 = 18;
+    const TCP_FLAG_ACK: u32 = 0x10;
+    // SAFETY: reading the context; skb fields are 0 without a packet.
+    let (len, tcp_flags) = unsafe { ((*ctx.ops).skb_len, (*ctx.ops).skb_tcp_flags) };
+    if len != 0 || tcp_flags & TCP_FLAG_ACK == 0 {
+        return;
+    }
+    let Some(own) = SOCKS.get_ptr(&sk_addr(ctx)) else {
+        return;
+    };
+    // SAFETY: live SOCKS entries; aligned 8-byte and 4-byte words that
+    // their writers store whole (a stale value delays the nudge to the
+    // next packet, or wakes the reader once for nothing).
+    let (peer_sk, read) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*own).peer),
+            core::ptr::read_volatile(&raw const (*own).read),
+        )
+    };
+    let Some(peer) = (if peer_sk == 0 {
+        None
+    } else {
+        SOCKS.get_ptr(&peer_sk)
+    }) else {
+        return;
+    };
+    let (flags, sent, redirected_end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*peer).flags),
+            core::ptr::read_volatile(&raw const (*peer).sent),
+            core::ptr::read_volatile(&raw const (*peer).redirected_end),
+        )
+    };
+    // The peer sends by TCP, nothing redirected is left to read, and some
+    // of what it sent is not read yet.
+    if flags & FAST != 0 || read < redirected_end || read >= sent {
+        return;
+    }
+    let mut v: i32 = 1;
+    // SAFETY: a full, locked socket (a packet it sends); 4-byte buffers.
+    unsafe {
+        if aya_ebpf::helpers::bpf_getsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_RCVLOWAT,
+            (&raw mut v).cast(),
+            4,
+        ) != 0
+        {
+            v = 1;
+        }
+        if aya_ebpf::helpers::bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_SOCKET,
+            SO_RCVLOWAT,
+            (&raw mut v).cast(),
+            4,
+        ) == 0
+        {
+            counters::inc(Counter::AccelNudges);
+        }
+    }
 }

@@ -12,7 +12,11 @@
 //!   then every byte received is echoed back until EOF, then the app closes
 //!   its side.
 //!
-//! Usage: lab-app PORTS [--tag T] [--sink-rate BYTES_PER_S]   (PORTS: 8000,8080,9000-9002)
+//! - `--first-read-delay-ms MS`: wait that long after accepting before the
+//!   first read (a busy app: bytes pile up before it looks).
+//!
+//! Usage: lab-app PORTS [--tag T] [--sink-rate BYTES_PER_S] [--first-read-delay-ms MS]
+//! (PORTS: 8000,8080,9000-9002)
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context as _, Result};
@@ -41,6 +45,7 @@ fn listener(addr: SocketAddr) -> Result<TcpListener> {
 struct Opts {
     tag: Option<String>,
     sink_rate: u64,
+    first_read_delay: std::time::Duration,
 }
 
 /// SEND: n bytes of the stream seeded with n, then close without reading.
@@ -89,6 +94,7 @@ async fn sink(mut s: TcpStream, seed: u64, rest: Vec<u8>, rate: u64) -> std::io:
 async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Result<()> {
     let port = s.local_addr()?.port();
     let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::sleep(opts.first_read_delay).await;
     let n = s.read(&mut buf).await?;
     if n == 0 {
         return Ok(());
@@ -165,6 +171,12 @@ async fn main() -> Result<()> {
             .map(|v| v.parse())
             .transpose()?
             .unwrap_or(1 << 20),
+        first_read_delay: std::time::Duration::from_millis(
+            opt("--first-read-delay-ms")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(0),
+        ),
     };
     let mut tasks = Vec::new();
     for port in ports(&spec)? {
