@@ -1,10 +1,11 @@
 //! `cargo xtask demo`: the README's main job. Brings up the three-namespace
 //! lab; in the server namespace (and a child cgroup) starts the app on 8000,
-//! the proxy on 15006 (Envoy where an `envoy` binary is on PATH, HAProxy
-//! otherwise) and `tproxy -i eth0 -ports 8000`; sends requests from the
+//! the proxy on 15006 (Envoy, as the reference lab; `--proxy haproxy` for
+//! HAProxy) and `tproxy -i eth0 -ports 8000`; sends requests from the
 //! client namespace and shows the evidence (the app's answer, the proxy's
-//! log line with the original destination it read, tproxy's counters);
-//! stops tproxy, tears the lab down and checks the host is as it was.
+//! log line with the original destination it read for each request,
+//! tproxy's counters); stops tproxy, tears the lab down and checks the
+//! host is as it was.
 use std::{
     path::Path,
     process::Command,
@@ -12,11 +13,19 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use tproxy_lab::{Logged, Topology, Tproxy, kernel, topology};
+use clap::ValueEnum;
+use tproxy_lab::{Logged, Topology, Tproxy, envoy, kernel, topology};
 
 use crate::sh;
 
 const PREFIX: &str = "tproxy-demo";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DemoProxy {
+    /// Envoy (PATH, else the one `cargo xtask setup` installed).
+    Envoy,
+    Haproxy,
+}
 
 fn step(msg: &str) {
     println!("\n==> {msg}");
@@ -47,7 +56,7 @@ fn host_snapshot() -> Result<String> {
     ))
 }
 
-pub fn run() -> Result<()> {
+pub fn run(proxy: DemoProxy) -> Result<()> {
     step("building tproxy (release; the eBPF object is embedded in the binary)");
     let t0 = Instant::now();
     let bin = crate::build_release()?.join("tproxy");
@@ -61,7 +70,7 @@ pub fn run() -> Result<()> {
     let bin = bin.to_string_lossy().into_owned();
 
     let before = host_snapshot()?;
-    let result = run_lab(&bin);
+    let result = run_lab(&bin, proxy);
     // The lab's guards have dropped by now, on success and on error alike.
     let after = host_snapshot()?;
     step("host state after the demo");
@@ -72,34 +81,35 @@ pub fn run() -> Result<()> {
     result
 }
 
-/// Which proxy the demo runs: Envoy where it is installed, else HAProxy.
-fn start_proxy(lab: &Topology) -> Result<(Logged, &'static str)> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let envoy = crate::which("envoy");
-    let (name, mut cmd) = match envoy {
-        Some(envoy) => {
-            let cfg = repo.join("examples/envoy/envoy.yaml");
-            let mut cmd = lab.server.command_in(envoy, Some(&lab.cgroup));
-            cmd.arg("-c")
-                .arg(cfg)
-                .args(["--base-id", "7470", "-l", "warning"]);
-            ("envoy", cmd)
+/// The proxy on 15006 in the server namespace and cgroup, up and serving.
+fn start_proxy(lab: &Topology, proxy: DemoProxy) -> Result<(Logged, &'static str)> {
+    match proxy {
+        DemoProxy::Envoy => {
+            let cfg = envoy::example_config(false);
+            let p = envoy::start(
+                &lab.server,
+                Some(&lab.cgroup),
+                &cfg,
+                15006,
+                &envoy::Opts::default(),
+            )?;
+            Ok((p, "envoy"))
         }
-        None => {
+        DemoProxy::Haproxy => {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             let cfg = repo.join("examples/haproxy/haproxy.cfg");
             let mut cmd = lab.server.command_in("haproxy", Some(&lab.cgroup));
             cmd.arg("-db").arg("-f").arg(cfg);
-            ("haproxy", cmd)
+            let p = Logged::spawn("haproxy", &mut cmd)?;
+            if let Err(e) = lab.server.wait_listening(15006, Duration::from_secs(10)) {
+                bail!("haproxy did not come up ({e}); its output:\n{}", p.log());
+            }
+            Ok((p, "haproxy"))
         }
-    };
-    let p = Logged::spawn(name, &mut cmd)?;
-    if let Err(e) = lab.server.wait_listening(15006, Duration::from_secs(10)) {
-        bail!("{name} did not come up ({e}); its output:\n{}", p.log());
     }
-    Ok((p, name))
 }
 
-fn run_lab(bin: &str) -> Result<()> {
+fn run_lab(bin: &str, proxy_kind: DemoProxy) -> Result<()> {
     let examples = Path::new(bin).parent().context("binary folder")?;
     step("bringing up the lab: client -- gateway -- server (three network namespaces)");
     let lab = Topology::up(PREFIX)?;
@@ -123,10 +133,17 @@ fn run_lab(bin: &str) -> Result<()> {
     app_cmd.arg("8000");
     let mut app = Logged::spawn("lab-app", &mut app_cmd)?;
     app.wait_for("listening", Duration::from_secs(10))?;
-    let (proxy, proxy_name) = start_proxy(&lab)?;
-    println!(
-        "app: lab-app on :8000; proxy: {proxy_name} on :15006 (`server original 0.0.0.0` / ORIGINAL_DST cluster)"
-    );
+    let (proxy, proxy_name) = start_proxy(&lab, proxy_kind)?;
+    match proxy_kind {
+        DemoProxy::Envoy => println!(
+            "app: lab-app on :8000; proxy: {} on :15006 (examples/envoy/envoy.yaml: original_dst listener filter, \
+             http_connection_manager for :8000, ORIGINAL_DST cluster, upstream SO_MARK 0x539)",
+            envoy::version(&envoy::require()?)?
+        ),
+        DemoProxy::Haproxy => println!(
+            "app: lab-app on :8000; proxy: HAProxy on :15006 (examples/haproxy/haproxy.cfg: `server original 0.0.0.0`)"
+        ),
+    }
 
     step("sudo tproxy -i eth0 -ports 8000   (in the server namespace)");
     let cg = lab.cgroup.path().display().to_string();
@@ -178,7 +195,8 @@ fn run_lab(bin: &str) -> Result<()> {
     step(&format!(
         "{proxy_name}'s log: the original destination it read (SO_ORIGINAL_DST or getsockname, answered by tproxy's cgroup programs)"
     ));
-    // The proxy logs a session when it ends, a moment after the client.
+    // The proxy logs a session when it ends, a moment after the client;
+    // Envoy writes its access log out every 0.1 s (--file-flush-interval-msec).
     let prefix = format!("{proxy_name}: client");
     let deadline = Instant::now() + Duration::from_secs(5);
     let lines: Vec<String> = loop {
@@ -196,9 +214,14 @@ fn run_lab(bin: &str) -> Result<()> {
         println!("  | {l}");
     }
     // HAProxy's stdout logger may drop a line under load; none at all
-    // means the proxy was not in the path.
-    if lines.is_empty() {
-        bail!("{proxy_name} logged no connection:\n{}", proxy.log());
+    // means the proxy was not in the path. Envoy logs every request.
+    let wanted = if proxy_kind == DemoProxy::Envoy { 2 } else { 1 };
+    if lines.len() < wanted {
+        bail!(
+            "{proxy_name} logged {} of the 2 requests:\n{}",
+            lines.len(),
+            proxy.log()
+        );
     }
 
     step("tproxy stats (in the server namespace)");
