@@ -258,7 +258,8 @@ pub fn wait_ready(ns: &Netns, port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         match admin_get(ns, "/ready") {
-            Ok((200, body)) if body.trim() == "LIVE" => break,
+            // The body comes chunked: "5\r\nLIVE\n\r\n0…".
+            Ok((200, body)) if body.contains("LIVE") => break,
             _ if Instant::now() > deadline => {
                 bail!("Envoy in netns {} not ready after {timeout:?}", ns.name())
             }

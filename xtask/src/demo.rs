@@ -7,7 +7,7 @@
 //! tproxy's counters); stops tproxy, tears the lab down and checks the
 //! host is as it was.
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -31,29 +31,64 @@ fn step(msg: &str) {
     println!("\n==> {msg}");
 }
 
-/// What the demo could leave on the host: namespaces, cgroups, runtime
-/// records, loaded programs of ours.
+/// The demo's own namespaces and cgroup (other labs and tests may come
+/// and go on the host meanwhile: only ours are compared).
 fn host_snapshot() -> Result<String> {
-    let ns = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
-        .into_owned();
+    let ns: Vec<String> =
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
+            .lines()
+            .filter(|l| l.starts_with(PREFIX))
+            .map(String::from)
+            .collect();
     let cg_root = tproxy_lab::cgroup::cgroup2_root()?;
-    let mut cgs: Vec<String> = std::fs::read_dir(&cg_root)?
+    let cgs: Vec<String> = std::fs::read_dir(&cg_root)?
         .flatten()
-        .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(PREFIX))
         .collect();
-    cgs.sort();
-    let run = std::fs::read_dir("/run/tproxy")
-        .map(|d| d.flatten().count())
-        .unwrap_or(0);
-    let progs: Vec<String> = kernel::programs()?
-        .into_iter()
-        .filter(|p| p.name.starts_with("tproxy_"))
-        .map(|p| format!("{}:{}", p.id, p.name))
-        .collect();
-    Ok(format!(
-        "netns: {ns}\ncgroups: {cgs:?}\n/run/tproxy entries: {run}\ntproxy programs: {progs:?}"
-    ))
+    Ok(format!("netns: {ns:?}, cgroups: {cgs:?}"))
+}
+
+/// What the demo's tproxy instance put in the kernel and /run: its runtime
+/// record and its programs (all share its COUNTERS map).
+struct Installed {
+    record: PathBuf,
+    programs: Vec<(u64, String)>,
+}
+
+impl Installed {
+    fn read(server: &tproxy_lab::Netns) -> Result<Installed> {
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = std::fs::metadata(server.path())?.ino();
+        let record = PathBuf::from(format!("/run/tproxy/{inode}-eth0.json"));
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&record)
+                .with_context(|| format!("tproxy's record {}", record.display()))?,
+        )?;
+        let map = v["counters_map_id"]
+            .as_u64()
+            .context("no counters_map_id in the record")?;
+        let programs = kernel::programs_using_map(map)?
+            .into_iter()
+            .map(|p| (p.id, p.name))
+            .collect();
+        Ok(Installed { record, programs })
+    }
+
+    /// What of it is still there.
+    fn left(&self) -> Result<Vec<String>> {
+        let mut left = Vec::new();
+        if self.record.exists() {
+            left.push(self.record.display().to_string());
+        }
+        let loaded = kernel::programs()?;
+        for (id, name) in &self.programs {
+            if loaded.iter().any(|p| p.id == *id) {
+                left.push(format!("program {id} {name}"));
+            }
+        }
+        Ok(left)
+    }
 }
 
 pub fn run(proxy: DemoProxy) -> Result<()> {
@@ -70,14 +105,27 @@ pub fn run(proxy: DemoProxy) -> Result<()> {
     let bin = bin.to_string_lossy().into_owned();
 
     let before = host_snapshot()?;
-    let result = run_lab(&bin, proxy);
+    let mut installed = None;
+    let result = run_lab(&bin, proxy, &mut installed);
     // The lab's guards have dropped by now, on success and on error alike.
     let after = host_snapshot()?;
     step("host state after the demo");
     if before != after {
-        bail!("the demo left something behind:\nbefore:\n{before}\nafter:\n{after}");
+        if let Err(e) = &result {
+            println!("the demo failed: {e:#}");
+        }
+        bail!("the demo left something behind:\nbefore: {before}\nafter:  {after}");
     }
-    println!("same as before the demo: no namespaces, cgroups, records or programs left");
+    if let Some(installed) = &installed {
+        let left = installed.left()?;
+        if !left.is_empty() {
+            bail!("tproxy left behind: {}", left.join(", "));
+        }
+        println!(
+            "same as before the demo: no namespaces or cgroups of the demo, no record, none of tproxy's {} programs left",
+            installed.programs.len()
+        );
+    }
     result
 }
 
@@ -109,7 +157,7 @@ fn start_proxy(lab: &Topology, proxy: DemoProxy) -> Result<(Logged, &'static str
     }
 }
 
-fn run_lab(bin: &str, proxy_kind: DemoProxy) -> Result<()> {
+fn run_lab(bin: &str, proxy_kind: DemoProxy, installed: &mut Option<Installed>) -> Result<()> {
     let examples = Path::new(bin).parent().context("binary folder")?;
     step("bringing up the lab: client -- gateway -- server (three network namespaces)");
     let lab = Topology::up(PREFIX)?;
@@ -156,6 +204,7 @@ fn run_lab(bin: &str, proxy_kind: DemoProxy) -> Result<()> {
     for line in tp.log().lines().filter(|l| l.contains("INFO")) {
         println!("  | {line}");
     }
+    *installed = Some(Installed::read(&lab.server)?);
 
     step("what the kernel has attached");
     println!("cgroup {cg}:");
