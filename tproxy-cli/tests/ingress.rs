@@ -313,6 +313,9 @@ fn tproxy_on_a_gateway_with_a_remote_app() {
         // The app sees the gateway's proxy, not the client.
         assert_eq!(r.peer, gw.parse::<IpAddr>().unwrap());
     }
+    // The proxy's lines reach us through a reader thread, which may lag
+    // under load (seen: 0 of 2 read when the assertion ran).
+    wait_lines(&p, "accepted", 2, Duration::from_secs(5));
     let accepted = p
         .lines()
         .iter()
