@@ -5,6 +5,7 @@
 //! Used by the integration tests (tproxy-cli/tests) and by `cargo xtask
 //! lab …` / `cargo xtask demo`.
 pub mod cgroup;
+pub mod envoy;
 pub mod kernel;
 pub mod netns;
 pub mod proc;

@@ -1,8 +1,11 @@
-//! The shipped proxy configurations keep the contract tproxy relies on.
-//! HAProxy's are also run by the ingress tests; Envoy cannot be installed
-//! here, so its configs are checked for the pieces that matter.
+//! The shipped proxy configurations keep the contract tproxy relies on,
+//! and Envoy itself loads every Envoy config. Both proxies also serve the
+//! ingress and accel tests with them.
+use std::path::PathBuf;
+
 use serde_norway::Value;
 use tproxy::cli::{DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT};
+use tproxy_lab::envoy;
 
 fn load(rel: &str) -> Value {
     let path = format!("{}/../examples/{rel}", env!("CARGO_MANIFEST_DIR"));
@@ -25,7 +28,35 @@ fn check_envoy(cfg: &Value, transparent: bool) {
         l["listener_filters"][0]["name"].as_str(),
         Some("envoy.filters.listener.original_dst")
     );
+    // HTTP on the app's HTTP port, tcp_proxy for every other port, both
+    // to the ORIGINAL_DST cluster.
+    let http = &l["filter_chains"][0];
+    assert_eq!(
+        http["filter_chain_match"]["destination_port"].as_u64(),
+        Some(envoy::HTTP_PORT.into())
+    );
+    let hcm = &http["filters"][0];
+    assert_eq!(
+        hcm["name"].as_str(),
+        Some("envoy.filters.network.http_connection_manager")
+    );
+    let route = &hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0];
+    assert_eq!(route["route"]["cluster"].as_str(), Some("original_dst"));
+    let tcp = &l["default_filter_chain"]["filters"][0];
+    assert_eq!(
+        tcp["name"].as_str(),
+        Some("envoy.filters.network.tcp_proxy")
+    );
+    assert_eq!(
+        tcp["typed_config"]["cluster"].as_str(),
+        Some("original_dst")
+    );
+    assert_eq!(
+        cfg["admin"]["address"]["socket_address"]["port_value"].as_u64(),
+        Some(envoy::ADMIN_PORT.into())
+    );
     let c = &cfg["static_resources"]["clusters"][0];
+    assert_eq!(c["name"].as_str(), Some("original_dst"));
     assert_eq!(c["type"].as_str(), Some("ORIGINAL_DST"));
     assert_eq!(c["lb_policy"].as_str(), Some("CLUSTER_PROVIDED"));
     let opt = &c["upstream_bind_config"]["socket_options"][0];
@@ -39,6 +70,44 @@ fn check_envoy(cfg: &Value, transparent: bool) {
 fn envoy_configs_keep_the_contract() {
     check_envoy(&load("envoy/envoy.yaml"), false);
     check_envoy(&load("envoy/envoy-transparent.yaml"), true);
+}
+
+/// Every `*.yaml` in examples/envoy.
+fn envoy_configs() -> Vec<PathBuf> {
+    let mut all: Vec<PathBuf> = std::fs::read_dir(envoy::examples_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    all.sort();
+    all
+}
+
+/// `envoy --mode validate -c …` on every shipped Envoy config, and on each
+/// without its access logs (as a benchmark would run it): Envoy resolves
+/// every typed extension and checks every field. A misspelt field fails.
+#[test]
+fn envoy_loads_every_shipped_config() {
+    let bin = envoy::require().unwrap();
+    let configs = envoy_configs();
+    assert_eq!(configs.len(), 2, "{configs:?}");
+    let dir = tempfile::tempdir().unwrap();
+    for cfg in &configs {
+        let out = envoy::validate(&bin, cfg).unwrap();
+        assert!(out.contains("OK"), "{}: {out}", cfg.display());
+        let text = std::fs::read_to_string(cfg).unwrap();
+        let quiet = envoy::without_access_log(&text);
+        assert!(!quiet.contains("access_log") && quiet.len() < text.len());
+        let path = dir.path().join(cfg.file_name().unwrap());
+        std::fs::write(&path, quiet).unwrap();
+        envoy::validate(&bin, &path).unwrap();
+    }
+    // And a broken one is refused (the check is real).
+    let bad = dir.path().join("bad.yaml");
+    let text = std::fs::read_to_string(&configs[0]).unwrap();
+    std::fs::write(&bad, text.replace("lb_policy:", "lb_polciy:")).unwrap();
+    assert!(envoy::validate(&bin, &bad).is_err());
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Transparent ingress, end to end, in the three-namespace lab: a client
 //! dials the server's app port and is served by the app through the proxy,
 //! which learnt the original destination from tproxy. Both steering
-//! back-ends, IPv4 and IPv6, our own proxy and HAProxy. Root only.
+//! back-ends, IPv4 and IPv6, our own proxy, HAProxy and Envoy. Root only.
 mod common;
 
 use std::{
@@ -19,7 +19,8 @@ use common::*;
 use tproxy_lab::{Logged, Netns, topology::*};
 
 /// Many concurrent clients, every intercepted port (a list and a range),
-/// IPv4 and IPv6: every reply comes from the app on the dialled port via the
+/// IPv4 and IPv6, HTTP on the app's HTTP port (8000) and byte streams on
+/// the others: every reply comes from the app on the dialled port via the
 /// proxy, the proxy's original destination equals what the client dialled,
 /// a port that is not intercepted reaches the app directly, and the flow
 /// table is empty once all is closed.
@@ -42,8 +43,13 @@ fn matrix(proxy: Proxy, steer: Steer) {
                             .cycle()
                             .take(1000 + i * 997)
                             .collect();
-                        let r = exchange(dst, &payload)
-                            .unwrap_or_else(|e| panic!("client {i} to {dst}: {e}"));
+                        // Envoy serves 8000 with http_connection_manager.
+                        let r = if dst.port() == 8000 {
+                            http_get(dst)
+                        } else {
+                            exchange(dst, &payload)
+                        }
+                        .unwrap_or_else(|e| panic!("client {i} to {dst}: {e}"));
                         (dst, payload, r)
                     })
                 })
@@ -52,8 +58,9 @@ fn matrix(proxy: Proxy, steer: Steer) {
         })
     });
 
-    // Our proxy logs before dialling; HAProxy at the end of each session,
-    // which may lag behind the client's close under load: wait for all.
+    // Our proxy logs before dialling; HAProxy and Envoy at the end of each
+    // session, which may lag behind the client's close under load (Envoy
+    // writes its access log out every 0.1 s): wait for all.
     let mut reported = reported_origdst(proxy, &p.lines());
     let deadline = Instant::now() + Duration::from_secs(10);
     while replies
@@ -70,7 +77,9 @@ fn matrix(proxy: Proxy, steer: Steer) {
         // the proxy learnt it: it dials what SO_ORIGINAL_DST (or
         // getsockname) told it.
         assert_eq!(r.port, dst.port(), "{dst}: app answered on {}", r.port);
-        assert_eq!(&r.echoed, payload, "{dst}: echo differs");
+        if dst.port() != 8000 {
+            assert_eq!(&r.echoed, payload, "{dst}: echo differs");
+        }
         // Proxied: the app's peer is the proxy, on the server itself.
         let server: IpAddr = if dst.is_ipv4() { SERVER_IP } else { SERVER_IP6 }
             .parse()
@@ -85,8 +94,9 @@ fn matrix(proxy: Proxy, steer: Steer) {
                 assert_eq!(orig, dst, "SO_ORIGINAL_DST answer for {}", r.local);
                 logged += 1;
             }
-            // Our proxy logs every connection before it dials.
-            None if proxy == Proxy::Ours => {
+            // Our proxy logs every connection before it dials, Envoy every
+            // request or connection when it ends.
+            None if proxy != Proxy::Haproxy => {
                 panic!("no line for client {}; log:\n{}", r.local, p.log())
             }
             None => {}
@@ -137,6 +147,11 @@ fn rewrite_through_haproxy() {
 }
 
 #[test]
+fn rewrite_through_envoy() {
+    matrix(Proxy::Envoy, Steer::Rewrite);
+}
+
+#[test]
 fn tproxy_through_our_proxy() {
     matrix(Proxy::Ours, Steer::Tproxy);
 }
@@ -144,6 +159,11 @@ fn tproxy_through_our_proxy() {
 #[test]
 fn tproxy_through_haproxy() {
     matrix(Proxy::Haproxy, Steer::Tproxy);
+}
+
+#[test]
+fn tproxy_through_envoy() {
+    matrix(Proxy::Envoy, Steer::Tproxy);
 }
 
 /// Steered while no proxy listens: the client is refused, quickly, by an
@@ -185,42 +205,81 @@ fn tproxy_proxy_down_is_refused_on_the_dialled_port() {
 /// tproxy on the loopback interface: the client, proxy and app share the
 /// host. The proxy's upstream connection to 127.0.0.1:8000 crosses the
 /// same tc hook as the client's; only its SO_MARK keeps it from being
-/// steered back to the proxy.
-#[test]
-fn proxy_mark_prevents_a_loop_on_loopback() {
+/// steered back to the proxy. HTTP on 8000 and a byte stream on 8080 (for
+/// Envoy: both filter chains share the cluster that sets the mark).
+fn loopback_without_a_loop(proxy: Proxy) {
     let lab = Lab::new();
-    let p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let p = lab.proxy(proxy, Steer::Rewrite);
     let cg = lab.cg();
+    let server = &lab.topo.server;
     let _t = Logged::start(
         BIN,
-        &lab.topo.server,
+        server,
         None,
-        &["-i", "lo", "-ports", "8000", "--cgroup", &cg],
+        &["-i", "lo", "-ports", "8000,8080", "--cgroup", &cg],
     )
     .unwrap();
+    let mut clients = Vec::new();
     for ip in ["127.0.0.1", "::1"] {
-        let r = lab
-            .topo
-            .server
-            .run(|| exchange(addr(ip, 8000), b"local\n"))
-            .unwrap();
+        let r = server.run(|| http_get(addr(ip, 8000))).unwrap();
         assert_eq!(r.port, 8000);
-        assert_eq!(r.echoed, b"local\n");
-        std::thread::sleep(Duration::from_millis(100));
-        let reported = reported_origdst(Proxy::Ours, &p.lines());
-        assert_eq!(reported.get(&r.local), Some(&addr(ip, 8000)), "{}", p.log());
+        clients.push((r.local, addr(ip, 8000)));
+        let r = server.run(|| exchange(addr(ip, 8080), b"local\n")).unwrap();
+        assert_eq!((r.port, &r.echoed[..]), (8080, &b"local\n"[..]));
+        clients.push((r.local, addr(ip, 8080)));
     }
-    let accepted = p
-        .lines()
-        .iter()
-        .filter(|l| l.starts_with("accepted"))
-        .count();
+    // The proxy's upstream socket carries the mark: a connection held open
+    // through it shows `fwmark:0x539` on the proxy's side only.
+    server.run(|| {
+        let mut c = TcpStream::connect(addr("127.0.0.1", 8080)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"hold\n").unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap(); // the app answered: the upstream exists
+        let client_port = c.local_addr().unwrap().port();
+        let ss = server
+            .exec("ss", &["-Htne", "state", "established", "dport = :8080"])
+            .unwrap();
+        // Columns: Recv-Q Send-Q Local Peer, then the extended fields.
+        let (ours, upstream): (Vec<&str>, Vec<&str>) = ss.lines().partition(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .is_some_and(|a| a.ends_with(&format!(":{client_port}")))
+        });
+        assert_eq!(ours.len(), 1, "{ss}");
+        assert!(!ours[0].contains("fwmark"), "the client is marked: {ss}");
+        assert_eq!(upstream.len(), 1, "one upstream connection: {ss}");
+        assert!(upstream[0].contains("fwmark:0x539"), "{ss}");
+    });
+    let prefix = match proxy {
+        Proxy::Ours => "accepted",
+        Proxy::Haproxy => "haproxy: client",
+        Proxy::Envoy => "envoy: client",
+    };
+    wait_lines(&p, prefix, 5, Duration::from_secs(5));
+    let reported = reported_origdst(proxy, &p.lines());
+    for (local, dialled) in &clients {
+        assert_eq!(reported.get(local), Some(dialled), "{}", p.log());
+    }
+    // Five connections in all: a looped upstream would be a sixth (and
+    // then another, and another).
+    let accepted = p.lines().iter().filter(|l| l.starts_with(prefix)).count();
     assert_eq!(
         accepted,
-        2,
+        5,
         "the proxy accepted its own connections:\n{}",
         p.log()
     );
+}
+
+#[test]
+fn proxy_mark_prevents_a_loop_on_loopback() {
+    loopback_without_a_loop(Proxy::Ours);
+}
+
+#[test]
+fn envoy_mark_prevents_a_loop_on_loopback() {
+    loopback_without_a_loop(Proxy::Envoy);
 }
 
 /// The tproxy back-end on a gateway: flows to a remote app pass through a
@@ -254,6 +313,9 @@ fn tproxy_on_a_gateway_with_a_remote_app() {
         // The app sees the gateway's proxy, not the client.
         assert_eq!(r.peer, gw.parse::<IpAddr>().unwrap());
     }
+    // The proxy's lines reach us through a reader thread, which may lag
+    // under load (seen: 0 of 2 read when the assertion ran).
+    wait_lines(&p, "accepted", 2, Duration::from_secs(5));
     let accepted = p
         .lines()
         .iter()

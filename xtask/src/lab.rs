@@ -4,9 +4,9 @@
 //! `up` builds the release binaries, creates the client, gateway and server
 //! namespaces and the server's cgroup, and starts in the server namespace
 //! (and cgroup): the app (`lab-app`, HTTP and echo) on 8000, an iperf3
-//! server on 5201, a sockperf server on 11111, the proxy on 15006 (Envoy if
-//! an `envoy` binary is on PATH, else HAProxy, or `--proxy ours`), and
-//! `tproxy -i eth0 -ports 8000,5201,11111`. They run detached, logging to
+//! server on 5201, a sockperf server on 11111, the proxy on 15006 (Envoy by
+//! default: HTTP on 8000, tcp_proxy for the rest; `--proxy haproxy` or
+//! `--proxy ours`), and `tproxy -i eth0 -ports 8000,5201,11111`. They run detached, logging to
 //! /run/tproxy-lab/; `down` stops them by PID and removes everything, also
 //! after an interrupted run.
 use std::{
@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Subcommand, ValueEnum};
-use tproxy_lab::{Netns, Topology, topology};
+use tproxy_lab::{Netns, Topology, envoy, topology};
 
 pub const PREFIX: &str = "tproxy-lab";
 /// Other labs the tasks bring up (demo, bench): `down` removes their
@@ -30,8 +30,7 @@ pub const PORTS: &str = "8000,5201,11111";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProxyKind {
-    /// Envoy if an `envoy` binary is on PATH, else HAProxy.
-    Auto,
+    /// Envoy (PATH, else the one `cargo xtask setup` installed).
     Envoy,
     Haproxy,
     /// examples' origdst-proxy.
@@ -45,7 +44,7 @@ pub enum LabCmd {
         /// Only the namespaces and the cgroup; start nothing.
         #[arg(long)]
         bare: bool,
-        #[arg(long, value_enum, default_value_t = ProxyKind::Auto)]
+        #[arg(long, value_enum, default_value_t = ProxyKind::Envoy)]
         proxy: ProxyKind,
         /// tproxy's steering back-end: rewrite or tproxy.
         #[arg(long, default_value = "rewrite")]
@@ -185,25 +184,13 @@ fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
     sp.args(["sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"]);
     daemon("sockperf", sp)?;
 
-    let proxy = match proxy {
-        ProxyKind::Auto if crate::which("envoy").is_some() => ProxyKind::Envoy,
-        ProxyKind::Auto => ProxyKind::Haproxy,
-        p => p,
-    };
     let pcmd = match proxy {
-        ProxyKind::Envoy => {
-            let envoy = crate::which("envoy").context("no envoy binary on PATH")?;
-            let cfg = if transparent {
-                "envoy-transparent.yaml"
-            } else {
-                "envoy.yaml"
-            };
-            let mut c = srv.command_in(envoy, cg);
-            c.arg("-c")
-                .arg(repo.join("examples/envoy").join(cfg))
-                .args(["--base-id", "7471"]);
-            c
-        }
+        ProxyKind::Envoy => envoy::command(
+            srv,
+            cg,
+            &envoy::example_config(transparent),
+            &envoy::Opts::default(),
+        )?,
         ProxyKind::Haproxy => {
             let cfg = if transparent {
                 "haproxy-transparent.cfg"
@@ -225,6 +212,14 @@ fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
         }
     };
     daemon(&format!("{proxy:?}").to_lowercase(), pcmd)?;
+    if proxy == ProxyKind::Envoy {
+        envoy::wait_ready(srv, 15006, Duration::from_secs(20)).with_context(|| {
+            format!(
+                "its output:\n{}",
+                fs::read_to_string(Path::new(STATE).join("envoy.log")).unwrap_or_default()
+            )
+        })?;
+    }
     for port in [8000, 5201, 11111, 15006] {
         srv.wait_listening(port, Duration::from_secs(10))?;
     }
@@ -264,6 +259,11 @@ fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
         topology::SERVER_IP
     );
     println!("  nsenter --net=/run/netns/{PREFIX}-server target/release/tproxy stats");
+    if proxy == ProxyKind::Envoy {
+        println!(
+            "  Envoy's access log: {STATE}/envoy.log; its admin: nsenter --net=/run/netns/{PREFIX}-server curl -s 127.0.0.1:15000/stats"
+        );
+    }
     Ok(())
 }
 

