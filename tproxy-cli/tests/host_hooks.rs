@@ -2,73 +2,11 @@
 //! (every process on the host with the default --cgroup), and what it
 //! refuses to start without. Root only; each test makes its own namespace
 //! and child cgroup.
-use std::{path::Path, process::Output};
 
-use tproxy_lab::{Cgroup, Netns, Tproxy, kernel, unique};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
-
-/// A namespace with a veth `eth0` (peer in the same namespace) and a child
-/// cgroup.
-struct Sandbox {
-    cgroup: Cgroup,
-    ns: Netns,
-}
-
-impl Sandbox {
-    fn new(prefix: &str) -> Sandbox {
-        let name = unique(prefix);
-        let ns = Netns::create(&name).unwrap();
-        ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
-        ])
-        .unwrap();
-        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
-        ns.ip(&["link", "set", "peer0", "up"]).unwrap();
-        let cgroup = Cgroup::create(&name).unwrap();
-        Sandbox { cgroup, ns }
-    }
-
-    fn cg(&self) -> String {
-        self.cgroup.path().display().to_string()
-    }
-
-    fn start(&self, extra: &[&str]) -> Tproxy {
-        let cg = self.cg();
-        let mut args = vec!["-i", "eth0", "-ports", "8000", "--cgroup", &cg];
-        args.extend_from_slice(extra);
-        Tproxy::start(BIN, &self.ns, None, &args).unwrap()
-    }
-
-    /// Runs `program ARGS…` in the namespace and in the child cgroup.
-    fn run_in_cgroup(&self, program: &str, args: &[&str]) -> Output {
-        self.ns
-            .command_in(program, Some(&self.cgroup))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn tc_listing(&self) -> String {
-        let mut s = self
-            .ns
-            .exec("tc", &["qdisc", "show", "dev", "eth0"])
-            .unwrap();
-        for hook in ["ingress", "egress"] {
-            s += &self
-                .ns
-                .exec("tc", &["filter", "show", "dev", "eth0", hook])
-                .unwrap_or_default();
-        }
-        s
-    }
-
-    fn record_exists(&self) -> bool {
-        use std::os::unix::fs::MetadataExt as _;
-        let ino = std::fs::metadata(self.ns.path()).unwrap().ino();
-        Path::new(&format!("/run/tproxy/{ino}-eth0.json")).exists()
-    }
-}
+use common::{BIN, sandbox::Sandbox};
+use tproxy_lab::{kernel, unique};
 
 /// A legacy (x_tables) filter table with `n` rules: iptables-legacy-save
 /// reads it with one IPT_SO_GET_ENTRIES getsockopt about 150 bytes a rule.

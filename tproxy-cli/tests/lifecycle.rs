@@ -1,74 +1,16 @@
 //! Lifecycle of a tproxy instance, checked with the kernel: everything it
 //! attaches is where it should be, and after SIGTERM nothing of it is left.
 //! Root only; each test makes its own namespace and child cgroup.
-use std::{path::Path, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
-use tproxy_lab::{Cgroup, Netns, Tproxy, kernel, unique};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
+use common::{BIN, sandbox::Sandbox};
+use tproxy_lab::{Netns, kernel};
 
-/// A namespace with a veth `eth0` (peer in the same namespace, so nothing
-/// touches the host's interfaces) and a child cgroup.
-struct Sandbox {
-    cgroup: Cgroup,
-    ns: Netns,
-}
-
-impl Sandbox {
-    fn new() -> Sandbox {
-        let name = unique("tpx-lc-");
-        let ns = Netns::create(&name).unwrap();
-        // No duplicate address detection: the link-local addresses (and
-        // their routes in the local table) appear at once, not during a
-        // test that compares route listings.
-        ns.exec(
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv6.conf.default.accept_dad=0",
-                "net.ipv6.conf.all.accept_dad=0",
-            ],
-        )
-        .unwrap();
-        ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
-        ])
-        .unwrap();
-        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
-        ns.ip(&["link", "set", "peer0", "up"]).unwrap();
-        eventually("both link-local addresses in the local table", || {
-            let t = ns.ip(&["-6", "route", "show", "table", "local"]).unwrap();
-            t.matches("local fe80::").count() == 2
-        });
-        let cgroup = Cgroup::create(&name).unwrap();
-        Sandbox { cgroup, ns }
-    }
-
-    fn cg(&self) -> String {
-        self.cgroup.path().display().to_string()
-    }
-
-    fn start(&self, extra: &[&str]) -> Tproxy {
-        let cg = self.cg();
-        let mut args = vec!["-i", "eth0", "-ports", "8000", "--cgroup", &cg];
-        args.extend_from_slice(extra);
-        Tproxy::start(BIN, &self.ns, None, &args).unwrap()
-    }
-
-    /// tc state of eth0 (qdiscs and filters), to compare before/after.
-    fn tc_listing(&self) -> String {
-        let mut s = self
-            .ns
-            .exec("tc", &["qdisc", "show", "dev", "eth0"])
-            .unwrap();
-        for hook in ["ingress", "egress"] {
-            s += &self
-                .ns
-                .exec("tc", &["filter", "show", "dev", "eth0", hook])
-                .unwrap_or_default();
-        }
-        s
-    }
+/// The lifecycle tests' sandbox.
+fn sandbox() -> Sandbox {
+    Sandbox::new("tpx-lc-")
 }
 
 /// The runtime record a running instance wrote (its map ids).
@@ -77,12 +19,6 @@ fn record_of(ns: &Netns) -> serde_json::Value {
     let ino = std::fs::metadata(ns.path()).unwrap().ino();
     let p = format!("/run/tproxy/{ino}-eth0.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn record_exists(ns: &Netns) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    let ino = std::fs::metadata(ns.path()).unwrap().ino();
-    Path::new(&format!("/run/tproxy/{ino}-eth0.json")).exists()
 }
 
 /// Polls `f` for up to 3 s: the kernel frees programs after the last
@@ -236,7 +172,7 @@ fn assert_gone(sb: &Sandbox, prog_ids: &[u64], tc_before: &str) {
     }
     assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
     assert_eq!(sb.tc_listing(), tc_before, "tc state changed");
-    assert!(!record_exists(&sb.ns), "runtime record left behind");
+    assert!(!sb.record_exists(), "runtime record left behind");
     let pins = Command::new("sh")
         .args(["-c", "find /sys/fs/bpf -name '*tproxy*' 2>/dev/null"])
         .output()
@@ -246,7 +182,7 @@ fn assert_gone(sb: &Sandbox, prog_ids: &[u64], tc_before: &str) {
 
 #[test]
 fn attaches_everything_and_sigterm_removes_it_all() {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     let before = sb.tc_listing();
     let t = sb.start(&[]);
     let rec = record_of(&sb.ns);
@@ -262,7 +198,7 @@ fn attaches_everything_and_sigterm_removes_it_all() {
 fn sigint_works_too_and_no_accel_loads_no_socket_programs() {
     // (--no-accel still tracks flows with sockops, but loads no SOCKHASH,
     // sk_msg or tracepoint program.)
-    let sb = Sandbox::new();
+    let sb = sandbox();
     let before = sb.tc_listing();
     let mut t = sb.start(&["--no-accel"]);
     let rec = record_of(&sb.ns);
@@ -275,7 +211,7 @@ fn sigint_works_too_and_no_accel_loads_no_socket_programs() {
 
 #[test]
 fn netlink_mode_adds_and_removes_its_clsact_qdisc() {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     let before = sb.tc_listing();
     assert!(!before.contains("clsact"));
     let t = sb.start(&["--tc-mode", "netlink"]);
@@ -294,7 +230,7 @@ fn netlink_mode_adds_and_removes_its_clsact_qdisc() {
 ///   the next start sees the free lock, says so, and takes over.
 #[test]
 fn sigkill_with_tcx_leaves_only_the_record_and_next_start_recovers() {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     let before = sb.tc_listing();
     let t = sb.start(&[]);
     let rec = record_of(&sb.ns);
@@ -309,7 +245,7 @@ fn sigkill_with_tcx_leaves_only_the_record_and_next_start_recovers() {
     assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
     assert_eq!(sb.tc_listing(), before);
     assert!(
-        record_exists(&sb.ns),
+        sb.record_exists(),
         "the record is expected to survive SIGKILL"
     );
 
@@ -327,7 +263,7 @@ fn sigkill_with_tcx_leaves_only_the_record_and_next_start_recovers() {
 /// next start removes them before attaching its own.
 #[test]
 fn sigkill_with_netlink_filters_next_start_removes_them() {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     let before = sb.tc_listing();
     let t = sb.start(&["--tc-mode", "netlink"]);
     t.kill9().unwrap();
@@ -355,8 +291,8 @@ fn sigkill_with_netlink_filters_next_start_removes_them() {
 
 #[test]
 fn instances_in_two_namespaces_do_not_collide_and_one_per_interface() {
-    let a = Sandbox::new();
-    let b = Sandbox::new();
+    let a = sandbox();
+    let b = sandbox();
     let ta = a.start(&[]);
     let tb = b.start(&[]);
     // A second instance on the same interface and namespace is refused.
@@ -388,7 +324,7 @@ fn instances_in_two_namespaces_do_not_collide_and_one_per_interface() {
 /// Runs tproxy with `args` in a fresh sandbox; it must fail with exactly
 /// one line containing `needle`, and leave nothing installed.
 fn refused(args: &[&str], needle: &str, as_nobody: bool) {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     let before = sb.tc_listing();
     let cg = sb.cg();
     let mut full: Vec<&str> = args.to_vec();
@@ -422,7 +358,7 @@ fn refused(args: &[&str], needle: &str, as_nobody: bool) {
     );
     assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
     assert_eq!(sb.tc_listing(), before);
-    assert!(!record_exists(&sb.ns));
+    assert!(!sb.record_exists());
 }
 
 #[test]
@@ -466,7 +402,7 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
 /// must be gone when the error is printed.
 #[test]
 fn failure_late_in_attach_rolls_back_everything() {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     sb.ns
         .exec("tc", &["qdisc", "add", "dev", "eth0", "ingress"])
         .unwrap();
@@ -497,7 +433,7 @@ fn failure_late_in_attach_rolls_back_everything() {
     assert!(err.lines().last().unwrap().starts_with("tproxy: "), "{err}");
     assert_eq!(kernel::cgroup_programs(sb.cgroup.path()).unwrap(), vec![]);
     assert_eq!(sb.tc_listing(), before);
-    assert!(!record_exists(&sb.ns));
+    assert!(!sb.record_exists());
 }
 
 /// The tproxy back-end's rule, routes and nftables table outlive a killed
@@ -505,7 +441,7 @@ fn failure_late_in_attach_rolls_back_everything() {
 /// before installing its own, and SIGTERM removes those.
 #[test]
 fn sigkill_in_tproxy_mode_next_start_removes_the_routing_it_left() {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     let routing = |sb: &Sandbox| {
         format!(
             "{}{}{}{}",

@@ -8,7 +8,7 @@ mod common;
 use std::{path::PathBuf, process::ExitStatus, time::Duration};
 
 use common::BIN;
-use tproxy_lab::{Cgroup, Logged, Netns, Tproxy, kernel, unique};
+use tproxy_lab::{Cgroup, Logged, Netns, Tproxy, kernel};
 
 /// ifindex of `eth0` in every sandbox, so the default mark is known:
 /// 0x7400 + ifindex.
@@ -28,41 +28,32 @@ impl Sandbox {
     }
 
     fn with_links(links: &[(&str, u32)]) -> Sandbox {
-        let name = unique("tpx-rs-");
-        let ns = Netns::create(&name).unwrap();
-        // No DAD: IPv6 local routes appear at once, not a second later in
-        // the middle of a before/after comparison.
-        for key in ["all", "default"] {
-            ns.exec(
-                "sysctl",
-                &["-qw", &format!("net.ipv6.conf.{key}.accept_dad=0")],
-            )
-            .unwrap();
-        }
-        for (i, (link, index)) in links.iter().enumerate() {
-            let index = index.to_string();
-            // veth, not dummy: this kernel has no dummy driver. The peer
-            // stays in the namespace.
-            let peer = format!("{link}p");
-            ns.ip(&[
-                "link", "add", link, "index", &index, "type", "veth", "peer", "name", &peer,
-            ])
-            .unwrap();
-            ns.ip(&["link", "set", link, "up"]).unwrap();
-            ns.ip(&["link", "set", &peer, "up"]).unwrap();
-            let v4 = format!("10.77.{i}.1/24");
-            let v6 = format!("fd77:{i}::1/64");
-            ns.ip(&["addr", "add", &v4, "dev", link]).unwrap();
-            ns.ip(&["-6", "addr", "add", &v6, "dev", link, "nodad"])
-                .unwrap();
-        }
-        let first = links[0].0;
-        ns.ip(&["route", "add", "10.78.0.0/24", "via", "10.77.0.2"])
-            .unwrap();
-        ns.ip(&["route", "add", "default", "dev", first]).unwrap();
-        ns.ip(&["-6", "route", "add", "default", "dev", first])
-            .unwrap();
-        let cgroup = Cgroup::create(&name).unwrap();
+        let common::sandbox::Sandbox { cgroup, ns } =
+            common::sandbox::Sandbox::with("tpx-rs-", |ns| {
+                for (i, (link, index)) in links.iter().enumerate() {
+                    let index = index.to_string();
+                    // veth, not dummy: this kernel has no dummy driver. The
+                    // peer stays in the namespace.
+                    let peer = format!("{link}p");
+                    ns.ip(&[
+                        "link", "add", link, "index", &index, "type", "veth", "peer", "name", &peer,
+                    ])
+                    .unwrap();
+                    ns.ip(&["link", "set", link, "up"]).unwrap();
+                    ns.ip(&["link", "set", &peer, "up"]).unwrap();
+                    let v4 = format!("10.77.{i}.1/24");
+                    let v6 = format!("fd77:{i}::1/64");
+                    ns.ip(&["addr", "add", &v4, "dev", link]).unwrap();
+                    ns.ip(&["-6", "addr", "add", &v6, "dev", link, "nodad"])
+                        .unwrap();
+                }
+                let first = links[0].0;
+                ns.ip(&["route", "add", "10.78.0.0/24", "via", "10.77.0.2"])
+                    .unwrap();
+                ns.ip(&["route", "add", "default", "dev", first]).unwrap();
+                ns.ip(&["-6", "route", "add", "default", "dev", first])
+                    .unwrap();
+            });
         Sandbox { cgroup, ns }
     }
 

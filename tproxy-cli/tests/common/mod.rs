@@ -11,6 +11,8 @@ use std::{
 
 use tproxy_lab::{Logged, Netns, Topology, envoy, sibling_bin, unique};
 
+pub mod sandbox;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
 pub const APP_PORTS: &str = "7000,8000,8080,8081,9000-9002";
 pub const INTERCEPTED: &str = "8000,8080,9000-9002";
