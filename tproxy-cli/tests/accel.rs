@@ -617,3 +617,48 @@ fn a_reader_that_drained_its_redirected_bytes_sees_the_tcp_ones() {
     // What woke it: a nudge (sockops.rs), not a byte from the writer.
     assert!(c["accel_nudges"].as_u64().unwrap() >= 1, "{c}");
 }
+
+/// A request bigger than the bound, sent to an app that starts reading late,
+/// and then the sender waits for the answer without closing: the app's
+/// reads must see the bytes that went by TCP after the fallback even though
+/// no more data (and no FIN) arrives to wake it. Several sizes, so the
+/// redirected part ends at different points of the app's reads.
+#[test]
+fn a_request_that_fell_back_to_tcp_is_answered() {
+    let lab = Lab::with_app(&["--first-read-delay-ms", "300"]);
+    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    let sizes = [70_000, 100_000, 150_000, 200_000, 300_000, 1_000_000];
+    let cmds: Vec<(usize, std::process::Command)> = sizes
+        .iter()
+        .map(|&n| {
+            let mut cmd = lab
+                .topo
+                .server
+                .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+            cmd.args(["request", "127.0.0.1:8000", "--bytes", &n.to_string()]);
+            (n, cmd)
+        })
+        .collect();
+    let out: Vec<(usize, String, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = cmds
+            .into_iter()
+            .map(|(n, mut cmd)| {
+                s.spawn(move || {
+                    let o = cmd.output().unwrap();
+                    let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                        + &String::from_utf8_lossy(&o.stderr);
+                    (n, text, o.status.success())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let c = stats(&lab.topo.server)["counters"].clone();
+    eprintln!("counters {c}");
+    for (n, text, ok) in &out {
+        assert!(
+            *ok && text.contains(&format!("count ok {n}")),
+            "{n} bytes: {text}\n{c}"
+        );
+    }
+}

@@ -5,6 +5,8 @@
 //! - HTTP: `GET …` gets `200` with "hello from the app on port P; peer A".
 //! - `SEND <n>` (a line): n bytes of the seeded stream (seed n), then the app
 //!   closes at once (a peer that closes mid-stream).
+//! - `COUNT <n>` (a line): reads n bytes, answers `count ok <n>`, and
+//!   waits for the client to close (a request answered without a FIN).
 //! - `SINK <seed>` (a line): a slow reader: reads at --sink-rate bytes/s,
 //!   checks the seeded stream, answers `sink ok bytes=N` (or a mismatch)
 //!   at EOF.
@@ -91,6 +93,23 @@ async fn sink(mut s: TcpStream, seed: u64, rest: Vec<u8>, rate: u64) -> std::io:
     s.shutdown().await
 }
 
+/// COUNT: read `want` bytes (`got` came with the line), answer, and wait
+/// for the client to close: a request whose sender then waits for a reply
+/// without closing (no FIN to wake a reader that missed its data).
+async fn count(mut s: TcpStream, want: usize, mut got: usize) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while got < want {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    s.write_all(format!("count ok {got}\n").as_bytes()).await?;
+    while s.read(&mut buf).await? != 0 {}
+    Ok(())
+}
+
 async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Result<()> {
     let port = s.local_addr()?.port();
     let mut buf = vec![0u8; 64 * 1024];
@@ -108,6 +127,10 @@ async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Resu
     if let Some(v) = first_line.strip_prefix("SEND ") {
         let n: usize = v.trim().parse().unwrap_or(0);
         return send(s, n).await;
+    }
+    if let Some(v) = first_line.strip_prefix("COUNT ") {
+        let want: usize = v.trim().parse().unwrap_or(0);
+        return count(s, want, n - (first_line.len() + 1)).await;
     }
     if let Some(v) = first_line.strip_prefix("SINK ") {
         let seed: u64 = v.trim().parse().unwrap_or(0);

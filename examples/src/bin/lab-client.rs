@@ -14,6 +14,11 @@
 //! reader, optionally pausing MS ms after every B bytes (bursts); prints
 //! `ok bytes=N errors=…` with what the writes returned.
 //!
+//!     lab-client request ADDR --bytes N [--timeout-s S]
+//!
+//! Sends `COUNT N` and N bytes, then waits (without closing) for the app's
+//! answer; fails if none comes within S seconds (default 10).
+//!
 //!     lab-client synflood ADDR --count N [--seconds S] [--seed S]
 //!
 //! Sends N SYNs to ADDR (IPv4) from a raw socket, each from a random
@@ -267,6 +272,31 @@ fn main() -> Result<()> {
                 .transpose()?
                 .unwrap_or(0);
             println!("{}", sink(addr, bytes, seed, every.map(|e| (e, ms)))?)
+        }
+        "request" => {
+            // COUNT <n>, n bytes, then wait for the answer without closing.
+            let mut c = connect(addr, None)?;
+            c.set_read_timeout(Some(Duration::from_secs(
+                opt("--timeout-s")
+                    .map(|v| v.parse())
+                    .transpose()?
+                    .unwrap_or(10),
+            )))?;
+            c.write_all(format!("COUNT {bytes}\n").as_bytes())?;
+            let mut data = Stream::new(seed);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut sent = 0;
+            while sent < bytes {
+                let n = buf.len().min(bytes - sent);
+                data.fill(&mut buf[..n]);
+                c.write_all(&buf[..n])?;
+                sent += n;
+            }
+            let mut line = String::new();
+            BufReader::new(&c)
+                .read_line(&mut line)
+                .context("no answer (the app never read what was sent)")?;
+            println!("{}", line.trim());
         }
         "synflood" => {
             let count: u64 = opt("--count").context("--count")?.parse()?;
