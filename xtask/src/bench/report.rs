@@ -310,9 +310,9 @@ fn targets(out: &mut String, r: &Results) {
     if let (Some(pp), Some(pa), Some(lp), Some(la)) = (p50p, p50a, lp, la) {
         let _ = writeln!(
             out,
-            "| p50 lowered by ≥ the loopback leg's saving | p50 {pp:.2} → {pa:.2} µs (−{:.2}); loopback p50 {lp:.2} → {la:.2} µs (−{:.2}) | {} |",
-            pp - pa,
-            lp - la,
+            "| p50 lowered by ≥ the loopback leg's saving | p50 {pp:.2} → {pa:.2} µs ({:+.2}); loopback p50 {lp:.2} → {la:.2} µs ({:+.2}) | {} |",
+            pa - pp,
+            la - lp,
             verdict(Some(pp - pa >= lp - la))
         );
     }
@@ -630,7 +630,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("(−12.00); loopback p50 15.00 → 10.00 µs (−5.00) | met |"),
+            md.contains("(-12.00); loopback p50 15.00 → 10.00 µs (-5.00) | met |"),
             "{md}"
         );
         assert!(
