@@ -19,6 +19,8 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",
     "iperf3",
     "sockperf",
+    // The bench's HTTP load generator.
+    "wrk",
     "haproxy",
     "socat",
     "iputils-ping",

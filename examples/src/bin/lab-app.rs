@@ -3,6 +3,10 @@
 //! which is how the tests tell a proxied connection from a direct one.
 //!
 //! - HTTP: `GET …` gets `200` with "hello from the app on port P; peer A".
+//!   HTTP/1.1 keep-alive: requests on one connection are answered in turn
+//!   (pipelined ones too) until the client asks for `Connection: close`
+//!   (or speaks HTTP/1.0 without keep-alive) or closes; so a load generator
+//!   measures requests, not connection set-up.
 //! - `SEND <n>` (a line): n bytes of the seeded stream (seed n), then the app
 //!   closes at once (a peer that closes mid-stream).
 //! - `COUNT <n>` (a line): reads n bytes, answers `count ok <n>`, and
@@ -110,6 +114,82 @@ async fn count(mut s: TcpStream, want: usize, mut got: usize) -> std::io::Result
     Ok(())
 }
 
+/// One parsed request head: its length with the blank line, the body's
+/// length, whether the client wants the connection closed after it, and
+/// whether it is a HEAD.
+struct Request {
+    head_len: usize,
+    body_len: usize,
+    close: bool,
+    head: bool,
+}
+
+/// The first complete request head in `buf`, if there is one.
+fn request(buf: &[u8]) -> Option<Request> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let text = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let first = text.split("\r\n").next().unwrap_or("");
+    let header = |name: &str| {
+        text.split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == name)
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let connection = header("connection").unwrap_or_default();
+    let close = connection.contains("close")
+        || (first.ends_with("http/1.0") && !connection.contains("keep-alive"));
+    Some(Request {
+        head_len: end,
+        body_len: header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        close,
+        head: first.starts_with("head "),
+    })
+}
+
+/// HTTP/1.1 with keep-alive: answers each request in `buf` and on the
+/// connection, until the client asks to close or closes.
+async fn http(
+    mut s: TcpStream,
+    mut buf: Vec<u8>,
+    port: u16,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
+    // One write per response; no Nagle wait behind an unacked one.
+    s.set_nodelay(true)?;
+    let body = format!("hello from the app on port {port}; peer {peer}\n");
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        while let Some(req) = request(&buf) {
+            if buf.len() < req.head_len + req.body_len {
+                break;
+            }
+            buf.drain(..req.head_len + req.body_len);
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{}",
+                body.len(),
+                if req.close {
+                    "Connection: close\r\n"
+                } else {
+                    ""
+                },
+                if req.head { "" } else { body.as_str() },
+            );
+            s.write_all(resp.as_bytes()).await?;
+            if req.close {
+                return s.shutdown().await;
+            }
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return s.shutdown().await;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Result<()> {
     let port = s.local_addr()?.port();
     let mut buf = vec![0u8; 64 * 1024];
@@ -138,13 +218,8 @@ async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Resu
         return sink(s, seed, rest, opts.sink_rate).await;
     }
     if buf[..n].starts_with(b"GET ") || buf[..n].starts_with(b"HEAD ") {
-        let body = format!("hello from the app on port {port}; peer {peer}\n");
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(resp.as_bytes()).await?;
-        return s.shutdown().await;
+        buf.truncate(n);
+        return http(s, buf, port, peer).await;
     }
     let tag = opts
         .tag
@@ -214,4 +289,26 @@ async fn main() -> Result<()> {
     println!("lab-app listening on {spec} (IPv4 and IPv6)");
     tokio::signal::ctrl_c().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads() {
+        assert!(request(b"GET / HTTP/1.1\r\nHost: x\r\n").is_none());
+        let r = request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /2").unwrap();
+        assert_eq!(
+            (r.head_len, r.body_len, r.close, r.head),
+            (27, 0, false, false)
+        );
+        let r = request(b"HEAD / HTTP/1.1\r\nConnection: Close\r\n\r\n").unwrap();
+        assert!(r.close && r.head);
+        assert!(request(b"GET / HTTP/1.0\r\n\r\n").unwrap().close);
+        let r = request(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert!(!r.close);
+        let r = request(b"GET / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello").unwrap();
+        assert_eq!(r.body_len, 5);
+    }
 }

@@ -2,8 +2,10 @@
 //! host, the set-ups of `setups.rs`, interleaved repetition by repetition:
 //! iperf3 throughput by write size, sockperf ping-pong latency, connection
 //! rate, process-to-process loopback latency (with and without the
-//! SOCKHASH), CPU seconds per GB. Writes a results folder with the raw tool
-//! output, results.json, report.md and PNG plots.
+//! SOCKHASH), HTTP requests through the proxy (wrk), CPU seconds per GB.
+//! The proxy is Envoy (explicit worker count), HAProxy, or each in turn.
+//! Writes a results folder with the raw tool output, results.json,
+//! report.md and PNG plots.
 mod parse;
 mod plot;
 mod report;
@@ -23,7 +25,43 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 pub use setups::Setup;
-use tproxy_lab::{Logged, Topology, topology::SERVER_IP};
+use tproxy_lab::{Logged, Topology, envoy, topology::SERVER_IP};
+
+/// Which proxy serves the proxied set-ups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyChoice {
+    Envoy,
+    Haproxy,
+    /// Envoy's set-ups, then HAProxy's, each reported on its own.
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proxy {
+    Envoy,
+    Haproxy,
+}
+
+impl Proxy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proxy::Envoy => "Envoy",
+            Proxy::Haproxy => "HAProxy",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Proxy::Envoy => "envoy",
+            Proxy::Haproxy => "haproxy",
+        }
+    }
+}
+
+/// The HTTP load: wrk's connections (one thread) and the script that
+/// prints the percentiles `--latency` leaves out.
+const WRK_CONNECTIONS: u32 = 16;
+const WRK_SCRIPT: &str = include_str!("wrk-percentiles.lua");
 
 #[derive(clap::Args, Debug)]
 pub struct Opts {
@@ -51,6 +89,12 @@ pub struct Opts {
     /// without it the scheduler places everything.
     #[arg(long)]
     pub pin: bool,
+    /// The proxy of the proxied set-ups.
+    #[arg(long, value_enum, default_value = "envoy")]
+    pub proxy: ProxyChoice,
+    /// Envoy's worker threads (--concurrency), recorded in the results.
+    #[arg(long, default_value_t = 2)]
+    pub envoy_workers: u32,
 }
 
 /// CPUs for the two sides under `--pin`.
@@ -130,10 +174,45 @@ struct Bench<'a> {
     samples: Vec<Sample>,
     progress: ProgressBar,
     pin: Pin,
-    /// HAProxy's and the sockperf server's PIDs, for their CPU time.
-    haproxy_pid: i32,
+    /// The proxy's, the sockperf server's and the iperf3 server's PIDs, for
+    /// their CPU time and context switches.
+    proxy_pid: i32,
     app_pid: i32,
+    iperf_pid: i32,
+    /// The wrk script's path.
+    wrk_script: PathBuf,
+    /// Whether the current set-up runs tproxy with acceleration (its
+    /// counters are then read around each measurement).
+    accel: bool,
 }
+
+/// Voluntary context switches of a process (all its threads): each is a
+/// sleep, so each is a wake-up to come.
+fn wakeups(pid: i32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .sum()
+}
+
+/// The accel counters that explain a figure: fallbacks to TCP and returns,
+/// sendmsg calls redirected or passed to TCP, bytes redirected.
+const ACCEL_COUNTERS: [&str; 6] = [
+    "accel_fallbacks",
+    "accel_resumed",
+    "msg_redirected",
+    "msg_redirected_bytes",
+    "msg_passthrough",
+    "msg_miss",
+];
 
 /// CPU time a process (all its threads) has run, in ns (schedstat).
 fn cpu_ns(pid: i32) -> f64 {
@@ -194,6 +273,9 @@ impl Bench<'_> {
                 setup.name(),
                 size_label(size)
             ));
+            let c0 = self.counters();
+            let w0 = (wakeups(self.proxy_pid), wakeups(self.iperf_pid));
+            let proxy0 = cpu_ns(self.proxy_pid);
             let (busy0, _) = cpu_ticks();
             let mut cmd = pinned(self.lab.client.command("iperf3"), self.pin.client);
             let out = crate::output(cmd.args([
@@ -208,6 +290,9 @@ impl Bench<'_> {
                 "-J",
             ]))?;
             let (busy1, _) = cpu_ticks();
+            let proxy1 = cpu_ns(self.proxy_pid);
+            let w1 = (wakeups(self.proxy_pid), wakeups(self.iperf_pid));
+            let c1 = self.counters();
             self.save(
                 &format!("iperf3-{}-{size}-rep{rep}.json", setup.name()),
                 &out,
@@ -229,6 +314,28 @@ impl Bench<'_> {
                 "CPU s/GB",
                 cpu_s / (r.bytes / 1e9),
             );
+            // What moves a figure: the proxy's CPU share (of one CPU), and
+            // wake-ups of the proxy and the app per MB.
+            let mb = r.bytes / 1e6;
+            if self.proxy_pid != 0 {
+                self.push(
+                    setup,
+                    rep,
+                    format!("proxy_cpu/{label}"),
+                    "% of a CPU",
+                    (proxy1 - proxy0) / 1e7 / r.seconds,
+                );
+            }
+            for (who, d) in [("proxy", w1.0 - w0.0), ("app", w1.1 - w0.1)] {
+                self.push(
+                    setup,
+                    rep,
+                    format!("wakeups_per_mb/{who}/{label}"),
+                    "per MB",
+                    d / mb,
+                );
+            }
+            self.push_counters(setup, rep, &format!("iperf3/{label}"), &c0, &c1);
             self.progress.inc(1);
         }
         Ok(())
@@ -262,9 +369,12 @@ impl Bench<'_> {
             "-t",
             &self.seconds.to_string(),
         ]);
-        let cpu0 = (cpu_ns(self.haproxy_pid), cpu_ns(self.app_pid));
+        let c0 = self.counters();
+        let cpu0 = (cpu_ns(self.proxy_pid), cpu_ns(self.app_pid));
         let out = crate::output(&mut cmd)?;
-        let cpu1 = (cpu_ns(self.haproxy_pid), cpu_ns(self.app_pid));
+        let cpu1 = (cpu_ns(self.proxy_pid), cpu_ns(self.app_pid));
+        let c1 = self.counters();
+        self.push_counters(setup, rep, what, &c0, &c1);
         self.save(
             &format!("sockperf-{what}-{}-rep{rep}.txt", setup.name()),
             &out,
@@ -272,7 +382,7 @@ impl Bench<'_> {
         let r = parse::sockperf(&out)?;
         if !loopback && r.round_trips > 0.0 {
             // Where a round trip's time goes: the proxy's CPU and the app's.
-            for (who, ns) in [("haproxy", cpu1.0 - cpu0.0), ("app", cpu1.1 - cpu0.1)] {
+            for (who, ns) in [("proxy", cpu1.0 - cpu0.0), ("app", cpu1.1 - cpu0.1)] {
                 self.push(
                     setup,
                     rep,
@@ -294,6 +404,85 @@ impl Bench<'_> {
         }
         self.progress.inc(1);
         Ok(())
+    }
+
+    /// HTTP through the proxy's HTTP listener (Envoy: http_connection_manager
+    /// on 8000; HAProxy: its tcp mode): wrk, one thread, a fixed number of
+    /// keep-alive connections, for the measurement's seconds.
+    fn http(&mut self, setup: Setup, rep: usize) -> Result<()> {
+        self.step(format!("rep {rep} {}: HTTP (wrk)", setup.name()));
+        let c0 = self.counters();
+        let mut cmd = pinned(self.lab.client.command("wrk"), self.pin.client);
+        cmd.args([
+            "-t1",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{}s", self.seconds),
+            "--latency",
+            "-s",
+        ])
+        .arg(&self.wrk_script)
+        .arg(format!("http://{SERVER_IP}:8000/"));
+        let out = crate::output(&mut cmd)?;
+        let c1 = self.counters();
+        self.save(&format!("wrk-{}-rep{rep}.txt", setup.name()), &out)?;
+        let r = parse::wrk(&out).with_context(|| format!("{}: wrk", setup.name()))?;
+        self.push(setup, rep, "http/rps".into(), "req/s", r.rps);
+        for (k, v) in [
+            ("p50", r.p50),
+            ("p90", r.p90),
+            ("p99", r.p99),
+            ("p99.9", r.p999),
+            ("max", r.max),
+        ] {
+            self.push(setup, rep, format!("http/{k}"), "µs", v);
+        }
+        self.push(setup, rep, "http/errors".into(), "errors", r.errors);
+        self.push_counters(setup, rep, "http", &c0, &c1);
+        self.progress.inc(1);
+        Ok(())
+    }
+
+    /// tproxy's counters now, when the set-up accelerates (`tproxy stats
+    /// --json` in the server's namespace).
+    fn counters(&self) -> Option<serde_json::Value> {
+        if !self.accel {
+            return None;
+        }
+        let out = self
+            .lab
+            .server
+            .exec(&self.tproxy, &["stats", "--json"])
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        Some(v.get(0)?.get("counters")?.clone())
+    }
+
+    /// The accel counters' increase over one measurement, and the bytes per
+    /// redirected sendmsg (the proxy's or app's write size on the fast path).
+    fn push_counters(
+        &mut self,
+        setup: Setup,
+        rep: usize,
+        what: &str,
+        c0: &Option<serde_json::Value>,
+        c1: &Option<serde_json::Value>,
+    ) {
+        let (Some(c0), Some(c1)) = (c0, c1) else {
+            return;
+        };
+        let d = |k: &str| c1[k].as_f64().unwrap_or(0.0) - c0[k].as_f64().unwrap_or(0.0);
+        for k in ACCEL_COUNTERS {
+            self.push(setup, rep, format!("accel/{what}/{k}"), "count", d(k));
+        }
+        if d("msg_redirected") > 0.0 {
+            self.push(
+                setup,
+                rep,
+                format!("accel/{what}/bytes_per_redirect"),
+                "B",
+                d("msg_redirected_bytes") / d("msg_redirected"),
+            );
+        }
     }
 
     /// New connections per second: connect, one small exchange, close;
@@ -411,15 +600,26 @@ impl Bench<'_> {
     }
 }
 
+/// What serves the set-ups: the apps and the proxy, with their PIDs.
+struct Servers {
+    /// Held: dropping them stops the processes.
+    _procs: Vec<Logged>,
+    proxy_pid: i32,
+    app_pid: i32,
+    iperf_pid: i32,
+}
+
 /// The apps on the server: lab-app (8000), iperf3 (5201), sockperf (11111);
-/// and HAProxy on 15006 with transparent binds (serves every set-up),
-/// logging off.
+/// and the proxy on 15006 with a transparent listener (serves every
+/// set-up: rewrite, nft REDIRECT and tproxy steering), logging off.
 fn start_servers(
     lab: &Topology,
     bin_dir: &Path,
     out: &Path,
     cpu: Option<usize>,
-) -> Result<Vec<Logged>> {
+    proxy: Proxy,
+    envoy_workers: u32,
+) -> Result<Servers> {
     let cg = Some(&lab.cgroup);
     let cmd =
         |program: &dyn AsRef<std::ffi::OsStr>| pinned(lab.server.command_in(program, cg), cpu);
@@ -429,49 +629,85 @@ fn start_servers(
     procs.push(Logged::spawn("lab-app", &mut app)?);
     let mut iperf = cmd(&"iperf3");
     iperf.args(["-s", "-p", "5201"]);
-    procs.push(Logged::spawn("iperf3", &mut iperf)?);
+    let iperf = Logged::spawn("iperf3", &mut iperf)?;
+    let iperf_pid = iperf.proc.pid();
+    procs.push(iperf);
     let mut sp = cmd(&"sockperf");
     sp.args(["sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"]);
-    procs.push(Logged::spawn("sockperf", &mut sp)?);
-
-    let example =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/haproxy/haproxy-transparent.cfg");
-    let cfg: String = std::fs::read_to_string(&example)?
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("log"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let cfg_path = out.join("haproxy-bench.cfg");
-    std::fs::write(&cfg_path, cfg)?;
-    let mut hap = cmd(&"haproxy");
-    hap.arg("-db").arg("-f").arg(&cfg_path);
-    procs.push(Logged::spawn("haproxy", &mut hap)?);
-    for port in [8000, 5201, 11111, 15006] {
+    let sp = Logged::spawn("sockperf", &mut sp)?;
+    let app_pid = sp.proc.pid();
+    procs.push(sp);
+    for port in [8000, 5201, 11111] {
         lab.server.wait_listening(port, Duration::from_secs(10))?;
     }
-    Ok(procs)
+
+    let proxy_proc = match proxy {
+        Proxy::Haproxy => {
+            let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../examples/haproxy/haproxy-transparent.cfg");
+            let cfg: String = std::fs::read_to_string(&example)?
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("log"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let cfg_path = out.join("haproxy-bench.cfg");
+            std::fs::write(&cfg_path, cfg)?;
+            let mut hap = cmd(&"haproxy");
+            hap.arg("-db").arg("-f").arg(&cfg_path);
+            let p = Logged::spawn("haproxy", &mut hap)?;
+            lab.server.wait_listening(15006, Duration::from_secs(10))?;
+            p
+        }
+        Proxy::Envoy => {
+            let cfg =
+                envoy::without_access_log(&std::fs::read_to_string(envoy::example_config(true))?);
+            let cfg_path = out.join("envoy-bench.yaml");
+            std::fs::write(&cfg_path, cfg)?;
+            let opts = envoy::Opts {
+                concurrency: envoy_workers,
+                log_level: "warning",
+            };
+            let mut c = pinned(envoy::command(&lab.server, cg, &cfg_path, &opts)?, cpu);
+            let p = Logged::spawn("envoy", &mut c)?;
+            if let Err(e) = envoy::wait_ready(&lab.server, 15006, Duration::from_secs(30)) {
+                bail!("{e}; Envoy's output:\n{}", p.log());
+            }
+            p
+        }
+    };
+    let proxy_pid = proxy_proc.proc.pid();
+    procs.push(proxy_proc);
+    Ok(Servers {
+        _procs: procs,
+        proxy_pid,
+        app_pid,
+        iperf_pid,
+    })
+}
+
+/// The first line a tool prints (stdout, or stderr if stdout is empty).
+fn environment_line(c: &str, args: &[&str]) -> String {
+    Command::new(c)
+        .args(args)
+        .output()
+        .map(|o| {
+            let s = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&s)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
 }
 
 fn environment() -> serde_json::Value {
-    let cmd = |c: &str, args: &[&str]| -> String {
-        Command::new(c)
-            .args(args)
-            .output()
-            .map(|o| {
-                let s = if o.stdout.is_empty() {
-                    o.stderr
-                } else {
-                    o.stdout
-                };
-                String::from_utf8_lossy(&s)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_string()
-            })
-            .unwrap_or_default()
-    };
+    let cmd = environment_line;
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -486,7 +722,6 @@ fn environment() -> serde_json::Value {
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "iperf3": cmd("iperf3", &["--version"]),
         "sockperf": cmd("sockperf", &["--version"]),
-        "haproxy": cmd("haproxy", &["-v"]),
         "git_commit": cmd("git", &["rev-parse", "--short", "HEAD"]),
         "date_utc": cmd("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
     })
@@ -510,6 +745,18 @@ pub fn run(opts: Opts) -> Result<()> {
             .map(|s| Setup::parse(s).with_context(|| format!("unknown set-up {s:?}")))
             .collect::<Result<_>>()?
     };
+    let proxies = match opts.proxy {
+        ProxyChoice::Envoy => vec![Proxy::Envoy],
+        ProxyChoice::Haproxy => vec![Proxy::Haproxy],
+        ProxyChoice::Both => vec![Proxy::Envoy, Proxy::Haproxy],
+    };
+    anyhow::ensure!(
+        opts.envoy_workers >= 1,
+        "--envoy-workers must be at least 1"
+    );
+    if proxies.contains(&Proxy::Envoy) {
+        envoy::require()?;
+    }
 
     eprintln!("bench: building the release binaries");
     let bin_dir = crate::build_release()?;
@@ -521,8 +768,7 @@ pub fn run(opts: Opts) -> Result<()> {
             .join("../lab/results")
             .join(stamp.trim())
     });
-    let raw = out.join("raw");
-    std::fs::create_dir_all(&raw)?;
+    std::fs::create_dir_all(&out)?;
 
     let lab = Topology::up("tproxy-bench")?;
     lab.check_reachability()?;
@@ -539,68 +785,108 @@ pub fn run(opts: Opts) -> Result<()> {
         )?;
     }
     let pin = Pin::new(opts.pin);
-    let servers = start_servers(&lab, &bin_dir, &out, pin.server)?;
+    let mut reports = Vec::new();
+    for &proxy in &proxies {
+        // `both`: one folder per proxy, and a report of the two.
+        let dir = if proxies.len() > 1 {
+            out.join(proxy.key())
+        } else {
+            out.clone()
+        };
+        let raw = dir.join("raw");
+        std::fs::create_dir_all(&raw)?;
+        let wrk_script = dir.join("wrk-percentiles.lua");
+        std::fs::write(&wrk_script, WRK_SCRIPT)?;
+        eprintln!("bench: {} ({})", proxy.name(), dir.display());
+        let servers = start_servers(&lab, &bin_dir, &dir, pin.server, proxy, opts.envoy_workers)?;
 
-    let per_setup = sizes.len() as u64 + 3; // iperf3 sizes, latency, loopback, conn rate
-    let progress = ProgressBar::new(reps as u64 * setups.len() as u64 * per_setup);
-    progress.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
-            .progress_chars("=> "),
-    );
-    let mut bench = Bench {
-        lab: &lab,
-        tproxy,
-        raw,
-        seconds,
-        sizes: sizes.clone(),
-        samples: Vec::new(),
-        progress,
-        pin,
-        haproxy_pid: servers[3].proc.pid(),
-        app_pid: servers[2].proc.pid(),
-    };
-    // Interleaved: every set-up once per repetition, so drift over the run
-    // (thermal, noisy neighbours) spreads over all of them alike.
-    for rep in 1..=reps {
-        for &setup in &setups {
-            bench.step(format!("rep {rep} {}: entering", setup.name()));
-            let active = setups::enter(setup, &lab, &bench.tproxy)?;
-            let r = (|| -> Result<()> {
-                bench.iperf3(setup, rep)?;
-                bench.sockperf(setup, rep, false)?;
-                bench.sockperf(setup, rep, true)?;
-                bench.conn_rate(setup, rep)?;
-                // Base and nft-redirect run no tproxy program.
-                if matches!(active, setups::Active::Tproxy(_)) {
-                    bench.bpf_costs(setup, rep)?;
-                }
-                Ok(())
-            })();
-            setups::leave(active, &lab)?;
-            r?;
+        // iperf3 sizes, latency, loopback, HTTP, conn rate
+        let per_setup = sizes.len() as u64 + 4;
+        let progress = ProgressBar::new(reps as u64 * setups.len() as u64 * per_setup);
+        progress.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?
+                .progress_chars("=> "),
+        );
+        let mut bench = Bench {
+            lab: &lab,
+            tproxy: tproxy.clone(),
+            raw,
+            seconds,
+            sizes: sizes.clone(),
+            samples: Vec::new(),
+            progress,
+            pin,
+            proxy_pid: servers.proxy_pid,
+            app_pid: servers.app_pid,
+            iperf_pid: servers.iperf_pid,
+            wrk_script,
+            accel: false,
+        };
+        // Interleaved: every set-up once per repetition, so drift over the
+        // run (thermal, noisy neighbours) spreads over all of them alike.
+        for rep in 1..=reps {
+            for &setup in &setups {
+                bench.step(format!("rep {rep} {}: entering", setup.name()));
+                let active = setups::enter(setup, &lab, &bench.tproxy)?;
+                bench.accel = setup == Setup::ProxyAccel;
+                let r = (|| -> Result<()> {
+                    bench.iperf3(setup, rep)?;
+                    bench.sockperf(setup, rep, false)?;
+                    bench.sockperf(setup, rep, true)?;
+                    bench.http(setup, rep)?;
+                    bench.conn_rate(setup, rep)?;
+                    // Base and nft-redirect run no tproxy program.
+                    if matches!(active, setups::Active::Tproxy(_)) {
+                        bench.bpf_costs(setup, rep)?;
+                    }
+                    Ok(())
+                })();
+                bench.accel = false;
+                setups::leave(active, &lab)?;
+                r?;
+            }
         }
-    }
-    bench.progress.finish_with_message("done");
-    drop(servers);
+        bench.progress.finish_with_message("done");
+        drop(servers);
 
-    let mut env = environment();
-    env["placement"] = match (pin.client, pin.server) {
-        (Some(c), Some(s)) => format!("pinned: client side on CPU {c}, proxy and apps on CPU {s}"),
-        _ => "the scheduler's (nothing pinned)".to_string(),
+        let mut env = environment();
+        env["placement"] = match (pin.client, pin.server) {
+            (Some(c), Some(s)) => {
+                format!("pinned: client side on CPU {c}, proxy and apps on CPU {s}")
+            }
+            _ => "the scheduler's (nothing pinned)".to_string(),
+        }
+        .into();
+        env["proxy"] = proxy.name().into();
+        match proxy {
+            Proxy::Envoy => {
+                env["proxy_version"] = envoy::version(&envoy::require()?)?.into();
+                env["envoy_workers"] = opts.envoy_workers.into();
+            }
+            Proxy::Haproxy => {
+                env["proxy_version"] = environment_line("haproxy", &["-v"]).into();
+            }
+        }
+        env["wrk"] = environment_line("wrk", &["-v"]).into();
+        env["wrk_connections"] = WRK_CONNECTIONS.into();
+        let results = report::Results::new(env, &setups, &sizes, reps, seconds, bench.samples);
+        let json = serde_json::to_string_pretty(&results)?;
+        std::fs::write(dir.join("results.json"), &json)?;
+        let md = report::markdown(&results);
+        std::fs::write(dir.join("report.md"), &md)?;
+        plot::throughput(&results, &dir.join("throughput.png"))?;
+        plot::latency(&results, &dir.join("latency.png"))?;
+        if opts.json {
+            println!("{json}");
+        }
+        reports.push(md);
     }
-    .into();
-    let results = report::Results::new(env, &setups, &sizes, reps, seconds, bench.samples);
-    let json = serde_json::to_string_pretty(&results)?;
-    std::fs::write(out.join("results.json"), &json)?;
-    let md = report::markdown(&results);
-    std::fs::write(out.join("report.md"), &md)?;
-    plot::throughput(&results, &out.join("throughput.png"))?;
-    plot::latency(&results, &out.join("latency.png"))?;
     drop(lab);
-
-    if opts.json {
-        println!("{json}");
-    } else {
+    let md = reports.join("\n");
+    if proxies.len() > 1 {
+        std::fs::write(out.join("report.md"), &md)?;
+    }
+    if !opts.json {
         println!("{md}");
     }
     eprintln!("bench: results in {}", out.display());

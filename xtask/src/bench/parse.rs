@@ -104,6 +104,58 @@ pub fn sockperf(text: &str) -> Result<Sockperf> {
     })
 }
 
+/// An HTTP load run of wrk with `wrk-percentiles.lua`: requests per second
+/// (wrk's own line) and latency in µs from the script's line (exact, where
+/// `--latency`'s table rounds to its unit and stops at p99).
+#[derive(Debug, PartialEq)]
+pub struct Wrk {
+    pub rps: f64,
+    pub requests: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub errors: f64,
+}
+
+pub fn wrk(text: &str) -> Result<Wrk> {
+    let mut rps = None;
+    let mut lua = std::collections::HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(v) = line.strip_prefix("Requests/sec:") {
+            rps = v.trim().parse::<f64>().ok();
+        } else if let Some(rest) = line.strip_prefix("tproxy-bench:") {
+            for kv in rest.split_whitespace() {
+                if let Some((k, v)) = kv.split_once('=')
+                    && let Ok(v) = v.parse::<f64>()
+                {
+                    lua.insert(k.to_string(), v);
+                }
+            }
+        }
+    }
+    if text.contains("Non-2xx or 3xx responses") {
+        anyhow::bail!("wrk: the app answered with errors");
+    }
+    let l = |k: &str| {
+        lua.get(k)
+            .copied()
+            .with_context(|| format!("wrk: {k} missing (the tproxy-bench Lua line)"))
+    };
+    Ok(Wrk {
+        rps: rps.context("wrk: Requests/sec missing")?,
+        requests: l("requests")?,
+        p50: l("p50")?,
+        p90: l("p90")?,
+        p99: l("p99")?,
+        p999: l("p99.9")?,
+        max: l("max")?,
+        errors: l("errors")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +185,31 @@ mod tests {
         assert_eq!(r.observations, 54108.0);
         assert_eq!(r.round_trips, 80624.0);
         assert!(sockperf("sockperf: nothing useful").is_err());
+    }
+
+    #[test]
+    fn parses_recorded_wrk() {
+        let text = std::fs::read_to_string(format!("{DATA}/wrk.txt")).unwrap();
+        let r = wrk(&text).unwrap();
+        assert_eq!(r.rps, 47981.34);
+        assert_eq!(r.requests, 48025.0);
+        assert_eq!(
+            (r.p50, r.p90, r.p99, r.p999),
+            (269.0, 474.0, 3065.0, 4347.0)
+        );
+        assert_eq!((r.max, r.errors), (8283.0, 0.0));
+        // Without the script's line there are no percentiles.
+        let plain: String = text
+            .lines()
+            .filter(|l| !l.starts_with("tproxy-bench:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(wrk(&plain).is_err());
+        let bad = text.replace(
+            "Requests/sec:",
+            "Non-2xx or 3xx responses: 3\nRequests/sec:",
+        );
+        assert!(wrk(&bad).is_err());
+        assert!(wrk("wrk: nothing").is_err());
     }
 }
