@@ -37,6 +37,10 @@ const MAX_EXT: usize = 4;
 /// IPv4 header (60) + TCP up to its checksum (18) fit; IPv6 (40) leaves
 /// room for ~100 bytes of extension headers.
 const HDR_ROOM: usize = 160;
+/// Bytes after the link-layer header that most packets need: the largest
+/// IPv4 header (60) and TCP up to its checksum (18), or IPv6 (40) with
+/// 38 bytes of extension headers.
+const COMMON_HDRS: usize = 78;
 /// The longest link-layer header (Ethernet).
 const MAX_L2: usize = 14;
 
@@ -92,6 +96,16 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
         return None;
     }
     Some((start + off) as *const T)
+}
+
+/// Makes the first `want` bytes (or the whole packet, if shorter) linear,
+/// unless they are already.
+#[inline(always)]
+fn pull(ctx: &TcContext, want: usize) {
+    let want = core::cmp::min(ctx.len() as usize, want);
+    if ctx.data() + want > ctx.data_end() {
+        let _ = ctx.pull_data(want as u32);
+    }
 }
 
 #[inline(always)]
@@ -165,11 +179,12 @@ pub fn parse_tcp(ctx: &TcContext, l2_len: u8) -> Option<Tcp> {
 #[inline(always)]
 fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
     let l2 = L2;
-    if ctx.data() + l2 + HDR_ROOM > ctx.data_end() {
-        // Headers may sit outside the linear area (or the packet is short).
-        let want = core::cmp::min(ctx.len() as usize, l2 + HDR_ROOM);
-        let _ = ctx.pull_data(want as u32);
-    }
+    // The headers of the common case (IPv4 with options, or IPv6 with a
+    // few bytes of extension headers) must be in the linear area. Pull only
+    // when they are not: bpf_skb_pull_data makes the skb writable, which
+    // copies the head of every cloned skb (all of TCP's transmits), so a
+    // pull on a packet that is already linear is pure cost.
+    pull(ctx, l2 + COMMON_HDRS);
     let (family, src, dst, l4_off) = match proto {
         ETH_P_IP => {
             let vihl: u8 = read(ctx, l2)?;
@@ -193,6 +208,10 @@ fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
                 return None;
             }
             let next: u8 = read(ctx, l2 + 6)?;
+            if next != IPPROTO_TCP {
+                // Extension headers: allow for more of them.
+                pull(ctx, l2 + HDR_ROOM);
+            }
             let s: [u32; 4] = read(ctx, l2 + 8)?;
             let d: [u32; 4] = read(ctx, l2 + 24)?;
             (AF_INET6, s, d, ipv6_l4(ctx, next, l2 + 40)?)

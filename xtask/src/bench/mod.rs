@@ -95,6 +95,10 @@ pub struct Opts {
     /// Envoy's worker threads (--concurrency), recorded in the results.
     #[arg(long, default_value_t = 2)]
     pub envoy_workers: u32,
+    /// Measure this tproxy binary instead of the one built from this tree
+    /// (a before/after comparison under the same harness and workload).
+    #[arg(long)]
+    pub tproxy_bin: Option<PathBuf>,
 }
 
 /// CPUs for the two sides under `--pin`.
@@ -793,7 +797,12 @@ pub fn run(opts: Opts) -> Result<()> {
 
     eprintln!("bench: building the release binaries");
     let bin_dir = crate::build_release()?;
-    let tproxy = bin_dir.join("tproxy").to_string_lossy().into_owned();
+    let tproxy = opts
+        .tproxy_bin
+        .clone()
+        .unwrap_or_else(|| bin_dir.join("tproxy"))
+        .to_string_lossy()
+        .into_owned();
 
     let stamp = crate::output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))?;
     let out = opts.out.clone().unwrap_or_else(|| {
