@@ -809,6 +809,8 @@ mod tests {
             read,
             flags: 0,
             rcvbuf: 0,
+            win_start: 0,
+            win_read: 0,
         }
     }
 

@@ -210,12 +210,24 @@ pub struct SockState {
     pub read: u64,
     /// `sock_flags::*`.
     pub flags: u32,
-    /// This socket's receive buffer (`sk_rcvbuf`, bytes): read with
-    /// getsockopt at insert, refreshed on each of its reads. A sender
-    /// redirects into this socket only while what it has unread stays
-    /// within it (and `accel_max_queued`), as TCP would hold.
+    /// What a sender may leave unread at this socket (bytes, within
+    /// `accel_max_queued`): the larger of its receive buffer (`sk_rcvbuf`,
+    /// read at insert and on each read) and what its reader took in the
+    /// last `READ_RATE_WINDOW_NS` times `READ_RATE_WINDOWS`. So a slow
+    /// reader holds about what TCP would, while a fast one keeps its sender
+    /// on the fast path (TCP autotunes its buffer by the same measure; the
+    /// kernel never does for redirected bytes).
     pub rcvbuf: u32,
+    /// Start of the current read-rate window (CLOCK_MONOTONIC_COARSE, ns).
+    pub win_start: u64,
+    /// `read` at the start of that window.
+    pub win_read: u64,
 }
+
+/// The read-rate window of `SockState::rcvbuf`.
+pub const READ_RATE_WINDOW_NS: u64 = 4_000_000;
+/// How many windows' worth of the reader's pace a sender may queue.
+pub const READ_RATE_WINDOWS: u64 = 2;
 
 pub mod sock_flags {
     /// This socket's sends are being redirected (fast path). Cleared when
@@ -382,7 +394,8 @@ const _: () = {
     assert!(offset_of!(Config, l2_len) == 3);
     assert!(offset_of!(Config, netns_cookie) == 24);
     assert!(offset_of!(Config, accel_max_queued) == 16);
-    assert!(size_of::<SockState>() == 96);
+    assert!(size_of::<SockState>() == 112);
+    assert!(offset_of!(SockState, win_start) == 96);
     assert!(offset_of!(SockState, peer) == 56);
     assert!(offset_of!(SockState, read) == 80);
     assert!(offset_of!(SockState, flags) == 88);

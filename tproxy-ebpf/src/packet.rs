@@ -37,10 +37,6 @@ const MAX_EXT: usize = 4;
 /// IPv4 header (60) + TCP up to its checksum (18) fit; IPv6 (40) leaves
 /// room for ~100 bytes of extension headers.
 const HDR_ROOM: usize = 160;
-/// Bytes after the link-layer header that most packets need: the largest
-/// IPv4 header (60) and TCP up to its checksum (18), or IPv6 (40) with
-/// 38 bytes of extension headers.
-const COMMON_HDRS: usize = 78;
 /// The longest link-layer header (Ethernet).
 const MAX_L2: usize = 14;
 
@@ -98,13 +94,14 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
-/// Makes the first `want` bytes (or the whole packet, if shorter) linear,
-/// unless they are already.
+/// Makes the first `n` bytes (or the whole packet, if shorter) linear,
+/// unless they are already. Call it with a constant (it is inlined): the
+/// verifier can use a packet range only from a constant offset, and LLVM
+/// may let a later read lean on this test.
 #[inline(always)]
-fn pull(ctx: &TcContext, want: usize) {
-    let want = core::cmp::min(ctx.len() as usize, want);
-    if ctx.data() + want > ctx.data_end() {
-        let _ = ctx.pull_data(want as u32);
+fn pull(ctx: &TcContext, n: usize) {
+    if ctx.data() + n > ctx.data_end() {
+        let _ = ctx.pull_data(core::cmp::min(ctx.len() as usize, n) as u32);
     }
 }
 
@@ -179,18 +176,28 @@ pub fn parse_tcp(ctx: &TcContext, l2_len: u8) -> Option<Tcp> {
 #[inline(always)]
 fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
     let l2 = L2;
-    // The headers of the common case (IPv4 with options, or IPv6 with a
-    // few bytes of extension headers) must be in the linear area. Pull only
-    // when they are not: bpf_skb_pull_data makes the skb writable, which
-    // copies the head of every cloned skb (all of TCP's transmits), so a
-    // pull on a packet that is already linear is pure cost.
-    pull(ctx, l2 + COMMON_HDRS);
+    // Only the bytes read must be in the linear area, and they are pulled
+    // only when they are not: bpf_skb_pull_data makes the skb writable,
+    // which copies the head of every cloned skb (all of TCP's transmits,
+    // whose linear part is just the headers), so a pull that is not needed
+    // costs an allocation and a copy per packet. The common case: IP with
+    // no options or extension headers, and TCP up to its checksum (every
+    // whole TCP segment is at least that long).
+    if proto == ETH_P_IPV6 {
+        pull(ctx, L2 + 40 + TCP_CSUM + 2);
+    } else {
+        pull(ctx, L2 + 20 + TCP_CSUM + 2);
+    }
     let (family, src, dst, l4_off) = match proto {
         ETH_P_IP => {
             let vihl: u8 = read(ctx, l2)?;
             let ihl = ((vihl & 0x0f) as usize) * 4;
             if vihl >> 4 != 4 || ihl < 20 || read::<u8>(ctx, l2 + 9)? != IPPROTO_TCP {
                 return None;
+            }
+            if ihl > 20 {
+                // Options: room for the longest header.
+                pull(ctx, L2 + 60 + TCP_CSUM + 2);
             }
             // A later fragment has no TCP header; the first one (offset 0,
             // more-fragments set) has, and is handled like any segment.
@@ -210,7 +217,7 @@ fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
             let next: u8 = read(ctx, l2 + 6)?;
             if next != IPPROTO_TCP {
                 // Extension headers: allow for more of them.
-                pull(ctx, l2 + HDR_ROOM);
+                pull(ctx, L2 + HDR_ROOM);
             }
             let s: [u32; 4] = read(ctx, l2 + 8)?;
             let d: [u32; 4] = read(ctx, l2 + 24)?;

@@ -9,9 +9,11 @@
 //! tracepoints are. The cost falls on every recvmsg of the host: one
 //! 8-byte hash lookup, a miss for sockets that are not ours.
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
-use tproxy_common::Counter;
+use tproxy_common::{Counter, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS};
 
 use crate::{
     atomic, counters,
@@ -44,18 +46,45 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     // may add at once.
     atomic::add(unsafe { &raw mut (*st).read }, u64::from(read as u32));
     counters::add(Counter::MsgReadBytes, read as u64);
-    // The reader's receive buffer, which bounds what its sender may leave
-    // queued here: TCP autotunes it while the sender goes by TCP, an app
-    // may set SO_RCVBUF. Its offset in struct sock is from the kernel's BTF.
+    // What the sender may leave queued here, refreshed once a window: the
+    // reader's receive buffer (TCP autotunes it while the sender goes by
+    // TCP, an app may set SO_RCVBUF; its offset in struct sock is from the
+    // kernel's BTF), or the reader's recent pace if that is more.
+    // CLOCK_MONOTONIC: tracing programs have no coarse clock; sockops
+    // started the window with the coarse one, which lags it by a tick at
+    // most (one longer first window).
+    // SAFETY: no arguments, no side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as above; the window fields are plain words, and a racing
+    // reader of the same socket at worst restarts the window.
+    let (win_start, win_read, total) = unsafe {
+        (
+            (*st).win_start,
+            (*st).win_read,
+            core::ptr::read_volatile(&raw const (*st).read),
+        )
+    };
+    let elapsed = now.wrapping_sub(win_start);
+    if elapsed < READ_RATE_WINDOW_NS {
+        return Ok(());
+    }
+    let pace = total.wrapping_sub(win_read) * READ_RATE_WINDOW_NS / elapsed * READ_RATE_WINDOWS;
     let off = CONFIG.get(0).map_or(0, |c| c.sk_rcvbuf_offset);
+    let mut bound = pace.min(u64::from(u32::MAX)) as u32;
     if off != 0 {
         // SAFETY: sk is the live socket the tracepoint fired for; the helper
-        // checks the read. One aligned 4-byte store into our entry.
+        // checks the read.
         if let Ok(v) = unsafe { bpf_probe_read_kernel((sk + u64::from(off)) as *const i32) }
             && v > 0
         {
-            unsafe { core::ptr::write_volatile(&raw mut (*st).rcvbuf, v as u32) };
+            bound = bound.max(v as u32);
         }
+    }
+    // SAFETY: one aligned store each into our entry.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*st).rcvbuf, bound);
+        (*st).win_start = now;
+        (*st).win_read = total;
     }
     Ok(())
 }

@@ -154,6 +154,8 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
         read: 0,
         flags: 0,
         rcvbuf: rcvbuf(ctx),
+        win_start: crate::flow::now(),
+        win_read: 0,
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
