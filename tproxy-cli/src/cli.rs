@@ -64,10 +64,10 @@ pub struct RunArgs {
     pub no_accel: bool,
 
     /// Upper bound on the unread bytes a socket may hold before its sender
-    /// leaves the fast path; the bound itself follows the reader's receive
-    /// buffer (SO_RCVBUF, as TCP autotunes it). Past it (slow reader) plain
-    /// TCP applies backpressure until the reader has read every byte, then
-    /// the sender redirects again.
+    /// leaves the fast path; the bound itself follows the reader (the larger
+    /// of its receive buffer and what it read in the last 8 ms). Past it
+    /// (slow reader) plain TCP applies backpressure until the reader has
+    /// read every byte, then the sender redirects again.
     #[arg(long, value_name = "BYTES", default_value_t = tproxy_common::DEFAULT_ACCEL_MAX_QUEUED)]
     pub accel_max_queued: u32,
 

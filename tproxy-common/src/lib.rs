@@ -64,8 +64,8 @@ pub const SOCKHASH_MAX: u32 = 65_536;
 /// Proxy-side sockets waiting for their app-side peer to be established.
 pub const PENDING_MAX: u32 = 4_096;
 /// Default upper bound on redirected bytes queued, unread, at one socket.
-/// The bound in force is the reader's receive buffer (`SockState::rcvbuf`)
-/// when that is smaller, which it is unless TCP autotuned it past this.
+/// The bound in force follows the reader (`SockState::rcvbuf`: its receive
+/// buffer or its recent pace, whichever is larger) when that is smaller.
 pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 16 << 20;
 /// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
 /// one lookup, no hashing, on the per-packet path.
