@@ -65,7 +65,7 @@ fn matrix(proxy: Proxy, steer: Steer) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while replies
         .iter()
-        .any(|(_, _, r)| !reported.contains_key(&r.local))
+        .any(|(dst, _, r)| !reported.get(&r.local).is_some_and(|o| o.contains(dst)))
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(50));
@@ -90,8 +90,12 @@ fn matrix(proxy: Proxy, steer: Steer) {
             r.peer
         );
         match reported.get(&r.local) {
-            Some(orig) => {
-                assert_eq!(orig, dst, "SO_ORIGINAL_DST answer for {}", r.local);
+            Some(origs) => {
+                assert!(
+                    origs.contains(dst),
+                    "SO_ORIGINAL_DST answers for {}: {origs:?}, dialled {dst}",
+                    r.local
+                );
                 logged += 1;
             }
             // Our proxy logs every connection before it dials, Envoy every
@@ -261,7 +265,11 @@ fn loopback_without_a_loop(proxy: Proxy) {
     wait_lines(&p, prefix, 5, Duration::from_secs(5));
     let reported = reported_origdst(proxy, &p.lines());
     for (local, dialled) in &clients {
-        assert_eq!(reported.get(local), Some(dialled), "{}", p.log());
+        assert!(
+            reported.get(local).is_some_and(|o| o.contains(dialled)),
+            "{}",
+            p.log()
+        );
     }
     // Five connections in all: a looped upstream would be a sixth (and
     // then another, and another).
@@ -502,7 +510,7 @@ fn unrelated_sockets_keep_the_kernels_answer() {
     );
     std::thread::sleep(Duration::from_millis(100));
     let reported = reported_origdst(Proxy::Ours, &p.lines());
-    assert_eq!(reported.get(&r.local), Some(&addr(SERVER_IP, 7000)));
+    assert_eq!(reported.get(&r.local), Some(&vec![addr(SERVER_IP, 7000)]));
 
     // A direct connection to the proxy port: not steered, so conntrack
     // (loaded by the NAT rule) answers with the connection's own tuple.
@@ -516,7 +524,11 @@ fn unrelated_sockets_keep_the_kernels_answer() {
     );
     std::thread::sleep(Duration::from_millis(100));
     let reported = reported_origdst(Proxy::Ours, &p.lines());
-    let own: Vec<_> = reported.values().filter(|o| o.port() == 15006).collect();
+    let own: Vec<_> = reported
+        .values()
+        .flatten()
+        .filter(|o| o.port() == 15006)
+        .collect();
     assert_eq!(own, vec![&addr(SERVER_IP, 15006)], "{}", p.log());
 }
 

@@ -233,8 +233,10 @@ pub fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
 
-/// Original destinations the proxy reported, by client address.
-pub fn reported_origdst(proxy: Proxy, log: &[String]) -> HashMap<SocketAddr, SocketAddr> {
+/// Original destinations the proxy reported, by client address and port
+/// (a client may reuse a port towards another destination, and with the
+/// tproxy back-end both are served at once: every one is kept).
+pub fn reported_origdst(proxy: Proxy, log: &[String]) -> HashMap<SocketAddr, Vec<SocketAddr>> {
     let mut out = HashMap::new();
     for line in log {
         let (client, orig) = match proxy {
@@ -269,7 +271,7 @@ pub fn reported_origdst(proxy: Proxy, log: &[String]) -> HashMap<SocketAddr, Soc
             }
         };
         if let (Some(c), Some(o)) = (client, orig) {
-            out.insert(c, o);
+            out.entry(c).or_insert_with(Vec::new).push(o);
         }
     }
     out
