@@ -589,7 +589,19 @@ fn steers_on_an_l3_device() {
         BIN,
         server,
         None,
-        &["-i", "tun0", "-ports", INTERCEPTED, "--cgroup", &cg],
+        // No drain: the raw client never closes its flow, and a tproxy
+        // still draining when the test ends would be killed, leaving its
+        // runtime record behind.
+        &[
+            "-i",
+            "tun0",
+            "-ports",
+            INTERCEPTED,
+            "--cgroup",
+            &cg,
+            "--drain-timeout",
+            "0",
+        ],
     )
     .unwrap();
     let mut syn = Tcp::new(40000, 8000, SYN);
