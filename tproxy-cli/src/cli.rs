@@ -7,7 +7,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::{
     PortSet,
-    instance::{Options, Steer},
+    options::{Options, Steer},
     tc::TcMode,
 };
 

@@ -1,8 +1,6 @@
 //! One running tproxy: the loaded object, every attachment, and the lock on
 //! its runtime record. Built all-or-nothing: if a step fails, the owners
 //! already created are dropped (detached) before the error returns.
-use std::path::PathBuf;
-
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
@@ -13,93 +11,25 @@ use aya::{
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use tproxy_common::{
-    Config, Counter, FLOW_ACTIVE_NS, FLOW_LINGER_NS, FlowKey, FlowValue, SockKey, SockState,
-    SteerMode, flags, names,
-};
+use tproxy_common::{Config, Counter, FlowKey, FlowValue, SockKey, flags, names};
 use tracing::{info, warn};
 
 use crate::{
-    Error, PortSet, Result,
+    Error, Options, PortSet, Result, Steer,
     attach::{
         Attachment, GetsocknameAttachment, GetsockoptAttachment, RecvmsgAttachment,
         SkMsgAttachment, SockopsAttachment, TcAttachment,
     },
+    inspect::{FlowStats, flow_stats, lingered, monotonic_coarse_ns, socks_state, sum_counters},
+    options::default_steer_mark,
     routing::{self, TproxyRouting},
     state::{InstanceLock, Record},
     system,
-    tc::{self, ClsactQdisc, TcMode},
+    tc::{ClsactQdisc, TcMode},
 };
 
 /// The eBPF object, built by build.rs and embedded in the binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
-
-/// Everything `tproxy -i IFACE -ports …` is asked to do.
-#[derive(Clone, Debug)]
-pub struct Options {
-    pub iface: String,
-    pub ports: PortSet,
-    pub cgroup: Option<PathBuf>,
-    pub proxy_port: u16,
-    pub proxy_mark: u32,
-    pub accel: bool,
-    pub tc_mode: TcMode,
-    pub steer: Steer,
-    /// tproxy back-end: the mark tc sets and the routing table it selects.
-    pub steer_mark: Option<u32>,
-    pub route_table: Option<u32>,
-    /// Bound on redirected-but-unread bytes at one socket (slow reader).
-    pub accel_max_queued: u32,
-}
-
-/// The steering back-end.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Steer {
-    /// tc rewrites the destination port to the proxy port and restores it
-    /// on replies. Flows addressed to this host only.
-    Rewrite,
-    /// tc marks; a fwmark rule, a local route and an nftables `tproxy` rule
-    /// deliver the flow to a transparent listener, destination intact.
-    Tproxy,
-}
-
-impl Steer {
-    fn mode(self) -> SteerMode {
-        match self {
-            Steer::Rewrite => SteerMode::Rewrite,
-            Steer::Tproxy => SteerMode::Tproxy,
-        }
-    }
-}
-
-/// Default steer mark / routing table for an interface: distinct per
-/// interface (the whole ifindex, not its low byte) so instances in one
-/// namespace never share them; `routing::plan` moves on if it is taken.
-pub fn default_steer_mark(ifindex: u32) -> u32 {
-    0x7400u32.wrapping_add(ifindex)
-}
-
-impl Options {
-    /// Checks that need no privileges and touch nothing.
-    pub fn validate(&self) -> Result<()> {
-        if self.ports.contains(self.proxy_port) {
-            return Err(Error::ProxyPortIntercepted(self.proxy_port));
-        }
-        if self.proxy_mark == 0 || self.steer_mark == Some(0) {
-            return Err(Error::ZeroMark);
-        }
-        if self.steer_mark == Some(self.proxy_mark) {
-            return Err(Error::MarksCollide(self.proxy_mark));
-        }
-        if let Some(table) = self.route_table {
-            routing::check_table_not_reserved(table)?;
-        }
-        Ok(())
-    }
-}
 
 /// A running instance. Fields drop in declaration order: steering stops
 /// first, the runtime record goes last.
@@ -164,7 +94,7 @@ impl Instance {
 
         let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
         if let Some(stale) = stale {
-            clean_up_after(&stale, &opts.iface, ifindex);
+            crate::recovery::clean_up_after(&stale, &opts.iface, ifindex);
         }
         // Mark and table checked free (or picked) before anything exists.
         let tproxy_spec = match opts.steer {
@@ -549,74 +479,6 @@ impl Instance {
     }
 }
 
-/// CLOCK_MONOTONIC_COARSE in ns: the clock the programs stamp entries with
-/// (bpf_ktime_get_coarse_ns).
-pub fn monotonic_coarse_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .expect("CLOCK_MONOTONIC_COARSE");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
-
-/// Past its linger.
-fn lingered(v: &FlowValue, now: u64) -> bool {
-    now.saturating_sub(v.closed_at) > FLOW_LINGER_NS
-}
-
-/// The flow table at a glance.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct FlowStats {
-    /// Established flows whose proxy socket is open.
-    pub open: usize,
-    /// Of those, seen within `FLOW_ACTIVE_NS`: what drain waits for.
-    pub active: usize,
-    /// Closed flows lingering for retransmissions.
-    pub closing: usize,
-    /// Embryonic flows (SYN seen, not established).
-    pub embryonic: usize,
-}
-
-impl FlowStats {
-    /// From the open flows' values and the other tables' sizes.
-    fn of(
-        open: impl Iterator<Item = FlowValue>,
-        embryonic: usize,
-        closing: usize,
-        now: u64,
-    ) -> FlowStats {
-        let mut s = FlowStats {
-            embryonic,
-            closing,
-            ..FlowStats::default()
-        };
-        for v in open {
-            s.open += 1;
-            if now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS {
-                s.active += 1;
-            }
-        }
-        s
-    }
-}
-
-fn flow_stats(
-    flows: &aya::maps::Map,
-    syns: &aya::maps::Map,
-    closing: &aya::maps::Map,
-) -> Result<FlowStats> {
-    let now = monotonic_coarse_ns();
-    let m: HashMap<&MapData, FlowKey, FlowValue> =
-        HashMap::try_from(flows).map_err(|source| Error::Map {
-            name: names::FLOWS,
-            source,
-        })?;
-    Ok(FlowStats::of(
-        m.iter().flatten().map(|(_, v)| v),
-        count_entries::<FlowKey, FlowValue>(syns, names::SYNS)?,
-        count_entries::<FlowKey, FlowValue>(closing, names::CLOSING)?,
-        now,
-    ))
-}
-
 /// After the redirect flag is cleared, time for a sender that read it just
 /// before to finish its enqueue.
 const ACCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -629,39 +491,6 @@ impl Drop for Instance {
         // before the map goes with the fields.
         self.stop_accel();
     }
-}
-
-fn socks_state(map: &aya::maps::Map) -> Result<(usize, i64)> {
-    let m: HashMap<&MapData, u64, SockState> =
-        HashMap::try_from(map).map_err(|source| Error::Map {
-            name: names::SOCKS,
-            source,
-        })?;
-    let socks: std::collections::HashMap<u64, SockState> = m.iter().flatten().collect();
-    Ok((socks.len(), queued_redirected(&socks)))
-}
-
-/// Redirected bytes not yet read, over all pairs: what a reader still has
-/// in its ingress queue. A sender's redirected bytes end at its
-/// `redirected_end`; its peer has read `read` bytes of the same stream, and
-/// reads redirected bytes before any sent later by TCP.
-pub fn queued_redirected(socks: &std::collections::HashMap<u64, SockState>) -> i64 {
-    socks
-        .values()
-        .filter_map(|s| {
-            let peer = socks.get(&s.peer)?;
-            Some(s.redirected_end.saturating_sub(peer.read) as i64)
-        })
-        .sum()
-}
-
-/// Accelerated sockets and queued bytes of another, running instance.
-pub fn accel_of(record: &Record) -> Result<(usize, i64)> {
-    let data = MapData::from_id(record.socks_map_id).map_err(|source| Error::Map {
-        name: names::SOCKS,
-        source,
-    })?;
-    socks_state(&aya::maps::Map::HashMap(data))
 }
 
 fn attach_tc(
@@ -711,119 +540,4 @@ fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &PortSet) -> Result<()>
             .map_err(map_err(names::INTERCEPT_PORTS))?;
     }
     Ok(())
-}
-
-fn count_entries<K: aya::Pod, V: aya::Pod>(
-    map: &aya::maps::Map,
-    name: &'static str,
-) -> Result<usize> {
-    let m: HashMap<&MapData, K, V> =
-        HashMap::try_from(map).map_err(|source| Error::Map { name, source })?;
-    Ok(m.keys().filter(Result::is_ok).count())
-}
-
-/// Another instance's flow table at a glance.
-pub fn flows_of(record: &Record) -> Result<FlowStats> {
-    let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
-    let flows = aya::maps::Map::HashMap(open(record.flows_map_id, names::FLOWS)?);
-    let syns = aya::maps::Map::LruHashMap(open(record.syns_map_id, names::SYNS)?);
-    let closing = aya::maps::Map::LruHashMap(open(record.closing_map_id, names::CLOSING)?);
-    flow_stats(&flows, &syns, &closing)
-}
-
-pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {
-    Counter::ALL
-        .iter()
-        .map(|&c| {
-            let v = arr.get(&(c as u32), 0).map_err(|source| Error::Map {
-                name: names::COUNTERS,
-                source,
-            })?;
-            Ok((c, v.iter().sum()))
-        })
-        .collect()
-}
-
-/// Counters of another, running instance, read through its map id.
-pub fn counters_of(record: &Record) -> Result<Vec<(Counter, u64)>> {
-    let data = MapData::from_id(record.counters_map_id).map_err(|source| Error::Map {
-        name: names::COUNTERS,
-        source,
-    })?;
-    let map = aya::maps::Map::PerCpuArray(data);
-    let arr: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(&map).map_err(|source| Error::Map {
-            name: names::COUNTERS,
-            source,
-        })?;
-    sum_counters(&arr)
-}
-
-/// Removes what an instance killed without cleanup left behind. TCX and
-/// cgroup links went with its file descriptors; netlink tc filters did not.
-fn clean_up_after(stale: &Record, iface: &str, ifindex: u32) {
-    if let Some(spec) = &stale.tproxy {
-        let n = TproxyRouting::remove(spec);
-        warn!(
-            "a previous tproxy (pid {}) on {iface} died without cleaning up; removed {n} routing object(s) it left (nftables table {}, fwmark rules, table {:#x} routes)",
-            stale.pid, spec.nft_table, spec.table
-        );
-    }
-    match stale.tc_mode {
-        Some(TcMode::Netlink) => {
-            let n = tc::remove_stale_filters(iface, ifindex, stale.created_clsact);
-            warn!(
-                "a previous tproxy (pid {}) on {iface} died without cleaning up; removed {n} tc filter hook(s) it left",
-                stale.pid
-            );
-        }
-        _ => warn!(
-            "a previous tproxy (pid {}) on {iface} died without cleaning up; its links died with it, nothing to remove",
-            stale.pid
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use tproxy_common::SockKey;
-
-    use super::*;
-
-    fn sock(peer: u64, redirected_end: u64, read: u64) -> SockState {
-        SockState {
-            peer_key: SockKey {
-                local_addr: [0; 4],
-                remote_addr: [0; 4],
-                local_port: 0,
-                remote_port: 0,
-                family: 0,
-                _pad0: 0,
-                netns_cookie: 0,
-            },
-            peer,
-            sent: redirected_end + 100,
-            redirected_end,
-            read,
-            flags: 0,
-            rcvbuf: 0,
-            win_start: 0,
-            win_read: 0,
-        }
-    }
-
-    #[test]
-    fn queued_is_redirected_but_unread_per_direction() {
-        // proxy (1) -> app (2): 1000 redirected, the app read 300 (the
-        // 100 sent later by TCP are not "queued"); app -> proxy: 50
-        // redirected, all read; a socket whose peer is not in yet counts 0.
-        let socks = HashMap::from([
-            (1, sock(2, 1000, 50)),
-            (2, sock(1, 50, 300)),
-            (3, sock(0, 7, 0)),
-        ]);
-        assert_eq!(queued_redirected(&socks), 700);
-    }
 }

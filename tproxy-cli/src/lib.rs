@@ -1,22 +1,28 @@
 //! tproxy: transparent ingress steering to a local proxy with eBPF, and
 //! socket-level acceleration of the proxy<->app leg.
 //!
-//! Where things are: `instance` loads and attaches everything (one owner per
-//! attachment, in `attach`); `tc` handles netlink-mode tc; `state` is the
+//! Where things are: `options` is what an instance is asked to do;
+//! `instance` loads and attaches everything (one owner per attachment, in
+//! `attach`); `inspect` reads a running instance's maps; `recovery` cleans
+//! up after a killed one; `tc` handles netlink-mode tc; `state` is the
 //! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
 pub mod btf;
 pub mod cli;
 pub mod error;
+pub mod inspect;
 pub mod instance;
+pub mod options;
 pub mod ports;
 pub mod probe;
+pub mod recovery;
 pub mod routing;
 pub mod state;
 pub mod system;
 pub mod tc;
 
 pub use error::{Error, Result};
-pub use instance::{Instance, Options};
+pub use instance::Instance;
+pub use options::{Options, Steer};
 pub use ports::PortSet;

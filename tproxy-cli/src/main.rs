@@ -186,9 +186,9 @@ fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
     }
     let mut all = Vec::new();
     for r in &records {
-        let counters = tproxy::instance::counters_of(r)?;
-        let flows = tproxy::instance::flows_of(r)?;
-        let (accel_socks, queued) = tproxy::instance::accel_of(r).unwrap_or((0, 0));
+        let counters = tproxy::inspect::counters_of(r)?;
+        let flows = tproxy::inspect::flows_of(r)?;
+        let (accel_socks, queued) = tproxy::inspect::accel_of(r).unwrap_or((0, 0));
         if json {
             let m: serde_json::Map<String, serde_json::Value> = counters
                 .iter()

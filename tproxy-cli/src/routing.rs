@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use crate::{
     Error, Result,
-    instance::{Options, default_steer_mark},
+    options::{Options, default_steer_mark},
     tc::with_rtnetlink,
 };
 

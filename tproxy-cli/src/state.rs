@@ -13,7 +13,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result, instance::Steer, routing::TproxySpec, tc::TcMode};
+use crate::{Error, Result, options::Steer, routing::TproxySpec, tc::TcMode};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
 

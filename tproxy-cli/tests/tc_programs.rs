@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use tproxy::instance::{EBPF_OBJECT, monotonic_coarse_ns};
+use tproxy::{inspect::monotonic_coarse_ns, instance::EBPF_OBJECT};
 use tproxy_common::{Config, Counter, FlowKey, FlowValue, SteerMode, flags, flow_state, names};
 use tproxy_examples::packet::{self as pkt, ACK, Ext, FIN, PSH, RST, SYN, Tcp};
 

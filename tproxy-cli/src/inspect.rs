@@ -1,0 +1,200 @@
+//! Reading a running instance's maps, from inside it or from another
+//! process through the map ids in its runtime record: counters, the flow
+//! table, accelerated sockets. Read-only.
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use tproxy_common::{
+    Counter, FLOW_ACTIVE_NS, FLOW_LINGER_NS, FlowKey, FlowValue, SockState, names,
+};
+
+use crate::{Error, Result, state::Record};
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock the programs stamp entries with
+/// (bpf_ktime_get_coarse_ns).
+pub fn monotonic_coarse_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// Past its linger.
+pub(crate) fn lingered(v: &FlowValue, now: u64) -> bool {
+    now.saturating_sub(v.closed_at) > FLOW_LINGER_NS
+}
+
+/// The flow table at a glance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FlowStats {
+    /// Established flows whose proxy socket is open.
+    pub open: usize,
+    /// Of those, seen within `FLOW_ACTIVE_NS`: what drain waits for.
+    pub active: usize,
+    /// Closed flows lingering for retransmissions.
+    pub closing: usize,
+    /// Embryonic flows (SYN seen, not established).
+    pub embryonic: usize,
+}
+
+impl FlowStats {
+    /// From the open flows' values and the other tables' sizes.
+    pub(crate) fn of(
+        open: impl Iterator<Item = FlowValue>,
+        embryonic: usize,
+        closing: usize,
+        now: u64,
+    ) -> FlowStats {
+        let mut s = FlowStats {
+            embryonic,
+            closing,
+            ..FlowStats::default()
+        };
+        for v in open {
+            s.open += 1;
+            if now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS {
+                s.active += 1;
+            }
+        }
+        s
+    }
+}
+
+pub(crate) fn flow_stats(
+    flows: &aya::maps::Map,
+    syns: &aya::maps::Map,
+    closing: &aya::maps::Map,
+) -> Result<FlowStats> {
+    let now = monotonic_coarse_ns();
+    let m: HashMap<&MapData, FlowKey, FlowValue> =
+        HashMap::try_from(flows).map_err(|source| Error::Map {
+            name: names::FLOWS,
+            source,
+        })?;
+    Ok(FlowStats::of(
+        m.iter().flatten().map(|(_, v)| v),
+        count_entries::<FlowKey, FlowValue>(syns, names::SYNS)?,
+        count_entries::<FlowKey, FlowValue>(closing, names::CLOSING)?,
+        now,
+    ))
+}
+
+pub(crate) fn socks_state(map: &aya::maps::Map) -> Result<(usize, i64)> {
+    let m: HashMap<&MapData, u64, SockState> =
+        HashMap::try_from(map).map_err(|source| Error::Map {
+            name: names::SOCKS,
+            source,
+        })?;
+    let socks: std::collections::HashMap<u64, SockState> = m.iter().flatten().collect();
+    Ok((socks.len(), queued_redirected(&socks)))
+}
+
+/// Redirected bytes not yet read, over all pairs: what a reader still has
+/// in its ingress queue. A sender's redirected bytes end at its
+/// `redirected_end`; its peer has read `read` bytes of the same stream, and
+/// reads redirected bytes before any sent later by TCP.
+pub fn queued_redirected(socks: &std::collections::HashMap<u64, SockState>) -> i64 {
+    socks
+        .values()
+        .filter_map(|s| {
+            let peer = socks.get(&s.peer)?;
+            Some(s.redirected_end.saturating_sub(peer.read) as i64)
+        })
+        .sum()
+}
+
+/// Accelerated sockets and queued bytes of another, running instance.
+pub fn accel_of(record: &Record) -> Result<(usize, i64)> {
+    let data = MapData::from_id(record.socks_map_id).map_err(|source| Error::Map {
+        name: names::SOCKS,
+        source,
+    })?;
+    socks_state(&aya::maps::Map::HashMap(data))
+}
+
+pub(crate) fn count_entries<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::Map,
+    name: &'static str,
+) -> Result<usize> {
+    let m: HashMap<&MapData, K, V> =
+        HashMap::try_from(map).map_err(|source| Error::Map { name, source })?;
+    Ok(m.keys().filter(Result::is_ok).count())
+}
+
+/// Another instance's flow table at a glance.
+pub fn flows_of(record: &Record) -> Result<FlowStats> {
+    let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
+    let flows = aya::maps::Map::HashMap(open(record.flows_map_id, names::FLOWS)?);
+    let syns = aya::maps::Map::LruHashMap(open(record.syns_map_id, names::SYNS)?);
+    let closing = aya::maps::Map::LruHashMap(open(record.closing_map_id, names::CLOSING)?);
+    flow_stats(&flows, &syns, &closing)
+}
+
+pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {
+    Counter::ALL
+        .iter()
+        .map(|&c| {
+            let v = arr.get(&(c as u32), 0).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+            Ok((c, v.iter().sum()))
+        })
+        .collect()
+}
+
+/// Counters of another, running instance, read through its map id.
+pub fn counters_of(record: &Record) -> Result<Vec<(Counter, u64)>> {
+    let data = MapData::from_id(record.counters_map_id).map_err(|source| Error::Map {
+        name: names::COUNTERS,
+        source,
+    })?;
+    let map = aya::maps::Map::PerCpuArray(data);
+    let arr: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(&map).map_err(|source| Error::Map {
+            name: names::COUNTERS,
+            source,
+        })?;
+    sum_counters(&arr)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tproxy_common::SockKey;
+
+    use super::*;
+
+    fn sock(peer: u64, redirected_end: u64, read: u64) -> SockState {
+        SockState {
+            peer_key: SockKey {
+                local_addr: [0; 4],
+                remote_addr: [0; 4],
+                local_port: 0,
+                remote_port: 0,
+                family: 0,
+                _pad0: 0,
+                netns_cookie: 0,
+            },
+            peer,
+            sent: redirected_end + 100,
+            redirected_end,
+            read,
+            flags: 0,
+            rcvbuf: 0,
+            win_start: 0,
+            win_read: 0,
+        }
+    }
+
+    #[test]
+    fn queued_is_redirected_but_unread_per_direction() {
+        // proxy (1) -> app (2): 1000 redirected, the app read 300 (the
+        // 100 sent later by TCP are not "queued"); app -> proxy: 50
+        // redirected, all read; a socket whose peer is not in yet counts 0.
+        let socks = HashMap::from([
+            (1, sock(2, 1000, 50)),
+            (2, sock(1, 50, 300)),
+            (3, sock(0, 7, 0)),
+        ]);
+        assert_eq!(queued_redirected(&socks), 700);
+    }
+}

@@ -1,0 +1,74 @@
+//! What one instance is asked to do: interface, ports, proxy, back-end.
+//! Shared by the command line, the runtime record and the instance.
+use std::path::PathBuf;
+
+use tproxy_common::SteerMode;
+
+use crate::{Error, PortSet, Result, routing, tc::TcMode};
+
+/// Everything `tproxy -i IFACE -ports …` is asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub iface: String,
+    pub ports: PortSet,
+    pub cgroup: Option<PathBuf>,
+    pub proxy_port: u16,
+    pub proxy_mark: u32,
+    pub accel: bool,
+    pub tc_mode: TcMode,
+    pub steer: Steer,
+    /// tproxy back-end: the mark tc sets and the routing table it selects.
+    pub steer_mark: Option<u32>,
+    pub route_table: Option<u32>,
+    /// Bound on redirected-but-unread bytes at one socket (slow reader).
+    pub accel_max_queued: u32,
+}
+
+/// The steering back-end.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Steer {
+    /// tc rewrites the destination port to the proxy port and restores it
+    /// on replies. Flows addressed to this host only.
+    Rewrite,
+    /// tc marks; a fwmark rule, a local route and an nftables `tproxy` rule
+    /// deliver the flow to a transparent listener, destination intact.
+    Tproxy,
+}
+
+impl Steer {
+    pub(crate) fn mode(self) -> SteerMode {
+        match self {
+            Steer::Rewrite => SteerMode::Rewrite,
+            Steer::Tproxy => SteerMode::Tproxy,
+        }
+    }
+}
+
+/// Default steer mark / routing table for an interface: distinct per
+/// interface (the whole ifindex, not its low byte) so instances in one
+/// namespace never share them; `routing::plan` moves on if it is taken.
+pub fn default_steer_mark(ifindex: u32) -> u32 {
+    0x7400u32.wrapping_add(ifindex)
+}
+
+impl Options {
+    /// Checks that need no privileges and touch nothing.
+    pub fn validate(&self) -> Result<()> {
+        if self.ports.contains(self.proxy_port) {
+            return Err(Error::ProxyPortIntercepted(self.proxy_port));
+        }
+        if self.proxy_mark == 0 || self.steer_mark == Some(0) {
+            return Err(Error::ZeroMark);
+        }
+        if self.steer_mark == Some(self.proxy_mark) {
+            return Err(Error::MarksCollide(self.proxy_mark));
+        }
+        if let Some(table) = self.route_table {
+            routing::check_table_not_reserved(table)?;
+        }
+        Ok(())
+    }
+}
