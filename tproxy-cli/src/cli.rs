@@ -98,22 +98,42 @@ pub struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the counters of the running instance(s).
-    Stats {
-        /// Only the instance on this interface.
-        #[arg(short = 'i', long = "iface")]
-        iface: Option<String>,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Instances in every network namespace, not just this one.
-        #[arg(long)]
-        all: bool,
-    },
+    /// Print the counters of the running instance(s), once or with --watch.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// Only the instance on this interface.
+    #[arg(short = 'i', long = "iface")]
+    pub iface: Option<String>,
+    /// JSON instead of a table (with --watch: one JSON object per line).
+    #[arg(long)]
+    pub json: bool,
+    /// Instances in every network namespace, not just this one.
+    #[arg(long)]
+    pub all: bool,
+    /// Keep printing totals and per-second rates every --interval until
+    /// Ctrl-C: redrawn in place on a terminal, a line per interval when
+    /// piped.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// Seconds between samples with --watch (fractions allowed).
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_interval, requires = "watch")]
+    pub interval: std::time::Duration,
 }
 
 fn parse_ports(s: &str) -> Result<PortSet, String> {
     s.parse().map_err(|e: crate::Error| e.to_string())
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.05..=86400.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "{s:?} is not an interval in seconds from 0.05 to 86400"
+        )),
+    }
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -291,8 +311,35 @@ mod tests {
         let cli = parse(&["tproxy", "stats", "--json"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Stats { json: true, .. })
+            Some(Command::Stats(StatsArgs {
+                json: true,
+                watch: false,
+                ..
+            }))
         ));
+    }
+
+    #[test]
+    fn stats_watch_interval() {
+        let cli = parse(&["tproxy", "stats", "-watch", "-interval", "0.2"]).unwrap();
+        let Some(Command::Stats(a)) = cli.command else {
+            panic!("not stats")
+        };
+        assert!(a.watch);
+        assert_eq!(a.interval, std::time::Duration::from_millis(200));
+        let Some(Command::Stats(a)) = parse(&["tproxy", "stats", "-w"]).unwrap().command else {
+            panic!("not stats")
+        };
+        assert_eq!(a.interval, std::time::Duration::from_secs(1));
+        for bad in [
+            &["tproxy", "stats", "--interval", "2"][..], // without --watch
+            &["tproxy", "stats", "--watch", "--interval", "0"],
+            &["tproxy", "stats", "--watch", "--interval", "-1"],
+            &["tproxy", "stats", "--watch", "--interval", "nan"],
+            &["tproxy", "stats", "--watch", "--interval", "x"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

@@ -94,6 +94,15 @@ pub enum Error {
     AlreadyRunning { pid: i32, iface: String },
 
     #[error(
+        "no running tproxy instance{} in this network namespace (try --all)",
+        iface.as_ref().map(|i| format!(" on {i}")).unwrap_or_default()
+    )]
+    NoInstance { iface: Option<String> },
+
+    #[error("the watched tproxy (pid {pid} on {iface}) has stopped")]
+    InstanceGone { pid: i32, iface: String },
+
+    #[error(
         "the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF (6.3 for acceleration)"
     )]
     LoadObject(#[source] aya::EbpfError),

@@ -1,7 +1,9 @@
 //! Reading a running instance's maps, from inside it or from another
 //! process through the map ids in its runtime record: counters, the flow
 //! table, accelerated sockets. Read-only.
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use tproxy_common::{
     Counter, FLOW_ACTIVE_NS, FLOW_LINGER_NS, FlowKey, FlowValue, SockState, names,
 };
@@ -125,6 +127,93 @@ pub fn flows_of(record: &Record) -> Result<FlowStats> {
     let syns = aya::maps::Map::LruHashMap(open(record.syns_map_id, names::SYNS)?);
     let closing = aya::maps::Map::LruHashMap(open(record.closing_map_id, names::CLOSING)?);
     flow_stats(&flows, &syns, &closing)
+}
+
+/// An instance's figures at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Totals over all CPUs, in `Counter::ALL` order.
+    pub counters: Vec<(Counter, u64)>,
+    pub flows: FlowStats,
+    pub accel_sockets: usize,
+    /// Redirected bytes not yet read (see [`queued_redirected`]).
+    pub accel_queued_bytes: i64,
+}
+
+/// Handles on an instance's maps, to read them from another task or
+/// process: by map id (another process; needs CAP_SYS_ADMIN) or duplicated
+/// from the instance's own descriptors (the instance's metrics endpoint).
+#[derive(Debug)]
+pub struct Maps {
+    counters: Map,
+    flows: Map,
+    syns: Map,
+    closing: Map,
+    /// `None` when it cannot be opened: acceleration figures read as 0.
+    socks: Option<Map>,
+}
+
+impl Maps {
+    /// Another, running instance's maps, through the ids in its record.
+    pub fn of(record: &Record) -> Result<Maps> {
+        let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
+        Ok(Maps {
+            counters: Map::PerCpuArray(open(record.counters_map_id, names::COUNTERS)?),
+            flows: Map::HashMap(open(record.flows_map_id, names::FLOWS)?),
+            syns: Map::LruHashMap(open(record.syns_map_id, names::SYNS)?),
+            closing: Map::LruHashMap(open(record.closing_map_id, names::CLOSING)?),
+            socks: MapData::from_id(record.socks_map_id).ok().map(Map::HashMap),
+        })
+    }
+
+    /// New descriptors for the maps of a loaded object.
+    pub(crate) fn dup(ebpf: &aya::Ebpf) -> Result<Maps> {
+        let dup = |name: &'static str| -> Result<Map> {
+            let map = ebpf.map(name).expect("map in object");
+            let data = |d: &MapData| {
+                let fd = d
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io(format!("duplicating map {name}"), e))?;
+                MapData::from_fd(fd).map_err(|source| Error::Map { name, source })
+            };
+            Ok(match map {
+                Map::HashMap(d) => Map::HashMap(data(d)?),
+                Map::LruHashMap(d) => Map::LruHashMap(data(d)?),
+                Map::PerCpuArray(d) => Map::PerCpuArray(data(d)?),
+                other => unreachable!("{name} is a {other:?}"),
+            })
+        };
+        Ok(Maps {
+            counters: dup(names::COUNTERS)?,
+            flows: dup(names::FLOWS)?,
+            syns: dup(names::SYNS)?,
+            closing: dup(names::CLOSING)?,
+            socks: Some(dup(names::SOCKS)?),
+        })
+    }
+
+    /// Reads every figure now.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(&self.counters).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        let counters = sum_counters(&arr)?;
+        let flows = flow_stats(&self.flows, &self.syns, &self.closing)?;
+        let (accel_sockets, accel_queued_bytes) = match &self.socks {
+            Some(m) => socks_state(m)?,
+            None => (0, 0),
+        };
+        Ok(Snapshot {
+            counters,
+            flows,
+            accel_sockets,
+            accel_queued_bytes,
+        })
+    }
 }
 
 pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {

@@ -397,6 +397,12 @@ impl Instance {
         self.set_flag(flags::STEER_NEW, false)
     }
 
+    /// Handles on this instance's maps for another task (the metrics
+    /// endpoint): new descriptors, so no CAP_SYS_ADMIN is needed.
+    pub fn maps(&self) -> Result<crate::inspect::Maps> {
+        crate::inspect::Maps::dup(&self.ebpf)
+    }
+
     /// Accelerated sockets and the redirected bytes queued, unread, at them.
     pub fn accel_state(&self) -> Result<(usize, i64)> {
         let map = self.ebpf.map(names::SOCKS).expect("SOCKS in object");

@@ -3,7 +3,8 @@
 //!
 //! Where things are: `options` is what an instance is asked to do;
 //! `instance` loads and attaches everything (one owner per attachment, in
-//! `attach`); `inspect` reads a running instance's maps; `recovery` cleans
+//! `attach`); `inspect` reads a running instance's maps, which `stats`
+//! prints and `metrics` serves to Prometheus; `recovery` cleans
 //! up after a killed one; `tc` handles netlink-mode tc; `state` is the
 //! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
@@ -19,6 +20,7 @@ pub mod probe;
 pub mod recovery;
 pub mod routing;
 pub mod state;
+pub mod stats;
 pub mod system;
 pub mod tc;
 

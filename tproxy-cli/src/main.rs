@@ -5,7 +5,6 @@ use tokio::signal::unix::{SignalKind, signal};
 use tproxy::{
     Instance,
     cli::{Cli, Command, normalize_args},
-    state,
 };
 use tracing::info;
 
@@ -53,7 +52,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match &cli.command {
-        Some(Command::Stats { iface, json, all }) => stats(iface.as_deref(), *json, *all),
+        Some(Command::Stats(args)) => tproxy::stats::run(args).map_err(Into::into),
         None => serve(&cli),
     };
     match result {
@@ -165,62 +164,4 @@ fn reap_flows(instance: &mut Instance) {
         Ok(n) => tracing::debug!("removed {n} closed flow(s) after their linger"),
         Err(e) => tracing::warn!("reaping closed flows: {e}"),
     }
-}
-
-fn stats(iface: Option<&str>, json: bool, all: bool) -> anyhow::Result<()> {
-    // `tproxy stats | head`: end quietly on a closed pipe, as Unix tools do.
-    // SAFETY: setting a signal disposition before any other thread exists.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    tproxy::system::check_privileges()?;
-    let netns = tproxy::system::netns_inode()?;
-    let records: Vec<_> = state::live_records()
-        .into_iter()
-        .filter(|r| all || r.netns_inode == netns)
-        .filter(|r| iface.is_none_or(|i| r.iface == i))
-        .collect();
-    if records.is_empty() {
-        anyhow::bail!(
-            "no running tproxy instance{} in this network namespace (try --all)",
-            iface.map(|i| format!(" on {i}")).unwrap_or_default()
-        );
-    }
-    let mut all = Vec::new();
-    for r in &records {
-        let counters = tproxy::inspect::counters_of(r)?;
-        let flows = tproxy::inspect::flows_of(r)?;
-        let (accel_socks, queued) = tproxy::inspect::accel_of(r).unwrap_or((0, 0));
-        if json {
-            let m: serde_json::Map<String, serde_json::Value> = counters
-                .iter()
-                .map(|(c, v)| (c.name().to_string(), (*v).into()))
-                .collect();
-            all.push(serde_json::json!({
-                "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode,
-                "steer": r.steer, "flows": flows.open, "flows_active": flows.active,
-                "flows_closing": flows.closing, "flows_embryonic": flows.embryonic,
-                "accel_sockets": accel_socks,
-                "accel_queued_bytes": queued, "counters": m
-            }));
-        } else {
-            println!(
-                "tproxy pid {} on {} (netns {}, steer {:?}): {} open flow(s) ({} active in the last {} s), {} closing, {} embryonic; {accel_socks} accelerated socket(s), {queued} byte(s) queued",
-                r.pid,
-                r.iface,
-                r.netns_inode,
-                r.steer,
-                flows.open,
-                flows.active,
-                tproxy_common::FLOW_ACTIVE_NS / 1_000_000_000,
-                flows.closing,
-                flows.embryonic
-            );
-            for (c, v) in counters {
-                println!("  {:<22} {v}", c.name());
-            }
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
-    }
-    Ok(())
 }
