@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// signal stops at once.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub drain_timeout: u64,
+
+    /// Serve the counters and gauges in the Prometheus (OpenMetrics) text
+    /// format on http://ADDR/metrics, e.g. 127.0.0.1:9090 or [::1]:9090.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -339,6 +344,31 @@ mod tests {
             &["tproxy", "stats", "--watch", "--interval", "x"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn metrics_addr_v4_and_v6() {
+        let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80"]).unwrap();
+        assert_eq!(cli.run.metrics_addr, None);
+        for a in ["127.0.0.1:9090", "[::1]:9090"] {
+            let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80", "-metrics-addr", a]).unwrap();
+            assert_eq!(cli.run.metrics_addr, Some(a.parse().unwrap()));
+        }
+        for bad in ["9090", "localhost:9090", "127.0.0.1", "::1:9090"] {
+            assert!(
+                parse(&[
+                    "tproxy",
+                    "-i",
+                    "eth0",
+                    "-ports",
+                    "80",
+                    "--metrics-addr",
+                    bad
+                ])
+                .is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -103,6 +103,15 @@ pub enum Error {
     InstanceGone { pid: i32, iface: String },
 
     #[error(
+        "cannot serve metrics on {addr}: {source}; pass a free local address and port to --metrics-addr (e.g. 127.0.0.1:9090)"
+    )]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
         "the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF (6.3 for acceleration)"
     )]
     LoadObject(#[source] aya::EbpfError),

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod error;
 pub mod inspect;
 pub mod instance;
+pub mod metrics;
 pub mod options;
 pub mod ports;
 pub mod probe;

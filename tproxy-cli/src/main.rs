@@ -5,6 +5,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tproxy::{
     Instance,
     cli::{Cli, Command, normalize_args},
+    metrics,
 };
 use tracing::info;
 
@@ -74,9 +75,18 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         // Signal handlers first: a signal during attach must still tear down.
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        // Bound before anything is installed: a taken address is an error
+        // with nothing to undo, and scrapes work once "serving" is logged.
+        let endpoint = match cli.run.metrics_addr {
+            Some(addr) => Some(metrics::Endpoint::bind(addr).await?),
+            None => None,
+        };
         let instance = Instance::start(&opts)?;
         for what in instance.attachments() {
             info!("  {what}");
+        }
+        if let Some(endpoint) = endpoint {
+            endpoint.start(&instance, &opts)?;
         }
         info!("serving; SIGINT or SIGTERM to stop");
         let mut instance = instance;

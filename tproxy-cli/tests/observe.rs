@@ -185,7 +185,7 @@ fn parse_exposition(text: &str) -> Result<Exposition, String> {
         if !suffixes.iter().any(|s| name == format!("{family}{s}")) {
             return Err(format!("sample {name} does not belong to {ty} {family}"));
         }
-        if ty == "counter" && !(value >= 0.0) {
+        if ty == "counter" && (value.is_nan() || value < 0.0) {
             return Err(format!("counter {name} is {value}"));
         }
         if samples.insert((name.to_string(), labels), value).is_some() {

@@ -1,0 +1,393 @@
+//! `--metrics-addr`: the instance's counters and gauges for Prometheus, on
+//! `http://ADDR/metrics` (404 elsewhere), in the OpenMetrics text format
+//! (what the official client writes and Prometheus asks for).
+//!
+//! The figures are read from the maps when a scrape comes in (a
+//! collector), through descriptors of our own duplicated from the
+//! instance's, so they are what `tproxy stats` would print at that moment.
+//! The server runs on the serve loop's runtime; a scrape is served between
+//! two of its ticks.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, info::Info},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tproxy_common::Counter;
+
+use crate::{Error, Instance, Options, Result, inspect::Maps};
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Scrapers served at once; more wait for a slot.
+const MAX_CONNECTIONS: usize = 16;
+/// A client that has not sent its request head by then is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bound listener. Bound before anything is installed, so a taken
+/// address fails the start with nothing to undo.
+pub struct Endpoint {
+    listener: TcpListener,
+}
+
+impl Endpoint {
+    pub async fn bind(addr: SocketAddr) -> Result<Endpoint> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::MetricsBind { addr, source })?;
+        Ok(Endpoint { listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound socket has an address")
+    }
+
+    /// Serves `instance`'s figures from now on, on the current runtime.
+    pub fn start(self, instance: &Instance, opts: &Options) -> Result<()> {
+        let registry = registry(instance.maps()?, instance_labels(instance, opts));
+        tracing::info!("metrics on http://{}/metrics", self.local_addr());
+        tokio::spawn(self.serve(Arc::new(registry)));
+        Ok(())
+    }
+
+    async fn serve(self, registry: Arc<Registry>) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, typically: wait instead of spinning.
+                    tracing::warn!("metrics: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let registry = registry.clone();
+                    async move { Ok::<_, Infallible>(answer(&req, &registry)) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!("metrics: connection: {e}");
+                }
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// `GET /metrics`: the exposition; anything else: 404 or 405.
+pub fn answer(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    answer_to(req.method(), req.uri().path(), registry)
+}
+
+fn answer_to(method: &Method, path: &str, registry: &Registry) -> Response<Full<Bytes>> {
+    let plain = |status, body: &str| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("valid response")
+    };
+    if path != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found; tproxy's metrics are on /metrics\n",
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => Response::builder()
+            .header(header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response"),
+        Err(_) => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reading tproxy's maps failed; see tproxy's log\n",
+        ),
+    }
+}
+
+/// Labels of `tproxy_instance_info`.
+fn instance_labels(instance: &Instance, opts: &Options) -> Vec<(String, String)> {
+    let r = instance.record();
+    let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    vec![
+        ("iface".into(), r.iface.clone()),
+        ("steer".into(), name(serde_json::json!(r.steer))),
+        ("accel".into(), if opts.accel { "on" } else { "off" }.into()),
+        ("tc_mode".into(), name(serde_json::json!(r.tc_mode))),
+        ("pid".into(), r.pid.to_string()),
+    ]
+}
+
+/// The registry of one instance: every figure comes from `maps` at scrape
+/// time.
+pub fn registry(maps: Maps, instance: Vec<(String, String)>) -> Registry {
+    let mut registry = Registry::with_prefix("tproxy");
+    registry.register_collector(Box::new(InstanceCollector { maps, instance }));
+    registry
+}
+
+#[derive(Debug)]
+struct InstanceCollector {
+    maps: Maps,
+    instance: Vec<(String, String)>,
+}
+
+impl Collector for InstanceCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let s = self.maps.snapshot().map_err(|e| {
+            tracing::warn!("metrics: {e}");
+            std::fmt::Error
+        })?;
+        for &(c, v) in &s.counters {
+            let m = ConstCounter::new(v);
+            m.encode(enc.encode_descriptor(c.name(), help(c), None, m.metric_type())?)?;
+        }
+        let gauges: [(&str, &str, i64); 6] = [
+            (
+                "flows_open",
+                "Steered flows whose proxy socket is established.",
+                s.flows.open as i64,
+            ),
+            (
+                "flows_active",
+                "Open steered flows that saw a packet lately (what a drain waits for).",
+                s.flows.active as i64,
+            ),
+            (
+                "flows_closing",
+                "Closed steered flows lingering for retransmissions.",
+                s.flows.closing as i64,
+            ),
+            (
+                "flows_embryonic",
+                "Steered flows whose SYN was seen, not yet established.",
+                s.flows.embryonic as i64,
+            ),
+            (
+                "accel_sockets",
+                "Sockets in the acceleration map (two per proxy<->app connection).",
+                s.accel_sockets as i64,
+            ),
+            (
+                "accel_queued_bytes",
+                "Redirected bytes not yet read by their receivers.",
+                s.accel_queued_bytes,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let m = ConstGauge::new(v);
+            m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+        build.encode(enc.encode_descriptor(
+            "build",
+            "The tproxy build.",
+            None,
+            build.metric_type(),
+        )?)?;
+        let instance = Info::new(self.instance.clone());
+        instance.encode(enc.encode_descriptor(
+            "instance",
+            "What this tproxy instance serves and how.",
+            None,
+            instance.metric_type(),
+        )?)
+    }
+}
+
+/// HELP texts of the counters (the doc comments of `Counter`, shortened).
+const HELP: [(Counter, &str); 27] = [
+    (
+        Counter::IngressPackets,
+        "Packets the tc ingress program looked at.",
+    ),
+    (Counter::IngressSteered, "Packets steered to the proxy."),
+    (
+        Counter::EgressPackets,
+        "Packets the tc egress program looked at.",
+    ),
+    (
+        Counter::EgressRestored,
+        "Reply packets whose source was restored.",
+    ),
+    (
+        Counter::GetsockoptCalls,
+        "getsockopt calls seen by the cgroup/getsockopt program.",
+    ),
+    (
+        Counter::GetsockoptAnswered,
+        "SO_ORIGINAL_DST answers given from the flow table.",
+    ),
+    (
+        Counter::GetsocknameAnswered,
+        "getsockname answers changed to the original destination.",
+    ),
+    (Counter::SockopsEvents, "sockops callbacks seen."),
+    (
+        Counter::SockhashInserted,
+        "Sockets inserted into the acceleration map.",
+    ),
+    (
+        Counter::SockhashRemoved,
+        "Sockets that left the acceleration map (closed).",
+    ),
+    (Counter::MsgSeen, "sendmsg calls seen by sk_msg."),
+    (
+        Counter::MsgRedirected,
+        "sendmsg calls redirected to the peer socket.",
+    ),
+    (Counter::MsgRedirectedBytes, "Bytes redirected."),
+    (
+        Counter::MsgMiss,
+        "sk_msg lookups that missed (passed to TCP).",
+    ),
+    (
+        Counter::FlowsCreated,
+        "Flows created by a steered SYN (embryonic).",
+    ),
+    (Counter::FlowsRemoved, "Flow-table entries removed."),
+    (
+        Counter::MsgPassthrough,
+        "sendmsg calls passed to TCP while off the fast path.",
+    ),
+    (
+        Counter::AccelFallbacks,
+        "Times a sender left the fast path (slow reader).",
+    ),
+    (
+        Counter::MsgReadBytes,
+        "Bytes read by applications from accelerated sockets.",
+    ),
+    (
+        Counter::SteerCollisions,
+        "SYNs dropped: the client address and port already had a flow to another port.",
+    ),
+    (
+        Counter::AccelResumed,
+        "Times a sender came back to the fast path.",
+    ),
+    (
+        Counter::FlowsEstablished,
+        "Flows whose proxy socket reached ESTABLISHED.",
+    ),
+    (
+        Counter::FlowsClosed,
+        "Established flows whose proxy socket closed.",
+    ),
+    (
+        Counter::FlowsTableFull,
+        "Promotions refused because the flow table was full.",
+    ),
+    (
+        Counter::Fragments,
+        "IP fragments after the first, passed untouched.",
+    ),
+    (Counter::VlanPassed, "VLAN-tagged frames, passed untouched."),
+    (
+        Counter::AccelNudges,
+        "Wake-ups given to a reader with TCP bytes waiting.",
+    ),
+];
+
+fn help(c: Counter) -> &'static str {
+    HELP.iter()
+        .find(|(k, _)| *k == c)
+        .map(|(_, h)| *h)
+        .unwrap_or("A tproxy counter (see tproxy_common::Counter).")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_its_own_help() {
+        for c in Counter::ALL {
+            assert!(HELP.iter().any(|(k, _)| *k == c), "{c:?} has no HELP");
+        }
+    }
+
+    /// A registry whose collector fails: a 500, not a half exposition.
+    #[derive(Debug)]
+    struct Failing;
+    impl Collector for Failing {
+        fn encode(&self, _: DescriptorEncoder) -> std::fmt::Result {
+            Err(std::fmt::Error)
+        }
+    }
+
+    #[test]
+    fn only_get_metrics_is_served() {
+        let mut ok = Registry::with_prefix("tproxy");
+        ok.register_collector(Box::new(Const));
+        let r = answer_to(&Method::GET, "/metrics", &ok);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+        assert_eq!(
+            answer_to(&Method::GET, "/", &ok).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            answer_to(&Method::POST, "/metrics", &ok).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let mut bad = Registry::default();
+        bad.register_collector(Box::new(Failing));
+        assert_eq!(
+            answer_to(&Method::GET, "/metrics", &bad).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[derive(Debug)]
+    struct Const;
+    impl Collector for Const {
+        fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+            let m = ConstCounter::new(3u64);
+            m.encode(enc.encode_descriptor("x", "X.", None, m.metric_type())?)
+        }
+    }
+
+    #[test]
+    fn names_carry_the_prefix_and_suffix() {
+        let mut reg = Registry::with_prefix("tproxy");
+        reg.register_collector(Box::new(Const));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert_eq!(
+            text,
+            "# HELP tproxy_x X.\n# TYPE tproxy_x counter\ntproxy_x_total 3\n# EOF\n"
+        );
+    }
+}
