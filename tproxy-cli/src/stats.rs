@@ -350,6 +350,9 @@ impl Frame<'_> {
                 s.accel_sockets, s.accel_queued_bytes
             ));
             let rates = self.rates(i);
+            // Two columns of counters fit in 80 columns.
+            let cell =
+                |name: &str, total: &str, rate: &str| format!("{name:<20} {total:>10} {rate:>7}");
             let cells: Vec<String> = s
                 .counters
                 .iter()
@@ -359,23 +362,19 @@ impl Frame<'_> {
                         .as_ref()
                         .map(|r| fmt_rate(r[j].1))
                         .unwrap_or_else(|| "-".into());
-                    format!("{:<22} {v:>14} {rate:>10}", c.name())
+                    cell(c.name(), &v.to_string(), &rate)
                 })
                 .collect();
-            let header = format!("{:<22} {:>14} {:>10}", "counter", "total", "rate/s");
-            // As many columns of counters as the width allows.
-            const SEP: &str = "   ";
-            let ncols = (cols.saturating_sub(2) / (header.len() + SEP.len())).clamp(1, 4);
+            let header = cell("counter", "total", "rate/s");
+            const SEP: &str = "  ";
+            let ncols = ((cols.saturating_add(SEP.len())) / (header.len() + SEP.len())).clamp(1, 4);
             let nrows = cells.len().div_ceil(ncols);
-            lines.push(format!(
-                "  {}",
-                vec![header; ncols.min(cells.len())].join(SEP)
-            ));
+            lines.push(vec![header; ncols.min(cells.len())].join(SEP));
             for row in 0..nrows {
                 let row: Vec<&str> = (0..ncols)
                     .filter_map(|col| cells.get(col * nrows + row).map(String::as_str))
                     .collect();
-                lines.push(format!("  {}", row.join(SEP)));
+                lines.push(row.join(SEP));
             }
             lines.push(String::new());
         }
