@@ -85,9 +85,12 @@ impl Instance {
     pub fn start(opts: &Options) -> Result<Instance> {
         opts.validate()?;
         system::check_privileges_for(opts.accel)?;
+        system::check_kernel_version()?;
+        system::check_btf()?;
         crate::probe::check(opts.accel)?;
         let ifindex = system::ifindex(&opts.iface)?;
         let cgroup = system::resolve_cgroup(opts.cgroup.as_deref())?;
+        let tc_mode = opts.tc_mode.check()?;
         let netns_inode = system::netns_inode()?;
         let l2_len = system::link_header_len(&opts.iface)?;
         let netns_cookie = system::netns_cookie()?;
@@ -98,7 +101,11 @@ impl Instance {
         }
         // Mark and table checked free (or picked) before anything exists.
         let tproxy_spec = match opts.steer {
-            Steer::Tproxy => Some(routing::plan(opts, ifindex)?),
+            Steer::Tproxy => {
+                let spec = routing::plan(opts, ifindex)?;
+                routing::check_nft(&spec)?;
+                Some(spec)
+            }
             Steer::Rewrite => None,
         };
         let steer_mark = tproxy_spec.as_ref().map_or_else(
@@ -258,7 +265,6 @@ impl Instance {
             ));
         }
 
-        let tc_mode = opts.tc_mode.resolve();
         let clsact = match tc_mode {
             TcMode::Netlink => Some(ClsactQdisc::ensure(&opts.iface, ifindex)?),
             _ => None,

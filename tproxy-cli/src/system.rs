@@ -64,13 +64,54 @@ fn privilege_error(missing: &[&str], no_accel_helps: bool) -> Option<Error> {
     }
 }
 
-/// Checks the effective capabilities against what the mode needs.
-pub fn check_privileges_for(accel: bool) -> Result<()> {
+/// The capabilities the mode needs and this process lacks, as the error
+/// that names them; `None` when it has them all.
+pub fn missing_privileges(accel: bool) -> Option<Error> {
     let needs_perfmon = accel || NO_ACCEL_NEEDS_PERFMON;
     let missing = missing_caps(effective_caps(), needs_perfmon);
-    match privilege_error(&missing, accel && !NO_ACCEL_NEEDS_PERFMON) {
-        Some(e) => Err(e),
-        None => Ok(()),
+    privilege_error(&missing, accel && !NO_ACCEL_NEEDS_PERFMON)
+}
+
+/// What the mode needs, for messages: the capabilities, and root's
+/// CAP_SYS_ADMIN, which stands in for CAP_BPF and CAP_PERFMON.
+pub fn needed_privileges(accel: bool) -> &'static str {
+    if accel || NO_ACCEL_NEEDS_PERFMON {
+        "CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON)"
+    } else {
+        "CAP_BPF and CAP_NET_ADMIN (CAP_SYS_ADMIN stands in for CAP_BPF)"
+    }
+}
+
+/// Checks the effective capabilities against what the mode needs.
+pub fn check_privileges_for(accel: bool) -> Result<()> {
+    missing_privileges(accel).map_or(Ok(()), Err)
+}
+
+/// The oldest kernel tproxy supports.
+pub const MIN_KERNEL: (u8, u8) = (6, 1);
+
+/// The running kernel's version, if it is new enough.
+pub fn check_kernel_version() -> Result<aya::util::KernelVersion> {
+    use aya::util::KernelVersion;
+    let v = KernelVersion::current().map_err(|e| {
+        Error::io(
+            "reading the kernel version",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    if v < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
+        return Err(Error::OldKernel(v.to_string()));
+    }
+    Ok(v)
+}
+
+/// The kernel's BTF, which tproxy reads (the tracepoint probe, `struct
+/// sock`'s layout for acceleration).
+pub fn check_btf() -> Result<()> {
+    if Path::new(crate::btf::VMLINUX).is_file() {
+        Ok(())
+    } else {
+        Err(Error::NoBtf)
     }
 }
 
