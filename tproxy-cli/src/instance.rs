@@ -89,7 +89,14 @@ impl Instance {
         system::check_btf()?;
         crate::probe::check(opts.accel)?;
         let ifindex = system::ifindex(&opts.iface)?;
-        let cgroup = system::resolve_cgroup(opts.cgroup.as_deref())?;
+        let system::CgroupDir {
+            path: cgroup,
+            dir: cgroup_fd,
+            private_mount,
+        } = system::open_cgroup(opts.cgroup.as_deref())?;
+        if let Some(what) = private_mount {
+            info!("{what}");
+        }
         let tc_mode = opts.tc_mode.check()?;
         let netns_inode = system::netns_inode()?;
         let l2_len = system::link_header_len(&opts.iface)?;
@@ -152,9 +159,6 @@ impl Instance {
             sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
             socks_map_id: map_id(&ebpf, names::SOCKS)?,
         };
-
-        let cgroup_fd = std::fs::File::open(&cgroup)
-            .map_err(|e| Error::io(format!("opening cgroup {}", cgroup.display()), e))?;
 
         // Cgroup attachments are bpf_links, which the kernel always stacks
         // (multi mode): `Single` only means "no BPF_F_ALLOW_* flags", which
