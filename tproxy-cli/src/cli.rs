@@ -110,13 +110,16 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Check, attaching nothing, that a run with these options would work:
+    /// one line per requirement, with the fix for each that fails (exit 1).
+    Check(crate::check::CheckArgs),
 }
 
 fn parse_ports(s: &str) -> Result<PortSet, String> {
     s.parse().map_err(|e: crate::Error| e.to_string())
 }
 
-fn parse_mark(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mark(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),
@@ -292,6 +295,34 @@ mod tests {
         assert!(matches!(
             cli.command,
             Some(Command::Stats { json: true, .. })
+        ));
+    }
+
+    #[test]
+    fn check_subcommand_takes_the_run_options_go_style_too() {
+        let cli = parse(&[
+            "tproxy",
+            "check",
+            "-i",
+            "eth0",
+            "-steer",
+            "tproxy",
+            "-proxy-port",
+            "15001",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::Check(a)) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(a.iface.as_deref(), Some("eth0"));
+        assert_eq!(a.steer, Steer::Tproxy);
+        assert_eq!(a.proxy_port, 15001);
+        assert!(a.json && !a.no_accel);
+        // Nothing is required.
+        assert!(matches!(
+            parse(&["tproxy", "check"]).unwrap().command,
+            Some(Command::Check(_))
         ));
     }
 

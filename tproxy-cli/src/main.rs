@@ -54,6 +54,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match &cli.command {
         Some(Command::Stats { iface, json, all }) => stats(iface.as_deref(), *json, *all),
+        Some(Command::Check(args)) => tproxy::check::run(args).map_err(Into::into),
         None => serve(&cli),
     };
     match result {
