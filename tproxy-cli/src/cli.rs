@@ -105,6 +105,9 @@ pub struct RunArgs {
 pub enum Command {
     /// Print the counters of the running instance(s), once or with --watch.
     Stats(StatsArgs),
+    /// Check, attaching nothing, that a run with these options would work:
+    /// one line per requirement, with the fix for each that fails (exit 1).
+    Check(crate::check::CheckArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,7 +144,7 @@ fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
-fn parse_mark(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_mark(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),
@@ -370,6 +373,34 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn check_subcommand_takes_the_run_options_go_style_too() {
+        let cli = parse(&[
+            "tproxy",
+            "check",
+            "-i",
+            "eth0",
+            "-steer",
+            "tproxy",
+            "-proxy-port",
+            "15001",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::Check(a)) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(a.iface.as_deref(), Some("eth0"));
+        assert_eq!(a.steer, Steer::Tproxy);
+        assert_eq!(a.proxy_port, 15001);
+        assert!(a.json && !a.no_accel);
+        // Nothing is required.
+        assert!(matches!(
+            parse(&["tproxy", "check"]).unwrap().command,
+            Some(Command::Check(_))
+        ));
     }
 
     #[test]

@@ -83,10 +83,38 @@ pub enum Error {
     #[error(
         "socket acceleration needs {0}, which this kernel lacks; use --no-accel or a kernel that has them (Linux >= 6.3)"
     )]
-    AccelUnsupported(&'static str),
+    AccelUnsupported(String),
 
     #[error("this kernel lacks {0}, which tproxy needs; it needs Linux >= 6.1 with BTF")]
-    KernelLacks(&'static str),
+    KernelLacks(String),
+
+    #[error("Linux {0} is older than 6.1; tproxy needs Linux >= 6.1 with BTF: upgrade the kernel")]
+    OldKernel(String),
+
+    #[error(
+        "the kernel has no BTF (/sys/kernel/btf/vmlinux); tproxy needs Linux >= 6.1 built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf,
+
+    #[error(
+        "the tproxy back-end runs `nft`, which is not on PATH; install nftables (e.g. `apt install nftables`) or use --steer rewrite"
+    )]
+    NoNft,
+
+    #[error(
+        "nftables refused the tproxy rule ({0}); the tproxy back-end needs the kernel's nft_tproxy module (CONFIG_NFT_TPROXY): load it (`modprobe nft_tproxy`) or use --steer rewrite"
+    )]
+    NftTproxyUnsupported(String),
+
+    #[error(
+        "the kernel lacks TCX (Linux >= 6.6), which --tc-mode tcx asks for; use --tc-mode auto or netlink"
+    )]
+    NoTcx,
+
+    #[error(
+        "{failed} of {total} requirements are not met; each failing one says why and what to do"
+    )]
+    ChecksFailed { failed: usize, total: usize },
 
     #[error(
         "another tproxy (pid {pid}) already serves {iface} in this network namespace; stop it first"

@@ -85,9 +85,19 @@ impl Instance {
     pub fn start(opts: &Options) -> Result<Instance> {
         opts.validate()?;
         system::check_privileges_for(opts.accel)?;
+        system::check_kernel_version()?;
+        system::check_btf()?;
         crate::probe::check(opts.accel)?;
         let ifindex = system::ifindex(&opts.iface)?;
-        let cgroup = system::resolve_cgroup(opts.cgroup.as_deref())?;
+        let system::CgroupDir {
+            path: cgroup,
+            dir: cgroup_fd,
+            private_mount,
+        } = system::open_cgroup(opts.cgroup.as_deref())?;
+        if let Some(what) = private_mount {
+            info!("{what}");
+        }
+        let tc_mode = opts.tc_mode.check()?;
         let netns_inode = system::netns_inode()?;
         let l2_len = system::link_header_len(&opts.iface)?;
         let netns_cookie = system::netns_cookie()?;
@@ -98,7 +108,11 @@ impl Instance {
         }
         // Mark and table checked free (or picked) before anything exists.
         let tproxy_spec = match opts.steer {
-            Steer::Tproxy => Some(routing::plan(opts, ifindex)?),
+            Steer::Tproxy => {
+                let spec = routing::plan(opts, ifindex)?;
+                routing::check_nft(&spec)?;
+                Some(spec)
+            }
             Steer::Rewrite => None,
         };
         let steer_mark = tproxy_spec.as_ref().map_or_else(
@@ -145,9 +159,6 @@ impl Instance {
             sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
             socks_map_id: map_id(&ebpf, names::SOCKS)?,
         };
-
-        let cgroup_fd = std::fs::File::open(&cgroup)
-            .map_err(|e| Error::io(format!("opening cgroup {}", cgroup.display()), e))?;
 
         // Cgroup attachments are bpf_links, which the kernel always stacks
         // (multi mode): `Single` only means "no BPF_F_ALLOW_* flags", which
@@ -258,7 +269,6 @@ impl Instance {
             ));
         }
 
-        let tc_mode = opts.tc_mode.resolve();
         let clsact = match tc_mode {
             TcMode::Netlink => Some(ClsactQdisc::ensure(&opts.iface, ifindex)?),
             _ => None,

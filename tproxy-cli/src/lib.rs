@@ -6,10 +6,12 @@
 //! `attach`); `inspect` reads a running instance's maps, which `stats`
 //! prints and `metrics` serves to Prometheus; `recovery` cleans
 //! up after a killed one; `tc` handles netlink-mode tc; `state` is the
-//! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
+//! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `check` the
+//! preflight (`tproxy check`) over both; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
 pub mod btf;
+pub mod check;
 pub mod cli;
 pub mod error;
 pub mod inspect;

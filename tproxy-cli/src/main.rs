@@ -54,6 +54,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match &cli.command {
         Some(Command::Stats(args)) => tproxy::stats::run(args).map_err(Into::into),
+        Some(Command::Check(args)) => tproxy::check::run(args).map_err(Into::into),
         None => serve(&cli),
     };
     match result {

@@ -2,11 +2,18 @@
 //! or attached, so a kernel that lacks one gets a line that says which and
 //! what to do instead of a failure halfway through attaching.
 //!
+//! Every need is probed, none inferred from the kernel version: program
+//! and map types, the helpers each program calls (read from the embedded
+//! object, so the list cannot drift from the code), the tracepoint, TCX.
 //! The decisions are pure functions over probe results (unit-tested); only
-//! [`check`] asks the kernel.
+//! [`probe`] and [`tcx_supported`] ask the kernel.
 use std::path::Path;
 
-use aya::{maps::MapType, programs::ProgramType, sys};
+use aya::{
+    maps::MapType,
+    programs::{ProgramType, TcAttachType, tc::SchedClassifier},
+    sys::{self, BpfHelper},
+};
 use aya_obj::btf::{Btf, BtfKind};
 use tproxy_common::names;
 use tracing::debug;
@@ -18,24 +25,124 @@ use crate::{Error, Result};
 pub enum Feature {
     Program(ProgramType),
     Map(MapType),
+    /// A helper, called from a program of this type.
+    Helper(ProgramType, BpfHelper),
     /// The `sock_recv_length` tracepoint (Linux 6.3).
     RecvTracepoint,
 }
 
 /// A feature, its name in messages, and whether only acceleration needs it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Need {
     pub feature: Feature,
-    pub name: &'static str,
+    pub name: String,
     pub accel_only: bool,
 }
 
-const fn need(feature: Feature, name: &'static str, accel_only: bool) -> Need {
+fn need(feature: Feature, name: impl Into<String>, accel_only: bool) -> Need {
     Need {
         feature,
-        name,
+        name: name.into(),
         accel_only,
     }
+}
+
+/// The programs a mode loads, with their types.
+pub fn programs(accel: bool) -> Vec<(&'static str, ProgramType)> {
+    let mut v = vec![
+        (names::PROG_STEER, ProgramType::SchedClassifier),
+        (names::PROG_RESTORE, ProgramType::SchedClassifier),
+        (names::PROG_GETSOCKOPT, ProgramType::CgroupSockopt),
+        (names::PROG_GETSOCKNAME4, ProgramType::CgroupSockAddr),
+        (names::PROG_GETSOCKNAME6, ProgramType::CgroupSockAddr),
+    ];
+    if accel {
+        v.extend([
+            (names::PROG_SOCKOPS, ProgramType::SockOps),
+            (names::PROG_SK_MSG, ProgramType::SkMsg),
+            (names::PROG_RECV_LENGTH, ProgramType::RawTracePoint),
+        ]);
+    } else {
+        v.push((names::PROG_SOCKOPS_FLOWS, ProgramType::SockOps));
+    }
+    v
+}
+
+/// How messages name a program type.
+pub fn type_name(t: ProgramType) -> &'static str {
+    match t {
+        ProgramType::SchedClassifier => "sched_cls",
+        ProgramType::CgroupSockopt => "cgroup/getsockopt",
+        ProgramType::CgroupSockAddr => "cgroup sock_addr",
+        ProgramType::SockOps => "sock_ops",
+        ProgramType::SkMsg => "sk_msg",
+        ProgramType::RawTracePoint => "raw tracepoint",
+        _ => "other",
+    }
+}
+
+/// `BPF_FUNC_msg_redirect_hash` -> `bpf_msg_redirect_hash`.
+pub fn helper_name(h: BpfHelper) -> String {
+    let s = format!("{h:?}");
+    match s.strip_prefix("BPF_FUNC_") {
+        Some(rest) => format!("bpf_{rest}"),
+        None => s,
+    }
+}
+
+/// The helpers each named program of `object` calls (after linking in the
+/// functions it calls), by helper id.
+pub fn helpers_called(object: &[u8], programs: &[&str]) -> Vec<(String, Vec<u32>)> {
+    const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
+    let Ok(mut obj) = aya_obj::Object::parse(object) else {
+        return Vec::new();
+    };
+    let text_sections = obj.functions.keys().map(|(s, _)| *s).collect();
+    if obj.relocate_calls(&text_sections).is_err() {
+        return Vec::new();
+    }
+    programs
+        .iter()
+        .filter_map(|name| {
+            let prog = obj.programs.get(*name)?;
+            let f = obj.functions.get(&prog.function_key())?;
+            let mut ids: Vec<u32> = f
+                .instructions
+                .iter()
+                // src_reg 0: a helper (1 is a bpf-to-bpf call, 2 a kfunc).
+                .filter(|i| i.code == CALL && i.src_reg() == 0)
+                .map(|i| i.imm as u32)
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            Some(((*name).to_string(), ids))
+        })
+        .collect()
+}
+
+/// A helper id as aya's enum; `None` past the last id aya knows.
+fn helper(id: u32) -> Option<BpfHelper> {
+    (id < BpfHelper::__BPF_FUNC_MAX_ID as u32).then(|| {
+        // SAFETY: bpf_func_id is #[repr(u32)] with every value from 0 to
+        // __BPF_FUNC_MAX_ID a variant (the UAPI numbers them densely).
+        unsafe { std::mem::transmute::<u32, BpfHelper>(id) }
+    })
+}
+
+/// (program type, helper) pairs the mode's programs call, each once.
+fn helper_needs(accel: bool) -> Vec<(ProgramType, BpfHelper)> {
+    let progs = programs(accel);
+    let names: Vec<&str> = progs.iter().map(|(n, _)| *n).collect();
+    let mut out: Vec<(ProgramType, BpfHelper)> = Vec::new();
+    for (name, ids) in helpers_called(crate::instance::EBPF_OBJECT, &names) {
+        let t = progs.iter().find(|(n, _)| *n == name).expect("asked for").1;
+        for h in ids.into_iter().filter_map(helper) {
+            if !out.contains(&(t, h)) {
+                out.push((t, h));
+            }
+        }
+    }
+    out
 }
 
 /// Everything a mode needs, in the order it is probed. The eBPF object
@@ -73,8 +180,24 @@ pub fn needs(accel: bool) -> Vec<Need> {
                 "raw tracepoint programs",
                 true,
             ),
-            need(Feature::RecvTracepoint, names::RECV_TRACEPOINT, true),
+            need(
+                Feature::RecvTracepoint,
+                format!("the {} tracepoint", names::RECV_TRACEPOINT),
+                true,
+            ),
         ]);
+    }
+    let base = if accel {
+        helper_needs(false)
+    } else {
+        Vec::new()
+    };
+    for (t, h) in helper_needs(accel) {
+        v.push(need(
+            Feature::Helper(t, h),
+            format!("the {} helper in {} programs", helper_name(h), type_name(t)),
+            accel && !base.contains(&(t, h)),
+        ));
     }
     v
 }
@@ -82,19 +205,19 @@ pub fn needs(accel: bool) -> Vec<Need> {
 /// The first need `has` says is missing. `has` answers `None` when a probe
 /// could not tell (an unexpected error): that need is assumed present and
 /// loading it will say what is wrong.
-pub fn first_missing(needs: &[Need], mut has: impl FnMut(Feature) -> Option<bool>) -> Option<Need> {
-    needs
-        .iter()
-        .copied()
-        .find(|n| has(n.feature) == Some(false))
+pub fn first_missing(
+    needs: &[Need],
+    mut has: impl FnMut(Feature) -> Option<bool>,
+) -> Option<&Need> {
+    needs.iter().find(|n| has(n.feature) == Some(false))
 }
 
 /// The one-line error for a missing need.
-pub fn error_for(need: Need) -> Error {
+pub fn error_for(need: &Need) -> Error {
     match (need.feature, need.accel_only) {
         (Feature::RecvTracepoint, _) => Error::NoRecvTracepoint,
-        (_, true) => Error::AccelUnsupported(need.name),
-        (_, false) => Error::KernelLacks(need.name),
+        (_, true) => Error::AccelUnsupported(need.name.clone()),
+        (_, false) => Error::KernelLacks(need.name.clone()),
     }
 }
 
@@ -123,29 +246,57 @@ fn tracepoint_in_tracefs(group: &str, name: &str) -> Option<bool> {
         .map(|root| root.join("events").join(group).join(name).is_dir())
 }
 
-fn probe(feature: Feature) -> Option<bool> {
+/// Asks the kernel (loads a tiny program or creates a tiny map). `Err`:
+/// the probe could not tell, and why.
+pub fn probe(feature: Feature) -> Result<bool, String> {
     let result = match feature {
         Feature::Program(t) => sys::is_program_supported(t).map_err(|e| e.to_string()),
         Feature::Map(t) => sys::is_map_supported(t).map_err(|e| e.to_string()),
+        Feature::Helper(t, h) => sys::is_helper_supported(t, h).map_err(|e| e.to_string()),
         Feature::RecvTracepoint => {
             let name = names::RECV_TRACEPOINT;
-            return tracepoint_verdict(
-                tracepoint_in_btf(name),
-                tracepoint_in_tracefs("sock", name),
-            );
+            tracepoint_verdict(tracepoint_in_btf(name), tracepoint_in_tracefs("sock", name))
+                .ok_or_else(|| "neither BTF nor tracefs lists tracepoints".to_string())
         }
     };
-    result
-        .inspect_err(|e| debug!("probe {feature:?}: could not tell ({e})"))
-        .ok()
+    result.inspect_err(|e| debug!("probe {feature:?}: could not tell ({e})"))
+}
+
+/// Probes every need of the mode, in order.
+pub fn probe_all(accel: bool) -> Vec<(Need, Result<bool, String>)> {
+    needs(accel)
+        .into_iter()
+        .map(|n| {
+            let r = probe(n.feature);
+            (n, r)
+        })
+        .collect()
 }
 
 /// Probes what `accel` (or not) needs; the first missing feature is the
 /// error. Runs after the privilege check (probes load tiny programs).
 pub fn check(accel: bool) -> Result<()> {
-    match first_missing(&needs(accel), probe) {
+    match first_missing(&needs(accel), |f| probe(f).ok()) {
         Some(need) => Err(error_for(need)),
         None => Ok(()),
+    }
+}
+
+/// Whether the kernel has TCX (Linux 6.6): a TCX query on loopback is
+/// answered by kernels that have it and refused (EINVAL) by the others.
+/// `None`: the query failed otherwise (no CAP_NET_ADMIN, say).
+pub fn tcx_supported() -> Option<bool> {
+    match SchedClassifier::query_tcx("lo", TcAttachType::Ingress) {
+        Ok(_) => Some(true),
+        Err(aya::programs::ProgramError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            Some(false)
+        }
+        Err(e) => {
+            debug!("probe TCX: could not tell ({e})");
+            None
+        }
     }
 }
 
@@ -169,6 +320,80 @@ mod tests {
             assert!(with.contains(f), "{f:?}");
         }
         assert!(needs(false).iter().all(|n| !n.accel_only));
+        // What only the accelerated mode's programs call is accel_only.
+        let redirect = Feature::Helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_redirect_hash);
+        let n = needs(true)
+            .into_iter()
+            .find(|n| n.feature == redirect)
+            .unwrap();
+        assert!(n.accel_only);
+        assert_eq!(
+            n.name,
+            "the bpf_msg_redirect_hash helper in sk_msg programs"
+        );
+        let cookie = Feature::Helper(
+            ProgramType::CgroupSockopt,
+            BpfHelper::BPF_FUNC_get_netns_cookie,
+        );
+        let n = needs(true)
+            .into_iter()
+            .find(|n| n.feature == cookie)
+            .unwrap();
+        assert!(!n.accel_only);
+        assert!(without.contains(&cookie));
+    }
+
+    /// The helper list is read from the object the binary embeds: the
+    /// helpers the sources call are in it, for the right program.
+    #[test]
+    fn helpers_are_read_from_the_embedded_object() {
+        let progs = programs(true);
+        let names: Vec<&str> = progs.iter().map(|(n, _)| *n).collect();
+        let called = helpers_called(crate::instance::EBPF_OBJECT, &names);
+        assert_eq!(called.len(), names.len(), "{called:?}");
+        let of = |prog: &str| -> Vec<String> {
+            called
+                .iter()
+                .find(|(n, _)| n == prog)
+                .unwrap()
+                .1
+                .iter()
+                .filter_map(|&id| helper(id))
+                .map(helper_name)
+                .collect()
+        };
+        let has = |prog: &str, h: &str| {
+            let hs = of(prog);
+            assert!(hs.iter().any(|x| x == h), "{prog} calls {hs:?}, not {h}");
+        };
+        has(names::PROG_SK_MSG, "bpf_msg_redirect_hash");
+        has(names::PROG_GETSOCKOPT, "bpf_get_netns_cookie");
+        has(names::PROG_GETSOCKNAME4, "bpf_get_netns_cookie");
+        has(names::PROG_RECV_LENGTH, "bpf_probe_read_kernel");
+        has(names::PROG_SOCKOPS, "bpf_sock_hash_update");
+        has(names::PROG_STEER, "bpf_map_lookup_elem");
+        // Every program calls at least one helper (map lookups at least).
+        assert!(called.iter().all(|(_, ids)| !ids.is_empty()), "{called:?}");
+        assert_eq!(helper(u32::MAX), None);
+    }
+
+    /// This kernel (6.18) has everything either mode needs, probed.
+    #[test]
+    fn this_kernel_has_every_need() {
+        for accel in [true, false] {
+            for (n, r) in probe_all(accel) {
+                assert_eq!(r, Ok(true), "{}", n.name);
+            }
+        }
+        assert_eq!(tcx_supported(), Some(true));
+        // A helper no sock_ops program may call is refused, not unknown.
+        assert_eq!(
+            probe(Feature::Helper(
+                ProgramType::SockOps,
+                BpfHelper::BPF_FUNC_xdp_adjust_head
+            )),
+            Ok(false)
+        );
     }
 
     #[test]
@@ -212,7 +437,7 @@ mod tests {
             .into_iter()
             .find(|n| n.feature == Feature::Program(ProgramType::SkMsg))
             .unwrap();
-        let msg = error_for(sk_msg).to_string();
+        let msg = error_for(&sk_msg).to_string();
         assert!(
             msg.contains("sk_msg") && msg.contains("--no-accel"),
             "{msg}"
@@ -221,7 +446,7 @@ mod tests {
             .into_iter()
             .find(|n| n.feature == Feature::Program(ProgramType::CgroupSockopt))
             .unwrap();
-        let msg = error_for(sockopt).to_string();
+        let msg = error_for(&sockopt).to_string();
         assert!(msg.contains("cgroup/getsockopt"), "{msg}");
         assert!(!msg.contains("--no-accel"), "{msg}");
     }

@@ -336,7 +336,60 @@ fn nft_table(spec: &TproxySpec) -> NfListObject<'static> {
     })
 }
 
+/// Where `nft` is on PATH: the nftables crate runs it by that name.
+pub fn nft_on_path() -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("nft"))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Checks, before anything is installed, that `nft` runs and that the
+/// kernel takes the table `spec` would add (its `tproxy` rule needs
+/// nft_tproxy): `nft --check` has the kernel validate the batch and then
+/// discards it. Returns where `nft` is.
+pub fn check_nft(spec: &TproxySpec) -> Result<std::path::PathBuf> {
+    use std::io::Write as _;
+    let nft = nft_on_path().ok_or(Error::NoNft)?;
+    let payload = serde_json::to_string(&nft_batch(spec).to_nftables()).expect("serializes");
+    // Run here rather than through the nftables crate, which lets nft's
+    // error go to our stderr: it belongs in the one-line error.
+    let run = || -> std::io::Result<std::process::Output> {
+        let mut child = std::process::Command::new(&nft)
+            .args(["-c", "-j", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(payload.as_bytes())?;
+        child.wait_with_output()
+    };
+    let out = run().map_err(|e| Error::io(format!("running {}", nft.display()), e))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let why = err
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no message");
+        return Err(Error::NftTproxyUnsupported(why.trim().to_string()));
+    }
+    Ok(nft)
+}
+
 fn install_nft(spec: &TproxySpec) -> Result<()> {
+    helper::apply_ruleset(&nft_batch(spec).to_nftables())
+        .map_err(|e| nft_err("adding the tproxy table", e))
+}
+
+/// The table, chain and rules of the back-end, as one batch.
+fn nft_batch(spec: &TproxySpec) -> Batch<'static> {
     let table: Cow<'static, str> = Cow::Owned(spec.nft_table.clone());
     let mut batch = Batch::new();
     batch.add(nft_table(spec));
@@ -391,7 +444,7 @@ fn install_nft(spec: &TproxySpec) -> Result<()> {
         ],
         "tproxy: proxy not listening",
     ));
-    helper::apply_ruleset(&batch.to_nftables()).map_err(|e| nft_err("adding the tproxy table", e))
+    batch
 }
 
 fn remove_nft(spec: &TproxySpec) -> Result<bool> {

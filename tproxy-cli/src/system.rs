@@ -64,13 +64,54 @@ fn privilege_error(missing: &[&str], no_accel_helps: bool) -> Option<Error> {
     }
 }
 
-/// Checks the effective capabilities against what the mode needs.
-pub fn check_privileges_for(accel: bool) -> Result<()> {
+/// The capabilities the mode needs and this process lacks, as the error
+/// that names them; `None` when it has them all.
+pub fn missing_privileges(accel: bool) -> Option<Error> {
     let needs_perfmon = accel || NO_ACCEL_NEEDS_PERFMON;
     let missing = missing_caps(effective_caps(), needs_perfmon);
-    match privilege_error(&missing, accel && !NO_ACCEL_NEEDS_PERFMON) {
-        Some(e) => Err(e),
-        None => Ok(()),
+    privilege_error(&missing, accel && !NO_ACCEL_NEEDS_PERFMON)
+}
+
+/// What the mode needs, for messages: the capabilities, and root's
+/// CAP_SYS_ADMIN, which stands in for CAP_BPF and CAP_PERFMON.
+pub fn needed_privileges(accel: bool) -> &'static str {
+    if accel || NO_ACCEL_NEEDS_PERFMON {
+        "CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON)"
+    } else {
+        "CAP_BPF and CAP_NET_ADMIN (CAP_SYS_ADMIN stands in for CAP_BPF)"
+    }
+}
+
+/// Checks the effective capabilities against what the mode needs.
+pub fn check_privileges_for(accel: bool) -> Result<()> {
+    missing_privileges(accel).map_or(Ok(()), Err)
+}
+
+/// The oldest kernel tproxy supports.
+pub const MIN_KERNEL: (u8, u8) = (6, 1);
+
+/// The running kernel's version, if it is new enough.
+pub fn check_kernel_version() -> Result<aya::util::KernelVersion> {
+    use aya::util::KernelVersion;
+    let v = KernelVersion::current().map_err(|e| {
+        Error::io(
+            "reading the kernel version",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    if v < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
+        return Err(Error::OldKernel(v.to_string()));
+    }
+    Ok(v)
+}
+
+/// The kernel's BTF, which tproxy reads (the tracepoint probe, `struct
+/// sock`'s layout for acceleration).
+pub fn check_btf() -> Result<()> {
+    if Path::new(crate::btf::VMLINUX).is_file() {
+        Ok(())
+    } else {
+        Err(Error::NoBtf)
     }
 }
 
@@ -181,35 +222,248 @@ pub fn is_cgroup2(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The cgroup v2 root: the first cgroup2 mount in /proc/self/mounts (on a
-/// hybrid host that is /sys/fs/cgroup/unified, on a unified one
-/// /sys/fs/cgroup).
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| Error::io("reading /proc/self/mounts", e))?;
-    parse_cgroup2_mount(&mounts).ok_or(Error::NoCgroup2)
+/// An open cgroup v2 directory: what the cgroup programs attach to.
+#[derive(Debug)]
+pub struct CgroupDir {
+    /// The directory as the user names it: under `ip netns exec`, the
+    /// host's path (the runtime record and messages use this).
+    pub path: PathBuf,
+    /// Open for the attach calls.
+    pub dir: fs::File,
+    /// Set when no cgroup2 mount was visible and tproxy used one of its
+    /// own: what it did and why (one line).
+    pub private_mount: Option<String>,
 }
 
-fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        // /proc/mounts escapes spaces etc. as octal.
-        (fstype == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
+/// A cgroup2 mount in a mountinfo listing: the cgroup it shows (its root,
+/// "/" unless mounted from a cgroup namespace) and where it is mounted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The first cgroup2 mount in a /proc/PID/mountinfo listing (on a hybrid
+/// host /sys/fs/cgroup/unified, on a unified one /sys/fs/cgroup).
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<Cgroup2Mount> {
+    mountinfo.lines().find_map(|l| {
+        // ID PARENT MAJ:MIN ROOT MOUNT-POINT OPTIONS [OPTIONAL…] - FSTYPE …
+        let (before, after) = l.split_once(" - ")?;
+        let f: Vec<&str> = before.split_whitespace().collect();
+        (after.split_whitespace().next()? == "cgroup2" && f.len() >= 5).then(|| Cgroup2Mount {
+            root: PathBuf::from(unescape_mountinfo(f[3])),
+            mount_point: PathBuf::from(unescape_mountinfo(f[4])),
+        })
     })
 }
 
-/// Checks a --cgroup path: it must be a directory on a cgroup v2 mount.
-pub fn resolve_cgroup(path: Option<&Path>) -> Result<PathBuf> {
-    let path = match path {
-        Some(p) => p.to_path_buf(),
-        None => cgroup2_root()?,
+fn cgroup2_mount_of(pid: &str) -> Option<Cgroup2Mount> {
+    parse_cgroup2_mount(&fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?)
+}
+
+/// The cgroup v2 root: the first cgroup2 mount this process sees.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    cgroup2_mount_of("self")
+        .map(|m| m.mount_point)
+        .ok_or(Error::NoCgroup2)
+}
+
+/// The namespace a /proc/PID/ns/mnt link names (device and inode).
+fn mount_ns(pid: &str) -> Option<(u64, u64)> {
+    fs::metadata(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether this process is in a mount namespace of its own, as under `ip
+/// netns exec`: not the one of PID 1, nor the initial one (kthreadd's).
+/// False when neither can be read: only a namespace known to be private
+/// gets a cgroup2 mount from tproxy.
+pub fn in_private_mount_namespace() -> bool {
+    is_private_mount_namespace("self")
+}
+
+fn is_private_mount_namespace(pid: &str) -> bool {
+    let Some(me) = mount_ns(pid) else {
+        return false;
     };
-    if path.is_dir() && is_cgroup2(&path) {
-        Ok(path)
-    } else {
-        Err(Error::NotCgroup2(path))
+    let kthreadd = fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    let refs: Vec<(u64, u64)> = ["1", "2"]
+        .into_iter()
+        .filter(|pid| *pid == "1" || kthreadd)
+        .filter_map(mount_ns)
+        .collect();
+    !refs.is_empty() && !refs.contains(&me)
+}
+
+/// The user's cgroup path relative to the cgroup2 hierarchy's root, given
+/// where the host mounts it (the same relative path names the same cgroup
+/// in every mount namespace). `None` if the path is not under that mount.
+pub fn relative_cgroup(path: &Path, host: &Cgroup2Mount) -> Option<PathBuf> {
+    let rel = path.strip_prefix(&host.mount_point).ok()?;
+    // A mount of a subtree shows that subtree at its mount point.
+    let under = host.root.strip_prefix("/").unwrap_or(&host.root);
+    Some(under.join(rel))
+}
+
+/// Where the host mounts cgroup2: PID 1's mount, else the usual places.
+fn host_cgroup2_mounts() -> Vec<Cgroup2Mount> {
+    let usual = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"].map(|p| Cgroup2Mount {
+        root: "/".into(),
+        mount_point: p.into(),
+    });
+    cgroup2_mount_of("1").into_iter().chain(usual).collect()
+}
+
+/// A cgroup2 mount that is attached nowhere (fsopen + fsmount): it changes
+/// no mount namespace, and goes with the last descriptor into it.
+/// Read-only: tproxy only opens directories there.
+fn detached_cgroup2_mount() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+    const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+    const MOUNT_ATTR_NOEXEC: libc::c_uint = 0x8;
+    let owned = |rc: libc::c_long| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            // SAFETY: the syscall returned a fresh descriptor we own.
+            Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
+        }
+    };
+    // SAFETY: fsopen(2) with a NUL-terminated name.
+    let fsfd =
+        owned(unsafe { libc::syscall(libc::SYS_fsopen, c"cgroup2".as_ptr(), FSOPEN_CLOEXEC) })?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fsfd);
+    // SAFETY: fsconfig(2) CMD_CREATE takes no key or value.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            raw,
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
+    // SAFETY: fsmount(2) on the configured context.
+    owned(unsafe { libc::syscall(libc::SYS_fsmount, raw, FSMOUNT_CLOEXEC, attrs) })
+}
+
+/// Opens `dir` (relative) under the descriptor `at`, as a directory.
+fn open_dir_at(at: &impl std::os::fd::AsRawFd, dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let rel = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let c = CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: openat(2) with a valid directory fd and a NUL-terminated path.
+    let fd = unsafe {
+        libc::openat(
+            at.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { fs::File::from_raw_fd(fd) })
+}
+
+fn fd_is_cgroup2(f: &fs::File) -> bool {
+    nix::sys::statfs::fstatfs(f)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Opens a --cgroup directory (default: the cgroup v2 root); it must be a
+/// directory on a cgroup v2 mount.
+///
+/// `ip netns exec` runs tproxy in a mount namespace of its own with a
+/// fresh /sys, where the host's cgroup2 mount is gone. There, and only in
+/// a mount namespace that is not the host's, tproxy mounts cgroup2 itself,
+/// attached nowhere, and finds the path the user wrote (the host's) in it.
+pub fn open_cgroup(path: Option<&Path>) -> Result<CgroupDir> {
+    if let Some(mount) = cgroup2_mount_of("self") {
+        let path = path.map_or(mount.mount_point, Path::to_path_buf);
+        let dir = fs::File::open(&path)
+            .ok()
+            .filter(|f| f.metadata().is_ok_and(|m| m.is_dir()) && fd_is_cgroup2(f))
+            .ok_or_else(|| Error::NotCgroup2(path.clone()))?;
+        return Ok(CgroupDir {
+            path,
+            dir,
+            private_mount: None,
+        });
+    }
+    if !in_private_mount_namespace() {
+        return Err(Error::NoCgroup2);
+    }
+    let hosts = host_cgroup2_mounts();
+    let (path, rel) = match path {
+        Some(p) => {
+            let rel = hosts
+                .iter()
+                .find_map(|h| relative_cgroup(p, h))
+                .ok_or_else(|| Error::NotCgroup2(p.to_path_buf()))?;
+            (p.to_path_buf(), rel)
+        }
+        None => (hosts[0].mount_point.clone(), PathBuf::new()),
+    };
+    let mnt = detached_cgroup2_mount().map_err(|e| Error::io(
+        "no cgroup2 mount is visible in this mount namespace (`ip netns exec` remounts /sys), and mounting one failed (it needs CAP_SYS_ADMIN)",
+        e,
+    ))?;
+    let dir = open_dir_at(&mnt, &rel)
+        .ok()
+        .filter(fd_is_cgroup2)
+        .ok_or_else(|| Error::NotCgroup2(path.clone()))?;
+    let note = format!(
+        "no cgroup2 mount is visible in this mount namespace (as under `ip netns exec`, which remounts /sys): mounted cgroup2 privately, read-only and attached nowhere, gone when tproxy exits; {} is cgroup /{} there",
+        path.display(),
+        rel.display()
+    );
+    Ok(CgroupDir {
+        path,
+        dir,
+        private_mount: Some(note),
+    })
 }
 
 /// Inode of this process's network namespace: names what belongs to this
@@ -226,20 +480,76 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_on_hybrid_and_unified_hosts() {
-        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
-                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
-                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            parse_cgroup2_mount(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
-        assert_eq!(
-            parse_cgroup2_mount(unified),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        let v1_only = "cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        let at = |p: &str| {
+            Some(Cgroup2Mount {
+                root: "/".into(),
+                mount_point: p.into(),
+            })
+        };
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(hybrid), at("/sys/fs/cgroup/unified"));
+        // Optional fields (propagation) before the separator.
+        let unified =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(unified), at("/sys/fs/cgroup"));
+        let v1_only = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n";
         assert_eq!(parse_cgroup2_mount(v1_only), None);
+        // A subtree mounted at a path with a space.
+        let odd = "50 23 0:38 /a\\040b /mnt/my\\040cg rw - cgroup2 none rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(odd),
+            Some(Cgroup2Mount {
+                root: "/a b".into(),
+                mount_point: "/mnt/my cg".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn the_hosts_cgroup_path_is_found_relative_to_its_mount() {
+        let hybrid = Cgroup2Mount {
+            root: "/".into(),
+            mount_point: "/sys/fs/cgroup/unified".into(),
+        };
+        let rel = |p: &str, m: &Cgroup2Mount| relative_cgroup(Path::new(p), m);
+        assert_eq!(
+            rel("/sys/fs/cgroup/unified/x/y", &hybrid),
+            Some("x/y".into())
+        );
+        assert_eq!(rel("/sys/fs/cgroup/unified", &hybrid), Some("".into()));
+        assert_eq!(rel("/sys/fs/cgroup/cpu/x", &hybrid), None);
+        assert_eq!(rel("/sys/fs/cgroup/unifiedx", &hybrid), None);
+        let subtree = Cgroup2Mount {
+            root: "/lab".into(),
+            mount_point: "/mnt/cg".into(),
+        };
+        assert_eq!(rel("/mnt/cg/app", &subtree), Some("lab/app".into()));
+    }
+
+    /// The test runs in the host's mount namespace; `unshare -m` makes a
+    /// private one.
+    #[test]
+    fn the_hosts_mount_namespace_is_not_private_and_unshares_is() {
+        assert!(!in_private_mount_namespace());
+        let mut child = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sleep", "10"])
+            .spawn()
+            .unwrap();
+        let pid = child.id().to_string();
+        // unshare execs sleep in the new namespace (no fork): wait for it.
+        let mut private = false;
+        for _ in 0..100 {
+            private = is_private_mount_namespace(&pid);
+            if private {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(private);
     }
 
     #[test]
@@ -303,10 +613,13 @@ mod tests {
     }
 
     #[test]
-    fn tmp_is_not_cgroup2() {
+    fn tmp_is_not_cgroup2_and_the_root_is() {
         assert!(matches!(
-            resolve_cgroup(Some(Path::new("/tmp"))),
+            open_cgroup(Some(Path::new("/tmp"))),
             Err(Error::NotCgroup2(_))
         ));
+        let root = open_cgroup(None).unwrap();
+        assert_eq!(root.path, cgroup2_root().unwrap());
+        assert!(root.private_mount.is_none());
     }
 }

@@ -24,17 +24,32 @@ pub enum TcMode {
 }
 
 impl TcMode {
+    /// Auto becomes TCX where the kernel has it (probed; by version if the
+    /// probe cannot tell), netlink filters elsewhere.
     pub fn resolve(self) -> TcMode {
         match self {
-            TcMode::Auto
-                if aya::util::KernelVersion::current()
+            TcMode::Auto => match crate::probe::tcx_supported() {
+                Some(true) => TcMode::Tcx,
+                Some(false) => TcMode::Netlink,
+                None if aya::util::KernelVersion::current()
                     .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) =>
-            {
-                TcMode::Tcx
-            }
-            TcMode::Auto => TcMode::Netlink,
+                {
+                    TcMode::Tcx
+                }
+                None => TcMode::Netlink,
+            },
             m => m,
         }
+    }
+
+    /// The mode a run would use; an explicit `tcx` the kernel lacks is an
+    /// error before anything is attached.
+    pub fn check(self) -> Result<TcMode> {
+        let mode = self.resolve();
+        if mode == TcMode::Tcx && crate::probe::tcx_supported() == Some(false) {
+            return Err(Error::NoTcx);
+        }
+        Ok(mode)
     }
 }
 

@@ -258,10 +258,10 @@ fn up(proxy: ProxyKind, steer: &str, no_accel: bool) -> Result<()> {
         "  ip netns exec {PREFIX}-client sockperf pp --tcp -i {} -p 11111",
         topology::SERVER_IP
     );
-    println!("  nsenter --net=/run/netns/{PREFIX}-server target/release/tproxy stats");
+    println!("  ip netns exec {PREFIX}-server target/release/tproxy stats");
     if proxy == ProxyKind::Envoy {
         println!(
-            "  Envoy's access log: {STATE}/envoy.log; its admin: nsenter --net=/run/netns/{PREFIX}-server curl -s 127.0.0.1:15000/stats"
+            "  Envoy's access log: {STATE}/envoy.log; its admin: ip netns exec {PREFIX}-server curl -s 127.0.0.1:15000/stats"
         );
     }
     Ok(())
