@@ -110,6 +110,17 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Remove what killed instances left (netlink tc filters and qdisc,
+    /// policy routing, nftables table, runtime record); by default those of
+    /// this network namespace. Never touches a running instance.
+    Cleanup {
+        /// Every dead instance on the host, entering its network namespace.
+        #[arg(long, conflicts_with = "iface")]
+        all: bool,
+        /// Only the dead instance on this interface (this network namespace).
+        #[arg(short = 'i', long = "iface", value_name = "IFACE")]
+        iface: Option<String>,
+    },
 }
 
 fn parse_ports(s: &str) -> Result<PortSet, String> {
@@ -293,6 +304,16 @@ mod tests {
             cli.command,
             Some(Command::Stats { json: true, .. })
         ));
+    }
+
+    #[test]
+    fn status_and_cleanup_subcommands() {
+        let cli = parse(&["tproxy", "cleanup", "-iface", "eth1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Cleanup { all: false, iface: Some(ref i) }) if i == "eth1"
+        ));
+        assert!(parse(&["tproxy", "cleanup", "--all", "-i", "eth0"]).is_err());
     }
 
     #[test]

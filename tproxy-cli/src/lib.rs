@@ -4,7 +4,8 @@
 //! Where things are: `options` is what an instance is asked to do;
 //! `instance` loads and attaches everything (one owner per attachment, in
 //! `attach`); `inspect` reads a running instance's maps; `recovery` cleans
-//! up after a killed one; `tc` handles netlink-mode tc; `state` is the
+//! up after a killed one (at start and `tproxy cleanup`); `netns` finds and enters the
+//! namespaces records name; `tc` handles netlink-mode tc; `state` is the
 //! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod error;
 pub mod inspect;
 pub mod instance;
+pub mod netns;
 pub mod options;
 pub mod ports;
 pub mod probe;

@@ -54,6 +54,10 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match &cli.command {
         Some(Command::Stats { iface, json, all }) => stats(iface.as_deref(), *json, *all),
+        Some(Command::Cleanup { all, iface }) => {
+            tproxy::recovery::run_cleanup(&tproxy::recovery::Scope::new(*all, iface.as_deref()))
+                .map_err(Into::into)
+        }
         None => serve(&cli),
     };
     match result {
