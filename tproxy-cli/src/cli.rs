@@ -110,6 +110,13 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Every instance on the host (all network namespaces), checked against
+    /// the kernel; exit 1 if one is dead (stale) or degraded.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove what killed instances left (netlink tc filters and qdisc,
     /// policy routing, nftables table, runtime record); by default those of
     /// this network namespace. Never touches a running instance.
@@ -308,6 +315,8 @@ mod tests {
 
     #[test]
     fn status_and_cleanup_subcommands() {
+        let cli = parse(&["tproxy", "status", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Status { json: true })));
         let cli = parse(&["tproxy", "cleanup", "-iface", "eth1"]).unwrap();
         assert!(matches!(
             cli.command,

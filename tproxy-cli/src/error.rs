@@ -104,6 +104,11 @@ pub enum Error {
     CleanupFailed { count: usize, first: String },
 
     #[error(
+        "{stale} dead and {degraded} degraded tproxy instance(s) (see above): `tproxy cleanup --all` removes what dead ones left; restart degraded ones"
+    )]
+    Unhealthy { stale: usize, degraded: usize },
+
+    #[error(
         "the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF (6.3 for acceleration)"
     )]
     LoadObject(#[source] aya::EbpfError),

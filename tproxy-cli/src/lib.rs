@@ -4,7 +4,8 @@
 //! Where things are: `options` is what an instance is asked to do;
 //! `instance` loads and attaches everything (one owner per attachment, in
 //! `attach`); `inspect` reads a running instance's maps; `recovery` cleans
-//! up after a killed one (at start and `tproxy cleanup`); `netns` finds and enters the
+//! up after a killed one (at start and `tproxy cleanup`); `status` checks
+//! every instance against the kernel; `netns` finds and enters the
 //! namespaces records name; `tc` handles netlink-mode tc; `state` is the
 //! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
@@ -21,6 +22,7 @@ pub mod probe;
 pub mod recovery;
 pub mod routing;
 pub mod state;
+pub mod status;
 pub mod system;
 pub mod tc;
 

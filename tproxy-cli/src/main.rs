@@ -54,6 +54,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match &cli.command {
         Some(Command::Stats { iface, json, all }) => stats(iface.as_deref(), *json, *all),
+        Some(Command::Status { json }) => tproxy::status::run(*json).map_err(Into::into),
         Some(Command::Cleanup { all, iface }) => {
             tproxy::recovery::run_cleanup(&tproxy::recovery::Scope::new(*all, iface.as_deref()))
                 .map_err(Into::into)

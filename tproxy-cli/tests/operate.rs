@@ -190,6 +190,7 @@ fn status_reports_a_running_instance_as_the_kernel_sees_it() {
         // At a glance, for people.
         let out = tproxy(None, None, &["status"]);
         let (human, _) = text(&out);
+        eprintln!("tproxy status:\n{human}");
         let head = format!(
             "tproxy on eth0 in netns {} ({})",
             server.name(),
@@ -321,11 +322,13 @@ fn cleanup_after_sigkill_restores_the_namespace_and_spares_a_live_instance() {
     assert_eq!(entry(&all, &lab.topo.server, "eth0")["state"], "running");
     assert_eq!(code, Some(1), "an unhealthy instance is exit 1");
     let (human, _) = text(&tproxy(None, Some(rd), &["status"]));
+    eprintln!("tproxy status:\n{human}");
     assert!(human.contains(": STALE"), "{human}");
     assert!(human.contains("tproxy cleanup"), "{human}");
 
     let out = tproxy(None, Some(rd), &["cleanup", "--all"]);
     let (said, err) = text(&out);
+    eprintln!("tproxy cleanup --all:\n{said}{err}");
     assert!(out.status.success(), "{said}\n{err}");
     // One line per object: 2 filters, the qdisc, the nftables table, a rule
     // and a route per family, the record.
