@@ -240,10 +240,11 @@ fn status_flags_a_live_instance_whose_attachments_are_gone() {
         .unwrap_or_else(|| panic!("no sockops attachment: {eb:#}"))
         .clone();
     let link = sockops["link_id"].as_u64().unwrap().to_string();
-    Command::new("bpftool")
+    let st = Command::new("bpftool")
         .args(["link", "detach", "id", &link])
         .status()
         .unwrap();
+    assert!(st.success(), "bpftool link detach id {link}");
 
     let (all, _) = status(None);
     let ea = entry(&all, &a.ns, "eth0");
