@@ -108,6 +108,24 @@ pub enum Command {
     /// Check, attaching nothing, that a run with these options would work:
     /// one line per requirement, with the fix for each that fails (exit 1).
     Check(crate::check::CheckArgs),
+    /// Every instance on the host (all network namespaces), checked against
+    /// the kernel; exit 1 if one is dead (stale) or degraded.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what killed instances left (netlink tc filters and qdisc,
+    /// policy routing, nftables table, runtime record); by default those of
+    /// this network namespace. Never touches a running instance.
+    Cleanup {
+        /// Every dead instance on the host, entering its network namespace.
+        #[arg(long, conflicts_with = "iface")]
+        all: bool,
+        /// Only the dead instance on this interface (this network namespace).
+        #[arg(short = 'i', long = "iface", value_name = "IFACE")]
+        iface: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -401,6 +419,18 @@ mod tests {
             parse(&["tproxy", "check"]).unwrap().command,
             Some(Command::Check(_))
         ));
+    }
+
+    #[test]
+    fn status_and_cleanup_subcommands() {
+        let cli = parse(&["tproxy", "status", "--json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Status { json: true })));
+        let cli = parse(&["tproxy", "cleanup", "-iface", "eth1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Cleanup { all: false, iface: Some(ref i) }) if i == "eth1"
+        ));
+        assert!(parse(&["tproxy", "cleanup", "--all", "-i", "eth0"]).is_err());
     }
 
     #[test]

@@ -140,6 +140,21 @@ pub enum Error {
     },
 
     #[error(
+        "tproxy (pid {pid}) on {iface} is running: cleanup only removes what dead instances left; stop it with SIGTERM (`kill {pid}`), which removes everything it installed"
+    )]
+    CleanupLive { iface: String, pid: i32 },
+
+    #[error(
+        "could not remove {count} object(s) a dead tproxy left (first: {first}); their records are kept, so `tproxy cleanup` can try again"
+    )]
+    CleanupFailed { count: usize, first: String },
+
+    #[error(
+        "{stale} dead and {degraded} degraded tproxy instance(s) (see above): `tproxy cleanup --all` removes what dead ones left; restart degraded ones"
+    )]
+    Unhealthy { stale: usize, degraded: usize },
+
+    #[error(
         "the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF (6.3 for acceleration)"
     )]
     LoadObject(#[source] aya::EbpfError),

@@ -23,7 +23,7 @@ use crate::{
     inspect::{FlowStats, flow_stats, lingered, monotonic_coarse_ns, socks_state, sum_counters},
     options::default_steer_mark,
     routing::{self, TproxyRouting},
-    state::{InstanceLock, Record},
+    state::{AttachKind, Attached, InstanceLock, Record},
     system,
     tc::{ClsactQdisc, TcMode},
 };
@@ -104,7 +104,7 @@ impl Instance {
 
         let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
         if let Some(stale) = stale {
-            crate::recovery::clean_up_after(&stale, &opts.iface, ifindex);
+            crate::recovery::recover_at_start(&stale, &opts.iface, ifindex);
         }
         // Mark and table checked free (or picked) before anything exists.
         let tproxy_spec = match opts.steer {
@@ -158,6 +158,15 @@ impl Instance {
             closing_map_id: map_id(&ebpf, names::CLOSING)?,
             sockhash_map_id: map_id(&ebpf, names::SOCKHASH)?,
             socks_map_id: map_id(&ebpf, names::SOCKS)?,
+            ports: opts.ports.to_string(),
+            proxy_port: opts.proxy_port,
+            accel: opts.accel,
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            netns_cookie,
+            attachments: Vec::new(),
+            ready: false,
         };
 
         // Cgroup attachments are bpf_links, which the kernel always stacks
@@ -174,6 +183,17 @@ impl Instance {
             let prog: &mut RawTracePoint = program(&mut ebpf, names::PROG_RECV_LENGTH)?;
             prog.load()
                 .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
+            let what = format!(
+                "raw tracepoint {} on {}",
+                names::PROG_RECV_LENGTH,
+                names::RECV_TRACEPOINT
+            );
+            record.attachments.push(attached(
+                &what,
+                AttachKind::Tracepoint,
+                names::PROG_RECV_LENGTH,
+                prog.info(),
+            )?);
             let id = prog
                 .attach(names::RECV_TRACEPOINT)
                 .map_err(|source| Error::Attach {
@@ -181,11 +201,7 @@ impl Instance {
                     source,
                 })?;
             inst_recvmsg = Some(RecvmsgAttachment::new(
-                format!(
-                    "raw tracepoint {} on {}",
-                    names::PROG_RECV_LENGTH,
-                    names::RECV_TRACEPOINT
-                ),
+                what,
                 prog.take_link(id).expect("fresh link"),
             ));
 
@@ -198,15 +214,19 @@ impl Instance {
             let prog: &mut SkMsg = program(&mut ebpf, names::PROG_SK_MSG)?;
             prog.load()
                 .map_err(|e| Error::load_program(names::PROG_SK_MSG, e))?;
+            let what = format!("sk_msg {} to SOCKHASH", names::PROG_SK_MSG);
+            record.attachments.push(attached(
+                &what,
+                AttachKind::SkMsg,
+                names::PROG_SK_MSG,
+                prog.info(),
+            )?);
             let id = prog.attach(sockhash.fd()).map_err(|source| Error::Attach {
                 what: "sk_msg to the SOCKHASH".into(),
                 source,
             })?;
             let link = prog.take_link(id).expect("fresh link");
-            inst_sk_msg = Some(SkMsgAttachment::new(
-                format!("sk_msg {} to SOCKHASH", names::PROG_SK_MSG),
-                link,
-            ));
+            inst_sk_msg = Some(SkMsgAttachment::new(what, link));
             // Kept open: the programs were relocated against this fd.
             inst_sockhash = Some(sockhash);
         }
@@ -222,6 +242,13 @@ impl Instance {
         let prog: &mut SockOps = program(&mut ebpf, sockops_name)?;
         prog.load()
             .map_err(|e| Error::load_program(sockops_name, e))?;
+        let what = format!("sockops {sockops_name} to {}", cgroup.display());
+        record.attachments.push(attached(
+            &what,
+            AttachKind::Cgroup,
+            sockops_name,
+            prog.info(),
+        )?);
         let id = prog
             .attach(&cgroup_fd, CgroupAttachMode::Single)
             .map_err(|source| Error::Attach {
@@ -229,13 +256,24 @@ impl Instance {
                 source,
             })?;
         let inst_sockops = Some(SockopsAttachment::new(
-            format!("sockops {sockops_name} to {}", cgroup.display()),
+            what,
             prog.take_link(id).expect("fresh link"),
         ));
 
         let prog: &mut CgroupSockopt = program(&mut ebpf, names::PROG_GETSOCKOPT)?;
         prog.load()
             .map_err(|e| Error::load_program(names::PROG_GETSOCKOPT, e))?;
+        let what = format!(
+            "cgroup/getsockopt {} to {}",
+            names::PROG_GETSOCKOPT,
+            cgroup.display()
+        );
+        record.attachments.push(attached(
+            &what,
+            AttachKind::Cgroup,
+            names::PROG_GETSOCKOPT,
+            prog.info(),
+        )?);
         let id = prog
             .attach(&cgroup_fd, CgroupAttachMode::Single)
             .map_err(|source| Error::Attach {
@@ -243,11 +281,7 @@ impl Instance {
                 source,
             })?;
         let inst_getsockopt = Some(GetsockoptAttachment::new(
-            format!(
-                "cgroup/getsockopt {} to {}",
-                names::PROG_GETSOCKOPT,
-                cgroup.display()
-            ),
+            what,
             prog.take_link(id).expect("fresh link"),
         ));
         let mut inst_getsockname = Vec::new();
@@ -257,6 +291,10 @@ impl Instance {
         ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|e| Error::load_program(name, e))?;
+            let what = format!("cgroup/{hook} {name} to {}", cgroup.display());
+            record
+                .attachments
+                .push(attached(&what, AttachKind::Cgroup, name, prog.info())?);
             let id = prog
                 .attach(&cgroup_fd, CgroupAttachMode::Single)
                 .map_err(|source| Error::Attach {
@@ -264,7 +302,7 @@ impl Instance {
                     source,
                 })?;
             inst_getsockname.push(GetsocknameAttachment::new(
-                format!("cgroup/{hook} {name} to {}", cgroup.display()),
+                what,
                 prog.take_link(id).expect("fresh link"),
             ));
         }
@@ -275,6 +313,24 @@ impl Instance {
         };
         record.tc_mode = Some(tc_mode);
         record.created_clsact = clsact.as_ref().is_some_and(ClsactQdisc::created);
+        // Loaded (so their ids are known) before the record is written: a
+        // netlink filter left by a kill is found by its program's id.
+        for (name, hook) in [
+            (names::PROG_RESTORE, TcAttachType::Egress),
+            (names::PROG_STEER, TcAttachType::Ingress),
+        ] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::load_program(name, e))?;
+            let kind = if hook == TcAttachType::Ingress {
+                AttachKind::TcIngress
+            } else {
+                AttachKind::TcEgress
+            };
+            let what = tc_what(name, &opts.iface, hook, tc_mode);
+            record
+                .attachments
+                .push(attached(&what, kind, name, prog.info())?);
+        }
         // Written before the tc filters and routing exist, so a kill right
         // after leaves a record that says what to remove.
         lock.write(&record)?;
@@ -306,6 +362,10 @@ impl Instance {
             steer = ?opts.steer,
             "attached"
         );
+        // The links' ids, for `tproxy status` to check them.
+        fill_link_ids(&mut record.attachments);
+        record.ready = true;
+        lock.write(&record)?;
         Ok(Instance {
             steer: inst_steer,
             restore: inst_restore,
@@ -517,26 +577,66 @@ fn attach_tc(
     mode: TcMode,
 ) -> Result<TcAttachment> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
-    prog.load().map_err(|e| Error::load_program(name, e))?;
     let options = match mode {
         TcMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
         _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
     };
-    let hook_name = if hook == TcAttachType::Ingress {
-        "ingress"
-    } else {
-        "egress"
-    };
+    let hook_s = hook_name(hook);
     let id = prog
         .attach_with_options(iface, hook, options)
         .map_err(|source| Error::Attach {
-            what: format!("tc {hook_name} ({mode:?}) on {iface}"),
+            what: format!("tc {hook_s} ({mode:?}) on {iface}"),
             source,
         })?;
     Ok(Attachment::new(
-        format!("tc {hook_name} {name} on {iface} ({mode:?})"),
+        tc_what(name, iface, hook, mode),
         prog.take_link(id).expect("fresh link"),
     ))
+}
+
+fn hook_name(hook: TcAttachType) -> &'static str {
+    if hook == TcAttachType::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+fn tc_what(name: &str, iface: &str, hook: TcAttachType, mode: TcMode) -> String {
+    format!("tc {} {name} on {iface} ({mode:?})", hook_name(hook))
+}
+
+/// A loaded program's record entry (its link id comes later).
+fn attached(
+    what: &str,
+    kind: AttachKind,
+    name: &'static str,
+    info: std::result::Result<aya::programs::ProgramInfo, aya::programs::ProgramError>,
+) -> Result<Attached> {
+    let info = info.map_err(|e| Error::load_program(name, e))?;
+    Ok(Attached {
+        what: what.to_string(),
+        kind,
+        program: name.to_string(),
+        prog_id: info.id(),
+        link_id: None,
+    })
+}
+
+/// Sets each attachment's link id: the kernel's link running its program
+/// (each program of ours is attached once). sk_msg and netlink filters
+/// have none.
+fn fill_link_ids(attachments: &mut [Attached]) {
+    let links: Vec<(u32, u32)> = aya::programs::loaded_links()
+        .flatten()
+        .map(|l| (l.program_id(), l.id()))
+        .collect();
+    for a in attachments {
+        a.link_id = links
+            .iter()
+            .find(|(prog, _)| *prog == a.prog_id)
+            .map(|(_, link)| *link);
+    }
 }
 
 fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &PortSet) -> Result<()> {

@@ -4,10 +4,12 @@
 //! Where things are: `options` is what an instance is asked to do;
 //! `instance` loads and attaches everything (one owner per attachment, in
 //! `attach`); `inspect` reads a running instance's maps, which `stats`
-//! prints and `metrics` serves to Prometheus; `recovery` cleans
-//! up after a killed one; `tc` handles netlink-mode tc; `state` is the
-//! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `check` the
-//! preflight (`tproxy check`) over both; `cli` the
+//! prints and `metrics` serves to Prometheus; `recovery` cleans up after a
+//! killed one (at start and `tproxy cleanup`); `status` checks every
+//! instance against the kernel; `netns` finds and enters the namespaces
+//! records name; `tc` handles netlink-mode tc; `state` is the runtime record
+//! and instance lock; `system` the host checks; `probe` the kernel features;
+//! `check` the preflight (`tproxy check`) over both; `cli` the
 //! command line. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
 pub mod btf;
@@ -17,6 +19,7 @@ pub mod error;
 pub mod inspect;
 pub mod instance;
 pub mod metrics;
+pub mod netns;
 pub mod options;
 pub mod ports;
 pub mod probe;
@@ -24,6 +27,7 @@ pub mod recovery;
 pub mod routing;
 pub mod state;
 pub mod stats;
+pub mod status;
 pub mod system;
 pub mod tc;
 

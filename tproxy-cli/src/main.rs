@@ -55,6 +55,11 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Command::Stats(args)) => tproxy::stats::run(args).map_err(Into::into),
         Some(Command::Check(args)) => tproxy::check::run(args).map_err(Into::into),
+        Some(Command::Status { json }) => tproxy::status::run(*json).map_err(Into::into),
+        Some(Command::Cleanup { all, iface }) => {
+            tproxy::recovery::run_cleanup(&tproxy::recovery::Scope::new(*all, iface.as_deref()))
+                .map_err(Into::into)
+        }
         None => serve(&cli),
     };
     match result {

@@ -1,33 +1,298 @@
-//! After a crash: removing what an instance killed without cleanup left.
-use tracing::warn;
+//! After a crash: removing what an instance killed without cleanup
+//! (SIGKILL, OOM, a crash) left, at the next start on its interface or with
+//! `tproxy cleanup`. TCX and cgroup links die with the process's file
+//! descriptors; netlink tc filters, the clsact qdisc, the tproxy back-end's
+//! rules, routes and nftables table, and the runtime record do not.
+use std::fmt;
+
+use tracing::{debug, warn};
 
 use crate::{
+    Error, Result,
+    netns::{self, Located},
     routing::TproxyRouting,
-    state::Record,
+    state::{AttachKind, Record, StaleRecord},
+    system,
     tc::{self, TcMode},
 };
 
-/// Removes what an instance killed without cleanup left behind. TCX and
-/// cgroup links went with its file descriptors; netlink tc filters did not.
-pub fn clean_up_after(stale: &Record, iface: &str, ifindex: u32) {
+/// One object removed, described for people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub kind: RemovedKind,
+    pub what: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemovedKind {
+    TcFilter,
+    Qdisc,
+    /// A fwmark rule, a local route or the nftables table.
+    Routing,
+    Record,
+}
+
+impl fmt::Display for Removed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+/// What a removal did: the objects removed, and those that should have
+/// gone and did not (one line each).
+#[derive(Debug, Default)]
+pub struct Removal {
+    pub removed: Vec<Removed>,
+    pub failed: Vec<String>,
+}
+
+impl Removal {
+    pub(crate) fn push(&mut self, kind: RemovedKind, what: String) {
+        self.removed.push(Removed { kind, what });
+    }
+
+    pub fn extend(&mut self, other: Removal) {
+        self.removed.extend(other.removed);
+        self.failed.extend(other.failed);
+    }
+
+    pub fn count(&self, kind: RemovedKind) -> usize {
+        self.removed.iter().filter(|r| r.kind == kind).count()
+    }
+}
+
+/// Removes, in the calling thread's network namespace, what the dead
+/// instance of `stale` left: its routing (tproxy back-end) and its netlink
+/// tc filters on `iface` (index `ifindex`) with the clsact qdisc it added.
+/// Only what it recorded as its own: filters by program id, rules and
+/// routes identical to its own, its nftables table.
+pub fn clean_up_after(stale: &Record, iface: &str, ifindex: u32) -> Removal {
+    let mut out = Removal::default();
     if let Some(spec) = &stale.tproxy {
-        let n = TproxyRouting::remove(spec);
+        out.extend(TproxyRouting::remove(spec));
+    }
+    if stale.tc_mode == Some(TcMode::Netlink) {
+        let tc_progs: Vec<u32> = stale
+            .attachments
+            .iter()
+            .filter(|a| matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress))
+            .map(|a| a.prog_id)
+            .collect();
+        out.extend(tc::remove_stale_filters(
+            iface,
+            ifindex,
+            &tc_progs,
+            stale.created_clsact,
+        ));
+    }
+    out
+}
+
+/// At start, on finding the record of a dead instance on our interface:
+/// clean up after it and say so.
+pub fn recover_at_start(stale: &Record, iface: &str, ifindex: u32) {
+    let r = clean_up_after(stale, iface, ifindex);
+    let pid = stale.pid;
+    if let Some(spec) = &stale.tproxy {
         warn!(
-            "a previous tproxy (pid {}) on {iface} died without cleaning up; removed {n} routing object(s) it left (nftables table {}, fwmark rules, table {:#x} routes)",
-            stale.pid, spec.nft_table, spec.table
+            "a previous tproxy (pid {pid}) on {iface} died without cleaning up; removed {} routing object(s) it left (nftables table {}, fwmark rules, table {:#x} routes)",
+            r.count(RemovedKind::Routing),
+            spec.nft_table,
+            spec.table
         );
     }
     match stale.tc_mode {
-        Some(TcMode::Netlink) => {
-            let n = tc::remove_stale_filters(iface, ifindex, stale.created_clsact);
-            warn!(
-                "a previous tproxy (pid {}) on {iface} died without cleaning up; removed {n} tc filter hook(s) it left",
-                stale.pid
-            );
-        }
-        _ => warn!(
-            "a previous tproxy (pid {}) on {iface} died without cleaning up; its links died with it, nothing to remove",
-            stale.pid
+        Some(TcMode::Netlink) => warn!(
+            "a previous tproxy (pid {pid}) on {iface} died without cleaning up; removed {} tc filter hook(s) it left",
+            r.count(RemovedKind::TcFilter)
         ),
+        _ => warn!(
+            "a previous tproxy (pid {pid}) on {iface} died without cleaning up; its links died with it, nothing to remove"
+        ),
+    }
+    for x in &r.removed {
+        debug!("removed {x}");
+    }
+    for f in &r.failed {
+        warn!("could not remove {f}");
+    }
+}
+
+/// Which dead instances `tproxy cleanup` cleans up after.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Those of this network namespace.
+    Here,
+    /// The one on this interface in this network namespace.
+    Iface(String),
+    /// Every one on the host, in whatever namespace it ran.
+    All,
+}
+
+impl Scope {
+    /// From `--all` and `-i IFACE` (exclusive).
+    pub fn new(all: bool, iface: Option<&str>) -> Scope {
+        match (all, iface) {
+            (true, _) => Scope::All,
+            (false, Some(i)) => Scope::Iface(i.to_string()),
+            (false, None) => Scope::Here,
+        }
+    }
+}
+
+/// What cleaning up after one dead instance did.
+#[derive(Debug)]
+pub struct Cleaned {
+    /// "tproxy pid 1234 on eth0 in netns blue (4026532301)".
+    pub instance: String,
+    /// Why some things needed no removal (its namespace is gone, …).
+    pub notes: Vec<String>,
+    pub removal: Removal,
+}
+
+fn describe(record_pid: Option<i32>, iface: &str, inode: u64, at: &Located) -> String {
+    let name = match at {
+        Located::At { name: Some(n), .. } => Some(n.clone()),
+        Located::Here => netns::name_of(inode),
+        _ => None,
+    };
+    let ns = match name {
+        Some(n) => format!("netns {n} ({inode})"),
+        None => format!("netns {inode}"),
+    };
+    match record_pid {
+        Some(pid) => format!("tproxy pid {pid} on {iface} in {ns}"),
+        None => format!("tproxy on {iface} in {ns}"),
+    }
+}
+
+/// In the namespace the record names: its tc filters (if its interface is
+/// still the one it used) and its routing.
+fn clean_in_place(rec: &Record) -> (Removal, Vec<String>) {
+    match system::ifindex(&rec.iface) {
+        Ok(i) if i == rec.ifindex => (clean_up_after(rec, &rec.iface, rec.ifindex), Vec::new()),
+        _ => {
+            // Its interface is gone (or another took the name): its tc
+            // filters went with it. Routing is not tied to the interface.
+            let mut r = Removal::default();
+            if let Some(spec) = &rec.tproxy {
+                r.extend(TproxyRouting::remove(spec));
+            }
+            let note = format!(
+                "its interface {} (index {}) no longer exists: its tc filters went with it",
+                rec.iface, rec.ifindex
+            );
+            (r, vec![note])
+        }
+    }
+}
+
+/// Cleans up after one dead instance whose record we hold locked.
+fn clean_one(stale: StaleRecord, iface: &str, inode: u64) -> Result<Cleaned> {
+    let Some(rec) = stale.record.clone() else {
+        // Killed between creating its record and writing it: nothing was
+        // installed yet.
+        let mut removal = Removal::default();
+        let path = stale.path.clone();
+        stale.remove()?;
+        removal.push(
+            RemovedKind::Record,
+            format!("the empty runtime record {}", path.display()),
+        );
+        return Ok(Cleaned {
+            instance: describe(None, iface, inode, &Located::Gone),
+            notes: vec!["it was killed while starting, before it installed anything".into()],
+            removal,
+        });
+    };
+    let at = netns::locate(rec.netns_inode, rec.netns_cookie);
+    let instance = describe(Some(rec.pid), &rec.iface, rec.netns_inode, &at);
+    let (mut removal, notes) = match netns::run_located(&at, || clean_in_place(&rec)) {
+        Some(r) => r?,
+        None => (
+            Removal::default(),
+            vec!["its network namespace no longer exists: its tc filters, routing and nftables table went with it".into()],
+        ),
+    };
+    // Keep the record while something of it could not be removed, so a
+    // later cleanup (or start) can try again.
+    if removal.failed.is_empty() {
+        let path = stale.path.clone();
+        stale.remove()?;
+        removal.push(
+            RemovedKind::Record,
+            format!("the runtime record {}", path.display()),
+        );
+    }
+    Ok(Cleaned {
+        instance,
+        notes,
+        removal,
+    })
+}
+
+/// Removes what dead instances in `scope` left, and nothing of a live one
+/// (a record is only touched under its lock, which a live instance holds).
+pub fn cleanup(scope: &Scope) -> Result<Vec<Cleaned>> {
+    let here = netns::current_inode()?;
+    let files = crate::state::record_files()?;
+    let mut out = Vec::new();
+    for f in files {
+        let in_scope = match scope {
+            Scope::All => true,
+            Scope::Here => f.netns_inode == here,
+            Scope::Iface(i) => f.netns_inode == here && &f.iface == i,
+        };
+        if !in_scope {
+            continue;
+        }
+        let Some(stale) = StaleRecord::take(&f.path)? else {
+            if let Scope::Iface(iface) = scope
+                && f.path.exists()
+            {
+                return Err(Error::CleanupLive {
+                    iface: iface.clone(),
+                    pid: f.record.map(|r| r.pid).unwrap_or(0),
+                });
+            }
+            continue; // a live instance: none of our business
+        };
+        if stale.record.is_none() && !f.is_stale() {
+            continue; // just created by a start about to lock it
+        }
+        out.push(clean_one(stale, &f.iface, f.netns_inode)?);
+    }
+    Ok(out)
+}
+
+/// `tproxy cleanup`: cleans up and says what it removed, one line per
+/// object; an error if anything could not be removed.
+pub fn run_cleanup(scope: &Scope) -> Result<()> {
+    system::check_privileges()?;
+    let cleaned = cleanup(scope)?;
+    if cleaned.is_empty() {
+        println!("nothing to clean up");
+        return Ok(());
+    }
+    let mut failed = Vec::new();
+    for c in &cleaned {
+        println!("{} died without cleaning up:", c.instance);
+        for n in &c.notes {
+            println!("  {n}");
+        }
+        for r in &c.removal.removed {
+            println!("  removed {r}");
+        }
+        for f in &c.removal.failed {
+            println!("  could not remove {f}");
+            failed.push(f.clone());
+        }
+    }
+    match failed.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::CleanupFailed {
+            count: failed.len(),
+            first: first.clone(),
+        }),
     }
 }

@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use crate::{
     Error, Result,
     options::{Options, default_steer_mark},
+    recovery::{Removal, RemovedKind},
     tc::with_rtnetlink,
 };
 
@@ -590,26 +591,37 @@ async fn add_routes(
 }
 
 /// Removes our rules and routes: those identical to what `install_routes`
-/// adds for `spec`, nothing else in the table. Returns how many it removed.
+/// adds for `spec`, nothing else in the table. Returns what it removed.
 async fn remove_routes(
     handle: rtnetlink::Handle,
     spec: TproxySpec,
-) -> std::result::Result<usize, rtnetlink::Error> {
-    let mut n = 0;
+) -> std::result::Result<Vec<String>, rtnetlink::Error> {
+    let mut removed = Vec::new();
     for family in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
         let rules: Vec<RuleMessage> = handle.rule().get(family).execute().try_collect().await?;
         for r in rules.into_iter().filter(|r| is_our_rule(r, &spec)) {
+            let what = format!(
+                "the {} rule fwmark {:#x} lookup {} (priority {RULE_PRIORITY})",
+                family_name(r.header.family),
+                spec.mark,
+                spec.table
+            );
             handle.rule().del(r).execute().await?;
-            n += 1;
+            removed.push(what);
         }
     }
     for r in dump_routes(&handle).await? {
         if is_our_route(&r, &spec) {
+            let what = format!(
+                "the {} route local default dev lo in table {}",
+                family_name(r.header.address_family),
+                spec.table
+            );
             handle.route().del(r).execute().await?;
-            n += 1;
+            removed.push(what);
         }
     }
-    Ok(n)
+    Ok(removed)
 }
 
 impl TproxyRouting {
@@ -638,27 +650,42 @@ impl TproxyRouting {
         &self.spec
     }
 
-    /// Removes whatever of `spec` exists (also after a killed instance).
-    pub fn remove(spec: &TproxySpec) -> usize {
-        let mut n = 0;
+    /// Removes whatever of `spec` exists in this namespace (also after a
+    /// killed instance); says what it removed and what it could not.
+    pub fn remove(spec: &TproxySpec) -> Removal {
+        let mut out = Removal::default();
         match remove_nft(spec) {
-            Ok(true) => n += 1,
+            Ok(true) => out.push(
+                RemovedKind::Routing,
+                format!("the nftables table inet {}", spec.nft_table),
+            ),
             Ok(false) => {}
-            Err(e) => warn!("{e}"),
+            Err(e) => out.failed.push(e.to_string()),
         }
         let s = spec.clone();
         match with_rtnetlink(async move |h| remove_routes(h, s).await) {
-            Ok(k) => n += k,
-            Err(e) => warn!("removing tproxy rules/routes: {e}"),
+            Ok(k) => {
+                for what in k {
+                    out.push(RemovedKind::Routing, what);
+                }
+            }
+            Err(e) => out.failed.push(format!(
+                "removing the fwmark rules and routes of table {}: {e}",
+                spec.table
+            )),
         }
-        n
+        out
     }
 }
 
 impl Drop for TproxyRouting {
     fn drop(&mut self) {
-        let n = TproxyRouting::remove(&self.spec);
-        debug!("removed tproxy routing ({n} objects)");
+        let r = TproxyRouting::remove(&self.spec);
+        for e in &r.failed {
+            warn!("{e}");
+        }
+        let what: Vec<String> = r.removed.iter().map(ToString::to_string).collect();
+        debug!("removed tproxy routing: {}", what.join(", "));
     }
 }
 

@@ -3,12 +3,14 @@
 //! It is the only thing tproxy keeps outside the kernel. It holds an flock
 //! while the instance lives, so a second instance on the same interface is
 //! refused, and a record whose lock is free belongs to an instance that died
-//! without cleaning up (SIGKILL): the next start removes what it left.
+//! without cleaning up (SIGKILL): the next start, or `tproxy cleanup`,
+//! removes what it left.
 use std::{
     fs::{self, File, OpenOptions},
     io::{Read as _, Seek as _, Write as _},
-    os::fd::AsRawFd as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +45,52 @@ pub struct Record {
     pub closing_map_id: u32,
     pub sockhash_map_id: u32,
     pub socks_map_id: u32,
+    /// The intercepted ports, as given to `-ports` (normalized).
+    #[serde(default)]
+    pub ports: String,
+    #[serde(default)]
+    pub proxy_port: u16,
+    #[serde(default)]
+    pub accel: bool,
+    /// Unix seconds.
+    #[serde(default)]
+    pub started_at: u64,
+    /// SO_NETNS_COOKIE of its namespace. Unlike the inode it is never
+    /// reused, so a namespace created after this one died is never taken
+    /// for it. 0: not recorded.
+    #[serde(default)]
+    pub netns_cookie: u64,
+    /// Every program it attaches, with the kernel's ids, for `tproxy
+    /// status` to check and `tproxy cleanup` to find.
+    #[serde(default)]
+    pub attachments: Vec<Attached>,
+    /// Everything is attached (the record's last write during start).
+    #[serde(default)]
+    pub ready: bool,
+}
+
+/// One attached program, as the kernel knows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attached {
+    /// For people: "tc ingress tproxy_steer on eth0 (Tcx)".
+    pub what: String,
+    pub kind: AttachKind,
+    pub program: String,
+    pub prog_id: u32,
+    /// Its bpf_link: TCX, cgroup and tracepoint attachments are links;
+    /// netlink tc filters and sk_msg (attached to the SOCKHASH) are not.
+    #[serde(default)]
+    pub link_id: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachKind {
+    TcIngress,
+    TcEgress,
+    Cgroup,
+    SkMsg,
+    Tracepoint,
 }
 
 /// The held lock on an instance's record; dropping it removes the record.
@@ -87,25 +135,33 @@ impl InstanceLock {
     /// left there, if any, for the caller to clean up after.
     pub fn acquire(netns_inode: u64, iface: &str) -> Result<(InstanceLock, Option<Record>)> {
         let dir = run_dir();
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let path = record_path(&dir, netns_inode, iface);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        if !try_flock(&file).map_err(|e| Error::io(format!("locking {}", path.display()), e))? {
-            let pid = read_record(&mut file).map(|r| r.pid).unwrap_or(0);
-            return Err(Error::AlreadyRunning {
-                pid,
-                iface: iface.into(),
-            });
+        loop {
+            fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            if !try_flock(&file).map_err(|e| Error::io(format!("locking {}", path.display()), e))? {
+                let pid = read_record(&mut file).map(|r| r.pid).unwrap_or(0);
+                return Err(Error::AlreadyRunning {
+                    pid,
+                    iface: iface.into(),
+                });
+            }
+            // A cleanup (or an exiting instance) may have removed the file
+            // between our open and our lock: a lock on an unlinked file
+            // guards nothing, open again.
+            if !still_linked(&file, &path) {
+                continue;
+            }
+            let stale = read_record(&mut file);
+            return Ok((InstanceLock { file, path }, stale));
         }
-        let stale = read_record(&mut file);
-        Ok((InstanceLock { file, path }, stale))
     }
 
     pub fn write(&mut self, record: &Record) -> Result<()> {
@@ -125,6 +181,154 @@ impl Drop for InstanceLock {
         if let Some(dir) = self.path.parent() {
             let _ = fs::remove_dir(dir); // only if empty
         }
+    }
+}
+
+/// The file at `path` is still the one open as `file`.
+fn still_linked(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// One file in the run directory, as `tproxy status` sees it: without
+/// taking its lock (a starting instance must never find it taken).
+#[derive(Debug)]
+pub struct RecordFile {
+    pub path: PathBuf,
+    /// The network namespace and interface its name says.
+    pub netns_inode: u64,
+    pub iface: String,
+    /// `None`: empty or unreadable (an instance killed before its first
+    /// write, or one that is just starting).
+    pub record: Option<Record>,
+    /// The process holding its flock, from /proc/locks; `None` when free.
+    pub lock_holder: Option<i32>,
+    pub modified: Option<SystemTime>,
+}
+
+impl RecordFile {
+    /// Free and not just created: the instance died. An empty file whose
+    /// lock is free may be a start between its open and its flock.
+    pub fn is_stale(&self) -> bool {
+        self.lock_holder.is_none()
+            && (self.record.is_some()
+                || self
+                    .modified
+                    .and_then(|m| m.elapsed().ok())
+                    .is_none_or(|age| age > JUST_CREATED))
+    }
+}
+
+/// How long an empty, unlocked record counts as a start under way.
+const JUST_CREATED: Duration = Duration::from_secs(10);
+
+/// `<netns inode>-<iface>.json`
+fn parse_record_name(name: &str) -> Option<(u64, String)> {
+    let stem = name.strip_suffix(".json")?;
+    let (ino, iface) = stem.split_once('-')?;
+    Some((ino.parse().ok()?, iface.to_string()))
+}
+
+/// Holders of flocks, by (device major, minor, inode), from /proc/locks
+/// lines like `1: FLOCK  ADVISORY  WRITE 10006 fe:00:9822228 0 EOF`
+/// (waiters, `1: -> FLOCK …`, hold nothing).
+fn parse_flock_holders(locks: &str) -> Vec<((u32, u32, u64), i32)> {
+    locks
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(1) != Some(&"FLOCK") {
+                return None;
+            }
+            let pid = f.get(4)?.parse().ok()?;
+            let mut dev = f.get(5)?.splitn(3, ':');
+            let major = u32::from_str_radix(dev.next()?, 16).ok()?;
+            let minor = u32::from_str_radix(dev.next()?, 16).ok()?;
+            let ino = dev.next()?.parse().ok()?;
+            Some(((major, minor, ino), pid))
+        })
+        .collect()
+}
+
+/// Every record in the run directory, locked or not, by name.
+pub fn record_files() -> Result<Vec<RecordFile>> {
+    let dir = run_dir();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+    };
+    let locks =
+        fs::read_to_string("/proc/locks").map_err(|e| Error::io("reading /proc/locks", e))?;
+    let holders = parse_flock_holders(&locks);
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((netns_inode, iface)) = parse_record_name(&name) else {
+            continue;
+        };
+        let path = e.path();
+        let Ok(mut f) = File::open(&path) else {
+            continue; // removed since the listing
+        };
+        let Ok(meta) = f.metadata() else { continue };
+        let key = (libc::major(meta.dev()), libc::minor(meta.dev()), meta.ino());
+        out.push(RecordFile {
+            netns_inode,
+            iface,
+            record: read_record(&mut f),
+            lock_holder: holders.iter().find(|(k, _)| *k == key).map(|(_, p)| *p),
+            modified: meta.modified().ok(),
+            path,
+        });
+    }
+    out.sort_by(|a, b| (a.netns_inode, &a.iface).cmp(&(b.netns_inode, &b.iface)));
+    Ok(out)
+}
+
+/// A dead instance's record, locked by us: no instance can start on its
+/// interface while we remove what it left. Dropping it unlocks.
+pub struct StaleRecord {
+    file: File,
+    pub path: PathBuf,
+    pub record: Option<Record>,
+}
+
+impl StaleRecord {
+    /// Locks `path` if its instance is dead; `None` if it lives (or the
+    /// file went away).
+    pub fn take(path: &Path) -> Result<Option<StaleRecord>> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+        };
+        if !try_flock(&file).map_err(|e| Error::io(format!("locking {}", path.display()), e))? {
+            return Ok(None);
+        }
+        if !still_linked(&file, path) {
+            return Ok(None);
+        }
+        let record = read_record(&mut file);
+        Ok(Some(StaleRecord {
+            file,
+            path: path.to_path_buf(),
+            record,
+        }))
+    }
+
+    /// Removes the record (under its lock), and the run directory if that
+    /// leaves it empty.
+    pub fn remove(self) -> Result<()> {
+        fs::remove_file(&self.path)
+            .map_err(|e| Error::io(format!("removing {}", self.path.display()), e))?;
+        if let Some(dir) = self.path.parent() {
+            let _ = fs::remove_dir(dir); // only if empty
+        }
+        drop(self.file);
+        Ok(())
     }
 }
 
@@ -174,6 +378,19 @@ mod tests {
             closing_map_id: 6,
             sockhash_map_id: 3,
             socks_map_id: 4,
+            ports: "8000".into(),
+            proxy_port: 15006,
+            accel: true,
+            started_at: 1_700_000_000,
+            netns_cookie: 4096,
+            attachments: vec![Attached {
+                what: "tc ingress tproxy_steer on eth9 (Netlink)".into(),
+                kind: AttachKind::TcIngress,
+                program: "tproxy_steer".into(),
+                prog_id: 77,
+                link_id: None,
+            }],
+            ready: true,
         };
         lock.write(&rec).unwrap();
         match InstanceLock::acquire(1, "eth9") {
@@ -187,5 +404,43 @@ mod tests {
         drop(other);
         drop(lock);
         assert!(!record_path(dir.path(), 1, "eth9").exists());
+    }
+
+    #[test]
+    fn a_record_from_before_the_status_fields_still_reads() {
+        let old = r#"{"pid":7,"iface":"eth0","ifindex":2,"netns_inode":9,
+            "cgroup":"/sys/fs/cgroup","tc_mode":"netlink","created_clsact":true,
+            "steer":"tproxy","tproxy":null,"counters_map_id":1,"flows_map_id":2,
+            "sockhash_map_id":3,"socks_map_id":4}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!((r.pid, r.tc_mode), (7, Some(TcMode::Netlink)));
+        assert!(r.attachments.is_empty() && !r.ready && r.netns_cookie == 0);
+    }
+
+    #[test]
+    fn flock_holders_from_proc_locks() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 10006 fe:00:9822228 0 EOF\n\
+                     2: POSIX  ADVISORY  WRITE 33 00:19:5 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 11 fe:00:9822228 0 EOF\n\
+                     4: FLOCK  ADVISORY  READ 20109 103:1a:77 0 EOF\n";
+        assert_eq!(
+            parse_flock_holders(locks),
+            vec![((0xfe, 0, 9822228), 10006), ((0x103, 0x1a, 77), 20109)]
+        );
+    }
+
+    #[test]
+    fn record_names_give_namespace_and_interface() {
+        assert_eq!(
+            parse_record_name("4026532315-eth0.json"),
+            Some((4026532315, "eth0".into()))
+        );
+        // Interface names may hold dashes.
+        assert_eq!(
+            parse_record_name("12-veth-a.json"),
+            Some((12, "veth-a".into()))
+        );
+        assert_eq!(parse_record_name("eth0.json"), None);
+        assert_eq!(parse_record_name("12-eth0.json.tmp"), None);
     }
 }

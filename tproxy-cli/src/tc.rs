@@ -1,12 +1,18 @@
 //! The netlink (pre-TCX) side of tc: the clsact qdisc and the filters a dead
 //! instance leaves behind. TCX links need none of this: they die with their
 //! last file descriptor.
-use aya::programs::tc::{self, TcAttachType};
-use futures::TryStreamExt as _;
-use netlink_packet_route::tc::TcHandle;
+use aya::programs::tc;
+use futures::{StreamExt as _, TryStreamExt as _};
+use netlink_packet_route::tc::{
+    TcAttribute, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
+};
+use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use tracing::{debug, info};
 
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    recovery::{Removal, RemovedKind},
+};
 
 /// How the tc programs are attached.
 #[derive(
@@ -157,23 +163,157 @@ fn remove_clsact_if_unused(ifindex: u32) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Removes netlink filters a killed instance left on `iface` (found by
-/// program name) and its clsact qdisc if it added one and nothing else uses
-/// it. Returns how many filters it removed.
-pub fn remove_stale_filters(iface: &str, ifindex: u32, remove_qdisc: bool) -> usize {
-    use tproxy_common::names::{PROG_RESTORE, PROG_STEER};
-    let mut removed = 0;
-    for (hook, name) in [
-        (TcAttachType::Ingress, PROG_STEER),
-        (TcAttachType::Egress, PROG_RESTORE),
-    ] {
-        // qdisc_detach_program removes every filter running `name` there.
-        if tc::qdisc_detach_program(iface, hook, name).is_ok() {
-            removed += 1;
+/// A bpf filter on one of an interface's clsact hooks.
+#[derive(Clone, Debug)]
+pub struct BpfFilter {
+    pub egress: bool,
+    /// The program's name as the filter reports it (`tproxy_steer`).
+    pub name: String,
+    pub prog_id: u32,
+    header: TcHeader,
+}
+
+impl BpfFilter {
+    pub fn hook(&self) -> &'static str {
+        if self.egress { "egress" } else { "ingress" }
+    }
+
+    /// Filter priority (`pref` in `tc filter show`).
+    pub fn pref(&self) -> u16 {
+        (self.header.info >> 16) as u16
+    }
+}
+
+/// The bpf filters on the clsact hooks of `ifindex` (in the calling
+/// thread's namespace).
+pub fn bpf_filters(ifindex: u32) -> std::io::Result<Vec<BpfFilter>> {
+    with_rtnetlink(async |handle| {
+        let mut out = Vec::new();
+        for egress in [false, true] {
+            let req = handle.traffic_filter(ifindex as i32).get();
+            let req = if egress { req.egress() } else { req.ingress() };
+            let msgs: Vec<TcMessage> = req.execute().try_collect().await?;
+            for m in msgs {
+                let (mut name, mut prog_id) = (None, None);
+                for a in &m.attributes {
+                    if let TcAttribute::Options(opts) = a {
+                        for o in opts {
+                            match o {
+                                TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => {
+                                    name = Some(n.clone())
+                                }
+                                TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => prog_id = Some(*id),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                // The first message of each priority only names the
+                // classifier; the filters carry the program.
+                if let (Some(name), Some(prog_id)) = (name, prog_id) {
+                    out.push(BpfFilter {
+                        egress,
+                        name,
+                        prog_id,
+                        header: m.header.clone(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Deletes exactly this filter (hook, priority, protocol, handle).
+async fn delete_filter(
+    mut handle: rtnetlink::Handle,
+    f: BpfFilter,
+) -> std::result::Result<(), rtnetlink::Error> {
+    let mut msg = TcMessage::with_index(f.header.index);
+    msg.header.parent = f.header.parent;
+    msg.header.handle = f.header.handle;
+    msg.header.info = f.header.info;
+    msg.attributes.push(TcAttribute::Kind("bpf".into()));
+    let mut req = NetlinkMessage::from(
+        netlink_packet_route::RouteNetlinkMessage::DelTrafficFilter(msg),
+    );
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut resp = handle.request(req)?;
+    while let Some(m) = resp.next().await {
+        if let NetlinkPayload::Error(e) = m.payload
+            && e.code.is_some()
+        {
+            return Err(rtnetlink::Error::NetlinkError(e));
         }
     }
-    if remove_qdisc {
-        let _ = remove_clsact_if_unused(ifindex);
+    Ok(())
+}
+
+/// Removes the netlink filters a killed instance left on `iface`: those
+/// running one of `prog_ids` (the programs it recorded), or, from a record
+/// that has none, those running a program named like tproxy's on its hook.
+/// Then its clsact qdisc, if it added it and nothing else uses it.
+pub fn remove_stale_filters(
+    iface: &str,
+    ifindex: u32,
+    prog_ids: &[u32],
+    remove_qdisc: bool,
+) -> Removal {
+    use tproxy_common::names::{PROG_RESTORE, PROG_STEER};
+    let mut out = Removal::default();
+    let filters = match bpf_filters(ifindex) {
+        Ok(f) => f,
+        Err(e) => {
+            out.failed
+                .push(format!("listing the tc filters on {iface}: {e}"));
+            return out;
+        }
+    };
+    let ours = |f: &BpfFilter| {
+        if prog_ids.is_empty() {
+            f.name == if f.egress { PROG_RESTORE } else { PROG_STEER }
+        } else {
+            prog_ids.contains(&f.prog_id)
+        }
+    };
+    for f in filters.into_iter().filter(ours) {
+        let what = format!(
+            "tc {} filter {} (program id {}, pref {}) on {iface}",
+            f.hook(),
+            f.name,
+            f.prog_id,
+            f.pref()
+        );
+        match with_rtnetlink(async move |h| delete_filter(h, f).await) {
+            Ok(()) => out.push(RemovedKind::TcFilter, what),
+            Err(e) => out.failed.push(format!("{what}: {e}")),
+        }
     }
-    removed
+    // Gone already (a cleanup before, or someone removed it): nothing to do.
+    if remove_qdisc && has_clsact(ifindex).unwrap_or(false) {
+        match remove_clsact_if_unused(ifindex) {
+            Ok(true) => out.push(RemovedKind::Qdisc, format!("the clsact qdisc on {iface}")),
+            Ok(false) => info!("left the clsact qdisc on {iface}: other filters use it"),
+            Err(e) => out.failed.push(format!("the clsact qdisc on {iface}: {e}")),
+        }
+    }
+    out
+}
+
+fn has_clsact(ifindex: u32) -> std::io::Result<bool> {
+    with_rtnetlink(async |handle| {
+        let qdiscs: Vec<TcMessage> = handle
+            .qdisc()
+            .get()
+            .index(ifindex as i32)
+            .execute()
+            .try_collect()
+            .await?;
+        Ok(qdiscs.iter().any(|q| {
+            q.header.index == ifindex as i32
+                && q.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
+        }))
+    })
 }
