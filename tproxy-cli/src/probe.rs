@@ -125,8 +125,13 @@ fn tracepoint_in_tracefs(group: &str, name: &str) -> Option<bool> {
 
 fn probe(feature: Feature) -> Option<bool> {
     let result = match feature {
-        Feature::Program(t) => sys::is_program_supported(t).map_err(|e| e.to_string()),
-        Feature::Map(t) => sys::is_map_supported(t).map_err(|e| e.to_string()),
+        // For the debug log only: the whole cause chain, errno included.
+        Feature::Program(t) => {
+            sys::is_program_supported(t).map_err(|e| crate::error::Chain(&e).to_string())
+        }
+        Feature::Map(t) => {
+            sys::is_map_supported(t).map_err(|e| crate::error::Chain(&e).to_string())
+        }
         Feature::RecvTracepoint => {
             let name = names::RECV_TRACEPOINT;
             return tracepoint_verdict(

@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 use crate::{
     Error, Result,
+    error::{self, NftError},
     options::{Options, default_steer_mark},
     tc::with_rtnetlink,
 };
@@ -319,13 +320,11 @@ fn meta_match<'a>(key: MetaKey, right: Expression<'a>) -> Statement<'a> {
     })
 }
 
-fn nft_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::io(
-        format!(
-            "nftables: {what} (is the nftables package installed and the nf_tproxy module available?)"
-        ),
-        std::io::Error::other(e.to_string()),
-    )
+fn nft_err(what: &str, e: helper::NftablesError) -> Error {
+    Error::Nft {
+        what: what.into(),
+        source: NftError(e),
+    }
 }
 
 fn nft_table(spec: &TproxySpec) -> NfListObject<'static> {
@@ -399,8 +398,13 @@ fn remove_nft(spec: &TproxySpec) -> Result<bool> {
     batch.delete(nft_table(spec));
     match helper::apply_ruleset(&batch.to_nftables()) {
         Ok(()) => Ok(true),
-        Err(e) if e.to_string().contains("No such file") => Ok(false),
-        Err(e) => Err(nft_err("removing the tproxy table", e)),
+        Err(e) => match NftError(e) {
+            e if e.is_missing() => Ok(false),
+            e => Err(Error::Nft {
+                what: "removing the tproxy table".into(),
+                source: e,
+            }),
+        },
     }
 }
 
@@ -591,12 +595,12 @@ impl TproxyRouting {
         match remove_nft(spec) {
             Ok(true) => n += 1,
             Ok(false) => {}
-            Err(e) => warn!("{e}"),
+            Err(e) => warn!("{}", error::Chain(&e)),
         }
         let s = spec.clone();
         match with_rtnetlink(async move |h| remove_routes(h, s).await) {
             Ok(k) => n += k,
-            Err(e) => warn!("removing tproxy rules/routes: {e}"),
+            Err(e) => warn!("removing tproxy rules/routes: {}", error::Chain(&e)),
         }
         n
     }
