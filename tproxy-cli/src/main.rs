@@ -1,28 +1,44 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tproxy::{
     Instance,
-    cli::{Cli, Command, normalize_args},
+    cli::{Command, LogFormat},
+    config::{self, RunSettings},
+    error::Chain,
     state,
 };
 use tracing::info;
 
-fn init_logging(verbose: u8) {
+/// The log filter: RUST_LOG when set, else TPROXY_LOG (the older name),
+/// else info, debug (-v) or trace (-vv).
+fn log_filter(verbose: u8) -> tproxy::Result<tracing_subscriber::EnvFilter> {
+    for var in ["RUST_LOG", "TPROXY_LOG"] {
+        if let Some(value) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
+            return tracing_subscriber::EnvFilter::builder()
+                .parse(&value)
+                .map_err(|source| tproxy::Error::LogFilter { var, value, source });
+        }
+    }
     let default = match verbose {
         0 => "info",
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TPROXY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    Ok(tracing_subscriber::EnvFilter::new(default))
+}
+
+fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => fmt.json().init(),
+    }
 }
 
 /// Usage errors in one line, like every other error.
@@ -43,31 +59,56 @@ fn usage_error(e: &clap::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
-        Ok(cli) => cli,
+    let (cli, matches) = match tproxy::cli::parse_from(std::env::args_os()) {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
             eprintln!("tproxy: {}", usage_error(&e));
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.verbose);
-    let result = match &cli.command {
-        Some(Command::Stats { iface, json, all }) => stats(iface.as_deref(), *json, *all),
-        None => serve(&cli),
+    // The run's settings come before logging: the file may set its format.
+    let settings = match cli.command {
+        None => Some(config::resolve(&cli, &matches)),
+        Some(_) => None,
+    };
+    let format = match &settings {
+        Some(Ok(s)) => s.log_format,
+        _ => cli.log_format.unwrap_or_default(),
+    };
+    let result = match log_filter(cli.verbose) {
+        Err(e) => Err(e.into()),
+        Ok(filter) => {
+            init_logging(filter, format);
+            match (&cli.command, settings) {
+                (Some(Command::Stats { iface, json, all }), _) => {
+                    stats(iface.as_deref(), *json, *all)
+                }
+                (None, Some(settings)) => settings.map_err(Into::into).and_then(|s| serve(&s)),
+                (None, None) => unreachable!("settings are resolved for a run"),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the library errors already name the problem and fix.
-            eprintln!("tproxy: {e}");
-            ExitCode::FAILURE
+            // One line: the error and its causes, down to the errno.
+            let line = Chain(e.as_ref()).to_string();
+            let usage = e
+                .downcast_ref::<tproxy::Error>()
+                .is_some_and(tproxy::Error::is_usage);
+            if format == LogFormat::Json && tracing::dispatcher::has_been_set() {
+                tracing::error!("{line}");
+            } else {
+                eprintln!("tproxy: {line}");
+            }
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
 
-fn serve(cli: &Cli) -> anyhow::Result<()> {
-    let opts = cli.run.options();
+fn serve(settings: &RunSettings) -> anyhow::Result<()> {
+    let opts = &settings.options;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -75,12 +116,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         // Signal handlers first: a signal during attach must still tear down.
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let instance = Instance::start(&opts)?;
-        for what in instance.attachments() {
-            info!("  {what}");
-        }
+        // One line for the whole start (Instance::start's "attached"); each
+        // attachment has its own line at debug.
+        let mut instance = Instance::start(opts)?;
         info!("serving; SIGINT or SIGTERM to stop");
-        let mut instance = instance;
         // Closed flows linger for retransmissions, then go.
         let mut reap = tokio::time::interval(std::time::Duration::from_secs(1));
         let sig = loop {
@@ -93,7 +132,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         drain(
             &mut instance,
             sig,
-            cli.run.drain_timeout,
+            settings.drain_timeout,
             &mut term,
             &mut int,
         )
@@ -105,7 +144,11 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             .filter(|(_, v)| *v > 0)
             .map(|(c, v)| format!("{}={v}", c.name()))
             .collect();
-        info!("counters: {}", summary.join(" "));
+        if summary.is_empty() {
+            info!("counters: all zero");
+        } else {
+            info!("counters: {}", summary.join(" "));
+        }
         Ok(())
     })
 }
@@ -163,7 +206,7 @@ fn reap_flows(instance: &mut Instance) {
     match instance.reap_flows() {
         Ok(0) => {}
         Ok(n) => tracing::debug!("removed {n} closed flow(s) after their linger"),
-        Err(e) => tracing::warn!("reaping closed flows: {e}"),
+        Err(e) => tracing::warn!("reaping closed flows: {}", Chain(&e)),
     }
 }
 
