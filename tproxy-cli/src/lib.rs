@@ -6,11 +6,13 @@
 //! `attach`); `inspect` reads a running instance's maps; `recovery` cleans
 //! up after a killed one; `tc` handles netlink-mode tc; `state` is the
 //! runtime record and instance lock; `system` the host checks; `probe` the kernel features; `cli` the
-//! command line, `config` the `--config` file. The kernel side is in the `tproxy-ebpf` crate.
+//! command line, `config` the `--config` file, `dist` its completions and
+//! man pages. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
 pub mod btf;
 pub mod cli;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod inspect;
 pub mod instance;
