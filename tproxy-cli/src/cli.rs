@@ -157,8 +157,8 @@ pub fn parse_from(
     Ok((cli, matches))
 }
 
-fn parse_ports(s: &str) -> Result<PortSet, String> {
-    s.parse().map_err(|e: crate::Error| e.to_string())
+fn parse_ports(s: &str) -> Result<PortSet, crate::Error> {
+    s.parse()
 }
 
 pub(crate) fn parse_mark(s: &str) -> Result<u32, String> {
@@ -273,6 +273,50 @@ mod tests {
         assert_eq!(o.proxy_mark, 16);
         assert!(!o.accel);
         assert_eq!(o.cgroup.unwrap(), PathBuf::from("/sys/fs/cgroup/unified/x"));
+    }
+
+    #[test]
+    fn config_and_log_format_flags_go_style_too() {
+        let cli = parse(&[
+            "tproxy",
+            "-config",
+            "/etc/tproxy.yaml",
+            "-log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.run.config.as_deref(),
+            Some(std::path::Path::new("/etc/tproxy.yaml"))
+        );
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        // Without -i and -ports: the file must hold them (config::resolve).
+        assert!(cli.run.iface.is_none());
+        let cli = parse(&["tproxy", "stats", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        for args in [
+            &["tproxy", "-config", "x.yaml", "stats"][..],
+            &[
+                "tproxy",
+                "--log-format",
+                "xml",
+                "-i",
+                "eth0",
+                "-ports",
+                "80",
+            ],
+            &[
+                "tproxy",
+                "-i",
+                "eth0",
+                "-ports",
+                "80",
+                "--drain-timeout",
+                "86401",
+            ],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} parsed");
+        }
     }
 
     #[test]
