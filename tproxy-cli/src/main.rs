@@ -76,18 +76,16 @@ fn main() -> ExitCode {
         Some(Ok(s)) => s.log_format,
         _ => cli.log_format.unwrap_or_default(),
     };
-    let result = match log_filter(cli.verbose) {
-        Err(e) => Err(e.into()),
-        Ok(filter) => {
-            init_logging(filter, format);
-            match (&cli.command, settings) {
-                (Some(Command::Stats { iface, json, all }), _) => {
-                    stats(iface.as_deref(), *json, *all)
-                }
-                (None, Some(settings)) => settings.map_err(Into::into).and_then(|s| serve(&s)),
-                (None, None) => unreachable!("settings are resolved for a run"),
-            }
-        }
+    if let Err(e) = log_filter(cli.verbose).map(|filter| init_logging(filter, format)) {
+        eprintln!("tproxy: {}", Chain(&e));
+        return ExitCode::from(2);
+    }
+    let result = match &cli.command {
+        Some(Command::Stats { iface, json, all }) => stats(iface.as_deref(), *json, *all),
+        None => settings
+            .expect("resolved for a run")
+            .map_err(Into::into)
+            .and_then(|s| serve(&s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,7 +95,7 @@ fn main() -> ExitCode {
             let usage = e
                 .downcast_ref::<tproxy::Error>()
                 .is_some_and(tproxy::Error::is_usage);
-            if format == LogFormat::Json && tracing::dispatcher::has_been_set() {
+            if format == LogFormat::Json {
                 tracing::error!("{line}");
             } else {
                 eprintln!("tproxy: {line}");
