@@ -94,8 +94,12 @@ impl Item {
 
     /// A failure from a library error, whose message is "problem; fix".
     fn from_error(name: impl Into<String>, e: &Error, fallback_fix: &str) -> Item {
-        let (detail, fix) = split_fix(&e.to_string(), fallback_fix);
-        Item::fail(name, detail, fix)
+        let top = e.to_string();
+        let (problem, fix) = split_fix(&top, fallback_fix);
+        // The causes (down to the errno) belong to the problem, not the fix.
+        let chain = crate::error::Chain(e).to_string();
+        let causes = chain.get(top.len()..).unwrap_or_default();
+        Item::fail(name, format!("{problem}{causes}"), fix)
     }
 
     /// The text form: one line.

@@ -3,7 +3,7 @@
 //! `--ports`.
 use std::{ffi::OsString, path::PathBuf};
 
-use clap::{CommandFactory as _, Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 use crate::{
     PortSet,
@@ -14,6 +14,9 @@ use crate::{
 pub const DEFAULT_PROXY_PORT: u16 = 15006;
 /// Istio's mark for the proxy's own traffic; Envoy configs commonly use it.
 pub const DEFAULT_PROXY_MARK: u32 = 0x539;
+/// Longest --drain-timeout: a day (a longer wait is a mistake, and the
+/// deadline must stay representable).
+pub const MAX_DRAIN_TIMEOUT: u64 = 86_400;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,7 +26,7 @@ pub const DEFAULT_PROXY_MARK: u32 = 0x539;
     long_about = None,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Example: sudo tproxy -i eth0 -ports 8000\nServes until SIGINT/SIGTERM, then removes everything it installed."
+    after_help = "Example: sudo tproxy -i eth0 -ports 8000\nServes until SIGINT/SIGTERM, then removes everything it installed.\n\nSettings can also come from a YAML file (--config FILE, keys as the flags: examples/tproxy.yaml); flags override it. Logging: RUST_LOG (or TPROXY_LOG) sets the filter, -v/-vv raise the default level. Exit status: 1 on errors, 2 on a bad command line or config file."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -32,19 +35,43 @@ pub struct Cli {
     #[command(flatten)]
     pub run: RunArgs,
 
-    /// More logging (-v debug, -vv trace).
+    /// More logging (-v debug, -vv trace); RUST_LOG (or TPROXY_LOG), when set, wins.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+
+    /// Log lines as text, or as one JSON object per line for log shippers [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, fields.message.
+    Json,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Read these settings from a YAML file (keys as the flags, with `_`:
+    /// see examples/tproxy.yaml); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Interface whose inbound TCP is intercepted.
-    #[arg(short = 'i', long = "iface", value_name = "IFACE", required = true)]
+    #[arg(
+        short = 'i',
+        long = "iface",
+        value_name = "IFACE",
+        required_unless_present = "config"
+    )]
     pub iface: Option<String>,
 
     /// Intercepted destination ports: 8000 | 8000,8080 | 9000-9010 (also -ports).
-    #[arg(short = 'p', long = "ports", value_name = "PORTS", required = true, value_parser = parse_ports)]
+    #[arg(short = 'p', long = "ports", value_name = "PORTS", required_unless_present = "config", value_parser = parse_ports)]
     pub ports: Option<PortSet>,
 
     /// cgroup v2 directory holding the proxy and the app (default: the cgroup v2 root).
@@ -60,8 +87,12 @@ pub struct RunArgs {
     pub proxy_mark: u32,
 
     /// Leave socket acceleration (sockops + sk_msg) out entirely.
-    #[arg(long)]
+    #[arg(long, overrides_with = "accel")]
     pub no_accel: bool,
+
+    /// Socket acceleration on (the default; overrides `accel: false` in --config).
+    #[arg(long, overrides_with = "no_accel")]
+    pub accel: bool,
 
     /// Upper bound on the unread bytes a socket may hold before its sender
     /// leaves the fast path; the bound itself follows the reader (the larger
@@ -92,7 +123,7 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT, stop steering new flows at once and let steered
     /// flows finish for up to this many seconds (0: stop at once). A second
     /// signal stops at once.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(..=MAX_DRAIN_TIMEOUT))]
     pub drain_timeout: u64,
 
     /// Serve the counters and gauges in the Prometheus (OpenMetrics) text
@@ -149,8 +180,18 @@ pub struct StatsArgs {
     pub interval: std::time::Duration,
 }
 
-fn parse_ports(s: &str) -> Result<PortSet, String> {
-    s.parse().map_err(|e: crate::Error| e.to_string())
+/// Parses the command line (after `normalize_args`), keeping clap's matches:
+/// they tell which flags were given (and so override `--config`).
+pub fn parse_from(
+    args: impl IntoIterator<Item = OsString>,
+) -> Result<(Cli, ArgMatches), clap::Error> {
+    let matches = Cli::command().try_get_matches_from(normalize_args(args))?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    Ok((cli, matches))
+}
+
+fn parse_ports(s: &str) -> Result<PortSet, crate::Error> {
+    s.parse()
 }
 
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
@@ -207,6 +248,8 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 }
 
 impl RunArgs {
+    /// The options from the flags alone; `config::resolve` merges a
+    /// `--config` file in (the binary uses that).
     pub fn options(&self) -> Options {
         Options {
             iface: self.iface.clone().expect("required by clap"),
@@ -272,6 +315,50 @@ mod tests {
         assert_eq!(o.proxy_mark, 16);
         assert!(!o.accel);
         assert_eq!(o.cgroup.unwrap(), PathBuf::from("/sys/fs/cgroup/unified/x"));
+    }
+
+    #[test]
+    fn config_and_log_format_flags_go_style_too() {
+        let cli = parse(&[
+            "tproxy",
+            "-config",
+            "/etc/tproxy.yaml",
+            "-log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.run.config.as_deref(),
+            Some(std::path::Path::new("/etc/tproxy.yaml"))
+        );
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        // Without -i and -ports: the file must hold them (config::resolve).
+        assert!(cli.run.iface.is_none());
+        let cli = parse(&["tproxy", "stats", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        for args in [
+            &["tproxy", "-config", "x.yaml", "stats"][..],
+            &[
+                "tproxy",
+                "--log-format",
+                "xml",
+                "-i",
+                "eth0",
+                "-ports",
+                "80",
+            ],
+            &[
+                "tproxy",
+                "-i",
+                "eth0",
+                "-ports",
+                "80",
+                "--drain-timeout",
+                "86401",
+            ],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} parsed");
+        }
     }
 
     #[test]

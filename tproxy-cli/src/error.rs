@@ -155,35 +155,164 @@ pub enum Error {
     Unhealthy { stale: usize, degraded: usize },
 
     #[error(
-        "the kernel refused to load the eBPF object: {0}; tproxy needs Linux >= 6.1 with BTF (6.3 for acceleration)"
+        "the kernel refused to load the eBPF object (tproxy needs Linux >= 6.1 with BTF, 6.3 for acceleration)"
     )]
     LoadObject(#[source] aya::EbpfError),
 
     #[error(
-        "the kernel refused program {name}: {reason}; tproxy needs Linux >= 6.1 with BTF, 6.3 for acceleration (run with -v for the verifier log)"
+        "the kernel refused program {name} (tproxy needs Linux >= 6.1 with BTF, 6.3 for acceleration; run with -v for the verifier log)"
     )]
-    LoadProgram { name: &'static str, reason: String },
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: ProgramLoadError,
+    },
 
-    #[error("could not attach {what}: {source}")]
+    // Errors carry their cause as `source`, not in their own text: the top
+    // level prints the chain (`Chain`) down to the failing syscall's errno.
+    #[error("could not attach {what}")]
     Attach {
         what: String,
         #[source]
         source: aya::programs::ProgramError,
     },
 
-    #[error("eBPF map {name}: {source}")]
+    #[error("eBPF map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
     },
 
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
         source: io::Error,
     },
+
+    #[error("{what}")]
+    Tc {
+        what: String,
+        #[source]
+        source: aya::programs::tc::TcError,
+    },
+
+    #[error(
+        "nftables: {what} (is the nftables package installed and the nf_tproxy module available?)"
+    )]
+    Nft {
+        what: String,
+        #[source]
+        source: NftError,
+    },
+
+    #[error("reading config file {}", .path.display())]
+    ConfigRead {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Unknown keys, wrong types and out-of-range values; serde_norway's
+    /// message names the key, line and column.
+    #[error("config file {}", .path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: serde_norway::Error,
+    },
+
+    #[error("no {what} given: pass {flag} or set `{key}:` in the --config file")]
+    Missing {
+        what: &'static str,
+        flag: &'static str,
+        key: &'static str,
+    },
+
+    #[error("{var}={value:?} is not a log filter; use e.g. `info`, `debug` or `tproxy=trace`")]
+    LogFilter {
+        var: &'static str,
+        value: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+}
+
+/// Why the kernel refused a program. The verifier log is many lines: it
+/// goes to the debug log (-v), the error stays one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramLoadError {
+    #[error("BPF_PROG_LOAD failed")]
+    Syscall(#[source] io::Error),
+    #[error(transparent)]
+    Other(aya::programs::ProgramError),
+}
+
+/// An `nft` run that failed. nftables' own error leaves out what nft said
+/// on stderr (the actual reason); this one says it, on one line.
+#[derive(Debug)]
+pub struct NftError(pub nftables::helper::NftablesError);
+
+impl NftError {
+    /// nft said the object does not exist (ENOENT).
+    pub fn is_missing(&self) -> bool {
+        matches!(&self.0, nftables::helper::NftablesError::NftFailed { stderr, .. } if stderr.contains("No such file"))
+    }
+}
+
+impl std::fmt::Display for NftError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            nftables::helper::NftablesError::NftFailed {
+                program, stderr, ..
+            } => write!(
+                f,
+                "{} failed: {}",
+                program.to_string_lossy(),
+                one_line(stderr)
+            ),
+            other => other.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for NftError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// `text` on one line: its non-blank lines, trimmed, joined by spaces.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// An error with its causes on one line, `outer: cause: root cause` (as
+/// anyhow's `{:#}`), down to the errno of the syscall that failed. A cause
+/// whose text the one before already includes is left out: some library
+/// errors print their source in their own message too.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = one_line(&self.0.to_string());
+        f.write_str(&last)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            let text = one_line(&e.to_string());
+            if !last.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
+            cause = e.source();
+        }
+        Ok(())
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -192,17 +321,29 @@ impl Error {
     /// A program the kernel would not load. The verifier log is many lines:
     /// it goes to the debug log (-v), the error stays one line.
     pub fn load_program(name: &'static str, err: aya::programs::ProgramError) -> Self {
-        let reason = match err {
+        let source = match err {
             aya::programs::ProgramError::LoadError {
                 io_error,
                 verifier_log,
             } => {
                 tracing::debug!("verifier log for {name}:\n{verifier_log}");
-                format!("BPF_PROG_LOAD failed: {io_error}")
+                ProgramLoadError::Syscall(io_error)
             }
-            other => other.to_string(),
+            other => ProgramLoadError::Other(other),
         };
-        Error::LoadProgram { name, reason }
+        Error::LoadProgram { name, source }
+    }
+
+    /// A bad command line or config file (exit status 2, as clap's usage
+    /// errors): nothing was tried.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::ConfigRead { .. }
+                | Error::Config { .. }
+                | Error::Missing { .. }
+                | Error::LogFilter { .. }
+        )
     }
 
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
@@ -210,5 +351,43 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_goes_down_to_the_errno_on_one_line() {
+        let e = Error::io(
+            "adding the fwmark rule",
+            io::Error::from_raw_os_error(libc::EPERM),
+        );
+        assert_eq!(
+            Chain(&e).to_string(),
+            "adding the fwmark rule: Operation not permitted (os error 1)"
+        );
+        // aya's SyscallError names the call; its errno is its source.
+        let e = Error::Attach {
+            what: "sockops to cgroup /x".into(),
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(libc::EBADF),
+            }),
+        };
+        assert_eq!(
+            Chain(&e).to_string(),
+            "could not attach sockops to cgroup /x: `bpf_link_create` failed: Bad file descriptor (os error 9)"
+        );
+    }
+
+    #[test]
+    fn chain_skips_a_cause_already_printed_and_stays_one_line() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Repeats(#[source] io::Error);
+        let e = Repeats(io::Error::other("line one\nline two"));
+        assert_eq!(Chain(&e).to_string(), "outer: line one line two");
     }
 }

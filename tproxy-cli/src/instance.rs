@@ -496,7 +496,10 @@ impl Instance {
         }
         self.accel_stopped = true;
         if let Err(e) = self.set_flag(flags::ACCEL, false) {
-            warn!("accel: could not stop redirecting ({e}); detaching anyway");
+            warn!(
+                "accel: could not stop redirecting ({}); detaching anyway",
+                crate::error::Chain(&e)
+            );
             return;
         }
         // A sender that read the flag just before it changed may still be

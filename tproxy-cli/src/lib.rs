@@ -10,11 +10,14 @@
 //! records name; `tc` handles netlink-mode tc; `state` is the runtime record
 //! and instance lock; `system` the host checks; `probe` the kernel features;
 //! `check` the preflight (`tproxy check`) over both; `cli` the
-//! command line. The kernel side is in the `tproxy-ebpf` crate.
+//! command line, `config` the `--config` file, `dist` its completions and
+//! man pages. The kernel side is in the `tproxy-ebpf` crate.
 pub mod attach;
 pub mod btf;
 pub mod check;
 pub mod cli;
+pub mod config;
+pub mod dist;
 pub mod error;
 pub mod inspect;
 pub mod instance;

@@ -1,28 +1,44 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tproxy::{
     Instance,
-    cli::{Cli, Command, normalize_args},
+    cli::{Command, LogFormat},
+    config::{self, RunSettings},
+    error::Chain,
     metrics,
 };
 use tracing::info;
 
-fn init_logging(verbose: u8) {
+/// The log filter: RUST_LOG when set, else TPROXY_LOG (the older name),
+/// else info, debug (-v) or trace (-vv).
+fn log_filter(verbose: u8) -> tproxy::Result<tracing_subscriber::EnvFilter> {
+    for var in ["RUST_LOG", "TPROXY_LOG"] {
+        if let Some(value) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
+            return tracing_subscriber::EnvFilter::builder()
+                .parse(&value)
+                .map_err(|source| tproxy::Error::LogFilter { var, value, source });
+        }
+    }
     let default = match verbose {
         0 => "info",
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TPROXY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    Ok(tracing_subscriber::EnvFilter::new(default))
+}
+
+fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => fmt.json().init(),
+    }
 }
 
 /// Usage errors in one line, like every other error.
@@ -43,15 +59,27 @@ fn usage_error(e: &clap::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse_from(normalize_args(std::env::args_os())) {
-        Ok(cli) => cli,
+    let (cli, matches) = match tproxy::cli::parse_from(std::env::args_os()) {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
             eprintln!("tproxy: {}", usage_error(&e));
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.verbose);
+    // The run's settings come before logging: the file may set its format.
+    let settings = match cli.command {
+        None => Some(config::resolve(&cli, &matches)),
+        Some(_) => None,
+    };
+    let format = match &settings {
+        Some(Ok(s)) => s.log_format,
+        _ => cli.log_format.unwrap_or_default(),
+    };
+    if let Err(e) = log_filter(cli.verbose).map(|filter| init_logging(filter, format)) {
+        eprintln!("tproxy: {}", Chain(&e));
+        return ExitCode::from(2);
+    }
     let result = match &cli.command {
         Some(Command::Stats(args)) => tproxy::stats::run(args).map_err(Into::into),
         Some(Command::Check(args)) => tproxy::check::run(args).map_err(Into::into),
@@ -60,20 +88,31 @@ fn main() -> ExitCode {
             tproxy::recovery::run_cleanup(&tproxy::recovery::Scope::new(*all, iface.as_deref()))
                 .map_err(Into::into)
         }
-        None => serve(&cli),
+        None => settings
+            .expect("resolved for a run")
+            .map_err(Into::into)
+            .and_then(|s| serve(&s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the library errors already name the problem and fix.
-            eprintln!("tproxy: {e}");
-            ExitCode::FAILURE
+            // One line: the error and its causes, down to the errno.
+            let line = Chain(e.as_ref()).to_string();
+            let usage = e
+                .downcast_ref::<tproxy::Error>()
+                .is_some_and(tproxy::Error::is_usage);
+            if format == LogFormat::Json {
+                tracing::error!("{line}");
+            } else {
+                eprintln!("tproxy: {line}");
+            }
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
 
-fn serve(cli: &Cli) -> anyhow::Result<()> {
-    let opts = cli.run.options();
+fn serve(settings: &RunSettings) -> anyhow::Result<()> {
+    let opts = &settings.options;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -83,19 +122,17 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt())?;
         // Bound before anything is installed: a taken address is an error
         // with nothing to undo, and scrapes work once "serving" is logged.
-        let endpoint = match cli.run.metrics_addr {
+        let endpoint = match settings.metrics_addr {
             Some(addr) => Some(metrics::Endpoint::bind(addr).await?),
             None => None,
         };
-        let instance = Instance::start(&opts)?;
-        for what in instance.attachments() {
-            info!("  {what}");
-        }
+        // One line for the whole start (Instance::start's "attached"); each
+        // attachment has its own line at debug.
+        let mut instance = Instance::start(opts)?;
         if let Some(endpoint) = endpoint {
-            endpoint.start(&instance, &opts)?;
+            endpoint.start(&instance, opts)?;
         }
         info!("serving; SIGINT or SIGTERM to stop");
-        let mut instance = instance;
         // Closed flows linger for retransmissions, then go.
         let mut reap = tokio::time::interval(std::time::Duration::from_secs(1));
         let sig = loop {
@@ -108,7 +145,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         drain(
             &mut instance,
             sig,
-            cli.run.drain_timeout,
+            settings.drain_timeout,
             &mut term,
             &mut int,
         )
@@ -120,7 +157,11 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             .filter(|(_, v)| *v > 0)
             .map(|(c, v)| format!("{}={v}", c.name()))
             .collect();
-        info!("counters: {}", summary.join(" "));
+        if summary.is_empty() {
+            info!("counters: all zero");
+        } else {
+            info!("counters: {}", summary.join(" "));
+        }
         Ok(())
     })
 }
@@ -178,6 +219,6 @@ fn reap_flows(instance: &mut Instance) {
     match instance.reap_flows() {
         Ok(0) => {}
         Ok(n) => tracing::debug!("removed {n} closed flow(s) after their linger"),
-        Err(e) => tracing::warn!("reaping closed flows: {e}"),
+        Err(e) => tracing::warn!("reaping closed flows: {}", Chain(&e)),
     }
 }

@@ -7,7 +7,7 @@ use tproxy_common::SteerMode;
 use crate::{Error, PortSet, Result, routing, tc::TcMode};
 
 /// Everything `tproxy -i IFACE -ports …` is asked to do.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     pub iface: String,
     pub ports: PortSet,

@@ -250,9 +250,16 @@ fn tracepoint_in_tracefs(group: &str, name: &str) -> Option<bool> {
 /// the probe could not tell, and why.
 pub fn probe(feature: Feature) -> Result<bool, String> {
     let result = match feature {
-        Feature::Program(t) => sys::is_program_supported(t).map_err(|e| e.to_string()),
-        Feature::Map(t) => sys::is_map_supported(t).map_err(|e| e.to_string()),
-        Feature::Helper(t, h) => sys::is_helper_supported(t, h).map_err(|e| e.to_string()),
+        // For the debug log only: the whole cause chain, errno included.
+        Feature::Program(t) => {
+            sys::is_program_supported(t).map_err(|e| crate::error::Chain(&e).to_string())
+        }
+        Feature::Map(t) => {
+            sys::is_map_supported(t).map_err(|e| crate::error::Chain(&e).to_string())
+        }
+        Feature::Helper(t, h) => {
+            sys::is_helper_supported(t, h).map_err(|e| crate::error::Chain(&e).to_string())
+        }
         Feature::RecvTracepoint => {
             let name = names::RECV_TRACEPOINT;
             tracepoint_verdict(tracepoint_in_btf(name), tracepoint_in_tracefs("sock", name))

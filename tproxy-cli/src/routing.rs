@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 use crate::{
     Error, Result,
+    error::{self, NftError},
     options::{Options, default_steer_mark},
     recovery::{Removal, RemovedKind},
     tc::with_rtnetlink,
@@ -320,13 +321,11 @@ fn meta_match<'a>(key: MetaKey, right: Expression<'a>) -> Statement<'a> {
     })
 }
 
-fn nft_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::io(
-        format!(
-            "nftables: {what} (is the nftables package installed and the nf_tproxy module available?)"
-        ),
-        std::io::Error::other(e.to_string()),
-    )
+fn nft_err(what: &str, e: helper::NftablesError) -> Error {
+    Error::Nft {
+        what: what.into(),
+        source: NftError(e),
+    }
 }
 
 fn nft_table(spec: &TproxySpec) -> NfListObject<'static> {
@@ -453,8 +452,13 @@ fn remove_nft(spec: &TproxySpec) -> Result<bool> {
     batch.delete(nft_table(spec));
     match helper::apply_ruleset(&batch.to_nftables()) {
         Ok(()) => Ok(true),
-        Err(e) if e.to_string().contains("No such file") => Ok(false),
-        Err(e) => Err(nft_err("removing the tproxy table", e)),
+        Err(e) => match NftError(e) {
+            e if e.is_missing() => Ok(false),
+            e => Err(Error::Nft {
+                what: "removing the tproxy table".into(),
+                source: e,
+            }),
+        },
     }
 }
 
@@ -660,7 +664,7 @@ impl TproxyRouting {
                 format!("the nftables table inet {}", spec.nft_table),
             ),
             Ok(false) => {}
-            Err(e) => out.failed.push(e.to_string()),
+            Err(e) => out.failed.push(error::Chain(&e).to_string()),
         }
         let s = spec.clone();
         match with_rtnetlink(async move |h| remove_routes(h, s).await) {
@@ -670,8 +674,9 @@ impl TproxyRouting {
                 }
             }
             Err(e) => out.failed.push(format!(
-                "removing the fwmark rules and routes of table {}: {e}",
-                spec.table
+                "removing the fwmark rules and routes of table {}: {}",
+                spec.table,
+                error::Chain(&e)
             )),
         }
         out

@@ -72,11 +72,11 @@ impl ClsactQdisc {
         let created = match tc::qdisc_add_clsact(iface) {
             Ok(()) => true,
             Err(tc::TcError::IoError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("adding a clsact qdisc to {iface}"),
-                    std::io::Error::other(e),
-                ));
+            Err(source) => {
+                return Err(Error::Tc {
+                    what: format!("adding a clsact qdisc to {iface}"),
+                    source,
+                });
             }
         };
         debug!(created, "clsact qdisc on {iface}");
@@ -101,7 +101,11 @@ impl Drop for ClsactQdisc {
                     "left the clsact qdisc on {}: other filters use it",
                     self.iface
                 ),
-                Err(e) => tracing::warn!("removing clsact qdisc on {}: {e}", self.iface),
+                Err(e) => tracing::warn!(
+                    "removing clsact qdisc on {}: {}",
+                    self.iface,
+                    crate::error::Chain(&e)
+                ),
             }
         }
     }
@@ -121,7 +125,7 @@ where
         rt.block_on(async {
             let (conn, handle, _) = rtnetlink::new_connection()?;
             let task = tokio::spawn(conn);
-            let out = f(handle).await.map_err(std::io::Error::other);
+            let out = f(handle).await.map_err(netlink_io);
             task.abort();
             out
         })
@@ -131,6 +135,16 @@ where
         std::thread::scope(|s| s.spawn(run).join().expect("netlink thread"))
     } else {
         run()
+    }
+}
+
+/// rtnetlink's error as an io::Error that keeps the kernel's errno (its
+/// own text would be "Received a netlink error message …"); its other
+/// errors carry no errno and are kept whole.
+fn netlink_io(e: rtnetlink::Error) -> std::io::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => msg.into(),
+        other => std::io::Error::other(other),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `cargo xtask …`: the project's tasks. The README's two commands are
 //! `cargo xtask demo` and `cargo xtask test`; both run `setup` first.
+//! `cargo xtask dist` writes shell completions and man pages.
 mod bench;
 mod demo;
+mod dist;
 mod lab;
 mod setup;
 
@@ -36,6 +38,12 @@ enum Task {
     },
     /// The comparison: base, proxy, proxy+accel, nft-redirect (and the tproxy back-end).
     Bench(bench::Opts),
+    /// Shell completions (bash, zsh, fish) and man pages, into OUT/completions and OUT/man.
+    Dist {
+        /// Output folder [default: target/dist].
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
     /// The lab playground: bring it up or down, open a shell in it.
     Lab {
         #[command(subcommand)]
@@ -151,6 +159,7 @@ fn main() -> Result<()> {
             setup::run()?;
             bench::run(opts)
         }
+        Task::Dist { out } => dist::run(out),
         Task::Lab { cmd } => {
             require_root()?;
             lab::run(cmd)
