@@ -136,6 +136,7 @@ impl CheckArgs {
             steer_mark: self.steer_mark,
             route_table: self.route_table,
             accel_max_queued: tproxy_common::DEFAULT_ACCEL_MAX_QUEUED,
+            accel_retire_ms: tproxy_common::DEFAULT_ACCEL_RETIRE_MS,
         }
     }
 }

@@ -102,6 +102,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = tproxy_common::DEFAULT_ACCEL_MAX_QUEUED)]
     pub accel_max_queued: u32,
 
+    /// A sender that stays on TCP this long (milliseconds) without its
+    /// reader ever catching up (a continuous stream after a fallback) leaves
+    /// the fast path for good, and the pair becomes plain TCP sockets: TCP
+    /// through the sockmap costs more than plain TCP. 0: never.
+    #[arg(long, value_name = "MS", default_value_t = tproxy_common::DEFAULT_ACCEL_RETIRE_MS)]
+    pub accel_retire_ms: u32,
+
     /// How the tc programs attach: TCX links (kernel >= 6.6) or netlink filters.
     #[arg(long, value_enum, default_value_t = TcMode::Auto)]
     pub tc_mode: TcMode,
@@ -263,6 +270,7 @@ impl RunArgs {
             steer_mark: self.steer_mark,
             route_table: self.route_table,
             accel_max_queued: self.accel_max_queued,
+            accel_retire_ms: self.accel_retire_ms,
         }
     }
 }

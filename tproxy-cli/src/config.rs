@@ -41,6 +41,7 @@ pub struct TargetConfig {
     pub proxy_mark: Option<u32>,
     pub accel: Option<bool>,
     pub accel_max_queued: Option<u32>,
+    pub accel_retire_ms: Option<u32>,
     pub tc_mode: Option<TcMode>,
     pub steer: Option<Steer>,
     #[serde(default, deserialize_with = "mark")]
@@ -66,6 +67,7 @@ pub struct FileConfig {
     pub proxy_mark: Option<u32>,
     pub accel: Option<bool>,
     pub accel_max_queued: Option<u32>,
+    pub accel_retire_ms: Option<u32>,
     pub tc_mode: Option<TcMode>,
     pub steer: Option<Steer>,
     #[serde(default, deserialize_with = "mark")]
@@ -109,6 +111,7 @@ impl FileConfig {
             proxy_mark,
             accel,
             accel_max_queued,
+            accel_retire_ms,
             tc_mode,
             steer,
             steer_mark,
@@ -125,6 +128,7 @@ impl FileConfig {
             proxy_mark,
             accel,
             accel_max_queued,
+            accel_retire_ms,
             tc_mode,
             steer,
             steer_mark,
@@ -211,6 +215,11 @@ pub fn merge(cli: &Cli, matches: &ArgMatches, file: &FileConfig) -> Result<RunSe
             given("accel_max_queued"),
             run.accel_max_queued,
             t.accel_max_queued,
+        ),
+        accel_retire_ms: pick(
+            given("accel_retire_ms"),
+            run.accel_retire_ms,
+            t.accel_retire_ms,
         ),
     };
     Ok(RunSettings {
@@ -458,6 +467,7 @@ mod tests {
              proxy_mark: 0x10\n\
              accel: false\n\
              accel_max_queued: 1048576\n\
+             accel_retire_ms: 50\n\
              tc_mode: netlink\n\
              steer: tproxy\n\
              steer_mark: \"0x20\"\n\
@@ -477,6 +487,7 @@ mod tests {
                 proxy_mark: Some(0x10),
                 accel: Some(false),
                 accel_max_queued: Some(1 << 20),
+                accel_retire_ms: Some(50),
                 tc_mode: Some(TcMode::Netlink),
                 steer: Some(Steer::Tproxy),
                 steer_mark: Some(0x20),

@@ -85,7 +85,17 @@ pub(crate) fn socks_state(map: &aya::maps::Map) -> Result<(usize, i64)> {
             source,
         })?;
     let socks: std::collections::HashMap<u64, SockState> = m.iter().flatten().collect();
-    Ok((socks.len(), queued_redirected(&socks)))
+    Ok((accelerated(&socks), queued_redirected(&socks)))
+}
+
+/// Sockets still accelerated: in SOCKS, and not of a pair that retired and
+/// left the SOCKHASH (its entries stay until the sockets close).
+pub fn accelerated(socks: &std::collections::HashMap<u64, SockState>) -> usize {
+    let left = |s: &SockState| s.flags & tproxy_common::sock_flags::LEFT != 0;
+    socks
+        .values()
+        .filter(|s| !left(s) && !socks.get(&s.peer).is_some_and(left))
+        .count()
 }
 
 /// Redirected bytes not yet read, over all pairs: what a reader still has
@@ -217,8 +227,12 @@ impl Maps {
 }
 
 pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {
+    // An instance started by an older tproxy has fewer counters: the ones
+    // it lacks are left out rather than failing the whole read.
+    let have = arr.len();
     Counter::ALL
         .iter()
+        .filter(|&&c| (c as u32) < have)
         .map(|&c| {
             let v = arr.get(&(c as u32), 0).map_err(|source| Error::Map {
                 name: names::COUNTERS,
@@ -271,7 +285,23 @@ mod tests {
             rcvbuf: 0,
             win_start: 0,
             win_read: 0,
+            tcp_since: 0,
         }
+    }
+
+    #[test]
+    fn a_pair_that_left_the_sockhash_is_not_accelerated() {
+        let mut left = sock(4, 10, 10);
+        left.flags = tproxy_common::sock_flags::LEFT | tproxy_common::sock_flags::RETIRED;
+        // 1<->2 accelerated; 3<->4 left (flag on 4 only); 5 has no peer yet.
+        let socks = HashMap::from([
+            (1, sock(2, 0, 0)),
+            (2, sock(1, 0, 0)),
+            (3, sock(4, 0, 0)),
+            (4, left),
+            (5, sock(0, 0, 0)),
+        ]);
+        assert_eq!(accelerated(&socks), 3);
     }
 
     #[test]

@@ -137,6 +137,8 @@ impl Instance {
             steer_mark,
             flags: flags::STEER_NEW | if opts.accel { flags::ACCEL } else { 0 },
             accel_max_queued: opts.accel_max_queued,
+            accel_retire_ms: opts.accel_retire_ms,
+            _pad0: 0,
             sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
             netns_cookie,
         };

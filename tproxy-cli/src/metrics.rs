@@ -227,7 +227,7 @@ impl Collector for InstanceCollector {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 27] = [
+const HELP: [(Counter, &str); 29] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -317,6 +317,14 @@ const HELP: [(Counter, &str); 27] = [
     (
         Counter::AccelNudges,
         "Wake-ups given to a reader with TCP bytes waiting.",
+    ),
+    (
+        Counter::AccelRetired,
+        "Senders that left the fast path for good (a stream its reader never caught up with).",
+    ),
+    (
+        Counter::AccelLeft,
+        "Pairs taken out of the SOCKHASH after retiring: plain TCP again.",
     ),
 ];
 

@@ -22,6 +22,9 @@ pub struct Options {
     pub route_table: Option<u32>,
     /// Bound on redirected-but-unread bytes at one socket (slow reader).
     pub accel_max_queued: u32,
+    /// A sender on TCP this long (ms) without its reader catching up leaves
+    /// the fast path for good (0: never).
+    pub accel_retire_ms: u32,
 }
 
 /// The steering back-end.

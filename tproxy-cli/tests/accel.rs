@@ -312,7 +312,11 @@ fn identical_tuples_in_two_namespaces_never_meet() {
 #[test]
 fn teardown_under_load_loses_nothing() {
     let lab = Lab::new();
-    let t = lab.tproxy(Steer::Rewrite, &["--drain-timeout", "0"]);
+    // Pairs kept on the fast path (no retiring), so the teardown meets them there.
+    let t = lab.tproxy(
+        Steer::Rewrite,
+        &["--drain-timeout", "0", "--accel-retire-ms", "0"],
+    );
     // Local pairs in the cgroup: the client process is accelerated too.
     let mut cmd = lab
         .topo
@@ -338,7 +342,10 @@ fn teardown_under_load_loses_nothing() {
 fn teardown_under_load_through_envoy_loses_nothing() {
     let lab = Lab::new();
     let _p = lab.proxy(Proxy::Envoy, Steer::Tproxy);
-    let t = lab.tproxy(Steer::Tproxy, &["--drain-timeout", "0"]);
+    let t = lab.tproxy(
+        Steer::Tproxy,
+        &["--drain-timeout", "0", "--accel-retire-ms", "0"],
+    );
     let mut cmd = lab.topo.client.command(example("lab-client"));
     let dst = addr(SERVER_IP, Proxy::Envoy.stream_port()).to_string();
     cmd.args(["echo", &dst, "--bytes", "100663296", "--conns", "6"]);
@@ -377,8 +384,29 @@ fn teardown_under_load(lab: &Lab, mut t: Logged, mut cmd: std::process::Command,
 /// counters at the end. Asserts that every byte arrived, in order (the app
 /// checks the seeded stream), and that the writer saw no error.
 fn slow_reader(bound: u64, extra: &[&str]) -> (u64, serde_json::Value) {
+    slow_reader_with(bound, &[], extra)
+}
+
+/// `slow_reader` with extra tproxy arguments too.
+fn slow_reader_with(bound: u64, tproxy: &[&str], extra: &[&str]) -> (u64, serde_json::Value) {
+    let r = slow_reader_run(bound, tproxy, extra);
+    (r.max_queued, r.counters)
+}
+
+struct SlowReader {
+    max_queued: u64,
+    counters: serde_json::Value,
+    /// While the writer still ran: the pair had left (`accel_left`), no
+    /// socket counted as accelerated, and the kernel's SOCKHASH was empty.
+    left_mid_run: bool,
+}
+
+fn slow_reader_run(bound: u64, tproxy: &[&str], extra: &[&str]) -> SlowReader {
     let lab = Lab::with_app(&["--sink-rate", "4000000"]);
-    let _t = lab.tproxy(Steer::Rewrite, &["--accel-max-queued", &bound.to_string()]);
+    let bound = bound.to_string();
+    let mut args = vec!["--accel-max-queued", &bound];
+    args.extend_from_slice(tproxy);
+    let _t = lab.tproxy(Steer::Rewrite, &args);
     let mut cmd = lab
         .topo
         .server
@@ -388,12 +416,16 @@ fn slow_reader(bound: u64, extra: &[&str]) -> (u64, serde_json::Value) {
     let started = Instant::now();
     let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
     let mut max_queued = 0u64;
+    let mut left_mid_run = false;
     while w.proc.is_running() && started.elapsed() < Duration::from_secs(60) {
-        max_queued = max_queued.max(
-            stats(&lab.topo.server)["accel_queued_bytes"]
-                .as_u64()
-                .unwrap(),
-        );
+        let st = stats(&lab.topo.server);
+        max_queued = max_queued.max(st["accel_queued_bytes"].as_u64().unwrap());
+        if !left_mid_run
+            && st["counters"]["accel_left"].as_u64().unwrap() >= 1
+            && st["accel_sockets"].as_u64().unwrap() == 0
+        {
+            left_mid_run = sockhash_entries(&st) == 0 && w.proc.is_running();
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let st = w.proc.wait_timeout(Duration::from_secs(5)).unwrap();
@@ -402,7 +434,90 @@ fn slow_reader(bound: u64, extra: &[&str]) -> (u64, serde_json::Value) {
     assert!(st.success(), "{log}");
     assert!(log.contains("errors=0"), "the writer saw errors: {log}");
     assert!(log.contains("reply=sink ok bytes=12000000"), "{log}");
-    (max_queued, stats(&lab.topo.server)["counters"].clone())
+    SlowReader {
+        max_queued,
+        counters: stats(&lab.topo.server)["counters"].clone(),
+        left_mid_run,
+    }
+}
+
+/// Entries in the kernel's SOCKHASH of the instance `stats` describes
+/// (`bpftool map dump`, by the id in its runtime record).
+fn sockhash_entries(stats: &serde_json::Value) -> usize {
+    let record = format!(
+        "/run/tproxy/{}-{}.json",
+        stats["netns_inode"],
+        stats["iface"].as_str().unwrap()
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    let id = record["sockhash_map_id"].to_string();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().len()
+}
+
+/// A stream its reader never catches up with (a writer into an app reading
+/// 4 MB/s): after its fallback the sender stays on TCP, and after
+/// --accel-retire-ms (100 ms) it retires; once the bytes it had redirected
+/// are read, the pair leaves the SOCKHASH (the kernel's map is empty while
+/// the transfer still runs) and ends as plain TCP, every byte in order.
+#[test]
+fn a_stream_its_reader_never_catches_up_with_leaves_the_sockhash() {
+    let r = slow_reader_run(1 << 20, &[], &[]);
+    let c = &r.counters;
+    eprintln!("retiring: counters {c}");
+    assert!(c["accel_fallbacks"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["accel_retired"].as_u64().unwrap() >= 1, "{c}");
+    assert_eq!(c["accel_left"].as_u64().unwrap(), 1, "{c}");
+    assert!(
+        r.left_mid_run,
+        "the pair never left while the writer ran: {c}"
+    );
+}
+
+/// Echo streams both ways with a small bound and a short --accel-retire-ms:
+/// pairs fall back, retire on either end (a sender that sees its peer
+/// retired retires too) and leave the SOCKHASH while bytes move both ways;
+/// the client checks every echoed byte.
+#[test]
+fn echo_pairs_that_retire_and_leave_stay_byte_exact() {
+    let lab = Lab::new();
+    let _t = lab.tproxy(
+        Steer::Rewrite,
+        &["--accel-max-queued", "65536", "--accel-retire-ms", "20"],
+    );
+    let mut cmd = lab
+        .topo
+        .server
+        .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    cmd.args([
+        "echo",
+        "127.0.0.1:8000",
+        "--bytes",
+        "33554432",
+        "--conns",
+        "6",
+    ]);
+    let mut client = Logged::spawn("lab-client", &mut cmd).unwrap();
+    let st = client.proc.wait_timeout(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let log = client.log();
+    let c = stats(&lab.topo.server)["counters"].clone();
+    eprintln!("echo with retiring: counters {c}");
+    assert!(st.success(), "{log}\n{c}");
+    assert_eq!(log.matches("ok conn=").count(), 6, "{log}");
+    assert!(c["accel_retired"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["accel_left"].as_u64().unwrap() >= 1, "{c}");
+    assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
 }
 
 /// A fast writer and a reader at well under 1% of its rate: the bytes
@@ -427,7 +542,13 @@ fn a_slow_reader_is_bounded() {
 #[test]
 fn a_sender_returns_to_the_fast_path_once_its_reader_caught_up() {
     const MAX: u64 = 1 << 20;
-    let (max_queued, c) = slow_reader(MAX, &["--pause-every", "3000000", "--pause-ms", "1500"]);
+    // Never retiring: each burst's TCP stretch (about 0.5 s) is longer
+    // than the default --accel-retire-ms.
+    let (max_queued, c) = slow_reader_with(
+        MAX,
+        &["--accel-retire-ms", "0"],
+        &["--pause-every", "3000000", "--pause-ms", "1500"],
+    );
     eprintln!("bursts: max queued {max_queued} B (bound {MAX}), counters {c}");
     assert!(max_queued <= MAX, "queued {max_queued} > bound {MAX}");
     // Four bursts: each falls back; the last three start on the fast path again.

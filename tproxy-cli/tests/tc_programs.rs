@@ -50,6 +50,8 @@ impl Progs {
             steer_mark: STEER_MARK,
             flags: flags::STEER_NEW,
             accel_max_queued: 1 << 20,
+            accel_retire_ms: 0,
+            _pad0: 0,
             sk_rcvbuf_offset: 0,
             netns_cookie: 1,
         };

@@ -67,6 +67,10 @@ pub const PENDING_MAX: u32 = 4_096;
 /// The bound in force follows the reader (`SockState::rcvbuf`: its receive
 /// buffer or its recent pace, whichever is larger) when that is smaller.
 pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 16 << 20;
+/// Default `Config::accel_retire_ms`: a TCP stretch no shorter than a few
+/// scheduler slices (a reader descheduled for a moment is not a stream that
+/// never lets it catch up).
+pub const DEFAULT_ACCEL_RETIRE_MS: u32 = 100;
 /// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
 /// one lookup, no hashing, on the per-packet path.
 pub const PORTS_MAX: u32 = 65_536;
@@ -119,6 +123,12 @@ pub struct Config {
     /// for the recvmsg tracepoint to refresh `SockState::rcvbuf`; 0 if
     /// unknown (then the value read at insert stays).
     pub sk_rcvbuf_offset: u32,
+    /// A sender on TCP this long without its reader ever catching up (a
+    /// continuous stream after a fallback) leaves the fast path for good
+    /// and the pair leaves the SOCKHASH: plain TCP without the sockmap's
+    /// cost on every send. Milliseconds; 0: never.
+    pub accel_retire_ms: u32,
+    pub _pad0: u32,
     /// Cookie of the network namespace tproxy serves: cgroup programs see
     /// sockets of every namespace whose processes are in the cgroup, and
     /// must not take another namespace's identical tuple for a steered flow.
@@ -222,6 +232,9 @@ pub struct SockState {
     pub win_start: u64,
     /// `read` at the start of that window.
     pub win_read: u64,
+    /// When this socket last left the fast path for TCP (a fallback),
+    /// CLOCK_MONOTONIC_COARSE ns; 0: never.
+    pub tcp_since: u64,
 }
 
 /// The read-rate window of `SockState::rcvbuf`.
@@ -235,6 +248,14 @@ pub mod sock_flags {
     /// reader: TCP's backpressure takes over), set again once the peer has
     /// read every byte sent.
     pub const FAST: u32 = 1 << 0;
+    /// This socket will never redirect again (set by the socket itself, in
+    /// its sk_msg): it stayed on TCP for `accel_retire_ms` without its
+    /// reader catching up, or its peer retired. The pair then leaves the
+    /// SOCKHASH once neither end has redirected bytes left unread.
+    pub const RETIRED: u32 = 1 << 1;
+    /// This socket took the pair out of the SOCKHASH: both ends are plain
+    /// TCP sockets again.
+    pub const LEFT: u32 = 1 << 2;
 }
 
 impl SockKey {
@@ -320,10 +341,14 @@ pub enum Counter {
     /// Wake-ups given to a reader that had read every redirected byte while
     /// bytes its peer sent by TCP were waiting (see sockops.rs: `nudge`).
     AccelNudges,
+    /// Senders that left the fast path for good (`sock_flags::RETIRED`).
+    AccelRetired,
+    /// Pairs taken out of the SOCKHASH after retiring: plain TCP sockets again.
+    AccelLeft,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 27] = [
+    pub const ALL: [Counter; 29] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -351,6 +376,8 @@ impl Counter {
         Counter::Fragments,
         Counter::VlanPassed,
         Counter::AccelNudges,
+        Counter::AccelRetired,
+        Counter::AccelLeft,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -383,6 +410,8 @@ impl Counter {
             Counter::Fragments => "fragments",
             Counter::VlanPassed => "vlan_passed",
             Counter::AccelNudges => "accel_nudges",
+            Counter::AccelRetired => "accel_retired",
+            Counter::AccelLeft => "accel_left",
         }
     }
 }
@@ -390,11 +419,11 @@ impl Counter {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<Config>() == 32);
+    assert!(size_of::<Config>() == 40);
     assert!(offset_of!(Config, l2_len) == 3);
-    assert!(offset_of!(Config, netns_cookie) == 24);
+    assert!(offset_of!(Config, netns_cookie) == 32);
     assert!(offset_of!(Config, accel_max_queued) == 16);
-    assert!(size_of::<SockState>() == 112);
+    assert!(size_of::<SockState>() == 120);
     assert!(offset_of!(SockState, win_start) == 96);
     assert!(offset_of!(SockState, peer) == 56);
     assert!(offset_of!(SockState, read) == 80);
@@ -416,7 +445,7 @@ const _: () = {
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
     assert!(offset_of!(SockKey, netns_cookie) == 48);
-    assert!(Counter::COUNT == Counter::AccelNudges as u32 + 1);
+    assert!(Counter::COUNT == Counter::AccelLeft as u32 + 1);
 };
 
 #[cfg(feature = "user")]

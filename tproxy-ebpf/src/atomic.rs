@@ -1,6 +1,9 @@
-//! Atomic add on a shared map value: BPF_ATOMIC ADD (XADD), which every
+//! Atomic adds on shared map values: BPF_ATOMIC ADD (XADD), which every
 //! BPF CPU version has. Rust offers `fetch_add` only where the target has
 //! compare-and-swap, which bpfel-unknown-none does not claim.
+//!
+//! The JIT makes each a locked instruction on x86-64 (`lock add`), which is
+//! also a full memory barrier: `publish` relies on that.
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 /// `*p += n`, atomically, result unused (so LLVM emits a plain XADD).
@@ -9,5 +12,27 @@ pub fn add(p: *mut u64, n: u64) {
     // SAFETY: callers pass a pointer into a live map value.
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n);
+    }
+}
+
+/// `*p` goes from `old` to `new` (the caller is its only writer), with a
+/// full barrier after the store: what this CPU reads next is read after
+/// the store is visible to every other CPU (the store-load order two
+/// sockets need to agree on who stops redirecting; see sk_msg.rs).
+#[inline(always)]
+pub fn publish(p: *mut u64, old: u64, new: u64) {
+    // SeqCst: LLVM must not move the caller's next reads above it either.
+    // SAFETY: callers pass a pointer into a live map value.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, new.wrapping_sub(old));
+    }
+}
+
+/// 32-bit `publish`.
+#[inline(always)]
+pub fn publish32(p: *mut u32, old: u32, new: u32) {
+    // SAFETY: callers pass a pointer into a live map value.
+    unsafe {
+        atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, new.wrapping_sub(old));
     }
 }

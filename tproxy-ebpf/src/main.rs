@@ -9,6 +9,9 @@
 //! | sockops           | `tproxy_sockops`   | `sockops.rs`    |
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
 //! | raw tracepoint sock_recv_length | `tproxy_recv_length` | `recv_length.rs` |
+//!
+//! `retire.rs`: sockops takes a pair that gave up the fast path out of the
+//! SOCKHASH (sk_msg may not delete from it).
 #![no_std]
 #![no_main]
 // Atomic add on map values (the BPF target has no CAS, so core's
@@ -29,6 +32,7 @@ mod maps;
 mod packet;
 mod recv_length;
 mod restore;
+mod retire;
 mod sk_msg;
 mod sockkey;
 mod sockops;

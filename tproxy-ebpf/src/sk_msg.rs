@@ -10,17 +10,29 @@
 //! TCP is always safe, and a switch back only when nothing sent by TCP is
 //! still unread (`SockState` in tproxy-common: `sent` against the peer's
 //! `read`).
-use core::ptr::{read_volatile, write_volatile};
+//!
+//! A continuous stream rarely lets its reader catch up completely, so after
+//! a fallback it may stay on TCP for good, and TCP through a socket in the
+//! SOCKHASH costs more than plain TCP (every send is first copied into an
+//! sk_msg, then pushed to TCP). A sender that stays on TCP for
+//! `accel_retire_ms` retires: it never redirects again, and once neither
+//! end has redirected bytes left unread, sockops takes the pair out of the
+//! SOCKHASH (`retire::leave`; the kernel lets only sockops, not sk_msg,
+//! delete from a sockmap), after which both are plain TCP sockets.
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use tproxy_common::{Counter, flags, sock_flags::FAST};
+use tproxy_common::{
+    Counter, SockState, flags,
+    sock_flags::{FAST, RETIRED},
+};
 
 use crate::{
-    counters,
+    atomic, counters,
     maps::{CONFIG, SOCKHASH, SOCKS},
 };
 
@@ -40,33 +52,31 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
         return Ok(());
     };
     // SAFETY (every access to *own below): this socket's live SOCKS entry.
-    // `sent`, `redirected_end` and `flags` are written only here, and sk_msg
-    // runs under the sending socket's lock; `peer` is one aligned 8-byte
-    // word that sockops sets once.
+    // `sent`, `redirected_end`, `flags` and `tcp_since` are written only
+    // here, by one sendmsg at a time; `peer` is one aligned 8-byte word
+    // that sockops sets once.
     let sent = unsafe { (*own).sent };
-    let state = unsafe { (*own).flags };
+    let mut state = unsafe { (*own).flags };
     let peer_sk = unsafe { read_volatile(&raw const (*own).peer) };
     let size = u64::from(ctx.size());
     // Every byte counts, whichever way it goes.
     unsafe { (*own).sent = sent + size };
-    let pass = |counter| {
-        unsafe { (*own).flags = state & !FAST };
-        counters::inc(counter);
-        Ok(())
-    };
     let cfg = CONFIG.get(0).ok_or(())?;
-    // Teardown: tproxy is stopping; everything goes by TCP from here on.
-    if cfg.flags & flags::ACCEL == 0 {
-        return pass(Counter::MsgPassthrough);
-    }
     // The app side is not established yet: TCP until it has read this.
-    let Some(peer) = (if peer_sk == 0 {
+    let peer = if peer_sk == 0 {
         None
     } else {
-        SOCKS.get_ptr(&peer_sk)
-    }) else {
-        return pass(Counter::MsgPassthrough);
+        SOCKS.get_ptr_mut(&peer_sk)
     };
+    // Teardown (tproxy is stopping: everything goes by TCP from here on),
+    // or no peer yet.
+    let (Some(peer), true) = (peer, cfg.flags & flags::ACCEL != 0) else {
+        return pass(own, state, Counter::MsgPassthrough);
+    };
+    // Retired: TCP until sockops takes the pair out of the SOCKHASH.
+    if state & RETIRED != 0 {
+        return pass(own, state, Counter::MsgPassthrough);
+    }
     // SAFETY: the peer's live SOCKS entry; `read` is one aligned 8-byte
     // word its readers add to atomically (a stale value only overstates
     // what is unread).
@@ -76,7 +86,13 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     if state & FAST == 0 {
         // Bytes sent by TCP still unread: a redirected byte would overtake them.
         if unread != 0 {
-            return pass(Counter::MsgPassthrough);
+            // SAFETY: own entry, see above.
+            let since = unsafe { (*own).tcp_since };
+            let retire_ns = u64::from(cfg.accel_retire_ms) * 1_000_000;
+            if since != 0 && retire_ns != 0 && crate::flow::now().wrapping_sub(since) > retire_ns {
+                state = retire(own, state);
+            }
+            return pass(own, state, Counter::MsgPassthrough);
         }
         if sent != 0 {
             counters::inc(Counter::AccelResumed);
@@ -86,21 +102,59 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     {
         // (A reader that has read everything takes the next message whatever
         // its size, as TCP takes a write larger than the receive buffer.)
+        // SAFETY: own entry, see above.
+        unsafe { (*own).tcp_since = crate::flow::now() };
         counters::inc(Counter::AccelFallbacks);
-        return pass(Counter::MsgPassthrough);
+        return pass(own, state, Counter::MsgPassthrough);
     }
+    // Claim the bytes before looking at the peer's flags, and the peer sets
+    // its flag before looking at our claim (`leave`): of two sockets doing
+    // this at once, at least one sees the other's store, so the peer never
+    // leaves the SOCKHASH with these bytes on their way into its queue.
+    // SAFETY: own entry, see above.
+    let claimed = unsafe { (*own).redirected_end };
+    let end = sent + size;
+    atomic::publish(unsafe { &raw mut (*own).redirected_end }, claimed, end);
+    // SAFETY: the peer's live entry; one aligned 4-byte word.
+    if unsafe { read_volatile(&raw const (*peer).flags) } & RETIRED != 0 {
+        // The peer retired: so does this end (the pair is done with the
+        // fast path); the claim is withdrawn.
+        atomic::publish(unsafe { &raw mut (*own).redirected_end }, end, claimed);
+        state = retire(own, state);
+        return pass(own, state, Counter::MsgPassthrough);
+    }
+    // SAFETY: own entry; `peer_key` is written once at insert.
     let peer_key = unsafe { (*own).peer_key };
     if SOCKHASH.redirect_msg(ctx, peer_key, BPF_F_INGRESS as u64) != SK_PASS as i64 {
         // The peer left the map (closed): plain TCP, like the rest of it.
-        return pass(Counter::MsgMiss);
+        atomic::publish(unsafe { &raw mut (*own).redirected_end }, end, claimed);
+        return pass(own, state, Counter::MsgMiss);
     }
-    unsafe {
-        (*own).flags = state | FAST;
-        write_volatile(&raw mut (*own).redirected_end, sent + size);
-    }
+    // SAFETY: own entry.
+    unsafe { (*own).flags = state | FAST };
     counters::inc(Counter::MsgRedirected);
     counters::add(Counter::MsgRedirectedBytes, size);
     Ok(())
+}
+
+/// This message goes by TCP; the sender is off the fast path.
+#[inline(always)]
+fn pass(own: *mut SockState, state: u32, counter: Counter) -> Result<(), ()> {
+    // SAFETY: the caller's own live entry.
+    unsafe { (*own).flags = state & !FAST };
+    counters::inc(counter);
+    Ok(())
+}
+
+/// This end never redirects again. The flag is stored with a full barrier:
+/// `retire::leave`, which reads the peer's claim, runs after it.
+#[inline(always)]
+fn retire(own: *mut SockState, state: u32) -> u32 {
+    // SAFETY: the caller's own live entry; this socket is its flags' only
+    // writer.
+    atomic::publish32(unsafe { &raw mut (*own).flags }, state, state | RETIRED);
+    counters::inc(Counter::AccelRetired);
+    state | RETIRED
 }
 
 /// Unread bytes a sender may leave at its peer: the larger of what the

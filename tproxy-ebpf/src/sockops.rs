@@ -28,7 +28,10 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use tproxy_common::{Counter, SockKey, SockState, flags, sock_flags::FAST};
+use tproxy_common::{
+    Counter, SockKey, SockState, flags,
+    sock_flags::{FAST, LEFT, RETIRED},
+};
 
 use crate::{
     counters, flow,
@@ -156,6 +159,7 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
         rcvbuf: rcvbuf(ctx),
         win_start: crate::flow::now(),
         win_read: 0,
+        tcp_since: 0,
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
@@ -206,6 +210,8 @@ fn rcvbuf(ctx: &SockOpsContext) -> u32 {
 /// for good. The reader answers each probe with an ACK, which brings us
 /// here; setting SO_RCVLOWAT (to the value it has) makes tcp_set_rcvlowat
 /// call tcp_data_ready, which wakes the reader if TCP bytes are readable.
+/// The same callback (every packet an accelerated socket sends) is where a
+/// retired pair leaves the SOCKHASH (`retire::leave`).
 /// Only pure ACKs (no payload: not the sends of its own writer, nor the
 /// header-size queries made for them); a reader that is merely slow gets a
 /// spurious wake-up on its window updates, which costs a read.
@@ -214,14 +220,23 @@ fn nudge(ctx: &SockOpsContext) {
     const SOL_SOCKET: i32 = 1;
     const SO_RCVLOWAT: i32 = 18;
     const TCP_FLAG_ACK: u32 = 0x10;
+    let Some(own) = SOCKS.get_ptr_mut(&sk_addr(ctx)) else {
+        return;
+    };
+    // SAFETY: own live entry; one aligned 4-byte word.
+    if unsafe { core::ptr::read_volatile(&raw const (*own).flags) } & RETIRED != 0 {
+        // A retired sender's packets (its data goes by TCP now): take the
+        // pair out of the SOCKHASH once nothing redirected is left unread.
+        let peer_sk = unsafe { core::ptr::read_volatile(&raw const (*own).peer) };
+        if let Some(peer) = SOCKS.get_ptr_mut(&peer_sk) {
+            crate::retire::leave(own, peer);
+        }
+    }
     // SAFETY: reading the context; skb fields are 0 without a packet.
     let (len, tcp_flags) = unsafe { ((*ctx.ops).skb_len, (*ctx.ops).skb_tcp_flags) };
     if len != 0 || tcp_flags & TCP_FLAG_ACK == 0 {
         return;
     }
-    let Some(own) = SOCKS.get_ptr(&sk_addr(ctx)) else {
-        return;
-    };
     // SAFETY: live SOCKS entries; aligned 8-byte and 4-byte words that
     // their writers store whole (a stale value delays the nudge to the
     // next packet, or wakes the reader once for nothing).
@@ -238,13 +253,20 @@ fn nudge(ctx: &SockOpsContext) {
     }) else {
         return;
     };
-    let (flags, sent, redirected_end) = unsafe {
+    let (flags, sent, redirected_end, own_flags) = unsafe {
         (
             core::ptr::read_volatile(&raw const (*peer).flags),
             core::ptr::read_volatile(&raw const (*peer).sent),
             core::ptr::read_volatile(&raw const (*peer).redirected_end),
+            core::ptr::read_volatile(&raw const (*own).flags),
         )
     };
+    // The pair left the SOCKHASH: plain TCP sockets, whose reads are never
+    // short; stop looking at this socket's packets.
+    if (flags | own_flags) & LEFT != 0 {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        return;
+    }
     // The peer sends by TCP, nothing redirected is left to read, and some
     // of what it sent is not read yet.
     if flags & FAST != 0 || read < redirected_end || read >= sent {

@@ -1,0 +1,67 @@
+//! A retired pair leaves the SOCKHASH (called from sockops, on each packet
+//! a retired socket sends: the kernel lets sockops, not sk_msg, delete from
+//! a sockmap). After it, both ends are plain TCP sockets: no sk_msg on
+//! their sends, no sockmap receive path. See sk_msg.rs for why and when a
+//! sender retires.
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::helpers::bpf_map_delete_elem;
+use tproxy_common::{
+    Counter, SockKey, SockState,
+    sock_flags::{LEFT, RETIRED},
+};
+
+use crate::{counters, maps::SOCKHASH};
+
+/// Takes `own`'s pair out of the SOCKHASH if `own` retired and that loses
+/// nothing. A socket's leaving frees its queue of redirected bytes, so both
+/// queues must have been read to the end, and the peer must not be
+/// redirecting: it never will once it has seen `own`'s RETIRED flag, and
+/// one it claimed before that shows here as its `redirected_end`, not yet
+/// read (sk_msg stores the claim, then reads our flag; we stored the flag
+/// with a full barrier, in sk_msg, before getting here).
+#[inline(always)]
+pub fn leave(own: *mut SockState, peer: *mut SockState) {
+    // SAFETY: both live SOCKS entries; aligned words stored whole by their
+    // writers (`read` added to atomically by readers).
+    let (flags, own_end, own_read, peer_end, peer_read) = unsafe {
+        (
+            read_volatile(&raw const (*own).flags),
+            read_volatile(&raw const (*own).redirected_end),
+            read_volatile(&raw const (*own).read),
+            read_volatile(&raw const (*peer).redirected_end),
+            read_volatile(&raw const (*peer).read),
+        )
+    };
+    if flags & RETIRED == 0 || flags & LEFT != 0 {
+        return;
+    }
+    if peer_read < own_end || own_read < peer_end {
+        // Redirected bytes still queued (or on their way): a later packet.
+        return;
+    }
+    // SAFETY: `peer_key` fields are written once at insert; ours is the
+    // one the peer points at.
+    let mut keys: [SockKey; 2] = unsafe { [(*own).peer_key, (*peer).peer_key] };
+    let mut left = false;
+    for key in keys.iter_mut() {
+        // SAFETY: SOCKHASH is a map of this object, the key a full SockKey
+        // on the stack. A socket another CPU is sending or reading on may
+        // be deleted: the kernel frees its psock after its last user.
+        let r = unsafe {
+            bpf_map_delete_elem(
+                (&raw const SOCKHASH).cast_mut().cast(),
+                (key as *mut SockKey).cast(),
+            )
+        };
+        left |= r == 0;
+    }
+    if left {
+        counters::inc(Counter::AccelLeft);
+    }
+    // (sk_msg stores this word too, but runs no more once the socket has
+    // left; a store it was making at this moment would lose LEFT, and the
+    // next packet here only finds the keys gone and sets it again.)
+    // SAFETY: own live entry, one aligned 4-byte word.
+    unsafe { write_volatile(&raw mut (*own).flags, flags | LEFT) };
+}
