@@ -3,7 +3,9 @@
 //! compare-and-swap, which bpfel-unknown-none does not claim.
 //!
 //! The JIT makes each a locked instruction on x86-64 (`lock add`), which is
-//! also a full memory barrier: `publish` relies on that.
+//! also a full memory barrier: `publish` relies on that. (arm64's JIT emits
+//! STADD, which orders nothing; there `publish` would need the fetching
+//! form, BPF_FETCH, which LLVM emits only for -mcpu=v3 objects.)
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 /// `*p += n`, atomically, result unused (so LLVM emits a plain XADD).
