@@ -59,6 +59,10 @@ pub struct CheckArgs {
     #[arg(long, value_name = "ID", value_parser = parse_mark)]
     pub route_table: Option<u32>,
 
+    /// Address the run would serve Prometheus metrics on: it must be free.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// One JSON array of {name, ok, detail, fix} instead of lines.
     #[arg(long)]
     pub json: bool,
@@ -228,7 +232,23 @@ pub fn checks(args: &CheckArgs) -> Vec<Item> {
         items.extend(tproxy_items(&opts, ifindex, args.iface.is_some()));
     }
     items.push(listener_item(opts.proxy_port));
+    if let Some(addr) = args.metrics_addr {
+        items.push(metrics_item(addr));
+    }
     items
+}
+
+/// The metrics address binds (and is let go at once), as the run binds it.
+fn metrics_item(addr: std::net::SocketAddr) -> Item {
+    const NAME: &str = "metrics address";
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Item::pass(NAME, format!("{addr} is free")),
+        Err(source) => Item::from_error(
+            NAME,
+            &Error::MetricsBind { addr, source },
+            "pass a free local address and port to --metrics-addr",
+        ),
+    }
 }
 
 /// One item per program type, map type and the tracepoint; the helpers

@@ -241,6 +241,39 @@ fn fails_when_nothing_listens_on_the_proxy_port() {
     );
 }
 
+/// A metrics address already bound in the namespace fails its line (the
+/// run would fail to bind it); a free one passes.
+#[test]
+fn fails_when_the_metrics_address_is_already_bound() {
+    let sb = sandbox();
+    let _proxy = listen(&sb, 15006);
+    let taken = sb.ns.run(|| TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let cg = sb.cg();
+    let (code, items, out) = check_json(&mut check_cmd(
+        &sb,
+        &["-i", "eth0", "--cgroup", &cg, "--metrics-addr", &addr],
+    ));
+    assert_well_formed(&items);
+    assert_eq!(code, 1, "{}", String::from_utf8_lossy(&out.stderr));
+    let f = failed(&items);
+    assert_eq!(f.len(), 1, "{f:#?}");
+    assert_eq!(f[0]["name"], "metrics address");
+    let detail = f[0]["detail"].as_str().unwrap();
+    assert!(detail.contains(&addr) && detail.contains("in use"), "{f:?}");
+    assert!(
+        f[0]["fix"].as_str().unwrap().contains("--metrics-addr"),
+        "{f:?}"
+    );
+    drop(taken);
+    let (code, items, _) = check_json(&mut check_cmd(
+        &sb,
+        &["-i", "eth0", "--cgroup", &cg, "--metrics-addr", &addr],
+    ));
+    assert_eq!(code, 0, "{items:#?}");
+    assert_eq!(item(&items, "metrics address")["ok"], true);
+}
+
 #[test]
 fn the_tproxy_back_end_needs_nft_on_path() {
     let sb = sandbox();
