@@ -191,29 +191,8 @@ fn link_type(name: &str) -> Result<u16> {
 /// The cookie of this process's network namespace (SO_NETNS_COOKIE, Linux
 /// 5.14): what the cgroup programs compare a socket's namespace with.
 pub fn netns_cookie() -> Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
-        .map_err(|e| Error::io("a socket to read the network namespace's cookie", e))?;
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie and len are valid for the kernel to write.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(Error::io(
-            "reading SO_NETNS_COOKIE (needs Linux >= 5.14)",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(cookie)
+    crate::netns::current_cookie()
+        .map_err(|e| Error::io("reading SO_NETNS_COOKIE (needs Linux >= 5.14)", e))
 }
 
 pub fn is_cgroup2(path: &Path) -> bool {
