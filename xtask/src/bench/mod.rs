@@ -208,10 +208,13 @@ fn wakeups(pid: i32) -> f64 {
 }
 
 /// The accel counters that explain a figure: fallbacks to TCP and returns,
-/// sendmsg calls redirected or passed to TCP, bytes redirected.
-const ACCEL_COUNTERS: [&str; 6] = [
+/// pairs that retired and left the SOCKHASH, sendmsg calls redirected or
+/// passed to TCP, bytes redirected.
+const ACCEL_COUNTERS: [&str; 8] = [
     "accel_fallbacks",
     "accel_resumed",
+    "accel_retired",
+    "accel_left",
     "msg_redirected",
     "msg_redirected_bytes",
     "msg_passthrough",

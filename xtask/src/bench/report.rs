@@ -155,6 +155,7 @@ fn accel_counters(out: &mut String, r: &Results) {
     let cols = [
         "accel_fallbacks",
         "accel_resumed",
+        "accel_left",
         "msg_redirected",
         "msg_passthrough",
         "msg_miss",
@@ -166,7 +167,7 @@ fn accel_counters(out: &mut String, r: &Results) {
     );
     let _ = writeln!(
         out,
-        "| | fallbacks to TCP | returns | sendmsg redirected | sendmsg by TCP | lookups missed | bytes per redirect |\n|---|---|---|---|---|---|---|"
+        "| | fallbacks to TCP | returns | pairs that left the SOCKHASH | sendmsg redirected | sendmsg by TCP | lookups missed | bytes per redirect |\n|---|---|---|---|---|---|---|---|"
     );
     for w in whats {
         let cells: Vec<String> = cols
