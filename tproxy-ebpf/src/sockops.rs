@@ -261,9 +261,11 @@ fn nudge(ctx: &SockOpsContext) {
             core::ptr::read_volatile(&raw const (*own).flags),
         )
     };
-    // The pair left the SOCKHASH: plain TCP sockets, whose reads are never
-    // short; stop looking at this socket's packets.
-    if (flags | own_flags) & LEFT != 0 {
+    // The pair left the SOCKHASH: its reads are plain TCP now, never short.
+    // A reader stuck after a short read from before the leaving still needs
+    // its nudge until it has read what the peer counted as sent (the peer's
+    // sk_msg counts no more); then stop looking at this socket's packets.
+    if (flags | own_flags) & LEFT != 0 && read >= sent {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         return;
     }
