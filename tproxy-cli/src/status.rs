@@ -423,24 +423,10 @@ pub fn collect() -> Result<Vec<InstanceStatus>> {
         .collect())
 }
 
-/// `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, proleptic Gregorian).
+/// `YYYY-MM-DDTHH:MM:SSZ` for unix seconds.
 fn utc(ts: u64) -> String {
-    let (days, secs) = ((ts / 86_400) as i64, ts % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(ts))
+        .to_string()
 }
 
 /// `3d4h`, `2h5m`, `5m13s`, `42s`.
@@ -601,9 +587,9 @@ mod tests {
 
     #[test]
     fn dates_and_durations_read_like_dates_and_durations() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
-        assert_eq!(utc(1_763_814_245), "2025-11-22 12:24:05 UTC");
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_763_814_245), "2025-11-22T12:24:05Z");
         assert_eq!(human_duration(42), "42s");
         assert_eq!(human_duration(313), "5m13s");
         assert_eq!(human_duration(7500), "2h5m");
