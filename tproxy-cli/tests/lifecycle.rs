@@ -407,20 +407,8 @@ fn failure_late_in_attach_rolls_back_everything() {
         .exec("tc", &["qdisc", "add", "dev", "eth0", "ingress"])
         .unwrap();
     let before = sb.tc_listing();
-    let cg = sb.cg();
     let out = sb
-        .ns
-        .command(BIN)
-        .args([
-            "-i",
-            "eth0",
-            "-ports",
-            "8000",
-            "--cgroup",
-            &cg,
-            "--tc-mode",
-            "netlink",
-        ])
+        .command(&["--tc-mode", "netlink"])
         .env("TPROXY_LOG", "debug")
         .output()
         .unwrap();

@@ -55,6 +55,15 @@ impl Sandbox {
         self.cgroup.path().display().to_string()
     }
 
+    /// `tproxy -i eth0 -ports 8000 --cgroup <ours> EXTRA…` in the
+    /// namespace, not started (for runs expected to fail).
+    pub fn command(&self, extra: &[&str]) -> std::process::Command {
+        let mut cmd = self.ns.command(BIN);
+        cmd.args(["-i", "eth0", "-ports", "8000", "--cgroup", &self.cg()])
+            .args(extra);
+        cmd
+    }
+
     /// `tproxy -i eth0 -ports 8000 --cgroup <ours> EXTRA…`, serving.
     pub fn start(&self, extra: &[&str]) -> Tproxy {
         let cg = self.cg();
