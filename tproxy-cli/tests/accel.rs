@@ -490,38 +490,41 @@ fn a_stream_its_reader_never_catches_up_with_leaves_the_sockhash() {
 /// pairs fall back, retire on either end (a sender that sees its peer
 /// retired retires too) and leave the SOCKHASH while bytes move both ways;
 /// the client checks every echoed byte.
-#[test]
-fn echo_pairs_that_retire_and_leave_stay_byte_exact() {
+/// `conns` local echo connections of `bytes` each through our accelerated
+/// proxy (tproxy with `tproxy`): every echoed byte checked and every
+/// connection ending `ok`, within 60 s (a frozen reader fails with the
+/// sockets and counters). The counters at the end.
+fn local_echo(tproxy: &[&str], bytes: &str, conns: usize) -> serde_json::Value {
     let lab = Lab::new();
-    let _t = lab.tproxy(
-        Steer::Rewrite,
-        &["--accel-max-queued", "65536", "--accel-retire-ms", "20"],
-    );
+    let _t = lab.tproxy(Steer::Rewrite, tproxy);
     let mut cmd = lab
         .topo
         .server
         .command_in(example("lab-client"), Some(&lab.topo.cgroup));
-    cmd.args([
-        "echo",
-        "127.0.0.1:8000",
-        "--bytes",
-        "33554432",
-        "--conns",
-        "6",
-    ]);
+    let n = conns.to_string();
+    cmd.args(["echo", "127.0.0.1:8000", "--bytes", bytes, "--conns", &n]);
+    let started = Instant::now();
     let mut client = Logged::spawn("lab-client", &mut cmd).unwrap();
     let st = client.proc.wait_timeout(Duration::from_secs(60));
     let server = &lab.topo.server;
+    let frozen = server.exec("ss", &["-Htmnip"]).unwrap_or_default();
     let c = stats(server)["counters"].clone();
-    let st = st.unwrap_or_else(|e| {
-        let socks = server.exec("ss", &["-Htmnip"]).unwrap_or_default();
-        panic!("{e}\n{}\n{socks}\n{c}", client.log())
-    });
+    eprintln!("{:.1} s, counters {c}", started.elapsed().as_secs_f64());
+    let st = st.unwrap_or_else(|e| panic!("frozen: {e}\n{}\n{frozen}\n{c}", client.log()));
     std::thread::sleep(Duration::from_millis(50));
     let log = client.log();
-    eprintln!("echo with retiring: counters {c}");
-    assert!(st.success(), "{log}\n{c}");
-    assert_eq!(log.matches("ok conn=").count(), 6, "{log}");
+    assert!(st.success(), "{log}\n{frozen}\n{c}");
+    assert_eq!(log.matches("ok conn=").count(), conns, "{log}");
+    c
+}
+
+#[test]
+fn echo_pairs_that_retire_and_leave_stay_byte_exact() {
+    let c = local_echo(
+        &["--accel-max-queued", "65536", "--accel-retire-ms", "20"],
+        "33554432",
+        6,
+    );
     assert!(c["accel_retired"].as_u64().unwrap() >= 1, "{c}");
     assert!(c["accel_left"].as_u64().unwrap() >= 1, "{c}");
     assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
@@ -695,32 +698,7 @@ fn a_slow_reader_costs_no_more_memory_than_without_acceleration_ours() {
 /// bytes filled its window used to wait for an edge that never came.
 #[test]
 fn many_switches_never_freeze_a_reader() {
-    let lab = Lab::new();
-    let _t = lab.tproxy(Steer::Rewrite, &["--accel-max-queued", "65536"]);
-    let mut cmd = lab
-        .topo
-        .server
-        .command_in(example("lab-client"), Some(&lab.topo.cgroup));
-    cmd.args([
-        "echo",
-        "127.0.0.1:8000",
-        "--bytes",
-        "67108864",
-        "--conns",
-        "8",
-    ]);
-    let started = Instant::now();
-    let mut client = Logged::spawn("lab-client", &mut cmd).unwrap();
-    let st = client.proc.wait_timeout(Duration::from_secs(45));
-    let server = &lab.topo.server;
-    let frozen = server.exec("ss", &["-Htmnip"]).unwrap_or_default();
-    let c = stats(server)["counters"].clone();
-    eprintln!("{:.1} s, counters {c}", started.elapsed().as_secs_f64());
-    let st = st.unwrap_or_else(|e| panic!("frozen: {e}\n{}\n{frozen}\n{c}", client.log()));
-    std::thread::sleep(Duration::from_millis(50));
-    let log = client.log();
-    assert!(st.success(), "{log}\n{frozen}\n{c}");
-    assert_eq!(log.matches("ok conn=").count(), 8, "{log}");
+    let c = local_echo(&["--accel-max-queued", "65536"], "67108864", 8);
     assert!(c["accel_fallbacks"].as_u64().unwrap() >= 8, "{c}");
 }
 
