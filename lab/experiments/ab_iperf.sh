@@ -1,0 +1,45 @@
+#!/bin/bash
+# Side-by-side iperf3 through the lab's proxy, tproxy restarted per run with
+# other flags or another binary, interleaved; the figures in the closing
+# notes and README ("what limits each figure") came from this.
+#
+#   cargo xtask lab up            # Envoy by default
+#   REPS=8 SZ=64K lab/experiments/ab_iperf.sh \
+#       "noaccel:--no-accel" "accel:" "forced-tcp:--accel-max-queued 1" \
+#       "old:@/tmp/tproxy-old"    # @PATH: that binary, default flags
+#   cargo xtask lab down
+#
+# One line per run: rep, label, size, Gbit/s, the fast-path counters; then
+# every label's figures in run order (take the median). Stops the lab's own
+# tproxy first (lab down still cleans up after it).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+T=${TPROXY:-$REPO/target/release/tproxy}
+CG=/sys/fs/cgroup/unified/tproxy-lab
+SRV=/run/netns/tproxy-lab-server
+SZ=${SZ:-64K}; REPS=${REPS:-3}; DUR=${DUR:-3}
+[ -e "$SRV" ] || { echo "the lab is not up: cargo xtask lab up" >&2; exit 1; }
+old=$(awk '$1=="tproxy"{print $2}' /run/tproxy-lab/pids 2>/dev/null || true)
+[ -n "$old" ] && kill -TERM "$old" 2>/dev/null && sleep 1
+TP=
+trap '[ -n "$TP" ] && kill -TERM $TP 2>/dev/null; wait' EXIT
+declare -A figs
+for r in $(seq "$REPS"); do
+  for spec in "$@"; do
+    label=${spec%%:*}; flags=${spec#*:}; bin=$T
+    if [[ $flags == @* ]]; then bin=${flags%% *}; bin=${bin#@}; [[ $flags == *" "* ]] && flags=${flags#* } || flags=""; fi
+    # shellcheck disable=SC2086
+    nsenter --net=$SRV "$bin" -i eth0 -ports 8000,5201,11111 --cgroup $CG --drain-timeout 0 $flags \
+      >/tmp/ab_iperf-tproxy.log 2>&1 & TP=$!
+    sleep 0.7
+    bps=$(ip netns exec tproxy-lab-client iperf3 -c 192.168.178.10 -p 5201 -l "$SZ" -t "$DUR" -J |
+      python3 -c "import json,sys;print(round(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e9,2))")
+    c=$(nsenter --net=$SRV "$T" stats --json | python3 -c "import json,sys
+d=json.load(sys.stdin)[0]['counters']
+print(*(f'{k}={d.get(k,0)}' for k in ['msg_redirected','msg_passthrough','accel_fallbacks','accel_left']))")
+    kill -TERM $TP; wait $TP || true; TP=
+    echo "$r $label $SZ $bps $c"
+    figs[$label]="${figs[$label]:-} $bps"
+  done
+done
+for l in "${!figs[@]}"; do echo "$l:${figs[$l]}"; done
