@@ -94,9 +94,6 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
             }
             return pass(own, state, Counter::MsgPassthrough);
         }
-        if sent != 0 {
-            counters::inc(Counter::AccelResumed);
-        }
     } else if unread > 0
         && unread + size as i64 > i64::from(bound(cfg.accel_max_queued, peer_rcvbuf))
     {
@@ -129,6 +126,10 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
         // The peer left the map (closed): plain TCP, like the rest of it.
         atomic::publish(unsafe { &raw mut (*own).redirected_end }, end, claimed);
         return pass(own, state, Counter::MsgMiss);
+    }
+    if state & FAST == 0 && sent != 0 {
+        // Back from TCP (counted only once the redirect is really made).
+        counters::inc(Counter::AccelResumed);
     }
     // SAFETY: own entry.
     unsafe { (*own).flags = state | FAST };
