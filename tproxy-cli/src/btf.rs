@@ -129,6 +129,20 @@ pub fn sk_rcvbuf_offset() -> u32 {
         .unwrap_or(0)
 }
 
+/// Offsets of `nd_net` in `struct net_device` and of `net_cookie` in
+/// `struct net`, if `dev` is where the tc programs expect it in `struct
+/// sk_buff` (the third word); None otherwise (or without BTF).
+pub fn netns_offsets() -> Option<(u32, u32)> {
+    let btf = std::fs::read(VMLINUX).ok()?;
+    if member_offset(&btf, "sk_buff", "dev")? != 16 {
+        return None;
+    }
+    // possible_net_t holds one pointer, `net`, at its start.
+    let nd_net = member_offset(&btf, "net_device", "nd_net")?;
+    let cookie = member_offset(&btf, "net", "net_cookie")?;
+    Some((nd_net, cookie))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,6 +127,14 @@ pub enum Error {
     )]
     NoInstance { iface: Option<String> },
 
+    #[error(
+        "network namespace {netns} is already a target (one target per namespace); remove that target first"
+    )]
+    TargetExists { netns: String },
+
+    #[error("the object was loaded without acceleration; a target cannot turn it on")]
+    AccelNotLoaded,
+
     #[error("the watched tproxy (pid {pid} on {iface}) has stopped")]
     InstanceGone { pid: i32, iface: String },
 

@@ -227,14 +227,40 @@ impl Maps {
 }
 
 pub fn sum_counters(arr: &PerCpuArray<&MapData, u64>) -> Result<Vec<(Counter, u64)>> {
-    // An instance started by an older tproxy has fewer counters: the ones
-    // it lacks are left out rather than failing the whole read.
     let have = arr.len();
+    // An instance started by an older tproxy has one slot, and maybe fewer
+    // counters: the ones it lacks are left out rather than failing the
+    // whole read. Otherwise the node total: every slot summed.
+    let (slots, per_slot) = if have < Counter::COUNT || !have.is_multiple_of(Counter::COUNT) {
+        (1, have)
+    } else {
+        (have / Counter::COUNT, Counter::COUNT)
+    };
+    let mut out: Vec<(Counter, u64)> = Counter::ALL
+        .iter()
+        .filter(|&&c| (c as u32) < per_slot)
+        .map(|&c| (c, 0))
+        .collect();
+    for slot in 0..slots {
+        for (c, total) in out.iter_mut() {
+            let v = arr
+                .get(&(slot * per_slot + *c as u32), 0)
+                .map_err(|source| Error::Map {
+                    name: names::COUNTERS,
+                    source,
+                })?;
+            *total += v.iter().sum::<u64>();
+        }
+    }
+    Ok(out)
+}
+
+/// One counter slot's counters (a target's: `Config::slot`).
+pub fn slot_counters(arr: &PerCpuArray<&MapData, u64>, slot: u32) -> Result<Vec<(Counter, u64)>> {
     Counter::ALL
         .iter()
-        .filter(|&&c| (c as u32) < have)
         .map(|&c| {
-            let v = arr.get(&(c as u32), 0).map_err(|source| Error::Map {
+            let v = arr.get(&c.index(slot), 0).map_err(|source| Error::Map {
                 name: names::COUNTERS,
                 source,
             })?;
@@ -286,6 +312,8 @@ mod tests {
             win_start: 0,
             win_read: 0,
             tcp_since: 0,
+            slot: 1,
+            _pad0: 0,
         }
     }
 

@@ -21,6 +21,7 @@ pub mod dist;
 pub mod error;
 pub mod inspect;
 pub mod instance;
+pub mod loader;
 pub mod metrics;
 pub mod netns;
 pub mod options;
@@ -32,6 +33,7 @@ pub mod state;
 pub mod stats;
 pub mod status;
 pub mod system;
+pub mod target;
 pub mod tc;
 
 pub use error::{Error, Result};

@@ -5,8 +5,8 @@ use std::mem::size_of;
 
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
-    CLOSING_MAX, Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX,
-    SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, names,
+    CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX, SOCKHASH_MAX,
+    SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -29,9 +29,17 @@ fn maps_in_the_object_match_the_shared_types() {
         assert_eq!(m.value_size() as usize, value, "{name} value size");
         assert_eq!(m.max_entries(), max, "{name} max entries");
     };
-    check(names::CONFIG, ARRAY, 4, size_of::<Config>(), 1);
-    check(names::INTERCEPT_PORTS, ARRAY, 4, 1, PORTS_MAX);
-    check(names::COUNTERS, PERCPU_ARRAY, 4, 8, Counter::COUNT);
+    // Targets by netns cookie; the counters, a slot per target and one
+    // for events of no target (both resized at load).
+    check(names::TARGETS, HASH, 8, size_of::<Target>(), TARGETS_MAX);
+    check(names::NODE, ARRAY, 4, size_of::<NodeConfig>(), 1);
+    check(
+        names::COUNTERS,
+        PERCPU_ARRAY,
+        4,
+        8,
+        (TARGETS_MAX + 1) * Counter::COUNT,
+    );
     // Established flows: a plain hash (nothing evicts them); embryonic
     // ones: LRU (a SYN flood churns only these).
     check(

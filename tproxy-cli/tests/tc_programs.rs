@@ -10,7 +10,9 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use tproxy::{inspect::monotonic_coarse_ns, instance::EBPF_OBJECT};
-use tproxy_common::{Config, Counter, FlowKey, FlowValue, SteerMode, flags, flow_state, names};
+use tproxy_common::{
+    Config, Counter, FlowKey, FlowValue, NodeConfig, SteerMode, Target, flags, flow_state, names,
+};
 use tproxy_examples::packet::{self as pkt, ACK, Ext, FIN, PSH, RST, SYN, Tcp};
 
 const TC_ACT_UNSPEC: u32 = u32::MAX; // -1
@@ -29,7 +31,13 @@ const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x178, 0, 0, 0, 0, 0, 0x10);
 struct Progs {
     ebpf: Ebpf,
     mode: SteerMode,
+    /// The test's network namespace: BPF_PROG_TEST_RUN runs a tc program
+    /// on this namespace's loopback, so this is the target it finds.
+    cookie: u64,
 }
+
+/// The counter slot the test's target gets.
+const SLOT: u32 = 1;
 
 /// What one run did.
 #[derive(Debug)]
@@ -42,6 +50,7 @@ struct Run {
 impl Progs {
     fn new(mode: SteerMode) -> Progs {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).expect("load object");
+        let cookie = tproxy::system::netns_cookie().expect("netns cookie");
         let cfg = Config {
             proxy_port: PROXY_PORT,
             steer_mode: mode as u8,
@@ -51,23 +60,28 @@ impl Progs {
             flags: flags::STEER_NEW,
             accel_max_queued: 1 << 20,
             accel_retire_ms: 0,
+            slot: SLOT,
             _pad0: 0,
-            sk_rcvbuf_offset: 0,
-            netns_cookie: 1,
+            netns_cookie: cookie,
         };
-        let mut c: Array<&mut MapData, Config> =
-            Array::try_from(ebpf.map_mut(names::CONFIG).unwrap()).unwrap();
-        c.set(0, cfg, 0).unwrap();
-        let mut ports: Array<&mut MapData, u8> =
-            Array::try_from(ebpf.map_mut(names::INTERCEPT_PORTS).unwrap()).unwrap();
-        for p in [8000u32, 8080] {
-            ports.set(p, 1, 0).unwrap();
-        }
+        // A single run's object: its tc programs take the namespace from NODE.
+        let mut node: Array<&mut MapData, NodeConfig> =
+            Array::try_from(ebpf.map_mut(names::NODE).unwrap()).unwrap();
+        let n = NodeConfig {
+            single_netns_cookie: cookie,
+            ..NodeConfig::default()
+        };
+        node.set(0, n, 0).unwrap();
+        let mut targets: HashMap<&mut MapData, u64, Target> =
+            HashMap::try_from(ebpf.map_mut(names::TARGETS).unwrap()).unwrap();
+        targets
+            .insert(cookie, Target::new(cfg, [8000, 8080]), 0)
+            .unwrap();
         for name in [names::PROG_STEER, names::PROG_RESTORE] {
             let p: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
             p.load().unwrap();
         }
-        Progs { ebpf, mode }
+        Progs { ebpf, mode, cookie }
     }
 
     fn run(&self, prog: &str, frame: &[u8], mark: u32) -> Run {
@@ -116,7 +130,7 @@ impl Progs {
     fn counter(&self, c: Counter) -> u64 {
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map(names::COUNTERS).unwrap()).unwrap();
-        arr.get(&(c as u32), 0).unwrap().iter().sum()
+        arr.get(&c.index(SLOT), 0).unwrap().iter().sum()
     }
 
     /// The flow key a client connection gets (as the proxy's socket sees it).
@@ -140,6 +154,7 @@ impl Progs {
             local_port: local.to_be(),
             family: if client.is_ipv4() { 2 } else { 10 },
             _pad0: [0; 3],
+            netns_cookie: self.cookie,
         }
     }
 }

@@ -9,8 +9,8 @@ use core::mem::{offset_of, size_of};
 /// Names of the maps and programs in the eBPF object, so userspace finds each
 /// one by the same constant the eBPF side is named after.
 pub mod names {
-    pub const CONFIG: &str = "CONFIG";
-    pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
+    pub const TARGETS: &str = "TARGETS";
+    pub const NODE: &str = "NODE";
     pub const COUNTERS: &str = "COUNTERS";
     pub const FLOWS: &str = "FLOWS";
     pub const SYNS: &str = "SYNS";
@@ -71,9 +71,12 @@ pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 16 << 20;
 /// scheduler slices (a reader descheduled for a moment is not a stream that
 /// never lets it catch up).
 pub const DEFAULT_ACCEL_RETIRE_MS: u32 = 100;
-/// `INTERCEPT_PORTS` is an array indexed by the destination port (host order):
-/// one lookup, no hashing, on the per-packet path.
-pub const PORTS_MAX: u32 = 65_536;
+/// Default number of targets (network namespaces) one loaded object
+/// serves: `TARGETS` entries, and counter slots. A single `tproxy` run
+/// serves one; the agent sizes it from its config.
+pub const TARGETS_MAX: u32 = 256;
+/// Words of a target's port bitmap (`Target::ports`): one bit per port.
+pub const PORT_WORDS: usize = 65_536 / 64;
 
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
@@ -97,8 +100,9 @@ pub enum SteerMode {
     Tproxy = 1,
 }
 
-/// The one entry of the `CONFIG` array map, written by userspace at start and
-/// updated at runtime (drain).
+/// One target's settings: what tproxy does in one network namespace (a
+/// pod, or the namespace a single `tproxy` run serves). Written by
+/// userspace at attach and updated at runtime (drain).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -106,8 +110,9 @@ pub struct Config {
     pub proxy_port: u16,
     /// `SteerMode as u8`.
     pub steer_mode: u8,
-    /// Link-layer header length on `--iface`: 14 (Ethernet, loopback) or 0
-    /// (L3 devices: WireGuard, tun, ipip; the packet starts at IP).
+    /// Link-layer header length on the target's interface: 14 (Ethernet,
+    /// loopback) or 0 (L3 devices: WireGuard, tun, ipip; the packet starts
+    /// at IP).
     pub l2_len: u8,
     /// SO_MARK the proxy puts on its upstream sockets: never steered.
     pub proxy_mark: u32,
@@ -116,24 +121,77 @@ pub struct Config {
     /// `flags::*`.
     pub flags: u32,
     /// Past this many unread bytes at the receiving socket (or its receive
-    /// buffer, if smaller), the sender leaves the fast path (plain TCP, with TCP's backpressure) until the
-    /// reader has caught up.
+    /// buffer, if smaller), the sender leaves the fast path (plain TCP, with
+    /// TCP's backpressure) until the reader has caught up.
     pub accel_max_queued: u32,
-    /// Offset of `sk_rcvbuf` in the kernel's `struct sock` (from its BTF),
-    /// for the recvmsg tracepoint to refresh `SockState::rcvbuf`; 0 if
-    /// unknown (then the value read at insert stays).
-    pub sk_rcvbuf_offset: u32,
     /// A sender on TCP this long without its reader ever catching up (a
     /// continuous stream after a fallback) leaves the fast path for good
     /// and the pair leaves the SOCKHASH: plain TCP without the sockmap's
     /// cost on every send. Milliseconds; 0: never.
     pub accel_retire_ms: u32,
+    /// This target's counter slot: its counters are `COUNTERS[slot *
+    /// Counter::COUNT + counter]` (slot 0: events of no target).
+    pub slot: u32,
     pub _pad0: u32,
-    /// Cookie of the network namespace tproxy serves: cgroup programs see
-    /// sockets of every namespace whose processes are in the cgroup, and
-    /// must not take another namespace's identical tuple for a steered flow.
+    /// Cookie of the target's network namespace (also its `TARGETS` key):
+    /// cgroup programs see sockets of every namespace whose processes are
+    /// in the cgroup, and must not take another namespace's identical
+    /// tuple for a steered flow.
     pub netns_cookie: u64,
 }
+
+/// `TARGETS` value, keyed by the netns cookie: the settings and the
+/// intercepted ports (bit `p % 64` of word `p / 64`), so every hook finds
+/// all it needs about a packet's or socket's namespace in one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub config: Config,
+    pub ports: [u64; PORT_WORDS],
+}
+
+impl Target {
+    pub fn new(config: Config, ports: impl IntoIterator<Item = u16>) -> Target {
+        let mut t = Target {
+            config,
+            ports: [0; PORT_WORDS],
+        };
+        for p in ports {
+            t.ports[usize::from(p / 64)] |= 1 << (p % 64);
+        }
+        t
+    }
+
+    #[inline(always)]
+    pub fn intercepts(&self, port: u16) -> bool {
+        // The mask keeps the index provably in bounds for the verifier.
+        self.ports[usize::from(port >> 6) & (PORT_WORDS - 1)] & (1 << (port & 63)) != 0
+    }
+}
+
+/// The one entry of `NODE`: what every target shares.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Offset of `sk_rcvbuf` in the kernel's `struct sock` (from its BTF),
+    /// for the recvmsg tracepoint to refresh `SockState::rcvbuf`; 0 if
+    /// unknown (then the value read at insert stays).
+    pub sk_rcvbuf_offset: u32,
+    /// Offsets of `nd_net` in `struct net_device` and of `net_cookie` in
+    /// `struct net` (from BTF): how the tc programs of a many-target object
+    /// find a packet's namespace (`tproxy-ebpf/src/netns.rs`).
+    pub dev_nd_net_offset: u32,
+    pub net_cookie_offset: u32,
+    pub _pad0: u32,
+    /// A one-target object (a single `tproxy` run): its namespace's cookie,
+    /// which its tc programs use without reading the kernel's structs.
+    pub single_netns_cookie: u64,
+}
+
+/// Name of the read-only global the loader sets to 1 for a many-target
+/// object (the agent): its tc programs then read each packet's namespace
+/// from the device; 0 (a single run): `NodeConfig::single_netns_cookie`.
+pub const MULTI_TARGET_GLOBAL: &str = "TPROXY_MULTI_TARGET";
 
 /// Flow-table key (`SYNS`, `FLOWS`): the connection exactly as the proxy's
 /// accepted socket sees it: client address and port, the local address the
@@ -151,6 +209,9 @@ pub struct FlowKey {
     pub local_port: u16,
     pub family: u8,
     pub _pad0: [u8; 3],
+    /// The namespace the flow is in (the target's): identical tuples in two
+    /// pods are two flows.
+    pub netns_cookie: u64,
 }
 
 /// Flow-table value: where the flow was going, and its life.
@@ -235,6 +296,10 @@ pub struct SockState {
     /// When this socket last left the fast path for TCP (a fallback),
     /// CLOCK_MONOTONIC_COARSE ns; 0: never.
     pub tcp_since: u64,
+    /// The counter slot of this socket's target (`Config::slot`), for the
+    /// hooks that see only the socket (the recvmsg tracepoint).
+    pub slot: u32,
+    pub _pad0: u32,
 }
 
 /// The read-rate window of `SockState::rcvbuf`.
@@ -381,6 +446,12 @@ impl Counter {
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
+    /// Where this counter of counter slot `slot` is in `COUNTERS`.
+    #[inline(always)]
+    pub const fn index(self, slot: u32) -> u32 {
+        slot * Self::COUNT + self as u32
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Counter::IngressPackets => "ingress_packets",
@@ -423,7 +494,14 @@ const _: () = {
     assert!(offset_of!(Config, l2_len) == 3);
     assert!(offset_of!(Config, netns_cookie) == 32);
     assert!(offset_of!(Config, accel_max_queued) == 16);
-    assert!(size_of::<SockState>() == 120);
+    assert!(offset_of!(Config, accel_retire_ms) == 20);
+    assert!(offset_of!(Config, slot) == 24);
+    assert!(size_of::<Target>() == 40 + 8 * PORT_WORDS);
+    assert!(offset_of!(Target, ports) == 40);
+    assert!(size_of::<NodeConfig>() == 24);
+    assert!(offset_of!(NodeConfig, single_netns_cookie) == 16);
+    assert!(size_of::<SockState>() == 128);
+    assert!(offset_of!(SockState, slot) == 120);
     assert!(offset_of!(SockState, win_start) == 96);
     assert!(offset_of!(SockState, peer) == 56);
     assert!(offset_of!(SockState, read) == 80);
@@ -432,8 +510,8 @@ const _: () = {
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
-    assert!(offset_of!(Config, sk_rcvbuf_offset) == 20);
-    assert!(size_of::<FlowKey>() == 40);
+    assert!(size_of::<FlowKey>() == 48);
+    assert!(offset_of!(FlowKey, netns_cookie) == 40);
     assert!(offset_of!(FlowKey, local_addr) == 16);
     assert!(offset_of!(FlowKey, client_port) == 32);
     assert!(offset_of!(FlowKey, local_port) == 34);
@@ -454,6 +532,8 @@ mod user {
     // SAFETY: all of these are #[repr(C)], Copy, with explicit padding fields
     // and no invalid bit patterns.
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Target {}
+    unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for SockKey {}
@@ -480,6 +560,30 @@ mod tests {
         assert_eq!((p.local_port, p.remote_port), (8000, 40000));
         assert_eq!(p.netns_cookie, 77);
         assert_eq!(p.peer(), k);
+    }
+
+    #[test]
+    fn a_target_intercepts_exactly_its_ports() {
+        let cfg = Config {
+            proxy_port: 15001,
+            steer_mode: 0,
+            l2_len: 14,
+            proxy_mark: 0,
+            steer_mark: 0,
+            flags: 0,
+            accel_max_queued: 0,
+            accel_retire_ms: 0,
+            slot: 1,
+            _pad0: 0,
+            netns_cookie: 1,
+        };
+        let t = Target::new(cfg, [0, 63, 64, 8000, 65535]);
+        for p in [0, 63, 64, 8000, 65535] {
+            assert!(t.intercepts(p), "{p}");
+        }
+        for p in [1, 62, 65, 7999, 8001, 65534] {
+            assert!(!t.intercepts(p), "{p}");
+        }
     }
 
     #[test]

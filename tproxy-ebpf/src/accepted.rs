@@ -3,7 +3,7 @@
 use aya_ebpf::bindings::bpf_sock;
 use tproxy_common::{AF_INET, AF_INET6, FlowKey};
 
-use crate::{flow, maps::CONFIG, sockkey::v4_mapped};
+use crate::{flow, sockkey::v4_mapped};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -20,11 +20,10 @@ pub struct OrigDst {
 /// recorded: its remote end is the client, its local port the proxy port
 /// (rewrite) or the dialled port (tproxy), so a direct connection from the
 /// same client address and port to some other port is not the steered
-/// flow. `netns_cookie` is called only on a hit: the socket must be in the
-/// namespace tproxy serves (the cgroup may hold other namespaces' sockets
-/// with the same tuple).
+/// flow. `netns_cookie` (the socket's namespace, a target's) is part of the
+/// key: the cgroup may hold other namespaces' sockets with the same tuple.
 #[inline(always)]
-pub fn original_dst(sk: *const bpf_sock, netns_cookie: impl FnOnce() -> u64) -> Option<OrigDst> {
+pub fn original_dst(sk: *const bpf_sock, netns_cookie: u64) -> Option<OrigDst> {
     if sk.is_null() {
         return None;
     }
@@ -65,11 +64,9 @@ pub fn original_dst(sk: *const bpf_sock, netns_cookie: impl FnOnce() -> u64) -> 
         local_port: (read_field!(sk, src_port) as u16).to_be(), // host order in bpf_sock
         family,
         _pad0: [0; 3],
+        netns_cookie,
     };
     let orig_port = flow::lookup(&key)?.orig_port();
-    if netns_cookie() != CONFIG.get(0)?.netns_cookie {
-        return None;
-    }
     Some(OrigDst {
         family,
         addr: local,

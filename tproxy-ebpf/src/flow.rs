@@ -31,7 +31,7 @@ pub fn now() -> u64 {
 /// Key for a packet from the client (ingress); `local_port` is the port
 /// the proxy's socket will have (network order).
 #[inline(always)]
-pub fn key_from_client(tcp: &Tcp, local_port: u16) -> FlowKey {
+pub fn key_from_client(tcp: &Tcp, local_port: u16, netns_cookie: u64) -> FlowKey {
     FlowKey {
         client_addr: tcp.src,
         local_addr: tcp.dst,
@@ -39,12 +39,13 @@ pub fn key_from_client(tcp: &Tcp, local_port: u16) -> FlowKey {
         local_port,
         family: tcp.family,
         _pad0: [0; 3],
+        netns_cookie,
     }
 }
 
 /// Key for a packet to the client (egress), sent from the proxy's socket.
 #[inline(always)]
-pub fn key_to_client(tcp: &Tcp) -> FlowKey {
+pub fn key_to_client(tcp: &Tcp, netns_cookie: u64) -> FlowKey {
     FlowKey {
         client_addr: tcp.dst,
         local_addr: tcp.src,
@@ -52,6 +53,7 @@ pub fn key_to_client(tcp: &Tcp) -> FlowKey {
         local_port: tcp.sport,
         family: tcp.family,
         _pad0: [0; 3],
+        netns_cookie,
     }
 }
 
@@ -66,6 +68,7 @@ pub fn key_of_socket(k: &SockKey) -> FlowKey {
         local_port: (k.local_port as u16).to_be(),
         family: k.family as u8,
         _pad0: [0; 3],
+        netns_cookie: k.netns_cookie,
     }
 }
 
@@ -140,20 +143,20 @@ pub fn lookup(key: &FlowKey) -> Option<Entry> {
 
 /// Removes the entry from whichever table holds it.
 #[inline(always)]
-pub fn remove(key: &FlowKey, entry: &Entry) {
+pub fn remove(slot: u32, key: &FlowKey, entry: &Entry) {
     let gone = match entry.table {
         Table::Established => FLOWS.remove(key),
         Table::Embryonic => SYNS.remove(key),
         Table::Closing => CLOSING.remove(key),
     };
     if gone.is_ok() {
-        counters::inc(Counter::FlowsRemoved);
+        counters::inc(slot, Counter::FlowsRemoved);
     }
 }
 
 /// Records a new embryonic flow.
 #[inline(always)]
-pub fn embryonic(key: &FlowKey, orig_port: u16, now: u64) -> Result<(), ()> {
+pub fn embryonic(slot: u32, key: &FlowKey, orig_port: u16, now: u64) -> Result<(), ()> {
     let value = FlowValue {
         orig_port,
         state: 0,
@@ -163,7 +166,7 @@ pub fn embryonic(key: &FlowKey, orig_port: u16, now: u64) -> Result<(), ()> {
         closed_at: 0,
     };
     SYNS.insert(key, &value, 0).map_err(|_| ())?;
-    counters::inc(Counter::FlowsCreated);
+    counters::inc(slot, Counter::FlowsCreated);
     Ok(())
 }
 
@@ -171,7 +174,7 @@ pub fn embryonic(key: &FlowKey, orig_port: u16, now: u64) -> Result<(), ()> {
 /// is the proxy's end of a steered flow, the flow is established. Returns
 /// whether it was (the caller then asks for state callbacks).
 #[inline(always)]
-pub fn established(key: &FlowKey) -> bool {
+pub fn established(slot: u32, key: &FlowKey) -> bool {
     // SAFETY: a plain lookup; the value is copied out at once.
     let Some(v) = (unsafe { SYNS.get(key) }) else {
         return false;
@@ -184,18 +187,18 @@ pub fn established(key: &FlowKey) -> bool {
     };
     if FLOWS.insert(key, &value, 0).is_err() {
         // Full: it stays embryonic (served, but evictable).
-        counters::inc(Counter::FlowsTableFull);
+        counters::inc(slot, Counter::FlowsTableFull);
         return false;
     }
     let _ = SYNS.remove(key);
-    counters::inc(Counter::FlowsEstablished);
+    counters::inc(slot, Counter::FlowsEstablished);
     true
 }
 
 /// sockops, TCP_CLOSE of a socket in the served namespace: if it is the
 /// proxy's end of an established flow, the flow moves to CLOSING to linger.
 #[inline(always)]
-pub fn closed(key: &FlowKey) {
+pub fn closed(slot: u32, key: &FlowKey) {
     // SAFETY: a plain lookup; the value is copied out at once.
     let Some(v) = (unsafe { FLOWS.get(key) }) else {
         return;
@@ -210,5 +213,5 @@ pub fn closed(key: &FlowKey) {
     // Into CLOSING first: a packet in between finds one or the other.
     let _ = CLOSING.insert(key, &value, 0);
     let _ = FLOWS.remove(key);
-    counters::inc(Counter::FlowsClosed);
+    counters::inc(slot, Counter::FlowsClosed);
 }

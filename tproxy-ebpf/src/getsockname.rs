@@ -35,10 +35,13 @@ fn try_getsockname(ctx: &SockAddrContext) {
     // SAFETY: reading a ctx field the verifier allows for this program type.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     // SAFETY: the helper takes this program's own context.
-    let cookie = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(target) = counters::target(cookie) else {
+        return;
+    };
     if let Some(orig) = accepted::original_dst(sk, cookie) {
         // user_port holds a network-order port in its low 16 bits.
         sa.user_port = u32::from(orig.port);
-        counters::inc(Counter::GetsocknameAnswered);
+        counters::inc(target.config.slot, Counter::GetsocknameAnswered);
     }
 }

@@ -59,11 +59,18 @@ fn is_original_dst(so: &bpf_sockopt) -> bool {
 
 #[inline(always)]
 fn try_getsockopt(ctx: &SockoptContext, so: &mut bpf_sockopt) -> Result<(), ()> {
-    counters::inc(Counter::GetsockoptCalls);
     // SAFETY: reading a ctx field the verifier allows for this program type.
     let sk = unsafe { so.__bindgen_anon_1.sk };
     // SAFETY: the helper takes this program's own context.
-    let cookie = || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // Only a target's sockets: one of another namespace in the cgroup is
+    // not tproxy's to answer for.
+    let Some(target) = counters::target(cookie) else {
+        counters::inc(0, Counter::GetsockoptCalls);
+        return Err(());
+    };
+    let slot = target.config.slot;
+    counters::inc(slot, Counter::GetsockoptCalls);
     let orig = accepted::original_dst(sk, cookie).ok_or(())?;
     let (family, local, orig_port) = (orig.family, orig.addr, orig.port);
 
@@ -104,6 +111,6 @@ fn try_getsockopt(ctx: &SockoptContext, so: &mut bpf_sockopt) -> Result<(), ()> 
     };
     so.optlen = len as i32;
     so.retval = 0;
-    counters::inc(Counter::GetsockoptAnswered);
+    counters::inc(slot, Counter::GetsockoptAnswered);
     Ok(())
 }

@@ -29,6 +29,7 @@ mod flow;
 mod getsockname;
 mod getsockopt;
 mod maps;
+mod netns;
 mod packet;
 mod recv_length;
 mod restore;

@@ -5,21 +5,26 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use tproxy_common::{
-    CLOSING_MAX, Config, Counter, FLOWS_MAX, FlowKey, FlowValue, PENDING_MAX, PORTS_MAX,
-    SOCKHASH_MAX, SYNS_MAX, SockKey, SockState,
+    CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX, SOCKHASH_MAX,
+    SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target,
 };
 
-/// One entry, written by userspace: proxy port, marks, mode, flags.
+/// The targets this object serves, keyed by their network namespace's
+/// cookie: settings and intercepted ports. A packet or socket of any other
+/// namespace is left alone. Userspace sizes it at load.
 #[map]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static TARGETS: HashMap<u64, Target> = HashMap::with_max_entries(TARGETS_MAX, 0);
 
-/// Indexed by destination port (host order): non-zero = intercepted.
+/// One entry: what every target shares (kernel facts).
 #[map]
-pub static INTERCEPT_PORTS: Array<u8> = Array::with_max_entries(PORTS_MAX, 0);
+pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
-/// Per-CPU event counters, indexed by `Counter`.
+/// Per-CPU event counters, `Counter::index(slot)`: one slot of
+/// `Counter::COUNT` per target (`Config::slot`), slot 0 for events of no
+/// target. Userspace sizes it with `TARGETS`.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries((TARGETS_MAX + 1) * Counter::COUNT, 0);
 
 /// Established steered flows (the proxy's socket reached ESTABLISHED and
 /// is open): where each was going. Not LRU: nothing a packet does evicts a

@@ -127,7 +127,7 @@ fn skb_protocol(ctx: &TcContext) -> (u16, bool) {
 /// the offset of the TCP header, or None (not TCP, a later fragment, or
 /// beyond what we look at).
 #[inline(always)]
-fn ipv6_l4(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<usize> {
+fn ipv6_l4(ctx: &TcContext, slot: u32, mut next: u8, mut off: usize) -> Option<usize> {
     for _ in 0..MAX_EXT {
         let len = match next {
             IPPROTO_TCP => return Some(off),
@@ -137,7 +137,7 @@ fn ipv6_l4(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<usize> {
             NEXTHDR_FRAGMENT => {
                 let frag = u16::from_be(read::<u16>(ctx, off + 2)?);
                 if frag & 0xfff8 != 0 {
-                    counters::inc(Counter::Fragments);
+                    counters::inc(slot, Counter::Fragments);
                     return None;
                 }
                 8
@@ -156,25 +156,26 @@ fn ipv6_l4(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<usize> {
 }
 
 /// Parses a TCP segment after `l2_len` bytes of link-layer header (14 or
-/// 0); `None` for anything else (see the module's list).
+/// 0); `None` for anything else (see the module's list). `slot`: the
+/// target's counter slot.
 #[inline(always)]
-pub fn parse_tcp(ctx: &TcContext, l2_len: u8) -> Option<Tcp> {
+pub fn parse_tcp(ctx: &TcContext, l2_len: u8, slot: u32) -> Option<Tcp> {
     let (proto, vlan) = skb_protocol(ctx);
     if vlan || proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        counters::inc(Counter::VlanPassed);
+        counters::inc(slot, Counter::VlanPassed);
         return None;
     }
     // Constant offsets only: the verifier loses the packet range of a
     // pointer moved by a value it reads from a map.
     match l2_len {
-        0 => parse_ip::<0>(ctx, proto),
-        14 => parse_ip::<14>(ctx, proto),
+        0 => parse_ip::<0>(ctx, proto, slot),
+        14 => parse_ip::<14>(ctx, proto, slot),
         _ => None,
     }
 }
 
 #[inline(always)]
-fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
+fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16, slot: u32) -> Option<Tcp> {
     let l2 = L2;
     // Only the bytes read must be in the linear area, and they are pulled
     // only when they are not: bpf_skb_pull_data makes the skb writable,
@@ -203,7 +204,7 @@ fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
             // more-fragments set) has, and is handled like any segment.
             let frag = u16::from_be(read::<u16>(ctx, l2 + 6)?);
             if frag & 0x1fff != 0 {
-                counters::inc(Counter::Fragments);
+                counters::inc(slot, Counter::Fragments);
                 return None;
             }
             let s: u32 = read(ctx, l2 + 12)?;
@@ -221,7 +222,7 @@ fn parse_ip<const L2: usize>(ctx: &TcContext, proto: u16) -> Option<Tcp> {
             }
             let s: [u32; 4] = read(ctx, l2 + 8)?;
             let d: [u32; 4] = read(ctx, l2 + 24)?;
-            (AF_INET6, s, d, ipv6_l4(ctx, next, l2 + 40)?)
+            (AF_INET6, s, d, ipv6_l4(ctx, slot, next, l2 + 40)?)
         }
         _ => return None,
     };

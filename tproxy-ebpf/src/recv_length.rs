@@ -17,7 +17,7 @@ use tproxy_common::{Counter, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS};
 
 use crate::{
     atomic, counters,
-    maps::{CONFIG, SOCKS},
+    maps::{NODE, SOCKS},
 };
 
 const MSG_PEEK: i32 = 2;
@@ -45,7 +45,8 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     // SAFETY: st points at a live SOCKS entry; two readers of one socket
     // may add at once.
     atomic::add(unsafe { &raw mut (*st).read }, u64::from(read as u32));
-    counters::add(Counter::MsgReadBytes, read as u64);
+    // SAFETY: as above; written once at insert.
+    counters::add(unsafe { (*st).slot }, Counter::MsgReadBytes, read as u64);
     // What the sender may leave queued here, refreshed once a window: the
     // reader's receive buffer (TCP autotunes it while the sender goes by
     // TCP, an app may set SO_RCVBUF; its offset in struct sock is from the
@@ -69,7 +70,7 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     let pace = total.wrapping_sub(win_read) * READ_RATE_WINDOW_NS / elapsed * READ_RATE_WINDOWS;
-    let off = CONFIG.get(0).map_or(0, |c| c.sk_rcvbuf_offset);
+    let off = NODE.get(0).map_or(0, |c| c.sk_rcvbuf_offset);
     let mut bound = pace.min(u64::from(u32::MAX)) as u32;
     if off != 0 {
         // SAFETY: sk is the live socket the tracepoint fired for; the helper

@@ -7,7 +7,6 @@ use tproxy_common::{Counter, SteerMode};
 
 use crate::{
     counters, flow,
-    maps::{CONFIG, INTERCEPT_PORTS},
     packet::{self, TCP_RST, TCP_SPORT},
 };
 
@@ -18,12 +17,19 @@ pub fn tproxy_restore(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_restore(ctx: &TcContext) -> Result<i32, ()> {
-    counters::inc(Counter::EgressPackets);
-    let cfg = CONFIG.get(0).ok_or(())?;
+    let Some((cookie, target)) =
+        crate::netns::of_packet(ctx).and_then(|c| Some((c, counters::target(c)?)))
+    else {
+        counters::inc(0, Counter::EgressPackets);
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let cfg = &target.config;
+    let slot = cfg.slot;
+    counters::inc(slot, Counter::EgressPackets);
     if packet::mark(ctx) == cfg.proxy_mark {
         return Ok(TC_ACT_UNSPEC);
     }
-    let tcp = packet::parse_tcp(ctx, cfg.l2_len).ok_or(())?;
+    let tcp = packet::parse_tcp(ctx, cfg.l2_len, slot).ok_or(())?;
     let rewrite = cfg.steer_mode == SteerMode::Rewrite as u8;
     let sport = tcp.sport_host();
     // Replies of steered flows leave from the proxy port (rewrite) or from
@@ -31,12 +37,12 @@ fn try_restore(ctx: &TcContext) -> Result<i32, ()> {
     let candidate = if rewrite {
         sport == cfg.proxy_port
     } else {
-        INTERCEPT_PORTS.get(sport as u32).is_some_and(|v| *v != 0)
+        target.intercepts(sport)
     };
     if !candidate {
         return Ok(TC_ACT_UNSPEC);
     }
-    let key = flow::key_to_client(&tcp);
+    let key = flow::key_to_client(&tcp, cookie);
     let Some(entry) = flow::lookup(&key) else {
         return Ok(TC_ACT_UNSPEC);
     };
@@ -44,12 +50,12 @@ fn try_restore(ctx: &TcContext) -> Result<i32, ()> {
         if !packet::rewrite_port(ctx, &tcp, TCP_SPORT, tcp.sport, entry.orig_port()) {
             return Err(());
         }
-        counters::inc(Counter::EgressRestored);
+        counters::inc(slot, Counter::EgressRestored);
     }
     if tcp.has(TCP_RST) && entry.table == flow::Table::Embryonic {
         // Our own kernel refused the connection (the proxy is down, or its
         // listener dropped it): the entry has nothing left to serve.
-        flow::remove(&key, &entry);
+        flow::remove(slot, &key, &entry);
     } else {
         entry.touch(flow::now());
     }

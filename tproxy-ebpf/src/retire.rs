@@ -22,6 +22,8 @@ use crate::{counters, maps::SOCKHASH};
 /// with a full barrier, in sk_msg, before getting here).
 #[inline(always)]
 pub fn leave(own: *mut SockState, peer: *mut SockState) {
+    // SAFETY: own live entry; written once at insert.
+    let slot = unsafe { (*own).slot };
     // SAFETY: both live SOCKS entries; aligned words stored whole by their
     // writers (`read` added to atomically by readers).
     let (flags, own_end, own_read, peer_end, peer_read) = unsafe {
@@ -57,7 +59,7 @@ pub fn leave(own: *mut SockState, peer: *mut SockState) {
         left |= r == 0;
     }
     if left {
-        counters::inc(Counter::AccelLeft);
+        counters::inc(slot, Counter::AccelLeft);
     }
     // (sk_msg stores this word too, but runs no more once the socket has
     // left; a store it was making at this moment would lose LEFT, and the

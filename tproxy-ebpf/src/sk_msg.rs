@@ -22,7 +22,9 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    helpers::bpf_get_netns_cookie,
     macros::sk_msg,
     programs::SkMsgContext,
 };
@@ -33,7 +35,7 @@ use tproxy_common::{
 
 use crate::{
     atomic, counters,
-    maps::{CONFIG, SOCKHASH, SOCKS},
+    maps::{SOCKHASH, SOCKS},
 };
 
 #[sk_msg]
@@ -44,13 +46,16 @@ pub fn tproxy_sk_msg(ctx: SkMsgContext) -> u32 {
 
 #[inline(always)]
 fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
-    counters::inc(Counter::MsgSeen);
     // SAFETY: the sending socket's kernel address, as a number: its key.
     let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk } as u64;
     let Some(own) = SOCKS.get_ptr_mut(&sk) else {
-        counters::inc(Counter::MsgMiss);
+        counters::inc(0, Counter::MsgSeen);
+        counters::inc(0, Counter::MsgMiss);
         return Ok(());
     };
+    // SAFETY: own live entry; written once at insert.
+    let slot = unsafe { (*own).slot };
+    counters::inc(slot, Counter::MsgSeen);
     // SAFETY (every access to *own below): this socket's live SOCKS entry.
     // `sent`, `redirected_end`, `flags` and `tcp_since` are written only
     // here, by one sendmsg at a time; `peer` is one aligned 8-byte word
@@ -61,7 +66,13 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     let size = u64::from(ctx.size());
     // Every byte counts, whichever way it goes.
     unsafe { (*own).sent = sent + size };
-    let cfg = CONFIG.get(0).ok_or(())?;
+    // The sender's namespace's target: its limits, and whether it is
+    // still accelerated (a target being removed is not).
+    // SAFETY: the program's own context.
+    let Some(target) = counters::target(unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) else {
+        return pass(own, state, slot, Counter::MsgPassthrough);
+    };
+    let cfg = &target.config;
     // The app side is not established yet: TCP until it has read this.
     let peer = if peer_sk == 0 {
         None
@@ -71,11 +82,11 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     // Teardown (tproxy is stopping: everything goes by TCP from here on),
     // or no peer yet.
     let (Some(peer), true) = (peer, cfg.flags & flags::ACCEL != 0) else {
-        return pass(own, state, Counter::MsgPassthrough);
+        return pass(own, state, slot, Counter::MsgPassthrough);
     };
     // Retired: TCP until sockops takes the pair out of the SOCKHASH.
     if state & RETIRED != 0 {
-        return pass(own, state, Counter::MsgPassthrough);
+        return pass(own, state, slot, Counter::MsgPassthrough);
     }
     // SAFETY: the peer's live SOCKS entry; `read` is one aligned 8-byte
     // word its readers add to atomically (a stale value only overstates
@@ -90,9 +101,9 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
             let since = unsafe { (*own).tcp_since };
             let retire_ns = u64::from(cfg.accel_retire_ms) * 1_000_000;
             if since != 0 && retire_ns != 0 && crate::flow::now().wrapping_sub(since) > retire_ns {
-                state = retire(own, state);
+                state = retire(own, state, slot);
             }
-            return pass(own, state, Counter::MsgPassthrough);
+            return pass(own, state, slot, Counter::MsgPassthrough);
         }
     } else if unread > 0
         && unread + size as i64 > i64::from(bound(cfg.accel_max_queued, peer_rcvbuf))
@@ -101,8 +112,8 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
         // its size, as TCP takes a write larger than the receive buffer.)
         // SAFETY: own entry, see above.
         unsafe { (*own).tcp_since = crate::flow::now() };
-        counters::inc(Counter::AccelFallbacks);
-        return pass(own, state, Counter::MsgPassthrough);
+        counters::inc(slot, Counter::AccelFallbacks);
+        return pass(own, state, slot, Counter::MsgPassthrough);
     }
     // Claim the bytes before looking at the peer's flags, and the peer sets
     // its flag before looking at our claim (`leave`): of two sockets doing
@@ -117,44 +128,44 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
         // The peer retired: so does this end (the pair is done with the
         // fast path); the claim is withdrawn.
         atomic::publish(unsafe { &raw mut (*own).redirected_end }, end, claimed);
-        state = retire(own, state);
-        return pass(own, state, Counter::MsgPassthrough);
+        state = retire(own, state, slot);
+        return pass(own, state, slot, Counter::MsgPassthrough);
     }
     // SAFETY: own entry; `peer_key` is written once at insert.
     let peer_key = unsafe { (*own).peer_key };
     if SOCKHASH.redirect_msg(ctx, peer_key, BPF_F_INGRESS as u64) != SK_PASS as i64 {
         // The peer left the map (closed): plain TCP, like the rest of it.
         atomic::publish(unsafe { &raw mut (*own).redirected_end }, end, claimed);
-        return pass(own, state, Counter::MsgMiss);
+        return pass(own, state, slot, Counter::MsgMiss);
     }
     if state & FAST == 0 && sent != 0 {
         // Back from TCP (counted only once the redirect is really made).
-        counters::inc(Counter::AccelResumed);
+        counters::inc(slot, Counter::AccelResumed);
     }
     // SAFETY: own entry.
     unsafe { (*own).flags = state | FAST };
-    counters::inc(Counter::MsgRedirected);
-    counters::add(Counter::MsgRedirectedBytes, size);
+    counters::inc(slot, Counter::MsgRedirected);
+    counters::add(slot, Counter::MsgRedirectedBytes, size);
     Ok(())
 }
 
 /// This message goes by TCP; the sender is off the fast path.
 #[inline(always)]
-fn pass(own: *mut SockState, state: u32, counter: Counter) -> Result<(), ()> {
+fn pass(own: *mut SockState, state: u32, slot: u32, counter: Counter) -> Result<(), ()> {
     // SAFETY: the caller's own live entry.
     unsafe { (*own).flags = state & !FAST };
-    counters::inc(counter);
+    counters::inc(slot, counter);
     Ok(())
 }
 
 /// This end never redirects again. The flag is stored with a full barrier:
 /// `retire::leave`, which reads the peer's claim, runs after it.
 #[inline(always)]
-fn retire(own: *mut SockState, state: u32) -> u32 {
+fn retire(own: *mut SockState, state: u32, slot: u32) -> u32 {
     // SAFETY: the caller's own live entry; this socket is its flags' only
     // writer.
     atomic::publish32(unsafe { &raw mut (*own).flags }, state, state | RETIRED);
-    counters::inc(Counter::AccelRetired);
+    counters::inc(slot, Counter::AccelRetired);
     state | RETIRED
 }
 

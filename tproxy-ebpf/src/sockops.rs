@@ -29,13 +29,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use tproxy_common::{
-    Counter, SockKey, SockState, flags,
+    Counter, SockKey, SockState, Target, flags,
     sock_flags::{FAST, LEFT, RETIRED},
 };
 
 use crate::{
     counters, flow,
-    maps::{CONFIG, INTERCEPT_PORTS, PENDING_PEERS, SOCKHASH, SOCKS},
+    maps::{PENDING_PEERS, SOCKHASH, SOCKS},
     sockkey,
 };
 
@@ -55,11 +55,6 @@ pub fn tproxy_sockops_flows(ctx: SockOpsContext) -> u32 {
 }
 
 #[inline(always)]
-fn intercepted(port: u32) -> bool {
-    INTERCEPT_PORTS.get(port).is_some_and(|v| *v != 0)
-}
-
-#[inline(always)]
 fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
     let op = ctx.op();
     // Every packet an accelerated socket sends: not an event worth counting.
@@ -67,32 +62,33 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
         nudge(ctx);
         return Ok(());
     }
-    counters::inc(Counter::SockopsEvents);
+    // Only sockets of a namespace tproxy serves (a target's) are its
+    // flows: the cgroup may hold processes of other namespaces.
+    let key = sockkey::from_sock_ops(ctx);
+    let target = counters::target(key.netns_cookie);
+    let slot = target.map_or(0, |t| t.config.slot);
+    counters::inc(slot, Counter::SockopsEvents);
     match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let cfg = CONFIG.get(0).ok_or(())?;
-            let key = sockkey::from_sock_ops(ctx);
-            // Only sockets of the namespace tproxy serves are its flows.
+            let target = target.ok_or(())?;
             if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-                && key.netns_cookie == cfg.netns_cookie
-                && flow::established(&flow::key_of_socket(&key))
+                && flow::established(slot, &flow::key_of_socket(&key))
             {
                 // To see it close.
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
-            if ACCEL && cfg.flags & flags::ACCEL != 0 {
-                accelerate(ctx, op, &key)?;
+            if ACCEL && target.config.flags & flags::ACCEL != 0 {
+                accelerate(ctx, op, &key, target)?;
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            let key = sockkey::from_sock_ops(ctx);
-            if key.netns_cookie == CONFIG.get(0).ok_or(())?.netns_cookie {
-                flow::closed(&flow::key_of_socket(&key));
+            if target.is_some() {
+                flow::closed(slot, &flow::key_of_socket(&key));
             }
             // The kernel drops a closed socket from the SOCKHASH itself;
             // this is our bookkeeping.
             if ACCEL && SOCKS.remove(&sk_addr(ctx)).is_ok() {
-                counters::inc(Counter::SockhashRemoved);
+                counters::inc(slot, Counter::SockhashRemoved);
             }
         }
         _ => {}
@@ -103,15 +99,16 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
 /// ESTABLISHED: the proxy side of a proxy<->app pair enters the map and
 /// leaves its peer's key pending; the app side enters if it is pending.
 #[inline(always)]
-fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey) -> Result<(), ()> {
+fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> Result<(), ()> {
+    let slot = target.config.slot;
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        if !intercepted(key.remote_port) || !sockkey::both_local(key) {
+        if !target.intercepts(key.remote_port as u16) || !sockkey::both_local(key) {
             return Ok(());
         }
-        let sk = insert(ctx, key, 0)?;
+        let sk = insert(ctx, key, 0, slot)?;
         PENDING_PEERS.insert(&key.peer(), &sk, 0).map_err(|_| ())?;
     } else {
-        if !intercepted(key.local_port) {
+        if !target.intercepts(key.local_port as u16) {
             return Ok(());
         }
         // SAFETY: a plain lookup; the value is copied out at once.
@@ -123,7 +120,7 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey) -> Result<(), ()> {
         if SOCKS.get_ptr(&proxy_sk).is_none() {
             return Ok(());
         }
-        let sk = insert(ctx, key, proxy_sk)?;
+        let sk = insert(ctx, key, proxy_sk, slot)?;
         // Now the proxy side may redirect to us. Until here its
         // bytes went by TCP, and were counted: it switches only
         // once we have read them all.
@@ -144,7 +141,7 @@ fn sk_addr(ctx: &SockOpsContext) -> u64 {
 /// Puts the socket in SOCKS and the SOCKHASH; `peer` is the other end's
 /// address if it is already in, else 0. Returns this socket's address.
 #[inline(always)]
-fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
+fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64, slot: u32) -> Result<u64, ()> {
     let sk = sk_addr(ctx);
     if sk == 0 {
         return Err(());
@@ -160,6 +157,8 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
         win_start: crate::flow::now(),
         win_read: 0,
         tcp_since: 0,
+        slot,
+        _pad0: 0,
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
@@ -173,7 +172,7 @@ fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64) -> Result<u64, ()> {
     // its reader.
     let _ =
         ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
-    counters::inc(Counter::SockhashInserted);
+    counters::inc(slot, Counter::SockhashInserted);
     Ok(sk)
 }
 
@@ -295,7 +294,7 @@ fn nudge(ctx: &SockOpsContext) {
             4,
         ) == 0
         {
-            counters::inc(Counter::AccelNudges);
+            counters::inc((*own).slot, Counter::AccelNudges);
         }
     }
 }

@@ -14,7 +14,6 @@ use tproxy_common::{Counter, SteerMode, flags};
 
 use crate::{
     counters, flow,
-    maps::{CONFIG, INTERCEPT_PORTS},
     packet::{self, TCP_DPORT},
 };
 
@@ -25,15 +24,24 @@ pub fn tproxy_steer(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
-    counters::inc(Counter::IngressPackets);
-    let cfg = CONFIG.get(0).ok_or(())?;
+    // The interface's namespace: the target (pod) this packet is for.
+    let Some((cookie, target)) =
+        crate::netns::of_packet(ctx).and_then(|c| Some((c, counters::target(c)?)))
+    else {
+        // Attached, but its target is being removed: pass.
+        counters::inc(0, Counter::IngressPackets);
+        return Ok(TC_ACT_UNSPEC);
+    };
+    let cfg = &target.config;
+    let slot = cfg.slot;
+    counters::inc(slot, Counter::IngressPackets);
     // The proxy's own traffic (seen on ingress over loopback) is never
     // steered: that would be a loop.
     if packet::mark(ctx) == cfg.proxy_mark {
         return Ok(TC_ACT_UNSPEC);
     }
-    let tcp = packet::parse_tcp(ctx, cfg.l2_len).ok_or(())?;
-    if *INTERCEPT_PORTS.get(tcp.dport_host() as u32).ok_or(())? == 0 {
+    let tcp = packet::parse_tcp(ctx, cfg.l2_len, slot).ok_or(())?;
+    if !target.intercepts(tcp.dport_host()) {
         return Ok(TC_ACT_UNSPEC);
     }
     let rewrite = cfg.steer_mode == SteerMode::Rewrite as u8;
@@ -44,7 +52,7 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
     } else {
         tcp.dport
     };
-    let key = flow::key_from_client(&tcp, local_port);
+    let key = flow::key_from_client(&tcp, local_port, cookie);
     let steer_new = cfg.flags & flags::STEER_NEW != 0;
     let now = flow::now();
     match flow::lookup(&key) {
@@ -56,8 +64,8 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
                 if !steer_new {
                     return Ok(TC_ACT_UNSPEC);
                 }
-                flow::remove(&key, &entry);
-                flow::embryonic(&key, tcp.dport, now)?;
+                flow::remove(slot, &key, &entry);
+                flow::embryonic(slot, &key, tcp.dport, now)?;
             } else {
                 entry.touch(now);
             }
@@ -72,13 +80,13 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
                 return Ok(TC_ACT_UNSPEC);
             }
             if !entry.may_take_over(now) {
-                counters::inc(Counter::SteerCollisions);
+                counters::inc(slot, Counter::SteerCollisions);
                 return Ok(TC_ACT_SHOT);
             }
-            flow::remove(&key, &entry);
-            flow::embryonic(&key, tcp.dport, now)?;
+            flow::remove(slot, &key, &entry);
+            flow::embryonic(slot, &key, tcp.dport, now)?;
         }
-        None if tcp.is_syn() && steer_new => flow::embryonic(&key, tcp.dport, now)?,
+        None if tcp.is_syn() && steer_new => flow::embryonic(slot, &key, tcp.dport, now)?,
         // A flow that began before tproxy started (or was not steered):
         // leave it on its way to the app.
         None => return Ok(TC_ACT_UNSPEC),
@@ -89,6 +97,6 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
     } else if !packet::rewrite_port(ctx, &tcp, TCP_DPORT, tcp.dport, cfg.proxy_port.to_be()) {
         return Err(());
     }
-    counters::inc(Counter::IngressSteered);
+    counters::inc(slot, Counter::IngressSteered);
     Ok(TC_ACT_UNSPEC)
 }

@@ -1,0 +1,343 @@
+//! Load once: the eBPF object, loaded and verified one time, with the
+//! hooks every target shares (sk_msg on the SOCKHASH, the recvmsg
+//! tracepoint). Targets (`target.rs`) attach its programs to their cgroup
+//! and interface and have an entry each in `TARGETS`. A single `tproxy`
+//! run is one `Loaded` with one target; the node agent, one with many.
+use std::os::fd::AsFd as _;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, SockHash},
+    programs::{CgroupSockAddr, CgroupSockopt, RawTracePoint, SchedClassifier, SkMsg, SockOps},
+};
+use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
+
+use crate::{
+    Error, Result,
+    attach::{RecvmsgAttachment, SkMsgAttachment},
+    state::{AttachKind, Attached},
+};
+
+/// The eBPF object, built by build.rs and embedded in the binary.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
+
+/// Kernel ids of the maps, for other processes (`stats`, `status`) to open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapIds {
+    pub targets: u32,
+    pub counters: u32,
+    pub flows: u32,
+    pub syns: u32,
+    pub closing: u32,
+    pub sockhash: u32,
+    pub socks: u32,
+}
+
+/// The loaded object. Fields drop in declaration order: the node-wide
+/// hooks before the object.
+pub struct Loaded {
+    sk_msg: Option<SkMsgAttachment>,
+    recvmsg: Option<RecvmsgAttachment>,
+    /// Kept open: the programs were relocated against this fd.
+    sockhash: Option<SockHash<MapData, SockKey>>,
+    ebpf: Ebpf,
+    accel: bool,
+    max_targets: u32,
+    ids: MapIds,
+    /// The node-wide hooks, for the runtime record.
+    attachments: Vec<Attached>,
+}
+
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("program {name} missing from the embedded object"));
+    prog.try_into().map_err(|e| Error::load_program(name, e))
+}
+
+fn map_id(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
+    let map = ebpf
+        .map(name)
+        .unwrap_or_else(|| panic!("map {name} missing"));
+    map_data(map, name)
+        .info()
+        .map(|i| i.id())
+        .map_err(|source| Error::Map { name, source })
+}
+
+fn map_data<'a>(map: &'a aya::maps::Map, name: &str) -> &'a MapData {
+    match map {
+        aya::maps::Map::Array(d)
+        | aya::maps::Map::PerCpuArray(d)
+        | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::HashMap(d)
+        | aya::maps::Map::SockHash(d) => d,
+        other => panic!("unexpected map type for {name}: {other:?}"),
+    }
+}
+
+/// The sockops program a mode uses: with acceleration it also pairs
+/// sockets (and needs CAP_PERFMON); without, it tracks flows only.
+pub fn sockops_name(accel: bool) -> &'static str {
+    if accel {
+        names::PROG_SOCKOPS
+    } else {
+        names::PROG_SOCKOPS_FLOWS
+    }
+}
+
+/// A loaded program's record entry (its link id comes later).
+pub(crate) fn attached(
+    what: &str,
+    kind: AttachKind,
+    name: &'static str,
+    info: std::result::Result<aya::programs::ProgramInfo, aya::programs::ProgramError>,
+) -> Result<Attached> {
+    let info = info.map_err(|e| Error::load_program(name, e))?;
+    Ok(Attached {
+        what: what.to_string(),
+        kind,
+        program: name.to_string(),
+        prog_id: info.id(),
+        link_id: None,
+    })
+}
+
+impl Loaded {
+    /// Loads the object for one target, the namespace `netns_cookie` (a
+    /// single run), or with `single` None for up to `max_targets` (the
+    /// agent), and with `accel` attaches the node-wide acceleration hooks.
+    /// Every program a target needs is loaded (verified) here, so attaching
+    /// a target only links.
+    pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> Result<Loaded> {
+        let max_targets = if single.is_some() {
+            1
+        } else {
+            max_targets.max(1)
+        };
+        let mut node = NodeConfig {
+            sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
+            single_netns_cookie: single.unwrap_or(0),
+            ..NodeConfig::default()
+        };
+        let multi: u8 = if single.is_none() {
+            let (nd_net, cookie) = crate::btf::netns_offsets().ok_or_else(|| {
+                Error::KernelLacks(
+                    "BTF for struct net_device.nd_net and struct net.net_cookie (the agent's tc programs read a packet's namespace through them)".into(),
+                )
+            })?;
+            node.dev_nd_net_offset = nd_net;
+            node.net_cookie_offset = cookie;
+            1
+        } else {
+            0
+        };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::TARGETS, max_targets)
+            // Slot 0 counts events of no target.
+            .map_max_entries(names::COUNTERS, (max_targets + 1) * Counter::COUNT)
+            .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true)
+            .load(EBPF_OBJECT)
+            .map_err(Error::LoadObject)?;
+        let mut arr: Array<&mut MapData, NodeConfig> = Array::try_from(
+            ebpf.map_mut(names::NODE).expect("NODE in object"),
+        )
+        .map_err(|source| Error::Map {
+            name: names::NODE,
+            source,
+        })?;
+        arr.set(0, node, 0).map_err(|source| Error::Map {
+            name: names::NODE,
+            source,
+        })?;
+        let ids = MapIds {
+            targets: map_id(&ebpf, names::TARGETS)?,
+            counters: map_id(&ebpf, names::COUNTERS)?,
+            flows: map_id(&ebpf, names::FLOWS)?,
+            syns: map_id(&ebpf, names::SYNS)?,
+            closing: map_id(&ebpf, names::CLOSING)?,
+            sockhash: map_id(&ebpf, names::SOCKHASH)?,
+            socks: map_id(&ebpf, names::SOCKS)?,
+        };
+        for name in [names::PROG_RESTORE, names::PROG_STEER] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::load_program(name, e))?;
+        }
+        let name = sockops_name(accel);
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
+        prog.load().map_err(|e| Error::load_program(name, e))?;
+        let prog: &mut CgroupSockopt = program(&mut ebpf, names::PROG_GETSOCKOPT)?;
+        prog.load()
+            .map_err(|e| Error::load_program(names::PROG_GETSOCKOPT, e))?;
+        for name in [names::PROG_GETSOCKNAME4, names::PROG_GETSOCKNAME6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| Error::load_program(name, e))?;
+        }
+
+        let mut loaded = Loaded {
+            sk_msg: None,
+            recvmsg: None,
+            sockhash: None,
+            ebpf,
+            accel,
+            max_targets,
+            ids,
+            attachments: Vec::new(),
+        };
+        if accel {
+            loaded.attach_accel()?;
+        }
+        Ok(loaded)
+    }
+
+    /// The recvmsg tracepoint (reads of redirected bytes, counted before
+    /// any byte is redirected), then sk_msg on the SOCKHASH.
+    fn attach_accel(&mut self) -> Result<()> {
+        let ebpf = &mut self.ebpf;
+        let prog: &mut RawTracePoint = program(ebpf, names::PROG_RECV_LENGTH)?;
+        prog.load()
+            .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
+        let what = format!(
+            "raw tracepoint {} on {}",
+            names::PROG_RECV_LENGTH,
+            names::RECV_TRACEPOINT
+        );
+        self.attachments.push(attached(
+            &what,
+            AttachKind::Tracepoint,
+            names::PROG_RECV_LENGTH,
+            prog.info(),
+        )?);
+        let id = prog
+            .attach(names::RECV_TRACEPOINT)
+            .map_err(|source| Error::Attach {
+                what: format!("raw tracepoint {}", names::RECV_TRACEPOINT),
+                source,
+            })?;
+        self.recvmsg = Some(RecvmsgAttachment::new(
+            what,
+            prog.take_link(id).expect("fresh link"),
+        ));
+
+        let sockhash: SockHash<MapData, SockKey> =
+            SockHash::try_from(ebpf.take_map(names::SOCKHASH).expect("SOCKHASH in object"))
+                .map_err(|source| Error::Map {
+                    name: names::SOCKHASH,
+                    source,
+                })?;
+        let prog: &mut SkMsg = program(ebpf, names::PROG_SK_MSG)?;
+        prog.load()
+            .map_err(|e| Error::load_program(names::PROG_SK_MSG, e))?;
+        let what = format!("sk_msg {} to SOCKHASH", names::PROG_SK_MSG);
+        self.attachments.push(attached(
+            &what,
+            AttachKind::SkMsg,
+            names::PROG_SK_MSG,
+            prog.info(),
+        )?);
+        let id = prog.attach(sockhash.fd()).map_err(|source| Error::Attach {
+            what: "sk_msg to the SOCKHASH".into(),
+            source,
+        })?;
+        self.sk_msg = Some(SkMsgAttachment::new(
+            what,
+            prog.take_link(id).expect("fresh link"),
+        ));
+        self.sockhash = Some(sockhash);
+        Ok(())
+    }
+
+    pub fn accel(&self) -> bool {
+        self.accel
+    }
+
+    pub fn max_targets(&self) -> u32 {
+        self.max_targets
+    }
+
+    pub fn map_ids(&self) -> MapIds {
+        self.ids
+    }
+
+    /// Record entries of the node-wide hooks.
+    pub fn attachments(&self) -> &[Attached] {
+        &self.attachments
+    }
+
+    /// What the node-wide hooks are, one line each.
+    pub fn hooks(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(a) = &self.sk_msg {
+            out.push(a.what().to_string());
+        }
+        if let Some(a) = &self.recvmsg {
+            out.push(a.what().to_string());
+        }
+        out
+    }
+
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// A new descriptor of the `TARGETS` map: what a target's owner keeps
+    /// to take its entry out when it goes.
+    pub(crate) fn targets_map(&self) -> Result<Map> {
+        let map = self.ebpf.map(names::TARGETS).expect("TARGETS in object");
+        let fd = map_data(map, names::TARGETS)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicating map TARGETS".to_string(), e))?;
+        MapData::from_fd(fd)
+            .map(Map::HashMap)
+            .map_err(|source| Error::Map {
+                name: names::TARGETS,
+                source,
+            })
+    }
+}
+
+/// Reads, writes and removes `TARGETS` entries through any handle on it.
+pub(crate) fn write_target(map: &mut Map, cookie: u64, target: &Target) -> Result<()> {
+    let mut m: HashMap<&mut MapData, u64, Target> =
+        HashMap::try_from(map).map_err(|source| Error::Map {
+            name: names::TARGETS,
+            source,
+        })?;
+    m.insert(cookie, target, 0).map_err(|source| Error::Map {
+        name: names::TARGETS,
+        source,
+    })
+}
+
+pub(crate) fn read_target(map: &Map, cookie: u64) -> Result<Target> {
+    let m: HashMap<&MapData, u64, Target> =
+        HashMap::try_from(map).map_err(|source| Error::Map {
+            name: names::TARGETS,
+            source,
+        })?;
+    m.get(&cookie, 0).map_err(|source| Error::Map {
+        name: names::TARGETS,
+        source,
+    })
+}
+
+pub(crate) fn remove_target(map: &mut Map, cookie: u64) -> Result<()> {
+    let mut m: HashMap<&mut MapData, u64, Target> =
+        HashMap::try_from(map).map_err(|source| Error::Map {
+            name: names::TARGETS,
+            source,
+        })?;
+    m.remove(&cookie).map_err(|source| Error::Map {
+        name: names::TARGETS,
+        source,
+    })
+}

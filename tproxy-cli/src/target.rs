@@ -1,0 +1,362 @@
+//! Attach per target: one network namespace (a pod, or the namespace of a
+//! single `tproxy` run) served by a `Loaded` object. Its `TARGETS` entry,
+//! its cgroup hooks, its tc programs and (tproxy back-end) its routing,
+//! owned by one `TargetAttachment` whose Drop detaches exactly those.
+//!
+//! Attaching and dropping touch the interface and routing of the target's
+//! namespace: the calling thread must be in it (the agent enters it with
+//! `netns::Entered` for the duration).
+use std::path::PathBuf;
+
+use aya::{
+    maps::Map,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SockOps, TcAttachType,
+        links::LinkOrder,
+        tc::{NlOptions, TcAttachOptions},
+    },
+};
+use tproxy_common::{Config, Target, flags, names};
+use tracing::warn;
+
+use crate::{
+    Error, Options, Result,
+    attach::{
+        Attachment, GetsocknameAttachment, GetsockoptAttachment, SockopsAttachment, TcAttachment,
+    },
+    loader::{self, Loaded, attached, program, sockops_name},
+    routing::{TproxyRouting, TproxySpec},
+    state::{AttachKind, Attached},
+    tc::{ClsactQdisc, TcMode},
+};
+
+/// What the caller found out about the target, in its namespace, before
+/// attaching (checks that can fail with a clear message come first).
+pub struct TargetEnv {
+    pub ifindex: u32,
+    pub l2_len: u8,
+    pub netns_cookie: u64,
+    /// The cgroup as the user names it, and open for the attach calls.
+    pub cgroup: PathBuf,
+    pub cgroup_dir: std::fs::File,
+    /// Checked against the kernel (`TcMode::check`).
+    pub tc_mode: TcMode,
+    /// The tproxy back-end's plan (mark and table checked free).
+    pub tproxy: Option<TproxySpec>,
+    pub steer_mark: u32,
+}
+
+/// What a target looks like before its tc programs are attached: what the
+/// runtime record must say before anything on the interface exists.
+pub struct Planned<'a> {
+    pub attachments: &'a [Attached],
+    pub tc_mode: TcMode,
+    pub created_clsact: bool,
+}
+
+/// One attached target. Fields drop in declaration order: steering stops
+/// first; the `TARGETS` entry goes last, once nothing of the target runs.
+pub struct TargetAttachment {
+    steer: Option<TcAttachment>,
+    restore: Option<TcAttachment>,
+    #[expect(dead_code, reason = "held for its Drop")]
+    routing: Option<TproxyRouting>,
+    getsockopt: Option<GetsockoptAttachment>,
+    getsockname: Vec<GetsocknameAttachment>,
+    sockops: Option<SockopsAttachment>,
+    #[expect(dead_code, reason = "held for its Drop")]
+    clsact: Option<ClsactQdisc>,
+    entry: TargetEntry,
+    attachments: Vec<Attached>,
+    iface: String,
+}
+
+/// The target's `TARGETS` entry; removed on drop.
+struct TargetEntry {
+    map: Map,
+    cookie: u64,
+}
+
+impl Drop for TargetEntry {
+    fn drop(&mut self) {
+        if let Err(e) = loader::remove_target(&mut self.map, self.cookie) {
+            warn!(
+                "removing target {:#x} from TARGETS: {}",
+                self.cookie,
+                crate::error::Chain(&e)
+            );
+        }
+    }
+}
+
+/// The settings `opts` give a target in `TARGETS`.
+pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32) -> Target {
+    let config = Config {
+        proxy_port: opts.proxy_port,
+        steer_mode: opts.steer.mode() as u8,
+        l2_len: env.l2_len,
+        proxy_mark: opts.proxy_mark,
+        steer_mark: env.steer_mark,
+        flags: flags::STEER_NEW | if opts.accel { flags::ACCEL } else { 0 },
+        accel_max_queued: opts.accel_max_queued,
+        accel_retire_ms: opts.accel_retire_ms,
+        slot,
+        _pad0: 0,
+        netns_cookie: env.netns_cookie,
+    };
+    Target::new(config, opts.ports.iter())
+}
+
+impl TargetAttachment {
+    /// Attaches `loaded`'s programs for one target, from the inside out,
+    /// steering last: by the time a flow is steered, everything that
+    /// serves it is in place. `before_steering` runs once every program
+    /// is known and before the interface or routing is touched (the
+    /// single run writes its record there). All or nothing: on an error,
+    /// what was attached is dropped (detached) before it returns.
+    pub fn attach(
+        loaded: &mut Loaded,
+        opts: &Options,
+        env: TargetEnv,
+        slot: u32,
+        before_steering: impl FnOnce(Planned<'_>) -> Result<()>,
+    ) -> Result<TargetAttachment> {
+        if opts.accel && !loaded.accel() {
+            return Err(Error::AccelNotLoaded);
+        }
+        let mut map = loaded.targets_map()?;
+        if loader::read_target(&map, env.netns_cookie).is_ok() {
+            return Err(Error::TargetExists {
+                netns: format!("cookie {:#x}", env.netns_cookie),
+            });
+        }
+        loader::write_target(&mut map, env.netns_cookie, &target_value(opts, &env, slot))?;
+        let entry = TargetEntry {
+            map,
+            cookie: env.netns_cookie,
+        };
+        let cgroup = env.cgroup.display().to_string();
+        let mut attachments = Vec::new();
+        // Every target of an accelerating object gets the pairing sockops
+        // program (one without acceleration has its ACCEL flag clear, so it
+        // pairs nothing); a `--no-accel` run loads the flows-only one.
+        let sockops_name = sockops_name(loaded.accel());
+        let ebpf = loaded.ebpf_mut();
+
+        // Cgroup attachments are bpf_links, which the kernel always stacks
+        // (multi mode): `Single` only means "no BPF_F_ALLOW_* flags", which
+        // link_create requires. Other programs on the cgroup are untouched.
+        //
+        // sockops tells the flow table when the proxy's socket is
+        // established and when it closes, so it is attached in every mode;
+        // with acceleration the same program pairs the sockets.
+        let prog: &mut SockOps = program(ebpf, sockops_name)?;
+        let what = format!("sockops {sockops_name} to {cgroup}");
+        attachments.push(attached(
+            &what,
+            AttachKind::Cgroup,
+            sockops_name,
+            prog.info(),
+        )?);
+        let id = prog
+            .attach(&env.cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|source| Error::Attach {
+                what: format!("sockops to cgroup {cgroup}"),
+                source,
+            })?;
+        let sockops = Some(SockopsAttachment::new(
+            what,
+            prog.take_link(id).expect("fresh link"),
+        ));
+
+        let prog: &mut CgroupSockopt = program(ebpf, names::PROG_GETSOCKOPT)?;
+        let what = format!("cgroup/getsockopt {} to {cgroup}", names::PROG_GETSOCKOPT);
+        attachments.push(attached(
+            &what,
+            AttachKind::Cgroup,
+            names::PROG_GETSOCKOPT,
+            prog.info(),
+        )?);
+        let id = prog
+            .attach(&env.cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|source| Error::Attach {
+                what: format!("cgroup/getsockopt to {cgroup}"),
+                source,
+            })?;
+        let getsockopt = Some(GetsockoptAttachment::new(
+            what,
+            prog.take_link(id).expect("fresh link"),
+        ));
+        let mut getsockname = Vec::new();
+        for (name, hook) in [
+            (names::PROG_GETSOCKNAME4, "getsockname4"),
+            (names::PROG_GETSOCKNAME6, "getsockname6"),
+        ] {
+            let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+            let what = format!("cgroup/{hook} {name} to {cgroup}");
+            attachments.push(attached(&what, AttachKind::Cgroup, name, prog.info())?);
+            let id = prog
+                .attach(&env.cgroup_dir, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    what: format!("cgroup/{hook} to {cgroup}"),
+                    source,
+                })?;
+            getsockname.push(GetsocknameAttachment::new(
+                what,
+                prog.take_link(id).expect("fresh link"),
+            ));
+        }
+
+        let tc_mode = env.tc_mode;
+        let clsact = match tc_mode {
+            TcMode::Netlink => Some(ClsactQdisc::ensure(&opts.iface, env.ifindex)?),
+            _ => None,
+        };
+        for (name, hook) in [
+            (names::PROG_RESTORE, TcAttachType::Egress),
+            (names::PROG_STEER, TcAttachType::Ingress),
+        ] {
+            let prog: &mut SchedClassifier = program(ebpf, name)?;
+            let kind = if hook == TcAttachType::Ingress {
+                AttachKind::TcIngress
+            } else {
+                AttachKind::TcEgress
+            };
+            let what = tc_what(name, &opts.iface, hook, tc_mode);
+            attachments.push(attached(&what, kind, name, prog.info())?);
+        }
+        before_steering(Planned {
+            attachments: &attachments,
+            tc_mode,
+            created_clsact: clsact.as_ref().is_some_and(ClsactQdisc::created),
+        })?;
+        let routing = env.tproxy.map(TproxyRouting::install).transpose()?;
+        let restore = Some(attach_tc(
+            ebpf,
+            names::PROG_RESTORE,
+            &opts.iface,
+            TcAttachType::Egress,
+            tc_mode,
+        )?);
+        let steer = Some(attach_tc(
+            ebpf,
+            names::PROG_STEER,
+            &opts.iface,
+            TcAttachType::Ingress,
+            tc_mode,
+        )?);
+        fill_link_ids(&mut attachments);
+        Ok(TargetAttachment {
+            steer,
+            restore,
+            routing,
+            getsockopt,
+            getsockname,
+            sockops,
+            clsact,
+            entry,
+            attachments,
+            iface: opts.iface.clone(),
+        })
+    }
+
+    /// Record entries: program ids and link ids of what is attached.
+    pub fn attachments(&self) -> &[Attached] {
+        &self.attachments
+    }
+
+    pub fn netns_cookie(&self) -> u64 {
+        self.entry.cookie
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    /// What is attached, one line each.
+    pub fn hooks(&self) -> Vec<String> {
+        let mut out: Vec<String> = [&self.steer, &self.restore]
+            .into_iter()
+            .flatten()
+            .map(|a| a.what().to_string())
+            .collect();
+        out.extend(self.getsockopt.iter().map(|a| a.what().to_string()));
+        out.extend(self.getsockname.iter().map(|a| a.what().to_string()));
+        out.extend(self.sockops.iter().map(|a| a.what().to_string()));
+        out
+    }
+
+    /// Sets or clears a `flags::*` bit of this target.
+    pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
+        let mut t = loader::read_target(&self.entry.map, self.entry.cookie)?;
+        if on {
+            t.config.flags |= flag;
+        } else {
+            t.config.flags &= !flag;
+        }
+        loader::write_target(&mut self.entry.map, self.entry.cookie, &t)
+    }
+
+    /// The counter slot this target was given.
+    pub fn slot(&self) -> Result<u32> {
+        Ok(loader::read_target(&self.entry.map, self.entry.cookie)?
+            .config
+            .slot)
+    }
+}
+
+fn attach_tc(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    iface: &str,
+    hook: TcAttachType,
+    mode: TcMode,
+) -> Result<TcAttachment> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    let options = match mode {
+        TcMode::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+        _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
+    };
+    let hook_s = hook_name(hook);
+    let id = prog
+        .attach_with_options(iface, hook, options)
+        .map_err(|source| Error::Attach {
+            what: format!("tc {hook_s} ({mode:?}) on {iface}"),
+            source,
+        })?;
+    Ok(Attachment::new(
+        tc_what(name, iface, hook, mode),
+        prog.take_link(id).expect("fresh link"),
+    ))
+}
+
+fn hook_name(hook: TcAttachType) -> &'static str {
+    if hook == TcAttachType::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+fn tc_what(name: &str, iface: &str, hook: TcAttachType, mode: TcMode) -> String {
+    format!("tc {} {name} on {iface} ({mode:?})", hook_name(hook))
+}
+
+/// Sets each attachment's link id: the kernel's link running its program
+/// on this target. A program of a shared object runs in many links (one
+/// per target), so the link is the newest one of that program not already
+/// claimed. sk_msg and netlink filters have none.
+pub(crate) fn fill_link_ids(attachments: &mut [Attached]) {
+    let links: Vec<(u32, u32)> = aya::programs::loaded_links()
+        .flatten()
+        .map(|l| (l.program_id(), l.id()))
+        .collect();
+    for a in attachments {
+        // Link ids grow: the newest link of the program is the one just made.
+        a.link_id = links
+            .iter()
+            .filter(|(prog, _)| *prog == a.prog_id)
+            .map(|(_, link)| *link)
+            .max();
+    }
+}
