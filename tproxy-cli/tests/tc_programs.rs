@@ -49,8 +49,24 @@ struct Run {
 
 impl Progs {
     fn new(mode: SteerMode) -> Progs {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).expect("load object");
-        let cookie = tproxy::system::netns_cookie().expect("netns cookie");
+        Progs::with(mode, false, 0)
+    }
+
+    /// A many-target object (the agent's): its tc programs read the
+    /// packet's namespace from the device (BPF_PROG_TEST_RUN's loopback
+    /// here). The target is this namespace, or with `other` non-zero a
+    /// namespace whose cookie is this one's plus `other`.
+    fn multi(mode: SteerMode, other: u64) -> Progs {
+        Progs::with(mode, true, other)
+    }
+
+    fn with(mode: SteerMode, multi: bool, other: u64) -> Progs {
+        let (nd_net, net_cookie) = tproxy::btf::netns_offsets().expect("BTF offsets");
+        let mut ebpf = EbpfLoader::new()
+            .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &u8::from(multi), true)
+            .load(EBPF_OBJECT)
+            .expect("load object");
+        let cookie = tproxy::system::netns_cookie().expect("netns cookie") + other;
         let cfg = Config {
             proxy_port: PROXY_PORT,
             steer_mode: mode as u8,
@@ -67,9 +83,17 @@ impl Progs {
         // A single run's object: its tc programs take the namespace from NODE.
         let mut node: Array<&mut MapData, NodeConfig> =
             Array::try_from(ebpf.map_mut(names::NODE).unwrap()).unwrap();
-        let n = NodeConfig {
-            single_netns_cookie: cookie,
-            ..NodeConfig::default()
+        let n = if multi {
+            NodeConfig {
+                dev_nd_net_offset: nd_net,
+                net_cookie_offset: net_cookie,
+                ..NodeConfig::default()
+            }
+        } else {
+            NodeConfig {
+                single_netns_cookie: cookie,
+                ..NodeConfig::default()
+            }
         };
         node.set(0, n, 0).unwrap();
         let mut targets: HashMap<&mut MapData, u64, Target> =
@@ -128,9 +152,13 @@ impl Progs {
     }
 
     fn counter(&self, c: Counter) -> u64 {
+        self.slot_counter(SLOT, c)
+    }
+
+    fn slot_counter(&self, slot: u32, c: Counter) -> u64 {
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map(names::COUNTERS).unwrap()).unwrap();
-        arr.get(&c.index(SLOT), 0).unwrap().iter().sum()
+        arr.get(&c.index(slot), 0).unwrap().iter().sum()
     }
 
     /// The flow key a client connection gets (as the proxy's socket sees it).
@@ -240,6 +268,36 @@ fn a_syn_opens_an_embryonic_flow_and_its_packets_are_rewritten_both_ways() {
     let other = v4(CLIENT, SERVER, &Tcp::new(40002, 8081, SYN));
     assert_eq!(p.ingress(&other).out, other);
     assert_eq!(p.table(names::SYNS).len(), 1);
+}
+
+/// The agent's object finds a packet's target by its device's namespace
+/// (bpf_get_netns_cookie in tc is init_net's for a packet without a
+/// socket): a target for this namespace steers, with its counter slot.
+#[test]
+fn a_many_target_object_steers_by_the_devices_namespace() {
+    let p = Progs::multi(SteerMode::Rewrite, 0);
+    let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN)));
+    assert_eq!(tcp_of(&r.out), (40000, PROXY_PORT, true));
+    assert_eq!(
+        p.table(names::SYNS)[0].0,
+        p.key(CLIENT.into(), 40000, SERVER.into(), 8000)
+    );
+    assert_eq!(p.counter(Counter::IngressSteered), 1);
+    let r = p.egress(&v4(SERVER, CLIENT, &Tcp::new(PROXY_PORT, 40000, SYN | ACK)));
+    assert_eq!(tcp_of(&r.out), (8000, 40000, true));
+}
+
+/// A packet on a device of a namespace that is no target (another pod's
+/// entry only) passes untouched, makes no entry, and counts in slot 0.
+#[test]
+fn a_packet_of_a_namespace_that_is_no_target_passes() {
+    let p = Progs::multi(SteerMode::Rewrite, 1);
+    let syn = v4(CLIENT, SERVER, &Tcp::new(40000, 8000, SYN));
+    let r = p.ingress(&syn);
+    assert_eq!((r.verdict, &r.out), (TC_ACT_UNSPEC, &syn));
+    assert!(p.table(names::SYNS).is_empty());
+    assert_eq!(p.slot_counter(0, Counter::IngressPackets), 1);
+    assert_eq!(p.counter(Counter::IngressPackets), 0);
 }
 
 #[test]
