@@ -6,6 +6,7 @@
 //! lab …` / `cargo xtask demo`.
 pub mod cgroup;
 pub mod envoy;
+pub mod k8s_validate;
 pub mod kernel;
 pub mod netns;
 pub mod proc;

@@ -39,6 +39,9 @@ pub const PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
     "python3-pip",
+    // deploy/install-cni.sh runs in the image with busybox's sh and awk
+    // in mind: its test runs it under busybox too.
+    "busybox",
 ];
 
 fn status(cmd: &mut Command) -> bool {
@@ -208,6 +211,19 @@ pub fn run() -> Result<()> {
             bin.display(),
             envoy::version(&bin)?
         ));
+    }
+
+    // kubernetes-validate (pinned) for the manifests' offline schema test.
+    if tproxy_lab::k8s_validate::installed().is_none() {
+        use tproxy_lab::k8s_validate as kv;
+        eprintln!(
+            "setup: installing {}=={} into {} (about 25 MiB of schemas)",
+            kv::PACKAGE,
+            kv::VERSION,
+            kv::PREFIX
+        );
+        kv::install()?;
+        changed.push(format!("pip: {}=={}", kv::PACKAGE, kv::VERSION));
     }
 
     if changed.is_empty() {
