@@ -17,6 +17,7 @@ pub mod attach;
 pub mod btf;
 pub mod check;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod dist;
 pub mod error;
