@@ -530,12 +530,14 @@ pub fn target_for(
     let ifname = env.require("CNI_IFNAME", &env.ifname)?;
 
     let ports = match annotation(conf, annotation::PORTS) {
-        Some(v) => v.parse::<PortSet>().map_err(|e| {
-            bad_annotation(
-                annotation::PORTS,
-                v,
-                &format!("is not a port list ({e})"),
-                "a list like \"8000\" or \"8000,9000-9010\"",
+        Some(v) => port_list(v).map_err(|why| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("pod annotation {}: {why}", annotation::PORTS),
+                format!(
+                    "set {} to a list like \"8000\" or \"8000,9000-9010\"",
+                    annotation::PORTS
+                ),
             )
         })?,
         None => {
@@ -553,10 +555,10 @@ pub fn target_for(
                     ));
                 }
             };
-            list.parse::<PortSet>().map_err(|e| {
+            port_list(&list).map_err(|why| {
                 CniError::new(
                     code::INVALID_CONFIG,
-                    format!("\"ports\": {e}"),
+                    format!("\"ports\": {why}"),
                     "fix \"ports\" in the tproxy-cni entry of the .conflist: a string like \"8000,9000-9010\"",
                 )
             })?
@@ -612,6 +614,15 @@ pub fn target_for(
         name: env.pod_name(),
         ..TargetSpec::new(netns, ifname)
     }))
+}
+
+/// A port list, its error without the command line's hint (`-ports …`):
+/// the fix here is a key or an annotation.
+fn port_list(s: &str) -> Result<PortSet, String> {
+    s.parse().map_err(|e| match e {
+        crate::Error::BadPorts(why) => why,
+        e => e.to_string(),
+    })
 }
 
 /// The cgroup as the agent takes it: an absolute path on the cgroup2 mount
