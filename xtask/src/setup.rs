@@ -39,6 +39,9 @@ pub const PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
     "python3-pip",
+    // The CNI tests chain tproxy-cni after the reference plugins
+    // (/usr/lib/cni/bridge, host-local) exactly as a container runtime does.
+    "containernetworking-plugins",
 ];
 
 fn status(cmd: &mut Command) -> bool {
