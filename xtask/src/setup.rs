@@ -42,6 +42,9 @@ pub const PACKAGES: &[&str] = &[
     // deploy/install-cni.sh runs in the image with busybox's sh and awk
     // in mind: its test runs it under busybox too.
     "busybox",
+    // The CNI tests chain tproxy-cni after the reference plugins
+    // (/usr/lib/cni/bridge, host-local) exactly as a container runtime does.
+    "containernetworking-plugins",
 ];
 
 fn status(cmd: &mut Command) -> bool {
