@@ -176,6 +176,19 @@ impl Maps {
         })
     }
 
+    /// A loaded object's maps, by the ids `Loaded::map_ids` gives (another
+    /// process: the agent's, from its state).
+    pub fn of_ids(ids: &crate::loader::MapIds) -> Result<Maps> {
+        let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
+        Ok(Maps {
+            counters: Map::PerCpuArray(open(ids.counters, names::COUNTERS)?),
+            flows: Map::HashMap(open(ids.flows, names::FLOWS)?),
+            syns: Map::LruHashMap(open(ids.syns, names::SYNS)?),
+            closing: Map::LruHashMap(open(ids.closing, names::CLOSING)?),
+            socks: MapData::from_id(ids.socks).ok().map(Map::HashMap),
+        })
+    }
+
     /// New descriptors for the maps of a loaded object.
     pub(crate) fn dup(ebpf: &aya::Ebpf) -> Result<Maps> {
         let dup = |name: &'static str| -> Result<Map> {
@@ -223,6 +236,93 @@ impl Maps {
             accel_sockets,
             accel_queued_bytes,
         })
+    }
+}
+
+impl Maps {
+    /// Every figure of each target (`(netns cookie, counter slot)`), read
+    /// in one pass over each map: flows by the cookie in their keys,
+    /// accelerated sockets by their slot, counters from the target's slot.
+    pub fn snapshots_by_target(&self, targets: &[(u64, u32)]) -> Result<Vec<Snapshot>> {
+        use std::collections::HashMap as Std;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(&self.counters).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        let now = monotonic_coarse_ns();
+        let flows: HashMap<&MapData, FlowKey, FlowValue> =
+            HashMap::try_from(&self.flows).map_err(|source| Error::Map {
+                name: names::FLOWS,
+                source,
+            })?;
+        let mut open: Std<u64, Vec<FlowValue>> = Std::new();
+        for (k, v) in flows.iter().flatten() {
+            open.entry(k.netns_cookie).or_default().push(v);
+        }
+        let by_cookie = |map: &Map, name| -> Result<Std<u64, usize>> {
+            let m: HashMap<&MapData, FlowKey, FlowValue> =
+                HashMap::try_from(map).map_err(|source| Error::Map { name, source })?;
+            let mut n = Std::new();
+            for k in m.keys().flatten() {
+                *n.entry(k.netns_cookie).or_default() += 1;
+            }
+            Ok(n)
+        };
+        let syns = by_cookie(&self.syns, names::SYNS)?;
+        let closing = by_cookie(&self.closing, names::CLOSING)?;
+        let socks: Std<u64, SockState> = match &self.socks {
+            Some(m) => {
+                let m: HashMap<&MapData, u64, SockState> =
+                    HashMap::try_from(m).map_err(|source| Error::Map {
+                        name: names::SOCKS,
+                        source,
+                    })?;
+                m.iter().flatten().collect()
+            }
+            None => Std::new(),
+        };
+        targets
+            .iter()
+            .map(|&(cookie, slot)| {
+                let own: Std<u64, SockState> = socks
+                    .iter()
+                    .filter(|(_, s)| s.slot == slot)
+                    .map(|(k, s)| (*k, *s))
+                    .collect();
+                // A pair's peer may be of another target (both legs of a
+                // same-node request): look it up among all sockets.
+                let with_peers: Std<u64, SockState> = own
+                    .values()
+                    .filter_map(|s| socks.get_key_value(&s.peer).map(|(k, v)| (*k, *v)))
+                    .chain(own.iter().map(|(k, v)| (*k, *v)))
+                    .collect();
+                let left = |s: &SockState| s.flags & tproxy_common::sock_flags::LEFT != 0;
+                let accel_sockets = own
+                    .values()
+                    .filter(|s| !left(s) && !socks.get(&s.peer).is_some_and(left))
+                    .count();
+                // Bytes queued at this target's sockets: sent by their peers.
+                let accel_queued_bytes = own
+                    .values()
+                    .filter_map(|s| {
+                        let peer = with_peers.get(&s.peer)?;
+                        Some(peer.redirected_end.saturating_sub(s.read) as i64)
+                    })
+                    .sum();
+                Ok(Snapshot {
+                    counters: slot_counters(&arr, slot)?,
+                    flows: FlowStats::of(
+                        open.get(&cookie).into_iter().flatten().copied(),
+                        syns.get(&cookie).copied().unwrap_or(0),
+                        closing.get(&cookie).copied().unwrap_or(0),
+                        now,
+                    ),
+                    accel_sockets,
+                    accel_queued_bytes,
+                })
+            })
+            .collect()
     }
 }
 

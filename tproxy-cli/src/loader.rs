@@ -22,7 +22,7 @@ use crate::{
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
 
 /// Kernel ids of the maps, for other processes (`stats`, `status`) to open.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MapIds {
     pub targets: u32,
     pub counters: u32,
