@@ -5,6 +5,7 @@
 //! Used by the integration tests (tproxy-cli/tests) and by `cargo xtask
 //! lab …` / `cargo xtask demo`.
 pub mod cgroup;
+pub mod cni;
 pub mod envoy;
 pub mod k8s_validate;
 pub mod kernel;
