@@ -1,0 +1,416 @@
+//! `tproxy agent` (root): pods (a network namespace with eth0, a veth to a
+//! client namespace of its own, a child cgroup, lab-app and origdst-proxy)
+//! added and removed through the agent API and targets.d; identical
+//! addresses in two pods; restart and SIGKILL under load; scale.
+//!
+//! Every agent runs with private paths in a temp dir (socket, targets.d,
+//! state under TPROXY_RUN_DIR, and a bpffs mounted there for the test),
+//! never the defaults.
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{BIN, addr, eventually, example, exchange};
+use tproxy::agent_api::{self, Request, Response, TargetSpec};
+use tproxy_lab::{Cgroup, Logged, Netns, unique};
+
+/// A private bpffs mount, unmounted on drop (which also drops any pin
+/// left in it: links detach, maps go).
+struct Bpffs {
+    path: PathBuf,
+}
+
+impl Bpffs {
+    fn mount(path: PathBuf) -> Bpffs {
+        std::fs::create_dir_all(&path).unwrap();
+        tproxy_lab::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path)).unwrap();
+        Bpffs { path }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// The agent's private world and the agent process (if running).
+struct Agent {
+    proc: Option<Logged>,
+    // Unmounted after the process is gone and cleanup ran.
+    bpffs: Bpffs,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    fn new(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let bpffs = Bpffs::mount(dir.path().join("bpffs"));
+        std::fs::create_dir_all(dir.path().join("targets.d")).unwrap();
+        let mut a = Agent {
+            proc: None,
+            bpffs,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        a.start();
+        a
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    fn targets_dir(&self) -> PathBuf {
+        self.dir.path().join("targets.d")
+    }
+
+    fn pins(&self) -> PathBuf {
+        self.bpffs.path.join("tproxy")
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("run/agent/agent.json")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("TPROXY_RUN_DIR", self.dir.path().join("run"))
+            .env("TPROXY_LOG", "debug");
+        cmd
+    }
+
+    fn start(&mut self) {
+        assert!(self.proc.is_none());
+        let (sock, td, pins) = (self.socket(), self.targets_dir(), self.pins());
+        let mut cmd = self.command(&["agent"]);
+        cmd.arg("--socket")
+            .arg(sock)
+            .arg("--targets-dir")
+            .arg(td)
+            .arg("--bpffs")
+            .arg(pins)
+            .args(&self.extra);
+        let mut p = Logged::spawn("tproxy-agent", &mut cmd).unwrap();
+        p.wait_for("agent serving", Duration::from_secs(30)).unwrap();
+        self.proc = Some(p);
+    }
+
+    fn pid(&self) -> i32 {
+        self.proc.as_ref().unwrap().proc.pid()
+    }
+
+    fn call(&self, req: &Request) -> Response {
+        agent_api::call(&self.socket(), req, Duration::from_secs(60)).unwrap()
+    }
+
+    fn add(&self, id: &str, spec: &TargetSpec) {
+        let r = self.call(&Request::Add {
+            id: id.into(),
+            target: spec.clone(),
+        });
+        assert!(r.ok, "add {id}: {r:?}");
+    }
+
+    fn del(&self, id: &str) {
+        let r = self.call(&Request::Del { id: id.into() });
+        assert!(r.ok, "del {id}: {r:?}");
+    }
+
+    fn ids(&self) -> Vec<String> {
+        let r = self.call(&Request::List);
+        r.targets.unwrap().into_iter().map(|t| t.id).collect()
+    }
+
+    /// SIGTERM: exits leaving the targets attached.
+    fn terminate(&mut self) -> String {
+        let (st, log) = self.proc.take().unwrap().terminate().unwrap();
+        assert!(st.success(), "agent exit {st}: {log}");
+        log
+    }
+
+    fn kill9(&mut self) -> String {
+        self.proc.take().unwrap().kill9().unwrap()
+    }
+
+    /// `tproxy cleanup` with this agent's run dir.
+    fn cleanup(&self) -> String {
+        let out = self.command(&["cleanup"]).output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cleanup: {s}");
+        s
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            let _ = p.kill9();
+        }
+        // Whatever the test left: filters and routing in the pods' (still
+        // existing) namespaces, pins, state.
+        let _ = self.command(&["cleanup"]).output();
+    }
+}
+
+/// A pod: its namespace (eth0 10.77.0.2, fd77::2: the same in every pod),
+/// a client namespace on the other end of its veth, a child cgroup with
+/// lab-app (tagged) on 8000 and origdst-proxy on 15006.
+struct Pod {
+    // Dropped first: the processes, then the cgroup, then the namespaces.
+    procs: Vec<Logged>,
+    cgroup: Cgroup,
+    ns: Netns,
+    client: Netns,
+    tag: String,
+}
+
+const POD_V4: &str = "10.77.0.2";
+const POD_V6: &str = "fd77::2";
+
+impl Pod {
+    fn bare(tag: &str) -> Pod {
+        let name = unique("tpx-ag-");
+        let ns = Netns::create(&format!("{name}p")).unwrap();
+        let client = Netns::create(&format!("{name}c")).unwrap();
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "ceth", "netns",
+            client.name(),
+        ])
+        .unwrap();
+        for (n, a4, a6, dev) in [
+            (&ns, "10.77.0.2/24", "fd77::2/64", "eth0"),
+            (&client, "10.77.0.1/24", "fd77::1/64", "ceth"),
+        ] {
+            n.ip(&["addr", "add", a4, "dev", dev]).unwrap();
+            n.ip(&["addr", "add", a6, "dev", dev, "nodad"]).unwrap();
+            n.ip(&["link", "set", dev, "up"]).unwrap();
+        }
+        let cgroup = Cgroup::create(&name).unwrap();
+        Pod {
+            procs: Vec::new(),
+            cgroup,
+            ns,
+            client,
+            tag: tag.into(),
+        }
+    }
+
+    fn new(tag: &str) -> Pod {
+        let mut pod = Pod::bare(tag);
+        let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
+        cmd.args(["8000,8080", "--tag", tag]);
+        let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
+        app.wait_for("listening", Duration::from_secs(10)).unwrap();
+        let mut cmd = pod
+            .ns
+            .command_in(example("origdst-proxy"), Some(&pod.cgroup));
+        let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
+        proxy.wait_for("listening", Duration::from_secs(10)).unwrap();
+        pod.procs = vec![proxy, app];
+        pod
+    }
+
+    fn spec(&self) -> TargetSpec {
+        TargetSpec {
+            cgroup: Some(self.cgroup.path().to_path_buf()),
+            ports: Some("8000".parse().unwrap()),
+            name: Some(self.tag.clone()),
+            ..TargetSpec::new(self.ns.path(), "eth0")
+        }
+    }
+
+    fn proxy_log(&self) -> Vec<String> {
+        self.procs[0].lines()
+    }
+
+    /// One exchange from the pod's client: (peer the app saw, its tag line).
+    fn exchange(&self, ip: &str, port: u16, payload: &[u8]) -> (String, String) {
+        let dst = addr(ip, port);
+        let r = self.client.run(|| exchange(dst, payload)).unwrap();
+        assert_eq!(r.echoed, payload, "echo through {ip}:{port}");
+        (r.peer.to_string(), String::new())
+    }
+
+    /// Whether a connection to `ip`:8000 from the client went through the
+    /// pod's proxy (the app sees the pod's own address as the peer, and
+    /// the proxy logged the original destination) or straight to the app.
+    fn steered(&self, ip: &str) -> bool {
+        let (peer, _) = self.exchange(ip, 8000, b"ping\n");
+        peer == ip
+    }
+
+    /// The banner line the app sent (with its tag).
+    fn banner(&self, ip: &str) -> String {
+        let dst = addr(ip, 8000);
+        self.client
+            .run(|| {
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.write_all(b"hi\n")?;
+                s.shutdown(Shutdown::Write)?;
+                let mut all = String::new();
+                s.read_to_string(&mut all)?;
+                Ok::<_, std::io::Error>(all.lines().next().unwrap_or("").to_string())
+            })
+            .unwrap()
+    }
+}
+
+/// A long connection from the pod's client: a seeded stream written and
+/// its echo checked byte by byte, in chunks, until stopped.
+struct Stream {
+    sock: TcpStream,
+    sent: u64,
+    seed: u64,
+}
+
+fn byte_at(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8
+}
+
+impl Stream {
+    fn open(pod: &Pod, ip: &str) -> Stream {
+        let dst = addr(ip, 8000);
+        let sock = pod
+            .client
+            .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut s = Stream {
+            sock,
+            sent: 0,
+            seed: 0x5eed,
+        };
+        // The banner line first.
+        s.sock.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        let mut banner = Vec::new();
+        loop {
+            s.sock.read_exact(&mut b).unwrap();
+            if b[0] == b'\n' {
+                break;
+            }
+            banner.push(b[0]);
+        }
+        let mut echo = [0u8; 1];
+        s.sock.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"x");
+        let banner = String::from_utf8_lossy(&banner).into_owned();
+        assert!(banner.contains(&format!("tag={}", pod.tag)), "{banner}");
+        assert!(banner.contains(&format!("peer={ip}")) || banner.contains(&format!("peer=[{ip}]")), "not steered: {banner}");
+        s
+    }
+
+    /// Writes `n` more bytes of the stream and checks their echo.
+    fn round(&mut self, n: u64) {
+        let data: Vec<u8> = (self.sent..self.sent + n).map(|i| byte_at(self.seed, i)).collect();
+        self.sock.write_all(&data).unwrap();
+        let mut back = vec![0u8; n as usize];
+        self.sock.read_exact(&mut back).unwrap();
+        assert!(back == data, "echo differs after {} bytes", self.sent);
+        self.sent += n;
+    }
+}
+
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    eventually(what, Duration::from_secs(20), f);
+}
+
+/// Program ids of a target's tc programs, from the agent's state file.
+fn state(agent: &Agent) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(agent.state_file()).unwrap()).unwrap()
+}
+
+fn pins_under(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(pins_under(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn two_pods_with_identical_addresses_never_meet_and_removing_one_leaves_the_other_flowing() {
+    let agent = Agent::new(&["--drain-timeout", "2"]);
+    let a = Pod::new("pod-a");
+    let b = Pod::new("pod-b");
+    // Before: straight to the app.
+    assert!(!a.steered(POD_V4));
+    agent.add("a", &a.spec());
+    agent.add("b", &b.spec());
+    // Idempotent add; a second target in the same namespace is refused.
+    agent.add("a", &a.spec());
+    let r = agent.call(&Request::Add {
+        id: "a2".into(),
+        target: a.spec(),
+    });
+    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("already a target"), "{r:?}");
+    assert_eq!(r.code, Some(agent_api::code::INVALID_CONFIG));
+    for pod in [&a, &b] {
+        for ip in [POD_V4, POD_V6] {
+            assert!(pod.steered(ip), "{} {ip} not steered", pod.tag);
+            let banner = pod.banner(ip);
+            assert!(banner.ends_with(&format!("tag={}", pod.tag)), "{banner}");
+        }
+    }
+    // Each proxy answered for its own pod's flows only: the same tuples
+    // (10.77.0.1 -> 10.77.0.2:8000) in both pods, each proxy's getsockopt
+    // said 10.77.0.2:8000 for its own clients.
+    for pod in [&a, &b] {
+        let log = pod.proxy_log();
+        let n = log
+            .iter()
+            .filter(|l| l.contains("original-dst 10.77.0.2:8000") || l.contains("original-dst [fd77::2]:8000"))
+            .count();
+        assert!(n >= 4, "{}: {log:?}", pod.tag);
+    }
+    // Pod b carries a long stream while pod a is removed.
+    let mut s = Stream::open(&b, POD_V4);
+    s.round(1 << 20);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                s.round(64 << 10);
+            }
+            s.round(1 << 20);
+            s.sent
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        agent.del("a");
+        agent.del("a"); // idempotent
+        std::thread::sleep(Duration::from_millis(200));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = h.join().unwrap();
+        assert!(sent > 2 << 20, "{sent}");
+    });
+    assert!(!a.steered(POD_V4), "pod a still steered after del");
+    assert!(b.steered(POD_V4) && b.steered(POD_V6));
+    assert_eq!(agent.ids(), vec!["b".to_string()]);
+    // Exactly what a had is gone: its cgroup has none of our programs,
+    // its pins are gone; b's are there.
+    let progs = tproxy_lab::kernel::cgroup_programs(a.cgroup.path()).unwrap();
+    assert!(progs.is_empty(), "{progs:?}");
+    assert!(!tproxy_lab::kernel::cgroup_programs(b.cgroup.path()).unwrap().is_empty());
+    let st = state(&agent);
+    assert_eq!(st["targets"].as_array().unwrap().len(), 1);
+    let pins = pins_under(&agent.pins().join("targets"));
+    assert_eq!(pins.len(), 6, "{pins:?}");
+}
