@@ -315,9 +315,14 @@ impl Stream {
     /// Writes `n` more bytes of the stream and checks their echo.
     fn round(&mut self, n: u64) {
         let data: Vec<u8> = (self.sent..self.sent + n).map(|i| byte_at(self.seed, i)).collect();
-        self.sock.write_all(&data).unwrap();
+        // Written while reading: a write of more than the buffers hold
+        // before the first read would wait for itself.
+        let mut w = self.sock.try_clone().unwrap();
         let mut back = vec![0u8; n as usize];
-        self.sock.read_exact(&mut back).unwrap();
+        std::thread::scope(|sc| {
+            sc.spawn(|| w.write_all(&data).unwrap());
+            self.sock.read_exact(&mut back).unwrap();
+        });
         assert!(back == data, "echo differs after {} bytes", self.sent);
         self.sent += n;
     }
@@ -338,7 +343,8 @@ fn pins_under(p: &Path) -> Vec<PathBuf> {
         for e in rd.flatten() {
             if e.file_type().unwrap().is_dir() {
                 out.extend(pins_under(&e.path()));
-            } else {
+            } else if e.path().extension().is_none_or(|x| x != "debug") {
+                // (maps.debug and progs.debug come with every bpffs mount)
                 out.push(e.path());
             }
         }
@@ -413,4 +419,97 @@ fn two_pods_with_identical_addresses_never_meet_and_removing_one_leaves_the_othe
     assert_eq!(st["targets"].as_array().unwrap().len(), 1);
     let pins = pins_under(&agent.pins().join("targets"));
     assert_eq!(pins.len(), 6, "{pins:?}");
+}
+
+/// Accelerated sockets in the agent's pinned SOCKS map (the proxy->app
+/// leg of a pod's connections).
+fn accel_sockets(agent: &Agent) -> usize {
+    let data = aya::maps::MapData::from_pin(agent.pins().join("node/SOCKS")).unwrap();
+    let m: aya::maps::HashMap<_, u64, tproxy_common::SockState> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    m.keys().flatten().count()
+}
+
+#[test]
+fn restart_keeps_an_established_accelerated_connection_byte_exact() {
+    let mut agent = Agent::new(&[]);
+    let pod = Pod::new("pod-r");
+    agent.add("r", &pod.spec());
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(1 << 20);
+    assert!(accel_sockets(&agent) >= 2, "the proxy->app pair is not accelerated");
+    let load = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|sc| {
+        // Under load: the stream keeps going through the restart.
+        let h = sc.spawn(|| {
+            while load.load(std::sync::atomic::Ordering::Relaxed) {
+                s.round(32 << 10);
+            }
+        });
+        let log = agent.terminate();
+        assert!(log.contains("left attached"), "{log}");
+        // No agent: still steered (pinned links), new connections too.
+        assert!(pod.steered(POD_V4), "not steered while no agent runs");
+        agent.start();
+        let log = agent.proc.as_ref().unwrap().log();
+        assert!(log.contains("target adopted"), "{log}");
+        assert!(log.contains("kept the pinned recv tracepoint"), "{log}");
+        std::thread::sleep(Duration::from_millis(300));
+        load.store(false, std::sync::atomic::Ordering::Relaxed);
+        h.join().unwrap();
+    });
+    s.round(1 << 20);
+    assert!(accel_sockets(&agent) >= 2);
+    assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
+    // The adopted links run the new agent's programs (swapped in place).
+    let r = agent.call(&Request::Check { id: "r".into() });
+    assert!(r.ok, "{r:?}");
+    assert_eq!(agent.ids(), vec!["r".to_string()]);
+    // And the adopted target is removed cleanly.
+    agent.del("r");
+    assert!(!pod.steered(POD_V4));
+    assert!(tproxy_lab::kernel::cgroup_programs(pod.cgroup.path()).unwrap().is_empty());
+    assert!(pins_under(&agent.pins().join("targets")).is_empty());
+}
+
+#[test]
+fn sigkill_under_load_then_cleanup_leaves_nothing() {
+    let mut agent = Agent::new(&[]);
+    let tcx = Pod::new("pod-k1");
+    let nl = Pod::new("pod-k2");
+    agent.add("k1", &tcx.spec());
+    agent.add(
+        "k2",
+        &TargetSpec {
+            tc_mode: Some(tproxy::tc::TcMode::Netlink),
+            ..nl.spec()
+        },
+    );
+    let mut s = Stream::open(&tcx, POD_V4);
+    s.round(1 << 20);
+    let log = agent.kill9();
+    assert!(!log.contains("left attached"));
+    // Killed: pinned, so still steered, and the stream goes on.
+    s.round(1 << 20);
+    assert!(tcx.steered(POD_V4) && nl.steered(POD_V4));
+    let filters = nl.ns.exec("tc", &["filter", "show", "dev", "eth0", "ingress"]).unwrap();
+    assert!(filters.contains("tproxy_steer"), "{filters}");
+    // Each target pinned its own links only (a netlink target has no tc links).
+    let pinned = pins_under(&agent.pins().join("targets"));
+    assert_eq!(pinned.len(), 6 + 4, "{pinned:?}");
+    let out = agent.cleanup();
+    assert!(out.contains("is not running"), "{out}");
+    assert!(out.contains("unpinned"), "{out}");
+    assert!(out.contains("target k2") && out.contains("filter tproxy_steer"), "{out}");
+    // Nothing left: pins, state, filters, cgroup programs, steering.
+    assert!(pins_under(&agent.bpffs.path).is_empty(), "{:?}", pins_under(&agent.bpffs.path));
+    assert!(!agent.state_file().exists());
+    let filters = nl.ns.exec("tc", &["filter", "show", "dev", "eth0", "ingress"]).unwrap();
+    assert!(!filters.contains("tproxy"), "{filters}");
+    for pod in [&tcx, &nl] {
+        assert!(tproxy_lab::kernel::cgroup_programs(pod.cgroup.path()).unwrap().is_empty());
+        assert!(!pod.steered(POD_V4));
+    }
+    drop(s);
+    assert!(agent.cleanup().contains("nothing to clean up"));
 }

@@ -334,7 +334,15 @@ impl Registry {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             for a in att.attachments() {
-                if let Some(link) = a.link_id {
+                // Netlink filters are no links: the "newest link of the
+                // program" fill_link_ids finds for them is another
+                // target's TCX link, which must not be pinned as ours.
+                let is_link = match a.kind {
+                    AttachKind::Cgroup => true,
+                    AttachKind::TcIngress | AttachKind::TcEgress => probed.tc_mode != TcMode::Netlink,
+                    _ => false,
+                };
+                if let Some(link) = a.link_id.filter(|_| is_link) {
                     pins::pin_link_id(link, &dir.join(&a.program))?;
                     links.push(a.program.clone());
                 }
