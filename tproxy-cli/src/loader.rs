@@ -281,31 +281,33 @@ impl Loaded {
             );
         }
         if adopt.is_none() {
-        let what = format!(
-            "raw tracepoint {} on {}",
-            names::PROG_RECV_LENGTH,
-            names::RECV_TRACEPOINT
-        );
-        self.attachments.push(attached(
-            &what,
-            AttachKind::Tracepoint,
-            names::PROG_RECV_LENGTH,
-            prog.info(),
-        )?);
-        let id = prog
-            .attach(names::RECV_TRACEPOINT)
-            .map_err(|source| Error::Attach {
-                what: format!("raw tracepoint {}", names::RECV_TRACEPOINT),
-                source,
-            })?;
-        self.recvmsg = Some(RecvmsgAttachment::new(
-            what,
-            prog.take_link(id).expect("fresh link"),
-        ));
-        if let Some(pin) = &self.recv_pin {
-            let info = prog.info().map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
-            crate::agent::pins::pin_newest_link_of(info.id(), pin)?;
-        }
+            let what = format!(
+                "raw tracepoint {} on {}",
+                names::PROG_RECV_LENGTH,
+                names::RECV_TRACEPOINT
+            );
+            self.attachments.push(attached(
+                &what,
+                AttachKind::Tracepoint,
+                names::PROG_RECV_LENGTH,
+                prog.info(),
+            )?);
+            let id = prog
+                .attach(names::RECV_TRACEPOINT)
+                .map_err(|source| Error::Attach {
+                    what: format!("raw tracepoint {}", names::RECV_TRACEPOINT),
+                    source,
+                })?;
+            self.recvmsg = Some(RecvmsgAttachment::new(
+                what,
+                prog.take_link(id).expect("fresh link"),
+            ));
+            if let Some(pin) = &self.recv_pin {
+                let info = prog
+                    .info()
+                    .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
+                crate::agent::pins::pin_newest_link_of(info.id(), pin)?;
+            }
         }
 
         let sockhash: SockHash<MapData, SockKey> =

@@ -282,7 +282,10 @@ pub fn run_cleanup(scope: &Scope) -> Result<()> {
         },
     };
     if let Some(lines) = &agent {
-        println!("tproxy agent (state {}) is not running:", agent_dir.display());
+        println!(
+            "tproxy agent (state {}) is not running:",
+            agent_dir.display()
+        );
         for l in lines {
             println!("  {l}");
         }

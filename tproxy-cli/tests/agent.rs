@@ -10,7 +10,7 @@ mod common;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -100,7 +100,8 @@ impl Agent {
             .arg(pins)
             .args(&self.extra);
         let mut p = Logged::spawn("tproxy-agent", &mut cmd).unwrap();
-        p.wait_for("agent serving", Duration::from_secs(30)).unwrap();
+        p.wait_for("agent serving", Duration::from_secs(30))
+            .unwrap();
         self.proc = Some(p);
     }
 
@@ -183,7 +184,15 @@ impl Pod {
         let ns = Netns::create(&format!("{name}p")).unwrap();
         let client = Netns::create(&format!("{name}c")).unwrap();
         ns.ip(&[
-            "link", "add", "eth0", "type", "veth", "peer", "name", "ceth", "netns",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ceth",
+            "netns",
             client.name(),
         ])
         .unwrap();
@@ -215,7 +224,9 @@ impl Pod {
             .ns
             .command_in(example("origdst-proxy"), Some(&pod.cgroup));
         let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
-        proxy.wait_for("listening", Duration::from_secs(10)).unwrap();
+        proxy
+            .wait_for("listening", Duration::from_secs(10))
+            .unwrap();
         pod.procs = vec![proxy, app];
         pod
     }
@@ -286,7 +297,8 @@ impl Stream {
             .client
             .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
             .unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let mut s = Stream {
             sock,
             sent: 0,
@@ -308,13 +320,18 @@ impl Stream {
         assert_eq!(&echo, b"x");
         let banner = String::from_utf8_lossy(&banner).into_owned();
         assert!(banner.contains(&format!("tag={}", pod.tag)), "{banner}");
-        assert!(banner.contains(&format!("peer={ip}")) || banner.contains(&format!("peer=[{ip}]")), "not steered: {banner}");
+        assert!(
+            banner.contains(&format!("peer={ip}")) || banner.contains(&format!("peer=[{ip}]")),
+            "not steered: {banner}"
+        );
         s
     }
 
     /// Writes `n` more bytes of the stream and checks their echo.
     fn round(&mut self, n: u64) {
-        let data: Vec<u8> = (self.sent..self.sent + n).map(|i| byte_at(self.seed, i)).collect();
+        let data: Vec<u8> = (self.sent..self.sent + n)
+            .map(|i| byte_at(self.seed, i))
+            .collect();
         // Written while reading: a write of more than the buffers hold
         // before the first read would wait for itself.
         let mut w = self.sock.try_clone().unwrap();
@@ -367,7 +384,14 @@ fn two_pods_with_identical_addresses_never_meet_and_removing_one_leaves_the_othe
         id: "a2".into(),
         target: a.spec(),
     });
-    assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("already a target"), "{r:?}");
+    assert!(
+        !r.ok
+            && r.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("already a target"),
+        "{r:?}"
+    );
     assert_eq!(r.code, Some(agent_api::code::INVALID_CONFIG));
     for pod in [&a, &b] {
         for ip in [POD_V4, POD_V6] {
@@ -383,7 +407,10 @@ fn two_pods_with_identical_addresses_never_meet_and_removing_one_leaves_the_othe
         let log = pod.proxy_log();
         let n = log
             .iter()
-            .filter(|l| l.contains("original-dst 10.77.0.2:8000") || l.contains("original-dst [fd77::2]:8000"))
+            .filter(|l| {
+                l.contains("original-dst 10.77.0.2:8000")
+                    || l.contains("original-dst [fd77::2]:8000")
+            })
             .count();
         assert!(n >= 4, "{}: {log:?}", pod.tag);
     }
@@ -414,7 +441,11 @@ fn two_pods_with_identical_addresses_never_meet_and_removing_one_leaves_the_othe
     // its pins are gone; b's are there.
     let progs = tproxy_lab::kernel::cgroup_programs(a.cgroup.path()).unwrap();
     assert!(progs.is_empty(), "{progs:?}");
-    assert!(!tproxy_lab::kernel::cgroup_programs(b.cgroup.path()).unwrap().is_empty());
+    assert!(
+        !tproxy_lab::kernel::cgroup_programs(b.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
     let st = state(&agent);
     assert_eq!(st["targets"].as_array().unwrap().len(), 1);
     let pins = pins_under(&agent.pins().join("targets"));
@@ -437,7 +468,10 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
     agent.add("r", &pod.spec());
     let mut s = Stream::open(&pod, POD_V4);
     s.round(1 << 20);
-    assert!(accel_sockets(&agent) >= 2, "the proxy->app pair is not accelerated");
+    assert!(
+        accel_sockets(&agent) >= 2,
+        "the proxy->app pair is not accelerated"
+    );
     let load = std::sync::atomic::AtomicBool::new(true);
     std::thread::scope(|sc| {
         // Under load: the stream keeps going through the restart.
@@ -468,7 +502,11 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
     // And the adopted target is removed cleanly.
     agent.del("r");
     assert!(!pod.steered(POD_V4));
-    assert!(tproxy_lab::kernel::cgroup_programs(pod.cgroup.path()).unwrap().is_empty());
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
     assert!(pins_under(&agent.pins().join("targets")).is_empty());
 }
 
@@ -492,7 +530,10 @@ fn sigkill_under_load_then_cleanup_leaves_nothing() {
     // Killed: pinned, so still steered, and the stream goes on.
     s.round(1 << 20);
     assert!(tcx.steered(POD_V4) && nl.steered(POD_V4));
-    let filters = nl.ns.exec("tc", &["filter", "show", "dev", "eth0", "ingress"]).unwrap();
+    let filters = nl
+        .ns
+        .exec("tc", &["filter", "show", "dev", "eth0", "ingress"])
+        .unwrap();
     assert!(filters.contains("tproxy_steer"), "{filters}");
     // Each target pinned its own links only (a netlink target has no tc links).
     let pinned = pins_under(&agent.pins().join("targets"));
@@ -500,16 +541,249 @@ fn sigkill_under_load_then_cleanup_leaves_nothing() {
     let out = agent.cleanup();
     assert!(out.contains("is not running"), "{out}");
     assert!(out.contains("unpinned"), "{out}");
-    assert!(out.contains("target k2") && out.contains("filter tproxy_steer"), "{out}");
+    assert!(
+        out.contains("target k2") && out.contains("filter tproxy_steer"),
+        "{out}"
+    );
     // Nothing left: pins, state, filters, cgroup programs, steering.
-    assert!(pins_under(&agent.bpffs.path).is_empty(), "{:?}", pins_under(&agent.bpffs.path));
+    assert!(
+        pins_under(&agent.bpffs.path).is_empty(),
+        "{:?}",
+        pins_under(&agent.bpffs.path)
+    );
     assert!(!agent.state_file().exists());
-    let filters = nl.ns.exec("tc", &["filter", "show", "dev", "eth0", "ingress"]).unwrap();
+    let filters = nl
+        .ns
+        .exec("tc", &["filter", "show", "dev", "eth0", "ingress"])
+        .unwrap();
     assert!(!filters.contains("tproxy"), "{filters}");
     for pod in [&tcx, &nl] {
-        assert!(tproxy_lab::kernel::cgroup_programs(pod.cgroup.path()).unwrap().is_empty());
+        assert!(
+            tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+                .unwrap()
+                .is_empty()
+        );
         assert!(!pod.steered(POD_V4));
     }
     drop(s);
     assert!(agent.cleanup().contains("nothing to clean up"));
+}
+
+#[test]
+fn target_files_add_replace_and_remove_targets_and_a_broken_one_is_skipped() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let web = Pod::new("pod-f");
+    let yaml = |ports: &str| {
+        format!(
+            "# a pod without Kubernetes\nnetns: {}\nname: web\niface: eth0\nports: [{ports}]\ncgroup: {}\nproxy_mark: \"0x539\"\n",
+            web.ns.path().display(),
+            web.cgroup.path().display()
+        )
+    };
+    let file = agent.targets_dir().join("web.yaml");
+    std::fs::write(&file, yaml("8000")).unwrap();
+    wait_until("file:web attached", || agent.ids() == ["file:web"]);
+    assert!(web.steered(POD_V4));
+    // A broken file: one clear line, and the other target is untouched.
+    std::fs::write(
+        agent.targets_dir().join("bad.yaml"),
+        "netns: /nowhere\niface: eth0\nprots: 1\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = agent.proc.as_ref().unwrap().lines();
+    let bad: Vec<_> = log.iter().filter(|l| l.contains("bad.yaml")).collect();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(
+        bad[0].contains("prots") && bad[0].contains("skipped"),
+        "{bad:?}"
+    );
+    assert_eq!(agent.ids(), ["file:web"]);
+    // Changed: replaced (8080 now steered too).
+    std::fs::write(&file, yaml("8000, 8080")).unwrap();
+    wait_until("file:web replaced", || {
+        let r = agent.call(&Request::List);
+        r.targets
+            .unwrap()
+            .first()
+            .and_then(|t| t.target.ports.as_ref().map(ToString::to_string))
+            == Some("8000,8080".into())
+    });
+    let (peer, _) = web.exchange(POD_V4, 8080, b"x\n");
+    assert_eq!(peer, POD_V4, "8080 not steered after the change");
+    // Removed: detached.
+    std::fs::remove_file(&file).unwrap();
+    wait_until("file:web removed", || agent.ids().is_empty());
+    assert!(!web.steered(POD_V4));
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(web.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// `kernel.bpf_stats_enabled` set for a test, restored on drop.
+struct BpfStats(String);
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        let old = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap();
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").unwrap();
+        BpfStats(old.trim().to_string())
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
+}
+
+/// (run_time_ns, run_cnt) of program `id`.
+fn prog_stats(id: u64) -> (u64, u64) {
+    let out = tproxy_lab::run(Command::new("bpftool").args([
+        "-j",
+        "prog",
+        "show",
+        "id",
+        &id.to_string(),
+    ]))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    )
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Kernel memory of the agent's pinned maps (bpftool's memlock), bytes.
+fn map_memlock(agent: &Agent) -> u64 {
+    let mut total = 0;
+    for p in pins_under(&agent.pins().join("node")) {
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+        {
+            continue;
+        }
+        let out = tproxy_lab::run(
+            Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(&p),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        total += v["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    total
+}
+
+/// ns per run of `prog` over a stream of `bytes` through pod 0.
+fn steer_cost(prog: u64, s: &mut Stream, bytes: u64) -> (f64, u64) {
+    let (t0, c0) = prog_stats(prog);
+    for _ in 0..bytes / (256 << 10) {
+        s.round(256 << 10);
+    }
+    let (t1, c1) = prog_stats(prog);
+    ((t1 - t0) as f64 / (c1 - c0).max(1) as f64, c1 - c0)
+}
+
+#[test]
+fn many_pods_on_one_agent_attach_fast_and_the_per_packet_cost_does_not_grow() {
+    let n: usize = std::env::var("TPROXY_AGENT_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let agent = Agent::new(&[
+        "--max-targets",
+        &(n + 8).to_string(),
+        "--drain-timeout",
+        "1",
+    ]);
+    let _stats = BpfStats::enable();
+    let first = Pod::new("pod-0");
+    // The tc program's cost is measured: pod 0 is not accelerated by
+    // default. TPROXY_AGENT_ACCEL=1 turns it on, which shows an open bug
+    // of acceleration (not of the agent: a single run stalls too, less
+    // often): this echo stream, 256 KiB rounds written while read, stalls
+    // for good on an early round.
+    let accel = std::env::var_os("TPROXY_AGENT_ACCEL").is_some();
+    agent.add(
+        "p0",
+        &TargetSpec {
+            accel: Some(accel),
+            ..first.spec()
+        },
+    );
+    // Rewrite steering: the client's packets to 8000 (the proxy's replies
+    // restore on egress); tc ingress on eth0 runs for each of them.
+    let steer = state(&agent)["targets"][0]["tc_progs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .find(|id| {
+            let out = tproxy_lab::run(Command::new("bpftool").args([
+                "-j",
+                "prog",
+                "show",
+                "id",
+                &id.to_string(),
+            ]))
+            .unwrap();
+            out.contains("\"tproxy_steer\"")
+        })
+        .unwrap();
+    let mut s = Stream::open(&first, POD_V4);
+    steer_cost(steer, &mut s, 4 << 20); // warm up
+    let (cost1, runs1) = steer_cost(steer, &mut s, 16 << 20);
+    let rss1 = rss_kib(agent.pid());
+    let mem1 = map_memlock(&agent);
+
+    let mut pods = Vec::new();
+    let mut times = Vec::new();
+    for i in 1..n {
+        let pod = Pod::bare(&format!("pod-{i}"));
+        let t = Instant::now();
+        agent.add(&format!("p{i}"), &pod.spec());
+        times.push(t.elapsed());
+        pods.push(pod);
+    }
+    assert_eq!(agent.ids().len(), n);
+    let (costn, runsn) = steer_cost(steer, &mut s, 16 << 20);
+    let rssn = rss_kib(agent.pid());
+    let memn = map_memlock(&agent);
+    times.sort();
+    let median = times[times.len() / 2];
+    let max = *times.last().unwrap();
+    let total: Duration = times.iter().sum();
+    eprintln!(
+        "agent scale, {n} pods: attach per pod median {:.1} ms, max {:.1} ms, mean {:.1} ms; agent RSS {rss1} KiB at 1 pod, {rssn} KiB at {n} ({:.1} KiB per pod); pinned maps memlock {} KiB at 1, {} KiB at {n}; tproxy_steer {cost1:.0} ns/run at 1 pod ({runs1} runs), {costn:.0} ns/run at {n} pods ({runsn} runs)",
+        median.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3,
+        total.as_secs_f64() * 1e3 / times.len() as f64,
+        (rssn.saturating_sub(rss1)) as f64 / (n - 1) as f64,
+        mem1 / 1024,
+        memn / 1024,
+    );
+    assert!(
+        costn < 2.0 * cost1,
+        "per-packet cost grew: {cost1:.0} -> {costn:.0} ns"
+    );
+    assert!(median < Duration::from_secs(1), "attach median {median:?}");
+    // Every pod still steered once all are attached (the first, by traffic).
+    s.round(1 << 20);
+    // Removing them all leaves pod 0 alone and whole.
+    for i in 1..n {
+        agent.del(&format!("p{i}"));
+    }
+    assert_eq!(agent.ids(), ["p0"]);
+    assert!(first.steered(POD_V4));
 }

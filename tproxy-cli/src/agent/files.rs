@@ -35,7 +35,9 @@ pub fn parse(text: &str) -> Result<TargetSpec, String> {
     // The rest is a --config file's target part, checked the same way.
     let text = serde_norway::to_string(&v).map_err(|e| e.to_string())?;
     let t = TargetConfig::parse(&text).map_err(|e| e.to_string())?;
-    let iface = t.iface.ok_or("iface: missing (the pod's interface, e.g. eth0)")?;
+    let iface = t
+        .iface
+        .ok_or("iface: missing (the pod's interface, e.g. eth0)")?;
     Ok(TargetSpec {
         cgroup: t.cgroup,
         ports: t.ports,
@@ -85,9 +87,21 @@ mod tests {
         assert_eq!(s.ports.unwrap().to_string(), "8000,9000-9001");
         assert_eq!(s.proxy_mark, Some(0x539));
         assert_eq!(s.accel, Some(false));
-        assert!(parse("iface: eth0\nports: 8000\n").unwrap_err().contains("netns"));
-        assert!(parse("netns: /x\niface: eth0\nprots: 8000\n").unwrap_err().contains("prots"));
-        assert!(parse("netns: /x\niface: eth0\nproxy_port: 0\n").unwrap_err().contains("proxy_port"));
+        assert!(
+            parse("iface: eth0\nports: 8000\n")
+                .unwrap_err()
+                .contains("netns")
+        );
+        assert!(
+            parse("netns: /x\niface: eth0\nprots: 8000\n")
+                .unwrap_err()
+                .contains("prots")
+        );
+        assert!(
+            parse("netns: /x\niface: eth0\nproxy_port: 0\n")
+                .unwrap_err()
+                .contains("proxy_port")
+        );
         assert_eq!(id_of(Path::new("/d/web.yaml")).as_deref(), Some("file:web"));
         assert_eq!(id_of(Path::new("/d/web.yml.swp")), None);
     }

@@ -159,7 +159,9 @@ pub struct Agent {
 
 impl Agent {
     pub fn lock(&self) -> MutexGuard<'_, Registry> {
-        self.reg.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.reg
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn save(&self, reg: &Registry) {
@@ -428,7 +430,10 @@ fn remove_leftovers(state: &AgentState) -> Vec<String> {
             Err(e) => removed.push(format!("could not enter it: {}", Chain(&e))),
         }
         if removed.is_empty() {
-            out.push(format!("target {} ({ns}): no netlink filters or routing to remove", rec.id));
+            out.push(format!(
+                "target {} ({ns}): no netlink filters or routing to remove",
+                rec.id
+            ));
         }
         for what in removed {
             out.push(format!("target {} ({ns}): removed {what}", rec.id));
@@ -462,7 +467,10 @@ pub fn cleanup(dir: &Path) -> Result<Option<Vec<String>>> {
         let _ = fs::remove_dir(&state.bpffs);
     }
     if fs::remove_file(state_path(dir)).is_ok() {
-        out.push(format!("removed the agent state {}", state_path(dir).display()));
+        out.push(format!(
+            "removed the agent state {}",
+            state_path(dir).display()
+        ));
     }
     let _ = fs::remove_file(&state.socket);
     let _ = fs::remove_file(lock_path(dir));

@@ -7,8 +7,7 @@
 //! routing outlive the process by themselves.
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
@@ -97,7 +96,10 @@ pub fn pin_newest_link_of(prog_id: u32, path: &Path) -> Result<()> {
         .ok_or_else(|| {
             Error::io(
                 format!("pinning {}", path.display()),
-                io::Error::new(io::ErrorKind::NotFound, format!("no link runs program {prog_id}")),
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no link runs program {prog_id}"),
+                ),
             )
         })?;
     pin_link_id(link, path)
@@ -116,7 +118,7 @@ pub fn update_link(path: &Path, new_prog: BorrowedFd<'_>) -> io::Result<()> {
 
 /// `path` is on a bpf filesystem.
 pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes `dir` a directory on a bpf filesystem: as is if it is one (or

@@ -52,7 +52,7 @@ pub struct TargetRecord {
 
 enum Owner {
     /// Attached by this agent: the owner detaches on drop.
-    Fresh(TargetAttachment),
+    Fresh(Box<TargetAttachment>),
     /// Attached by a previous agent, kept through its pins; removed step
     /// by step from its record.
     Adopted,
@@ -105,17 +105,18 @@ impl From<Error> for ApiFailure {
 
 /// The `tproxy` run's options for a target, with the run flags' defaults.
 pub fn options_of(spec: &TargetSpec) -> Result<Options> {
-    let ports = spec
-        .ports
-        .clone()
-        .ok_or_else(|| Error::TargetSpec("the target has no ports: set \"ports\" (e.g. \"8000\")".into()))?;
+    let ports = spec.ports.clone().ok_or_else(|| {
+        Error::TargetSpec("the target has no ports: set \"ports\" (e.g. \"8000\")".into())
+    })?;
     let cgroup = spec.cgroup.clone().ok_or_else(|| {
         Error::TargetSpec(
             "the target has no cgroup: set \"cgroup\" to the pod's cgroup (the agent never attaches to the cgroup root)".into(),
         )
     })?;
     if spec.iface.is_empty() {
-        return Err(Error::TargetSpec("the target has an empty \"iface\"".into()));
+        return Err(Error::TargetSpec(
+            "the target has an empty \"iface\"".into(),
+        ));
     }
     let opts = Options {
         iface: spec.iface.clone(),
@@ -174,7 +175,10 @@ fn probe_netns(opts: &Options) -> Result<Probed> {
         Steer::Rewrite => None,
     };
     let steer_mark = tproxy.as_ref().map_or_else(
-        || opts.steer_mark.unwrap_or_else(|| default_steer_mark(ifindex)),
+        || {
+            opts.steer_mark
+                .unwrap_or_else(|| default_steer_mark(ifindex))
+        },
         |s| s.mark,
     );
     if steer_mark == opts.proxy_mark {
@@ -339,7 +343,9 @@ impl Registry {
                 // target's TCX link, which must not be pinned as ours.
                 let is_link = match a.kind {
                     AttachKind::Cgroup => true,
-                    AttachKind::TcIngress | AttachKind::TcEgress => probed.tc_mode != TcMode::Netlink,
+                    AttachKind::TcIngress | AttachKind::TcEgress => {
+                        probed.tc_mode != TcMode::Netlink
+                    }
                     _ => false,
                 };
                 if let Some(link) = a.link_id.filter(|_| is_link) {
@@ -389,7 +395,7 @@ impl Registry {
             id.to_string(),
             Entry {
                 rec,
-                owner: Owner::Fresh(att),
+                owner: Owner::Fresh(Box::new(att)),
             },
         );
         Ok(())
@@ -422,7 +428,11 @@ impl Registry {
             };
             let Ok(fd) = fd else { continue };
             match pins::update_link(&pin, std::os::fd::AsFd::as_fd(&fd)) {
-                Ok(()) => debug!("target {}: link {} now runs this agent's {name}", rec.id, pin.display()),
+                Ok(()) => debug!(
+                    "target {}: link {} now runs this agent's {name}",
+                    rec.id,
+                    pin.display()
+                ),
                 Err(e) => warn!(
                     "target {}: link {} keeps the previous agent's program ({e}); it shares the maps, nothing is lost",
                     rec.id,
@@ -430,7 +440,11 @@ impl Registry {
                 ),
             }
         }
-        info!(id = rec.id, slot = rec.slot, "target adopted from the previous agent");
+        info!(
+            id = rec.id,
+            slot = rec.slot,
+            "target adopted from the previous agent"
+        );
         self.targets.insert(
             rec.id.clone(),
             Entry {
@@ -488,7 +502,12 @@ impl Registry {
     pub fn open_flows(&self, cookie: u64) -> usize {
         let map = self.loaded.ebpf().map(names::FLOWS).expect("FLOWS");
         HashMap::<&MapData, FlowKey, FlowValue>::try_from(map)
-            .map(|m| m.keys().flatten().filter(|k| k.netns_cookie == cookie).count())
+            .map(|m| {
+                m.keys()
+                    .flatten()
+                    .filter(|k| k.netns_cookie == cookie)
+                    .count()
+            })
             .unwrap_or(0)
     }
 
@@ -528,7 +547,9 @@ impl Registry {
             Owner::Adopted => {
                 if alive {
                     let r = rec.clone();
-                    if let Err(e) = netns::run_in(&rec.spec.netns, move || remove_adopted_in_netns(&r)) {
+                    if let Err(e) =
+                        netns::run_in(&rec.spec.netns, move || remove_adopted_in_netns(&r))
+                    {
                         warn!("target {id}: detaching in its namespace: {}", Chain(&e));
                     }
                 }
@@ -537,12 +558,7 @@ impl Registry {
                 }
             }
         }
-        info!(
-            id,
-            slot = rec.slot,
-            netns_gone = !alive,
-            "target detached"
-        );
+        info!(id, slot = rec.slot, netns_gone = !alive, "target detached");
     }
 
     fn zero_counters(&mut self, slot: u32) -> Result<()> {
@@ -657,7 +673,10 @@ fn program_name(s: &str) -> Option<&'static str> {
 /// (bounded wait for queued bytes to be read); then detach. The lock is
 /// held only for each short step, so other targets' requests go on.
 pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Result<bool> {
-    let lock = || reg.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lock = || {
+        reg.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     let Some((cookie, slot)) = lock().start_draining(id)? else {
         return Ok(false);
     };
@@ -683,7 +702,10 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
         queued = lock().accel_of_slot(slot).map(|(_, q)| q).unwrap_or(0);
     }
     if sockets > 0 {
-        info!(id, "accel: {sockets} socket(s) handed back to plain TCP; {queued} byte(s) unread");
+        info!(
+            id,
+            "accel: {sockets} socket(s) handed back to plain TCP; {queued} byte(s) unread"
+        );
     }
     lock().detach(id);
     Ok(true)

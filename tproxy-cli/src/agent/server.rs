@@ -1,12 +1,7 @@
 //! The agent API on a Unix socket (`agent_api`): one request per
 //! connection, handled off the async runtime, one at a time against the
 //! registry.
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -62,14 +57,17 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) -> std::io::Result<()> {
     let resp = match read {
         Err(_) => Response::error(code::OTHER, "no request within 10 s"),
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) if line.len() > MAX_MESSAGE => {
-            Response::error(code::INVALID_CONFIG, agent_api::ApiError::TooLong.to_string())
-        }
+        Ok(Ok(_)) if line.len() > MAX_MESSAGE => Response::error(
+            code::INVALID_CONFIG,
+            agent_api::ApiError::TooLong.to_string(),
+        ),
         Ok(Ok(_)) => match agent_api::parse_request(&line) {
             Err(e) => Response::error(code::INVALID_CONFIG, e.to_string()),
             Ok(req) => tokio::task::spawn_blocking(move || answer(&agent, req))
                 .await
-                .unwrap_or_else(|e| Response::error(code::OTHER, format!("agent task failed: {e}"))),
+                .unwrap_or_else(|e| {
+                    Response::error(code::OTHER, format!("agent task failed: {e}"))
+                }),
         },
     };
     w.write_all(&agent_api::encode_response(&resp)).await?;
@@ -79,11 +77,11 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) -> std::io::Result<()> {
 fn answer(agent: &Agent, req: Request) -> Response {
     debug!(?req, "agent API request");
     match req {
-        Request::Add { id, target } => match agent.add( &id, &target) {
+        Request::Add { id, target } => match agent.add(&id, &target) {
             Ok(()) => Response::ok(),
             Err(f) => Response::error(f.code, f.error),
         },
-        Request::Del { id } => match agent.del( &id) {
+        Request::Del { id } => match agent.del(&id) {
             Ok(()) => Response::ok(),
             Err(f) => Response::error(f.code, f.error),
         },
