@@ -141,6 +141,9 @@ pub struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The node agent: loads the programs once and attaches them per target
+    /// (a pod), added and removed at run time through --socket or --targets-dir.
+    Agent(crate::agent::AgentArgs),
     /// Print the counters of the running instance(s), once or with --watch.
     Stats(StatsArgs),
     /// Check, attaching nothing, that a run with these options would work:

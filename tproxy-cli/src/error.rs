@@ -132,6 +132,14 @@ pub enum Error {
     )]
     TargetExists { netns: String },
 
+    #[error("invalid target: {0}")]
+    TargetSpec(String),
+
+    #[error(
+        "a tproxy agent (pid {pid}) already runs with the state directory {dir}; stop it first (or give this one another --state-dir)"
+    )]
+    AgentRunning { dir: PathBuf, pid: i32 },
+
     #[error("the object was loaded without acceleration; a target cannot turn it on")]
     AccelNotLoaded,
 

@@ -12,6 +12,7 @@
 //! `check` the preflight (`tproxy check`) over both; `cli` the
 //! command line, `config` the `--config` file, `dist` its completions and
 //! man pages. The kernel side is in the `tproxy-ebpf` crate.
+pub mod agent;
 pub mod agent_api;
 pub mod attach;
 pub mod btf;

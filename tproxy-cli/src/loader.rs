@@ -46,6 +46,44 @@ pub struct Loaded {
     ids: MapIds,
     /// The node-wide hooks, for the runtime record.
     attachments: Vec<Attached>,
+    /// Where the recv tracepoint's link is pinned (the agent), if anywhere.
+    recv_pin: Option<std::path::PathBuf>,
+}
+
+/// The maps the agent pins: every one that carries state between its
+/// programs (NODE is written at each load; the globals are per object).
+pub const PINNED_MAPS: [&str; 8] = [
+    names::TARGETS,
+    names::COUNTERS,
+    names::FLOWS,
+    names::SYNS,
+    names::CLOSING,
+    names::SOCKHASH,
+    names::SOCKS,
+    names::PENDING_PEERS,
+];
+
+/// The recv tracepoint's link pin, in the pin directory.
+pub const RECV_LINK_PIN: &str = "link_recv_length";
+
+/// Table sizes (max entries); `None`: the object's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSizes {
+    pub flows: Option<u32>,
+    pub syns: Option<u32>,
+    pub closing: Option<u32>,
+    /// SOCKHASH and SOCKS (accelerated sockets).
+    pub socks: Option<u32>,
+}
+
+/// How to load: see [`Loaded::load_with`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub accel: bool,
+    pub max_targets: u32,
+    pub single: Option<u64>,
+    pub sizes: MapSizes,
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
@@ -113,10 +151,23 @@ impl Loaded {
     /// Every program a target needs is loaded (verified) here, so attaching
     /// a target only links.
     pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> Result<Loaded> {
+        Loaded::load_with(&LoadOptions {
+            accel,
+            max_targets,
+            single,
+            ..LoadOptions::default()
+        })
+    }
+
+    /// `load` with the node agent's extras: table sizes, and maps and the
+    /// node-wide recv tracepoint pinned under `pin_dir` (reused when already
+    /// there: an agent restart keeps every flow and accelerated socket).
+    pub fn load_with(o: &LoadOptions) -> Result<Loaded> {
+        let (accel, single) = (o.accel, o.single);
         let max_targets = if single.is_some() {
             1
         } else {
-            max_targets.max(1)
+            o.max_targets.max(1)
         };
         let mut node = NodeConfig {
             sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
@@ -135,13 +186,32 @@ impl Loaded {
         } else {
             0
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::TARGETS, max_targets)
             // Slot 0 counts events of no target.
             .map_max_entries(names::COUNTERS, (max_targets + 1) * Counter::COUNT)
-            .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true)
-            .load(EBPF_OBJECT)
-            .map_err(Error::LoadObject)?;
+            .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true);
+        for (name, size) in [
+            (names::FLOWS, o.sizes.flows),
+            (names::SYNS, o.sizes.syns),
+            (names::CLOSING, o.sizes.closing),
+            (names::SOCKHASH, o.sizes.socks),
+            (names::SOCKS, o.sizes.socks),
+        ] {
+            if let Some(n) = size {
+                loader.map_max_entries(name, n);
+            }
+        }
+        let pins: Vec<(&str, std::path::PathBuf)> = match &o.pin_dir {
+            Some(dir) => PINNED_MAPS.iter().map(|&n| (n, dir.join(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            // aya opens the pin if it exists, else creates the map and pins it.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::LoadObject)?;
         let mut arr: Array<&mut MapData, NodeConfig> = Array::try_from(
             ebpf.map_mut(names::NODE).expect("NODE in object"),
         )
@@ -186,6 +256,7 @@ impl Loaded {
             max_targets,
             ids,
             attachments: Vec::new(),
+            recv_pin: o.pin_dir.as_ref().map(|d| d.join(RECV_LINK_PIN)),
         };
         if accel {
             loaded.attach_accel()?;
@@ -200,27 +271,44 @@ impl Loaded {
         let prog: &mut RawTracePoint = program(ebpf, names::PROG_RECV_LENGTH)?;
         prog.load()
             .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
-        let what = format!(
-            "raw tracepoint {} on {}",
-            names::PROG_RECV_LENGTH,
-            names::RECV_TRACEPOINT
-        );
-        self.attachments.push(attached(
-            &what,
-            AttachKind::Tracepoint,
-            names::PROG_RECV_LENGTH,
-            prog.info(),
-        )?);
-        let id = prog
-            .attach(names::RECV_TRACEPOINT)
-            .map_err(|source| Error::Attach {
-                what: format!("raw tracepoint {}", names::RECV_TRACEPOINT),
-                source,
-            })?;
-        self.recvmsg = Some(RecvmsgAttachment::new(
-            what,
-            prog.take_link(id).expect("fresh link"),
-        ));
+        // A previous agent's tracepoint link is kept: a raw tracepoint link
+        // cannot swap its program, and two would count every read twice.
+        let adopt = self.recv_pin.as_ref().filter(|p| p.exists());
+        if let Some(pin) = adopt {
+            tracing::info!(
+                "kept the pinned recv tracepoint {} of the previous agent",
+                pin.display()
+            );
+        }
+        if adopt.is_none() {
+            let what = format!(
+                "raw tracepoint {} on {}",
+                names::PROG_RECV_LENGTH,
+                names::RECV_TRACEPOINT
+            );
+            self.attachments.push(attached(
+                &what,
+                AttachKind::Tracepoint,
+                names::PROG_RECV_LENGTH,
+                prog.info(),
+            )?);
+            let id = prog
+                .attach(names::RECV_TRACEPOINT)
+                .map_err(|source| Error::Attach {
+                    what: format!("raw tracepoint {}", names::RECV_TRACEPOINT),
+                    source,
+                })?;
+            self.recvmsg = Some(RecvmsgAttachment::new(
+                what,
+                prog.take_link(id).expect("fresh link"),
+            ));
+            if let Some(pin) = &self.recv_pin {
+                let info = prog
+                    .info()
+                    .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
+                crate::agent::pins::pin_newest_link_of(info.id(), pin)?;
+            }
+        }
 
         let sockhash: SockHash<MapData, SockKey> =
             SockHash::try_from(ebpf.take_map(names::SOCKHASH).expect("SOCKHASH in object"))

@@ -81,6 +81,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match &cli.command {
+        Some(Command::Agent(args)) => tproxy::agent::run(args).map_err(Into::into),
         Some(Command::Stats(args)) => tproxy::stats::run(args).map_err(Into::into),
         Some(Command::Check(args)) => tproxy::check::run(args).map_err(Into::into),
         Some(Command::Status { json }) => tproxy::status::run(*json).map_err(Into::into),

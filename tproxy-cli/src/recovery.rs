@@ -270,8 +270,30 @@ pub fn cleanup(scope: &Scope) -> Result<Vec<Cleaned>> {
 pub fn run_cleanup(scope: &Scope) -> Result<()> {
     system::check_privileges()?;
     let cleaned = cleanup(scope)?;
+    // A node agent that died (SIGKILL) or exited for good: its pins, its
+    // targets' filters and routing, its state. A living one is left alone.
+    let agent_dir = crate::agent::default_state_dir();
+    let agent = match scope {
+        Scope::Iface(_) => None,
+        _ => match crate::agent::cleanup(&agent_dir) {
+            Ok(r) => r,
+            Err(Error::AgentRunning { .. }) => None,
+            Err(e) => return Err(e),
+        },
+    };
+    if let Some(lines) = &agent {
+        println!(
+            "tproxy agent (state {}) is not running:",
+            agent_dir.display()
+        );
+        for l in lines {
+            println!("  {l}");
+        }
+    }
     if cleaned.is_empty() {
-        println!("nothing to clean up");
+        if agent.is_none() {
+            println!("nothing to clean up");
+        }
         return Ok(());
     }
     let mut failed = Vec::new();

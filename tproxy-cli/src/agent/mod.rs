@@ -1,0 +1,479 @@
+//! `tproxy agent`: one long-running process per node that loads the
+//! programs once and attaches them per target (a pod: its network
+//! namespace, interface, cgroup and ports), added and removed at run time
+//! through a Unix socket (`agent_api`) or files in `--targets-dir`.
+//!
+//! Restarts keep every target attached: the shared maps and each target's
+//! bpf_links are pinned in bpffs (`pins`), and the state file says what
+//! belongs to which target. SIGTERM/SIGINT exit and leave everything
+//! attached; the next agent adopts the targets, swapping its own programs
+//! into their links in one step each. Targets are removed one by one
+//! (`del`, or deleting the target file), draining like a single run's stop;
+//! after an agent that is not coming back, `tproxy cleanup` removes what it
+//! left.
+pub mod files;
+pub mod pins;
+pub mod registry;
+pub mod server;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+pub use self::registry::{ApiFailure, Registry, TargetRecord};
+use crate::{
+    Error, Result,
+    agent_api::{TargetSpec, code},
+    error::Chain,
+    loader::{LoadOptions, Loaded, MapSizes},
+    system,
+};
+
+pub const DEFAULT_TARGETS_DIR: &str = "/run/tproxy/targets.d";
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/tproxy";
+pub const DEFAULT_MAX_TARGETS: u32 = 256;
+
+/// `tproxy agent` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// The agent API's Unix socket (mode 0600).
+    #[arg(long, value_name = "PATH", default_value = crate::agent_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Target files (`*.yaml`, the --config target keys plus `netns` and `name`), rescanned every second.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_TARGETS_DIR)]
+    pub targets_dir: PathBuf,
+    /// bpffs directory for the pins that keep targets attached across restarts (bpffs is mounted on its parent if none is).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// Where the agent keeps its state file and lock [default: /run/tproxy/agent].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Most targets at once (sizes TARGETS and COUNTERS) [default: 256].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub max_targets: Option<u32>,
+    /// How long removing a target waits for its steered flows to finish [default: 30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(..=crate::cli::MAX_DRAIN_TIMEOUT))]
+    pub drain_timeout: Option<u64>,
+    /// Agent settings in YAML: max_targets, drain_timeout, flows_max, syns_max, closing_max, socks_max.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `--config` of the agent: sizes for the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub max_targets: Option<u32>,
+    pub drain_timeout: Option<u64>,
+    /// Open flows, node-wide (FLOWS).
+    pub flows_max: Option<u32>,
+    /// Embryonic flows (SYNS, LRU).
+    pub syns_max: Option<u32>,
+    /// Closed flows lingering (CLOSING, LRU).
+    pub closing_max: Option<u32>,
+    /// Accelerated sockets (SOCKHASH and SOCKS).
+    pub socks_max: Option<u32>,
+}
+
+/// The agent's state file: what the next agent adopts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentState {
+    pub pid: i32,
+    pub bpffs: PathBuf,
+    pub socket: PathBuf,
+    pub targets: Vec<TargetRecord>,
+}
+
+pub fn default_state_dir() -> PathBuf {
+    crate::state::run_dir().join("agent")
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("agent.json")
+}
+
+fn lock_path(dir: &Path) -> PathBuf {
+    dir.join("agent.lock")
+}
+
+/// The held flock on `agent.lock`: one agent per state directory, and
+/// `tproxy cleanup` leaves a living agent alone.
+pub struct AgentLock {
+    _file: File,
+}
+
+/// Takes the agent lock in `dir`; `None` if an agent holds it.
+pub fn try_lock(dir: &Path) -> Result<Option<AgentLock>> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let path = lock_path(dir);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: flock on a valid fd.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(Error::io(format!("locking {}", path.display()), e));
+    }
+    Ok(Some(AgentLock { _file: file }))
+}
+
+pub fn read_state(dir: &Path) -> Option<AgentState> {
+    serde_json::from_slice(&fs::read(state_path(dir)).ok()?).ok()
+}
+
+fn write_state(dir: &Path, state: &AgentState) -> Result<()> {
+    let path = state_path(dir);
+    let tmp = dir.join("agent.json.tmp");
+    let io = |e| Error::io(format!("writing {}", path.display()), e);
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(&serde_json::to_vec_pretty(state).expect("state serializes"))
+        .map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, &path).map_err(io)
+}
+
+/// The running agent, shared by the API server, the target-file scanner
+/// and the signal handler.
+pub struct Agent {
+    reg: Mutex<Registry>,
+    state_dir: PathBuf,
+    bpffs: PathBuf,
+    socket: PathBuf,
+    drain: Duration,
+}
+
+impl Agent {
+    pub fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.reg
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn save(&self, reg: &Registry) {
+        let state = AgentState {
+            pid: std::process::id() as i32,
+            bpffs: self.bpffs.clone(),
+            socket: self.socket.clone(),
+            targets: reg.records(),
+        };
+        if let Err(e) = write_state(&self.state_dir, &state) {
+            warn!("saving the agent state: {}", Chain(&e));
+        }
+    }
+
+    /// `add`: attach, idempotent for the same spec, replace for another.
+    pub fn add(&self, id: &str, spec: &TargetSpec) -> std::result::Result<(), ApiFailure> {
+        {
+            let mut reg = self.lock();
+            if reg.is_draining(id) {
+                return Err(ApiFailure {
+                    code: code::TRY_AGAIN,
+                    error: format!("target {id} is being removed; try again when it is gone"),
+                });
+            }
+            match reg.spec_of(id) {
+                Some(old) if old == spec => return Ok(()),
+                Some(_) => {}
+                None => {
+                    let r = reg.attach(id, spec);
+                    self.save(&reg);
+                    return r.map_err(Into::into);
+                }
+            }
+        }
+        info!(id, "target changed: replacing it");
+        self.del(id)?;
+        let mut reg = self.lock();
+        let r = reg.attach(id, spec);
+        self.save(&reg);
+        r.map_err(Into::into)
+    }
+
+    /// `del`: drain and detach; an unknown id is fine.
+    pub fn del(&self, id: &str) -> std::result::Result<(), ApiFailure> {
+        if self.lock().is_draining(id) {
+            return Ok(()); // another request is already removing it
+        }
+        let r = registry::remove(&self.reg, id, self.drain);
+        self.save(&self.lock());
+        r.map(drop).map_err(Into::into)
+    }
+}
+
+/// `tproxy agent`.
+pub fn run(args: &AgentArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(p) => {
+            let text = fs::read_to_string(p).map_err(|source| Error::ConfigRead {
+                path: p.clone(),
+                source,
+            })?;
+            serde_norway::from_str::<Option<AgentConfig>>(&text)
+                .map_err(|source| Error::Config {
+                    path: p.clone(),
+                    source,
+                })?
+                .unwrap_or_default()
+        }
+        None => AgentConfig::default(),
+    };
+    let max_targets = args
+        .max_targets
+        .or(file.max_targets)
+        .unwrap_or(DEFAULT_MAX_TARGETS);
+    let drain = Duration::from_secs(args.drain_timeout.or(file.drain_timeout).unwrap_or(30));
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+
+    system::check_privileges_for(true)?;
+    system::check_kernel_version()?;
+    system::check_btf()?;
+    crate::probe::check(true)?;
+    let lock = try_lock(&state_dir)?.ok_or_else(|| Error::AgentRunning {
+        dir: state_dir.clone(),
+        pid: read_state(&state_dir).map_or(0, |s| s.pid),
+    })?;
+    pins::ensure_bpffs(&args.bpffs)?;
+    let node = pins::node_dir(&args.bpffs);
+    fs::create_dir_all(&node).map_err(|e| Error::io(format!("creating {}", node.display()), e))?;
+    let previous = read_state(&state_dir).unwrap_or_default();
+    let maps_pinned = node.join(tproxy_common::names::TARGETS).exists();
+    if !previous.targets.is_empty() && !maps_pinned {
+        // The pins are gone (bpffs unmounted, a reboot of /sys/fs/bpf):
+        // the old targets' links went with them; remove what outlives.
+        warn!(
+            "the previous agent's pins in {} are gone: its {} target(s) are detached; removing their leftovers",
+            node.display(),
+            previous.targets.len()
+        );
+        for line in remove_leftovers(&previous) {
+            info!("{line}");
+        }
+    }
+    let loaded = Loaded::load_with(&LoadOptions {
+        accel: true,
+        max_targets,
+        single: None,
+        sizes: MapSizes {
+            flows: file.flows_max,
+            syns: file.syns_max,
+            closing: file.closing_max,
+            socks: file.socks_max,
+        },
+        pin_dir: Some(node),
+    })?;
+    let mut reg = Registry::new(loaded, args.bpffs.clone(), max_targets);
+    if maps_pinned {
+        for rec in previous.targets {
+            reg.adopt(rec);
+        }
+    }
+    let agent = Arc::new(Agent {
+        reg: Mutex::new(reg),
+        state_dir: state_dir.clone(),
+        bpffs: args.bpffs.clone(),
+        socket: args.socket.clone(),
+        drain,
+    });
+    agent.save(&agent.lock());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    let sig = rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM", e))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT", e))?;
+        let listener = server::bind(&args.socket)?;
+        tokio::spawn(server::serve(listener, agent.clone()));
+        {
+            let agent = agent.clone();
+            let dir = args.targets_dir.clone();
+            std::thread::Builder::new()
+                .name("targets.d".into())
+                .spawn(move || watch_targets_dir(&agent, &dir))
+                .map_err(|e| Error::io("starting the targets.d thread", e))?;
+        }
+        info!(
+            socket = %args.socket.display(),
+            targets_dir = %args.targets_dir.display(),
+            bpffs = %args.bpffs.display(),
+            max_targets,
+            targets = agent.lock().len(),
+            "agent serving; SIGTERM or SIGINT exits and leaves the targets attached for the next agent"
+        );
+        let mut reap = tokio::time::interval(Duration::from_secs(1));
+        let sig = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = reap.tick() => {
+                    let agent = agent.clone();
+                    let _ = tokio::task::spawn_blocking(move || agent.lock().reap_flows()).await;
+                }
+            }
+        };
+        Ok::<_, Error>(sig)
+    })?;
+    // Held to the end: no request changes anything after the state is saved.
+    let reg = agent.lock();
+    agent.save(&reg);
+    let _ = fs::remove_file(&args.socket);
+    info!(
+        "{sig}: exiting with {} target(s) left attached and pinned in {}; the next agent adopts them (`tproxy cleanup` removes them if none comes)",
+        reg.len(),
+        args.bpffs.display()
+    );
+    drop(lock);
+    // Nothing is dropped: dropping the owners would detach the targets.
+    std::process::exit(0);
+}
+
+/// Rescans `dir` every second: new and changed files add or replace their
+/// target, removed ones remove it; a broken file is one log line, once.
+fn watch_targets_dir(agent: &Agent, dir: &Path) {
+    let mut reported: StdHashMap<String, String> = StdHashMap::new();
+    loop {
+        let found = files::scan(dir);
+        for (id, (path, spec)) in &found {
+            let outcome = match spec {
+                Err(problem) => Err(format!(
+                    "target file {}: {problem}; skipped (fix the file; other targets are unaffected)",
+                    path.display()
+                )),
+                Ok(spec) => agent.add(id, spec).map_err(|f| {
+                    format!(
+                        "target file {}: {}; will retry when the file changes",
+                        path.display(),
+                        f.error
+                    )
+                }),
+            };
+            match outcome {
+                Ok(()) => {
+                    reported.remove(id);
+                }
+                Err(line) => {
+                    if reported.get(id) != Some(&line) {
+                        warn!("{line}");
+                        reported.insert(id.clone(), line);
+                    }
+                }
+            }
+        }
+        let gone: Vec<String> = agent
+            .lock()
+            .ids()
+            .into_iter()
+            .filter(|id| id.starts_with("file:") && !found.contains_key(id))
+            .collect();
+        for id in gone {
+            info!(id, "target file removed: removing the target");
+            if let Err(f) = agent.del(&id) {
+                warn!("removing target {id}: {}", f.error);
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Removes what a dead agent's targets have outside its pins (netlink tc
+/// filters, routing), in their namespaces; one line per target.
+fn remove_leftovers(state: &AgentState) -> Vec<String> {
+    let mut out = Vec::new();
+    for rec in &state.targets {
+        let ns = rec.spec.netns.display();
+        if !registry::netns_alive(&rec.spec.netns, rec.netns_cookie) {
+            out.push(format!(
+                "target {} ({ns}): its network namespace is gone, and its filters and routing with it",
+                rec.id
+            ));
+            continue;
+        }
+        let mut removed = Vec::new();
+        let r = rec.clone();
+        let res = crate::netns::run_in(&rec.spec.netns, move || {
+            let mut all = crate::recovery::Removal::default();
+            if r.tc_mode == crate::tc::TcMode::Netlink {
+                all.extend(crate::tc::remove_stale_filters(
+                    &r.spec.iface,
+                    r.ifindex,
+                    &r.tc_progs,
+                    r.created_clsact,
+                ));
+            }
+            if let Some(spec) = &r.tproxy {
+                all.extend(crate::routing::TproxyRouting::remove(spec));
+            }
+            all
+        });
+        match res {
+            Ok(r) => {
+                removed.extend(r.removed.iter().map(ToString::to_string));
+                removed.extend(r.failed.iter().map(|f| format!("could not remove {f}")));
+            }
+            Err(e) => removed.push(format!("could not enter it: {}", Chain(&e))),
+        }
+        if removed.is_empty() {
+            out.push(format!(
+                "target {} ({ns}): no netlink filters or routing to remove",
+                rec.id
+            ));
+        }
+        for what in removed {
+            out.push(format!("target {} ({ns}): removed {what}", rec.id));
+        }
+    }
+    out
+}
+
+/// `tproxy cleanup`: what a dead agent (state in `dir`) left: its targets'
+/// filters and routing, its pins (the links detach, the maps go), its state.
+/// `None` if no agent state is there; an error line if the agent lives.
+pub fn cleanup(dir: &Path) -> Result<Option<Vec<String>>> {
+    if !state_path(dir).exists() && !lock_path(dir).exists() {
+        return Ok(None);
+    }
+    let Some(_lock) = try_lock(dir)? else {
+        return Err(Error::AgentRunning {
+            dir: dir.to_path_buf(),
+            pid: read_state(dir).map_or(0, |s| s.pid),
+        });
+    };
+    let state = read_state(dir).unwrap_or_default();
+    let mut out = remove_leftovers(&state);
+    if !state.bpffs.as_os_str().is_empty() {
+        for p in pins::remove_tree(&state.bpffs.join("targets")) {
+            out.push(format!("unpinned {}", p.display()));
+        }
+        for p in pins::remove_tree(&pins::node_dir(&state.bpffs)) {
+            out.push(format!("unpinned {}", p.display()));
+        }
+        let _ = fs::remove_dir(&state.bpffs);
+    }
+    if fs::remove_file(state_path(dir)).is_ok() {
+        out.push(format!(
+            "removed the agent state {}",
+            state_path(dir).display()
+        ));
+    }
+    let _ = fs::remove_file(&state.socket);
+    let _ = fs::remove_file(lock_path(dir));
+    let _ = fs::remove_dir(dir);
+    Ok(Some(out))
+}

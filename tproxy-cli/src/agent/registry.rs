@@ -1,0 +1,712 @@
+//! The agent's targets by id, each with a counter slot, attached through
+//! one loaded object. Attach and detach block (netlink, namespaces): the
+//! caller runs them off the async runtime, one at a time (a Mutex).
+use std::{
+    collections::{BTreeMap, HashMap as StdHashMap},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
+use serde::{Deserialize, Serialize};
+use tproxy_common::{Counter, FLOW_ACTIVE_NS, FlowKey, FlowValue, SockState, flags, names};
+use tracing::{debug, info, warn};
+
+use super::pins;
+use crate::{
+    Error, Options, Result, Steer,
+    agent_api::{TargetSpec, TargetStatus},
+    error::Chain,
+    inspect::{accelerated, lingered, monotonic_coarse_ns, queued_redirected},
+    loader::{self, Loaded},
+    netns,
+    options::default_steer_mark,
+    routing::{self, TproxyRouting, TproxySpec},
+    state::AttachKind,
+    system,
+    target::{TargetAttachment, TargetEnv},
+    tc::{self, TcMode},
+};
+
+/// What the state file keeps of one target: enough for the next agent to
+/// adopt it, or for `tproxy cleanup` to remove it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetRecord {
+    pub id: String,
+    pub spec: TargetSpec,
+    pub netns_cookie: u64,
+    pub netns_inode: u64,
+    pub slot: u32,
+    pub ifindex: u32,
+    pub tc_mode: TcMode,
+    pub created_clsact: bool,
+    pub tproxy: Option<TproxySpec>,
+    /// Program ids of its tc programs (netlink filters are found by them).
+    pub tc_progs: Vec<u32>,
+    /// Its pinned links, by program name, under `targets/<slot>/`.
+    pub links: Vec<String>,
+    /// Being removed (steering of new flows off).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+enum Owner {
+    /// Attached by this agent: the owner detaches on drop.
+    Fresh(Box<TargetAttachment>),
+    /// Attached by a previous agent, kept through its pins; removed step
+    /// by step from its record.
+    Adopted,
+}
+
+struct Entry {
+    rec: TargetRecord,
+    owner: Owner,
+}
+
+/// Targets, the object and the pins.
+pub struct Registry {
+    loaded: Loaded,
+    bpffs: PathBuf,
+    max_targets: u32,
+    targets: BTreeMap<String, Entry>,
+}
+
+/// An agent API error: the code and the one line.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub code: u32,
+    pub error: String,
+}
+
+impl From<Error> for ApiFailure {
+    fn from(e: Error) -> Self {
+        use crate::agent_api::code;
+        let c = match &e {
+            Error::BadPorts(_)
+            | Error::ProxyPortIntercepted(_)
+            | Error::MarksCollide(_)
+            | Error::ZeroMark
+            | Error::ReservedTable(_)
+            | Error::TableInUse { .. }
+            | Error::MarkInUse { .. }
+            | Error::NoSuchInterface(_)
+            | Error::UnsupportedLinkType(..)
+            | Error::NotCgroup2(_)
+            | Error::TargetExists { .. }
+            | Error::TargetSpec(_) => code::INVALID_CONFIG,
+            _ => code::OTHER,
+        };
+        ApiFailure {
+            code: c,
+            error: Chain(&e).to_string(),
+        }
+    }
+}
+
+/// The `tproxy` run's options for a target, with the run flags' defaults.
+pub fn options_of(spec: &TargetSpec) -> Result<Options> {
+    let ports = spec.ports.clone().ok_or_else(|| {
+        Error::TargetSpec("the target has no ports: set \"ports\" (e.g. \"8000\")".into())
+    })?;
+    let cgroup = spec.cgroup.clone().ok_or_else(|| {
+        Error::TargetSpec(
+            "the target has no cgroup: set \"cgroup\" to the pod's cgroup (the agent never attaches to the cgroup root)".into(),
+        )
+    })?;
+    if spec.iface.is_empty() {
+        return Err(Error::TargetSpec(
+            "the target has an empty \"iface\"".into(),
+        ));
+    }
+    let opts = Options {
+        iface: spec.iface.clone(),
+        ports,
+        cgroup: Some(cgroup),
+        proxy_port: spec.proxy_port.unwrap_or(crate::cli::DEFAULT_PROXY_PORT),
+        proxy_mark: spec.proxy_mark.unwrap_or(crate::cli::DEFAULT_PROXY_MARK),
+        accel: spec.accel.unwrap_or(true),
+        tc_mode: spec.tc_mode.unwrap_or(TcMode::Auto),
+        steer: spec.steer.unwrap_or(Steer::Rewrite),
+        steer_mark: spec.steer_mark,
+        route_table: spec.route_table,
+        accel_max_queued: spec
+            .accel_max_queued
+            .unwrap_or(tproxy_common::DEFAULT_ACCEL_MAX_QUEUED),
+        accel_retire_ms: spec
+            .accel_retire_ms
+            .unwrap_or(tproxy_common::DEFAULT_ACCEL_RETIRE_MS),
+    };
+    opts.validate()?;
+    Ok(opts)
+}
+
+/// The cgroup as the target names it: absolute, or under the cgroup2 mount.
+fn cgroup_path(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(system::cgroup2_root()?.join(p))
+    }
+}
+
+/// What the target's namespace says, found inside it.
+struct Probed {
+    ifindex: u32,
+    l2_len: u8,
+    cookie: u64,
+    inode: u64,
+    tc_mode: TcMode,
+    tproxy: Option<TproxySpec>,
+    steer_mark: u32,
+}
+
+fn probe_netns(opts: &Options) -> Result<Probed> {
+    let ifindex = system::ifindex(&opts.iface)?;
+    let l2_len = system::link_header_len(&opts.iface)?;
+    let cookie = system::netns_cookie()?;
+    let inode = netns::current_inode()?;
+    let tc_mode = opts.tc_mode.check()?;
+    let tproxy = match opts.steer {
+        Steer::Tproxy => {
+            let spec = routing::plan(opts, ifindex)?;
+            routing::check_nft(&spec)?;
+            Some(spec)
+        }
+        Steer::Rewrite => None,
+    };
+    let steer_mark = tproxy.as_ref().map_or_else(
+        || {
+            opts.steer_mark
+                .unwrap_or_else(|| default_steer_mark(ifindex))
+        },
+        |s| s.mark,
+    );
+    if steer_mark == opts.proxy_mark {
+        return Err(Error::MarksCollide(steer_mark));
+    }
+    Ok(Probed {
+        ifindex,
+        l2_len,
+        cookie,
+        inode,
+        tc_mode,
+        tproxy,
+        steer_mark,
+    })
+}
+
+/// The namespace at `path` is still the one with `cookie`.
+pub fn netns_alive(path: &Path, cookie: u64) -> bool {
+    netns::run_in(path, netns::current_cookie).is_ok_and(|c| c.is_ok_and(|c| c == cookie))
+}
+
+/// Runs `f` in a fresh, empty network namespace: for dropping an owner
+/// whose namespace is gone, so its netlink and routing removals (which
+/// would otherwise run here, in the agent's namespace, against whatever
+/// has the same index) find nothing.
+fn in_empty_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                // Never run the removals in the agent's own namespace.
+                panic!("unshare(CLONE_NEWNET) for a gone target failed: {e}");
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// Removes, in the calling thread's namespace, what an adopted target has
+/// outside the kernel's links: netlink tc filters, routing.
+fn remove_adopted_in_netns(rec: &TargetRecord) {
+    if rec.tc_mode == TcMode::Netlink {
+        let r = tc::remove_stale_filters(
+            &rec.spec.iface,
+            rec.ifindex,
+            &rec.tc_progs,
+            rec.created_clsact,
+        );
+        for f in r.failed {
+            warn!("target {}: could not remove {f}", rec.id);
+        }
+    }
+    if let Some(spec) = &rec.tproxy {
+        for f in TproxyRouting::remove(spec).failed {
+            warn!("target {}: could not remove {f}", rec.id);
+        }
+    }
+}
+
+impl Registry {
+    pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32) -> Registry {
+        Registry {
+            loaded,
+            bpffs,
+            max_targets,
+            targets: BTreeMap::new(),
+        }
+    }
+
+    pub fn records(&self) -> Vec<TargetRecord> {
+        self.targets.values().map(|e| e.rec.clone()).collect()
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.targets.keys().cloned().collect()
+    }
+
+    pub fn spec_of(&self, id: &str) -> Option<&TargetSpec> {
+        self.targets.get(id).map(|e| &e.rec.spec)
+    }
+
+    pub fn is_draining(&self, id: &str) -> bool {
+        self.targets.get(id).is_some_and(|e| e.rec.draining)
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    fn free_slot(&self) -> Option<u32> {
+        let used: Vec<u32> = self.targets.values().map(|e| e.rec.slot).collect();
+        (1..=self.max_targets).find(|s| !used.contains(s))
+    }
+
+    /// Attaches `spec` as `id`. The caller has made sure `id` is free.
+    pub fn attach(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
+        let started = Instant::now();
+        let opts = options_of(spec)?;
+        let cg = cgroup_path(opts.cgroup.as_deref().expect("checked"))?;
+        let system::CgroupDir {
+            path: cgroup,
+            dir: cgroup_dir,
+            ..
+        } = system::open_cgroup(Some(&cg))?;
+        if !spec.netns.exists() {
+            return Err(Error::TargetSpec(format!(
+                "network namespace {} does not exist: give the pod's namespace path",
+                spec.netns.display()
+            )));
+        }
+        let probed = netns::run_in(&spec.netns, || probe_netns(&opts))??;
+        if let Some((other, _)) = self
+            .targets
+            .iter()
+            .find(|(_, e)| e.rec.netns_cookie == probed.cookie)
+        {
+            return Err(Error::TargetExists {
+                netns: format!("{} (target {other})", spec.netns.display()),
+            });
+        }
+        let slot = self.free_slot().ok_or_else(|| {
+            Error::TargetSpec(format!(
+                "the agent already has its {} targets (max_targets): remove one, or restart the agent with a larger --max-targets",
+                self.max_targets
+            ))
+        })?;
+        self.zero_counters(slot)?;
+        let env = TargetEnv {
+            ifindex: probed.ifindex,
+            l2_len: probed.l2_len,
+            netns_cookie: probed.cookie,
+            cgroup,
+            cgroup_dir,
+            tc_mode: probed.tc_mode,
+            tproxy: probed.tproxy.clone(),
+            steer_mark: probed.steer_mark,
+        };
+        let loaded = &mut self.loaded;
+        let mut created_clsact = false;
+        let att = netns::run_in(&spec.netns, || {
+            TargetAttachment::attach(loaded, &opts, env, slot, |planned| {
+                created_clsact = planned.created_clsact;
+                Ok(())
+            })
+        })??;
+        let dir = pins::target_dir(&self.bpffs, slot);
+        let mut links = Vec::new();
+        let pinned = (|| -> Result<()> {
+            // A slot's pins from an earlier owner (a crash between unpin and
+            // state write) would make our pins fail: they are stale.
+            pins::remove_tree(&dir);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            for a in att.attachments() {
+                // Netlink filters are no links: the "newest link of the
+                // program" fill_link_ids finds for them is another
+                // target's TCX link, which must not be pinned as ours.
+                let is_link = match a.kind {
+                    AttachKind::Cgroup => true,
+                    AttachKind::TcIngress | AttachKind::TcEgress => {
+                        probed.tc_mode != TcMode::Netlink
+                    }
+                    _ => false,
+                };
+                if let Some(link) = a.link_id.filter(|_| is_link) {
+                    pins::pin_link_id(link, &dir.join(&a.program))?;
+                    links.push(a.program.clone());
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = pinned {
+            pins::remove_tree(&dir);
+            let _ = netns::run_in(&spec.netns, move || drop(att));
+            return Err(e);
+        }
+        let tc_progs = att
+            .attachments()
+            .iter()
+            .filter(|a| matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress))
+            .map(|a| a.prog_id)
+            .collect();
+        let rec = TargetRecord {
+            id: id.to_string(),
+            spec: spec.clone(),
+            netns_cookie: probed.cookie,
+            netns_inode: probed.inode,
+            slot,
+            ifindex: probed.ifindex,
+            tc_mode: probed.tc_mode,
+            created_clsact,
+            tproxy: probed.tproxy,
+            tc_progs,
+            links,
+            draining: false,
+        };
+        info!(
+            id,
+            name = spec.name.as_deref().unwrap_or(""),
+            netns = %spec.netns.display(),
+            iface = %spec.iface,
+            ports = %opts.ports,
+            slot,
+            tc = ?probed.tc_mode,
+            ms = started.elapsed().as_millis() as u64,
+            "target attached"
+        );
+        self.targets.insert(
+            id.to_string(),
+            Entry {
+                rec,
+                owner: Owner::Fresh(Box::new(att)),
+            },
+        );
+        Ok(())
+    }
+
+    /// Takes over a target a previous agent attached: its pinned links now
+    /// run this agent's programs (swapped in one step each), its maps are
+    /// the same pinned ones. A target whose namespace is gone is removed.
+    pub fn adopt(&mut self, rec: TargetRecord) {
+        let dir = pins::target_dir(&self.bpffs, rec.slot);
+        if !netns_alive(&rec.spec.netns, rec.netns_cookie) {
+            info!(
+                id = rec.id,
+                "target's network namespace is gone (pod deleted while no agent ran): removing what is left of it"
+            );
+            pins::remove_tree(&dir);
+            if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
+                debug!("TARGETS entry of {}: {}", rec.id, Chain(&e));
+            }
+            return;
+        }
+        for prog in &rec.links {
+            let pin = dir.join(prog);
+            let Some(name) = program_name(prog) else {
+                continue;
+            };
+            let fd = match self.loaded.ebpf().program(name).map(|p| p.fd()) {
+                Some(Ok(fd)) => std::os::fd::AsFd::as_fd(fd).try_clone_to_owned(),
+                _ => continue,
+            };
+            let Ok(fd) = fd else { continue };
+            match pins::update_link(&pin, std::os::fd::AsFd::as_fd(&fd)) {
+                Ok(()) => debug!(
+                    "target {}: link {} now runs this agent's {name}",
+                    rec.id,
+                    pin.display()
+                ),
+                Err(e) => warn!(
+                    "target {}: link {} keeps the previous agent's program ({e}); it shares the maps, nothing is lost",
+                    rec.id,
+                    pin.display()
+                ),
+            }
+        }
+        info!(
+            id = rec.id,
+            slot = rec.slot,
+            "target adopted from the previous agent"
+        );
+        self.targets.insert(
+            rec.id.clone(),
+            Entry {
+                rec,
+                owner: Owner::Adopted,
+            },
+        );
+    }
+
+    /// Steering of new flows off (first step of a removal).
+    pub fn start_draining(&mut self, id: &str) -> Result<Option<(u64, u32)>> {
+        let Some(e) = self.targets.get_mut(id) else {
+            return Ok(None);
+        };
+        e.rec.draining = true;
+        let (cookie, slot) = (e.rec.netns_cookie, e.rec.slot);
+        self.set_flag(cookie, flags::STEER_NEW, false)?;
+        Ok(Some((cookie, slot)))
+    }
+
+    pub fn set_flag(&mut self, cookie: u64, flag: u32, on: bool) -> Result<()> {
+        let mut map = self.loaded.targets_map()?;
+        let mut t = loader::read_target(&map, cookie)?;
+        if on {
+            t.config.flags |= flag;
+        } else {
+            t.config.flags &= !flag;
+        }
+        loader::write_target(&mut map, cookie, &t)
+    }
+
+    fn remove_targets_entry(&mut self, cookie: u64) -> Result<()> {
+        let mut map = self.loaded.targets_map()?;
+        loader::remove_target(&mut map, cookie)
+    }
+
+    /// Active steered flows of the namespace `cookie` (seen lately).
+    pub fn active_flows(&self, cookie: u64) -> Result<usize> {
+        let map = self.loaded.ebpf().map(names::FLOWS).expect("FLOWS");
+        let m: HashMap<&MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(|source| Error::Map {
+                name: names::FLOWS,
+                source,
+            })?;
+        let now = monotonic_coarse_ns();
+        Ok(m.iter()
+            .flatten()
+            .filter(|(k, v)| {
+                k.netns_cookie == cookie && now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS
+            })
+            .count())
+    }
+
+    /// Open flows of the namespace `cookie`.
+    pub fn open_flows(&self, cookie: u64) -> usize {
+        let map = self.loaded.ebpf().map(names::FLOWS).expect("FLOWS");
+        HashMap::<&MapData, FlowKey, FlowValue>::try_from(map)
+            .map(|m| {
+                m.keys()
+                    .flatten()
+                    .filter(|k| k.netns_cookie == cookie)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Accelerated sockets of counter slot `slot` and the redirected bytes
+    /// queued at them.
+    pub fn accel_of_slot(&self, slot: u32) -> Result<(usize, i64)> {
+        let map = self.loaded.ebpf().map(names::SOCKS).expect("SOCKS");
+        let m: HashMap<&MapData, u64, SockState> =
+            HashMap::try_from(map).map_err(|source| Error::Map {
+                name: names::SOCKS,
+                source,
+            })?;
+        let socks: StdHashMap<u64, SockState> =
+            m.iter().flatten().filter(|(_, s)| s.slot == slot).collect();
+        Ok((accelerated(&socks), queued_redirected(&socks)))
+    }
+
+    /// The last step of a removal: unpins and detaches everything of `id`
+    /// (in its namespace, or, if that is gone, nowhere) and frees its slot.
+    pub fn detach(&mut self, id: &str) {
+        let Some(Entry { rec, owner }) = self.targets.remove(id) else {
+            return;
+        };
+        let removed = pins::remove_tree(&pins::target_dir(&self.bpffs, rec.slot));
+        debug!("target {id}: unpinned {} link(s)", removed.len());
+        let alive = netns_alive(&rec.spec.netns, rec.netns_cookie);
+        match owner {
+            Owner::Fresh(att) => {
+                if alive {
+                    if let Err(e) = netns::run_in(&rec.spec.netns, move || drop(att)) {
+                        warn!("target {id}: detaching in its namespace: {}", Chain(&e));
+                    }
+                } else {
+                    in_empty_netns(move || drop(att));
+                }
+            }
+            Owner::Adopted => {
+                if alive {
+                    let r = rec.clone();
+                    if let Err(e) =
+                        netns::run_in(&rec.spec.netns, move || remove_adopted_in_netns(&r))
+                    {
+                        warn!("target {id}: detaching in its namespace: {}", Chain(&e));
+                    }
+                }
+                if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
+                    warn!("target {id}: removing its TARGETS entry: {}", Chain(&e));
+                }
+            }
+        }
+        info!(id, slot = rec.slot, netns_gone = !alive, "target detached");
+    }
+
+    fn zero_counters(&mut self, slot: u32) -> Result<()> {
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs", e))?;
+        let map = self
+            .loaded
+            .ebpf_mut()
+            .map_mut(names::COUNTERS)
+            .expect("COUNTERS");
+        let mut arr: PerCpuArray<&mut MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        for c in Counter::ALL {
+            let zeros = PerCpuValues::try_from(vec![0u64; ncpus]).expect("one per CPU");
+            arr.set(c.index(slot), zeros, 0)
+                .map_err(|source| Error::Map {
+                    name: names::COUNTERS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Counters of one slot.
+    pub fn counters_of_slot(&self, slot: u32) -> Result<Vec<(Counter, u64)>> {
+        let map = self.loaded.ebpf().map(names::COUNTERS).expect("COUNTERS");
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+                name: names::COUNTERS,
+                source,
+            })?;
+        crate::inspect::slot_counters(&arr, slot)
+    }
+
+    /// `check`: attached and whole, or what is wrong.
+    pub fn check(&self, id: &str) -> Option<String> {
+        let e = self.targets.get(id)?;
+        if e.rec.draining {
+            return Some("DRAINING".into());
+        }
+        if !netns_alive(&e.rec.spec.netns, e.rec.netns_cookie) {
+            return Some("DEGRADED: its network namespace is gone".into());
+        }
+        let dir = pins::target_dir(&self.bpffs, e.rec.slot);
+        if let Some(missing) = e.rec.links.iter().find(|l| !dir.join(l).exists()) {
+            return Some(format!("DEGRADED: its {missing} link is not pinned"));
+        }
+        if loader::read_target(&self.loaded.targets_map().ok()?, e.rec.netns_cookie).is_err() {
+            return Some("DEGRADED: no TARGETS entry".into());
+        }
+        Some("OK".into())
+    }
+
+    pub fn statuses(&self) -> Vec<TargetStatus> {
+        self.targets
+            .keys()
+            .map(|id| TargetStatus {
+                id: id.clone(),
+                target: self.targets[id].rec.spec.clone(),
+                state: self.check(id).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    pub fn record(&self, id: &str) -> Option<&TargetRecord> {
+        self.targets.get(id).map(|e| &e.rec)
+    }
+
+    /// Removes closed flows that lingered; how many.
+    pub fn reap_flows(&mut self) -> usize {
+        let map = self
+            .loaded
+            .ebpf_mut()
+            .map_mut(names::CLOSING)
+            .expect("CLOSING");
+        let Ok(mut m) = HashMap::<&mut MapData, FlowKey, FlowValue>::try_from(map) else {
+            return 0;
+        };
+        let now = monotonic_coarse_ns();
+        let done: Vec<FlowKey> = m
+            .iter()
+            .flatten()
+            .filter(|(_, v)| lingered(v, now))
+            .map(|(k, _)| k)
+            .collect();
+        done.into_iter()
+            .filter(|k| m.get(k, 0).is_ok_and(|v| lingered(&v, now)) && m.remove(k).is_ok())
+            .count()
+    }
+}
+
+/// The `&'static str` name of a program the agent pins links of.
+fn program_name(s: &str) -> Option<&'static str> {
+    [
+        names::PROG_STEER,
+        names::PROG_RESTORE,
+        names::PROG_GETSOCKOPT,
+        names::PROG_GETSOCKNAME4,
+        names::PROG_GETSOCKNAME6,
+        names::PROG_SOCKOPS,
+        names::PROG_SOCKOPS_FLOWS,
+    ]
+    .into_iter()
+    .find(|n| *n == s)
+}
+
+/// Removes one target through the registry behind `reg`, draining like a
+/// single run's stop: new flows go straight to the app at once; steered
+/// flows get up to `drain` to finish; then acceleration is handed back
+/// (bounded wait for queued bytes to be read); then detach. The lock is
+/// held only for each short step, so other targets' requests go on.
+pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Result<bool> {
+    let lock = || {
+        reg.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let Some((cookie, slot)) = lock().start_draining(id)? else {
+        return Ok(false);
+    };
+    let deadline = Instant::now() + drain;
+    let start = lock().active_flows(cookie).unwrap_or(0);
+    let mut left = start;
+    while left > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = lock().active_flows(cookie).unwrap_or(0);
+    }
+    info!(
+        id,
+        "drained {} flow(s), cut {left}",
+        start.saturating_sub(left)
+    );
+    lock().set_flag(cookie, flags::ACCEL, false)?;
+    // A sender that read the flag just before may be mid-enqueue.
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    let (sockets, mut queued) = lock().accel_of_slot(slot).unwrap_or((0, 0));
+    while queued > 0 && t0.elapsed() < crate::instance::ACCEL_DRAIN_TIMEOUT {
+        std::thread::sleep(Duration::from_millis(10));
+        queued = lock().accel_of_slot(slot).map(|(_, q)| q).unwrap_or(0);
+    }
+    if sockets > 0 {
+        info!(
+            id,
+            "accel: {sockets} socket(s) handed back to plain TCP; {queued} byte(s) unread"
+        );
+    }
+    lock().detach(id);
+    Ok(true)
+}

@@ -1,0 +1,789 @@
+//! `tproxy agent` (root): pods (a network namespace with eth0, a veth to a
+//! client namespace of its own, a child cgroup, lab-app and origdst-proxy)
+//! added and removed through the agent API and targets.d; identical
+//! addresses in two pods; restart and SIGKILL under load; scale.
+//!
+//! Every agent runs with private paths in a temp dir (socket, targets.d,
+//! state under TPROXY_RUN_DIR, and a bpffs mounted there for the test),
+//! never the defaults.
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{BIN, addr, eventually, example, exchange};
+use tproxy::agent_api::{self, Request, Response, TargetSpec};
+use tproxy_lab::{Cgroup, Logged, Netns, unique};
+
+/// A private bpffs mount, unmounted on drop (which also drops any pin
+/// left in it: links detach, maps go).
+struct Bpffs {
+    path: PathBuf,
+}
+
+impl Bpffs {
+    fn mount(path: PathBuf) -> Bpffs {
+        std::fs::create_dir_all(&path).unwrap();
+        tproxy_lab::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path)).unwrap();
+        Bpffs { path }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// The agent's private world and the agent process (if running).
+struct Agent {
+    proc: Option<Logged>,
+    // Unmounted after the process is gone and cleanup ran.
+    bpffs: Bpffs,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    fn new(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let bpffs = Bpffs::mount(dir.path().join("bpffs"));
+        std::fs::create_dir_all(dir.path().join("targets.d")).unwrap();
+        let mut a = Agent {
+            proc: None,
+            bpffs,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        a.start();
+        a
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    fn targets_dir(&self) -> PathBuf {
+        self.dir.path().join("targets.d")
+    }
+
+    fn pins(&self) -> PathBuf {
+        self.bpffs.path.join("tproxy")
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("run/agent/agent.json")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("TPROXY_RUN_DIR", self.dir.path().join("run"))
+            .env("TPROXY_LOG", "debug");
+        cmd
+    }
+
+    fn start(&mut self) {
+        assert!(self.proc.is_none());
+        let (sock, td, pins) = (self.socket(), self.targets_dir(), self.pins());
+        let mut cmd = self.command(&["agent"]);
+        cmd.arg("--socket")
+            .arg(sock)
+            .arg("--targets-dir")
+            .arg(td)
+            .arg("--bpffs")
+            .arg(pins)
+            .args(&self.extra);
+        let mut p = Logged::spawn("tproxy-agent", &mut cmd).unwrap();
+        p.wait_for("agent serving", Duration::from_secs(30))
+            .unwrap();
+        self.proc = Some(p);
+    }
+
+    fn pid(&self) -> i32 {
+        self.proc.as_ref().unwrap().proc.pid()
+    }
+
+    fn call(&self, req: &Request) -> Response {
+        agent_api::call(&self.socket(), req, Duration::from_secs(60)).unwrap()
+    }
+
+    fn add(&self, id: &str, spec: &TargetSpec) {
+        let r = self.call(&Request::Add {
+            id: id.into(),
+            target: spec.clone(),
+        });
+        assert!(r.ok, "add {id}: {r:?}");
+    }
+
+    fn del(&self, id: &str) {
+        let r = self.call(&Request::Del { id: id.into() });
+        assert!(r.ok, "del {id}: {r:?}");
+    }
+
+    fn ids(&self) -> Vec<String> {
+        let r = self.call(&Request::List);
+        r.targets.unwrap().into_iter().map(|t| t.id).collect()
+    }
+
+    /// SIGTERM: exits leaving the targets attached.
+    fn terminate(&mut self) -> String {
+        let (st, log) = self.proc.take().unwrap().terminate().unwrap();
+        assert!(st.success(), "agent exit {st}: {log}");
+        log
+    }
+
+    fn kill9(&mut self) -> String {
+        self.proc.take().unwrap().kill9().unwrap()
+    }
+
+    /// `tproxy cleanup` with this agent's run dir.
+    fn cleanup(&self) -> String {
+        let out = self.command(&["cleanup"]).output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cleanup: {s}");
+        s
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            let _ = p.kill9();
+        }
+        // Whatever the test left: filters and routing in the pods' (still
+        // existing) namespaces, pins, state.
+        let _ = self.command(&["cleanup"]).output();
+    }
+}
+
+/// A pod: its namespace (eth0 10.77.0.2, fd77::2: the same in every pod),
+/// a client namespace on the other end of its veth, a child cgroup with
+/// lab-app (tagged) on 8000 and origdst-proxy on 15006.
+struct Pod {
+    // Dropped first: the processes, then the cgroup, then the namespaces.
+    procs: Vec<Logged>,
+    cgroup: Cgroup,
+    ns: Netns,
+    client: Netns,
+    tag: String,
+}
+
+const POD_V4: &str = "10.77.0.2";
+const POD_V6: &str = "fd77::2";
+
+impl Pod {
+    fn bare(tag: &str) -> Pod {
+        let name = unique("tpx-ag-");
+        let ns = Netns::create(&format!("{name}p")).unwrap();
+        let client = Netns::create(&format!("{name}c")).unwrap();
+        ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ceth",
+            "netns",
+            client.name(),
+        ])
+        .unwrap();
+        for (n, a4, a6, dev) in [
+            (&ns, "10.77.0.2/24", "fd77::2/64", "eth0"),
+            (&client, "10.77.0.1/24", "fd77::1/64", "ceth"),
+        ] {
+            n.ip(&["addr", "add", a4, "dev", dev]).unwrap();
+            n.ip(&["addr", "add", a6, "dev", dev, "nodad"]).unwrap();
+            n.ip(&["link", "set", dev, "up"]).unwrap();
+        }
+        let cgroup = Cgroup::create(&name).unwrap();
+        Pod {
+            procs: Vec::new(),
+            cgroup,
+            ns,
+            client,
+            tag: tag.into(),
+        }
+    }
+
+    fn new(tag: &str) -> Pod {
+        let mut pod = Pod::bare(tag);
+        let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
+        cmd.args(["8000,8080", "--tag", tag]);
+        let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
+        app.wait_for("listening", Duration::from_secs(10)).unwrap();
+        let mut cmd = pod
+            .ns
+            .command_in(example("origdst-proxy"), Some(&pod.cgroup));
+        let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
+        proxy
+            .wait_for("listening", Duration::from_secs(10))
+            .unwrap();
+        pod.procs = vec![proxy, app];
+        pod
+    }
+
+    fn spec(&self) -> TargetSpec {
+        TargetSpec {
+            cgroup: Some(self.cgroup.path().to_path_buf()),
+            ports: Some("8000".parse().unwrap()),
+            name: Some(self.tag.clone()),
+            ..TargetSpec::new(self.ns.path(), "eth0")
+        }
+    }
+
+    fn proxy_log(&self) -> Vec<String> {
+        self.procs[0].lines()
+    }
+
+    /// One exchange from the pod's client: (peer the app saw, its tag line).
+    fn exchange(&self, ip: &str, port: u16, payload: &[u8]) -> (String, String) {
+        let dst = addr(ip, port);
+        let r = self.client.run(|| exchange(dst, payload)).unwrap();
+        assert_eq!(r.echoed, payload, "echo through {ip}:{port}");
+        (r.peer.to_string(), String::new())
+    }
+
+    /// Whether a connection to `ip`:8000 from the client went through the
+    /// pod's proxy (the app sees the pod's own address as the peer, and
+    /// the proxy logged the original destination) or straight to the app.
+    fn steered(&self, ip: &str) -> bool {
+        let (peer, _) = self.exchange(ip, 8000, b"ping\n");
+        peer == ip
+    }
+
+    /// The banner line the app sent (with its tag).
+    fn banner(&self, ip: &str) -> String {
+        let dst = addr(ip, 8000);
+        self.client
+            .run(|| {
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.write_all(b"hi\n")?;
+                s.shutdown(Shutdown::Write)?;
+                let mut all = String::new();
+                s.read_to_string(&mut all)?;
+                Ok::<_, std::io::Error>(all.lines().next().unwrap_or("").to_string())
+            })
+            .unwrap()
+    }
+}
+
+/// A long connection from the pod's client: a seeded stream written and
+/// its echo checked byte by byte, in chunks, until stopped.
+struct Stream {
+    sock: TcpStream,
+    sent: u64,
+    seed: u64,
+}
+
+fn byte_at(seed: u64, i: u64) -> u8 {
+    let x = (i ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8
+}
+
+impl Stream {
+    fn open(pod: &Pod, ip: &str) -> Stream {
+        let dst = addr(ip, 8000);
+        let sock = pod
+            .client
+            .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut s = Stream {
+            sock,
+            sent: 0,
+            seed: 0x5eed,
+        };
+        // The banner line first.
+        s.sock.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        let mut banner = Vec::new();
+        loop {
+            s.sock.read_exact(&mut b).unwrap();
+            if b[0] == b'\n' {
+                break;
+            }
+            banner.push(b[0]);
+        }
+        let mut echo = [0u8; 1];
+        s.sock.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"x");
+        let banner = String::from_utf8_lossy(&banner).into_owned();
+        assert!(banner.contains(&format!("tag={}", pod.tag)), "{banner}");
+        assert!(
+            banner.contains(&format!("peer={ip}")) || banner.contains(&format!("peer=[{ip}]")),
+            "not steered: {banner}"
+        );
+        s
+    }
+
+    /// Writes `n` more bytes of the stream and checks their echo.
+    fn round(&mut self, n: u64) {
+        let data: Vec<u8> = (self.sent..self.sent + n)
+            .map(|i| byte_at(self.seed, i))
+            .collect();
+        // Written while reading: a write of more than the buffers hold
+        // before the first read would wait for itself.
+        let mut w = self.sock.try_clone().unwrap();
+        let mut back = vec![0u8; n as usize];
+        std::thread::scope(|sc| {
+            sc.spawn(|| w.write_all(&data).unwrap());
+            self.sock.read_exact(&mut back).unwrap();
+        });
+        assert!(back == data, "echo differs after {} bytes", self.sent);
+        self.sent += n;
+    }
+}
+
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    eventually(what, Duration::from_secs(20), f);
+}
+
+/// Program ids of a target's tc programs, from the agent's state file.
+fn state(agent: &Agent) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(agent.state_file()).unwrap()).unwrap()
+}
+
+fn pins_under(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                out.extend(pins_under(&e.path()));
+            } else if e.path().extension().is_none_or(|x| x != "debug") {
+                // (maps.debug and progs.debug come with every bpffs mount)
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn two_pods_with_identical_addresses_never_meet_and_removing_one_leaves_the_other_flowing() {
+    let agent = Agent::new(&["--drain-timeout", "2"]);
+    let a = Pod::new("pod-a");
+    let b = Pod::new("pod-b");
+    // Before: straight to the app.
+    assert!(!a.steered(POD_V4));
+    agent.add("a", &a.spec());
+    agent.add("b", &b.spec());
+    // Idempotent add; a second target in the same namespace is refused.
+    agent.add("a", &a.spec());
+    let r = agent.call(&Request::Add {
+        id: "a2".into(),
+        target: a.spec(),
+    });
+    assert!(
+        !r.ok
+            && r.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("already a target"),
+        "{r:?}"
+    );
+    assert_eq!(r.code, Some(agent_api::code::INVALID_CONFIG));
+    for pod in [&a, &b] {
+        for ip in [POD_V4, POD_V6] {
+            assert!(pod.steered(ip), "{} {ip} not steered", pod.tag);
+            let banner = pod.banner(ip);
+            assert!(banner.ends_with(&format!("tag={}", pod.tag)), "{banner}");
+        }
+    }
+    // Each proxy answered for its own pod's flows only: the same tuples
+    // (10.77.0.1 -> 10.77.0.2:8000) in both pods, each proxy's getsockopt
+    // said 10.77.0.2:8000 for its own clients.
+    for pod in [&a, &b] {
+        let log = pod.proxy_log();
+        let n = log
+            .iter()
+            .filter(|l| {
+                l.contains("original-dst 10.77.0.2:8000")
+                    || l.contains("original-dst [fd77::2]:8000")
+            })
+            .count();
+        assert!(n >= 4, "{}: {log:?}", pod.tag);
+    }
+    // Pod b carries a long stream while pod a is removed.
+    let mut s = Stream::open(&b, POD_V4);
+    s.round(1 << 20);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                s.round(64 << 10);
+            }
+            s.round(1 << 20);
+            s.sent
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        agent.del("a");
+        agent.del("a"); // idempotent
+        std::thread::sleep(Duration::from_millis(200));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = h.join().unwrap();
+        assert!(sent > 2 << 20, "{sent}");
+    });
+    assert!(!a.steered(POD_V4), "pod a still steered after del");
+    assert!(b.steered(POD_V4) && b.steered(POD_V6));
+    assert_eq!(agent.ids(), vec!["b".to_string()]);
+    // Exactly what a had is gone: its cgroup has none of our programs,
+    // its pins are gone; b's are there.
+    let progs = tproxy_lab::kernel::cgroup_programs(a.cgroup.path()).unwrap();
+    assert!(progs.is_empty(), "{progs:?}");
+    assert!(
+        !tproxy_lab::kernel::cgroup_programs(b.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+    let st = state(&agent);
+    assert_eq!(st["targets"].as_array().unwrap().len(), 1);
+    let pins = pins_under(&agent.pins().join("targets"));
+    assert_eq!(pins.len(), 6, "{pins:?}");
+}
+
+/// Accelerated sockets in the agent's pinned SOCKS map (the proxy->app
+/// leg of a pod's connections).
+fn accel_sockets(agent: &Agent) -> usize {
+    let data = aya::maps::MapData::from_pin(agent.pins().join("node/SOCKS")).unwrap();
+    let m: aya::maps::HashMap<_, u64, tproxy_common::SockState> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    m.keys().flatten().count()
+}
+
+#[test]
+fn restart_keeps_an_established_accelerated_connection_byte_exact() {
+    let mut agent = Agent::new(&[]);
+    let pod = Pod::new("pod-r");
+    agent.add("r", &pod.spec());
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(1 << 20);
+    assert!(
+        accel_sockets(&agent) >= 2,
+        "the proxy->app pair is not accelerated"
+    );
+    let load = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|sc| {
+        // Under load: the stream keeps going through the restart.
+        let h = sc.spawn(|| {
+            while load.load(std::sync::atomic::Ordering::Relaxed) {
+                s.round(32 << 10);
+            }
+        });
+        let log = agent.terminate();
+        assert!(log.contains("left attached"), "{log}");
+        // No agent: still steered (pinned links), new connections too.
+        assert!(pod.steered(POD_V4), "not steered while no agent runs");
+        agent.start();
+        let log = agent.proc.as_ref().unwrap().log();
+        assert!(log.contains("target adopted"), "{log}");
+        assert!(log.contains("kept the pinned recv tracepoint"), "{log}");
+        std::thread::sleep(Duration::from_millis(300));
+        load.store(false, std::sync::atomic::Ordering::Relaxed);
+        h.join().unwrap();
+    });
+    s.round(1 << 20);
+    assert!(accel_sockets(&agent) >= 2);
+    assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
+    // The adopted links run the new agent's programs (swapped in place).
+    let r = agent.call(&Request::Check { id: "r".into() });
+    assert!(r.ok, "{r:?}");
+    assert_eq!(agent.ids(), vec!["r".to_string()]);
+    // And the adopted target is removed cleanly.
+    agent.del("r");
+    assert!(!pod.steered(POD_V4));
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(pins_under(&agent.pins().join("targets")).is_empty());
+}
+
+#[test]
+fn sigkill_under_load_then_cleanup_leaves_nothing() {
+    let mut agent = Agent::new(&[]);
+    let tcx = Pod::new("pod-k1");
+    let nl = Pod::new("pod-k2");
+    agent.add("k1", &tcx.spec());
+    agent.add(
+        "k2",
+        &TargetSpec {
+            tc_mode: Some(tproxy::tc::TcMode::Netlink),
+            ..nl.spec()
+        },
+    );
+    let mut s = Stream::open(&tcx, POD_V4);
+    s.round(1 << 20);
+    let log = agent.kill9();
+    assert!(!log.contains("left attached"));
+    // Killed: pinned, so still steered, and the stream goes on.
+    s.round(1 << 20);
+    assert!(tcx.steered(POD_V4) && nl.steered(POD_V4));
+    let filters = nl
+        .ns
+        .exec("tc", &["filter", "show", "dev", "eth0", "ingress"])
+        .unwrap();
+    assert!(filters.contains("tproxy_steer"), "{filters}");
+    // Each target pinned its own links only (a netlink target has no tc links).
+    let pinned = pins_under(&agent.pins().join("targets"));
+    assert_eq!(pinned.len(), 6 + 4, "{pinned:?}");
+    let out = agent.cleanup();
+    assert!(out.contains("is not running"), "{out}");
+    assert!(out.contains("unpinned"), "{out}");
+    assert!(
+        out.contains("target k2") && out.contains("filter tproxy_steer"),
+        "{out}"
+    );
+    // Nothing left: pins, state, filters, cgroup programs, steering.
+    assert!(
+        pins_under(&agent.bpffs.path).is_empty(),
+        "{:?}",
+        pins_under(&agent.bpffs.path)
+    );
+    assert!(!agent.state_file().exists());
+    let filters = nl
+        .ns
+        .exec("tc", &["filter", "show", "dev", "eth0", "ingress"])
+        .unwrap();
+    assert!(!filters.contains("tproxy"), "{filters}");
+    for pod in [&tcx, &nl] {
+        assert!(
+            tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+                .unwrap()
+                .is_empty()
+        );
+        assert!(!pod.steered(POD_V4));
+    }
+    drop(s);
+    assert!(agent.cleanup().contains("nothing to clean up"));
+}
+
+#[test]
+fn target_files_add_replace_and_remove_targets_and_a_broken_one_is_skipped() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let web = Pod::new("pod-f");
+    let yaml = |ports: &str| {
+        format!(
+            "# a pod without Kubernetes\nnetns: {}\nname: web\niface: eth0\nports: [{ports}]\ncgroup: {}\nproxy_mark: \"0x539\"\n",
+            web.ns.path().display(),
+            web.cgroup.path().display()
+        )
+    };
+    let file = agent.targets_dir().join("web.yaml");
+    std::fs::write(&file, yaml("8000")).unwrap();
+    wait_until("file:web attached", || agent.ids() == ["file:web"]);
+    assert!(web.steered(POD_V4));
+    // A broken file: one clear line, and the other target is untouched.
+    std::fs::write(
+        agent.targets_dir().join("bad.yaml"),
+        "netns: /nowhere\niface: eth0\nprots: 1\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = agent.proc.as_ref().unwrap().lines();
+    let bad: Vec<_> = log.iter().filter(|l| l.contains("bad.yaml")).collect();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(
+        bad[0].contains("prots") && bad[0].contains("skipped"),
+        "{bad:?}"
+    );
+    assert_eq!(agent.ids(), ["file:web"]);
+    // Changed: replaced (8080 now steered too).
+    std::fs::write(&file, yaml("8000, 8080")).unwrap();
+    wait_until("file:web replaced", || {
+        let r = agent.call(&Request::List);
+        r.targets
+            .unwrap()
+            .first()
+            .and_then(|t| t.target.ports.as_ref().map(ToString::to_string))
+            == Some("8000,8080".into())
+    });
+    let (peer, _) = web.exchange(POD_V4, 8080, b"x\n");
+    assert_eq!(peer, POD_V4, "8080 not steered after the change");
+    // Removed: detached.
+    std::fs::remove_file(&file).unwrap();
+    wait_until("file:web removed", || agent.ids().is_empty());
+    assert!(!web.steered(POD_V4));
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(web.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// `kernel.bpf_stats_enabled` set for a test, restored on drop.
+struct BpfStats(String);
+
+impl BpfStats {
+    fn enable() -> BpfStats {
+        let old = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap();
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").unwrap();
+        BpfStats(old.trim().to_string())
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
+}
+
+/// (run_time_ns, run_cnt) of program `id`.
+fn prog_stats(id: u64) -> (u64, u64) {
+    let out = tproxy_lab::run(Command::new("bpftool").args([
+        "-j",
+        "prog",
+        "show",
+        "id",
+        &id.to_string(),
+    ]))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    )
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Kernel memory of the agent's pinned maps (bpftool's memlock), bytes.
+fn map_memlock(agent: &Agent) -> u64 {
+    let mut total = 0;
+    for p in pins_under(&agent.pins().join("node")) {
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+        {
+            continue;
+        }
+        let out = tproxy_lab::run(
+            Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(&p),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        total += v["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    total
+}
+
+/// ns per run of `prog` over a stream of `bytes` through pod 0.
+fn steer_cost(prog: u64, s: &mut Stream, bytes: u64) -> (f64, u64) {
+    let (t0, c0) = prog_stats(prog);
+    for _ in 0..bytes / (256 << 10) {
+        s.round(256 << 10);
+    }
+    let (t1, c1) = prog_stats(prog);
+    ((t1 - t0) as f64 / (c1 - c0).max(1) as f64, c1 - c0)
+}
+
+#[test]
+fn many_pods_on_one_agent_attach_fast_and_the_per_packet_cost_does_not_grow() {
+    let n: usize = std::env::var("TPROXY_AGENT_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let agent = Agent::new(&[
+        "--max-targets",
+        &(n + 8).to_string(),
+        "--drain-timeout",
+        "1",
+    ]);
+    let _stats = BpfStats::enable();
+    let first = Pod::new("pod-0");
+    // The tc program's cost is measured: pod 0 is not accelerated by
+    // default. TPROXY_AGENT_ACCEL=1 turns it on, which shows an open bug
+    // of acceleration (not of the agent: a single run stalls too, less
+    // often): this echo stream, 256 KiB rounds written while read, stalls
+    // for good on an early round.
+    let accel = std::env::var_os("TPROXY_AGENT_ACCEL").is_some();
+    agent.add(
+        "p0",
+        &TargetSpec {
+            accel: Some(accel),
+            ..first.spec()
+        },
+    );
+    // Rewrite steering: the client's packets to 8000 (the proxy's replies
+    // restore on egress); tc ingress on eth0 runs for each of them.
+    let steer = state(&agent)["targets"][0]["tc_progs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .find(|id| {
+            let out = tproxy_lab::run(Command::new("bpftool").args([
+                "-j",
+                "prog",
+                "show",
+                "id",
+                &id.to_string(),
+            ]))
+            .unwrap();
+            out.contains("\"tproxy_steer\"")
+        })
+        .unwrap();
+    let mut s = Stream::open(&first, POD_V4);
+    steer_cost(steer, &mut s, 4 << 20); // warm up
+    let (cost1, runs1) = steer_cost(steer, &mut s, 16 << 20);
+    let rss1 = rss_kib(agent.pid());
+    let mem1 = map_memlock(&agent);
+
+    let mut pods = Vec::new();
+    let mut times = Vec::new();
+    for i in 1..n {
+        let pod = Pod::bare(&format!("pod-{i}"));
+        let t = Instant::now();
+        agent.add(&format!("p{i}"), &pod.spec());
+        times.push(t.elapsed());
+        pods.push(pod);
+    }
+    assert_eq!(agent.ids().len(), n);
+    let (costn, runsn) = steer_cost(steer, &mut s, 16 << 20);
+    let rssn = rss_kib(agent.pid());
+    let memn = map_memlock(&agent);
+    times.sort();
+    let median = times[times.len() / 2];
+    let max = *times.last().unwrap();
+    let total: Duration = times.iter().sum();
+    eprintln!(
+        "agent scale, {n} pods: attach per pod median {:.1} ms, max {:.1} ms, mean {:.1} ms; agent RSS {rss1} KiB at 1 pod, {rssn} KiB at {n} ({:.1} KiB per pod); pinned maps memlock {} KiB at 1, {} KiB at {n}; tproxy_steer {cost1:.0} ns/run at 1 pod ({runs1} runs), {costn:.0} ns/run at {n} pods ({runsn} runs)",
+        median.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3,
+        total.as_secs_f64() * 1e3 / times.len() as f64,
+        (rssn.saturating_sub(rss1)) as f64 / (n - 1) as f64,
+        mem1 / 1024,
+        memn / 1024,
+    );
+    assert!(
+        costn < 2.0 * cost1,
+        "per-packet cost grew: {cost1:.0} -> {costn:.0} ns"
+    );
+    assert!(median < Duration::from_secs(1), "attach median {median:?}");
+    // Every pod still steered once all are attached (the first, by traffic).
+    s.round(1 << 20);
+    // Removing them all leaves pod 0 alone and whole.
+    for i in 1..n {
+        agent.del(&format!("p{i}"));
+    }
+    assert_eq!(agent.ids(), ["p0"]);
+    assert!(first.steered(POD_V4));
+}
