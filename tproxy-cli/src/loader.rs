@@ -189,6 +189,10 @@ impl Loaded {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::TARGETS, max_targets)
+            .map_max_entries(
+                names::TARGET_ADDRS,
+                max_targets * tproxy_common::ADDRS_PER_TARGET,
+            )
             // Slot 0 counts events of no target.
             .map_max_entries(names::COUNTERS, (max_targets + 1) * Counter::COUNT)
             .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true);
@@ -378,18 +382,27 @@ impl Loaded {
     /// A new descriptor of the `TARGETS` map: what a target's owner keeps
     /// to take its entry out when it goes.
     pub(crate) fn targets_map(&self) -> Result<Map> {
-        let map = self.ebpf.map(names::TARGETS).expect("TARGETS in object");
-        let fd = map_data(map, names::TARGETS)
+        self.hash_map(names::TARGETS)
+    }
+
+    /// A new descriptor of the `TARGET_ADDRS` map, for the same reason.
+    pub(crate) fn target_addrs_map(&self) -> Result<Map> {
+        self.hash_map(names::TARGET_ADDRS)
+    }
+
+    fn hash_map(&self, name: &'static str) -> Result<Map> {
+        let map = self
+            .ebpf
+            .map(name)
+            .unwrap_or_else(|| panic!("{name} in object"));
+        let fd = map_data(map, name)
             .fd()
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| Error::io("duplicating map TARGETS".to_string(), e))?;
+            .map_err(|e| Error::io(format!("duplicating map {name}"), e))?;
         MapData::from_fd(fd)
             .map(Map::HashMap)
-            .map_err(|source| Error::Map {
-                name: names::TARGETS,
-                source,
-            })
+            .map_err(|source| Error::Map { name, source })
     }
 }
 

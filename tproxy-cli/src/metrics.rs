@@ -227,7 +227,7 @@ impl Collector for InstanceCollector {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 29] = [
+const HELP: [(Counter, &str); 32] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -325,6 +325,18 @@ const HELP: [(Counter, &str); 29] = [
     (
         Counter::AccelLeft,
         "Pairs taken out of the SOCKHASH after retiring: plain TCP again.",
+    ),
+    (
+        Counter::AccelPairsApp,
+        "Proxy-to-app socket pairs made (one namespace).",
+    ),
+    (
+        Counter::AccelPairsPods,
+        "Client-to-proxy socket pairs made across two pods of this node.",
+    ),
+    (
+        Counter::AccelPairsRefused,
+        "Pairings refused: the waiting socket was not the other end of the connection.",
     ),
 ];
 

@@ -6,17 +6,17 @@
 //! Attaching and dropping touch the interface and routing of the target's
 //! namespace: the calling thread must be in it (the agent enters it with
 //! `netns::Entered` for the duration).
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
 use aya::{
-    maps::Map,
+    maps::{HashMap, Map, MapData},
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, SockOps, TcAttachType,
         links::LinkOrder,
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use tproxy_common::{Config, Target, flags, names};
+use tproxy_common::{ADDRS_PER_TARGET, Config, Target, TargetAddr, flags, names};
 use tracing::warn;
 
 use crate::{
@@ -66,6 +66,7 @@ pub struct TargetAttachment {
     sockops: Option<SockopsAttachment>,
     #[expect(dead_code, reason = "held for its Drop")]
     clsact: Option<ClsactQdisc>,
+    addrs: TargetAddrs,
     entry: TargetEntry,
     attachments: Vec<Attached>,
     iface: String,
@@ -87,6 +88,88 @@ impl Drop for TargetEntry {
             );
         }
     }
+}
+
+/// The target's addresses in `TARGET_ADDRS` (its interface's): how a
+/// client in another pod of this node, dialling one of them, knows it is
+/// dialling this target (`tproxy-ebpf/src/peer.rs`). Removed on drop.
+struct TargetAddrs {
+    map: Map,
+    cookie: u64,
+    addrs: Vec<TargetAddr>,
+}
+
+impl TargetAddrs {
+    /// Claims the addresses of `iface` (the calling thread's namespace)
+    /// for the target `cookie`. An address another target already claims
+    /// (two pods with one IP: a stale target) stays that target's: this
+    /// one is then not found by clients dialling it, which costs only
+    /// acceleration. Never an error: the target works without them.
+    fn register(mut map: Map, iface: &str, cookie: u64) -> TargetAddrs {
+        let mut addrs = Vec::new();
+        let found = match interface_addrs(iface) {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(
+                    "reading the addresses of {iface}: {e}; clients of other pods will not be accelerated"
+                );
+                Vec::new()
+            }
+        };
+        const BPF_NOEXIST: u64 = 1;
+        for ip in found.into_iter().take(ADDRS_PER_TARGET as usize) {
+            let key = TargetAddr::from_ip(ip);
+            let r = HashMap::<&mut MapData, TargetAddr, u64>::try_from(&mut map)
+                .and_then(|mut m| m.insert(key, cookie, BPF_NOEXIST));
+            match r {
+                Ok(()) => addrs.push(key),
+                Err(e) => warn!("claiming {ip} for {iface}: {e} (another target has it?)"),
+            }
+        }
+        TargetAddrs { map, cookie, addrs }
+    }
+}
+
+impl Drop for TargetAddrs {
+    fn drop(&mut self) {
+        let Ok(mut m) = HashMap::<&mut MapData, TargetAddr, u64>::try_from(&mut self.map) else {
+            return;
+        };
+        for key in &self.addrs {
+            // Only our own claim.
+            if m.get(key, 0).is_ok_and(|c| c == self.cookie) {
+                let _ = m.remove(key);
+            }
+        }
+    }
+}
+
+/// The addresses of `iface` in the calling thread's namespace that name
+/// this pod and no other: not loopback, link-local, multicast or unspecified
+/// (every pod has fe80::…).
+pub fn interface_addrs(iface: &str) -> std::io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
+        if ifa.interface_name != iface {
+            continue;
+        }
+        let Some(a) = ifa.address else { continue };
+        let ip = if let Some(v4) = a.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = a.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let special = match ip {
+            IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_multicast(),
+            IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local() || v6.is_multicast(),
+        };
+        if !special && !ip.is_unspecified() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
 }
 
 /// The settings `opts` give a target in `TARGETS`.
@@ -134,6 +217,15 @@ impl TargetAttachment {
         let entry = TargetEntry {
             map,
             cookie: env.netns_cookie,
+        };
+        let addrs = if opts.accel {
+            TargetAddrs::register(loaded.target_addrs_map()?, &opts.iface, env.netns_cookie)
+        } else {
+            TargetAddrs {
+                map: loaded.target_addrs_map()?,
+                cookie: env.netns_cookie,
+                addrs: Vec::new(),
+            }
         };
         let cgroup = env.cgroup.display().to_string();
         let mut attachments = Vec::new();
@@ -254,6 +346,7 @@ impl TargetAttachment {
             getsockname,
             sockops,
             clsact,
+            addrs,
             entry,
             attachments,
             iface: opts.iface.clone(),
@@ -267,6 +360,11 @@ impl TargetAttachment {
 
     pub fn netns_cookie(&self) -> u64 {
         self.entry.cookie
+    }
+
+    /// The addresses this target claimed in `TARGET_ADDRS`.
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        self.addrs.addrs.iter().map(|a| a.to_ip()).collect()
     }
 
     pub fn iface(&self) -> &str {

@@ -5,8 +5,8 @@ use std::mem::size_of;
 
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
-    CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX, SOCKHASH_MAX,
-    SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target, names,
+    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX,
+    Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target, TargetAddr, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -76,12 +76,20 @@ fn maps_in_the_object_match_the_shared_types() {
         names::PENDING_PEERS,
         LRU_HASH,
         size_of::<SockKey>(),
-        8,
+        size_of::<Pending>(),
         PENDING_MAX,
+    );
+    // Pods' addresses, a few per target (resized at load with TARGETS).
+    check(
+        names::TARGET_ADDRS,
+        HASH,
+        size_of::<TargetAddr>(),
+        8,
+        TARGETS_MAX * ADDRS_PER_TARGET,
     );
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 9, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 10, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

@@ -18,6 +18,7 @@ pub mod names {
     pub const SOCKHASH: &str = "SOCKHASH";
     pub const SOCKS: &str = "SOCKS";
     pub const PENDING_PEERS: &str = "PENDING_PEERS";
+    pub const TARGET_ADDRS: &str = "TARGET_ADDRS";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -61,8 +62,13 @@ pub const EMBRYONIC_HOLD_NS: u64 = 3_000_000_000;
 pub const FLOW_ACTIVE_NS: u64 = 10_000_000_000;
 /// Size of the SOCKHASH (two entries per accelerated connection).
 pub const SOCKHASH_MAX: u32 = 65_536;
-/// Proxy-side sockets waiting for their app-side peer to be established.
+/// Connecting sockets (the proxy's upstream ones, and clients in a pod
+/// dialling another pod of this node) waiting for the other end of their
+/// connection to be established.
 pub const PENDING_MAX: u32 = 4_096;
+/// Addresses a target may claim in `TARGET_ADDRS` (its interface's, link-
+/// local ones excepted); the map holds this many per target.
+pub const ADDRS_PER_TARGET: u32 = 8;
 /// Default upper bound on redirected bytes queued, unread, at one socket.
 /// The bound in force follows the reader (`SockState::rcvbuf`: its receive
 /// buffer or its recent pace, whichever is larger) when that is smaller.
@@ -338,6 +344,65 @@ impl SockKey {
     }
 }
 
+/// `PENDING_PEERS` value, keyed by the key the other end's socket will have:
+/// the connecting socket that waits for it, and what proves the other end
+/// is really the other end of the same TCP connection (see `tproxy-ebpf/src/
+/// peer.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// The connecting socket's kernel address (its `SOCKS` key).
+    pub sk: u64,
+    /// Its SOCKHASH key: where the other end's bytes go. The same namespace
+    /// (proxy to app) or another pod's (client to that pod's proxy).
+    pub key: SockKey,
+    /// Its `snd_nxt` and `rcv_nxt` at ESTABLISHED (just after the
+    /// handshake): the other end's `rcv_nxt` and `snd_nxt` then.
+    pub snd_nxt: u32,
+    pub rcv_nxt: u32,
+}
+
+/// `TARGET_ADDRS` key: an address of a target's interface (its pod's IP).
+/// Network order, IPv4 in `[0]` with the rest zero; the family tells
+/// `a.b.c.d` from the IPv6 address `xxxx:xxxx::`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TargetAddr {
+    pub addr: [u32; 4],
+    pub family: u32,
+    pub _pad0: u32,
+}
+
+impl TargetAddr {
+    pub fn from_ip(ip: core::net::IpAddr) -> TargetAddr {
+        let (addr, family) = match ip {
+            core::net::IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], AF_INET),
+            core::net::IpAddr::V6(a) => {
+                let o = a.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                ([w(0), w(4), w(8), w(12)], AF_INET6)
+            }
+        };
+        TargetAddr {
+            addr,
+            family: u32::from(family),
+            _pad0: 0,
+        }
+    }
+
+    pub fn to_ip(&self) -> core::net::IpAddr {
+        if self.family == u32::from(AF_INET) {
+            core::net::IpAddr::from(self.addr[0].to_ne_bytes())
+        } else {
+            let mut o = [0u8; 16];
+            for (i, w) in self.addr.iter().enumerate() {
+                o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            core::net::IpAddr::from(o)
+        }
+    }
+}
+
 /// Indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -410,10 +475,20 @@ pub enum Counter {
     AccelRetired,
     /// Pairs taken out of the SOCKHASH after retiring: plain TCP sockets again.
     AccelLeft,
+    /// Proxy<->app pairs made (both ends in this target's namespace),
+    /// counted in the app's target.
+    AccelPairsApp,
+    /// Client<->proxy pairs made across two targets of this node (a pod
+    /// dialling another pod), counted in the server pod's target.
+    AccelPairsPods,
+    /// Pairings refused: a socket's key was pending, but the waiting socket
+    /// is not the other end of its TCP connection (sequence numbers differ:
+    /// a colliding or forged tuple). Both stay plain TCP.
+    AccelPairsRefused,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 29] = [
+    pub const ALL: [Counter; 32] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -443,6 +518,9 @@ impl Counter {
         Counter::AccelNudges,
         Counter::AccelRetired,
         Counter::AccelLeft,
+        Counter::AccelPairsApp,
+        Counter::AccelPairsPods,
+        Counter::AccelPairsRefused,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -483,6 +561,9 @@ impl Counter {
             Counter::AccelNudges => "accel_nudges",
             Counter::AccelRetired => "accel_retired",
             Counter::AccelLeft => "accel_left",
+            Counter::AccelPairsApp => "accel_pairs_app",
+            Counter::AccelPairsPods => "accel_pairs_pods",
+            Counter::AccelPairsRefused => "accel_pairs_refused",
         }
     }
 }
@@ -523,7 +604,12 @@ const _: () = {
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
     assert!(offset_of!(SockKey, netns_cookie) == 48);
-    assert!(Counter::COUNT == Counter::AccelLeft as u32 + 1);
+    assert!(size_of::<Pending>() == 72);
+    assert!(offset_of!(Pending, key) == 8);
+    assert!(offset_of!(Pending, snd_nxt) == 64);
+    assert!(size_of::<TargetAddr>() == 24);
+    assert!(offset_of!(TargetAddr, family) == 16);
+    assert!(Counter::COUNT == Counter::AccelPairsRefused as u32 + 1);
 };
 
 #[cfg(feature = "user")]
@@ -538,6 +624,8 @@ mod user {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for TargetAddr {}
 }
 
 #[cfg(test)]
@@ -584,6 +672,24 @@ mod tests {
         for p in [1, 62, 65, 7999, 8001, 65534] {
             assert!(!t.intercepts(p), "{p}");
         }
+    }
+
+    #[test]
+    fn target_addrs_are_network_order_and_round_trip() {
+        let v4: core::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let a = TargetAddr::from_ip(v4);
+        assert_eq!(a.addr, [u32::from_be(0x0a01_0203), 0, 0, 0]);
+        assert_eq!(a.family, u32::from(AF_INET));
+        assert_eq!(a.to_ip(), v4);
+        // fd00:: has the words of 253.0.0.0 and zeros: the family tells.
+        let v6: core::net::IpAddr = "fd00::".parse().unwrap();
+        let b = TargetAddr::from_ip(v6);
+        assert_eq!(
+            b.addr[0],
+            TargetAddr::from_ip("253.0.0.0".parse().unwrap()).addr[0]
+        );
+        assert_ne!(a, b);
+        assert_eq!(b.to_ip(), v6);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
 //! | raw tracepoint sock_recv_length | `tproxy_recv_length` | `recv_length.rs` |
 //!
+//! `peer.rs`: which sockets sockops pairs, and why no other can be.
 //! `retire.rs`: sockops takes a pair that gave up the fast path out of the
 //! SOCKHASH (sk_msg may not delete from it).
 #![no_std]
@@ -31,6 +32,7 @@ mod getsockopt;
 mod maps;
 mod netns;
 mod packet;
+mod peer;
 mod recv_length;
 mod restore;
 mod retire;

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use tproxy_common::{
-    CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX, SOCKHASH_MAX,
-    SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target,
+    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX,
+    Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target, TargetAddr,
 };
 
 /// The targets this object serves, keyed by their network namespace's
@@ -54,8 +54,18 @@ pub static SOCKHASH: SockHash<SockKey> = SockHash::with_max_entries(SOCKHASH_MAX
 #[map]
 pub static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
 
-/// App-side key -> the proxy side's kernel address, for proxy sides in the
-/// map: the passive side enters only if its active side did (both ends
-/// local, in the cgroup), and learns its peer here.
+/// The key the accepting end of a connection will have -> the connecting
+/// end, in the map and waiting for it (`peer.rs`): the accepting end enters
+/// only if it is pending and proves to be the other end of that connection.
+/// LRU: a connection whose other end never comes costs an entry until
+/// newer ones push it out.
 #[map]
-pub static PENDING_PEERS: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(PENDING_MAX, 0);
+pub static PENDING_PEERS: LruHashMap<SockKey, Pending> =
+    LruHashMap::with_max_entries(PENDING_MAX, 0);
+
+/// The targets' own addresses (their interface's) -> their netns cookie,
+/// written by userspace at attach: which pod of this node an address is,
+/// for a client dialling it. Userspace sizes it with `TARGETS`.
+#[map]
+pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
+    HashMap::with_max_entries(TARGETS_MAX * ADDRS_PER_TARGET, 0);

@@ -8,14 +8,17 @@
 //! `tproxy_sockops_flows` (--no-accel: flows only; it keys nothing by
 //! socket address, so it loads without CAP_PERFMON).
 //!
-//! A pair is a connection between two sockets of this host, both in the
-//! cgroup, to an intercepted app port. The connecting (proxy) side reaches
-//! ACTIVE_ESTABLISHED first (it handles the SYN-ACK and only then sends the
-//! ACK that establishes the app side); it enters the map and leaves the
-//! app side's key in PENDING_PEERS, with its own address. The app side
-//! enters at PASSIVE_ESTABLISHED only if its key is pending, and then the
-//! two learn each other's address (SOCKS). Every other socket in the
-//! cgroup stays untouched.
+//! A pair is the two ends of one connection, both in a cgroup tproxy
+//! serves: proxy -> app in one target, or client -> proxy across two
+//! targets of this node (`peer.rs` says which, and why nothing else can be
+//! paired). The connecting end reaches ACTIVE_ESTABLISHED first (it handles
+//! the SYN-ACK and only then sends the ACK that establishes the accepting
+//! end); it enters the map and leaves the accepting end's key in
+//! PENDING_PEERS, with its own address, key and sequence numbers. The
+//! accepting end enters at PASSIVE_ESTABLISHED only if its key is pending
+//! and the numbers prove it is the same connection, and then the two learn
+//! each other's address (SOCKS). Every other socket in the cgroup stays
+//! untouched.
 //!
 //! It also keeps readers of accelerated sockets from sleeping on TCP bytes
 //! (`nudge`): it sees each packet those sockets send.
@@ -29,14 +32,14 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use tproxy_common::{
-    Counter, SockKey, SockState, Target, flags,
+    Counter, Pending, SockKey, SockState, Target, flags,
     sock_flags::{FAST, LEFT, RETIRED},
 };
 
 use crate::{
     counters, flow,
     maps::{PENDING_PEERS, SOCKHASH, SOCKS},
-    sockkey,
+    peer, sockkey,
 };
 
 /// TCP_CLOSE in the kernel's TCP state enum.
@@ -96,37 +99,59 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
     Ok(())
 }
 
-/// ESTABLISHED: the proxy side of a proxy<->app pair enters the map and
-/// leaves its peer's key pending; the app side enters if it is pending.
+/// ESTABLISHED: the connecting end of a connection to pair (`peer.rs`)
+/// enters the map and leaves its peer's key pending; the accepting end
+/// enters if it is pending and is that connection's other end.
 #[inline(always)]
 fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> Result<(), ()> {
     let slot = target.config.slot;
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        if !target.intercepts(key.remote_port as u16) || !sockkey::both_local(key) {
-            return Ok(());
-        }
-        let sk = insert(ctx, key, 0, slot)?;
-        PENDING_PEERS.insert(&key.peer(), &sk, 0).map_err(|_| ())?;
-    } else {
-        if !target.intercepts(key.local_port as u16) {
-            return Ok(());
-        }
-        // SAFETY: a plain lookup; the value is copied out at once.
-        let Some(&proxy_sk) = (unsafe { PENDING_PEERS.get(key) }) else {
+        let Some(peer_key) = peer::expected(key, target) else {
             return Ok(());
         };
-        let _ = PENDING_PEERS.remove(key);
-        // The proxy side may have closed in between.
-        if SOCKS.get_ptr(&proxy_sk).is_none() {
+        let sk = insert(ctx, key, &peer_key, 0, slot)?;
+        let (snd_nxt, rcv_nxt) = peer::seqs(ctx);
+        let pending = Pending {
+            sk,
+            key: *key,
+            snd_nxt,
+            rcv_nxt,
+        };
+        PENDING_PEERS
+            .insert(&peer_key, &pending, 0)
+            .map_err(|_| ())?;
+    } else {
+        // The app's port, or the proxy's (a client pod's connection, with
+        // rewrite steering): nothing else is ever pending.
+        let port = key.local_port as u16;
+        if !target.intercepts(port) && port != target.config.proxy_port {
             return Ok(());
         }
-        let sk = insert(ctx, key, proxy_sk, slot)?;
-        // Now the proxy side may redirect to us. Until here its
+        let pending = match peer::take(key, ctx) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(()),
+            Err(()) => {
+                counters::inc(slot, Counter::AccelPairsRefused);
+                return Ok(());
+            }
+        };
+        // The connecting end may have closed in between.
+        if SOCKS.get_ptr(&pending.sk).is_none() {
+            return Ok(());
+        }
+        let sk = insert(ctx, key, &pending.key, pending.sk, slot)?;
+        // Now the connecting end may redirect to us. Until here its
         // bytes went by TCP, and were counted: it switches only
         // once we have read them all.
-        let proxy = SOCKS.get_ptr_mut(&proxy_sk).ok_or(())?;
+        let proxy = SOCKS.get_ptr_mut(&pending.sk).ok_or(())?;
         // SAFETY: a live SOCKS entry; a single aligned 8-byte store.
         unsafe { core::ptr::write_volatile(&raw mut (*proxy).peer, sk) };
+        let leg = if pending.key.netns_cookie == key.netns_cookie {
+            Counter::AccelPairsApp
+        } else {
+            Counter::AccelPairsPods
+        };
+        counters::inc(slot, leg);
     }
     Ok(())
 }
@@ -138,16 +163,23 @@ fn sk_addr(ctx: &SockOpsContext) -> u64 {
     unsafe { (*ctx.ops).__bindgen_anon_2.sk as u64 }
 }
 
-/// Puts the socket in SOCKS and the SOCKHASH; `peer` is the other end's
-/// address if it is already in, else 0. Returns this socket's address.
+/// Puts the socket in SOCKS and the SOCKHASH; `peer_key` is the other
+/// end's key, `peer` its address if it is already in, else 0. Returns this
+/// socket's address.
 #[inline(always)]
-fn insert(ctx: &SockOpsContext, key: &SockKey, peer: u64, slot: u32) -> Result<u64, ()> {
+fn insert(
+    ctx: &SockOpsContext,
+    key: &SockKey,
+    peer_key: &SockKey,
+    peer: u64,
+    slot: u32,
+) -> Result<u64, ()> {
     let sk = sk_addr(ctx);
     if sk == 0 {
         return Err(());
     }
     let state = SockState {
-        peer_key: key.peer(),
+        peer_key: *peer_key,
         peer,
         sent: 0,
         redirected_end: 0,
