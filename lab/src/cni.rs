@@ -236,9 +236,10 @@ impl SimNode {
         if pod.ip4.is_unspecified() || pod.ip6.is_unspecified() {
             bail!("bridge gave no dual-stack addresses: {}", pod.result);
         }
-        // IPv6 DAD would hold the pod's address back for a second or two.
-        pod.ns
-            .exec("sysctl", &["-qw", "net.ipv6.conf.eth0.accept_dad=0"])?;
+        // IPv6 DAD holds a new address back for a second or two: the pod's
+        // and the bridge's (the pods' gateway) must be usable first.
+        wait_dad(&pod.ns)?;
+        wait_dad(&self.node)?;
         let conf = self.tproxy_call(&pod.cgroup, &annotations, &pod.result)?;
         let out = self.exec_plugin(&self.tproxy_cni, "ADD", (&pod.id, &pod.ns, name), &conf)?;
         if out["ips"] != pod.result["ips"] {
@@ -288,6 +289,22 @@ impl SimNode {
             OUTSIDE6.parse().expect("literal"),
         )
     }
+}
+
+/// Waits until no IPv6 address in `ns` is tentative (DAD done).
+fn wait_dad(ns: &Netns) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ns
+        .ip(&["-6", "addr", "show", "tentative"])?
+        .trim()
+        .is_empty()
+    {
+        if std::time::Instant::now() > deadline {
+            bail!("IPv6 addresses in {} still tentative after 10 s", ns.name());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 impl SimPod {
