@@ -155,6 +155,13 @@ pub enum Command {
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The node agent instead: its targets, each with its figures, and
+        /// the node total.
+        #[arg(long)]
+        agent: bool,
+        /// The agent's state directory (implies --agent) [default: /run/tproxy/agent].
+        #[arg(long, value_name = "DIR")]
+        agent_state_dir: Option<std::path::PathBuf>,
     },
     /// Remove what killed instances left (netlink tc filters and qdisc,
     /// policy routing, nftables table, runtime record); by default those of
@@ -180,6 +187,12 @@ pub struct StatsArgs {
     /// Instances in every network namespace, not just this one.
     #[arg(long)]
     pub all: bool,
+    /// The node agent instead: per-target figures and the node total.
+    #[arg(long)]
+    pub agent: bool,
+    /// The agent's state directory (implies --agent) [default: /run/tproxy/agent].
+    #[arg(long, value_name = "DIR")]
+    pub agent_state_dir: Option<std::path::PathBuf>,
     /// Keep printing totals and per-second rates every --interval until
     /// Ctrl-C: redrawn in place on a terminal, a line per interval when
     /// piped.
@@ -522,7 +535,10 @@ mod tests {
     #[test]
     fn status_and_cleanup_subcommands() {
         let cli = parse(&["tproxy", "status", "--json"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Status { json: true })));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Status { json: true, .. })
+        ));
         let cli = parse(&["tproxy", "cleanup", "-iface", "eth1"]).unwrap();
         assert!(matches!(
             cli.command,

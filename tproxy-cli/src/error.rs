@@ -143,6 +143,16 @@ pub enum Error {
     #[error("the object was loaded without acceleration; a target cannot turn it on")]
     AccelNotLoaded,
 
+    #[error(
+        "no tproxy agent state in {dir}: start `tproxy agent`, or pass its --state-dir as --agent-state-dir"
+    )]
+    NoAgent { dir: std::path::PathBuf },
+
+    #[error(
+        "the tproxy agent of {dir} is not running (its targets stay attached through their pins): start it again, or run `tproxy cleanup` to remove them"
+    )]
+    AgentNotRunning { dir: std::path::PathBuf },
+
     #[error("the watched tproxy (pid {pid} on {iface}) has stopped")]
     InstanceGone { pid: i32, iface: String },
 

@@ -176,6 +176,23 @@ impl Maps {
         })
     }
 
+    /// From maps opened elsewhere (the agent's pins).
+    pub fn from_parts(
+        counters: Map,
+        flows: Map,
+        syns: Map,
+        closing: Map,
+        socks: Option<Map>,
+    ) -> Maps {
+        Maps {
+            counters,
+            flows,
+            syns,
+            closing,
+            socks,
+        }
+    }
+
     /// A loaded object's maps, by the ids `Loaded::map_ids` gives (another
     /// process: the agent's, from its state).
     pub fn of_ids(ids: &crate::loader::MapIds) -> Result<Maps> {

@@ -84,7 +84,15 @@ fn main() -> ExitCode {
         Some(Command::Agent(args)) => tproxy::agent::run(args).map_err(Into::into),
         Some(Command::Stats(args)) => tproxy::stats::run(args).map_err(Into::into),
         Some(Command::Check(args)) => tproxy::check::run(args).map_err(Into::into),
-        Some(Command::Status { json }) => tproxy::status::run(*json).map_err(Into::into),
+        Some(Command::Status {
+            json,
+            agent,
+            agent_state_dir,
+        }) => match (agent, agent_state_dir) {
+            (false, None) => tproxy::status::run(*json),
+            (_, dir) => tproxy::agent::view::run_status(dir.as_deref(), *json),
+        }
+        .map_err(Into::into),
         Some(Command::Cleanup { all, iface }) => {
             tproxy::recovery::run_cleanup(&tproxy::recovery::Scope::new(*all, iface.as_deref()))
                 .map_err(Into::into)

@@ -64,6 +64,16 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Serves the agent's figures, one series per target (labels `target`
+    /// and `pod`), from now on, on the current runtime.
+    pub fn start_agent(self, maps: Maps, targets: TargetList) -> Result<()> {
+        let mut registry = Registry::with_prefix("tproxy");
+        registry.register_collector(Box::new(AgentCollector { maps, targets }));
+        tracing::info!("metrics on http://{}/metrics", self.local_addr());
+        tokio::spawn(self.serve(Arc::new(registry)));
+        Ok(())
+    }
+
     async fn serve(self, registry: Arc<Registry>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
@@ -222,6 +232,95 @@ impl Collector for InstanceCollector {
             "What this tproxy instance serves and how.",
             None,
             instance.metric_type(),
+        )?)
+    }
+}
+
+/// One target as the metrics label it: (id, pod name, netns cookie, slot).
+pub type TargetLabels = (String, String, u64, u32);
+/// The agent's targets at scrape time.
+pub type TargetList = Arc<dyn Fn() -> Vec<TargetLabels> + Send + Sync>;
+
+struct AgentCollector {
+    maps: Maps,
+    targets: TargetList,
+}
+
+impl std::fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let mut targets = (self.targets)();
+        // Slot 0: events of no target (a target being removed, a socket of
+        // another namespace in a cgroup).
+        targets.push(("(none)".into(), String::new(), 0, 0));
+        let keys: Vec<(u64, u32)> = targets.iter().map(|t| (t.2, t.3)).collect();
+        let snaps = self.maps.snapshots_by_target(&keys).map_err(|e| {
+            tracing::warn!("metrics: {e}");
+            std::fmt::Error
+        })?;
+        let labels: Vec<Vec<(&str, &str)>> = targets
+            .iter()
+            .map(|(id, pod, _, _)| vec![("target", id.as_str()), ("pod", pod.as_str())])
+            .collect();
+        for (i, &c) in Counter::ALL.iter().enumerate() {
+            let mut family = enc.encode_descriptor(
+                c.name(),
+                help(c),
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (l, s) in labels.iter().zip(&snaps) {
+                let v = s.counters.get(i).map_or(0, |(_, v)| *v);
+                ConstCounter::new(v).encode(family.encode_family(l)?)?;
+            }
+        }
+        type Gauge = (
+            &'static str,
+            &'static str,
+            fn(&crate::inspect::Snapshot) -> i64,
+        );
+        let gauges: [Gauge; 4] = [
+            (
+                "flows_open",
+                "Steered flows whose proxy socket is established.",
+                |s| s.flows.open as i64,
+            ),
+            (
+                "flows_active",
+                "Open steered flows that saw a packet lately.",
+                |s| s.flows.active as i64,
+            ),
+            ("accel_sockets", "Sockets in the acceleration map.", |s| {
+                s.accel_sockets as i64
+            }),
+            (
+                "accel_queued_bytes",
+                "Redirected bytes not yet read by their receivers.",
+                |s| s.accel_queued_bytes,
+            ),
+        ];
+        for (name, h, f) in gauges {
+            let mut family = enc.encode_descriptor(
+                name,
+                h,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (l, s) in labels.iter().zip(&snaps) {
+                ConstGauge::new(f(s)).encode(family.encode_family(l)?)?;
+            }
+        }
+        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+        build.encode(enc.encode_descriptor(
+            "build",
+            "The tproxy build.",
+            None,
+            build.metric_type(),
         )?)
     }
 }

@@ -22,6 +22,9 @@ use crate::{
 /// `tproxy stats …`. A closed stdout (`| head`) ends it quietly.
 pub fn run(args: &StatsArgs) -> Result<()> {
     crate::system::check_privileges()?;
+    if args.agent || args.agent_state_dir.is_some() {
+        return crate::agent::view::run_stats(args.agent_state_dir.as_deref(), args.json);
+    }
     let netns = crate::system::netns_inode()?;
     let records: Vec<Record> = state::live_records()
         .into_iter()

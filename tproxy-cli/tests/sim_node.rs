@@ -1,12 +1,27 @@
-//! A simulated node (lab/src/cni.rs): pods wired by the reference CNI
-//! plugins with tproxy-cni chained after them, exactly as a runtime does,
-//! served by one `tproxy agent`.
-use std::path::Path;
+//! A simulated Kubernetes node (lab/src/cni.rs): pods wired by the
+//! reference CNI plugins (`bridge`, `host-local`) with `tproxy-cni` chained
+//! after them, driven exactly as a container runtime drives them, and one
+//! `tproxy agent` serving every pod. Root only; everything lives in
+//! namespaces, child cgroups and a temp dir of the test's own.
+mod common;
 
-use serde_json::json;
-use tproxy_lab::cni::SimNode;
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use common::{agent::Agent, eventually, example};
+use serde_json::{Value, json};
+use tproxy_lab::{
+    Logged,
+    cni::{SimNode, SimPod},
+};
 
 const CNI: &str = env!("CARGO_BIN_EXE_tproxy-cni");
+const PROXY_PORT: u16 = 15006;
 
 /// The simulated node itself: pods get dual-stack addresses on the
 /// bridge, reach each other and are reached from outside the node; DEL
@@ -34,4 +49,215 @@ fn pods_on_the_simulated_node_reach_each_other_and_the_outside() {
             .exec("ping", &["-c1", "-W1", &a.ip4.to_string()])
             .is_err()
     );
+}
+
+/// A pod's workload: the app (tagged with the pod's name) on 8000 and
+/// origdst-proxy on 15006, both in the pod's cgroup, as containers of one
+/// pod share its cgroup.
+fn start_workload(pod: &SimPod) -> Vec<Logged> {
+    let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
+    cmd.args(["8000", "--tag", &pod.name]);
+    let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
+    app.wait_for("listening", Duration::from_secs(10)).unwrap();
+    let mut cmd = pod
+        .ns
+        .command_in(example("origdst-proxy"), Some(&pod.cgroup));
+    let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
+    proxy
+        .wait_for("listening", Duration::from_secs(10))
+        .unwrap();
+    vec![proxy, app]
+}
+
+/// From inside `from`'s namespace: the app that answered (its tag) and
+/// the peer it saw. Steered: the pod's own proxy is the app's peer.
+fn ask(from: &tproxy_lab::Netns, ip: IpAddr) -> (String, IpAddr) {
+    let dst = SocketAddr::new(ip, 8000);
+    let all = from
+        .run(|| {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(b"hello")?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut all = String::new();
+            s.read_to_string(&mut all)?;
+            Ok::<_, std::io::Error>(all)
+        })
+        .unwrap();
+    // "app port=8000 peer=10.244.0.2:4711 tag=web-a", then the echo.
+    let (banner, echoed) = all.split_once('\n').unwrap_or((&all, ""));
+    assert_eq!(echoed, "hello", "{all:?}");
+    let field = |k: &str| {
+        banner
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let peer: SocketAddr = field("peer=").parse().unwrap();
+    (field("tag="), peer.ip())
+}
+
+fn tproxy_json(agent: &Agent, args: &[&str]) -> Value {
+    let out = agent.command(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Scrapes the agent's metrics: `name{labels}` -> value.
+fn scrape(port: u16) -> HashMap<String, f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with("tproxy_"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Pods registered by tproxy-cni (chained after the bridge, as a runtime
+/// calls it) are served by one agent: traffic from outside the node and
+/// from pod to pod is steered through each pod's own proxy, byte-exact
+/// over IPv4 and IPv6; pods added and deleted while another carries a
+/// stream leave that stream intact; status, stats and metrics show each
+/// pod's figures and the node total.
+#[test]
+fn one_agent_serves_the_pods_tproxy_cni_registers() {
+    let metrics = free_port();
+    let agent = Agent::new(&["--metrics-addr", &format!("127.0.0.1:{metrics}")]);
+    let node = SimNode::new(
+        Path::new(CNI),
+        &agent.socket(),
+        json!({"ports": "9000", "proxyPort": PROXY_PORT, "accel": true}),
+    )
+    .unwrap();
+    // The pods' annotation names the port (it overrides the conflist's).
+    let ann = json!({"tproxy.io/ports": "8000"});
+    let mut a = node.add_pod("web-a", ann.clone()).unwrap();
+    let b = node.add_pod("web-b", ann.clone()).unwrap();
+    let _wa = start_workload(&a);
+    let _wb = start_workload(&b);
+    let mut ids = agent.ids();
+    ids.sort();
+    let mut want = vec![a.id.clone(), b.id.clone()];
+    want.sort();
+    assert_eq!(ids, want, "the agent has exactly the two pods");
+    node.check_pod(&a).unwrap();
+
+    // From outside the node and from the other pod, both families: the
+    // pod's own proxy is the app's peer (steered), and the right pod
+    // answers.
+    for pod in [&a, &b] {
+        for ip in [IpAddr::V4(pod.ip4), IpAddr::V6(pod.ip6)] {
+            let (tag, peer) = ask(&node.outside, ip);
+            assert_eq!(
+                (tag.as_str(), peer),
+                (pod.name.as_str(), ip),
+                "outside -> {ip}"
+            );
+        }
+    }
+    for ip in [IpAddr::V4(b.ip4), IpAddr::V6(b.ip6)] {
+        let (tag, peer) = ask(&a.ns, ip);
+        assert_eq!((tag.as_str(), peer), ("web-b", ip), "web-a -> {ip}");
+    }
+
+    // Pod to pod, byte-exact, from a client in web-a's cgroup (a
+    // container of the pod): with both pods accelerated, both legs go
+    // socket to socket.
+    for ip in [b.ip4.to_string(), format!("[{}]", b.ip6)] {
+        let mut cmd = a.ns.command_in(example("lab-client"), Some(&a.cgroup));
+        cmd.args(["echo", &format!("{ip}:8000"), "--bytes", "8388608"]);
+        let out = tproxy_lab::run(&mut cmd).unwrap();
+        assert!(out.contains("ok conn=0 bytes=8388608"), "{out}");
+    }
+
+    // A long stream from outside to web-b while web-c comes and web-a goes.
+    let mut cmd = node.outside.command(example("lab-client"));
+    cmd.args(["echo", &format!("{}:8000", b.ip4), "--bytes", "268435456"]);
+    let mut stream = Logged::spawn("stream", &mut cmd).unwrap();
+    let c = node.add_pod("web-c", ann.clone()).unwrap();
+    let _wc = start_workload(&c);
+    let (tag, peer) = ask(&node.outside, IpAddr::V4(c.ip4));
+    assert_eq!((tag.as_str(), peer), ("web-c", IpAddr::V4(c.ip4)));
+    node.del_pod(&mut a).unwrap();
+    assert!(!agent.ids().contains(&a.id), "web-a removed");
+    let st = stream.proc.wait_timeout(Duration::from_secs(180)).unwrap();
+    let log = stream.log();
+    assert!(
+        st.success() && log.contains("ok conn=0 bytes=268435456"),
+        "{log}"
+    );
+
+    // Per pod and node total, from another process.
+    let stats = tproxy_json(&agent, &["stats", "--agent", "--json"]);
+    let targets = stats["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2, "{stats}");
+    let steered = |t: &Value| t["counters"]["ingress_steered"].as_u64().unwrap();
+    let by_name = |n: &str| {
+        targets
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap_or_else(|| panic!("{n} in {stats}"))
+    };
+    assert!(steered(by_name("default/web-b")) > 0 && steered(by_name("default/web-c")) > 0);
+    let node_steered = stats["node"]["counters"]["ingress_steered"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        node_steered >= steered(by_name("default/web-b")) + steered(by_name("default/web-c")),
+        "{stats}"
+    );
+    let redirected = by_name("default/web-b")["counters"]["msg_redirected_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        redirected > 0,
+        "web-b's proxy->app leg accelerated: {stats}"
+    );
+    let status = tproxy_json(&agent, &["status", "--agent", "--json"]);
+    assert!(status["agent"]["running"].as_bool().unwrap(), "{status}");
+    assert!(
+        status["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["state"] == "OK"),
+        "{status}"
+    );
+    let m = scrape(metrics);
+    let key = format!(
+        "tproxy_ingress_steered_total{{target=\"{}\",pod=\"default/web-b\"}}",
+        b.id
+    );
+    assert!(m.get(&key).is_some_and(|v| *v > 0.0), "{key} in {m:?}");
+
+    // DEL of every pod leaves the agent with nothing.
+    let mut b = b;
+    let mut c = c;
+    node.del_pod(&mut b).unwrap();
+    node.del_pod(&mut c).unwrap();
+    eventually("no targets left", Duration::from_secs(30), || {
+        agent.ids().is_empty()
+    });
 }

@@ -15,6 +15,7 @@ pub mod files;
 pub mod pins;
 pub mod registry;
 pub mod server;
+pub mod view;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -63,6 +64,10 @@ pub struct AgentArgs {
     /// How long removing a target waits for its steered flows to finish [default: 30].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(..=crate::cli::MAX_DRAIN_TIMEOUT))]
     pub drain_timeout: Option<u64>,
+    /// Serve Prometheus metrics on http://ADDR/metrics: every counter and
+    /// gauge per target (labels `target`, `pod`).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Agent settings in YAML: max_targets, drain_timeout, flows_max, syns_max, closing_max, socks_max.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -299,6 +304,24 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM", e))?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT", e))?;
+        if let Some(addr) = args.metrics_addr {
+            let endpoint = crate::metrics::Endpoint::bind(addr).await?;
+            let maps = agent.lock().maps()?;
+            let a = agent.clone();
+            endpoint.start_agent(
+                maps,
+                Arc::new(move || {
+                    a.lock()
+                        .records()
+                        .into_iter()
+                        .map(|r| {
+                            let pod = r.spec.name.clone().unwrap_or_default();
+                            (r.id, pod, r.netns_cookie, r.slot)
+                        })
+                        .collect()
+                }),
+            )?;
+        }
         let listener = server::bind(&args.socket)?;
         tokio::spawn(server::serve(listener, agent.clone()));
         {

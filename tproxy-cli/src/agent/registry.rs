@@ -249,6 +249,11 @@ impl Registry {
         }
     }
 
+    /// New descriptors of the object's maps (the metrics endpoint's).
+    pub fn maps(&self) -> Result<crate::inspect::Maps> {
+        crate::inspect::Maps::dup(self.loaded.ebpf())
+    }
+
     pub fn records(&self) -> Vec<TargetRecord> {
         self.targets.values().map(|e| e.rec.clone()).collect()
     }

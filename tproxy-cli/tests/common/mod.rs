@@ -11,6 +11,7 @@ use std::{
 
 use tproxy_lab::{Logged, Netns, Topology, envoy, sibling_bin, unique};
 
+pub mod agent;
 pub mod sandbox;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy");

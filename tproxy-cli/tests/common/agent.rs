@@ -1,0 +1,153 @@
+//! The node agent under test: a `tproxy agent` process with private paths
+//! in a temp dir (socket, targets.d, state under TPROXY_RUN_DIR, a bpffs
+//! mounted there), never the defaults; whatever it leaves is cleaned up on
+//! drop.
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use tproxy::agent_api::{self, Request, Response, TargetSpec};
+use tproxy_lab::Logged;
+
+use super::BIN;
+
+/// A private bpffs mount, unmounted on drop (which also drops any pin
+/// left in it: links detach, maps go).
+pub struct Bpffs {
+    pub path: PathBuf,
+}
+
+impl Bpffs {
+    pub fn mount(path: PathBuf) -> Bpffs {
+        std::fs::create_dir_all(&path).unwrap();
+        tproxy_lab::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path)).unwrap();
+        Bpffs { path }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// The agent's private world and the agent process (if running).
+pub struct Agent {
+    pub proc: Option<Logged>,
+    // Unmounted after the process is gone and cleanup ran.
+    pub bpffs: Bpffs,
+    pub dir: tempfile::TempDir,
+    pub extra: Vec<String>,
+}
+
+impl Agent {
+    pub fn new(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let bpffs = Bpffs::mount(dir.path().join("bpffs"));
+        std::fs::create_dir_all(dir.path().join("targets.d")).unwrap();
+        let mut a = Agent {
+            proc: None,
+            bpffs,
+            dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        a.start();
+        a
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    pub fn targets_dir(&self) -> PathBuf {
+        self.dir.path().join("targets.d")
+    }
+
+    pub fn pins(&self) -> PathBuf {
+        self.bpffs.path.join("tproxy")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.path().join("run/agent/agent.json")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("TPROXY_RUN_DIR", self.dir.path().join("run"))
+            .env("TPROXY_LOG", "debug");
+        cmd
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none());
+        let (sock, td, pins) = (self.socket(), self.targets_dir(), self.pins());
+        let mut cmd = self.command(&["agent"]);
+        cmd.arg("--socket")
+            .arg(sock)
+            .arg("--targets-dir")
+            .arg(td)
+            .arg("--bpffs")
+            .arg(pins)
+            .args(&self.extra);
+        let mut p = Logged::spawn("tproxy-agent", &mut cmd).unwrap();
+        p.wait_for("agent serving", Duration::from_secs(30))
+            .unwrap();
+        self.proc = Some(p);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.as_ref().unwrap().proc.pid()
+    }
+
+    pub fn call(&self, req: &Request) -> Response {
+        agent_api::call(&self.socket(), req, Duration::from_secs(60)).unwrap()
+    }
+
+    pub fn add(&self, id: &str, spec: &TargetSpec) {
+        let r = self.call(&Request::Add {
+            id: id.into(),
+            target: spec.clone(),
+        });
+        assert!(r.ok, "add {id}: {r:?}");
+    }
+
+    pub fn del(&self, id: &str) {
+        let r = self.call(&Request::Del { id: id.into() });
+        assert!(r.ok, "del {id}: {r:?}");
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        let r = self.call(&Request::List);
+        r.targets.unwrap().into_iter().map(|t| t.id).collect()
+    }
+
+    /// SIGTERM: exits leaving the targets attached.
+    pub fn terminate(&mut self) -> String {
+        let (st, log) = self.proc.take().unwrap().terminate().unwrap();
+        assert!(st.success(), "agent exit {st}: {log}");
+        log
+    }
+
+    pub fn kill9(&mut self) -> String {
+        self.proc.take().unwrap().kill9().unwrap()
+    }
+
+    /// `tproxy cleanup` with this agent's run dir.
+    pub fn cleanup(&self) -> String {
+        let out = self.command(&["cleanup"]).output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cleanup: {s}");
+        s
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            let _ = p.kill9();
+        }
+        // Whatever the test left: filters and routing in the pods' (still
+        // existing) namespaces, pins, state.
+        let _ = self.command(&["cleanup"]).output();
+    }
+}
