@@ -52,8 +52,10 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     names::TARGETS,
+    // Pods' addresses: same-node pairing of an adopted target keeps working.
+    names::TARGET_ADDRS,
     names::COUNTERS,
     names::FLOWS,
     names::SYNS,

@@ -365,6 +365,15 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
             .is_empty()
     );
     assert!(pins_under(&agent.pins().join("targets")).is_empty());
+    // Its pod addresses (same-node pairing) went with it: the map is pinned,
+    // so the adopted target's entries were there to remove.
+    let addrs = tproxy_lab::run(
+        Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(agent.pins().join("node/TARGET_ADDRS")),
+    )
+    .unwrap();
+    assert_eq!(addrs.trim(), "[]", "{addrs}");
 }
 
 #[test]

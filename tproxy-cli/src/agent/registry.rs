@@ -481,7 +481,24 @@ impl Registry {
         loader::write_target(&mut map, cookie, &t)
     }
 
+    /// An adopted target's `TARGETS` entry and its addresses in
+    /// `TARGET_ADDRS` (a fresh target's owner removes its own).
     fn remove_targets_entry(&mut self, cookie: u64) -> Result<()> {
+        let mut addrs = self.loaded.target_addrs_map()?;
+        let mut m: HashMap<&mut MapData, tproxy_common::TargetAddr, u64> =
+            HashMap::try_from(&mut addrs).map_err(|source| Error::Map {
+                name: names::TARGET_ADDRS,
+                source,
+            })?;
+        let ours: Vec<_> = m
+            .iter()
+            .flatten()
+            .filter(|&(_, c)| c == cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for k in ours {
+            let _ = m.remove(&k);
+        }
         let mut map = self.loaded.targets_map()?;
         loader::remove_target(&mut map, cookie)
     }
