@@ -7,11 +7,9 @@ use tracing::{info, warn};
 
 pub use crate::loader::EBPF_OBJECT;
 use crate::{
-    Error, Options, Result, Steer,
+    Error, Options, Result,
     inspect::{FlowStats, flow_stats, lingered, monotonic_coarse_ns, socks_state, sum_counters},
     loader::Loaded,
-    options::default_steer_mark,
-    routing,
     state::{InstanceLock, Record},
     system,
     target::{TargetAttachment, TargetEnv},
@@ -57,24 +55,7 @@ impl Instance {
             crate::recovery::recover_at_start(&stale, &opts.iface, ifindex);
         }
         // Mark and table checked free (or picked) before anything exists.
-        let tproxy_spec = match opts.steer {
-            Steer::Tproxy => {
-                let spec = routing::plan(opts, ifindex)?;
-                routing::check_nft(&spec)?;
-                Some(spec)
-            }
-            Steer::Rewrite => None,
-        };
-        let steer_mark = tproxy_spec.as_ref().map_or_else(
-            || {
-                opts.steer_mark
-                    .unwrap_or_else(|| default_steer_mark(ifindex))
-            },
-            |s| s.mark,
-        );
-        if steer_mark == opts.proxy_mark {
-            return Err(Error::MarksCollide(steer_mark));
-        }
+        let (tproxy_spec, steer_mark) = crate::target::plan_steering(opts, ifindex)?;
 
         let mut loaded = Loaded::load(opts.accel, 1, Some(netns_cookie))?;
         let ids = loaded.map_ids();

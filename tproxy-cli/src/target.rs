@@ -172,6 +172,31 @@ pub fn interface_addrs(iface: &str) -> std::io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// The tproxy back-end's plan (mark and table checked free, or picked)
+/// and the mark steered packets get, for a target on `ifindex`, before
+/// anything exists: run in the target's namespace.
+pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>, u32)> {
+    let tproxy = match opts.steer {
+        crate::Steer::Tproxy => {
+            let spec = crate::routing::plan(opts, ifindex)?;
+            crate::routing::check_nft(&spec)?;
+            Some(spec)
+        }
+        crate::Steer::Rewrite => None,
+    };
+    let steer_mark = tproxy.as_ref().map_or_else(
+        || {
+            opts.steer_mark
+                .unwrap_or_else(|| crate::options::default_steer_mark(ifindex))
+        },
+        |s| s.mark,
+    );
+    if steer_mark == opts.proxy_mark {
+        return Err(Error::MarksCollide(steer_mark));
+    }
+    Ok((tproxy, steer_mark))
+}
+
 /// The settings `opts` give a target in `TARGETS`.
 pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32) -> Target {
     let config = Config {

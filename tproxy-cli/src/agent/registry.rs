@@ -20,8 +20,7 @@ use crate::{
     inspect::{accelerated, lingered, monotonic_coarse_ns, queued_redirected},
     loader::{self, Loaded},
     netns,
-    options::default_steer_mark,
-    routing::{self, TproxyRouting, TproxySpec},
+    routing::{TproxyRouting, TproxySpec},
     state::AttachKind,
     system,
     target::{TargetAttachment, TargetEnv},
@@ -166,24 +165,7 @@ fn probe_netns(opts: &Options) -> Result<Probed> {
     let cookie = system::netns_cookie()?;
     let inode = netns::current_inode()?;
     let tc_mode = opts.tc_mode.check()?;
-    let tproxy = match opts.steer {
-        Steer::Tproxy => {
-            let spec = routing::plan(opts, ifindex)?;
-            routing::check_nft(&spec)?;
-            Some(spec)
-        }
-        Steer::Rewrite => None,
-    };
-    let steer_mark = tproxy.as_ref().map_or_else(
-        || {
-            opts.steer_mark
-                .unwrap_or_else(|| default_steer_mark(ifindex))
-        },
-        |s| s.mark,
-    );
-    if steer_mark == opts.proxy_mark {
-        return Err(Error::MarksCollide(steer_mark));
-    }
+    let (tproxy, steer_mark) = crate::target::plan_steering(opts, ifindex)?;
     Ok(Probed {
         ifindex,
         l2_len,
