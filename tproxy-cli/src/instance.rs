@@ -1,14 +1,14 @@
 //! One running tproxy: the loaded object, its one target, and the lock on
 //! its runtime record. Built all-or-nothing: if a step fails, the owners
 //! already created are dropped (detached) before the error returns.
-use aya::maps::{HashMap, MapData, PerCpuArray};
-use tproxy_common::{Counter, FlowKey, FlowValue, flags, names};
+use aya::maps::{MapData, PerCpuArray};
+use tproxy_common::{Counter, flags, names};
 use tracing::{info, warn};
 
 pub use crate::loader::EBPF_OBJECT;
 use crate::{
     Error, Options, Result,
-    inspect::{FlowStats, flow_stats, lingered, monotonic_coarse_ns, socks_state, sum_counters},
+    inspect::{FlowStats, flow_stats, socks_state, sum_counters},
     loader::Loaded,
     state::{InstanceLock, Record},
     system,
@@ -177,32 +177,7 @@ impl Instance {
 
     /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many.
     pub fn reap_flows(&mut self) -> Result<usize> {
-        let map = self
-            .loaded
-            .ebpf_mut()
-            .map_mut(names::CLOSING)
-            .expect("CLOSING in object");
-        let mut m: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| Error::Map {
-                name: names::CLOSING,
-                source,
-            })?;
-        let now = monotonic_coarse_ns();
-        let done: Vec<FlowKey> = m
-            .iter()
-            .flatten()
-            .filter(|(_, v)| lingered(v, now))
-            .map(|(k, _)| k)
-            .collect();
-        let mut n = 0;
-        for k in done {
-            // The same tuple may have closed again since the read: look
-            // again just before removing.
-            if m.get(&k, 0).is_ok_and(|v| lingered(&v, now)) && m.remove(&k).is_ok() {
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.loaded.reap_flows()
     }
 
     /// Stops steering new flows (flows already steered keep their state).

@@ -381,6 +381,35 @@ impl Loaded {
         &mut self.ebpf
     }
 
+    /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many.
+    pub fn reap_flows(&mut self) -> Result<usize> {
+        use tproxy_common::{FlowKey, FlowValue};
+
+        use crate::inspect::{lingered, monotonic_coarse_ns};
+        let map = self
+            .ebpf
+            .map_mut(names::CLOSING)
+            .expect("CLOSING in object");
+        let mut m: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(map).map_err(|source| Error::Map {
+                name: names::CLOSING,
+                source,
+            })?;
+        let now = monotonic_coarse_ns();
+        let done: Vec<FlowKey> = m
+            .iter()
+            .flatten()
+            .filter(|(_, v)| lingered(v, now))
+            .map(|(k, _)| k)
+            .collect();
+        // The same tuple may have closed again since the read: look again
+        // just before removing.
+        Ok(done
+            .into_iter()
+            .filter(|k| m.get(k, 0).is_ok_and(|v| lingered(&v, now)) && m.remove(k).is_ok())
+            .count())
+    }
+
     /// A new descriptor of the `TARGETS` map: what a target's owner keeps
     /// to take its entry out when it goes.
     pub(crate) fn targets_map(&self) -> Result<Map> {

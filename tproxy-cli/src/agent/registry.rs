@@ -17,7 +17,7 @@ use crate::{
     Error, Options, Result, Steer,
     agent_api::{TargetSpec, TargetStatus},
     error::Chain,
-    inspect::{accelerated, lingered, monotonic_coarse_ns, queued_redirected},
+    inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
     loader::{self, Loaded},
     netns,
     routing::{TproxyRouting, TproxySpec},
@@ -635,24 +635,7 @@ impl Registry {
 
     /// Removes closed flows that lingered; how many.
     pub fn reap_flows(&mut self) -> usize {
-        let map = self
-            .loaded
-            .ebpf_mut()
-            .map_mut(names::CLOSING)
-            .expect("CLOSING");
-        let Ok(mut m) = HashMap::<&mut MapData, FlowKey, FlowValue>::try_from(map) else {
-            return 0;
-        };
-        let now = monotonic_coarse_ns();
-        let done: Vec<FlowKey> = m
-            .iter()
-            .flatten()
-            .filter(|(_, v)| lingered(v, now))
-            .map(|(k, _)| k)
-            .collect();
-        done.into_iter()
-            .filter(|k| m.get(k, 0).is_ok_and(|v| lingered(&v, now)) && m.remove(k).is_ok())
-            .count()
+        self.loaded.reap_flows().unwrap_or(0)
     }
 }
 
