@@ -16,15 +16,23 @@
 //! exactly the sockets in `NUDGE` (SO_RCVLOWAT set to its own value: the
 //! kernel's tcp_data_ready wakes the reader).
 //!
+//! A walk visits every bucket of the kernel's TCP hash table (a namespace
+//! shares the host's unless `net.ipv4.tcp_child_ehash_entries` gave it its
+//! own): about 2 ms for 262,144 buckets here, whatever the number of
+//! sockets. So walks are paced: after a walk that took `d`, the next one
+//! (of any namespace) waits `WALK_PACE` times `d`, which keeps the nudger
+//! under a tenth of a core however many reports come; each walk takes the
+//! namespace with the oldest report waiting, and wakes every socket of it
+//! found asleep.
+//!
 //! What a process in a served cgroup can make it do: only sockets in
 //! `SOCKS` (accelerated ones) are ever reported, put in `NUDGE` or woken,
-//! and each fallback of a sender makes one report at most. Walks of one
-//! namespace are at least `WALK_GAP` apart (the sockets found asleep in
-//! between wait for the next walk, all of them in one), and reports beyond
-//! `MAX_PENDING` waiting ones are dropped, so a flood of fallbacks costs a
-//! bounded number of walks, not one per report.
+//! each fallback of a sender makes one report at most, reports beyond
+//! `MAX_PENDING` waiting ones are dropped, and the pace bounds the walks: a
+//! flood of fallbacks in one pod delays other pods' wake-ups (by a walk
+//! each), it does not multiply the work.
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::HashMap as StdHashMap,
     fs::File,
     io::Read as _,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
@@ -42,8 +50,8 @@ use crate::{Error, Result, error::Chain};
 /// How long after a short read a reader that has not read since counts as
 /// asleep: a reader that is awake reads its TCP bytes well within it.
 pub const SETTLE: Duration = Duration::from_millis(2);
-/// Least time between two walks of one namespace's TCP sockets.
-pub const WALK_GAP: Duration = Duration::from_millis(5);
+/// After a walk, the nudger rests this many times as long as it took.
+pub const WALK_PACE: u32 = 9;
 /// Reports waiting for their `SETTLE` at most; more are dropped.
 const MAX_PENDING: usize = 4 * NUDGE_MAX as usize;
 
@@ -99,7 +107,7 @@ impl Nudger {
                     maps,
                     resolve: Box::new(resolve),
                     pending: StdHashMap::new(),
-                    last_walk: StdHashMap::new(),
+                    next_walk: Instant::now(),
                 }
                 .run(&stop_rx)
             })
@@ -122,13 +130,20 @@ impl Drop for Nudger {
     }
 }
 
+#[derive(Clone, Copy)]
+struct Pending {
+    ev: NudgeEvent,
+    came: Instant,
+    due: Instant,
+}
+
 struct Worker {
     maps: NudgeMaps,
     resolve: Box<dyn Fn(u64) -> Netns + Send>,
-    /// Reported sockets by address: the report, and when to look.
-    pending: StdHashMap<u64, (NudgeEvent, Instant)>,
-    /// Each namespace's last walk.
-    last_walk: StdHashMap<u64, Instant>,
+    /// Reported sockets by address: the report, when it came, when to look.
+    pending: StdHashMap<u64, Pending>,
+    /// No walk before this (`WALK_PACE`).
+    next_walk: Instant,
 }
 
 impl Worker {
@@ -170,7 +185,7 @@ impl Worker {
     }
 
     fn next_due(&self) -> Option<Instant> {
-        self.pending.values().map(|(_, due)| *due).min()
+        self.pending.values().map(|p| p.due).min()
     }
 
     fn take_reports(&mut self) {
@@ -185,44 +200,68 @@ impl Worker {
                 continue;
             }
             // A newer report of the same socket replaces the older one.
-            self.pending.insert(ev.sk, (ev, now + SETTLE));
+            self.pending.insert(
+                ev.sk,
+                Pending {
+                    ev,
+                    came: now,
+                    due: now + SETTLE,
+                },
+            );
         }
     }
 
-    /// Sockets whose `SETTLE` is over: the ones still asleep are woken, one
-    /// walk per namespace.
+    /// Sockets whose `SETTLE` is over: the ones that read since are
+    /// dropped; of the namespaces with sockets still asleep, the one with
+    /// the oldest report is walked (if the pace allows), the others wait.
     fn look(&mut self) {
         let now = Instant::now();
-        let mut asleep: BTreeMap<u64, Vec<NudgeEvent>> = BTreeMap::new();
-        let due: Vec<u64> = self
+        let due: Vec<Pending> = self
             .pending
-            .iter()
-            .filter(|(_, (_, at))| *at <= now)
-            .map(|(sk, _)| *sk)
+            .values()
+            .filter(|p| p.due <= now)
+            .copied()
             .collect();
-        for sk in due {
-            let (ev, _) = self.pending[&sk];
-            if let Some(gap_end) = self
-                .last_walk
-                .get(&ev.netns_cookie)
-                .map(|t| *t + WALK_GAP)
-                .filter(|end| *end > now)
-            {
-                // Walked a moment ago: the next walk takes it.
-                self.pending.insert(sk, (ev, gap_end));
+        let mut oldest: Option<Pending> = None;
+        for p in due {
+            if !self.still_asleep(&p.ev) {
+                self.pending.remove(&p.ev.sk);
                 continue;
             }
-            self.pending.remove(&sk);
-            if self.still_asleep(&ev) {
-                asleep.entry(ev.netns_cookie).or_default().push(ev);
+            if oldest.is_none_or(|o| p.came < o.came) {
+                oldest = Some(p);
             }
         }
-        for (cookie, evs) in asleep {
-            self.last_walk.insert(cookie, now);
-            self.wake(cookie, &evs);
+        let Some(first) = oldest else {
+            return;
+        };
+        if now < self.next_walk {
+            let at = self.next_walk;
+            for p in self.pending.values_mut().filter(|p| p.due <= now) {
+                p.due = at;
+            }
+            return;
         }
-        self.last_walk
-            .retain(|_, t| now.saturating_duration_since(*t) < WALK_GAP);
+        let cookie = first.ev.netns_cookie;
+        let mut evs = Vec::new();
+        self.pending.retain(|_, p| {
+            // (`NUDGE` holds so many; the rest wait for the next walk.)
+            if p.due <= now && p.ev.netns_cookie == cookie && evs.len() < NUDGE_MAX as usize {
+                evs.push(*p);
+                false
+            } else {
+                true
+            }
+        });
+        let started = Instant::now();
+        self.wake(cookie, &evs);
+        let took = started.elapsed();
+        self.next_walk = Instant::now() + took * WALK_PACE;
+        // The other namespaces' sleepers: at the next walk.
+        let at = self.next_walk;
+        for p in self.pending.values_mut().filter(|p| p.due <= now) {
+            p.due = at;
+        }
     }
 
     /// The reader has not read since the report, and its peer's TCP bytes
@@ -240,13 +279,13 @@ impl Worker {
         peer.flags & FAST == 0 && peer.sent > own.read
     }
 
-    fn wake(&mut self, cookie: u64, evs: &[NudgeEvent]) {
+    fn wake(&mut self, cookie: u64, evs: &[Pending]) {
         let at = (self.resolve)(cookie);
         if at == Netns::Gone {
             return;
         }
         let mut put = Vec::new();
-        for ev in evs.iter().take(NUDGE_MAX as usize) {
+        for ev in evs.iter().map(|p| &p.ev) {
             if self.maps.nudge.insert(ev.sk, ev.read, 0).is_ok() {
                 put.push(ev.sk);
             }
@@ -265,7 +304,14 @@ impl Worker {
             Ok(()) => debug!(
                 netns_cookie = cookie,
                 sockets = put.len(),
-                us = started.elapsed().as_micros() as u64,
+                walk_us = started.elapsed().as_micros() as u64,
+                // From the first report to the wake-up.
+                after_us = evs
+                    .iter()
+                    .map(|p| p.came.elapsed())
+                    .max()
+                    .unwrap_or_default()
+                    .as_micros() as u64,
                 "nudger: woke readers asleep on TCP bytes"
             ),
             Err(e) => warn!("nudger: walking the TCP sockets: {}", Chain(&e)),
