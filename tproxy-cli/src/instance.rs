@@ -10,6 +10,7 @@ use crate::{
     Error, Options, Result,
     inspect::{FlowStats, flow_stats, socks_state, sum_counters},
     loader::Loaded,
+    nudger::{Netns, Nudger},
     state::{InstanceLock, Record},
     system,
     target::{TargetAttachment, TargetEnv},
@@ -21,6 +22,10 @@ const SLOT: u32 = 1;
 /// A running instance. Fields drop in declaration order: the target
 /// (steering first) before the object, the runtime record last.
 pub struct Instance {
+    /// Stopped first: it walks this namespace's sockets with the object's
+    /// iterator.
+    #[expect(dead_code, reason = "held for its Drop")]
+    nudger: Option<Nudger>,
     target: Option<TargetAttachment>,
     accel_stopped: bool,
     loaded: Loaded,
@@ -119,9 +124,21 @@ impl Instance {
         record.attachments = loaded.attachments().to_vec();
         crate::target::fill_link_ids(&mut record.attachments);
         record.attachments.extend_from_slice(target.attachments());
+        // A single run serves the namespace it runs in, and only that one.
+        let nudger = match loaded.nudge_maps()? {
+            Some(maps) => Some(Nudger::start(maps, move |cookie| {
+                if cookie == netns_cookie {
+                    Netns::Here
+                } else {
+                    Netns::Gone
+                }
+            })?),
+            None => None,
+        };
         record.ready = true;
         lock.write(&record)?;
         Ok(Instance {
+            nudger,
             target: Some(target),
             accel_stopped: false,
             loaded,

@@ -9,6 +9,7 @@
 //! instance against the kernel; `netns` finds and enters the namespaces
 //! records name; `tc` handles netlink-mode tc; `state` is the runtime record
 //! and instance lock; `system` the host checks; `probe` the kernel features;
+//! `nudger` wakes readers of accelerated sockets asleep on TCP bytes;
 //! `check` the preflight (`tproxy check`) over both; `cli` the
 //! command line, `config` the `--config` file, `dist` its completions and
 //! man pages. The kernel side is in the `tproxy-ebpf` crate.
@@ -27,6 +28,7 @@ pub mod instance;
 pub mod loader;
 pub mod metrics;
 pub mod netns;
+pub mod nudger;
 pub mod options;
 pub mod ports;
 pub mod probe;

@@ -3,18 +3,21 @@
 //! tracepoint). Targets (`target.rs`) attach its programs to their cgroup
 //! and interface and have an entry each in `TARGETS`. A single `tproxy`
 //! run is one `Loaded` with one target; the node agent, one with many.
-use std::os::fd::AsFd as _;
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, SockHash},
-    programs::{CgroupSockAddr, CgroupSockopt, RawTracePoint, SchedClassifier, SkMsg, SockOps},
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, RingBuf, SockHash},
+    programs::{
+        CgroupSockAddr, CgroupSockopt, Iter, RawTracePoint, SchedClassifier, SkMsg, SockOps,
+    },
 };
 use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
 
 use crate::{
     Error, Result,
     attach::{RecvmsgAttachment, SkMsgAttachment},
+    nudger::NudgeMaps,
     state::{AttachKind, Attached},
 };
 
@@ -40,6 +43,8 @@ pub struct Loaded {
     recvmsg: Option<RecvmsgAttachment>,
     /// Kept open: the programs were relocated against this fd.
     sockhash: Option<SockHash<MapData, SockKey>>,
+    /// The nudger's iterator link (acceleration), until `nudge_maps`.
+    nudge_link: Option<OwnedFd>,
     ebpf: Ebpf,
     accel: bool,
     max_targets: u32,
@@ -52,7 +57,7 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     names::TARGETS,
     // Pods' addresses: same-node pairing of an adopted target keeps working.
     names::TARGET_ADDRS,
@@ -63,6 +68,8 @@ pub const PINNED_MAPS: [&str; 9] = [
     names::SOCKHASH,
     names::SOCKS,
     names::PENDING_PEERS,
+    // The kept recv tracepoint (a previous agent's) reports into this one.
+    names::NUDGE_EVENTS,
 ];
 
 /// The recv tracepoint's link pin, in the pin directory.
@@ -257,6 +264,7 @@ impl Loaded {
             sk_msg: None,
             recvmsg: None,
             sockhash: None,
+            nudge_link: None,
             ebpf,
             accel,
             max_targets,
@@ -341,7 +349,47 @@ impl Loaded {
             prog.take_link(id).expect("fresh link"),
         ));
         self.sockhash = Some(sockhash);
+
+        // The nudger's hand: loaded and linked now, so a kernel that
+        // refuses it fails the start, not the first stall.
+        let btf = Btf::from_sys_fs().map_err(|e| {
+            Error::KernelLacks(format!(
+                "readable kernel BTF for the {} iterator ({e})",
+                names::PROG_NUDGE_ITER
+            ))
+        })?;
+        let prog: &mut Iter = program(ebpf, names::PROG_NUDGE_ITER)?;
+        prog.load(names::NUDGE_ITER_TYPE, &btf)
+            .map_err(|e| Error::load_program(names::PROG_NUDGE_ITER, e))?;
+        self.nudge_link = Some(crate::nudger::iter_link(prog)?);
         Ok(())
+    }
+
+    /// What the nudger needs (with acceleration, once): the report ring
+    /// buffer, new handles on SOCKS and NUDGE, the iterator's link.
+    pub fn nudge_maps(&mut self) -> Result<Option<NudgeMaps>> {
+        let Some(link) = self.nudge_link.take() else {
+            return Ok(None);
+        };
+        let name = names::NUDGE_EVENTS;
+        let events = RingBuf::try_from(self.ebpf.take_map(name).expect("NUDGE_EVENTS in object"))
+            .map_err(|source| Error::Map { name, source })?;
+        let socks =
+            HashMap::try_from(self.hash_map(names::SOCKS)?).map_err(|source| Error::Map {
+                name: names::SOCKS,
+                source,
+            })?;
+        let nudge =
+            HashMap::try_from(self.hash_map(names::NUDGE)?).map_err(|source| Error::Map {
+                name: names::NUDGE,
+                source,
+            })?;
+        Ok(Some(NudgeMaps {
+            events,
+            socks,
+            nudge,
+            link,
+        }))
     }
 
     pub fn accel(&self) -> bool {

@@ -326,7 +326,7 @@ impl Collector for AgentCollector {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 32] = [
+const HELP: [(Counter, &str); 34] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -436,6 +436,14 @@ const HELP: [(Counter, &str); 32] = [
     (
         Counter::AccelPairsRefused,
         "Pairings refused: the waiting socket was not the other end of the connection.",
+    ),
+    (
+        Counter::AccelShortReads,
+        "Reads that emptied a socket's redirected bytes with TCP bytes behind them, reported to the nudger.",
+    ),
+    (
+        Counter::AccelWakeups,
+        "Readers the nudger woke: asleep after such a read with the TCP bytes unread.",
     ),
 ];
 

@@ -171,6 +171,7 @@ pub fn needs(accel: bool) -> Vec<Need> {
         need(Map(MapType::Hash), "hash maps", false),
         need(Map(MapType::LruHash), "LRU hash maps", false),
         need(Map(MapType::SockHash), "SOCKHASH maps", false),
+        need(Map(MapType::RingBuf), "ring buffer maps", false),
     ];
     if accel {
         v.extend([

@@ -103,6 +103,10 @@ fn byte_exact(proxy: Proxy, conns: usize, each: usize) {
     let redirected = c["msg_redirected_bytes"].as_u64().unwrap();
     assert!(redirected > 16 << 20, "{c}");
     assert_eq!(c["msg_miss"], 0, "{c}");
+    // The nudger wakes only readers it was told about (a few here: readers
+    // asleep on TCP bytes until the writer's next bytes would wake them).
+    let n = |k: &str| c[k].as_u64().unwrap();
+    assert!(n("accel_wakeups") <= n("accel_short_reads"), "{c}");
 }
 
 /// 1 GiB up and 1 GiB back through our accelerated proxy: 8 connections.
@@ -782,4 +786,82 @@ fn a_request_that_fell_back_to_tcp_is_answered() {
             "{n} bytes: {text}\n{c}"
         );
     }
+}
+
+/// Rounds of `ROUND` bytes, each written (by a thread) while the echo is
+/// read, the next round only after the whole echo is back: between rounds
+/// nobody sends. Returns the round that stalled (no echo byte for 10 s)
+/// and how much of it came, or None.
+fn echo_rounds(c: TcpStream, rounds: usize) -> Option<(usize, usize)> {
+    const ROUND: usize = 256 << 10;
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = c.try_clone().unwrap();
+    // The app answers its banner to the first byte, then echoes it.
+    (&c).write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        r.read_exact(&mut b).expect("banner");
+    }
+    r.read_exact(&mut b).expect("echo of the first byte");
+    assert_eq!(&b, b"x");
+    let mut data = Stream::new(7);
+    let mut check = Stream::new(7);
+    let mut out = vec![0u8; ROUND];
+    let mut back = vec![0u8; ROUND];
+    for round in 0..rounds {
+        data.fill(&mut out);
+        let mut w = c.try_clone().unwrap();
+        let chunk = out.clone();
+        let writer = std::thread::spawn(move || w.write_all(&chunk));
+        let mut got = 0;
+        while got < ROUND {
+            match r.read(&mut back[got..]) {
+                Ok(0) => panic!("round {round}: the echo closed after {got} bytes"),
+                Ok(n) => got += n,
+                Err(_) => return Some((round, got)),
+            }
+        }
+        writer.join().unwrap().expect("write");
+        if let Some(off) = check.check(&back) {
+            panic!("round {round}: byte {off} differs");
+        }
+    }
+    None
+}
+
+/// The stall after a fallback, with nothing more to send: the proxy's
+/// upstream socket falls back to TCP in the middle of a round; the app
+/// (tokio, edge-triggered) reads the redirected bytes with a read that
+/// Linux makes short though TCP bytes are queued behind, and sleeps. The
+/// client waits for the echo, the proxy has nothing more to send, so no
+/// packet comes to wake it (sockops' nudge needs one). The nudger must:
+/// every round of 256 KiB, written while the echo is read, comes back.
+#[test]
+fn rounds_that_fall_back_mid_round_never_stall() {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    let rounds = 300;
+    let started = Instant::now();
+    let stalled = lab.topo.client.run(|| {
+        let c = TcpStream::connect(addr(SERVER_IP, 8000)).unwrap();
+        echo_rounds(c, rounds)
+    });
+    let server = &lab.topo.server;
+    let c = stats(server)["counters"].clone();
+    if let Some((round, got)) = stalled {
+        let ss = server.exec("ss", &["-Htmnie"]).unwrap_or_default();
+        panic!("stalled in round {round} with {got} of 262144 echoed bytes\n{ss}\n{c}");
+    }
+    eprintln!(
+        "{rounds} rounds in {:.2} s, counters {c}",
+        started.elapsed().as_secs_f64()
+    );
+    let n = |k: &str| c[k].as_u64().unwrap();
+    assert!(
+        n("accel_fallbacks") >= 1,
+        "no fallback: nothing tested\n{c}"
+    );
+    // Every wake-up follows a reported short read.
+    assert!(n("accel_wakeups") <= n("accel_short_reads"), "{c}");
 }

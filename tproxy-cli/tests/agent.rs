@@ -575,19 +575,10 @@ fn many_pods_on_one_agent_attach_fast_and_the_per_packet_cost_does_not_grow() {
     ]);
     let _stats = BpfStats::enable();
     let first = Pod::new("pod-0");
-    // The tc program's cost is measured: pod 0 is not accelerated by
-    // default. TPROXY_AGENT_ACCEL=1 turns it on, which shows an open bug
-    // of acceleration (not of the agent: a single run stalls too, less
-    // often): this echo stream, 256 KiB rounds written while read, stalls
-    // for good on an early round.
-    let accel = std::env::var_os("TPROXY_AGENT_ACCEL").is_some();
-    agent.add(
-        "p0",
-        &TargetSpec {
-            accel: Some(accel),
-            ..first.spec()
-        },
-    );
+    // Accelerated, as pods are by default: its echo rounds (256 KiB written
+    // while read) used to stall for good after a fallback mid-round, until
+    // the nudger (src/nudger.rs) woke the app's reader.
+    agent.add("p0", &first.spec());
     // Rewrite steering: the client's packets to 8000 (the proxy's replies
     // restore on egress); tc ingress on eth0 runs for each of them.
     let steer = state(&agent)["targets"][0]["tc_progs"]

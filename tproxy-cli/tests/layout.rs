@@ -5,8 +5,9 @@ use std::mem::size_of;
 
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
-    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX,
-    Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target, TargetAddr, names,
+    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NUDGE_EVENTS_BYTES,
+    NUDGE_MAX, NodeConfig, PENDING_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState,
+    TARGETS_MAX, Target, TargetAddr, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -15,6 +16,7 @@ const PERCPU_ARRAY: u32 = 6;
 const HASH: u32 = 1;
 const LRU_HASH: u32 = 9;
 const SOCKHASH: u32 = 18;
+const RINGBUF: u32 = 27;
 
 #[test]
 fn maps_in_the_object_match_the_shared_types() {
@@ -87,9 +89,13 @@ fn maps_in_the_object_match_the_shared_types() {
         8,
         TARGETS_MAX * ADDRS_PER_TARGET,
     );
+    // Short-read reports for the nudger (a ring buffer: no key or value;
+    // its size in bytes is its max entries), and the sockets it wakes.
+    check(names::NUDGE_EVENTS, RINGBUF, 0, 0, NUDGE_EVENTS_BYTES);
+    check(names::NUDGE, HASH, 8, 8, NUDGE_MAX);
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 10, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 12, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]
@@ -107,6 +113,7 @@ fn programs_in_the_object_are_the_hooks() {
         names::PROG_SOCKOPS_FLOWS,
         names::PROG_SK_MSG,
         names::PROG_RECV_LENGTH,
+        names::PROG_NUDGE_ITER,
     ];
     want.sort_unstable();
     assert_eq!(progs, want);

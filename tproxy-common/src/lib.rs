@@ -19,6 +19,8 @@ pub mod names {
     pub const SOCKS: &str = "SOCKS";
     pub const PENDING_PEERS: &str = "PENDING_PEERS";
     pub const TARGET_ADDRS: &str = "TARGET_ADDRS";
+    pub const NUDGE_EVENTS: &str = "NUDGE_EVENTS";
+    pub const NUDGE: &str = "NUDGE";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -33,6 +35,10 @@ pub mod names {
     pub const PROG_RECV_LENGTH: &str = "tproxy_recv_length";
     /// Raw tracepoint after every recvmsg (socket, bytes read, flags).
     pub const RECV_TRACEPOINT: &str = "sock_recv_length";
+    /// The nudger's TCP socket iterator (`iter/tcp`).
+    pub const PROG_NUDGE_ITER: &str = "tproxy_nudge_iter";
+    /// Its iterator type: the kernel's `bpf_iter_tcp`.
+    pub const NUDGE_ITER_TYPE: &str = "tcp";
 }
 
 /// Established flows (`FLOWS`): a plain hash, never evicted. An entry
@@ -69,6 +75,14 @@ pub const PENDING_MAX: u32 = 4_096;
 /// Addresses a target may claim in `TARGET_ADDRS` (its interface's, link-
 /// local ones excepted); the map holds this many per target.
 pub const ADDRS_PER_TARGET: u32 = 8;
+/// Bytes of `NUDGE_EVENTS`, the ring buffer that reports short reads to
+/// the nudger: 2,048 events of 32 bytes (24 + the ring's 8-byte header)
+/// between two of its wake-ups. When it is full, a report is lost (the
+/// reader keeps only sockops' `nudge`).
+pub const NUDGE_EVENTS_BYTES: u32 = 64 << 10;
+/// Sockets the nudger may wake in one walk of a namespace's TCP sockets
+/// (`NUDGE`, filled by userspace right before the walk).
+pub const NUDGE_MAX: u32 = 1_024;
 /// Default upper bound on redirected bytes queued, unread, at one socket.
 /// The bound in force follows the reader (`SockState::rcvbuf`: its receive
 /// buffer or its recent pace, whichever is larger) when that is smaller.
@@ -198,6 +212,22 @@ pub struct NodeConfig {
 /// object (the agent): its tc programs then read each packet's namespace
 /// from the device; 0 (a single run): `NodeConfig::single_netns_cookie`.
 pub const MULTI_TARGET_GLOBAL: &str = "TPROXY_MULTI_TARGET";
+
+/// `NUDGE_EVENTS` record: a read took the last redirected byte queued at
+/// socket `sk` while bytes its peer sent by TCP were not read yet. Linux
+/// makes that read short, and an edge-triggered reader may then sleep on
+/// the TCP bytes for good (see tproxy-ebpf/src/recv_length.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NudgeEvent {
+    /// The reading socket's kernel address (its `SOCKS` key).
+    pub sk: u64,
+    /// Its network namespace's cookie: where the nudger walks.
+    pub netns_cookie: u64,
+    /// Its `SockState::read` just after that read: unchanged later means
+    /// its reader has not read since.
+    pub read: u64,
+}
 
 /// Flow-table key (`SYNS`, `FLOWS`): the connection exactly as the proxy's
 /// accepted socket sees it: client address and port, the local address the
@@ -485,10 +515,17 @@ pub enum Counter {
     /// is not the other end of its TCP connection (sequence numbers differ:
     /// a colliding or forged tuple). Both stay plain TCP.
     AccelPairsRefused,
+    /// Reads that took the last redirected byte queued at a socket while
+    /// bytes its peer sent by TCP were not read yet (Linux makes such a
+    /// read short), each reported to the nudger.
+    AccelShortReads,
+    /// Readers the nudger woke: still asleep a moment after such a read,
+    /// with the TCP bytes unread (tproxy-ebpf/src/nudge_iter.rs).
+    AccelWakeups,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 32] = [
+    pub const ALL: [Counter; 34] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -521,6 +558,8 @@ impl Counter {
         Counter::AccelPairsApp,
         Counter::AccelPairsPods,
         Counter::AccelPairsRefused,
+        Counter::AccelShortReads,
+        Counter::AccelWakeups,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -564,6 +603,8 @@ impl Counter {
             Counter::AccelPairsApp => "accel_pairs_app",
             Counter::AccelPairsPods => "accel_pairs_pods",
             Counter::AccelPairsRefused => "accel_pairs_refused",
+            Counter::AccelShortReads => "accel_short_reads",
+            Counter::AccelWakeups => "accel_wakeups",
         }
     }
 }
@@ -609,7 +650,8 @@ const _: () = {
     assert!(offset_of!(Pending, snd_nxt) == 64);
     assert!(size_of::<TargetAddr>() == 24);
     assert!(offset_of!(TargetAddr, family) == 16);
-    assert!(Counter::COUNT == Counter::AccelPairsRefused as u32 + 1);
+    assert!(size_of::<NudgeEvent>() == 24);
+    assert!(Counter::COUNT == Counter::AccelWakeups as u32 + 1);
 };
 
 #[cfg(feature = "user")]
@@ -626,6 +668,7 @@ mod user {
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for TargetAddr {}
+    unsafe impl aya::Pod for NudgeEvent {}
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! | sockops           | `tproxy_sockops`   | `sockops.rs`    |
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
 //! | raw tracepoint sock_recv_length | `tproxy_recv_length` | `recv_length.rs` |
+//! | iter/tcp (run by userspace) | `tproxy_nudge_iter` | `nudge_iter.rs` |
 //!
 //! `peer.rs`: which sockets sockops pairs, and why no other can be.
 //! `retire.rs`: sockops takes a pair that gave up the fast path out of the
@@ -31,6 +32,7 @@ mod getsockname;
 mod getsockopt;
 mod maps;
 mod netns;
+mod nudge_iter;
 mod packet;
 mod peer;
 mod recv_length;

@@ -2,11 +2,12 @@
 //! same names (`tproxy_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use tproxy_common::{
-    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NodeConfig, PENDING_MAX,
-    Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target, TargetAddr,
+    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NUDGE_EVENTS_BYTES,
+    NUDGE_MAX, NodeConfig, PENDING_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState,
+    TARGETS_MAX, Target, TargetAddr,
 };
 
 /// The targets this object serves, keyed by their network namespace's
@@ -69,3 +70,16 @@ pub static PENDING_PEERS: LruHashMap<SockKey, Pending> =
 #[map]
 pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
     HashMap::with_max_entries(TARGETS_MAX * ADDRS_PER_TARGET, 0);
+
+/// Short reads that may leave a reader asleep on TCP bytes
+/// (`tproxy_common::NudgeEvent`, from `recv_length.rs`), for tproxy's
+/// nudger in userspace: a ring buffer, so reporting never blocks a reader
+/// and a full buffer only loses reports.
+#[map]
+pub static NUDGE_EVENTS: RingBuf = RingBuf::with_byte_size(NUDGE_EVENTS_BYTES, 0);
+
+/// The sockets the nudger found still asleep, by kernel address -> their
+/// `SockState::read` when it looked; written by userspace just before it
+/// walks their namespace's TCP sockets (`nudge_iter.rs`), emptied after.
+#[map]
+pub static NUDGE: HashMap<u64, u64> = HashMap::with_max_entries(NUDGE_MAX, 0);

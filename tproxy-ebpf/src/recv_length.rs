@@ -4,6 +4,9 @@
 //! what lets a sender come back to the fast path without reordering, and
 //! what teardown waits on.
 //!
+//! It also reports the read that takes the last redirected byte while
+//! bytes the peer sent by TCP wait behind it (`report_short_read`).
+//!
 //! Why a tracepoint: fentry/fexit (tracing programs) and kprobes are not
 //! available on every kernel tproxy runs on (not on the CI's); raw
 //! tracepoints are. The cost falls on every recvmsg of the host: one
@@ -13,11 +16,13 @@ use aya_ebpf::{
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
-use tproxy_common::{Counter, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS};
+use tproxy_common::{
+    Counter, NudgeEvent, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS, SockState, sock_flags::FAST,
+};
 
 use crate::{
     atomic, counters,
-    maps::{NODE, SOCKS},
+    maps::{NODE, NUDGE_EVENTS, SOCKS},
 };
 
 const MSG_PEEK: i32 = 2;
@@ -47,6 +52,7 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     atomic::add(unsafe { &raw mut (*st).read }, u64::from(read as u32));
     // SAFETY: as above; written once at insert.
     counters::add(unsafe { (*st).slot }, Counter::MsgReadBytes, read as u64);
+    report_short_read(sk, st, u64::from(read as u32));
     // What the sender may leave queued here, refreshed once a window: the
     // reader's receive buffer (TCP autotunes it while the sender goes by
     // TCP, an app may set SO_RCVBUF; its offset in struct sock is from the
@@ -88,4 +94,62 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
         (*st).win_read = total;
     }
     Ok(())
+}
+
+/// Reports this read to the nudger if it took the last redirected byte
+/// queued here while bytes the peer sent by TCP are not read yet.
+///
+/// Linux's tcp_bpf_recvmsg reads only the queue of redirected bytes while
+/// it is non-empty, so that read is short even with TCP bytes queued
+/// behind; an edge-triggered reader (tokio, HAProxy) takes a short read for
+/// "drained" and sleeps, and the TCP bytes' wake-up came before it. If
+/// nothing more arrives (the writer waits for an answer), nothing wakes it:
+/// sockops' `nudge` needs a packet from this socket, and a tracepoint may
+/// not call bpf_setsockopt. So userspace is told, looks again a moment
+/// later, and wakes a reader that is still asleep (`nudge_iter.rs`).
+/// Once per fallback at most: only the read that crosses the peer's
+/// `redirected_end`.
+#[inline(always)]
+fn report_short_read(sk: u64, st: *mut SockState, n: u64) {
+    // SAFETY: st is our live SOCKS entry; aligned words stored whole.
+    let (total, peer_sk, slot) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*st).read),
+            core::ptr::read_volatile(&raw const (*st).peer),
+            (*st).slot,
+        )
+    };
+    let Some(peer) = (if peer_sk == 0 {
+        None
+    } else {
+        SOCKS.get_ptr(&peer_sk)
+    }) else {
+        return;
+    };
+    // SAFETY: the peer's live entry; its sk_msg stores these whole. A
+    // stale value misses a report (sockops' nudge remains) or makes one
+    // the nudger finds needless.
+    let (end, sent, flags, cookie) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*peer).redirected_end),
+            core::ptr::read_volatile(&raw const (*peer).sent),
+            core::ptr::read_volatile(&raw const (*peer).flags),
+            // The peer's peer key is this socket's key.
+            (*peer).peer_key.netns_cookie,
+        )
+    };
+    // This read took the last redirected byte (another reader of the same
+    // socket may have added to `total` too: at worst one report too many
+    // or too few), the peer is on TCP, and some of it is unread.
+    let crossed = total.wrapping_sub(n) < end && end <= total;
+    if !crossed || flags & FAST != 0 || total >= sent {
+        return;
+    }
+    counters::inc(slot, Counter::AccelShortReads);
+    let ev = NudgeEvent {
+        sk,
+        netns_cookie: cookie,
+        read: total,
+    };
+    let _ = NUDGE_EVENTS.output::<NudgeEvent>(&ev, 0);
 }

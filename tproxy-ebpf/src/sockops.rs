@@ -241,6 +241,9 @@ fn rcvbuf(ctx: &SockOpsContext) -> u32 {
 /// for good. The reader answers each probe with an ACK, which brings us
 /// here; setting SO_RCVLOWAT (to the value it has) makes tcp_set_rcvlowat
 /// call tcp_data_ready, which wakes the reader if TCP bytes are readable.
+/// When the socket sends nothing at all (its writer waits for an answer),
+/// the recvmsg tracepoint's report and tproxy's nudger wake it instead
+/// (`recv_length.rs`, `nudge_iter.rs`).
 /// The same callback (every packet an accelerated socket sends) is where a
 /// retired pair leaves the SOCKHASH (`retire::leave`).
 /// Only pure ACKs (no payload: not the sends of its own writer, nor the

@@ -36,6 +36,7 @@ use crate::{
     agent_api::{TargetSpec, code},
     error::Chain,
     loader::{LoadOptions, Loaded, MapSizes},
+    nudger::{Netns, Nudger},
     system,
 };
 
@@ -269,7 +270,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             info!("{line}");
         }
     }
-    let loaded = Loaded::load_with(&LoadOptions {
+    let mut loaded = Loaded::load_with(&LoadOptions {
         accel: true,
         max_targets,
         single: None,
@@ -281,6 +282,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         },
         pin_dir: Some(node),
     })?;
+    let nudge = loaded.nudge_maps()?;
     let mut reg = Registry::new(loaded, args.bpffs.clone(), max_targets);
     if maps_pinned {
         for rec in previous.targets {
@@ -295,6 +297,16 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         drain,
     });
     agent.save(&agent.lock());
+    // Wakes readers asleep after a short read, in their pod's namespace.
+    let _nudger = match nudge {
+        Some(maps) => {
+            let agent = agent.clone();
+            Some(Nudger::start(maps, move |cookie| {
+                agent.lock().netns_of(cookie).map_or(Netns::Gone, Netns::At)
+            })?)
+        }
+        None => None,
+    };
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -629,6 +629,15 @@ impl Registry {
             .collect()
     }
 
+    /// The network namespace (path) of the target with this cookie: where
+    /// the nudger walks.
+    pub fn netns_of(&self, cookie: u64) -> Option<PathBuf> {
+        self.targets
+            .values()
+            .find(|e| e.rec.netns_cookie == cookie)
+            .map(|e| e.rec.spec.netns.clone())
+    }
+
     pub fn record(&self, id: &str) -> Option<&TargetRecord> {
         self.targets.get(id).map(|e| &e.rec)
     }
