@@ -34,7 +34,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// Without acceleration, the first five.
-const ALL_PROGS: [&str; 8] = [
+const ALL_PROGS: [&str; 9] = [
     "tproxy_steer",
     "tproxy_restore",
     "tproxy_getsockopt",
@@ -43,6 +43,8 @@ const ALL_PROGS: [&str; 8] = [
     "tproxy_sockops",
     "tproxy_sk_msg",
     "tproxy_recv_length",
+    // The nudger's iter/tcp walk (loaded and attached, run on demand).
+    "tproxy_nudge_iter",
 ];
 
 /// Checks every program of the instance whose COUNTERS map is `map_id` is
@@ -74,6 +76,7 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
         assert_eq!(kind("tproxy_sockops"), "sock_ops");
         assert_eq!(kind("tproxy_sk_msg"), "sk_msg");
         assert_eq!(kind("tproxy_recv_length"), "raw_tracepoint");
+        assert_eq!(kind("tproxy_nudge_iter"), "tracing");
     }
 
     // Cgroup: attached to the child cgroup, nowhere else we can see.
