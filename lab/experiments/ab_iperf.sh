@@ -34,7 +34,8 @@ for r in $(seq "$REPS"); do
     sleep 0.7
     bps=$(ip netns exec tproxy-lab-client iperf3 -c 192.168.178.10 -p 5201 -l "$SZ" -t "$DUR" -J |
       python3 -c "import json,sys;print(round(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e9,2))")
-    c=$(nsenter --net=$SRV "$T" stats --json | python3 -c "import json,sys
+    # The run's own binary reads its maps (their layout follows the build).
+    c=$(nsenter --net=$SRV "$bin" stats --json | python3 -c "import json,sys
 d=json.load(sys.stdin)[0]['counters']
 print(*(f'{k}={d.get(k,0)}' for k in ['msg_redirected','msg_passthrough','accel_fallbacks','accel_left']))")
     kill -TERM $TP; wait $TP || true; TP=
