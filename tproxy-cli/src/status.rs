@@ -386,7 +386,16 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
             rec.iface, rec.ifindex
         ));
     }
-    let cgroup_id = std::fs::metadata(&rec.cgroup).ok().map(|m| m.ino());
+    // Under `ip netns exec` (/sys remounted, no cgroup2 in sight) the path
+    // resolves the way the run resolved it: through a private mount.
+    let cgroup_id = std::fs::metadata(&rec.cgroup)
+        .ok()
+        .or_else(|| {
+            system::open_cgroup(Some(&rec.cgroup))
+                .ok()
+                .and_then(|c| c.dir.metadata().ok())
+        })
+        .map(|m| m.ino());
     for a in &rec.attachments {
         let r = check(a, &rec, cgroup_id, in_ns.as_ref());
         if let Err(p) = &r {
@@ -399,11 +408,14 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
     }
     match inspect::flows_of(&rec) {
         Ok(flows) => s.flows = Some(flows),
+        // Another build's maps: nothing wrong with the instance.
+        Err(e) if inspect::other_build(&e) => {}
         Err(e) => s.problems.push(format!("reading its flow table: {e}")),
     }
     if rec.accel {
         match inspect::accel_of(&rec) {
             Ok((n, _)) => s.accel_sockets = Some(n),
+            Err(e) if inspect::other_build(&e) => {}
             Err(e) => s
                 .problems
                 .push(format!("reading its accelerated sockets: {e}")),

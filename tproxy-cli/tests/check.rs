@@ -431,6 +431,29 @@ fn serves_under_ip_netns_exec_and_tears_down() {
         v[0]["counters"]["flows_created"].as_u64().unwrap() >= 1,
         "{v}"
     );
+    // `tproxy status` under ip netns exec: the cgroup is found the way the
+    // run found it (it said "its cgroup is gone" before).
+    let out = Command::new("ip")
+        .args(["netns", "exec", lab.topo.server.name(), BIN])
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{v} {out:?}");
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["pid"] == t.proc.pid()
+                && s["state"] == "running"
+                && s["problems"] == serde_json::json!([])),
+        "{v}"
+    );
+    assert_eq!(
+        host_mounts(),
+        mounts,
+        "status mounted in the host's namespace"
+    );
     let map_id = record(&lab.topo.server)["counters_map_id"]
         .as_u64()
         .unwrap();
