@@ -153,6 +153,11 @@ pub enum Error {
     )]
     AgentNotRunning { dir: std::path::PathBuf },
 
+    #[error(
+        "the tproxy instance (pid {pid}) was started by another tproxy build whose maps have another layout: read it with that build's `tproxy stats`"
+    )]
+    OtherBuild { pid: i32 },
+
     #[error("the watched tproxy (pid {pid} on {iface}) has stopped")]
     InstanceGone { pid: i32, iface: String },
 

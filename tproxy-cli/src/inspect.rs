@@ -23,6 +23,29 @@ pub(crate) fn lingered(v: &FlowValue, now: u64) -> bool {
     now.saturating_sub(v.closed_at) > FLOW_LINGER_NS
 }
 
+/// A read of another instance's maps failed on their key or value size:
+/// that instance runs another tproxy build (a flow key with or without
+/// the netns cookie, say), not a broken one.
+pub fn other_build(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Map {
+            source: aya::maps::MapError::InvalidKeySize { .. }
+                | aya::maps::MapError::InvalidValueSize { .. },
+            ..
+        }
+    )
+}
+
+/// `e`, or `OtherBuild` when it says the instance `pid` runs another build.
+pub fn explain(e: Error, pid: i32) -> Error {
+    if other_build(&e) {
+        Error::OtherBuild { pid }
+    } else {
+        e
+    }
+}
+
 /// The flow table at a glance.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FlowStats {
@@ -432,6 +455,23 @@ mod tests {
             slot: 1,
             _pad0: 0,
         }
+    }
+
+    #[test]
+    fn a_map_of_another_layout_means_another_build() {
+        let size = |source| Error::Map {
+            name: names::FLOWS,
+            source,
+        };
+        let e = size(aya::maps::MapError::InvalidKeySize {
+            size: 48,
+            expected: 40,
+        });
+        assert!(other_build(&e));
+        assert!(explain(e, 7).to_string().contains("pid 7"));
+        let e = size(aya::maps::MapError::KeyNotFound);
+        assert!(!other_build(&e));
+        assert!(matches!(explain(e, 7), Error::Map { .. }));
     }
 
     #[test]

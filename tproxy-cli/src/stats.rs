@@ -78,7 +78,9 @@ fn once(args: &StatsArgs, records: &[Record]) -> Result<()> {
     let mut out = io::stdout().lock();
     let mut all = Vec::new();
     for r in records {
-        let s = Maps::of(r)?.snapshot()?;
+        let s = Maps::of(r)
+            .and_then(|m| m.snapshot())
+            .map_err(|e| crate::inspect::explain(e, r.pid))?;
         if args.json {
             all.push(instance_json(r, &s));
             continue;
@@ -172,7 +174,7 @@ fn sample(watched: &[Watched]) -> Result<Vec<Snapshot>> {
         match w.maps.snapshot() {
             Ok(s) => out.push(s),
             Err(_) if !w.alive(&state::live_records()) => return Err(w.gone()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(crate::inspect::explain(e, w.record.pid)),
         }
     }
     Ok(out)
