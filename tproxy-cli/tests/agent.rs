@@ -72,6 +72,12 @@ impl Pod {
     }
 
     fn new(tag: &str) -> Pod {
+        Pod::with_proxy(tag, &[])
+    }
+
+    /// As `new`, the proxy started with `proxy_args` (`--transparent` for
+    /// the tproxy back-end).
+    fn with_proxy(tag: &str, proxy_args: &[&str]) -> Pod {
         let mut pod = Pod::bare(tag);
         let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
         cmd.args(["8000,8080", "--tag", tag]);
@@ -80,6 +86,7 @@ impl Pod {
         let mut cmd = pod
             .ns
             .command_in(example("origdst-proxy"), Some(&pod.cgroup));
+        cmd.args(proxy_args);
         let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
         proxy
             .wait_for("listening", Duration::from_secs(10))
@@ -374,6 +381,38 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
     )
     .unwrap();
     assert_eq!(addrs.trim(), "[]", "{addrs}");
+}
+
+/// The tproxy back-end through the agent: the fwmark rule, the local
+/// route and the nftables table are made in the pod's namespace (not the
+/// agent's), carry IPv4 and IPv6 to a transparent listener, and go with
+/// the target.
+#[test]
+fn the_tproxy_backend_routes_inside_the_pod_and_leaves_with_it() {
+    let agent = Agent::new(&[]);
+    let pod = Pod::with_proxy("pod-t", &["--transparent"]);
+    let host_rules = tproxy_lab::run(Command::new("ip").args(["rule"])).unwrap();
+    let rules = || pod.ns.ip(&["rule"]).unwrap();
+    let tables = || pod.ns.exec("nft", &["list", "tables"]).unwrap();
+    let (rules_before, tables_before) = (rules(), tables());
+    agent.add(
+        "t",
+        &TargetSpec {
+            steer: Some(tproxy::Steer::Tproxy),
+            ..pod.spec()
+        },
+    );
+    assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
+    assert!(rules().contains("fwmark"), "{}", rules());
+    assert_ne!(tables(), tables_before);
+    assert_eq!(
+        tproxy_lab::run(Command::new("ip").args(["rule"])).unwrap(),
+        host_rules,
+        "the agent's namespace got the rule"
+    );
+    agent.del("t");
+    assert!(!pod.steered(POD_V4));
+    assert_eq!((rules(), tables()), (rules_before, tables_before));
 }
 
 #[test]
