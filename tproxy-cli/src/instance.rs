@@ -122,7 +122,7 @@ impl Instance {
         );
         // The links' ids, for `tproxy status` to check them.
         record.attachments = loaded.attachments().to_vec();
-        crate::target::fill_link_ids(&mut record.attachments);
+        crate::target::fill_link_ids(&mut record.attachments, None);
         record.attachments.extend_from_slice(target.attachments());
         // A single run serves the namespace it runs in, and only that one.
         let nudger = match loaded.nudge_maps()? {

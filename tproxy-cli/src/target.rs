@@ -362,7 +362,7 @@ impl TargetAttachment {
             TcAttachType::Ingress,
             tc_mode,
         )?);
-        fill_link_ids(&mut attachments);
+        fill_link_ids(&mut attachments, Some(tc_mode));
         Ok(TargetAttachment {
             steer,
             restore,
@@ -465,17 +465,22 @@ fn tc_what(name: &str, iface: &str, hook: TcAttachType, mode: TcMode) -> String 
     format!("tc {} {name} on {iface} ({mode:?})", hook_name(hook))
 }
 
-/// Sets each attachment's link id: the kernel's link running its program
-/// on this target. A program of a shared object runs in many links (one
-/// per target), so the link is the newest one of that program not already
-/// claimed. sk_msg and netlink filters have none.
-pub(crate) fn fill_link_ids(attachments: &mut [Attached]) {
+/// Sets each attachment's link id, just after attaching: the kernel's
+/// link running its program on this target. A program of a shared object
+/// runs in many links (one per target); link ids grow, so the newest link
+/// of the program is the one just made. sk_msg and netlink filters are no
+/// links (`tc_mode` Netlink): they get none, never another target's TCX link.
+pub(crate) fn fill_link_ids(attachments: &mut [Attached], tc_mode: Option<TcMode>) {
     let links: Vec<(u32, u32)> = aya::programs::loaded_links()
         .flatten()
         .map(|l| (l.program_id(), l.id()))
         .collect();
     for a in attachments {
-        // Link ids grow: the newest link of the program is the one just made.
+        let tc = matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress);
+        if a.kind == AttachKind::SkMsg || (tc && tc_mode == Some(TcMode::Netlink)) {
+            a.link_id = None;
+            continue;
+        }
         a.link_id = links
             .iter()
             .filter(|(prog, _)| *prog == a.prog_id)

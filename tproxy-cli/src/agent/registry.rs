@@ -325,9 +325,8 @@ impl Registry {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             for a in att.attachments() {
-                // Netlink filters are no links: the "newest link of the
-                // program" fill_link_ids finds for them is another
-                // target's TCX link, which must not be pinned as ours.
+                // Netlink filters are no links (fill_link_ids leaves
+                // them none): only cgroup and TCX links are pinned.
                 let is_link = match a.kind {
                     AttachKind::Cgroup => true,
                     AttachKind::TcIngress | AttachKind::TcEgress => {
