@@ -21,7 +21,12 @@ fn main() -> Result<()> {
     if specs.is_empty() {
         bail!("usage: attach-pods NETNS_PATH:CGROUP:PORTS:accel|noaccel …");
     }
-    let mut loaded = Loaded::load(true, 8, None)?;
+    let mut loaded = Loaded::load_with(&tproxy::loader::LoadOptions {
+        accel: true,
+        max_targets: 8,
+        same_node: true,
+        ..Default::default()
+    })?;
     let mut targets = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let f: Vec<&str> = spec.split(':').collect();

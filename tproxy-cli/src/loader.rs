@@ -93,6 +93,8 @@ pub struct LoadOptions {
     pub single: Option<u64>,
     pub sizes: MapSizes,
     pub pin_dir: Option<std::path::PathBuf>,
+    /// Pair clients with proxies across pods of this node (both legs).
+    pub same_node: bool,
 }
 
 pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
@@ -181,6 +183,11 @@ impl Loaded {
         let mut node = NodeConfig {
             sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
             single_netns_cookie: single.unwrap_or(0),
+            flags: if o.same_node {
+                tproxy_common::node_flags::SAME_NODE
+            } else {
+                0
+            },
             ..NodeConfig::default()
         };
         let multi: u8 = if single.is_none() {

@@ -202,10 +202,20 @@ pub struct NodeConfig {
     /// find a packet's namespace (`tproxy-ebpf/src/netns.rs`).
     pub dev_nd_net_offset: u32,
     pub net_cookie_offset: u32,
-    pub _pad0: u32,
+    /// `node_flags::*`.
+    pub flags: u32,
     /// A one-target object (a single `tproxy` run): its namespace's cookie,
     /// which its tc programs use without reading the kernel's structs.
     pub single_netns_cookie: u64,
+}
+
+/// `NodeConfig::flags` bits.
+pub mod node_flags {
+    /// Pair a pod's client with another pod's proxy on this node (both
+    /// legs socket to socket). Off unless asked for: a byte-order race on
+    /// that leg is open (seen: 1 echo stream in ~10 through Envoy had a
+    /// byte out of place), so it is not on by default.
+    pub const SAME_NODE: u32 = 1 << 0;
 }
 
 /// Name of the read-only global the loader sets to 1 for a many-target

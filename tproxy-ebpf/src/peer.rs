@@ -67,7 +67,13 @@ pub fn expected(key: &SockKey, own: &Target) -> Option<SockKey> {
         return own.intercepts(key.remote_port as u16).then(|| key.peer());
     }
     // A client of this pod dialling another pod of this node, from this
-    // pod's own address.
+    // pod's own address; only when the node asks for it.
+    if crate::maps::NODE
+        .get(0)
+        .is_none_or(|n| n.flags & tproxy_common::node_flags::SAME_NODE == 0)
+    {
+        return None;
+    }
     if owner(&key.local_addr, key.family)? != key.netns_cookie {
         return None;
     }

@@ -65,6 +65,11 @@ pub struct AgentArgs {
     /// How long removing a target waits for its steered flows to finish [default: 30].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(..=crate::cli::MAX_DRAIN_TIMEOUT))]
     pub drain_timeout: Option<u64>,
+    /// Also accelerate the client->proxy leg between two pods of this node
+    /// (both legs socket to socket). Off by default: a byte-order race on
+    /// that leg is open (see the README).
+    #[arg(long)]
+    pub accel_same_node: bool,
     /// Serve Prometheus metrics on http://ADDR/metrics: every counter and
     /// gauge per target (labels `target`, `pod`).
     #[arg(long, value_name = "ADDR")]
@@ -281,6 +286,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             socks: file.socks_max,
         },
         pin_dir: Some(node),
+        same_node: args.accel_same_node,
     })?;
     let nudge = loaded.nudge_maps()?;
     let mut reg = Registry::new(loaded, args.bpffs.clone(), max_targets);
