@@ -420,7 +420,17 @@ fn sigkill_under_load_then_cleanup_leaves_nothing() {
     let mut agent = Agent::new(&[]);
     let tcx = Pod::new("pod-k1");
     let nl = Pod::new("pod-k2");
-    agent.add("k1", &tcx.spec());
+    // The stream is steered, not accelerated: with the agent dead, its
+    // nudger is too, and a reader asleep after a short read would not be
+    // woken (README: the nudger lives in the agent). The restart test keeps
+    // an accelerated stream across a restart.
+    agent.add(
+        "k1",
+        &TargetSpec {
+            accel: Some(false),
+            ..tcx.spec()
+        },
+    );
     agent.add(
         "k2",
         &TargetSpec {
