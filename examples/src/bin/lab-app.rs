@@ -11,9 +11,10 @@
 //!   closes at once (a peer that closes mid-stream).
 //! - `COUNT <n>` (a line): reads n bytes, answers `count ok <n>`, and
 //!   waits for the client to close (a request answered without a FIN).
-//! - `SINK <seed>` (a line): a slow reader: reads at --sink-rate bytes/s,
-//!   checks the seeded stream, answers `sink ok bytes=N` (or a mismatch)
-//!   at EOF.
+//! - `SINK <seed> [<n>]` (a line): a slow reader: reads at --sink-rate
+//!   bytes/s, checks the seeded stream, answers `sink ok bytes=N` (or a
+//!   mismatch) at EOF, or after n bytes, and then waits for the client to
+//!   close (the connection stays open as long as the client wants).
 //! - Anything else: the first reply line is `app port=P peer=A [tag=T]`,
 //!   then every byte received is echoed back until EOF, then the app closes
 //!   its side.
@@ -69,14 +70,20 @@ async fn send(mut s: TcpStream, n: usize) -> std::io::Result<()> {
 }
 
 /// SINK: read slowly (rate-limited), check every byte, report at EOF.
-async fn sink(mut s: TcpStream, seed: u64, rest: Vec<u8>, rate: u64) -> std::io::Result<()> {
+async fn sink(
+    mut s: TcpStream,
+    seed: u64,
+    want: Option<u64>,
+    rest: Vec<u8>,
+    rate: u64,
+) -> std::io::Result<()> {
     let mut check = tproxy_examples::Stream::new(seed);
     let mut got = rest.len();
     let mut bad = check.check(&rest);
     let chunk = (rate / 100).clamp(1, 64 * 1024) as usize;
     let mut buf = vec![0u8; chunk];
     let start = tokio::time::Instant::now();
-    loop {
+    while want.is_none_or(|w| (got as u64) < w) {
         // Keep to `rate` bytes per second on average.
         let due = start + std::time::Duration::from_secs_f64(got as f64 / rate as f64);
         tokio::time::sleep_until(due).await;
@@ -94,6 +101,10 @@ async fn sink(mut s: TcpStream, seed: u64, rest: Vec<u8>, rate: u64) -> std::io:
         Some(at) => format!("sink MISMATCH at byte {at} of {got}\n"),
     };
     s.write_all(msg.as_bytes()).await?;
+    if want.is_some() {
+        while s.read(&mut buf).await? != 0 {}
+        return Ok(());
+    }
     s.shutdown().await
 }
 
@@ -213,9 +224,11 @@ async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Resu
         return count(s, want, n - (first_line.len() + 1)).await;
     }
     if let Some(v) = first_line.strip_prefix("SINK ") {
-        let seed: u64 = v.trim().parse().unwrap_or(0);
+        let mut words = v.split_whitespace().map(|w| w.parse::<u64>().ok());
+        let seed = words.next().flatten().unwrap_or(0);
+        let want = words.next().flatten();
         let rest = buf[first_line.len() + 1..n].to_vec();
-        return sink(s, seed, rest, opts.sink_rate).await;
+        return sink(s, seed, want, rest, opts.sink_rate).await;
     }
     if buf[..n].starts_with(b"GET ") || buf[..n].starts_with(b"HEAD ") {
         buf.truncate(n);

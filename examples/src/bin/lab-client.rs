@@ -8,11 +8,16 @@
 //! prints `ok conn=I bytes=N banner=...` per connection (or `FAIL ...`) and
 //! exits non-zero on any failure.
 //!
-//!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B --pause-ms MS]
+//!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B --pause-ms MS] [--like-envoy]
 //!
 //! Writes N bytes (`SINK <seed>` first) as fast as it can, for a slow
 //! reader, optionally pausing MS ms after every B bytes (bursts); prints
-//! `ok bytes=N errors=…` with what the writes returned.
+//! `ok bytes=N errors=…` with what the writes returned. `--like-envoy`:
+//! a non-blocking writer that, as Envoy does, keeps buffering while TCP
+//! refuses it (EAGAIN) and then writes all it holds in one call, so the
+//! write after a refused one is larger than what was refused; with
+//! `--hold-ms MS` it prints its line and keeps the connection open MS ms
+//! more (its sockets' figures can then be read), after one last byte.
 //!
 //!     lab-client request ADDR --bytes N [--timeout-s S]
 //!
@@ -88,13 +93,23 @@ fn echo_one(
         let mut check = Stream::new(seed);
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0;
+        // The last reads' sizes, for the report on a difference.
+        let mut reads = std::collections::VecDeque::with_capacity(16);
         loop {
             let n = read_retry(&mut r, &mut buf)?;
             if n == 0 {
                 break;
             }
+            if reads.len() == 16 {
+                reads.pop_front();
+            }
+            reads.push_back((got, n));
             if let Some(off) = check.check(&buf[..n]) {
-                bail!("byte {} differs", got + off);
+                let at = got + off;
+                bail!(
+                    "byte {at} differs: {}; last reads (offset, size): {reads:?}",
+                    divergence(&mut r, seed, bytes, got, &buf[..n], at)
+                );
             }
             got += n;
         }
@@ -119,6 +134,67 @@ fn echo_one(
         bail!("sent {bytes} bytes, got {got} back");
     }
     Ok(format!("ok conn={i} bytes={got} banner={banner}"))
+}
+
+/// What a difference at stream offset `at` is: the rest of the stream is
+/// read (the reader's `read` started at `got` and returned `first`), and
+/// the bytes received at `at` are looked up in the expected stream, and the
+/// expected ones in what was received: lost, duplicated or moved bytes,
+/// and how many.
+fn divergence(
+    r: &mut impl std::io::Read,
+    seed: u64,
+    bytes: usize,
+    got: usize,
+    first: &[u8],
+    at: usize,
+) -> String {
+    const PROBE: usize = 64;
+    let mut want = vec![0u8; bytes];
+    Stream::new(seed).fill(&mut want);
+    let mut recv = want[..got].to_vec();
+    recv.extend_from_slice(first);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut tail_err = None;
+    while recv.len() < bytes + (8 << 20) {
+        match read_retry(r, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => recv.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                tail_err = Some(e);
+                break;
+            }
+        }
+    }
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let run = |a: &[u8], b: &[u8]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let mut out = format!("received {} B in all", recv.len());
+    if let Some(e) = tail_err {
+        out += &format!(" (then {e})");
+    }
+    let here = &recv[at..(at + PROBE).min(recv.len())];
+    match find(&want, here) {
+        Some(q) => {
+            let len = run(&recv[at..], &want[q..]);
+            out += &format!(
+                "; the {len} B received from {at} are the stream's bytes {q}.. (shift {:+})",
+                q as i64 - at as i64
+            );
+        }
+        None => out += &format!("; the bytes received at {at} are nowhere in the stream"),
+    }
+    let expected = &want[at..(at + PROBE).min(want.len())];
+    match find(&recv[at..], expected) {
+        Some(q) => {
+            let len = run(&recv[at + q..], &want[at..]);
+            out += &format!(
+                "; the stream's bytes from {at} arrived at {} ({len} B in order there)",
+                at + q
+            );
+        }
+        None => out += &format!("; the stream's bytes from {at} never arrived"),
+    }
+    out
 }
 
 fn sink(addr: SocketAddr, bytes: usize, seed: u64, pause: Option<(usize, u64)>) -> Result<String> {
@@ -171,6 +247,76 @@ fn sink(addr: SocketAddr, bytes: usize, seed: u64, pause: Option<(usize, u64)>) 
         errors.len(),
         reply.trim()
     ))
+}
+
+/// `sink --like-envoy`: the writer side of a proxy whose upstream is slow.
+/// Up to 1 MiB buffered; each write offers all of it; after a short or
+/// refused write, more is buffered before the next.
+fn sink_like_envoy(addr: SocketAddr, bytes: usize, seed: u64) -> Result<(String, TcpStream)> {
+    use std::os::fd::AsRawFd as _;
+    let mut c = connect(addr, None)?;
+    c.set_nonblocking(true)?;
+    // With the length, the app answers without waiting for EOF, and the
+    // connection stays open until this end closes it.
+    let mut pending = format!("SINK {seed} {bytes}\n").into_bytes();
+    let mut data = Stream::new(seed);
+    let (mut made, mut short) = (0, 0);
+    let t0 = Instant::now();
+    while made < bytes || !pending.is_empty() {
+        while made < bytes && pending.len() < 1 << 20 {
+            let n = (64 << 10).min(bytes - made);
+            let at = pending.len();
+            pending.resize(at + n, 0);
+            data.fill(&mut pending[at..]);
+            made += n;
+        }
+        match c.write(&pending) {
+            Ok(k) => {
+                if k < pending.len() {
+                    short += 1;
+                }
+                pending.drain(..k);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                short += 1;
+                let mut p = libc::pollfd {
+                    fd: c.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 1000) };
+            }
+            Err(e) => bail!("write: {e}"),
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "stuck: {} bytes still to write",
+                pending.len() + bytes - made
+            );
+        }
+    }
+    let wrote_in = t0.elapsed();
+    c.set_nonblocking(false)?;
+    c.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !reply.ends_with(b"\n") {
+        let n = read_retry(&mut c, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    // One byte more, so a send follows the last refused one (tproxy trues
+    // its count of what went by TCP up at each send it sees).
+    c.write_all(b".")?;
+    let line = format!(
+        "ok bytes={made} wrote_in_ms={} errors=0 short_writes={short} reply={}",
+        wrote_in.as_millis(),
+        String::from_utf8_lossy(&reply).trim()
+    );
+    Ok((line, c))
 }
 
 /// A raw IP socket that takes whole packets (IP header included).
@@ -271,7 +417,19 @@ fn main() -> Result<()> {
                 .map(|v| v.parse())
                 .transpose()?
                 .unwrap_or(0);
-            println!("{}", sink(addr, bytes, seed, every.map(|e| (e, ms)))?)
+            if args.iter().any(|a| a == "--like-envoy") {
+                let hold: u64 = opt("--hold-ms")
+                    .map(|v| v.parse())
+                    .transpose()?
+                    .unwrap_or(0);
+                let (line, conn) = sink_like_envoy(addr, bytes, seed)?;
+                println!("{line}");
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::thread::sleep(Duration::from_millis(hold));
+                drop(conn);
+            } else {
+                println!("{}", sink(addr, bytes, seed, every.map(|e| (e, ms)))?)
+            }
         }
         "request" => {
             // COUNT <n>, n bytes, then wait for the answer without closing.
