@@ -129,6 +129,20 @@ pub fn sk_rcvbuf_offset() -> u32 {
         .unwrap_or(0)
 }
 
+/// Offsets of `write_seq` and `copied_seq` in `struct tcp_sock`; (0, 0)
+/// without BTF.
+pub fn tcp_seq_offsets() -> (u32, u32) {
+    std::fs::read(VMLINUX)
+        .ok()
+        .and_then(|btf| {
+            Some((
+                member_offset(&btf, "tcp_sock", "write_seq")?,
+                member_offset(&btf, "tcp_sock", "copied_seq")?,
+            ))
+        })
+        .unwrap_or((0, 0))
+}
+
 /// Offsets of `nd_net` in `struct net_device` and of `net_cookie` in
 /// `struct net`, if `dev` is where the tc programs expect it in `struct
 /// sk_buff` (the third word); None otherwise (or without BTF).

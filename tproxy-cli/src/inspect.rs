@@ -453,7 +453,8 @@ mod tests {
             win_read: 0,
             tcp_since: 0,
             slot: 1,
-            _pad0: 0,
+            tcp_seq: 0,
+            tcp_unsynced: 0,
         }
     }
 

@@ -180,8 +180,11 @@ impl Loaded {
         } else {
             o.max_targets.max(1)
         };
+        let (tcp_write_seq_offset, tcp_copied_seq_offset) = crate::btf::tcp_seq_offsets();
         let mut node = NodeConfig {
             sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
+            tcp_write_seq_offset,
+            tcp_copied_seq_offset,
             single_netns_cookie: single.unwrap_or(0),
             flags: if o.same_node {
                 tproxy_common::node_flags::SAME_NODE

@@ -326,7 +326,7 @@ impl Collector for AgentCollector {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 34] = [
+const HELP: [(Counter, &str); 36] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -444,6 +444,14 @@ const HELP: [(Counter, &str); 34] = [
     (
         Counter::AccelWakeups,
         "Readers the nudger woke: asleep after such a read with the TCP bytes unread.",
+    ),
+    (
+        Counter::AccelUncounted,
+        "Sends that went by TCP without sk_msg seeing them (Linux reuses the last verdict after EAGAIN), counted in from write_seq.",
+    ),
+    (
+        Counter::AccelOrderHeld,
+        "Redirects held back because the peer had not read every TCP byte by the kernel's sequence numbers.",
     ),
 ];
 

@@ -320,6 +320,12 @@ fn both_legs(proxy: Proxy) {
     let c_bytes = counter_of(&loaded, SLOT_C, Counter::MsgRedirectedBytes) - before_c;
     let s_bytes = counter_of(&loaded, SLOT_S, Counter::MsgRedirectedBytes) - before_s;
     eprintln!("redirected: client leg (C's sends) {c_bytes} B, S's sends {s_bytes} B");
+    let kernel = |c| counter_of(&loaded, SLOT_S, c) + counter_of(&loaded, SLOT_C, c);
+    eprintln!(
+        "sends by TCP that sk_msg did not see: {}; redirects held back by the sequence numbers: {}",
+        kernel(Counter::AccelUncounted),
+        kernel(Counter::AccelOrderHeld)
+    );
     // Both legs carried bytes socket to socket. (How much depends on the
     // readers and the scheduler: a bulk sender whose reader falls behind
     // continues by TCP, or retires, so neither is all of the stream; a

@@ -207,6 +207,12 @@ pub struct NodeConfig {
     /// A one-target object (a single `tproxy` run): its namespace's cookie,
     /// which its tc programs use without reading the kernel's structs.
     pub single_netns_cookie: u64,
+    /// Offsets of `write_seq` and `copied_seq` in the kernel's `struct
+    /// tcp_sock` (from BTF): sk_msg compares a sender's `write_seq` with
+    /// its peer's `copied_seq` before redirecting (every byte it ever gave
+    /// TCP has been read); 0 if unknown.
+    pub tcp_write_seq_offset: u32,
+    pub tcp_copied_seq_offset: u32,
 }
 
 /// `NodeConfig::flags` bits.
@@ -302,12 +308,13 @@ pub struct SockKey {
 /// (`struct sock *`, which sockops, sk_msg and the recvmsg tracepoint all
 /// see), so each hook finds it with one 8-byte hash lookup.
 ///
-/// Byte order across the two paths (redirect and plain TCP) is kept by
-/// counting: `sent` (this socket's bytes, either path) against the peer's
-/// `read`. A sender redirects only while every byte it sent before went
-/// the same way, or once the peer has read all of them (`sent == peer
-/// read`): the peer's reader takes queued redirected bytes before TCP's
-/// receive queue, so a redirected byte must never overtake a TCP one.
+/// Byte order across the two paths (redirect and plain TCP): the peer's
+/// reader takes queued redirected bytes before TCP's receive queue, so a
+/// redirected byte must never overtake a TCP one. A sender redirects only
+/// while every byte it sent before went the same way, or once the peer has
+/// read all of them: `sent == peer read` by the counts here, and, decisive,
+/// the sender's `write_seq` equals the peer's `copied_seq` (the kernel's
+/// own count of the TCP bytes given and taken; sk_msg.rs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockState {
@@ -317,7 +324,9 @@ pub struct SockState {
     /// established and in the map.
     pub peer: u64,
     /// Bytes this socket's sendmsg handed over, by either path, since it
-    /// entered the map (written only under the sender's socket lock).
+    /// entered the map (written only under the sender's socket lock). The
+    /// TCP part is trued up from the kernel's `write_seq` on each send
+    /// (`tcp_seq`, `tcp_unsynced`).
     pub sent: u64,
     /// `sent` just after the last redirected message: every byte before it
     /// is at the peer, read or queued in its ingress queue.
@@ -345,7 +354,14 @@ pub struct SockState {
     /// The counter slot of this socket's target (`Config::slot`), for the
     /// hooks that see only the socket (the recvmsg tracepoint).
     pub slot: u32,
-    pub _pad0: u32,
+    /// The socket's `write_seq` when `sent` was last trued up (at insert:
+    /// its `snd_nxt` at ESTABLISHED, nothing queued yet).
+    pub tcp_seq: u32,
+    /// Bytes sk_msg passed to TCP since then, as it counted them. The
+    /// kernel's figure (`write_seq - tcp_seq`) differs when a send went by
+    /// TCP unseen (`Counter::AccelUncounted`) or TCP took only part of a
+    /// message (EAGAIN: the rest is the app's to send again).
+    pub tcp_unsynced: u64,
 }
 
 /// The read-rate window of `SockState::rcvbuf`.
@@ -532,10 +548,22 @@ pub enum Counter {
     /// Readers the nudger woke: still asleep a moment after such a read,
     /// with the TCP bytes unread (tproxy-ebpf/src/nudge_iter.rs).
     AccelWakeups,
+    /// Sends that went by TCP without sk_msg seeing them, found later from
+    /// the socket's `write_seq` and counted in. Linux skips the program
+    /// and reuses its last verdict (pass) on the send after one that TCP
+    /// refused with EAGAIN (tcp_bpf_send_verdict keeps `psock->eval`), so
+    /// `sent` alone would miss those bytes.
+    AccelUncounted,
+    /// Redirects held back (sent by TCP instead) because the peer had not
+    /// read every byte this end gave TCP, by the kernel's sequence numbers
+    /// (the sender's `write_seq` against the peer's `copied_seq`), though
+    /// the byte counts said it had. Each one is a redirect that would have
+    /// overtaken TCP bytes.
+    AccelOrderHeld,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 34] = [
+    pub const ALL: [Counter; 36] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -570,6 +598,8 @@ impl Counter {
         Counter::AccelPairsRefused,
         Counter::AccelShortReads,
         Counter::AccelWakeups,
+        Counter::AccelUncounted,
+        Counter::AccelOrderHeld,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -615,6 +645,8 @@ impl Counter {
             Counter::AccelPairsRefused => "accel_pairs_refused",
             Counter::AccelShortReads => "accel_short_reads",
             Counter::AccelWakeups => "accel_wakeups",
+            Counter::AccelUncounted => "accel_uncounted",
+            Counter::AccelOrderHeld => "accel_order_held",
         }
     }
 }
@@ -630,9 +662,12 @@ const _: () = {
     assert!(offset_of!(Config, slot) == 24);
     assert!(size_of::<Target>() == 40 + 8 * PORT_WORDS);
     assert!(offset_of!(Target, ports) == 40);
-    assert!(size_of::<NodeConfig>() == 24);
+    assert!(size_of::<NodeConfig>() == 32);
+    assert!(offset_of!(NodeConfig, tcp_write_seq_offset) == 24);
     assert!(offset_of!(NodeConfig, single_netns_cookie) == 16);
-    assert!(size_of::<SockState>() == 128);
+    assert!(size_of::<SockState>() == 136);
+    assert!(offset_of!(SockState, tcp_seq) == 124);
+    assert!(offset_of!(SockState, tcp_unsynced) == 128);
     assert!(offset_of!(SockState, slot) == 120);
     assert!(offset_of!(SockState, win_start) == 96);
     assert!(offset_of!(SockState, peer) == 56);
@@ -661,7 +696,7 @@ const _: () = {
     assert!(size_of::<TargetAddr>() == 24);
     assert!(offset_of!(TargetAddr, family) == 16);
     assert!(size_of::<NudgeEvent>() == 24);
-    assert!(Counter::COUNT == Counter::AccelWakeups as u32 + 1);
+    assert!(Counter::COUNT == Counter::AccelOrderHeld as u32 + 1);
 };
 
 #[cfg(feature = "user")]

@@ -12,6 +12,7 @@
 //! | iter/tcp (run by userspace) | `tproxy_nudge_iter` | `nudge_iter.rs` |
 //!
 //! `peer.rs`: which sockets sockops pairs, and why no other can be.
+//! `tcpseq.rs`: the kernel's sequence numbers that byte order hangs on.
 //! `retire.rs`: sockops takes a pair that gave up the fast path out of the
 //! SOCKHASH (sk_msg may not delete from it).
 #![no_std]
@@ -42,6 +43,7 @@ mod sk_msg;
 mod sockkey;
 mod sockops;
 mod steer;
+mod tcpseq;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -23,6 +23,7 @@ use tproxy_common::{
 use crate::{
     atomic, counters,
     maps::{NODE, NUDGE_EVENTS, SOCKS},
+    tcpseq,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -140,9 +141,19 @@ fn report_short_read(sk: u64, st: *mut SockState, n: u64) {
     };
     // This read took the last redirected byte (another reader of the same
     // socket may have added to `total` too: at worst one report too many
-    // or too few), the peer is on TCP, and some of it is unread.
+    // or too few), the peer is on TCP, and some of it is unread: by the
+    // kernel's sequence numbers (the peer's `sent` misses a send that went
+    // by TCP unseen until its next send), else by the counts.
     let crossed = total.wrapping_sub(n) < end && end <= total;
-    if !crossed || flags & FAST != 0 || total >= sent {
+    if !crossed || flags & FAST != 0 {
+        return;
+    }
+    let seqs = tcpseq::of(peer_sk, sk);
+    if !(if seqs.known {
+        seqs.tcp_unread()
+    } else {
+        total < sent
+    }) {
         return;
     }
     counters::inc(slot, Counter::AccelShortReads);

@@ -39,7 +39,7 @@ use tproxy_common::{
 use crate::{
     counters, flow,
     maps::{PENDING_PEERS, SOCKHASH, SOCKS},
-    peer, sockkey,
+    peer, sockkey, tcpseq,
 };
 
 /// TCP_CLOSE in the kernel's TCP state enum.
@@ -190,7 +190,9 @@ fn insert(
         win_read: 0,
         tcp_since: 0,
         slot,
-        _pad0: 0,
+        // ESTABLISHED, nothing sent yet: `write_seq` is `snd_nxt`.
+        tcp_seq: peer::seqs(ctx).0,
+        tcp_unsynced: 0,
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
@@ -295,17 +297,30 @@ fn nudge(ctx: &SockOpsContext) {
             core::ptr::read_volatile(&raw const (*own).flags),
         )
     };
+    // Some of what the peer sent by TCP is not read yet: by the kernel's
+    // sequence numbers (the peer's `sent` misses a send that went by TCP
+    // unseen until its next send), else by the counts. The peer's entry
+    // holds this socket's address.
+    // SAFETY: the peer's live entry; one aligned word, set at pairing.
+    let seqs = tcpseq::of(peer_sk, unsafe {
+        core::ptr::read_volatile(&raw const (*peer).peer)
+    });
+    let tcp_unread = if seqs.known {
+        seqs.tcp_unread()
+    } else {
+        read < sent
+    };
     // The pair left the SOCKHASH: its reads are plain TCP now, never short.
     // A reader stuck after a short read from before the leaving still needs
-    // its nudge until it has read what the peer counted as sent (the peer's
-    // sk_msg counts no more); then stop looking at this socket's packets.
-    if (flags | own_flags) & LEFT != 0 && read >= sent {
+    // its nudge until it has read every TCP byte (the peer's sk_msg runs no
+    // more); then stop looking at this socket's packets.
+    if (flags | own_flags) & LEFT != 0 && !tcp_unread {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         return;
     }
     // The peer sends by TCP, nothing redirected is left to read, and some
     // of what it sent is not read yet.
-    if flags & FAST != 0 || read < redirected_end || read >= sent {
+    if flags & FAST != 0 || read < redirected_end || !tcp_unread {
         return;
     }
     let mut v: i32 = 1;
