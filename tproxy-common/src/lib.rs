@@ -218,9 +218,8 @@ pub struct NodeConfig {
 /// `NodeConfig::flags` bits.
 pub mod node_flags {
     /// Pair a pod's client with another pod's proxy on this node (both
-    /// legs socket to socket). Off unless asked for: a byte-order race on
-    /// that leg is open (seen: 1 echo stream in ~10 through Envoy had a
-    /// byte out of place), so it is not on by default.
+    /// legs socket to socket). The agent's default (`--no-accel-same-node`
+    /// clears it).
     pub const SAME_NODE: u32 = 1 << 0;
 }
 

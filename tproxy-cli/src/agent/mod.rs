@@ -65,10 +65,13 @@ pub struct AgentArgs {
     /// How long removing a target waits for its steered flows to finish [default: 30].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(..=crate::cli::MAX_DRAIN_TIMEOUT))]
     pub drain_timeout: Option<u64>,
-    /// Also accelerate the client->proxy leg between two pods of this node
-    /// (both legs socket to socket). Off by default: a byte-order race on
-    /// that leg is open (see the README).
+    /// Do not pair a client in one pod of this node with another pod's
+    /// proxy: only the proxy->app leg goes socket to socket.
     #[arg(long)]
+    pub no_accel_same_node: bool,
+    /// (The default; kept so that command lines which asked for same-node
+    /// pairing when it was off by default still work.)
+    #[arg(long, hide = true, conflicts_with = "no_accel_same_node")]
     pub accel_same_node: bool,
     /// Serve Prometheus metrics on http://ADDR/metrics: every counter and
     /// gauge per target (labels `target`, `pod`).
@@ -286,7 +289,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             socks: file.socks_max,
         },
         pin_dir: Some(node),
-        same_node: args.accel_same_node,
+        same_node: !args.no_accel_same_node,
     })?;
     let nudge = loaded.nudge_maps()?;
     let mut reg = Registry::new(loaded, args.bpffs.clone(), max_targets);
