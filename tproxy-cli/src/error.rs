@@ -191,6 +191,14 @@ pub enum Error {
     LoadObject(#[source] aya::EbpfError),
 
     #[error(
+        "the maps pinned in {dir} were made by another tproxy build ({detail}); this build cannot take over its targets: run `tproxy cleanup` (it detaches them), then start this agent, or start the build that made them"
+    )]
+    PinnedOtherBuild {
+        dir: std::path::PathBuf,
+        detail: String,
+    },
+
+    #[error(
         "the kernel refused program {name} (tproxy needs Linux >= 6.1 with BTF, 6.3 for acceleration; run with -v for the verifier log)"
     )]
     LoadProgram {

@@ -72,6 +72,49 @@ pub const PINNED_MAPS: [&str; 10] = [
     names::NUDGE_EVENTS,
 ];
 
+/// Maps pinned in `dir` by an agent of another build may have another
+/// layout (a struct grew, a counter was added): reusing them would fail at
+/// program load with a verifier error, or read values wrong. Each pinned
+/// map's key and value sizes must be this object's, and COUNTERS must hold
+/// this build's counters for every slot of the pinned TARGETS.
+fn check_pinned_layout(dir: &std::path::Path) -> Result<()> {
+    let other = |detail: String| Error::PinnedOtherBuild {
+        dir: dir.to_path_buf(),
+        detail,
+    };
+    let Ok(obj) = aya_obj::Object::parse(EBPF_OBJECT) else {
+        return Ok(());
+    };
+    let pinned = |name: &str| aya::maps::MapInfo::from_pin(dir.join(name)).ok();
+    for name in PINNED_MAPS {
+        let (Some(info), Some(ours)) = (pinned(name), obj.maps.get(name)) else {
+            continue;
+        };
+        if (info.key_size(), info.value_size()) != (ours.key_size(), ours.value_size()) {
+            return Err(other(format!(
+                "{name}: {} B keys and {} B values there, {} B and {} B in this build",
+                info.key_size(),
+                info.value_size(),
+                ours.key_size(),
+                ours.value_size()
+            )));
+        }
+    }
+    if let (Some(targets), Some(counters)) = (pinned(names::TARGETS), pinned(names::COUNTERS)) {
+        let want = (targets.max_entries() + 1) * Counter::COUNT;
+        if counters.max_entries() != want {
+            return Err(other(format!(
+                "{}: {} entries there for {} targets, this build's {} counters need {want}",
+                names::COUNTERS,
+                counters.max_entries(),
+                targets.max_entries(),
+                Counter::COUNT
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The recv tracepoint's link pin, in the pin directory.
 pub const RECV_LINK_PIN: &str = "link_recv_length";
 
@@ -230,6 +273,9 @@ impl Loaded {
             Some(dir) => PINNED_MAPS.iter().map(|&n| (n, dir.join(n))).collect(),
             None => Vec::new(),
         };
+        if let Some(dir) = &o.pin_dir {
+            check_pinned_layout(dir)?;
+        }
         for (name, path) in &pins {
             // aya opens the pin if it exists, else creates the map and pins it.
             loader.map_pin_path(name, path.as_path());

@@ -484,6 +484,58 @@ fn sigkill_under_load_then_cleanup_leaves_nothing() {
     assert!(agent.cleanup().contains("nothing to clean up"));
 }
 
+/// An agent whose pins were made by another build (here: a SOCKS whose
+/// values have the size they had before `tcp_seq`/`tcp_unsynced`, pinned
+/// in place of the real one) refuses them with one line naming the map,
+/// both layouts and the fix, instead of a verifier error; its target stays
+/// attached for the build that made it, and `tproxy cleanup` then removes
+/// everything.
+#[test]
+fn an_agent_refuses_the_pins_of_another_build_with_one_line() {
+    let mut agent = Agent::new(&[]);
+    let pod = Pod::new("pod-o1");
+    agent.add("o1", &pod.spec());
+    agent.terminate();
+    let socks = agent.pins().join("node").join(tproxy_common::names::SOCKS);
+    std::fs::remove_file(&socks).unwrap();
+    let old_size = (size_of::<tproxy_common::SockState>() - 8).to_string();
+    tproxy_lab::run(
+        std::process::Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&socks)
+            .args(["type", "hash", "key", "8", "value", &old_size])
+            .args(["entries", "64", "name", "SOCKS"]),
+    )
+    .unwrap();
+    let out = agent
+        .command(&["agent", "--socket"])
+        .arg(agent.socket())
+        .arg("--targets-dir")
+        .arg(agent.targets_dir())
+        .arg("--bpffs")
+        .arg(agent.pins())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("another tproxy build")
+            && last.contains(&format!(
+                "SOCKS: 8 B keys and {old_size} B values there, 8 B and {} B in this build",
+                size_of::<tproxy_common::SockState>()
+            ))
+            && last.contains("tproxy cleanup"),
+        "{err}"
+    );
+    // Nothing was taken over or detached: the pod is still steered.
+    assert!(pod.steered(POD_V4));
+    let out = agent.cleanup();
+    assert!(out.contains("unpinned"), "{out}");
+    assert!(pins_under(&agent.bpffs.path).is_empty(), "{out}");
+    assert!(!pod.steered(POD_V4));
+}
+
 #[test]
 fn target_files_add_replace_and_remove_targets_and_a_broken_one_is_skipped() {
     let agent = Agent::new(&["--drain-timeout", "1"]);

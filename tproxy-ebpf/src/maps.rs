@@ -55,6 +55,17 @@ pub static SOCKHASH: SockHash<SockKey> = SockHash::with_max_entries(SOCKHASH_MAX
 #[map]
 pub static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
 
+/// A socket's `SOCKS` entry by its address; 0 (a `peer` not known yet)
+/// has none.
+#[inline(always)]
+pub fn sock_state(sk: u64) -> Option<*mut SockState> {
+    if sk == 0 {
+        None
+    } else {
+        SOCKS.get_ptr_mut(&sk)
+    }
+}
+
 /// The key the accepting end of a connection will have -> the connecting
 /// end, in the map and waiting for it (`peer.rs`): the accepting end enters
 /// only if it is pending and proves to be the other end of that connection.

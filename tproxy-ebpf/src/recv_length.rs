@@ -120,11 +120,7 @@ fn report_short_read(sk: u64, st: *mut SockState, n: u64) {
             (*st).slot,
         )
     };
-    let Some(peer) = (if peer_sk == 0 {
-        None
-    } else {
-        SOCKS.get_ptr(&peer_sk)
-    }) else {
+    let Some(peer) = crate::maps::sock_state(peer_sk) else {
         return;
     };
     // SAFETY: the peer's live entry; its sk_msg stores these whole. A

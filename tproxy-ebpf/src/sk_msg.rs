@@ -77,11 +77,7 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     let peer_sk = unsafe { read_volatile(&raw const (*own).peer) };
     let size = u64::from(ctx.size());
     // The app side is not established yet: TCP until it has read this.
-    let peer = if peer_sk == 0 {
-        None
-    } else {
-        SOCKS.get_ptr_mut(&peer_sk)
-    };
+    let peer = crate::maps::sock_state(peer_sk);
     // The kernel's figures (once there is a peer: its entry holds this
     // socket's address as a number, which the verifier lets us add to).
     let seqs = match peer {

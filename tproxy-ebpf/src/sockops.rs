@@ -282,11 +282,7 @@ fn nudge(ctx: &SockOpsContext) {
             core::ptr::read_volatile(&raw const (*own).read),
         )
     };
-    let Some(peer) = (if peer_sk == 0 {
-        None
-    } else {
-        SOCKS.get_ptr(&peer_sk)
-    }) else {
+    let Some(peer) = crate::maps::sock_state(peer_sk) else {
         return;
     };
     let (flags, sent, redirected_end, own_flags) = unsafe {
