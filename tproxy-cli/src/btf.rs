@@ -162,6 +162,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn finds_the_tcp_sequence_numbers_in_the_running_kernel() {
+        let (write, copied) = tcp_seq_offsets();
+        // Inside struct tcp_sock, after its inet_connection_sock (over 1 KiB).
+        assert!(write > 1024 && copied > 1024, "{write} {copied}");
+        assert_ne!(write, copied);
+        eprintln!("tcp_sock.write_seq at {write}, copied_seq at {copied}");
+    }
+
+    #[test]
     fn finds_sk_rcvbuf_in_the_running_kernel() {
         let btf = std::fs::read(VMLINUX).expect("this machine has BTF");
         let off = member_offset(&btf, "sock", "sk_rcvbuf").expect("sock.sk_rcvbuf");

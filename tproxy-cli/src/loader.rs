@@ -224,6 +224,13 @@ impl Loaded {
             o.max_targets.max(1)
         };
         let (tcp_write_seq_offset, tcp_copied_seq_offset) = crate::btf::tcp_seq_offsets();
+        if accel && (tcp_write_seq_offset == 0 || tcp_copied_seq_offset == 0) {
+            // Without them a non-blocking sender's unseen sends could be
+            // overtaken (tcpseq.rs): no acceleration rather than disorder.
+            return Err(Error::AccelUnsupported(
+                "BTF for struct tcp_sock.write_seq and copied_seq (byte order between the redirect and TCP is kept by them)".into(),
+            ));
+        }
         let mut node = NodeConfig {
             sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
             tcp_write_seq_offset,
