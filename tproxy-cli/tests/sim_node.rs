@@ -268,3 +268,78 @@ fn one_agent_serves_the_pods_tproxy_cni_registers() {
         agent.ids().is_empty()
     });
 }
+
+/// Removing a pod drains its flows, and a flow from another pod of the
+/// node with both legs socket to socket counts as active although no
+/// packet of it crosses tc after the handshake (the drain sees its reads
+/// on the proxy's accepted socket). A client in web-a holds an echo
+/// connection to web-b, one 64 KiB round every 100 ms for 14 s; web-b is
+/// deleted after 11.5 s, when tc last saw the flow more than 10 s ago (the
+/// drain's idea of "active"). The DEL waits for the client to finish, every
+/// round comes back intact, and the agent says it drained one flow.
+#[test]
+fn deleting_a_pod_waits_for_a_same_node_flow_on_the_fast_path() {
+    const ROUNDS: &str = "import os,socket,sys,time\n\
+        s=socket.create_connection((sys.argv[1],8000));s.settimeout(10)\n\
+        def readn(n):\n\
+        \x20 b=b''\n\
+        \x20 while len(b)<n:\n\
+        \x20   c=s.recv(n-len(b))\n\
+        \x20   if not c: sys.exit('closed after %d bytes' % len(b))\n\
+        \x20   b+=c\n\
+        \x20 return b\n\
+        s.sendall(b'hold\\n')\n\
+        line=b''\n\
+        while not line.endswith(b'\\n'): line+=readn(1)\n\
+        assert readn(5)==b'hold\\n'\n\
+        print('held',line.decode().strip(),flush=True)\n\
+        end=time.time()+float(sys.argv[2]);n=0\n\
+        while time.time()<end:\n\
+        \x20 d=os.urandom(65536);s.sendall(d)\n\
+        \x20 if readn(65536)!=d: sys.exit('round %d differs' % n)\n\
+        \x20 n+=1;time.sleep(0.1)\n\
+        s.close();print('rounds',n,'ok',flush=True)\n";
+    let agent = Agent::new(&[]);
+    let node = SimNode::new(
+        Path::new(CNI),
+        &agent.socket(),
+        json!({"ports": "8000", "proxyPort": PROXY_PORT, "accel": true}),
+    )
+    .unwrap();
+    let a = node.add_pod("web-a", json!({})).unwrap();
+    let mut b = node.add_pod("web-b", json!({})).unwrap();
+    let _wa = start_workload(&a);
+    let _wb = start_workload(&b);
+    let mut cmd = a.ns.command_in("python3", Some(&a.cgroup));
+    cmd.args(["-c", ROUNDS, &b.ip4.to_string(), "14"]);
+    let mut client = Logged::spawn("rounds", &mut cmd).unwrap();
+    client
+        .wait_for("held app port=8000", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}: {}", client.log()));
+    let held = std::time::Instant::now();
+    let stats = tproxy_json(&agent, &["stats", "--agent", "--json"]);
+    let web_b = stats["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "default/web-b")
+        .unwrap_or_else(|| panic!("web-b in {stats}"));
+    assert_eq!(web_b["counters"]["accel_pairs_pods"], 1, "{stats}");
+    std::thread::sleep(Duration::from_millis(11_500).saturating_sub(held.elapsed()));
+    let t0 = std::time::Instant::now();
+    node.del_pod(&mut b).unwrap();
+    let waited = t0.elapsed();
+    let st = client
+        .proc
+        .wait_timeout(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("the flow was cut ({e}): {}", client.log()));
+    let log = client.log();
+    assert!(st.success() && log.contains(" ok"), "{log}");
+    let agent_log = agent.proc.as_ref().unwrap().log();
+    assert!(
+        agent_log.contains("drained 1 flow(s), cut 0"),
+        "{agent_log}"
+    );
+    // It waited for the client's last rounds (about 2.5 s of them).
+    assert!(waited > Duration::from_millis(1500), "{waited:?}");
+}

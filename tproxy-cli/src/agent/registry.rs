@@ -484,19 +484,43 @@ impl Registry {
         loader::remove_target(&mut map, cookie)
     }
 
-    /// Active steered flows of the namespace `cookie` (seen lately).
-    pub fn active_flows(&self, cookie: u64) -> Result<usize> {
+    /// Active steered flows of the namespace `cookie`, counter slot
+    /// `slot`: seen lately by tc, or, for a client in another pod of this
+    /// node with both legs socket to socket (no packet crosses tc after
+    /// the handshake), read lately on the proxy's accepted socket.
+    pub fn active_flows(&self, cookie: u64, slot: u32) -> Result<usize> {
+        let now = monotonic_coarse_ns();
+        // Clients (address, port) of this pod's fast-path sockets that read
+        // lately. The proxy's accepted socket's peer is the client's socket;
+        // `win_start` moves on its reads (the recvmsg tracepoint).
+        let socks = self.loaded.ebpf().map(names::SOCKS).expect("SOCKS");
+        let socks: HashMap<&MapData, u64, SockState> =
+            HashMap::try_from(socks).map_err(|source| Error::Map {
+                name: names::SOCKS,
+                source,
+            })?;
+        let reading: std::collections::HashSet<([u32; 4], u16)> = socks
+            .iter()
+            .flatten()
+            .filter(|(_, s)| {
+                s.slot == slot
+                    && s.peer_key.netns_cookie != cookie
+                    && now.saturating_sub(s.win_start) < FLOW_ACTIVE_NS
+            })
+            .map(|(_, s)| (s.peer_key.local_addr, s.peer_key.local_port as u16))
+            .collect();
         let map = self.loaded.ebpf().map(names::FLOWS).expect("FLOWS");
         let m: HashMap<&MapData, FlowKey, FlowValue> =
             HashMap::try_from(map).map_err(|source| Error::Map {
                 name: names::FLOWS,
                 source,
             })?;
-        let now = monotonic_coarse_ns();
         Ok(m.iter()
             .flatten()
             .filter(|(k, v)| {
-                k.netns_cookie == cookie && now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS
+                k.netns_cookie == cookie
+                    && (now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS
+                        || reading.contains(&(k.client_addr, u16::from_be(k.client_port))))
             })
             .count())
     }
@@ -676,11 +700,11 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
         return Ok(false);
     };
     let deadline = Instant::now() + drain;
-    let start = lock().active_flows(cookie).unwrap_or(0);
+    let start = lock().active_flows(cookie, slot).unwrap_or(0);
     let mut left = start;
     while left > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
-        left = lock().active_flows(cookie).unwrap_or(0);
+        left = lock().active_flows(cookie, slot).unwrap_or(0);
     }
     info!(
         id,
