@@ -450,17 +450,20 @@ fn slow_reader_run(bound: u64, tproxy: &[&str], extra: &[&str]) -> SlowReader {
     }
 }
 
-/// Entries in the kernel's SOCKHASH of the instance `stats` describes
-/// (`bpftool map dump`, by the id in its runtime record).
-fn sockhash_entries(stats: &serde_json::Value) -> usize {
-    let record = format!(
+/// The runtime record (/run/tproxy) of the instance `stats` describes.
+fn runtime_record(stats: &serde_json::Value) -> serde_json::Value {
+    let path = format!(
         "/run/tproxy/{}-{}.json",
         stats["netns_inode"],
         stats["iface"].as_str().unwrap()
     );
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
-    let id = record["sockhash_map_id"].to_string();
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Entries in the kernel's SOCKHASH of the instance `stats` describes
+/// (`bpftool map dump`, by the id in its runtime record).
+fn sockhash_entries(stats: &serde_json::Value) -> usize {
+    let id = runtime_record(stats)["sockhash_map_id"].to_string();
     let out = std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "id", &id])
         .output()
@@ -765,15 +768,9 @@ fn a_writer_refused_by_tcp_that_writes_more_is_counted_exactly() {
 /// The accelerated sockets of a running single instance: address -> state
 /// (its SOCKS map, by the id in its runtime record).
 fn live_socks(lab: &Lab) -> std::collections::HashMap<u64, tproxy_common::SockState> {
-    let st = stats(&lab.topo.server);
-    let record = format!(
-        "/run/tproxy/{}-{}.json",
-        st["netns_inode"],
-        st["iface"].as_str().unwrap()
-    );
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
-    let id = record["socks_map_id"].as_u64().unwrap() as u32;
+    let id = runtime_record(&stats(&lab.topo.server))["socks_map_id"]
+        .as_u64()
+        .unwrap() as u32;
     let data = aya::maps::MapData::from_id(id).unwrap();
     let m: aya::maps::HashMap<_, u64, tproxy_common::SockState> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();

@@ -484,6 +484,15 @@ impl Registry {
         loader::remove_target(&mut map, cookie)
     }
 
+    /// One of the object's hash maps, typed.
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>> {
+        let map = self.loaded.ebpf().map(name).expect("a map of the object");
+        HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+    }
+
     /// Active steered flows of the namespace `cookie`, counter slot
     /// `slot`: seen lately by tc, or, for a client in another pod of this
     /// node with both legs socket to socket (no packet crosses tc after
@@ -493,12 +502,7 @@ impl Registry {
         // Clients (address, port) of this pod's fast-path sockets that read
         // lately. The proxy's accepted socket's peer is the client's socket;
         // `win_start` moves on its reads (the recvmsg tracepoint).
-        let socks = self.loaded.ebpf().map(names::SOCKS).expect("SOCKS");
-        let socks: HashMap<&MapData, u64, SockState> =
-            HashMap::try_from(socks).map_err(|source| Error::Map {
-                name: names::SOCKS,
-                source,
-            })?;
+        let socks: HashMap<&MapData, u64, SockState> = self.hash_map(names::SOCKS)?;
         let reading: std::collections::HashSet<([u32; 4], u16)> = socks
             .iter()
             .flatten()
@@ -509,12 +513,7 @@ impl Registry {
             })
             .map(|(_, s)| (s.peer_key.local_addr, s.peer_key.local_port as u16))
             .collect();
-        let map = self.loaded.ebpf().map(names::FLOWS).expect("FLOWS");
-        let m: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(map).map_err(|source| Error::Map {
-                name: names::FLOWS,
-                source,
-            })?;
+        let m: HashMap<&MapData, FlowKey, FlowValue> = self.hash_map(names::FLOWS)?;
         Ok(m.iter()
             .flatten()
             .filter(|(k, v)| {
@@ -541,12 +540,7 @@ impl Registry {
     /// Accelerated sockets of counter slot `slot` and the redirected bytes
     /// queued at them.
     pub fn accel_of_slot(&self, slot: u32) -> Result<(usize, i64)> {
-        let map = self.loaded.ebpf().map(names::SOCKS).expect("SOCKS");
-        let m: HashMap<&MapData, u64, SockState> =
-            HashMap::try_from(map).map_err(|source| Error::Map {
-                name: names::SOCKS,
-                source,
-            })?;
+        let m: HashMap<&MapData, u64, SockState> = self.hash_map(names::SOCKS)?;
         let socks: StdHashMap<u64, SockState> =
             m.iter().flatten().filter(|(_, s)| s.slot == slot).collect();
         Ok((accelerated(&socks), queued_redirected(&socks)))
