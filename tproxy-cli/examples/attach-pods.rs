@@ -11,7 +11,6 @@ use tproxy::{
     Options, PortSet, Steer,
     loader::Loaded,
     netns::run_in,
-    system,
     target::{TargetAttachment, TargetEnv},
     tc::TcMode,
 };
@@ -51,18 +50,7 @@ fn main() -> Result<()> {
         let cgroup = PathBuf::from(cgroup);
         let l = &mut loaded;
         let t = run_in(&ns, move || -> tproxy::Result<TargetAttachment> {
-            let dir = system::open_cgroup(Some(&cgroup))?;
-            let ifindex = system::ifindex("eth0")?;
-            let env = TargetEnv {
-                ifindex,
-                l2_len: system::link_header_len("eth0")?,
-                netns_cookie: system::netns_cookie()?,
-                cgroup: dir.path,
-                cgroup_dir: dir.dir,
-                tc_mode: TcMode::Auto.check()?,
-                tproxy: None,
-                steer_mark: tproxy::options::default_steer_mark(ifindex),
-            };
+            let env = TargetEnv::here("eth0", &cgroup)?;
             TargetAttachment::attach(l, &opts, env, i as u32 + 1, |_| Ok(()))
         })?
         .with_context(|| format!("attaching {spec}"))?;

@@ -46,6 +46,28 @@ pub struct TargetEnv {
     pub steer_mark: u32,
 }
 
+impl TargetEnv {
+    /// The current namespace's interface `iface` and the cgroup `cgroup`,
+    /// with the defaults a run without flags takes (tc mode checked, no
+    /// tproxy back-end, the default steer mark): for tools and tests that
+    /// attach targets themselves (the agent and a single run check more,
+    /// each with its own message).
+    pub fn here(iface: &str, cgroup: &std::path::Path) -> crate::Result<TargetEnv> {
+        let dir = crate::system::open_cgroup(Some(cgroup))?;
+        let ifindex = crate::system::ifindex(iface)?;
+        Ok(TargetEnv {
+            ifindex,
+            l2_len: crate::system::link_header_len(iface)?,
+            netns_cookie: crate::system::netns_cookie()?,
+            cgroup: dir.path,
+            cgroup_dir: dir.dir,
+            tc_mode: TcMode::Auto.check()?,
+            tproxy: None,
+            steer_mark: crate::options::default_steer_mark(ifindex),
+        })
+    }
+}
+
 /// What a target looks like before its tc programs are attached: what the
 /// runtime record must say before anything on the interface exists.
 pub struct Planned<'a> {

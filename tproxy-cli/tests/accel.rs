@@ -99,9 +99,13 @@ fn byte_exact(proxy: Proxy, conns: usize, each: usize) {
     );
     // The proxy<->app leg was short-circuited; bulk senders that outrun
     // their reader by --accel-max-queued continue by TCP (both paths are
-    // exercised, and the byte stream stayed exact across the switch).
+    // exercised, and the byte stream stayed exact across the switch). How
+    // much goes each way depends on the load: 33-42 MB redirected of the
+    // 2 GiB with this test alone, 5.5 MB in a CI-like run with builds
+    // beside it (a sender returns only once its reader has read every TCP
+    // byte, which a loaded reader seldom does).
     let redirected = c["msg_redirected_bytes"].as_u64().unwrap();
-    assert!(redirected > 16 << 20, "{c}");
+    assert!(redirected > 1 << 20, "{c}");
     assert_eq!(c["msg_miss"], 0, "{c}");
     // The nudger wakes only readers it was told about (a few here: readers
     // asleep on TCP bytes until the writer's next bytes would wake them).

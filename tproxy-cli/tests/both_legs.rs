@@ -20,7 +20,6 @@ use tproxy::{
     Options, PortSet, Steer,
     loader::Loaded,
     netns::run_in,
-    system,
     target::{TargetAttachment, TargetEnv},
     tc::TcMode,
 };
@@ -133,18 +132,7 @@ fn attach(loaded: &mut Loaded, pod: &Pod, ports: &str, slot: u32) -> TargetAttac
     let opts = options(ports);
     let cgroup = pod.cgroup.path().to_path_buf();
     run_in(&pod.ns.path(), move || {
-        let dir = system::open_cgroup(Some(&cgroup))?;
-        let ifindex = system::ifindex("eth0")?;
-        let env = TargetEnv {
-            ifindex,
-            l2_len: system::link_header_len("eth0")?,
-            netns_cookie: system::netns_cookie()?,
-            cgroup: dir.path,
-            cgroup_dir: dir.dir,
-            tc_mode: TcMode::Auto.check()?,
-            tproxy: None,
-            steer_mark: tproxy::options::default_steer_mark(ifindex),
-        };
+        let env = TargetEnv::here("eth0", &cgroup)?;
         TargetAttachment::attach(loaded, &opts, env, slot, |_| Ok(()))
     })
     .unwrap()
