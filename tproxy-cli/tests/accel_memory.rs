@@ -3,7 +3,8 @@
 //! so these runs do not share the CPUs with the other acceleration tests,
 //! which changed what they measure (the proxy's client-side receive buffer
 //! autotunes with how fast the proxy reads, which contention moves; two
-//! runs beside the other tests gave 1.77x and failed, alone 0.63-1.00x).
+//! runs beside the other tests failed today, one at 1.77x; alone
+//! 0.63-1.00x).
 //! Root only.
 mod common;
 
