@@ -293,6 +293,12 @@ fn nudge(ctx: &SockOpsContext) {
             core::ptr::read_volatile(&raw const (*own).flags),
         )
     };
+    // The peer redirects, or redirected bytes are still queued here: no
+    // short read to wake from (the common case: no kernel reads below).
+    let left = (flags | own_flags) & LEFT != 0;
+    if !left && (flags & FAST != 0 || read < redirected_end) {
+        return;
+    }
     // Some of what the peer sent by TCP is not read yet: by the kernel's
     // sequence numbers (the peer's `sent` misses a send that went by TCP
     // unseen until its next send), else by the counts. The peer's entry
@@ -310,7 +316,7 @@ fn nudge(ctx: &SockOpsContext) {
     // A reader stuck after a short read from before the leaving still needs
     // its nudge until it has read every TCP byte (the peer's sk_msg runs no
     // more); then stop looking at this socket's packets.
-    if (flags | own_flags) & LEFT != 0 && !tcp_unread {
+    if left && !tcp_unread {
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         return;
     }
