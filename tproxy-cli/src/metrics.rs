@@ -219,13 +219,7 @@ impl Collector for InstanceCollector {
             let m = ConstGauge::new(v);
             m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)?;
         }
-        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
-        build.encode(enc.encode_descriptor(
-            "build",
-            "The tproxy build.",
-            None,
-            build.metric_type(),
-        )?)?;
+        encode_build(&mut enc)?;
         let instance = Info::new(self.instance.clone());
         instance.encode(enc.encode_descriptor(
             "instance",
@@ -315,14 +309,14 @@ impl Collector for AgentCollector {
                 ConstGauge::new(f(s)).encode(family.encode_family(l)?)?;
             }
         }
-        let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
-        build.encode(enc.encode_descriptor(
-            "build",
-            "The tproxy build.",
-            None,
-            build.metric_type(),
-        )?)
+        encode_build(&mut enc)
     }
+}
+
+/// `tproxy_build_info{version=…}`, served by a single run and the agent.
+fn encode_build(enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let build = Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]);
+    build.encode(enc.encode_descriptor("build", "The tproxy build.", None, build.metric_type())?)
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).

@@ -243,9 +243,9 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn both_legs(proxy: Proxy) {
-    let node = Node::up();
-    let (_app, _proxy) = serve(&node.s, proxy);
+/// One object for the node (as the agent loads it, same-node pairing on),
+/// attached to S (8000, 8080) and C (8000).
+fn load_and_attach(node: &Node) -> (Loaded, TargetAttachment, TargetAttachment) {
     let mut loaded = Loaded::load_with(&tproxy::loader::LoadOptions {
         accel: true,
         max_targets: 8,
@@ -255,6 +255,13 @@ fn both_legs(proxy: Proxy) {
     .unwrap();
     let ts = attach(&mut loaded, &node.s, "8000,8080", SLOT_S);
     let tc = attach(&mut loaded, &node.c, "8000", SLOT_C);
+    (loaded, ts, tc)
+}
+
+fn both_legs(proxy: Proxy) {
+    let node = Node::up();
+    let (_app, _proxy) = serve(&node.s, proxy);
+    let (loaded, ts, tc) = load_and_attach(&node);
     assert_eq!(
         ts.addrs(),
         [
@@ -376,15 +383,7 @@ fn both_legs_through_envoy_go_socket_to_socket() {
 fn a_forged_established_socket_cannot_take_another_connection() {
     let node = Node::up();
     let (_app, _proxy) = serve(&node.s, Proxy::Ours);
-    let mut loaded = Loaded::load_with(&tproxy::loader::LoadOptions {
-        accel: true,
-        max_targets: 8,
-        same_node: true,
-        ..Default::default()
-    })
-    .unwrap();
-    let ts = attach(&mut loaded, &node.s, "8000,8080", SLOT_S);
-    let tc = attach(&mut loaded, &node.c, "8000", SLOT_C);
+    let (loaded, ts, tc) = load_and_attach(&node);
     const FORGE: &str = "import socket,sys,time\n\
         s=socket.socket()\n\
         s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
