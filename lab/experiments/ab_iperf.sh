@@ -33,7 +33,7 @@ for r in $(seq "$REPS"); do
       >/tmp/ab_iperf-tproxy.log 2>&1 & TP=$!
     sleep 0.7
     bps=$(ip netns exec tproxy-lab-client iperf3 -c 192.168.178.10 -p 5201 -l "$SZ" -t "$DUR" -J |
-      python3 -c "import json,sys;print(round(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e9,2))")
+      python3 -c "import json,sys;print(round(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e9,3))")
     # The run's own binary reads its maps (their layout follows the build).
     c=$(nsenter --net=$SRV "$bin" stats --json | python3 -c "import json,sys
 d=json.load(sys.stdin)[0]['counters']

@@ -379,8 +379,9 @@ pub mod sock_flags {
     /// reader catching up, or its peer retired. The pair then leaves the
     /// SOCKHASH once neither end has redirected bytes left unread.
     pub const RETIRED: u32 = 1 << 1;
-    /// This socket took the pair out of the SOCKHASH: both ends are plain
-    /// TCP sockets again.
+    /// The pair is out of the SOCKHASH: both ends are plain TCP sockets
+    /// again. Set on both by the end that took it out (on the peer at best
+    /// effort); their reads are counted no more.
     pub const LEFT: u32 = 1 << 2;
 }
 
@@ -501,7 +502,8 @@ pub enum Counter {
     /// Times a sender left the fast path (its reader fell behind by more
     /// than `accel_max_queued`).
     AccelFallbacks,
-    /// Bytes read by the applications from accelerated sockets (either path).
+    /// Bytes read by the applications from accelerated sockets (either
+    /// path), until the pair leaves the SOCKHASH.
     MsgReadBytes,
     /// SYNs dropped because the same client address and port already has a
     /// live flow to another intercepted port (they would be one 4-tuple at

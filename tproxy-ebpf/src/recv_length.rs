@@ -11,13 +11,16 @@
 //! available on every kernel tproxy runs on (not on the CI's); raw
 //! tracepoints are. The cost falls on every recvmsg of the host: one
 //! 8-byte hash lookup, a miss for sockets that are not ours.
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 use tproxy_common::{
-    Counter, NudgeEvent, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS, SockState, sock_flags::FAST,
+    Counter, NudgeEvent, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS, SockState,
+    sock_flags::{FAST, LEFT},
 };
 
 use crate::{
@@ -40,6 +43,14 @@ pub fn tproxy_recv_length(ctx: RawTracePointContext) -> i32 {
 fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     let sk: u64 = ctx.arg(0);
     let st = SOCKS.get_ptr_mut(&sk).ok_or(())?;
+    // A pair that left the SOCKHASH is two plain TCP sockets: nothing reads
+    // their counts any more (the pair left only once each end had read
+    // every byte redirected to it, and the nudge goes by the kernel's
+    // sequence numbers), so their reads cost a lookup and no more.
+    // SAFETY: st points at a live SOCKS entry; one aligned 4-byte word.
+    if unsafe { read_volatile(&raw const (*st).flags) } & LEFT != 0 {
+        return Ok(());
+    }
     let read = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
     // A peek takes nothing off the stream, nor does a read of the error

@@ -66,4 +66,17 @@ pub fn leave(own: *mut SockState, peer: *mut SockState) {
     // next packet here only finds the keys gone and sets it again.)
     // SAFETY: own live entry, one aligned 4-byte word.
     unsafe { write_volatile(&raw mut (*own).flags, flags | LEFT) };
+    // The peer too, so that its reads stop costing the recvmsg tracepoint
+    // more than a lookup (`recv_length`): a slow reader, the usual reason a
+    // pair leaves, reads often. A store racing the peer's own sk_msg (one
+    // already running when the keys went) may be lost; then the peer's
+    // reads go on being counted, as before this mark, and nothing else
+    // reads the peer's LEFT without ours.
+    if left {
+        // SAFETY: the peer's live entry, one aligned 4-byte word.
+        unsafe {
+            let peer_flags = read_volatile(&raw const (*peer).flags);
+            write_volatile(&raw mut (*peer).flags, peer_flags | LEFT);
+        }
+    }
 }
