@@ -42,6 +42,16 @@ pub fn tproxy_recv_length(ctx: RawTracePointContext) -> i32 {
 #[inline(always)]
 fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     let sk: u64 = ctx.arg(0);
+    let read = ctx.arg::<u64>(1) as i32;
+    let flags = ctx.arg::<u64>(2) as i32;
+    // A peek takes nothing off the stream, nor does a read of the error
+    // queue (timestamps, zerocopy notices). Counting either would let a
+    // sender think its TCP bytes were read and redirect past them. Checked
+    // before the lookup: an event loop's last read of a wake-up often finds
+    // nothing (EAGAIN), and those cost no lookup.
+    if read <= 0 || flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
+        return Ok(());
+    }
     let st = SOCKS.get_ptr_mut(&sk).ok_or(())?;
     // A pair that left the SOCKHASH is two plain TCP sockets: nothing reads
     // their counts any more (the pair left only once each end had read
@@ -49,14 +59,6 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     // sequence numbers), so their reads cost a lookup and no more.
     // SAFETY: st points at a live SOCKS entry; one aligned 4-byte word.
     if unsafe { read_volatile(&raw const (*st).flags) } & LEFT != 0 {
-        return Ok(());
-    }
-    let read = ctx.arg::<u64>(1) as i32;
-    let flags = ctx.arg::<u64>(2) as i32;
-    // A peek takes nothing off the stream, nor does a read of the error
-    // queue (timestamps, zerocopy notices). Counting either would let a
-    // sender think its TCP bytes were read and redirect past them.
-    if read <= 0 || flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
         return Ok(());
     }
     // SAFETY: st points at a live SOCKS entry; two readers of one socket
