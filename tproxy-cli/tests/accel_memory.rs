@@ -99,22 +99,25 @@ fn slow_reader_memory(proxy: Proxy, extra: &[&str]) -> u64 {
 /// queues of every socket in the namespace) with default acceleration than
 /// without it.
 ///
-/// Medians of five interleaved runs each, one proxy at a time: one run's
-/// peak swings 2.5x here either way (HAProxy without acceleration: 9.0-22
-/// MB), with the proxy's client-side receive buffer autotuned high or not.
+/// Medians of seven interleaved runs each, one proxy at a time: one run's
+/// peak swings 2.5-3x here either way (HAProxy without acceleration:
+/// 5.8-23 MB), with the proxy's client-side receive buffer autotuned high
+/// or not; medians of five failed now and then (1.77x once, beside other
+/// tests).
 fn memory_follows_the_reader(proxy: Proxy) {
+    const RUNS: usize = 7;
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (mut plains, mut accels) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
+    for _ in 0..RUNS {
         plains.push(slow_reader_memory(proxy, &["--no-accel"]));
         accels.push(slow_reader_memory(proxy, &[]));
     }
     plains.sort_unstable();
     accels.sort_unstable();
-    let (plain, accel) = (plains[2], accels[2]);
+    let (plain, accel) = (plains[RUNS / 2], accels[RUNS / 2]);
     eprintln!(
-        "{proxy:?}: peak TCP memory (median of 5) {accel} B accelerated {accels:?}, {plain} B without {plains:?} ({:.2}x)",
+        "{proxy:?}: peak TCP memory (median of {RUNS}) {accel} B accelerated {accels:?}, {plain} B without {plains:?} ({:.2}x)",
         accel as f64 / plain as f64
     );
     assert!(
