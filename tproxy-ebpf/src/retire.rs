@@ -68,10 +68,12 @@ pub fn leave(own: *mut SockState, peer: *mut SockState) {
     unsafe { write_volatile(&raw mut (*own).flags, flags | LEFT) };
     // The peer too, so that its reads stop costing the recvmsg tracepoint
     // more than a lookup (`recv_length`): a slow reader, the usual reason a
-    // pair leaves, reads often. A store racing the peer's own sk_msg (one
-    // already running when the keys went) may be lost; then the peer's
-    // reads go on being counted, as before this mark, and nothing else
-    // reads the peer's LEFT without ours.
+    // pair leaves, reads often. A plain store, racing only a sk_msg of the
+    // peer's that was already running when the keys went: the mark may be
+    // lost (its reads go on being counted, as before the mark), or a flag
+    // that sk_msg set may be (its RETIRED, which only brings its sockops
+    // here, where LEFT now stops it; FAST, unread once out of the map).
+    // Everything else that asks whether the pair left checks both ends.
     if left {
         // SAFETY: the peer's live entry, one aligned 4-byte word.
         unsafe {
