@@ -1,0 +1,80 @@
+#!/bin/bash
+# Side-by-side HTTP through the lab's Envoy (wrk, as the bench runs it),
+# with tproxy AND Envoy restarted per run, interleaved.
+#
+# Why Envoy too: its upstream HTTP connection pool outlives a tproxy
+# restart, so restarting tproxy alone (as ab_iperf.sh does, which is right
+# for iperf3's fresh connections) lets one run reuse connections the
+# previous run's tproxy accelerated or not. Here each run's Envoy starts
+# after its tproxy, so every upstream connection is made under it; the
+# counters printed per run show what was redirected.
+#
+#   cargo xtask lab up            # Envoy (the default)
+#   REPS=8 PIN=1 lab/experiments/ab_http.sh "noaccel:--no-accel" "accel:"
+#   cargo xtask lab down
+#
+# PIN=1 places things as `cargo xtask bench --pin`: wrk on CPU 0; Envoy
+# and the app on the last CPU. One line per run: rep, label, req/s, p50,
+# p99, p99.9 (µs), errors, counters; then every label's figures in run
+# order and their medians. Stops the lab's own tproxy and Envoy first
+# (lab down still cleans up after the rest).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+T=${TPROXY:-$REPO/target/release/tproxy}
+CG=/sys/fs/cgroup/unified/tproxy-lab
+SRV=/run/netns/tproxy-lab-server
+REPS=${REPS:-5}; DUR=${DUR:-3}; CONNS=${CONNS:-16}; PIN=${PIN:-0}
+[ -e "$SRV" ] || { echo "the lab is not up: cargo xtask lab up" >&2; exit 1; }
+pids=/run/tproxy-lab/pids
+grep -q '^envoy ' $pids || { echo "the lab runs no Envoy: cargo xtask lab up (without --proxy)" >&2; exit 1; }
+# The lab's Envoy command (xtask/src/lab.rs); WORKERS as the bench's --envoy-workers.
+ENVOY=${ENVOY:-$(command -v envoy || echo /opt/tproxy/envoy/envoy)}
+ENVOY_CMD="$ENVOY -c $REPO/examples/envoy/envoy.yaml --concurrency ${WORKERS:-2} --disable-hot-restart -l warning"
+LAST=$(( $(nproc) - 1 ))
+WRAP=(); [ "$PIN" = 1 ] && WRAP=(taskset -c 0)
+if [ "$PIN" = 1 ]; then
+  taskset -pc $LAST "$(awk '$1=="lab-app"{print $2}' $pids)" >/dev/null
+fi
+for who in tproxy envoy; do
+  p=$(awk -v w=$who '$1==w{print $2}' $pids)
+  [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true
+done
+sleep 1
+LUA=$(mktemp --suffix .lua); cp "$REPO/xtask/src/bench/wrk-percentiles.lua" "$LUA"
+TP=; EV=
+stop() { for p in $EV $TP; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done; EV=; TP=; }
+trap 'stop; rm -f "$LUA"' EXIT
+declare -A figs
+for r in $(seq "$REPS"); do
+  for spec in "$@"; do
+    label=${spec%%:*}; flags=${spec#*:}
+    # shellcheck disable=SC2086
+    nsenter --net=$SRV "$T" -i eth0 -ports 8000,5201,11111 --cgroup $CG --drain-timeout 0 $flags \
+      >/tmp/ab_http-tproxy.log 2>&1 & TP=$!
+    sleep 0.7
+    pin=""; [ "$PIN" = 1 ] && pin="taskset -c $LAST"
+    # shellcheck disable=SC2086
+    nsenter --net=$SRV sh -c "echo \$\$ > $CG/cgroup.procs; exec $pin $ENVOY_CMD" \
+      >/tmp/ab_http-envoy.log 2>&1 & EV=$!
+    for _ in $(seq 100); do
+      nsenter --net=$SRV curl -sf 127.0.0.1:15000/ready >/dev/null 2>&1 && break; sleep 0.1
+    done
+    out=$(ip netns exec tproxy-lab-client "${WRAP[@]}" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency \
+      -s "$LUA" http://192.168.178.10:8000/ | grep tproxy-bench:)
+    c=$(nsenter --net=$SRV "$T" stats --json | python3 -c "import json,sys
+d=json.load(sys.stdin)[0]['counters']
+print(*(f'{k}={d.get(k,0)}' for k in ['msg_redirected','msg_passthrough','accel_fallbacks','accel_left']))")
+    stop
+    read -r rps p50 p99 p999 err < <(python3 -c "import sys
+f=dict(kv.split('=') for kv in sys.argv[1].split()[1:])
+print(round(int(f['requests'])*1e6/int(f['duration_us'])), f['p50'], f['p99'], f['p99.9'], f['errors'])" "$out")
+    echo "$r $label rps=$rps p50=$p50 p99=$p99 p99.9=$p999 errors=$err $c"
+    figs[$label]="${figs[$label]:-} $rps/$p50/$p99/$p999"
+  done
+done
+for l in "${!figs[@]}"; do
+  python3 -c "import statistics,sys
+runs=[list(map(int,x.split('/'))) for x in sys.argv[2:]]
+m=[statistics.median(c) for c in zip(*runs)]
+print(f'{sys.argv[1]}: req/s {[r[0] for r in runs]} median {m[0]:.0f}; p50 {m[1]:.0f} p99 {m[2]:.0f} p99.9 {m[3]:.0f} µs (medians)')" "$l" ${figs[$l]}
+done
