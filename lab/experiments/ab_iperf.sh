@@ -9,6 +9,9 @@
 #       "old:@/tmp/tproxy-old"    # @PATH: that binary, default flags
 #   cargo xtask lab down
 #
+# PIN=1 places things as `cargo xtask bench --pin`: the client on CPU 0;
+# the proxy's threads and the app on the last CPU.
+#
 # One line per run: rep, label, size, Gbit/s, the fast-path counters; then
 # every label's figures in run order (take the median). Stops the lab's own
 # tproxy first (lab down still cleans up after it).
@@ -17,8 +20,15 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 T=${TPROXY:-$REPO/target/release/tproxy}
 CG=/sys/fs/cgroup/unified/tproxy-lab
 SRV=/run/netns/tproxy-lab-server
-SZ=${SZ:-64K}; REPS=${REPS:-3}; DUR=${DUR:-3}
+SZ=${SZ:-64K}; REPS=${REPS:-3}; DUR=${DUR:-3}; PIN=${PIN:-0}
 [ -e "$SRV" ] || { echo "the lab is not up: cargo xtask lab up" >&2; exit 1; }
+# Without PIN the servers get every CPU back (a PIN=1 run leaves them pinned).
+last=$(( $(nproc) - 1 )); WRAP=(); cpus=0-$last
+[ "$PIN" = 1 ] && { WRAP=(taskset -c 0); cpus=$last; }
+for who in envoy haproxy iperf3; do
+  p=$(awk -v w=$who '$1==w{print $2}' /run/tproxy-lab/pids)
+  [ -n "$p" ] && taskset -a -pc "$cpus" "$p" >/dev/null
+done
 old=$(awk '$1=="tproxy"{print $2}' /run/tproxy-lab/pids 2>/dev/null || true)
 [ -n "$old" ] && kill -TERM "$old" 2>/dev/null && sleep 1
 TP=
@@ -32,8 +42,9 @@ for r in $(seq "$REPS"); do
     nsenter --net=$SRV "$bin" -i eth0 -ports 8000,5201,11111 --cgroup $CG --drain-timeout 0 $flags \
       >/tmp/ab_iperf-tproxy.log 2>&1 & TP=$!
     sleep 0.7
-    bps=$(ip netns exec tproxy-lab-client iperf3 -c 192.168.178.10 -p 5201 -l "$SZ" -t "$DUR" -J |
-      python3 -c "import json,sys;print(round(json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e9,3))")
+    bps=$(ip netns exec tproxy-lab-client "${WRAP[@]}" iperf3 -c 192.168.178.10 -p 5201 -l "$SZ" -t "$DUR" -J |
+      python3 -c "import json,sys;d=json.load(sys.stdin)
+sys.exit('iperf3: '+d['error']) if 'error' in d else print(round(d['end']['sum_received']['bits_per_second']/1e9,3))")
     # The run's own binary reads its maps (their layout follows the build).
     c=$(nsenter --net=$SRV "$bin" stats --json | python3 -c "import json,sys
 d=json.load(sys.stdin)[0]['counters']
