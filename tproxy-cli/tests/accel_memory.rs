@@ -89,8 +89,8 @@ fn slow_reader_memory(proxy: Proxy, extra: &[&str]) -> Peak {
     // new namespace copies the host's, 32 MiB here): the proxy's
     // client-side receive buffer autotunes in the connection's first
     // milliseconds to anywhere from 4 MiB to that ceiling, in either mode
-    // (4.3-32 MiB without acceleration, 4.3-15 MiB with, in five lab runs
-    // each), and with 32 MiB that draw outweighed everything measured here.
+    // (Envoy's in the lab: 4.3-32 MiB without acceleration, 4.3-15 MiB
+    // with, in five runs each), and with 32 MiB that draw outweighed everything measured here.
     lab.topo
         .server
         .exec("sysctl", &["-qw", "net.ipv4.tcp_rmem=4096 131072 6291456"])
