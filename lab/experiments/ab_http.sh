@@ -1,6 +1,6 @@
 #!/bin/bash
-# Side-by-side HTTP through the lab's Envoy (wrk, as the bench runs it),
-# with tproxy AND Envoy restarted per run, interleaved.
+# Side-by-side HTTP through the lab's Envoy or HAProxy (wrk, as the bench
+# runs it), with tproxy AND the proxy restarted per run, interleaved.
 #
 # Why Envoy too: its upstream HTTP connection pool outlives a tproxy
 # restart, so restarting tproxy alone (as ab_iperf.sh does, which is right
@@ -9,7 +9,7 @@
 # after its tproxy, so every upstream connection is made under it; the
 # counters printed per run show what was redirected.
 #
-#   cargo xtask lab up            # Envoy (the default)
+#   cargo xtask lab up            # Envoy (the default), or --proxy haproxy
 #   REPS=8 PIN=1 lab/experiments/ab_http.sh "noaccel:--no-accel" "accel:"
 #   cargo xtask lab down
 #
@@ -26,23 +26,37 @@ SRV=/run/netns/tproxy-lab-server
 REPS=${REPS:-5}; DUR=${DUR:-3}; CONNS=${CONNS:-16}; PIN=${PIN:-0}
 [ -e "$SRV" ] || { echo "the lab is not up: cargo xtask lab up" >&2; exit 1; }
 pids=/run/tproxy-lab/pids
-grep -q '^envoy ' $pids || { echo "the lab runs no Envoy: cargo xtask lab up (without --proxy)" >&2; exit 1; }
-# The lab's Envoy command (xtask/src/lab.rs); WORKERS as the bench's --envoy-workers.
-ENVOY=${ENVOY:-$(command -v envoy || echo /opt/tproxy/envoy/envoy)}
-ENVOY_CMD="$ENVOY -c $REPO/examples/envoy/envoy.yaml --concurrency ${WORKERS:-2} --disable-hot-restart -l warning"
+. "$REPO/lab/experiments/lib.sh"
+# The lab's proxy command (xtask/src/lab.rs); WORKERS as the bench's
+# --envoy-workers. HAProxy (tcp mode) keeps no pool, but is restarted
+# all the same, so that both proxies are measured alike.
+if grep -q '^envoy ' $pids; then
+  PROXY=envoy
+  ENVOY=${ENVOY:-$(command -v envoy || echo /opt/tproxy/envoy/envoy)}
+  PROXY_CMD="$ENVOY -c $REPO/examples/envoy/envoy.yaml --concurrency ${WORKERS:-2} --disable-hot-restart -l warning"
+  READY="curl -sf 127.0.0.1:15000/ready"
+elif grep -q '^haproxy ' $pids; then
+  PROXY=haproxy
+  PROXY_CMD="haproxy -db -f $REPO/examples/haproxy/haproxy.cfg"
+  READY="ss -Hltn 'sport = :15006' | grep -q ."
+else
+  echo "the lab runs neither Envoy nor HAProxy: cargo xtask lab up [--proxy haproxy]" >&2; exit 1
+fi
 LAST=$(( $(nproc) - 1 ))
 WRAP=(); [ "$PIN" = 1 ] && WRAP=(taskset -c 0)
 if [ "$PIN" = 1 ]; then
-  taskset -pc $LAST "$(awk '$1=="lab-app"{print $2}' $pids)" >/dev/null
+  p=$(lab_pid lab-app)
+  if [ -n "$p" ]; then taskset -pc $LAST "$p" >/dev/null; fi
 fi
-for who in tproxy envoy; do
-  p=$(awk -v w=$who '$1==w{print $2}' $pids)
-  [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true
+for who in tproxy $PROXY; do
+  p=$(lab_pid $who)
+  if [ -n "$p" ]; then kill -TERM "$p"; fi
 done
 sleep 1
 LUA=$(mktemp --suffix .lua); cp "$REPO/xtask/src/bench/wrk-percentiles.lua" "$LUA"
 TP=; EV=
-stop() { for p in $EV $TP; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done; EV=; TP=; }
+# (HAProxy exits 143 on SIGTERM: its status must not end the script.)
+stop() { for p in $EV $TP; do kill -TERM "$p" 2>/dev/null && { wait "$p" 2>/dev/null || true; }; done; EV=; TP=; }
 trap 'stop; rm -f "$LUA"' EXIT
 declare -A figs
 for r in $(seq "$REPS"); do
@@ -54,13 +68,14 @@ for r in $(seq "$REPS"); do
     sleep 0.7
     pin=""; [ "$PIN" = 1 ] && pin="taskset -c $LAST"
     # shellcheck disable=SC2086
-    nsenter --net=$SRV sh -c "echo \$\$ > $CG/cgroup.procs; exec $pin $ENVOY_CMD" \
-      >/tmp/ab_http-envoy.log 2>&1 & EV=$!
+    nsenter --net=$SRV sh -c "echo \$\$ > $CG/cgroup.procs; exec $pin $PROXY_CMD" \
+      >/tmp/ab_http-proxy.log 2>&1 & EV=$!
     for _ in $(seq 100); do
-      nsenter --net=$SRV curl -sf 127.0.0.1:15000/ready >/dev/null 2>&1 && break; sleep 0.1
+      nsenter --net=$SRV sh -c "$READY" >/dev/null 2>&1 && break; sleep 0.1
     done
-    out=$(ip netns exec tproxy-lab-client "${WRAP[@]}" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency \
-      -s "$LUA" http://192.168.178.10:8000/ | grep tproxy-bench:)
+    all=$(ip netns exec tproxy-lab-client "${WRAP[@]}" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency \
+      -s "$LUA" http://192.168.178.10:8000/ 2>&1) || true
+    out=$(grep tproxy-bench: <<<"$all") || { echo "run $r $label: wrk: $all" >&2; exit 1; }
     c=$(nsenter --net=$SRV "$T" stats --json | python3 -c "import json,sys
 d=json.load(sys.stdin)[0]['counters']
 print(*(f'{k}={d.get(k,0)}' for k in ['msg_redirected','msg_passthrough','accel_fallbacks','accel_left']))")

@@ -22,15 +22,16 @@ CG=/sys/fs/cgroup/unified/tproxy-lab
 SRV=/run/netns/tproxy-lab-server
 SZ=${SZ:-64K}; REPS=${REPS:-3}; DUR=${DUR:-3}; PIN=${PIN:-0}
 [ -e "$SRV" ] || { echo "the lab is not up: cargo xtask lab up" >&2; exit 1; }
+. "$REPO/lab/experiments/lib.sh"
 # Without PIN the servers get every CPU back (a PIN=1 run leaves them pinned).
 last=$(( $(nproc) - 1 )); WRAP=(); cpus=0-$last
 [ "$PIN" = 1 ] && { WRAP=(taskset -c 0); cpus=$last; }
 for who in envoy haproxy iperf3; do
-  p=$(awk -v w=$who '$1==w{print $2}' /run/tproxy-lab/pids)
-  [ -n "$p" ] && taskset -a -pc "$cpus" "$p" >/dev/null
+  p=$(lab_pid $who)
+  if [ -n "$p" ]; then taskset -a -pc "$cpus" "$p" >/dev/null; fi
 done
-old=$(awk '$1=="tproxy"{print $2}' /run/tproxy-lab/pids 2>/dev/null || true)
-[ -n "$old" ] && kill -TERM "$old" 2>/dev/null && sleep 1
+old=$(lab_pid tproxy)
+if [ -n "$old" ]; then kill -TERM "$old"; sleep 1; fi
 TP=
 trap '[ -n "$TP" ] && kill -TERM $TP 2>/dev/null; wait' EXIT
 declare -A figs

@@ -17,13 +17,14 @@ T=${TPROXY:-$REPO/target/release/tproxy}
 SZ=${SZ:-64K}; REPS=${REPS:-3}; OUT=${OUT:-/tmp/tproxy-profile}
 mkdir -p "$OUT"
 [ -e /run/netns/tproxy-lab-server ] || { echo "the lab is not up: cargo xtask lab up" >&2; exit 1; }
-EP=$(awk '$1=="envoy"{print $2}' /run/tproxy-lab/pids)
-AP=$(awk '$1=="iperf3"{print $2}' /run/tproxy-lab/pids)
-[ -n "$EP" ] || { echo "the lab runs no Envoy: cargo xtask lab up (without --proxy)" >&2; exit 1; }
+. "$REPO/lab/experiments/lib.sh"
+EP=$(lab_pid envoy)
+AP=$(lab_pid iperf3)
+[ -n "$EP" ] && [ -n "$AP" ] || { echo "the lab runs no Envoy or no iperf3: cargo xtask lab down; cargo xtask lab up" >&2; exit 1; }
 for t in /proc/"$EP"/task/*; do taskset -pc 1 "${t##*/}" >/dev/null; done
 taskset -pc 1 "$AP" >/dev/null
-old=$(awk '$1=="tproxy"{print $2}' /run/tproxy-lab/pids 2>/dev/null || true)
-[ -n "$old" ] && kill -TERM "$old" 2>/dev/null && sleep 1
+old=$(lab_pid tproxy)
+if [ -n "$old" ]; then kill -TERM "$old"; sleep 1; fi
 TP=
 trap '[ -n "$TP" ] && kill -TERM $TP 2>/dev/null; wait' EXIT
 for r in $(seq "$REPS"); do

@@ -11,7 +11,10 @@
 //! after an interrupted run.
 use std::{
     fs,
-    os::unix::process::CommandExt as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -77,44 +80,96 @@ fn daemon(name: &str, mut cmd: Command) -> Result<u32> {
     }
     let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let pid = child.id();
+    // The child exists from fork on, so its start time does too.
+    let start = start_time(pid as i32).with_context(|| format!("{name}: no /proc/{pid}/stat"))?;
     let mut pids = fs::read_to_string(Path::new(STATE).join("pids")).unwrap_or_default();
-    pids.push_str(&format!("{name} {pid}\n"));
+    pids.push_str(&format!("{name} {pid} {start}\n"));
     fs::write(Path::new(STATE).join("pids"), pids)?;
     Ok(pid)
 }
 
-fn recorded() -> Vec<(String, i32)> {
+/// What `daemon` recorded: name, PID and the process's start time (none
+/// in a record an older build wrote).
+fn recorded() -> Vec<(String, i32, Option<u64>)> {
     fs::read_to_string(Path::new(STATE).join("pids"))
         .unwrap_or_default()
         .lines()
         .filter_map(|l| {
-            let (n, p) = l.split_once(' ')?;
-            Some((n.to_string(), p.trim().parse().ok()?))
+            let mut f = l.split_whitespace();
+            let name = f.next()?.to_string();
+            let pid = f.next()?.parse().ok()?;
+            Some((name, pid, f.next().and_then(|t| t.parse().ok())))
         })
         .collect()
 }
 
-fn alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+/// When `pid` started (field 22 of /proc/PID/stat, clock ticks since
+/// boot). With the PID it names one process for good: a PID alone may
+/// belong to another process by the time the lab goes down (a daemon that
+/// died, or that an experiment stopped; pid_max is 32768 on some hosts).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold spaces and parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// A pidfd on the recorded process if it still runs: opened first, then
+/// checked against the recorded start time, so it refers to that process
+/// and no other for as long as it is held, even if the PID is reused.
+fn open_recorded(pid: i32, start: u64) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a PID and flags and returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    (start_time(pid) == Some(start)).then_some(fd)
+}
+
+/// pidfd_send_signal(2); signal 0 only asks whether the process still runs.
+fn signal(pidfd: &OwnedFd, sig: i32) -> bool {
+    // SAFETY: a pidfd we hold, no siginfo, no flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ) == 0
+    }
 }
 
 /// Stops what `up` started, tproxy first (a second SIGTERM skips its drain).
 fn stop_daemons() {
     let mut procs = recorded();
-    procs.sort_by_key(|(n, _)| n != "tproxy");
-    for (name, pid) in procs {
-        if !alive(pid) {
+    procs.sort_by_key(|(n, _, _)| n != "tproxy");
+    for (name, pid, start) in procs {
+        let Some(start) = start else {
+            // (Its PID may be another process's by now. The lab's cgroup
+            // is emptied and removed after this, which stops it if it runs.)
+            println!(
+                "{name} (pid {pid}): recorded without its start time (an older build's lab), \
+                 left to the removal of the lab's cgroup"
+            );
             continue;
-        }
+        };
+        let Some(pidfd) = open_recorded(pid, start) else {
+            continue;
+        };
         for sig in [libc::SIGTERM, libc::SIGTERM, libc::SIGKILL] {
-            // SAFETY: kill(2) on a PID this lab started and recorded.
-            unsafe { libc::kill(pid, sig) };
+            signal(&pidfd, sig);
             let deadline = Instant::now() + Duration::from_secs(3);
-            while alive(pid) && Instant::now() < deadline {
+            while signal(&pidfd, 0) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            if !alive(pid) {
+            if !signal(&pidfd, 0) {
                 break;
             }
         }
@@ -126,7 +181,7 @@ fn stop_daemons() {
 /// Runtime records a killed tproxy left in /run/tproxy for a lab
 /// namespace (their lock is free): the namespace goes, so do they.
 fn remove_stale_records() -> Vec<String> {
-    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    use std::os::unix::fs::MetadataExt as _;
     let mut inodes = Vec::new();
     for p in std::iter::once(PREFIX).chain(OTHER_PREFIXES) {
         for part in ["client", "gateway", "server"] {
@@ -335,10 +390,14 @@ pub fn run(cmd: LabCmd) -> Result<()> {
                     ours.join(", ")
                 }
             );
-            for (name, pid) in recorded() {
+            for (name, pid, start) in recorded() {
                 println!(
                     "  {name:<10} pid {pid:<7} {}",
-                    if alive(pid) { "running" } else { "gone" }
+                    if start.and_then(|t| open_recorded(pid, t)).is_some() {
+                        "running"
+                    } else {
+                        "gone"
+                    }
                 );
             }
             Ok(())
