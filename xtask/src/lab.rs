@@ -91,9 +91,11 @@ fn daemon(name: &str, mut cmd: Command) -> Result<u32> {
 /// What `daemon` recorded: name, PID and the process's start time (none
 /// in a record an older build wrote).
 fn recorded() -> Vec<(String, i32, Option<u64>)> {
-    fs::read_to_string(Path::new(STATE).join("pids"))
-        .unwrap_or_default()
-        .lines()
+    parse_records(&fs::read_to_string(Path::new(STATE).join("pids")).unwrap_or_default())
+}
+
+fn parse_records(text: &str) -> Vec<(String, i32, Option<u64>)> {
+    text.lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let name = f.next()?.to_string();
@@ -402,5 +404,40 @@ pub fn run(cmd: LabCmd) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    /// A record names one process: its PID with another start time (as
+    /// after the PID is reused) is not it, and once it has exited and been
+    /// reaped nothing answers to the record.
+    #[test]
+    fn a_record_names_its_process_and_no_other() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let start = start_time(pid).unwrap();
+        let fd = open_recorded(pid, start).expect("the recorded process runs");
+        assert!(signal(&fd, 0));
+        assert!(open_recorded(pid, start + 1).is_none());
+        assert!(signal(&fd, libc::SIGTERM));
+        child.wait().unwrap();
+        assert!(
+            !signal(&fd, 0),
+            "the pidfd still reaches a process that exited"
+        );
+        assert!(open_recorded(pid, start).is_none());
+    }
+
+    #[test]
+    fn records_without_a_start_time_are_read_as_such() {
+        assert_eq!(
+            parse_records("envoy 12 345\ntproxy 13\n"),
+            [("envoy".into(), 12, Some(345)), ("tproxy".into(), 13, None)]
+        );
     }
 }
