@@ -44,20 +44,19 @@ else
 fi
 LAST=$(( $(nproc) - 1 ))
 WRAP=(); [ "$PIN" = 1 ] && WRAP=(taskset -c 0)
-if [ "$PIN" = 1 ]; then
-  p=$(lab_pid lab-app)
-  if [ -n "$p" ]; then taskset -pc $LAST "$p" >/dev/null; fi
-fi
+# The app's threads (tokio's workers too) with the proxy, or every CPU back.
+cpus=0-$LAST; [ "$PIN" = 1 ] && cpus=$LAST
+p=$(lab_pid lab-app)
+if [ -n "$p" ]; then taskset -a -pc "$cpus" "$p" >/dev/null; fi
 for who in tproxy $PROXY; do
   p=$(lab_pid $who)
-  if [ -n "$p" ]; then kill -TERM "$p"; fi
+  if [ -n "$p" ]; then stop_proc "$p"; fi
 done
-sleep 1
-LUA=$(mktemp --suffix .lua); cp "$REPO/xtask/src/bench/wrk-percentiles.lua" "$LUA"
-TP=; EV=
+TP=; EV=; LUA=
 # (HAProxy exits 143 on SIGTERM: its status must not end the script.)
 stop() { for p in $EV $TP; do kill -TERM "$p" 2>/dev/null && { wait "$p" 2>/dev/null || true; }; done; EV=; TP=; }
-trap 'stop; rm -f "$LUA"' EXIT
+trap 'stop; [ -n "$LUA" ] && rm -f "$LUA"' EXIT
+LUA=$(mktemp --suffix .lua); cp "$REPO/xtask/src/bench/wrk-percentiles.lua" "$LUA"
 declare -A figs
 for r in $(seq "$REPS"); do
   for spec in "$@"; do
@@ -66,13 +65,17 @@ for r in $(seq "$REPS"); do
     nsenter --net=$SRV "$T" -i eth0 -ports 8000,5201,11111 --cgroup $CG --drain-timeout 0 $flags \
       >/tmp/ab_http-tproxy.log 2>&1 & TP=$!
     sleep 0.7
+    check_running $TP /tmp/ab_http-tproxy.log
     pin=""; [ "$PIN" = 1 ] && pin="taskset -c $LAST"
     # shellcheck disable=SC2086
     nsenter --net=$SRV sh -c "echo \$\$ > $CG/cgroup.procs; exec $pin $PROXY_CMD" \
       >/tmp/ab_http-proxy.log 2>&1 & EV=$!
+    ready=
     for _ in $(seq 100); do
-      nsenter --net=$SRV sh -c "$READY" >/dev/null 2>&1 && break; sleep 0.1
+      if nsenter --net=$SRV sh -c "$READY" >/dev/null 2>&1; then ready=1; break; fi
+      sleep 0.1
     done
+    [ -n "$ready" ] || { echo "$PROXY not ready in 10 s:" >&2; tail -5 /tmp/ab_http-proxy.log >&2; exit 1; }
     all=$(ip netns exec tproxy-lab-client "${WRAP[@]}" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency \
       -s "$LUA" http://192.168.178.10:8000/ 2>&1) || true
     out=$(grep tproxy-bench: <<<"$all") || { echo "run $r $label: wrk: $all" >&2; exit 1; }

@@ -26,12 +26,12 @@ SZ=${SZ:-64K}; REPS=${REPS:-3}; DUR=${DUR:-3}; PIN=${PIN:-0}
 # Without PIN the servers get every CPU back (a PIN=1 run leaves them pinned).
 last=$(( $(nproc) - 1 )); WRAP=(); cpus=0-$last
 [ "$PIN" = 1 ] && { WRAP=(taskset -c 0); cpus=$last; }
-for who in envoy haproxy iperf3; do
+for who in envoy haproxy ours iperf3; do
   p=$(lab_pid $who)
   if [ -n "$p" ]; then taskset -a -pc "$cpus" "$p" >/dev/null; fi
 done
 old=$(lab_pid tproxy)
-if [ -n "$old" ]; then kill -TERM "$old"; sleep 1; fi
+if [ -n "$old" ]; then stop_proc "$old"; fi
 TP=
 trap '[ -n "$TP" ] && kill -TERM $TP 2>/dev/null; wait' EXIT
 declare -A figs
@@ -43,6 +43,7 @@ for r in $(seq "$REPS"); do
     nsenter --net=$SRV "$bin" -i eth0 -ports 8000,5201,11111 --cgroup $CG --drain-timeout 0 $flags \
       >/tmp/ab_iperf-tproxy.log 2>&1 & TP=$!
     sleep 0.7
+    check_running $TP /tmp/ab_iperf-tproxy.log
     bps=$(ip netns exec tproxy-lab-client "${WRAP[@]}" iperf3 -c 192.168.178.10 -p 5201 -l "$SZ" -t "$DUR" -J |
       python3 -c "import json,sys;d=json.load(sys.stdin)
 sys.exit('iperf3: '+d['error']) if 'error' in d else print(round(d['end']['sum_received']['bits_per_second']/1e9,3))")

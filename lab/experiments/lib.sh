@@ -13,3 +13,22 @@ lab_pid() {
   [ "$now" = "$start" ] && echo "$pid"
   return 0
 }
+
+# Stops a process the way `cargo xtask lab down` does: SIGTERM, and a
+# second one that skips tproxy's drain; waits until it is gone (up to
+# 10 s), so that the next tproxy finds the interface free.
+stop_proc() {
+  local p=$1 i
+  kill -TERM "$p" 2>/dev/null || return 0
+  sleep 0.2
+  kill -TERM "$p" 2>/dev/null || true
+  for i in $(seq 100); do [ -e "/proc/$p" ] || return 0; sleep 0.1; done
+  echo "pid $p did not exit" >&2; return 1
+}
+
+# Fails the experiment with the log if the tproxy just started ($1: PID,
+# $2: its log) is not running (another instance on the interface, say).
+check_running() {
+  kill -0 "$1" 2>/dev/null && return 0
+  echo "tproxy exited at start:" >&2; tail -5 "$2" >&2; exit 1
+}

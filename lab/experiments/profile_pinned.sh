@@ -24,7 +24,7 @@ AP=$(lab_pid iperf3)
 for t in /proc/"$EP"/task/*; do taskset -pc 1 "${t##*/}" >/dev/null; done
 taskset -pc 1 "$AP" >/dev/null
 old=$(lab_pid tproxy)
-if [ -n "$old" ]; then kill -TERM "$old"; sleep 1; fi
+if [ -n "$old" ]; then stop_proc "$old"; fi
 TP=
 trap '[ -n "$TP" ] && kill -TERM $TP 2>/dev/null; wait' EXIT
 for r in $(seq "$REPS"); do

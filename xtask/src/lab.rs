@@ -78,10 +78,15 @@ fn daemon(name: &str, mut cmd: Command) -> Result<u32> {
             Ok(())
         });
     }
-    let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let pid = child.id();
-    // The child exists from fork on, so its start time does too.
-    let start = start_time(pid as i32).with_context(|| format!("{name}: no /proc/{pid}/stat"))?;
+    // The child exists from fork on, so its start time does too; a child
+    // that could not be recorded is not left running.
+    let Some(start) = start_time(pid as i32) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("{name}: /proc/{pid}/stat unreadable, so its record could not be made");
+    };
     let mut pids = fs::read_to_string(Path::new(STATE).join("pids")).unwrap_or_default();
     pids.push_str(&format!("{name} {pid} {start}\n"));
     fs::write(Path::new(STATE).join("pids"), pids)?;
@@ -127,6 +132,12 @@ fn open_recorded(pid: i32, start: u64) -> Option<OwnedFd> {
     // SAFETY: pidfd_open(2) takes a PID and flags and returns a new fd.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        // ESRCH: it is gone. Anything else (no pidfd_open before Linux
+        // 5.3, a seccomp filter) must not pass for "gone" in silence.
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            eprintln!("pid {pid}: pidfd_open: {e}; not signalled");
+        }
         return None;
     }
     // SAFETY: a fresh fd that nothing else owns.
@@ -154,11 +165,13 @@ fn stop_daemons() {
     procs.sort_by_key(|(n, _, _)| n != "tproxy");
     for (name, pid, start) in procs {
         let Some(start) = start else {
-            // (Its PID may be another process's by now. The lab's cgroup
-            // is emptied and removed after this, which stops it if it runs.)
+            // Its PID may be another process's by now. The lab's cgroup is
+            // emptied and removed after this, which stops the services;
+            // tproxy runs outside it.
             println!(
-                "{name} (pid {pid}): recorded without its start time (an older build's lab), \
-                 left to the removal of the lab's cgroup"
+                "{name} (pid {pid}): recorded without its start time (an older build's lab), so \
+                 not signalled; the services go with the lab's cgroup, but a tproxy that still \
+                 runs must be stopped by hand"
             );
             continue;
         };
