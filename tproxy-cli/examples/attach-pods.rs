@@ -36,6 +36,7 @@ fn main() -> Result<()> {
             iface: "eth0".into(),
             ports: ports.parse::<PortSet>()?,
             cgroup: None,
+            proxy_cgroup: None,
             proxy_port: 15006,
             proxy_mark: 0x539,
             accel: accel == "accel",

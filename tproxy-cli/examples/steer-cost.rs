@@ -58,8 +58,9 @@ fn cost(multi: bool) -> f64 {
         accel_max_queued: 1 << 20,
         accel_retire_ms: 0,
         slot: 1,
-        _pad0: 0,
+        proxy_cgroup_level: 0,
         netns_cookie: cookie,
+        proxy_cgroup_id: 0,
     };
     HashMap::<&mut MapData, u64, Target>::try_from(ebpf.map_mut(names::TARGETS).unwrap())
         .unwrap()
@@ -80,7 +81,7 @@ fn cost(multi: bool) -> f64 {
         _pad0: 0,
         _pad1: 0,
         last_seen: 0,
-        closed_at: 0,
+        since: 0,
     };
     HashMap::<&mut MapData, FlowKey, FlowValue>::try_from(ebpf.map_mut(names::FLOWS).unwrap())
         .unwrap()

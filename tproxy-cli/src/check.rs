@@ -132,6 +132,7 @@ impl CheckArgs {
             iface: self.iface.clone().unwrap_or_else(|| "check".into()),
             ports: other.parse::<PortSet>().expect("a valid port"),
             cgroup: self.cgroup.clone(),
+            proxy_cgroup: None,
             proxy_port: self.proxy_port,
             proxy_mark: self.proxy_mark,
             accel: !self.no_accel,

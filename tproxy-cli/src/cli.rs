@@ -78,6 +78,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
 
+    /// The proxy's own cgroup v2 directory, inside --cgroup: only its
+    /// processes get original destinations and acceleration (default:
+    /// --cgroup itself).
+    #[arg(long, value_name = "PATH")]
+    pub proxy_cgroup: Option<PathBuf>,
+
     /// Port of the proxy's inbound listener.
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROXY_PORT, value_parser = clap::value_parser!(u16).range(1..))]
     pub proxy_port: u16,
@@ -278,6 +284,7 @@ impl RunArgs {
             iface: self.iface.clone().expect("required by clap"),
             ports: self.ports.clone().expect("required by clap"),
             cgroup: self.cgroup.clone(),
+            proxy_cgroup: self.proxy_cgroup.clone(),
             proxy_port: self.proxy_port,
             proxy_mark: self.proxy_mark,
             accel: !self.no_accel,

@@ -35,6 +35,7 @@ pub struct TargetConfig {
     #[serde(default, deserialize_with = "ports")]
     pub ports: Option<PortSet>,
     pub cgroup: Option<PathBuf>,
+    pub proxy_cgroup: Option<PathBuf>,
     #[serde(default, deserialize_with = "port")]
     pub proxy_port: Option<u16>,
     #[serde(default, deserialize_with = "mark")]
@@ -61,6 +62,7 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "ports")]
     pub ports: Option<PortSet>,
     pub cgroup: Option<PathBuf>,
+    pub proxy_cgroup: Option<PathBuf>,
     #[serde(default, deserialize_with = "port")]
     pub proxy_port: Option<u16>,
     #[serde(default, deserialize_with = "mark")]
@@ -107,6 +109,7 @@ impl FileConfig {
             iface,
             ports,
             cgroup,
+            proxy_cgroup,
             proxy_port,
             proxy_mark,
             accel,
@@ -124,6 +127,7 @@ impl FileConfig {
             iface,
             ports,
             cgroup,
+            proxy_cgroup,
             proxy_port,
             proxy_mark,
             accel,
@@ -199,6 +203,7 @@ pub fn merge(cli: &Cli, matches: &ArgMatches, file: &FileConfig) -> Result<RunSe
             key: "ports",
         })?,
         cgroup: run.cgroup.clone().or(t.cgroup),
+        proxy_cgroup: run.proxy_cgroup.clone().or(t.proxy_cgroup),
         proxy_port: pick(given("proxy_port"), run.proxy_port, t.proxy_port),
         proxy_mark: pick(given("proxy_mark"), run.proxy_mark, t.proxy_mark),
         // --accel and --no-accel override each other: at most one is set.
@@ -463,6 +468,7 @@ mod tests {
             "iface: eth1\n\
              ports: [8000, \"9000-9002\", \"8080\"]\n\
              cgroup: /sys/fs/cgroup/unified/app\n\
+             proxy_cgroup: /sys/fs/cgroup/unified/app/proxy\n\
              proxy_port: 15001\n\
              proxy_mark: 0x10\n\
              accel: false\n\
@@ -483,6 +489,7 @@ mod tests {
                 iface: Some("eth1".into()),
                 ports: Some("8000,8080,9000-9002".parse().unwrap()),
                 cgroup: Some("/sys/fs/cgroup/unified/app".into()),
+                proxy_cgroup: Some("/sys/fs/cgroup/unified/app/proxy".into()),
                 proxy_port: Some(15001),
                 proxy_mark: Some(0x10),
                 accel: Some(false),

@@ -61,6 +61,11 @@ pub enum Error {
     NotCgroup2(PathBuf),
 
     #[error(
+        "--proxy-cgroup {proxy} is not inside --cgroup {cgroup}: tproxy's hooks on {cgroup} would never see the proxy; pass a cgroup below --cgroup (or --cgroup a parent of both)"
+    )]
+    ProxyCgroupOutside { proxy: PathBuf, cgroup: PathBuf },
+
+    #[error(
         "no cgroup v2 hierarchy is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup"
     )]
     NoCgroup2,

@@ -20,7 +20,7 @@ pub fn monotonic_coarse_ns() -> u64 {
 
 /// Past its linger.
 pub(crate) fn lingered(v: &FlowValue, now: u64) -> bool {
-    now.saturating_sub(v.closed_at) > FLOW_LINGER_NS
+    now.saturating_sub(v.since) > FLOW_LINGER_NS
 }
 
 /// A read of another instance's maps failed on their key or value size:

@@ -57,7 +57,7 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 12] = [
     names::TARGETS,
     // Pods' addresses: same-node pairing of an adopted target keeps working.
     names::TARGET_ADDRS,
@@ -68,6 +68,9 @@ pub const PINNED_MAPS: [&str; 10] = [
     names::SOCKHASH,
     names::SOCKS,
     names::PENDING_PEERS,
+    // Connections open when an adopted target was attached still pass.
+    names::PRIOR_FLOWS,
+    names::PROXY_CONNECTS,
     // The kept recv tracepoint (a previous agent's) reports into this one.
     names::NUDGE_EVENTS,
 ];
@@ -525,6 +528,11 @@ impl Loaded {
     /// to take its entry out when it goes.
     pub(crate) fn targets_map(&self) -> Result<Map> {
         self.hash_map(names::TARGETS)
+    }
+
+    /// A new descriptor of the `PRIOR_FLOWS` map, for the same reason.
+    pub(crate) fn prior_flows_map(&self) -> Result<Map> {
+        self.hash_map(names::PRIOR_FLOWS)
     }
 
     /// A new descriptor of the `TARGET_ADDRS` map, for the same reason.

@@ -320,7 +320,7 @@ fn encode_build(enc: &mut DescriptorEncoder) -> std::fmt::Result {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 36] = [
+const HELP: [(Counter, &str); 40] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -446,6 +446,22 @@ const HELP: [(Counter, &str); 36] = [
     (
         Counter::AccelOrderHeld,
         "Redirects held back because the peer had not read every TCP byte by the kernel's sequence numbers.",
+    ),
+    (
+        Counter::IngressUnreadable,
+        "Packets dropped at ingress: they may carry TCP but their header cannot be read (tiny or offset-8 fragments, IPv6 chains past 8 headers, cut headers).",
+    ),
+    (
+        Counter::IngressUnknownDropped,
+        "Non-SYN packets to an intercepted port of no steered flow and no connection open at attach: dropped.",
+    ),
+    (
+        Counter::SynsRefusedDraining,
+        "SYNs to an intercepted port dropped while draining.",
+    ),
+    (
+        Counter::SteerErrors,
+        "SYNs dropped because recording or rewriting them failed.",
     ),
 ];
 

@@ -12,6 +12,10 @@ pub struct Options {
     pub iface: String,
     pub ports: PortSet,
     pub cgroup: Option<PathBuf>,
+    /// The proxy's cgroup (v2), inside `cgroup`: who the proxy is (default:
+    /// `cgroup` itself). Only its processes get original destinations or
+    /// pair with the app.
+    pub proxy_cgroup: Option<PathBuf>,
     pub proxy_port: u16,
     pub proxy_mark: u32,
     pub accel: bool,

@@ -391,6 +391,59 @@ fn fd_is_cgroup2(f: &fs::File) -> bool {
         .unwrap_or(false)
 }
 
+/// A cgroup v2 directory's id (what `bpf_get_current_cgroup_id` and
+/// `bpf_sk_cgroup_id` return: its kernfs inode number) and level (depth
+/// below the root, whose id is 1), found by walking `..` up to the root.
+pub fn cgroup_identity(dir: &fs::File) -> Result<(u64, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    const ROOT_ID: u64 = 1;
+    let ino = |f: &fs::File| {
+        f.metadata()
+            .map(|m| m.ino())
+            .map_err(|e| Error::io("reading a cgroup's id", e))
+    };
+    let id = ino(dir)?;
+    let mut cur = dir
+        .try_clone()
+        .map_err(|e| Error::io("reading a cgroup's id", e))?;
+    let mut level = 0u32;
+    while ino(&cur)? != ROOT_ID {
+        let parent = open_dir_at(&cur, Path::new(".."))
+            .map_err(|e| Error::io("walking up to the cgroup v2 root", e))?;
+        // Above a mount of part of the hierarchy (a cgroup namespace's):
+        // the absolute level is unknown.
+        if !fd_is_cgroup2(&parent) || level > 128 {
+            return Err(Error::io(
+                "walking up to the cgroup v2 root",
+                std::io::Error::other(
+                    "the cgroup2 mount does not show the root cgroup (a cgroup namespace?)",
+                ),
+            ));
+        }
+        cur = parent;
+        level += 1;
+    }
+    Ok((id, level))
+}
+
+/// Is cgroup `inner` (an open directory) `outer` or below it?
+pub fn cgroup_within(inner: &fs::File, outer: &fs::File) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let (outer_id, outer_level) = cgroup_identity(outer)?;
+    let (_, inner_level) = cgroup_identity(inner)?;
+    if inner_level < outer_level {
+        return Ok(false);
+    }
+    let mut cur = inner
+        .try_clone()
+        .map_err(|e| Error::io("reading a cgroup", e))?;
+    for _ in outer_level..inner_level {
+        cur = open_dir_at(&cur, Path::new(".."))
+            .map_err(|e| Error::io("walking up the cgroup v2 hierarchy", e))?;
+    }
+    Ok(cur.metadata().map(|m| m.ino()).unwrap_or(0) == outer_id)
+}
+
 /// Opens a --cgroup directory (default: the cgroup v2 root); it must be a
 /// directory on a cgroup v2 mount.
 ///

@@ -16,7 +16,7 @@ use aya::{
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use tproxy_common::{ADDRS_PER_TARGET, Config, Target, TargetAddr, flags, names};
+use tproxy_common::{ADDRS_PER_TARGET, Config, FlowKey, Target, TargetAddr, flags, names};
 use tracing::warn;
 
 use crate::{
@@ -44,6 +44,23 @@ pub struct TargetEnv {
     /// The tproxy back-end's plan (mark and table checked free).
     pub tproxy: Option<TproxySpec>,
     pub steer_mark: u32,
+}
+
+/// Who the proxy is (`tproxy-ebpf/src/identity.rs`): a cgroup's id and
+/// level, `--proxy-cgroup` if given (it must be inside the target's
+/// cgroup, where the hooks run), else the target's cgroup itself.
+pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<(u64, u32)> {
+    let Some(path) = &opts.proxy_cgroup else {
+        return crate::system::cgroup_identity(&env.cgroup_dir);
+    };
+    let proxy = crate::system::open_cgroup(Some(path))?;
+    if !crate::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
+        return Err(Error::ProxyCgroupOutside {
+            proxy: path.clone(),
+            cgroup: env.cgroup.clone(),
+        });
+    }
+    crate::system::cgroup_identity(&proxy.dir)
 }
 
 impl TargetEnv {
@@ -89,6 +106,8 @@ pub struct TargetAttachment {
     #[expect(dead_code, reason = "held for its Drop")]
     clsact: Option<ClsactQdisc>,
     addrs: TargetAddrs,
+    #[expect(dead_code, reason = "held for its Drop")]
+    prior: PriorFlows,
     entry: TargetEntry,
     attachments: Vec<Attached>,
     iface: String,
@@ -166,6 +185,147 @@ impl Drop for TargetAddrs {
     }
 }
 
+/// The connections to intercepted ports that were open when the target
+/// was attached (`PRIOR_FLOWS`): the only non-SYN packets of unknown flows
+/// that steering lets through to the app. Listed from the namespace's
+/// socket table before the tc programs attach (so they lose nothing) and
+/// again after (for the handshakes that were finishing in between: their
+/// sockets are then in SYN_RECV); removed on drop.
+struct PriorFlows {
+    map: Map,
+    keys: Vec<FlowKey>,
+}
+
+impl PriorFlows {
+    fn new(map: Map) -> PriorFlows {
+        PriorFlows {
+            map,
+            keys: Vec::new(),
+        }
+    }
+
+    /// Lists the calling thread's namespace's connections to `ports`.
+    fn list(&mut self, ports: &crate::PortSet, cookie: u64) {
+        let found = match open_connections(ports, cookie) {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(
+                    "reading the namespace's TCP sockets: {e}; connections open before tproxy started may be cut"
+                );
+                return;
+            }
+        };
+        let Ok(mut m) = HashMap::<&mut MapData, FlowKey, u64>::try_from(&mut self.map) else {
+            return;
+        };
+        let mut full = 0;
+        for key in found {
+            if self.keys.contains(&key) {
+                continue;
+            }
+            match m.insert(key, 0, 0) {
+                Ok(()) => self.keys.push(key),
+                Err(_) => full += 1,
+            }
+        }
+        if full > 0 {
+            warn!(
+                "{full} connection(s) open before tproxy started could not be listed (PRIOR_FLOWS is full): their packets will be dropped"
+            );
+        }
+    }
+}
+
+impl Drop for PriorFlows {
+    fn drop(&mut self) {
+        if let Ok(mut m) = HashMap::<&mut MapData, FlowKey, u64>::try_from(&mut self.map) {
+            for key in &self.keys {
+                let _ = m.remove(key);
+            }
+        }
+    }
+}
+
+/// The connections (any state but LISTEN) to a port of `ports` in the
+/// calling thread's network namespace, keyed as steering looks them up
+/// (client first, the dialled port as local port).
+pub fn open_connections(ports: &crate::PortSet, cookie: u64) -> std::io::Result<Vec<FlowKey>> {
+    const LISTEN: u8 = 0x0a;
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        // thread-self: the agent enters a pod's namespace on one thread.
+        let text = match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && v6 => continue,
+            Err(e) => return Err(e),
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(st)) = (f.get(1), f.get(2), f.get(3)) else {
+                continue;
+            };
+            if u8::from_str_radix(st, 16).ok() == Some(LISTEN) {
+                continue;
+            }
+            let (Some((la, lp)), Some((ra, rp))) = (proc_addr(local), proc_addr(remote)) else {
+                continue;
+            };
+            if !ports.contains(lp) {
+                continue;
+            }
+            let (family, la, ra) = match (la, ra) {
+                (Some(l4), Some(r4)) => (tproxy_common::AF_INET, [l4, 0, 0, 0], [r4, 0, 0, 0]),
+                _ => {
+                    let (Some(l), Some(r)) = (proc_addr6(local), proc_addr6(remote)) else {
+                        continue;
+                    };
+                    (tproxy_common::AF_INET6, l, r)
+                }
+            };
+            out.push(FlowKey {
+                client_addr: ra,
+                local_addr: la,
+                client_port: rp.to_be(),
+                local_port: lp.to_be(),
+                family,
+                _pad0: [0; 3],
+                netns_cookie: cookie,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// `/proc/net/tcp{,6}`'s `ADDR:PORT`: the IPv4 address as the kernel's
+/// own word (network-order bytes, printed as a native u32), or None for an
+/// IPv6 one that is not v4-mapped; the port.
+fn proc_addr(s: &str) -> Option<(Option<u32>, u16)> {
+    let (a, p) = s.split_once(':')?;
+    let port = u16::from_str_radix(p, 16).ok()?;
+    match a.len() {
+        8 => Some((Some(u32::from_str_radix(a, 16).ok()?), port)),
+        32 => {
+            let w = proc_addr6(s)?;
+            // ::ffff:a.b.c.d arrives as IPv4 on the wire.
+            let mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+            Some((mapped.then_some(w[3]), port))
+        }
+        _ => None,
+    }
+}
+
+fn proc_addr6(s: &str) -> Option<[u32; 4]> {
+    let (a, _) = s.split_once(':')?;
+    if a.len() != 32 {
+        return None;
+    }
+    let mut w = [0u32; 4];
+    for (i, word) in w.iter_mut().enumerate() {
+        *word = u32::from_str_radix(&a[8 * i..8 * i + 8], 16).ok()?;
+    }
+    Some(w)
+}
+
 /// The addresses of `iface` in the calling thread's namespace that name
 /// this pod and no other: not loopback, link-local, multicast or unspecified
 /// (every pod has fe80::…).
@@ -220,7 +380,7 @@ pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>
 }
 
 /// The settings `opts` give a target in `TARGETS`.
-pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32) -> Target {
+pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32, proxy: (u64, u32)) -> Target {
     let config = Config {
         proxy_port: opts.proxy_port,
         steer_mode: opts.steer.mode() as u8,
@@ -231,8 +391,9 @@ pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32) -> Target {
         accel_max_queued: opts.accel_max_queued,
         accel_retire_ms: opts.accel_retire_ms,
         slot,
-        _pad0: 0,
+        proxy_cgroup_level: proxy.1,
         netns_cookie: env.netns_cookie,
+        proxy_cgroup_id: proxy.0,
     };
     Target::new(config, opts.ports.iter())
 }
@@ -260,7 +421,12 @@ impl TargetAttachment {
                 netns: format!("cookie {:#x}", env.netns_cookie),
             });
         }
-        loader::write_target(&mut map, env.netns_cookie, &target_value(opts, &env, slot))?;
+        let proxy = proxy_identity(opts, &env)?;
+        loader::write_target(
+            &mut map,
+            env.netns_cookie,
+            &target_value(opts, &env, slot, proxy),
+        )?;
         let entry = TargetEntry {
             map,
             cookie: env.netns_cookie,
@@ -274,6 +440,8 @@ impl TargetAttachment {
                 addrs: Vec::new(),
             }
         };
+        let mut prior = PriorFlows::new(loaded.prior_flows_map()?);
+        prior.list(&opts.ports, env.netns_cookie);
         let cgroup = env.cgroup.display().to_string();
         let mut attachments = Vec::new();
         // Every target of an accelerating object gets the pairing sockops
@@ -384,6 +552,7 @@ impl TargetAttachment {
             TcAttachType::Ingress,
             tc_mode,
         )?);
+        prior.list(&opts.ports, env.netns_cookie);
         fill_link_ids(&mut attachments, Some(tc_mode));
         Ok(TargetAttachment {
             steer,
@@ -394,6 +563,7 @@ impl TargetAttachment {
             sockops,
             clsact,
             addrs,
+            prior,
             entry,
             attachments,
             iface: opts.iface.clone(),

@@ -113,6 +113,7 @@ fn options(ports: &str) -> Options {
         iface: "eth0".into(),
         ports: ports.parse::<PortSet>().unwrap(),
         cgroup: None,
+        proxy_cgroup: None,
         proxy_port: 15006,
         proxy_mark: 0x539,
         accel: true,

@@ -77,8 +77,9 @@ impl Progs {
             accel_max_queued: 1 << 20,
             accel_retire_ms: 0,
             slot: SLOT,
-            _pad0: 0,
+            proxy_cgroup_level: 0,
             netns_cookie: cookie,
+            proxy_cgroup_id: 0,
         };
         // A single run's object: its tc programs take the namespace from NODE.
         let mut node: Array<&mut MapData, NodeConfig> =
@@ -187,14 +188,14 @@ impl Progs {
     }
 }
 
-fn flow(orig: u16, state: u8, last_seen: u64, closed_at: u64) -> FlowValue {
+fn flow(orig: u16, state: u8, last_seen: u64, since: u64) -> FlowValue {
     FlowValue {
         orig_port: orig.to_be(),
         state,
         _pad0: 0,
         _pad1: 0,
         last_seen,
-        closed_at,
+        since,
     }
 }
 
@@ -225,10 +226,10 @@ fn tcp_of(frame: &[u8]) -> (u16, u16, bool) {
         // Walk the extension headers the tests build.
         let (mut next, mut off) = (ip[6], 40);
         while next != pkt::IPPROTO_TCP {
-            let len = if next == 44 {
-                8
-            } else {
-                (usize::from(ip[off + 1]) + 1) * 8
+            let len = match next {
+                44 => 8,
+                51 => (usize::from(ip[off + 1]) + 2) * 4,
+                _ => (usize::from(ip[off + 1]) + 1) * 8,
             };
             next = ip[off];
             off += len;
@@ -389,9 +390,11 @@ fn a_newcomer_on_a_live_tuple_is_held_off_until_the_old_flow_is_gone() {
     assert!(p.table(names::CLOSING).is_empty());
     let syns = p.table(names::SYNS);
     assert_eq!((syns.len(), u16::from_be(syns[0].1.orig_port)), (1, 8080));
-    // A non-SYN to the other port never touches the entry.
+    // A non-SYN to the other port belongs to no flow of ours: dropped, and
+    // it never touches the entry.
     let ack = v4(CLIENT, SERVER, &Tcp::new(45000, 8000, ACK));
-    assert_eq!(p.ingress(&ack).out, ack);
+    assert_eq!(p.ingress(&ack).verdict, TC_ACT_SHOT);
+    assert_eq!(p.table(names::SYNS)[0].1, syns[0].1);
 }
 
 #[test]
@@ -508,8 +511,12 @@ fn first_fragments_are_steered_and_later_ones_pass() {
     assert_eq!(p.counter(Counter::Fragments), 2);
 }
 
+/// A VLAN frame belongs to a VLAN interface (without one the kernel drops
+/// it): passed and counted. A frame whose TCP header is cut short may be
+/// a tiny first fragment in disguise: dropped and counted, never steered
+/// nor passed to the app.
 #[test]
-fn vlan_tagged_and_short_frames_pass_untouched() {
+fn vlan_tagged_frames_pass_and_cut_headers_are_dropped() {
     let p = Progs::new(SteerMode::Rewrite);
     let inner = pkt::ip_tcp(CLIENT.into(), SERVER.into(), &Tcp::new(40000, 8000, SYN));
     let tagged = pkt::ether(pkt::ETH_P_IP, Some(100), &inner);
@@ -521,9 +528,192 @@ fn vlan_tagged_and_short_frames_pass_untouched() {
         let r = p.ingress(short);
         assert_eq!(
             (r.verdict, r.out.as_slice()),
-            (TC_ACT_UNSPEC, short),
+            (TC_ACT_SHOT, short),
             "cut at {cut}"
         );
     }
+    assert_eq!(p.counter(Counter::IngressUnreadable), 3);
     assert!(p.table(names::SYNS).is_empty());
+}
+
+/// RFC 1858's tiny-fragment attack: a SYN to 8000 whose first fragment
+/// holds only 8 bytes of TCP header (ports, no flags), the rest at offset
+/// 8. Linux reassembles them into a SYN; steering never sees its flags.
+/// Both fragments are dropped (the first cannot be read, the second could
+/// only overwrite a first fragment's flags, RFC 3128), and counted.
+#[test]
+fn a_tiny_first_fragment_and_an_offset_8_fragment_are_dropped() {
+    let p = Progs::new(SteerMode::Rewrite);
+    let seg = Tcp::new(40000, 8000, SYN).bytes(CLIENT.into(), SERVER.into());
+    let first = pkt::ether(
+        pkt::ETH_P_IP,
+        None,
+        &pkt::ipv4(CLIENT, SERVER, &[], 0x2000, 6, &seg[..8]),
+    );
+    let rest = pkt::ether(
+        pkt::ETH_P_IP,
+        None,
+        &pkt::ipv4(CLIENT, SERVER, &[], 1, 6, &seg[8..]),
+    );
+    assert_eq!(p.ingress(&first).verdict, TC_ACT_SHOT);
+    assert_eq!(p.ingress(&rest).verdict, TC_ACT_SHOT);
+    assert_eq!(p.counter(Counter::IngressUnreadable), 2);
+    assert_eq!(p.counter(Counter::Fragments), 0);
+    assert!(p.table(names::SYNS).is_empty());
+    // The same split at 16 bytes (offset 2): the first fragment holds the
+    // flags, so it is a SYN like any other, and the rest passes.
+    let mut long = Tcp::new(40001, 8000, SYN);
+    long.payload = vec![1; 16];
+    let seg = long.bytes(CLIENT.into(), SERVER.into());
+    let first = pkt::ether(
+        pkt::ETH_P_IP,
+        None,
+        &pkt::ipv4(CLIENT, SERVER, &[], 0x2000, 6, &seg[..24]),
+    );
+    let r = p.ingress(&first);
+    assert_eq!(r.verdict, TC_ACT_UNSPEC);
+    assert_eq!(u16::from_be_bytes([r.out[36], r.out[37]]), PROXY_PORT);
+    assert_eq!(p.table(names::SYNS).len(), 1);
+}
+
+/// An extension header of the given type with `units` 8-byte units.
+fn ext(kind: u8, units: usize) -> Ext {
+    match kind {
+        0 | 60 => Ext::options(kind, units),
+        // Routing: type 0 segments left 0, then padding.
+        43 => {
+            let mut body = vec![0, (units - 1) as u8, 0, 0];
+            body.resize(8 * units, 0);
+            Ext { kind, body }
+        }
+        44 => Ext::fragment(0, false),
+        // AH: length in 4-byte units minus 2.
+        51 => {
+            let mut body = vec![0, (2 * units - 2) as u8, 0, 0];
+            body.resize(8 * units, 0);
+            Ext { kind, body }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Every extension header type at any length up to a chain of eight is
+/// walked to the TCP header (the SYN is steered: before, a 200-byte
+/// destination-options header hid it and it went straight to the app); a
+/// chain of nine cannot be walked: dropped and counted.
+#[test]
+fn ipv6_chains_of_any_length_up_to_eight_headers_are_walked() {
+    let p = Progs::new(SteerMode::Rewrite);
+    let mut port = 41000;
+    let mut syn_behind = |exts: Vec<Ext>| {
+        port += 1;
+        let seg = Tcp::new(port, 8000, SYN).bytes(CLIENT6.into(), SERVER6.into());
+        let frame = pkt::ether(
+            pkt::ETH_P_IPV6,
+            None,
+            &pkt::ipv6(CLIENT6, SERVER6, &exts, 6, &seg),
+        );
+        let r = p.ingress(&frame);
+        (r.verdict, tcp_of(&r.out).1)
+    };
+    // 200 bytes of destination options.
+    assert_eq!(
+        syn_behind(vec![ext(60, 25)]),
+        (TC_ACT_UNSPEC, PROXY_PORT),
+        "200-byte destination options"
+    );
+    for kind in [0, 43, 44, 51, 60] {
+        assert_eq!(
+            syn_behind(vec![ext(kind, 2)]),
+            (TC_ACT_UNSPEC, PROXY_PORT),
+            "extension header {kind}"
+        );
+    }
+    let eight: Vec<Ext> = [0, 60, 43, 44, 51, 60, 43, 60]
+        .into_iter()
+        .map(|k| ext(k, 1))
+        .collect();
+    assert_eq!(syn_behind(eight), (TC_ACT_UNSPEC, PROXY_PORT), "eight");
+    assert_eq!(p.counter(Counter::IngressUnreadable), 0);
+    let nine: Vec<Ext> = [0, 60, 43, 44, 51, 60, 43, 60, 60]
+        .into_iter()
+        .map(|k| ext(k, 1))
+        .collect();
+    assert_eq!(syn_behind(nine).0, TC_ACT_SHOT, "nine");
+    assert_eq!(p.counter(Counter::IngressUnreadable), 1);
+    assert_eq!(p.table(names::SYNS).len(), 7);
+}
+
+/// A packet other than a SYN to an intercepted port, of no flow tproxy
+/// steered: dropped and counted (before, it passed: a connection that
+/// began around the steering kept going to the app), unless its
+/// connection was open when tproxy attached (`PRIOR_FLOWS`). Ports tproxy
+/// does not intercept are not its business.
+#[test]
+fn non_syns_of_unknown_flows_are_dropped_unless_open_at_attach() {
+    let mut p = Progs::new(SteerMode::Rewrite);
+    let ack = v4(CLIENT, SERVER, &Tcp::new(42000, 8000, ACK));
+    assert_eq!(p.ingress(&ack).verdict, TC_ACT_SHOT);
+    assert_eq!(p.counter(Counter::IngressUnknownDropped), 1);
+    let other = v4(CLIENT, SERVER, &Tcp::new(42000, 7000, ACK));
+    assert_eq!(p.ingress(&other).verdict, TC_ACT_UNSPEC);
+    // Listed at attach: the app's own socket, the dialled port as local port.
+    let mut prior = p.key(CLIENT.into(), 42000, SERVER.into(), 8000);
+    prior.local_port = 8000u16.to_be();
+    let mut h: HashMap<&mut MapData, FlowKey, u64> =
+        HashMap::try_from(p.ebpf.map_mut(names::PRIOR_FLOWS).unwrap()).unwrap();
+    h.insert(prior, 0, 0).unwrap();
+    let r = p.ingress(&ack);
+    assert_eq!((r.verdict, r.out), (TC_ACT_UNSPEC, ack.clone()));
+    assert_eq!(p.counter(Counter::IngressUnknownDropped), 1);
+    assert!(p.table(names::SYNS).is_empty());
+}
+
+/// While a target drains (STEER_NEW clear), new connections are refused:
+/// their SYNs are dropped and counted, never passed to the app (before,
+/// they went straight to it). Flows already steered keep their path.
+#[test]
+fn while_draining_new_syns_are_dropped_and_steered_flows_go_on() {
+    let mut p = Progs::new(SteerMode::Rewrite);
+    p.ingress(&v4(CLIENT, SERVER, &Tcp::new(43000, 8000, SYN)));
+    let mut targets: HashMap<&mut MapData, u64, Target> =
+        HashMap::try_from(p.ebpf.map_mut(names::TARGETS).unwrap()).unwrap();
+    let mut t = targets.get(&p.cookie, 0).unwrap();
+    t.config.flags &= !flags::STEER_NEW;
+    targets.insert(p.cookie, t, 0).unwrap();
+    let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(43001, 8000, SYN)));
+    assert_eq!(r.verdict, TC_ACT_SHOT);
+    assert_eq!(p.counter(Counter::SynsRefusedDraining), 1);
+    let r = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(43000, 8000, ACK)));
+    assert_eq!((r.verdict, tcp_of(&r.out).1), (TC_ACT_UNSPEC, PROXY_PORT));
+}
+
+/// A spoofed SYN from a client's address and port to another intercepted
+/// port opens an embryonic entry that holds the tuple off; repeating it
+/// (or the proxy's SYN-ACK retransmissions) refreshes `last_seen` but not
+/// `since`, so the hold-off ends EMBRYONIC_HOLD_NS after the first SYN and
+/// the real client's connection gets through (before, each spoofed SYN
+/// renewed the hold-off, for as long as the spoofing lasted).
+#[test]
+fn spoofed_syns_cannot_extend_an_embryonic_hold_off() {
+    let mut p = Progs::new(SteerMode::Rewrite);
+    let now = monotonic_coarse_ns();
+    let k = p.key(CLIENT.into(), 44000, SERVER.into(), 8080);
+    // Opened 4 s ago by a spoofed SYN to 8080, "seen" just now.
+    let first = now - 4_000_000_000;
+    p.put(names::SYNS, k, flow(8080, 0, now, first));
+    // Another spoofed SYN refreshes it, and the hold-off still ends.
+    let spoof = v4(CLIENT, SERVER, &Tcp::new(44000, 8080, SYN));
+    assert_eq!(p.ingress(&spoof).verdict, TC_ACT_UNSPEC);
+    assert_eq!(p.table(names::SYNS)[0].1.since, first);
+    let real = p.ingress(&v4(CLIENT, SERVER, &Tcp::new(44000, 8000, SYN)));
+    assert_eq!(
+        (real.verdict, tcp_of(&real.out).1),
+        (TC_ACT_UNSPEC, PROXY_PORT)
+    );
+    let syns = p.table(names::SYNS);
+    assert_eq!(u16::from_be(syns[0].1.orig_port), 8000);
+    // The newcomer's own entry now holds the tuple against the spoofer.
+    assert_eq!(p.ingress(&spoof).verdict, TC_ACT_SHOT);
+    assert_eq!(p.counter(Counter::SteerCollisions), 1);
 }

@@ -21,6 +21,8 @@ pub mod names {
     pub const TARGET_ADDRS: &str = "TARGET_ADDRS";
     pub const NUDGE_EVENTS: &str = "NUDGE_EVENTS";
     pub const NUDGE: &str = "NUDGE";
+    pub const PRIOR_FLOWS: &str = "PRIOR_FLOWS";
+    pub const PROXY_CONNECTS: &str = "PROXY_CONNECTS";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -75,6 +77,9 @@ pub const PENDING_MAX: u32 = 4_096;
 /// Addresses a target may claim in `TARGET_ADDRS` (its interface's, link-
 /// local ones excepted); the map holds this many per target.
 pub const ADDRS_PER_TARGET: u32 = 8;
+/// `PROXY_CONNECTS` entries: the proxy's upstream connects between
+/// TCP_CONNECT_CB and ESTABLISHED, node-wide.
+pub const PROXY_CONNECTS_MAX: u32 = 16_384;
 /// Bytes of `NUDGE_EVENTS`, the ring buffer that reports short reads to
 /// the nudger: 2,048 events of 32 bytes (24 + the ring's 8-byte header)
 /// between two of its wake-ups. When it is full, a report is lost (the
@@ -152,12 +157,18 @@ pub struct Config {
     /// This target's counter slot: its counters are `COUNTERS[slot *
     /// Counter::COUNT + counter]` (slot 0: events of no target).
     pub slot: u32,
-    pub _pad0: u32,
+    /// The level (depth below the cgroup2 root) of `proxy_cgroup_id`.
+    pub proxy_cgroup_level: u32,
     /// Cookie of the target's network namespace (also its `TARGETS` key):
     /// cgroup programs see sockets of every namespace whose processes are
     /// in the cgroup, and must not take another namespace's identical
     /// tuple for a steered flow.
     pub netns_cookie: u64,
+    /// Who the proxy is: the id of its cgroup (v2). Only its processes (of
+    /// this cgroup or below it) get original destinations answered, and
+    /// only connections they make are paired as the proxy's upstream end. 0: no check (crafted-packet tests only;
+    /// userspace always sets it).
+    pub proxy_cgroup_id: u64,
 }
 
 /// `TARGETS` value, keyed by the netns cookie: the settings and the
@@ -278,8 +289,11 @@ pub struct FlowValue {
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last
     /// packet of the flow, either way.
     pub last_seen: u64,
-    /// When the proxy's socket closed (CLOCK_MONOTONIC_COARSE); 0 if open.
-    pub closed_at: u64,
+    /// When the entry entered its table (CLOCK_MONOTONIC_COARSE): an
+    /// embryonic flow's first SYN, an established flow's promotion, a
+    /// closing flow's close. Hold-offs and the linger run from here, and no
+    /// packet moves it (a spoofed SYN cannot extend a hold-off).
+    pub since: u64,
 }
 
 pub mod flow_state {
@@ -561,10 +575,24 @@ pub enum Counter {
     /// the byte counts said it had. Each one is a redirect that would have
     /// overtaken TCP bytes.
     AccelOrderHeld,
+    /// Packets dropped at ingress because they may carry TCP but their
+    /// header cannot be read: a first fragment too short for it (RFC
+    /// 1858), an IPv4 TCP fragment at offset 8 (RFC 3128), an IPv6 header
+    /// chain longer than the parser walks, a header cut short.
+    IngressUnreadable,
+    /// Packets other than a SYN to an intercepted port, of no flow tproxy
+    /// steered nor one open when it attached (`PRIOR_FLOWS`): dropped, so
+    /// no connection reaches the app around the proxy.
+    IngressUnknownDropped,
+    /// SYNs to an intercepted port dropped while the target drains (it
+    /// steers no new flows, and none may reach the app around the proxy).
+    SynsRefusedDraining,
+    /// SYNs dropped because recording or rewriting them failed.
+    SteerErrors,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 36] = [
+    pub const ALL: [Counter; 40] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -601,6 +629,10 @@ impl Counter {
         Counter::AccelWakeups,
         Counter::AccelUncounted,
         Counter::AccelOrderHeld,
+        Counter::IngressUnreadable,
+        Counter::IngressUnknownDropped,
+        Counter::SynsRefusedDraining,
+        Counter::SteerErrors,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -648,6 +680,10 @@ impl Counter {
             Counter::AccelWakeups => "accel_wakeups",
             Counter::AccelUncounted => "accel_uncounted",
             Counter::AccelOrderHeld => "accel_order_held",
+            Counter::IngressUnreadable => "ingress_unreadable",
+            Counter::IngressUnknownDropped => "ingress_unknown_dropped",
+            Counter::SynsRefusedDraining => "syns_refused_draining",
+            Counter::SteerErrors => "steer_errors",
         }
     }
 }
@@ -655,14 +691,16 @@ impl Counter {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<Config>() == 40);
+    assert!(size_of::<Config>() == 48);
+    assert!(offset_of!(Config, proxy_cgroup_level) == 28);
+    assert!(offset_of!(Config, proxy_cgroup_id) == 40);
     assert!(offset_of!(Config, l2_len) == 3);
     assert!(offset_of!(Config, netns_cookie) == 32);
     assert!(offset_of!(Config, accel_max_queued) == 16);
     assert!(offset_of!(Config, accel_retire_ms) == 20);
     assert!(offset_of!(Config, slot) == 24);
-    assert!(size_of::<Target>() == 40 + 8 * PORT_WORDS);
-    assert!(offset_of!(Target, ports) == 40);
+    assert!(size_of::<Target>() == 48 + 8 * PORT_WORDS);
+    assert!(offset_of!(Target, ports) == 48);
     assert!(size_of::<NodeConfig>() == 32);
     assert!(offset_of!(NodeConfig, tcp_write_seq_offset) == 24);
     assert!(offset_of!(NodeConfig, single_netns_cookie) == 16);
@@ -686,7 +724,7 @@ const _: () = {
     assert!(offset_of!(FlowKey, family) == 36);
     assert!(size_of::<FlowValue>() == 24);
     assert!(offset_of!(FlowValue, last_seen) == 8);
-    assert!(offset_of!(FlowValue, closed_at) == 16);
+    assert!(offset_of!(FlowValue, since) == 16);
     assert!(size_of::<SockKey>() == 56);
     assert!(offset_of!(SockKey, local_port) == 32);
     assert!(offset_of!(SockKey, family) == 40);
@@ -697,7 +735,7 @@ const _: () = {
     assert!(size_of::<TargetAddr>() == 24);
     assert!(offset_of!(TargetAddr, family) == 16);
     assert!(size_of::<NudgeEvent>() == 24);
-    assert!(Counter::COUNT == Counter::AccelOrderHeld as u32 + 1);
+    assert!(Counter::COUNT == Counter::SteerErrors as u32 + 1);
 };
 
 #[cfg(feature = "user")]
@@ -751,8 +789,9 @@ mod tests {
             accel_max_queued: 0,
             accel_retire_ms: 0,
             slot: 1,
-            _pad0: 0,
+            proxy_cgroup_level: 0,
             netns_cookie: 1,
+            proxy_cgroup_id: 0,
         };
         let t = Target::new(cfg, [0, 63, 64, 8000, 65535]);
         for p in [0, 63, 64, 8000, 65535] {

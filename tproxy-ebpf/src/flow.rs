@@ -8,7 +8,12 @@
 //! out-of-window RST changes nothing), and when that socket reaches
 //! TCP_CLOSE sockops moves the entry to `CLOSING` (LRU), where it lingers
 //! (`FLOW_LINGER_NS`) for retransmitted FINs and TIME_WAIT ACKs; userspace
-//! removes it after that. Every packet refreshes `last_seen`.
+//! removes it after that. Every packet refreshes `last_seen`; `since`
+//! (when the entry entered its table) only moves with the table.
+//!
+//! `PRIOR_FLOWS` lists the connections to intercepted ports that were open
+//! when tproxy attached (userspace reads them from the namespace's socket
+//! table): the only non-SYN packets of unknown flows that pass to the app.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use tproxy_common::{
     Counter, EMBRYONIC_HOLD_NS, FLOW_TAKEOVER_NS, FlowKey, FlowValue, SockKey, flow_state,
@@ -16,7 +21,7 @@ use tproxy_common::{
 
 use crate::{
     counters,
-    maps::{CLOSING, FLOWS, SYNS},
+    maps::{CLOSING, FLOWS, PRIOR_FLOWS, SYNS},
     packet::Tcp,
 };
 
@@ -111,16 +116,18 @@ impl Entry {
 
     /// May a newcomer's SYN to another port take this tuple? Only once the
     /// old flow is gone: its proxy socket closed a moment ago (so a late
-    /// retransmission no longer needs the entry), or, embryonic, it has not
-    /// been seen for a while (its SYNs stopped).
+    /// retransmission no longer needs the entry), or, embryonic, its first
+    /// SYN came a while ago and no handshake completed. Both run from
+    /// `since`, which no packet moves: retransmitted (or spoofed) SYNs and
+    /// the proxy's SYN-ACK retransmissions cannot hold a tuple for good.
     #[inline(always)]
     pub fn may_take_over(&self, now: u64) -> bool {
         // SAFETY: as above.
         let v = unsafe { &*self.value };
         match self.table {
             Table::Established => false,
-            Table::Closing => now.wrapping_sub(v.closed_at) >= FLOW_TAKEOVER_NS,
-            Table::Embryonic => now.wrapping_sub(v.last_seen) >= EMBRYONIC_HOLD_NS,
+            Table::Closing => now.wrapping_sub(v.since) >= FLOW_TAKEOVER_NS,
+            Table::Embryonic => now.wrapping_sub(v.since) >= EMBRYONIC_HOLD_NS,
         }
     }
 }
@@ -139,6 +146,15 @@ pub fn lookup(key: &FlowKey) -> Option<Entry> {
     CLOSING
         .get_ptr_mut(key)
         .and_then(|v| found(v, Table::Closing))
+}
+
+/// Was this connection open when tproxy attached (`PRIOR_FLOWS`)? Key as
+/// the app's socket sees it: the dialled port, not the proxy's.
+#[inline(always)]
+pub fn prior(tcp: &Tcp, netns_cookie: u64) -> bool {
+    let key = key_from_client(tcp, tcp.dport, netns_cookie);
+    // SAFETY: a plain lookup; nothing is kept.
+    unsafe { PRIOR_FLOWS.get(&key) }.is_some()
 }
 
 /// Removes the entry from whichever table holds it.
@@ -163,7 +179,7 @@ pub fn embryonic(slot: u32, key: &FlowKey, orig_port: u16, now: u64) -> Result<(
         _pad0: 0,
         _pad1: 0,
         last_seen: now,
-        closed_at: 0,
+        since: now,
     };
     SYNS.insert(key, &value, 0).map_err(|_| ())?;
     counters::inc(slot, Counter::FlowsCreated);
@@ -179,10 +195,11 @@ pub fn established(slot: u32, key: &FlowKey) -> bool {
     let Some(v) = (unsafe { SYNS.get(key) }) else {
         return false;
     };
+    let now = now();
     let value = FlowValue {
         state: 0,
-        last_seen: now(),
-        closed_at: 0,
+        last_seen: now,
+        since: now,
         ..*v
     };
     if FLOWS.insert(key, &value, 0).is_err() {
@@ -207,7 +224,7 @@ pub fn closed(slot: u32, key: &FlowKey) {
     let value = FlowValue {
         state: v.state | flow_state::CLOSED,
         last_seen: now,
-        closed_at: now,
+        since: now,
         ..*v
     };
     // Into CLOSING first: a packet in between finds one or the other.

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use tproxy_common::Counter;
 
-use crate::{accepted, counters};
+use crate::{accepted, counters, identity};
 
 /// 1 = carry on (with the address we may have changed).
 const PROCEED: i32 = 1;
@@ -39,6 +39,10 @@ fn try_getsockname(ctx: &SockAddrContext) {
     let Some(target) = counters::target(cookie) else {
         return;
     };
+    // Only the proxy learns where a steered flow was going.
+    if !identity::caller_is_proxy(&target.config) {
+        return;
+    }
     if let Some(orig) = accepted::original_dst(sk, cookie) {
         // user_port holds a network-order port in its low 16 bits.
         sa.user_port = u32::from(orig.port);

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use tproxy_common::{AF_INET, AF_INET6, Counter};
 
-use crate::{accepted, counters};
+use crate::{accepted, counters, identity};
 
 /// 1 = the call returns (with whatever we changed); 0 would be EPERM.
 const PROCEED: i32 = 1;
@@ -71,6 +71,12 @@ fn try_getsockopt(ctx: &SockoptContext, so: &mut bpf_sockopt) -> Result<(), ()> 
     };
     let slot = target.config.slot;
     counters::inc(slot, Counter::GetsockoptCalls);
+    // Only the proxy learns where a steered flow was going: another
+    // process holding such a socket (passed to it, or inherited) gets the
+    // kernel's own answer.
+    if !identity::caller_is_proxy(&target.config) {
+        return Err(());
+    }
     let orig = accepted::original_dst(sk, cookie).ok_or(())?;
     let (family, local, orig_port) = (orig.family, orig.addr, orig.port);
 

@@ -12,6 +12,7 @@
 //! | iter/tcp (run by userspace) | `tproxy_nudge_iter` | `nudge_iter.rs` |
 //!
 //! `peer.rs`: which sockets sockops pairs, and why no other can be.
+//! `identity.rs`: who the proxy is (its cgroup), which every hook checks.
 //! `tcpseq.rs`: the kernel's sequence numbers that byte order hangs on.
 //! `retire.rs`: sockops takes a pair that gave up the fast path out of the
 //! SOCKHASH (sk_msg may not delete from it).
@@ -31,6 +32,7 @@ mod counters;
 mod flow;
 mod getsockname;
 mod getsockopt;
+mod identity;
 mod maps;
 mod netns;
 mod nudge_iter;

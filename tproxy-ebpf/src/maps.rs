@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use tproxy_common::{
     ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NUDGE_EVENTS_BYTES,
-    NUDGE_MAX, NodeConfig, PENDING_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState,
-    TARGETS_MAX, Target, TargetAddr,
+    NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX,
+    SockKey, SockState, TARGETS_MAX, Target, TargetAddr,
 };
 
 /// The targets this object serves, keyed by their network namespace's
@@ -38,6 +38,14 @@ pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(FLOWS_
 /// proxy's accepted socket reaches ESTABLISHED.
 #[map]
 pub static SYNS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(SYNS_MAX, 0);
+
+/// Connections to intercepted ports that were open when tproxy attached
+/// (client side first, the dialled port as local port), written by
+/// userspace from the namespace's socket table: their packets keep going
+/// to the app; every other non-SYN packet of no known flow is dropped.
+/// A plain hash: eviction would cut a live connection.
+#[map]
+pub static PRIOR_FLOWS: HashMap<FlowKey, u64> = HashMap::with_max_entries(FLOWS_MAX, 0);
 
 /// Closed steered flows, lingering for retransmitted FINs and TIME_WAIT
 /// ACKs: LRU of its own, so neither a SYN flood nor a high connection rate
@@ -74,6 +82,16 @@ pub fn sock_state(sk: u64) -> Option<*mut SockState> {
 #[map]
 pub static PENDING_PEERS: LruHashMap<SockKey, Pending> =
     LruHashMap::with_max_entries(PENDING_MAX, 0);
+
+/// Sockets the proxy connected (by socket cookie, which the kernel never
+/// reuses), noted at TCP_CONNECT_CB, where the connecting process is the
+/// current task: only these may be paired as the proxy's upstream end
+/// (`identity.rs`). Only the proxy's connects write here, so no other
+/// process can churn it; an entry is taken at ESTABLISHED, and the LRU
+/// drops those of connects that never got there.
+#[map]
+pub static PROXY_CONNECTS: LruHashMap<u64, u8> =
+    LruHashMap::with_max_entries(PROXY_CONNECTS_MAX, 0);
 
 /// The targets' own addresses (their interface's) -> their netns cookie,
 /// written by userspace at attach: which pod of this node an address is,

@@ -29,7 +29,10 @@ fn try_restore(ctx: &TcContext) -> Result<i32, ()> {
     if packet::mark(ctx) == cfg.proxy_mark {
         return Ok(TC_ACT_UNSPEC);
     }
-    let tcp = packet::parse_tcp(ctx, cfg.l2_len, slot).ok_or(())?;
+    // Egress never drops: what we cannot read is not a reply of ours.
+    let packet::Parsed::Tcp(tcp) = packet::parse_tcp(ctx, cfg.l2_len, slot) else {
+        return Ok(TC_ACT_UNSPEC);
+    };
     let rewrite = cfg.steer_mode == SteerMode::Rewrite as u8;
     let sport = tcp.sport_host();
     // Replies of steered flows leave from the proxy port (rewrite) or from

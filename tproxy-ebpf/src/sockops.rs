@@ -26,8 +26,9 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
+    helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -37,8 +38,8 @@ use tproxy_common::{
 };
 
 use crate::{
-    counters, flow,
-    maps::{PENDING_PEERS, SOCKHASH, SOCKS},
+    counters, flow, identity,
+    maps::{PENDING_PEERS, PROXY_CONNECTS, SOCKHASH, SOCKS},
     peer, sockkey, tcpseq,
 };
 
@@ -72,6 +73,18 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
     let slot = target.map_or(0, |t| t.config.slot);
     counters::inc(slot, Counter::SockopsEvents);
     match op {
+        // connect(2), in the connecting process: note the proxy's own.
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if let Some(t) = target
+                && ACCEL
+                && t.config.flags & flags::ACCEL != 0
+                && identity::caller_is_proxy(&t.config)
+            {
+                // SAFETY: the helper takes this program's own context.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+                let _ = PROXY_CONNECTS.insert(&cookie, &1, 0);
+            }
+        }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let target = target.ok_or(())?;
             if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
@@ -109,6 +122,16 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
         let Some(peer_key) = peer::expected(key, target) else {
             return Ok(());
         };
+        // The proxy->app leg: only a connection the proxy made (another
+        // local process dialling the app stays plain TCP, and cannot fill
+        // the maps the proxy's legs need).
+        if sockkey::both_local(key) {
+            // SAFETY: the helper takes this program's own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            if PROXY_CONNECTS.remove(&cookie).is_err() {
+                return Ok(());
+            }
+        }
         let sk = insert(ctx, key, &peer_key, 0, slot)?;
         let (snd_nxt, rcv_nxt) = peer::seqs(ctx);
         let pending = Pending {

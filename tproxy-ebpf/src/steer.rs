@@ -5,6 +5,13 @@
 //! mark, and policy routing + nftables `tproxy` deliver it. A SYN opens an
 //! embryonic entry (`SYNS`); later packets of the flow follow their entry
 //! (see `flow.rs` for its life). Packets never end a flow.
+//!
+//! Fail closed: no connection to an intercepted port reaches the app
+//! except through the proxy. Dropped (and counted) are: packets whose TCP
+//! header cannot be read (`packet.rs`), SYNs that cannot be recorded or
+//! rewritten, SYNs while the target drains, and every other packet to an
+//! intercepted port of no flow tproxy knows, unless its connection was
+//! open when tproxy attached (`PRIOR_FLOWS`).
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
@@ -14,16 +21,24 @@ use tproxy_common::{Counter, SteerMode, flags};
 
 use crate::{
     counters, flow,
-    packet::{self, TCP_DPORT},
+    packet::{self, Parsed, TCP_DPORT, Tcp},
 };
 
 #[classifier]
 pub fn tproxy_steer(ctx: TcContext) -> i32 {
-    try_steer(&ctx).unwrap_or(TC_ACT_UNSPEC)
+    match try_steer(&ctx) {
+        Ok(verdict) => verdict,
+        Err(slot) => {
+            counters::inc(slot, Counter::SteerErrors);
+            TC_ACT_SHOT
+        }
+    }
 }
 
+/// A verdict, or the counter slot of a SYN that could not be recorded or
+/// rewritten (dropped).
 #[inline(always)]
-fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
+fn try_steer(ctx: &TcContext) -> Result<i32, u32> {
     // The interface's namespace: the target (pod) this packet is for.
     let Some((cookie, target)) =
         crate::netns::of_packet(ctx).and_then(|c| Some((c, counters::target(c)?)))
@@ -40,7 +55,11 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
     if packet::mark(ctx) == cfg.proxy_mark {
         return Ok(TC_ACT_UNSPEC);
     }
-    let tcp = packet::parse_tcp(ctx, cfg.l2_len, slot).ok_or(())?;
+    let tcp = match packet::parse_tcp(ctx, cfg.l2_len, slot) {
+        Parsed::Tcp(tcp) => tcp,
+        Parsed::Pass => return Ok(TC_ACT_UNSPEC),
+        Parsed::Unreadable => return Ok(drop(slot, Counter::IngressUnreadable)),
+    };
     if !target.intercepts(tcp.dport_host()) {
         return Ok(TC_ACT_UNSPEC);
     }
@@ -58,14 +77,12 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
     match flow::lookup(&key) {
         Some(entry) if entry.orig_port() == tcp.dport => {
             if tcp.is_syn() && entry.closed() {
-                // A new connection on a closed flow's tuple: a new flow
-                // (while draining, it goes straight to the app, like every
-                // new connection then).
+                // A new connection on a closed flow's tuple: a new flow.
                 if !steer_new {
-                    return Ok(TC_ACT_UNSPEC);
+                    return Ok(drop(slot, Counter::SynsRefusedDraining));
                 }
                 flow::remove(slot, &key, &entry);
-                flow::embryonic(slot, &key, tcp.dport, now)?;
+                flow::embryonic(slot, &key, tcp.dport, now).map_err(|_| slot)?;
             } else {
                 entry.touch(now);
             }
@@ -76,27 +93,50 @@ fn try_steer(ctx: &TcContext) -> Result<i32, ()> {
             // one 4-tuple at the proxy. Only a new connection may take the
             // tuple, and only once the old flow is gone; until then its SYN
             // is dropped (the client retries) and counted.
-            if !tcp.is_syn() || !steer_new {
-                return Ok(TC_ACT_UNSPEC);
+            if !tcp.is_syn() {
+                return Ok(unknown(slot, &tcp, cookie));
+            }
+            if !steer_new {
+                return Ok(drop(slot, Counter::SynsRefusedDraining));
             }
             if !entry.may_take_over(now) {
-                counters::inc(slot, Counter::SteerCollisions);
-                return Ok(TC_ACT_SHOT);
+                return Ok(drop(slot, Counter::SteerCollisions));
             }
             flow::remove(slot, &key, &entry);
-            flow::embryonic(slot, &key, tcp.dport, now)?;
+            flow::embryonic(slot, &key, tcp.dport, now).map_err(|_| slot)?;
         }
-        None if tcp.is_syn() && steer_new => flow::embryonic(slot, &key, tcp.dport, now)?,
-        // A flow that began before tproxy started (or was not steered):
-        // leave it on its way to the app.
-        None => return Ok(TC_ACT_UNSPEC),
+        None if tcp.is_syn() => {
+            if !steer_new {
+                return Ok(drop(slot, Counter::SynsRefusedDraining));
+            }
+            flow::embryonic(slot, &key, tcp.dport, now).map_err(|_| slot)?;
+        }
+        // Not a SYN, and no flow of ours: a connection that was open when
+        // tproxy attached passes on to the app; nothing else may.
+        None => return Ok(unknown(slot, &tcp, cookie)),
     }
 
     if !rewrite {
         ctx.set_mark(cfg.steer_mark);
     } else if !packet::rewrite_port(ctx, &tcp, TCP_DPORT, tcp.dport, cfg.proxy_port.to_be()) {
-        return Err(());
+        return Err(slot);
     }
     counters::inc(slot, Counter::IngressSteered);
     Ok(TC_ACT_UNSPEC)
+}
+
+#[inline(always)]
+fn drop(slot: u32, why: Counter) -> i32 {
+    counters::inc(slot, why);
+    TC_ACT_SHOT
+}
+
+/// A non-SYN packet to an intercepted port of no flow tproxy steered.
+#[inline(always)]
+fn unknown(slot: u32, tcp: &Tcp, cookie: u64) -> i32 {
+    if flow::prior(tcp, cookie) {
+        TC_ACT_UNSPEC
+    } else {
+        drop(slot, Counter::IngressUnknownDropped)
+    }
 }

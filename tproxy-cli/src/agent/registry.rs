@@ -121,6 +121,7 @@ pub fn options_of(spec: &TargetSpec) -> Result<Options> {
         iface: spec.iface.clone(),
         ports,
         cgroup: Some(cgroup),
+        proxy_cgroup: None,
         proxy_port: spec.proxy_port.unwrap_or(crate::cli::DEFAULT_PROXY_PORT),
         proxy_mark: spec.proxy_mark.unwrap_or(crate::cli::DEFAULT_PROXY_MARK),
         accel: spec.accel.unwrap_or(true),
