@@ -61,6 +61,16 @@ pub enum Error {
     NotCgroup2(PathBuf),
 
     #[error(
+        "cgroup {given:?} {why}: the agent attaches only to a pod's own cgroup below the cgroup2 mount {}; give the pod's cgroup relative to that mount (e.g. kubepods/pod<uid>) or as an absolute path under it",
+        .mount.display()
+    )]
+    AgentCgroup {
+        given: PathBuf,
+        why: String,
+        mount: PathBuf,
+    },
+
+    #[error(
         "no cgroup v2 hierarchy is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup"
     )]
     NoCgroup2,

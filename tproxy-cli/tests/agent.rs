@@ -536,6 +536,97 @@ fn an_agent_refuses_the_pins_of_another_build_with_one_line() {
     assert!(!pod.steered(POD_V4));
 }
 
+/// Issue #20 item 8: a target whose cgroup is the cgroup2 root (however
+/// written: "", ".", the mount, `mount/../unified`, a symlink to it) or
+/// lies outside the cgroup2 mount ("/", "..") is refused with one line
+/// naming the path and the fix, before anything is attached: the root
+/// keeps exactly the programs it had, the pod's namespace and cgroup get
+/// none, nothing is pinned. The pod's own cgroup written with `.` and `..`
+/// is resolved and attached.
+#[test]
+fn the_agent_refuses_the_cgroup_root_and_paths_outside_the_cgroup2_mount() {
+    let agent = Agent::new(&[]);
+    let pod = Pod::bare("pod-r1");
+    let mount = tproxy_lab::cgroup::cgroup2_root().unwrap();
+    let root_before = tproxy_lab::kernel::cgroup_programs(&mount).unwrap();
+    let links = tempfile::tempdir().unwrap();
+    let to_root = links.path().join("to-root");
+    std::os::unix::fs::symlink(&mount, &to_root).unwrap();
+    let cases: [(PathBuf, &str); 8] = [
+        ("".into(), "the cgroup2 root"),
+        (".".into(), "the cgroup2 root"),
+        (mount.clone(), "the cgroup2 root"),
+        (
+            mount.join("..").join(mount.file_name().unwrap()),
+            "the cgroup2 root",
+        ),
+        (to_root, "the cgroup2 root"),
+        ("/".into(), "outside the cgroup2 mount"),
+        ("..".into(), "outside the cgroup2 mount"),
+        ("/tmp".into(), "outside the cgroup2 mount"),
+    ];
+    for (cgroup, why) in cases {
+        let r = agent.call(&Request::Add {
+            id: "r1".into(),
+            target: TargetSpec {
+                cgroup: Some(cgroup.clone()),
+                ..pod.spec()
+            },
+        });
+        let error = r.error.clone().unwrap_or_default();
+        assert!(!r.ok, "{cgroup:?} was accepted");
+        assert_eq!(r.code, Some(agent_api::code::INVALID_CONFIG), "{error}");
+        assert!(
+            error.contains(&format!("cgroup {cgroup:?}"))
+                && error.contains(why)
+                && error.contains("give the pod's cgroup")
+                && !error.contains('\n'),
+            "{cgroup:?}: {error}"
+        );
+        // Refused before anything was attached.
+        assert!(agent.ids().is_empty());
+        assert_eq!(
+            tproxy_lab::kernel::cgroup_programs(&mount).unwrap(),
+            root_before,
+            "{cgroup:?}"
+        );
+        assert!(
+            tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+                .unwrap()
+                .is_empty()
+        );
+        let tc = pod
+            .ns
+            .exec("tc", &["filter", "show", "dev", "eth0", "ingress"]);
+        assert!(!tc.unwrap().contains("tproxy"), "{cgroup:?}");
+        assert!(pins_under(&agent.pins().join("targets")).is_empty());
+    }
+    // The pod's own cgroup, relative and with `.` and `..`: resolved.
+    let name = pod.cgroup.path().file_name().unwrap().to_str().unwrap();
+    agent.add(
+        "r1",
+        &TargetSpec {
+            cgroup: Some(format!("./{name}/../{name}/.").into()),
+            ..pod.spec()
+        },
+    );
+    assert!(
+        !tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        tproxy_lab::kernel::cgroup_programs(&mount).unwrap(),
+        root_before
+    );
+    agent.del("r1");
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+}
+
 #[test]
 fn target_files_add_replace_and_remove_targets_and_a_broken_one_is_skipped() {
     let agent = Agent::new(&["--drain-timeout", "1"]);
