@@ -150,6 +150,12 @@ pub enum Error {
     )]
     AgentRunning { dir: PathBuf, pid: i32 },
 
+    #[error(
+        "the agent socket's directory {} (mode {mode:o}) may be written by other users, who could replace the socket; pass --socket a path in a directory only root writes (a missing one is created with mode 0700)",
+        .dir.display()
+    )]
+    SocketDir { dir: PathBuf, mode: u32 },
+
     #[error("the object was loaded without acceleration; a target cannot turn it on")]
     AccelNotLoaded,
 
