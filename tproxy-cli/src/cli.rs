@@ -486,6 +486,27 @@ mod tests {
         }
     }
 
+    /// The agent's metrics are off unless asked for; `--metrics-addr`
+    /// alone is the node's loopback (its figures name pods).
+    #[test]
+    fn the_agents_metrics_default_to_loopback() {
+        let agent = |args: &[&str]| {
+            let all: Vec<&str> = ["tproxy", "agent"].iter().chain(args).copied().collect();
+            match parse(&all).unwrap().command {
+                Some(Command::Agent(a)) => a.metrics_addr,
+                _ => panic!("not agent"),
+            }
+        };
+        assert_eq!(agent(&[]), None);
+        let lo = Some("127.0.0.1:9464".parse().unwrap());
+        assert_eq!(agent(&["--metrics-addr"]), lo);
+        assert_eq!(agent(&["--metrics-addr", "--socket", "/s"]), lo);
+        assert_eq!(
+            agent(&["--metrics-addr", "[::1]:9100"]),
+            Some("[::1]:9100".parse().unwrap())
+        );
+    }
+
     #[test]
     fn metrics_addr_v4_and_v6() {
         let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80"]).unwrap();

@@ -66,6 +66,16 @@ pub enum Error {
     ProxyCgroupOutside { proxy: PathBuf, cgroup: PathBuf },
 
     #[error(
+        "cgroup {given:?} {why}: the agent attaches only to a pod's own cgroup below the cgroup2 mount {}; give the pod's cgroup relative to that mount (e.g. kubepods/pod<uid>) or as an absolute path under it",
+        .mount.display()
+    )]
+    AgentCgroup {
+        given: PathBuf,
+        why: String,
+        mount: PathBuf,
+    },
+
+    #[error(
         "no cgroup v2 hierarchy is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup"
     )]
     NoCgroup2,
@@ -144,6 +154,12 @@ pub enum Error {
         "a tproxy agent (pid {pid}) already runs with the state directory {dir}; stop it first (or give this one another --state-dir)"
     )]
     AgentRunning { dir: PathBuf, pid: i32 },
+
+    #[error(
+        "the agent socket's directory {} (mode {mode:o}) may be written by other users, who could replace the socket; pass --socket a path in a directory only root writes (a missing one is created with mode 0700)",
+        .dir.display()
+    )]
+    SocketDir { dir: PathBuf, mode: u32 },
 
     #[error("the object was loaded without acceleration; a target cannot turn it on")]
     AccelNotLoaded,

@@ -2,12 +2,25 @@
 //! `http://ADDR/metrics` (404 elsewhere), in the OpenMetrics text format
 //! (what the official client writes and Prometheus asks for).
 //!
-//! The figures are read from the maps when a scrape comes in (a
+//! A single run's figures are read from the maps when a scrape comes in (a
 //! collector), through descriptors of our own duplicated from the
 //! instance's, so they are what `tproxy stats` would print at that moment.
 //! The server runs on the serve loop's runtime; a scrape is served between
 //! two of its ticks.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+//!
+//! The agent's walk covers node-wide maps (up to 65,536 entries each) and
+//! its runtime also serves the agent API: there a thread of its own walks
+//! them, at most once a second and only when asked, and scrapes answer
+//! from its last snapshot ([`Snapshots`]).
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -24,7 +37,10 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, info::Info},
     registry::Registry,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
 use tproxy_common::Counter;
 
 use crate::{Error, Instance, Options, Result, inspect::Maps};
@@ -35,6 +51,12 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const MAX_CONNECTIONS: usize = 16;
 /// A client that has not sent its request head by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent walks its maps for scrapes at most this often; a scrape
+/// within this long of the last walk gets that walk's snapshot.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
+/// How long an agent scrape waits for a fresh snapshot before it is given
+/// the last one (a walk held up by a target's attach holding the lock).
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 
 /// The bound listener. Bound before anything is installed, so a taken
 /// address fails the start with nothing to undo.
@@ -60,21 +82,29 @@ impl Endpoint {
     pub fn start(self, instance: &Instance, opts: &Options) -> Result<()> {
         let registry = registry(instance.maps()?, instance_labels(instance, opts));
         tracing::info!("metrics on http://{}/metrics", self.local_addr());
-        tokio::spawn(self.serve(Arc::new(registry)));
+        tokio::spawn(self.serve(Source::Live(registry)));
         Ok(())
     }
 
     /// Serves the agent's figures, one series per target (labels `target`
     /// and `pod`), from now on, on the current runtime.
+    /// The maps are walked off the runtime, by [`Snapshots`].
     pub fn start_agent(self, maps: Maps, targets: TargetList) -> Result<()> {
+        let walks = Arc::new(AtomicU64::new(0));
         let mut registry = Registry::with_prefix("tproxy");
-        registry.register_collector(Box::new(AgentCollector { maps, targets }));
+        registry.register_collector(Box::new(AgentCollector {
+            maps,
+            targets,
+            walks,
+        }));
+        let snapshots = Snapshots::start(registry)?;
         tracing::info!("metrics on http://{}/metrics", self.local_addr());
-        tokio::spawn(self.serve(Arc::new(registry)));
+        tokio::spawn(self.serve(Source::Cached(snapshots)));
         Ok(())
     }
 
-    async fn serve(self, registry: Arc<Registry>) {
+    async fn serve(self, source: Source) {
+        let source = Arc::new(source);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -89,11 +119,20 @@ impl Endpoint {
                     continue;
                 }
             };
-            let registry = registry.clone();
+            let source = source.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let registry = registry.clone();
-                    async move { Ok::<_, Infallible>(answer(&req, &registry)) }
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let source = source.clone();
+                    async move {
+                        let r = match &*source {
+                            Source::Live(registry) => answer(&req, registry),
+                            Source::Cached(s) => match refusal(req.method(), req.uri().path()) {
+                                Some(r) => r,
+                                None => exposition(s.latest().await.as_ref()),
+                            },
+                        };
+                        Ok::<_, Infallible>(r)
+                    }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -114,35 +153,148 @@ pub fn answer(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Byt
 }
 
 fn answer_to(method: &Method, path: &str, registry: &Registry) -> Response<Full<Bytes>> {
-    let plain = |status, body: &str| {
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("valid response")
-    };
+    refusal(method, path).unwrap_or_else(|| exposition(encode(registry).as_ref()))
+}
+
+/// What scrapes are served from.
+enum Source {
+    /// Encoded at each scrape (a single run).
+    Live(Registry),
+    /// The last snapshot (the agent).
+    Cached(Arc<Snapshots>),
+}
+
+fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("valid response")
+}
+
+/// 404 for anything but /metrics, 405 for anything but GET and HEAD.
+fn refusal(method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
     if path != "/metrics" {
-        return plain(
+        return Some(plain(
             StatusCode::NOT_FOUND,
             "not found; tproxy's metrics are on /metrics\n",
-        );
+        ));
     }
     if method != Method::GET && method != Method::HEAD {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
         r.headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-        return r;
+        return Some(r);
     }
+    None
+}
+
+/// The registry's exposition; `None` if a collector failed.
+fn encode(registry: &Registry) -> Option<Bytes> {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => Response::builder()
+    prometheus_client::encoding::text::encode(&mut body, registry).ok()?;
+    Some(Bytes::from(body))
+}
+
+/// The 200 with the exposition, or a 500 when there is none.
+fn exposition(body: Option<&Bytes>) -> Response<Full<Bytes>> {
+    match body {
+        Some(body) => Response::builder()
             .header(header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body.clone()))
             .expect("valid response"),
-        Err(_) => plain(
+        None => plain(
             StatusCode::INTERNAL_SERVER_ERROR,
             "reading tproxy's maps failed; see tproxy's log\n",
         ),
+    }
+}
+
+/// One walk of the maps, encoded; `body` is `None` if it failed.
+struct Snapshot {
+    seq: u64,
+    /// When the walk ended.
+    taken: Instant,
+    body: Option<Bytes>,
+}
+
+/// The agent's scrape snapshots: a thread of their own walks the maps and
+/// encodes the exposition when a scrape asks and the last snapshot is
+/// older than [`SNAPSHOT_EVERY`], at most once per [`SNAPSHOT_EVERY`]
+/// however many scrape; the runtime (which also serves the agent API)
+/// only waits for it, asynchronously and for at most [`SNAPSHOT_WAIT`].
+/// One walk at a time, and the exposition is bounded by the maps' and the
+/// targets' sizes.
+pub struct Snapshots {
+    /// A scrape wants a fresh snapshot.
+    wanted: Mutex<bool>,
+    ask: Condvar,
+    last: watch::Sender<Option<Arc<Snapshot>>>,
+}
+
+impl Snapshots {
+    fn start(registry: Registry) -> Result<Arc<Snapshots>> {
+        let s = Arc::new(Snapshots {
+            wanted: Mutex::new(false),
+            ask: Condvar::new(),
+            last: watch::Sender::new(None),
+        });
+        let walker = s.clone();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || walker.walk_when_asked(&registry))
+            .map_err(|e| Error::io("starting the metrics thread", e))?;
+        Ok(s)
+    }
+
+    fn walk_when_asked(&self, registry: &Registry) {
+        let mut seq = 0;
+        loop {
+            {
+                let mut wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                while !*wanted {
+                    wanted = self.ask.wait(wanted).unwrap_or_else(|e| e.into_inner());
+                }
+                *wanted = false;
+            }
+            let started = Instant::now();
+            let body = encode(registry);
+            seq += 1;
+            let took = started.elapsed();
+            if took > SNAPSHOT_EVERY {
+                tracing::warn!("metrics: walking the maps took {took:?}");
+            }
+            let taken = Instant::now();
+            self.last
+                .send_replace(Some(Arc::new(Snapshot { seq, taken, body })));
+            // At most one walk a second, and walking at most half the time
+            // when a walk takes longer than that.
+            std::thread::sleep(SNAPSHOT_EVERY.saturating_sub(took).max(took));
+        }
+    }
+
+    /// The exposition of a snapshot at most [`SNAPSHOT_EVERY`] old, or of
+    /// the last one if none comes within [`SNAPSHOT_WAIT`].
+    async fn latest(&self) -> Option<Bytes> {
+        let mut rx = self.last.subscribe();
+        let seen = match &*rx.borrow_and_update() {
+            Some(s) if s.taken.elapsed() < SNAPSHOT_EVERY => return s.body.clone(),
+            Some(s) => s.seq,
+            None => 0,
+        };
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.ask.notify_one();
+        let newer = |s: &Option<Arc<Snapshot>>| s.as_ref().is_some_and(|s| s.seq > seen);
+        if tokio::time::timeout(SNAPSHOT_WAIT, rx.wait_for(newer))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "metrics: no fresh snapshot within {SNAPSHOT_WAIT:?}; serving the last one"
+            );
+        }
+        let last = rx.borrow();
+        last.as_ref().and_then(|s| s.body.clone())
     }
 }
 
@@ -238,6 +390,8 @@ pub type TargetList = Arc<dyn Fn() -> Vec<TargetLabels> + Send + Sync>;
 struct AgentCollector {
     maps: Maps,
     targets: TargetList,
+    /// Walks made: the scrape snapshots' sequence number.
+    walks: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AgentCollector {
@@ -248,6 +402,14 @@ impl std::fmt::Debug for AgentCollector {
 
 impl Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let walks = self.walks.fetch_add(1, Ordering::Relaxed) + 1;
+        let m = ConstCounter::new(walks);
+        m.encode(enc.encode_descriptor(
+            "scrape_snapshots",
+            "Walks of the maps for scrapes (at most one a second; scrapes in between get the last one).",
+            None,
+            m.metric_type(),
+        )?)?;
         let mut targets = (self.targets)();
         // Slot 0: events of no target (a target being removed, a socket of
         // another namespace in a cgroup).

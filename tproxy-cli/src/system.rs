@@ -498,6 +498,60 @@ pub fn open_cgroup(path: Option<&Path>) -> Result<CgroupDir> {
     })
 }
 
+/// A target's cgroup as the agent takes it (a single run's `--cgroup`
+/// keeps `open_cgroup`, whose default is the root): `given` relative to the
+/// cgroup2 `mount` or absolute, resolved (`.`, `..`, symlinks), and refused
+/// when it is the mount itself (the root cgroup holds every process of the
+/// host) or lies outside it.
+pub fn resolve_agent_cgroup(given: &Path, mount: &Path) -> Result<PathBuf> {
+    let refuse = |why: String| Error::AgentCgroup {
+        given: given.to_path_buf(),
+        why,
+        mount: mount.to_path_buf(),
+    };
+    let mount_real = fs::canonicalize(mount).map_err(|e| {
+        refuse(format!(
+            "cannot be checked: the cgroup2 mount is unreadable ({e})"
+        ))
+    })?;
+    // "" and "." join to the mount itself: refused below like "/sys/fs/cgroup".
+    let real = fs::canonicalize(mount.join(given))
+        .map_err(|e| refuse(format!("does not resolve to a directory ({e})")))?;
+    if real == mount_real {
+        return Err(refuse(format!(
+            "resolves to {}, the cgroup2 root, which holds every process of the host",
+            real.display()
+        )));
+    }
+    if !real.starts_with(&mount_real) {
+        return Err(refuse(format!(
+            "resolves to {}, outside the cgroup2 mount",
+            real.display()
+        )));
+    }
+    Ok(real)
+}
+
+/// Opens a target's cgroup for the agent: resolved and checked by
+/// [`resolve_agent_cgroup`], then the opened directory is checked again
+/// by device and inode, so nothing swapped in between makes it the root.
+pub fn open_agent_cgroup(given: &Path) -> Result<CgroupDir> {
+    let mount = cgroup2_root()?;
+    let path = resolve_agent_cgroup(given, &mount)?;
+    let cg = open_cgroup(Some(&path))?;
+    let id = |m: fs::Metadata| (m.dev(), m.ino());
+    let opened = cg.dir.metadata().map(id);
+    let root = fs::metadata(&mount).map(id);
+    match (opened, root) {
+        (Ok(a), Ok(b)) if a != b => Ok(cg),
+        _ => Err(Error::AgentCgroup {
+            given: given.to_path_buf(),
+            why: format!("opened as {}, the cgroup2 root", path.display()),
+            mount,
+        }),
+    }
+}
+
 /// Inode of this process's network namespace: names what belongs to this
 /// instance, so instances in different namespaces never share a name.
 pub fn netns_inode() -> Result<u64> {
@@ -642,6 +696,86 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(both.contains("lacks CAP_BPF, CAP_PERFMON"), "{both}");
+    }
+
+    /// The agent's cgroup paths, against a stand-in mount in a temp dir
+    /// (the path logic; the real mount is checked below).
+    #[test]
+    fn the_agent_refuses_the_cgroup_root_and_paths_outside_the_mount() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(tmp.path()).unwrap();
+        let mount = base.join("unified");
+        fs::create_dir_all(mount.join("kubepods/pod1")).unwrap();
+        fs::create_dir(base.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(&mount, base.join("to-root")).unwrap();
+        std::os::unix::fs::symlink(mount.join("kubepods/pod1"), base.join("to-pod")).unwrap();
+        let resolve = |p: &Path| resolve_agent_cgroup(p, &mount);
+        let refused = |p: &Path, why: &str| {
+            let e = resolve(p).expect_err(&p.display().to_string());
+            let line = e.to_string();
+            assert!(matches!(e, Error::AgentCgroup { .. }), "{line}");
+            assert!(line.contains(why), "{}: {line}", p.display());
+            // Names the path as given, and the fix.
+            assert!(line.contains(&format!("{p:?}")), "{line}");
+            assert!(line.contains("give the pod's cgroup"), "{line}");
+            assert!(!line.contains('\n'), "{line}");
+        };
+        let root = "the cgroup2 root";
+        let outside = "outside the cgroup2 mount";
+        for p in [
+            "".into(),
+            ".".into(),
+            "./".into(),
+            "kubepods/..".into(),
+            mount.clone(),
+            mount.join("../unified"),
+            mount.join("kubepods/pod1/../.."),
+            base.join("to-root"),
+        ] {
+            refused(&p, root);
+        }
+        for p in [
+            "/".into(),
+            "..".into(),
+            "../elsewhere".into(),
+            base.join("elsewhere"),
+            "/tmp".into(),
+        ] {
+            refused(&p, outside);
+        }
+        refused(Path::new("kubepods/missing"), "does not resolve");
+        let pod = mount.join("kubepods/pod1");
+        for p in [
+            PathBuf::from("kubepods/pod1"),
+            "./kubepods/pod1/".into(),
+            "kubepods/../kubepods/pod1".into(),
+            pod.clone(),
+            base.join("to-pod"),
+        ] {
+            assert_eq!(resolve(&p).unwrap(), pod, "{}", p.display());
+        }
+    }
+
+    /// The same refusals against this host's cgroup2 mount, and the
+    /// opened directory is checked too.
+    #[test]
+    fn the_agent_refuses_this_hosts_cgroup2_root() {
+        let mount = cgroup2_root().unwrap();
+        for p in [
+            PathBuf::from(""),
+            ".".into(),
+            mount.clone(),
+            mount.join("../").join(mount.file_name().unwrap()),
+        ] {
+            let e = open_agent_cgroup(&p).unwrap_err();
+            assert!(
+                e.to_string().contains("the cgroup2 root"),
+                "{}: {e}",
+                p.display()
+            );
+        }
+        let e = open_agent_cgroup(Path::new("/")).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
     }
 
     #[test]

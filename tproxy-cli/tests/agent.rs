@@ -536,6 +536,227 @@ fn an_agent_refuses_the_pins_of_another_build_with_one_line() {
     assert!(!pod.steered(POD_V4));
 }
 
+/// Issue #20 item 8: a target whose cgroup is the cgroup2 root (however
+/// written: "", ".", the mount, `mount/../unified`, a symlink to it) or
+/// lies outside the cgroup2 mount ("/", "..") is refused with one line
+/// naming the path and the fix, before anything is attached: the root
+/// keeps exactly the programs it had, the pod's namespace and cgroup get
+/// none, nothing is pinned. The pod's own cgroup written with `.` and `..`
+/// is resolved and attached.
+#[test]
+fn the_agent_refuses_the_cgroup_root_and_paths_outside_the_cgroup2_mount() {
+    let agent = Agent::new(&[]);
+    let pod = Pod::bare("pod-r1");
+    let mount = tproxy_lab::cgroup::cgroup2_root().unwrap();
+    let root_before = tproxy_lab::kernel::cgroup_programs(&mount).unwrap();
+    let links = tempfile::tempdir().unwrap();
+    let to_root = links.path().join("to-root");
+    std::os::unix::fs::symlink(&mount, &to_root).unwrap();
+    let cases: [(PathBuf, &str); 8] = [
+        ("".into(), "the cgroup2 root"),
+        (".".into(), "the cgroup2 root"),
+        (mount.clone(), "the cgroup2 root"),
+        (
+            mount.join("..").join(mount.file_name().unwrap()),
+            "the cgroup2 root",
+        ),
+        (to_root, "the cgroup2 root"),
+        ("/".into(), "outside the cgroup2 mount"),
+        ("..".into(), "outside the cgroup2 mount"),
+        ("/tmp".into(), "outside the cgroup2 mount"),
+    ];
+    for (cgroup, why) in cases {
+        let r = agent.call(&Request::Add {
+            id: "r1".into(),
+            target: TargetSpec {
+                cgroup: Some(cgroup.clone()),
+                ..pod.spec()
+            },
+        });
+        let error = r.error.clone().unwrap_or_default();
+        assert!(!r.ok, "{cgroup:?} was accepted");
+        assert_eq!(r.code, Some(agent_api::code::INVALID_CONFIG), "{error}");
+        assert!(
+            error.contains(&format!("cgroup {cgroup:?}"))
+                && error.contains(why)
+                && error.contains("give the pod's cgroup")
+                && !error.contains('\n'),
+            "{cgroup:?}: {error}"
+        );
+        // Refused before anything was attached.
+        assert!(agent.ids().is_empty());
+        assert_eq!(
+            tproxy_lab::kernel::cgroup_programs(&mount).unwrap(),
+            root_before,
+            "{cgroup:?}"
+        );
+        assert!(
+            tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+                .unwrap()
+                .is_empty()
+        );
+        let tc = pod
+            .ns
+            .exec("tc", &["filter", "show", "dev", "eth0", "ingress"]);
+        assert!(!tc.unwrap().contains("tproxy"), "{cgroup:?}");
+        assert!(pins_under(&agent.pins().join("targets")).is_empty());
+    }
+    // The pod's own cgroup, relative and with `.` and `..`: resolved.
+    let name = pod.cgroup.path().file_name().unwrap().to_str().unwrap();
+    agent.add(
+        "r1",
+        &TargetSpec {
+            cgroup: Some(format!("./{name}/../{name}/.").into()),
+            ..pod.spec()
+        },
+    );
+    assert!(
+        !tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        tproxy_lab::kernel::cgroup_programs(&mount).unwrap(),
+        root_before
+    );
+    agent.del("r1");
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Fills the agent's FLOWS and SYNS with `n` entries each of a namespace
+/// no target has (steering never looks them up): the walk a busy node's
+/// scrape makes. They go with the agent's bpffs.
+fn fill_flow_tables(agent: &Agent, n: u32) {
+    use aya::maps::{HashMap, Map, MapData};
+    use tproxy_common::{FlowKey, FlowValue, names};
+    let node = agent.pins().join("node");
+    let value = FlowValue {
+        orig_port: 8000u16.to_be(),
+        state: 0,
+        _pad0: 0,
+        _pad1: 0,
+        last_seen: 1,
+        closed_at: 0,
+    };
+    for (name, lru) in [(names::FLOWS, false), (names::SYNS, true)] {
+        let data = MapData::from_pin(node.join(name)).unwrap();
+        let map = if lru {
+            Map::LruHashMap(data)
+        } else {
+            Map::HashMap(data)
+        };
+        let mut m: HashMap<MapData, FlowKey, FlowValue> = HashMap::try_from(map).unwrap();
+        for i in 0..n {
+            let key = FlowKey {
+                client_addr: [(0xc612_0000 + i).to_be(), 0, 0, 0],
+                local_addr: [0x0a4d_0002u32.to_be(), 0, 0, 0],
+                client_port: 40000u16.to_be(),
+                local_port: 8000u16.to_be(),
+                family: 2,
+                _pad0: [0; 3],
+                netns_cookie: u64::MAX - 7,
+            };
+            m.insert(key, value, 0).unwrap();
+        }
+    }
+}
+
+/// The agent's metrics body.
+fn scrape_body(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    assert!(all.starts_with("HTTP/1.1 200 "), "{all}");
+    all.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// `tproxy_scrape_snapshots_total`: the map walks made for scrapes.
+fn walks(body: &str) -> u64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix("tproxy_scrape_snapshots_total "))
+        .unwrap_or_else(|| panic!("no tproxy_scrape_snapshots_total in {body}"))
+        .parse()
+        .unwrap()
+}
+
+/// Issue #20 item 10: the agent's socket is 0600, and scrapes answer from
+/// a cached snapshot made off the runtime that serves the agent API: two
+/// scrapes in quick succession get the same snapshot (one walk); with the
+/// flow tables full (120,000 entries to walk) and four clients scraping
+/// without pause, the maps are walked at most once a second and the API
+/// keeps answering at once.
+#[test]
+fn scrapes_answer_from_a_cached_snapshot_and_the_api_stays_responsive() {
+    use std::os::unix::fs::MetadataExt as _;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent = Agent::new(&["--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let mode = std::fs::metadata(agent.socket()).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let pod = Pod::bare("pod-m1");
+    agent.add("m1", &pod.spec());
+    fill_flow_tables(&agent, 60_000);
+
+    let a = scrape_body(port);
+    let b = scrape_body(port);
+    assert_eq!(walks(&a), walks(&b), "two quick scrapes walked twice");
+    assert_eq!(a, b);
+    assert!(a.contains("target=\"m1\""), "{a}");
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let (mut lat, scrapes) = std::thread::scope(|s| {
+        let scrapers: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        scrape_body(port);
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut lat = Vec::new();
+        while started.elapsed() < Duration::from_secs(5) {
+            let t = Instant::now();
+            let r = agent.call(&Request::List);
+            lat.push(t.elapsed());
+            assert!(r.ok, "{r:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let scrapes: u32 = scrapers.into_iter().map(|h| h.join().unwrap()).sum();
+        (lat, scrapes)
+    });
+    let secs = started.elapsed().as_secs();
+    let made = walks(&scrape_body(port)) - walks(&b);
+    lat.sort();
+    let (median, max) = (lat[lat.len() / 2], lat[lat.len() - 1]);
+    eprintln!(
+        "{scrapes} scrapes, {made} walks in {secs} s; API list median {median:?}, max {max:?} ({} calls)",
+        lat.len()
+    );
+    assert!(scrapes as u64 > made, "{scrapes} scrapes, {made} walks");
+    assert!(made <= secs + 2, "{made} walks in {secs} s");
+    assert!(median < Duration::from_millis(50), "median {median:?}");
+    assert!(max < Duration::from_millis(500), "max {max:?}");
+}
+
 #[test]
 fn target_files_add_replace_and_remove_targets_and_a_broken_one_is_skipped() {
     let agent = Agent::new(&["--drain-timeout", "1"]);

@@ -192,9 +192,12 @@ fn daemonset_runs_the_agent_with_the_host_access_it_needs() {
             "--bpffs",
             "/sys/fs/bpf/tproxy",
             "--metrics-addr",
-            "0.0.0.0:9464"
+            "127.0.0.1:9464"
         ]
     );
+    // With hostNetwork a port would be the node's: none is declared, and
+    // metrics stay on the node's loopback.
+    assert!(agent["ports"].is_null(), "{:?}", agent["ports"]);
     assert_eq!(agent["securityContext"]["privileged"].as_bool(), Some(true));
     assert_eq!(
         named(&agent["env"], "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"].as_str(),

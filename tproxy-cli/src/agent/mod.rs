@@ -43,6 +43,9 @@ use crate::{
 pub const DEFAULT_TARGETS_DIR: &str = "/run/tproxy/targets.d";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/tproxy";
 pub const DEFAULT_MAX_TARGETS: u32 = 256;
+/// Where `--metrics-addr` alone serves: loopback, as the figures name pods
+/// and containers and show each one's traffic.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// `tproxy agent` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -74,8 +77,9 @@ pub struct AgentArgs {
     #[arg(long, hide = true, conflicts_with = "no_accel_same_node")]
     pub accel_same_node: bool,
     /// Serve Prometheus metrics on http://ADDR/metrics: every counter and
-    /// gauge per target (labels `target`, `pod`).
-    #[arg(long, value_name = "ADDR")]
+    /// gauge per target (labels `target`, `pod`); without ADDR the node's
+    /// loopback, 127.0.0.1:9464 (the figures name pods: expose them with care).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Agent settings in YAML: max_targets, drain_timeout, flows_max, syns_max, closing_max, socks_max.
     #[arg(long, value_name = "FILE")]

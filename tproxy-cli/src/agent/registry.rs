@@ -91,6 +91,7 @@ impl From<Error> for ApiFailure {
             | Error::NoSuchInterface(_)
             | Error::UnsupportedLinkType(..)
             | Error::NotCgroup2(_)
+            | Error::AgentCgroup { .. }
             | Error::TargetExists { .. }
             | Error::TargetSpec(_) => code::INVALID_CONFIG,
             _ => code::OTHER,
@@ -138,15 +139,6 @@ pub fn options_of(spec: &TargetSpec) -> Result<Options> {
     };
     opts.validate()?;
     Ok(opts)
-}
-
-/// The cgroup as the target names it: absolute, or under the cgroup2 mount.
-fn cgroup_path(p: &Path) -> Result<PathBuf> {
-    if p.is_absolute() {
-        Ok(p.to_path_buf())
-    } else {
-        Ok(system::cgroup2_root()?.join(p))
-    }
 }
 
 /// What the target's namespace says, found inside it.
@@ -270,12 +262,12 @@ impl Registry {
     pub fn attach(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
         let started = Instant::now();
         let opts = options_of(spec)?;
-        let cg = cgroup_path(opts.cgroup.as_deref().expect("checked"))?;
+        // First, before anything is attached: never the root, never outside.
         let system::CgroupDir {
             path: cgroup,
             dir: cgroup_dir,
             ..
-        } = system::open_cgroup(Some(&cg))?;
+        } = system::open_agent_cgroup(opts.cgroup.as_deref().expect("checked"))?;
         if !spec.netns.exists() {
             return Err(Error::TargetSpec(format!(
                 "network namespace {} does not exist: give the pod's namespace path",
