@@ -122,6 +122,16 @@ pub enum Error {
     NftTproxyUnsupported(String),
 
     #[error(
+        "nftables table inet {0} already exists and no tproxy record says tproxy created it; the tproxy back-end needs a table of that name of its own (it would mix its rules into this one and delete it at exit): move what it holds to a table of another name and delete it (`nft delete table inet {0}`), or use --steer rewrite"
+    )]
+    NftTableExists(String),
+
+    #[error(
+        "the nftables table inet {0}: the record of the tproxy that made it predates the marker that proves a table is tproxy's, so it is left; if nothing else uses it, delete it (`nft delete table inet {0}`)"
+    )]
+    NftTableUnmarked(String),
+
+    #[error(
         "the kernel lacks TCX (Linux >= 6.6), which --tc-mode tcx asks for; use --tc-mode auto or netlink"
     )]
     NoTcx,
@@ -318,6 +328,11 @@ impl NftError {
     /// nft said the object does not exist (ENOENT).
     pub fn is_missing(&self) -> bool {
         matches!(&self.0, nftables::helper::NftablesError::NftFailed { stderr, .. } if stderr.contains("No such file"))
+    }
+
+    /// nft said the object already exists (EEXIST, from `create`).
+    pub fn is_exists(&self) -> bool {
+        matches!(&self.0, nftables::helper::NftablesError::NftFailed { stderr, .. } if stderr.contains("File exists"))
     }
 }
 

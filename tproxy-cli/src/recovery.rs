@@ -94,10 +94,15 @@ pub fn recover_at_start(stale: &Record, iface: &str, ifindex: u32) {
     let r = clean_up_after(stale, iface, ifindex);
     let pid = stale.pid;
     if let Some(spec) = &stale.tproxy {
+        // Its table is removed only if it is still the one it created.
+        let table = if r.removed.iter().any(|x| x.what.contains("nftables table")) {
+            format!("nftables table {}, ", spec.nft_table)
+        } else {
+            String::new()
+        };
         warn!(
-            "a previous tproxy (pid {pid}) on {iface} died without cleaning up; removed {} routing object(s) it left (nftables table {}, fwmark rules, table {:#x} routes)",
+            "a previous tproxy (pid {pid}) on {iface} died without cleaning up; removed {} routing object(s) it left ({table}fwmark rules, table {:#x} routes)",
             r.count(RemovedKind::Routing),
-            spec.nft_table,
             spec.table
         );
     }

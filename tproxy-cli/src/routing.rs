@@ -5,6 +5,9 @@
 //! Nothing else in the host's rules or tables is touched: the mark and
 //! table are checked unused before anything is installed ([`plan`]), and
 //! removal deletes only rules and routes identical to the ones it added.
+//! The nftables table is created exclusively (`create table`: a table of
+//! that name already there fails the whole batch) and removed only while
+//! its rules carry the marker of the spec that created it.
 use std::{borrow::Cow, collections::BTreeMap, fmt::Write as _};
 
 use futures::TryStreamExt as _;
@@ -17,7 +20,7 @@ use nftables::{
     batch::Batch,
     expr::{Expression, Meta, MetaKey, NamedExpression},
     helper,
-    schema::{Chain, NfListObject, Rule, Table},
+    schema::{Chain, NfCmd, NfListObject, Rule, Table},
     stmt::{Accept, Match, Operator, Reject, RejectType, Statement, TProxy},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
@@ -50,6 +53,15 @@ pub struct TproxySpec {
     pub mark: u32,
     pub table: u32,
     pub proxy_port: u16,
+    /// A token of this install alone, in the comment of every rule of its
+    /// nftables table (`tproxy <owner>: …`): removal deletes the table only
+    /// while it carries it, so a table of the same name that someone else
+    /// made (after deleting ours, or while a kill left the record behind)
+    /// is never taken for ours. Rule comments rather than a table comment:
+    /// nft's JSON input (which the nftables crate writes) drops table
+    /// comments before nftables 1.1. Empty in records of older versions.
+    #[serde(default)]
+    pub owner: String,
 }
 
 impl TproxySpec {
@@ -59,8 +71,28 @@ impl TproxySpec {
             mark,
             table,
             proxy_port,
+            owner: new_owner(),
         }
     }
+
+    /// The prefix of the comments of the rules this spec installs.
+    fn marker(&self) -> String {
+        format!("tproxy {}:", self.owner)
+    }
+}
+
+/// 64 random bits in hex; pid and time if the kernel has none to give.
+fn new_owner() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == b.len() as isize {
+        return b.iter().map(|x| format!("{x:02x}")).collect();
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{:x}-{nanos:x}", std::process::id())
 }
 
 /// Refuses a reserved `--route-table` (no privileges needed).
@@ -321,13 +353,6 @@ fn meta_match<'a>(key: MetaKey, right: Expression<'a>) -> Statement<'a> {
     })
 }
 
-fn nft_err(what: &str, e: helper::NftablesError) -> Error {
-    Error::Nft {
-        what: what.into(),
-        source: NftError(e),
-    }
-}
-
 fn nft_table(spec: &TproxySpec) -> NfListObject<'static> {
     NfListObject::Table(Table {
         family: NfFamily::INet,
@@ -350,11 +375,12 @@ pub fn nft_on_path() -> Option<std::path::PathBuf> {
 /// Checks, before anything is installed, that `nft` runs and that the
 /// kernel takes the table `spec` would add (its `tproxy` rule needs
 /// nft_tproxy): `nft --check` has the kernel validate the batch and then
-/// discards it. Returns where `nft` is.
+/// discards it. Returns where `nft` is. (Whether the table's name is free
+/// is [`check_nft_table_free`]'s question.)
 pub fn check_nft(spec: &TproxySpec) -> Result<std::path::PathBuf> {
     use std::io::Write as _;
     let nft = nft_on_path().ok_or(Error::NoNft)?;
-    let payload = serde_json::to_string(&nft_batch(spec).to_nftables()).expect("serializes");
+    let payload = serde_json::to_string(&nft_batch(spec, false).to_nftables()).expect("serializes");
     // Run here rather than through the nftables crate, which lets nft's
     // error go to our stderr: it belongs in the one-line error.
     let run = || -> std::io::Result<std::process::Output> {
@@ -383,16 +409,40 @@ pub fn check_nft(spec: &TproxySpec) -> Result<std::path::PathBuf> {
     Ok(nft)
 }
 
-fn install_nft(spec: &TproxySpec) -> Result<()> {
-    helper::apply_ruleset(&nft_batch(spec).to_nftables())
-        .map_err(|e| nft_err("adding the tproxy table", e))
+/// Refuses, before anything is installed, a table of the name `spec`
+/// would create that is already there: it is not ours (a stale record of
+/// ours was cleaned up before this), and adding to it would mix our rules
+/// into someone's table, whose teardown would then take theirs too.
+pub fn check_nft_table_free(spec: &TproxySpec) -> Result<()> {
+    match find_nft_table(spec)? {
+        None => Ok(()),
+        Some(_) => Err(Error::NftTableExists(spec.nft_table.clone())),
+    }
 }
 
-/// The table, chain and rules of the back-end, as one batch.
-fn nft_batch(spec: &TproxySpec) -> Batch<'static> {
+fn install_nft(spec: &TproxySpec) -> Result<()> {
+    // `create`: the batch fails as a whole if the table appeared since
+    // `check_nft_table_free` looked.
+    helper::apply_ruleset(&nft_batch(spec, true).to_nftables()).map_err(|e| match NftError(e) {
+        e if e.is_exists() => Error::NftTableExists(spec.nft_table.clone()),
+        e => Error::Nft {
+            what: "adding the tproxy table".into(),
+            source: e,
+        },
+    })
+}
+
+/// The table, chain and rules of the back-end, as one batch. `create`:
+/// the table must not exist yet (`nft --check` passes false, as it only
+/// asks whether the kernel takes the rules).
+fn nft_batch(spec: &TproxySpec, create: bool) -> Batch<'static> {
     let table: Cow<'static, str> = Cow::Owned(spec.nft_table.clone());
     let mut batch = Batch::new();
-    batch.add(nft_table(spec));
+    if create {
+        batch.add_cmd(NfCmd::Create(nft_table(spec)));
+    } else {
+        batch.add(nft_table(spec));
+    }
     batch.add(NfListObject::Chain(Chain {
         family: NfFamily::INet,
         table: table.clone(),
@@ -405,13 +455,14 @@ fn nft_batch(spec: &TproxySpec) -> Batch<'static> {
     }));
     let marked = || meta_match(MetaKey::Mark, Expression::Number(spec.mark));
     let tcp = || meta_match(MetaKey::L4proto, Expression::String("tcp".into()));
-    let rule = |expr: Vec<Statement<'static>>, comment: &'static str| {
+    let marker = spec.marker();
+    let rule = |expr: Vec<Statement<'static>>, what: &str| {
         NfListObject::Rule(Rule {
             family: NfFamily::INet,
             table: table.clone(),
             chain: "prerouting".into(),
             expr: Cow::Owned(expr),
-            comment: Some(comment.into()),
+            comment: Some(format!("{marker} {what}").into()),
             ..Default::default()
         })
     };
@@ -428,7 +479,7 @@ fn nft_batch(spec: &TproxySpec) -> Batch<'static> {
                 }),
                 Statement::Accept(Some(Accept {})),
             ],
-            "tproxy: steered flows to the proxy's transparent listener",
+            "steered flows to the proxy's transparent listener",
         ));
     }
     // No transparent socket (proxy down): refuse on the port the client
@@ -442,16 +493,72 @@ fn nft_batch(spec: &TproxySpec) -> Batch<'static> {
                 expr: None,
             })),
         ],
-        "tproxy: proxy not listening",
+        "proxy not listening",
     ));
     batch
 }
 
+/// The table of `spec`'s name in this namespace, as `nft -j list table`
+/// shows it; `None` if there is none.
+fn find_nft_table(spec: &TproxySpec) -> Result<Option<serde_json::Value>> {
+    let args = ["list", "table", "inet", spec.nft_table.as_str()];
+    match helper::get_current_ruleset_raw(helper::DEFAULT_NFT, &args) {
+        Ok(out) => serde_json::from_str(&out)
+            .map(Some)
+            .map_err(|e| Error::Nft {
+                what: format!("reading the nftables table inet {}", spec.nft_table),
+                source: NftError(helper::NftablesError::NftInvalidJson(e)),
+            }),
+        Err(e) => match NftError(e) {
+            e if e.is_missing() => Ok(None),
+            e => Err(Error::Nft {
+                what: format!("listing the nftables table inet {}", spec.nft_table),
+                source: e,
+            }),
+        },
+    }
+}
+
+/// The handle of the table in `listing` (an `nft -j list table` output),
+/// if one of its rules carries `marker`: the table `spec` created.
+fn marked_table_handle(listing: &serde_json::Value, marker: &str) -> Option<u64> {
+    let objects = listing.get("nftables")?.as_array()?;
+    let marked = objects.iter().any(|o| {
+        o.pointer("/rule/comment")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|c| c.starts_with(marker))
+    });
+    let handle = objects
+        .iter()
+        .find_map(|o| o.pointer("/table/handle")?.as_u64());
+    handle.filter(|_| marked)
+}
+
+/// Removes `spec`'s table if it is the one `spec` created (its rules carry
+/// the marker); one of another maker is left with a warning. Deleted by
+/// handle, which the kernel never reuses in a namespace: if the table was
+/// replaced since the listing, nothing is deleted. Ok(true): removed.
 fn remove_nft(spec: &TproxySpec) -> Result<bool> {
-    let mut batch = Batch::new();
-    batch.delete(nft_table(spec));
-    match helper::apply_ruleset(&batch.to_nftables()) {
-        Ok(()) => Ok(true),
+    let Some(listing) = find_nft_table(spec)? else {
+        return Ok(false);
+    };
+    if spec.owner.is_empty() {
+        return Err(Error::NftTableUnmarked(spec.nft_table.clone()));
+    }
+    let Some(handle) = marked_table_handle(&listing, &spec.marker()) else {
+        warn!(
+            "left the nftables table inet {}: tproxy did not create it (none of its rules carries this instance's marker {:?})",
+            spec.nft_table,
+            spec.marker()
+        );
+        return Ok(false);
+    };
+    let payload = serde_json::json!({
+        "nftables": [{"delete": {"table": {"family": "inet", "handle": handle}}}]
+    })
+    .to_string();
+    match helper::apply_ruleset_raw(&payload, helper::DEFAULT_NFT, helper::DEFAULT_ARGS) {
+        Ok(_) => Ok(true),
         Err(e) => match NftError(e) {
             e if e.is_missing() => Ok(false),
             e => Err(Error::Nft {
@@ -808,6 +915,67 @@ mod tests {
 
     fn spec() -> TproxySpec {
         TproxySpec::new("eth0", 0x740a, 0x740a, 15006)
+    }
+
+    #[test]
+    fn the_batch_creates_the_table_and_marks_every_rule() {
+        let s = spec();
+        assert_ne!(s.owner, spec().owner, "each install has its own marker");
+        let v = serde_json::to_value(nft_batch(&s, true).to_nftables()).unwrap();
+        let objects = v["nftables"].as_array().unwrap();
+        assert_eq!(objects[0]["create"]["table"]["name"], "tproxy_eth0");
+        let comments: Vec<&str> = objects
+            .iter()
+            .filter_map(|o| o.pointer("/add/rule/comment")?.as_str())
+            .collect();
+        assert_eq!(comments.len(), 3, "{v}");
+        assert!(comments.iter().all(|c| c.starts_with(&s.marker())), "{v}");
+        // `nft --check` only asks the kernel about the rules.
+        let v = serde_json::to_value(nft_batch(&s, false).to_nftables()).unwrap();
+        assert_eq!(v["nftables"][0]["add"]["table"]["name"], "tproxy_eth0");
+    }
+
+    #[test]
+    fn only_a_table_whose_rules_carry_the_marker_is_ours() {
+        let s = spec();
+        let listing = |comment: Option<&str>| {
+            let mut objects = vec![
+                serde_json::json!({"metainfo": {"version": "1.0.6"}}),
+                serde_json::json!({"table": {"family": "inet", "name": "tproxy_eth0", "handle": 7}}),
+                serde_json::json!({"chain": {"family": "inet", "table": "tproxy_eth0", "name": "input", "handle": 1}}),
+            ];
+            let mut rule = serde_json::json!({"family": "inet", "table": "tproxy_eth0", "chain": "input", "handle": 2, "expr": []});
+            if let Some(c) = comment {
+                rule["comment"] = c.into();
+            }
+            objects.push(serde_json::json!({ "rule": rule }));
+            serde_json::json!({ "nftables": objects })
+        };
+        let ours = format!("{} proxy not listening", s.marker());
+        assert_eq!(
+            marked_table_handle(&listing(Some(&ours)), &s.marker()),
+            Some(7)
+        );
+        // Someone's table, an older tproxy's rules, another install's.
+        for other in [
+            None,
+            Some("the operator's"),
+            Some("tproxy: proxy not listening"),
+            Some(&*format!("{} proxy not listening", spec().marker())),
+        ] {
+            assert_eq!(
+                marked_table_handle(&listing(other), &s.marker()),
+                None,
+                "{other:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_without_a_marker_still_reads() {
+        let old = r#"{"nft_table":"tproxy_eth0","mark":29706,"table":29706,"proxy_port":15006}"#;
+        let s: TproxySpec = serde_json::from_str(old).unwrap();
+        assert!(s.owner.is_empty());
     }
 
     fn rule(attrs: Vec<RuleAttribute>) -> RuleMessage {

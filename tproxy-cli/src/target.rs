@@ -361,6 +361,7 @@ pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>
     let tproxy = match opts.steer {
         crate::Steer::Tproxy => {
             let spec = crate::routing::plan(opts, ifindex)?;
+            crate::routing::check_nft_table_free(&spec)?;
             crate::routing::check_nft(&spec)?;
             Some(spec)
         }

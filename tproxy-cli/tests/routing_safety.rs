@@ -72,14 +72,6 @@ impl Sandbox {
         .join("\n--\n")
     }
 
-    fn main_table(&self) -> String {
-        self.ns.ip(&["route", "show", "table", "main"]).unwrap()
-            + &self
-                .ns
-                .ip(&["-6", "route", "show", "table", "main"])
-                .unwrap()
-    }
-
     fn args<'a>(&'a self, cg: &'a str, iface: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "-i", iface, "-ports", "8000", "--cgroup", cg, "--steer", "tproxy",
@@ -96,11 +88,23 @@ impl Sandbox {
 
     /// Runs tproxy --steer tproxy on eth0 with `extra`; it must exit 1 with
     /// exactly one line containing `needle` and leave the namespace as it
-    /// was. If it starts instead, what it did to the main table (while
-    /// running and after its teardown) is in the panic message.
+    /// was.
     fn refused(&self, extra: &[&str], needle: &str) {
         let before = self.routing();
-        let main_before = self.main_table();
+        let lines = self.start_refused(extra, needle);
+        assert_eq!(lines.len(), 1, "{extra:?}: expected one line: {lines:#?}");
+        assert_eq!(self.routing(), before, "{extra:?} changed the routing");
+        assert_eq!(kernel::cgroup_programs(self.cgroup.path()).unwrap(), vec![]);
+        assert!(!record_path(&self.ns, "eth0").exists());
+    }
+
+    /// Runs tproxy --steer tproxy on eth0 with `extra`; it must exit 1 with
+    /// one error line, its last, containing `needle` (before it, warnings
+    /// may say what it cleaned up). Returns every line. If it starts
+    /// instead, the namespace's routing and nftables (before, while it ran,
+    /// after its SIGTERM teardown) are in the panic message.
+    fn start_refused(&self, extra: &[&str], needle: &str) -> Vec<String> {
+        let before = self.routing();
         let cg = self.cgroup.path().display().to_string();
         let mut cmd = self.ns.command(BIN);
         cmd.args(self.args(&cg, "eth0", extra));
@@ -108,11 +112,11 @@ impl Sandbox {
         let status: ExitStatus = match t.proc.wait_timeout(Duration::from_secs(20)) {
             Ok(st) => st,
             Err(_) => {
-                let during = self.main_table();
+                let during = self.routing();
                 let (_, log) = t.terminate().unwrap();
                 panic!(
-                    "{extra:?} was not refused: tproxy started.\nmain table before:\n{main_before}\nwhile it ran:\n{during}\nafter its SIGTERM teardown:\n{}\nlog:\n{log}",
-                    self.main_table()
+                    "{extra:?} was not refused: tproxy started.\nbefore:\n{before}\nwhile it ran:\n{during}\nafter its SIGTERM teardown:\n{}\nlog:\n{log}",
+                    self.routing()
                 );
             }
         };
@@ -123,15 +127,13 @@ impl Sandbox {
             .filter(|l| !l.trim().is_empty())
             .collect();
         assert_eq!(status.code(), Some(1), "{extra:?}: {lines:?}");
-        assert_eq!(lines.len(), 1, "{extra:?}: expected one line: {lines:#?}");
+        let errors: Vec<&String> = lines.iter().filter(|l| l.starts_with("tproxy: ")).collect();
+        assert_eq!(errors.len(), 1, "{extra:?}: expected one error: {lines:#?}");
         assert!(
-            lines[0].contains(needle),
-            "{extra:?}: {:?} does not mention {needle:?}",
-            lines[0]
+            lines.last() == Some(errors[0]) && errors[0].contains(needle),
+            "{extra:?}: {lines:#?} does not end with an error mentioning {needle:?}"
         );
-        assert_eq!(self.routing(), before, "{extra:?} changed the routing");
-        assert_eq!(kernel::cgroup_programs(self.cgroup.path()).unwrap(), vec![]);
-        assert!(!record_path(&self.ns, "eth0").exists());
+        lines
     }
 }
 
@@ -401,5 +403,108 @@ fn the_start_after_sigkill_removes_only_what_the_killed_instance_installed() {
             .collect();
         sb.ns.ip(&del).unwrap();
     }
+    assert_eq!(sb.routing(), before);
+}
+
+/// The operator's own nftables table of the name tproxy uses on eth0, with
+/// a chain and a rule of theirs.
+fn add_operator_table(ns: &Netns) {
+    ns.exec(
+        "nft",
+        &["add table inet tproxy_eth0; \
+           add chain inet tproxy_eth0 input { type filter hook input priority 0; policy accept; }; \
+           add rule inet tproxy_eth0 input tcp dport 2222 counter accept comment \"the operator's\""],
+    )
+    .unwrap();
+}
+
+/// The operator's table as nft lists it; panics if it is gone.
+fn operator_table(ns: &Netns) -> String {
+    let t = ns
+        .exec("nft", &["list", "table", "inet", "tproxy_eth0"])
+        .unwrap_or_else(|e| panic!("the operator's table is gone: {e}"));
+    assert!(
+        t.contains("chain input") && t.contains("tcp dport 2222") && !t.contains("prerouting"),
+        "{t}"
+    );
+    t
+}
+
+/// An nftables table of the name tproxy would create that the operator
+/// made (with a chain and a rule) is refused with one line before
+/// anything is installed: tproxy neither adds to it nor, at teardown,
+/// deletes it.
+#[test]
+fn an_operators_nft_table_of_tproxys_name_is_refused_and_left_alone() {
+    let sb = Sandbox::new();
+    add_operator_table(&sb.ns);
+    let theirs = operator_table(&sb.ns);
+    sb.refused(&[], "nftables table inet tproxy_eth0 already exists");
+    assert_eq!(operator_table(&sb.ns), theirs);
+}
+
+/// Kills tproxy on eth0 and puts the operator's table in place of its
+/// own (as if they had deleted tproxy's and made one of that name).
+/// Returns the killed instance's (mark, table).
+fn killed_then_table_replaced(sb: &Sandbox) -> (u32, u32) {
+    let t = sb.start("eth0", &[]);
+    let mt = mark_and_table(&sb.ns, "eth0");
+    t.kill9().unwrap();
+    assert_eq!(rules_and_routes(&sb.ns, mt.0, mt.1), (2, 2));
+    sb.ns
+        .exec("nft", &["delete", "table", "inet", "tproxy_eth0"])
+        .unwrap();
+    add_operator_table(&sb.ns);
+    mt
+}
+
+/// `tproxy cleanup` after a SIGKILL removes the dead instance's rules,
+/// routes and record, and leaves a table of its name that it did not
+/// create.
+#[test]
+fn cleanup_leaves_an_nft_table_tproxy_did_not_create() {
+    let sb = Sandbox::new();
+    let before = sb.routing();
+    let (mark, table) = killed_then_table_replaced(&sb);
+    let theirs = operator_table(&sb.ns);
+    let out = sb
+        .ns
+        .command(BIN)
+        .args(["cleanup", "-i", "eth0"])
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(operator_table(&sb.ns), theirs, "{said}");
+    assert!(!said.contains("removed the nftables table"), "{said}");
+    assert_eq!(rules_and_routes(&sb.ns, mark, table), (0, 0), "{said}");
+    assert!(!record_path(&sb.ns, "eth0").exists(), "{said}");
+    sb.ns
+        .exec("nft", &["delete", "table", "inet", "tproxy_eth0"])
+        .unwrap();
+    assert_eq!(sb.routing(), before);
+}
+
+/// The start after a SIGKILL removes what the dead instance left but not
+/// a table of its name that it did not create; that table then stops the
+/// start with one line.
+#[test]
+fn the_start_after_sigkill_leaves_an_nft_table_tproxy_did_not_create() {
+    let sb = Sandbox::new();
+    let before = sb.routing();
+    let (mark, table) = killed_then_table_replaced(&sb);
+    let theirs = operator_table(&sb.ns);
+    let lines = sb.start_refused(&[], "nftables table inet tproxy_eth0 already exists");
+    assert!(
+        lines[0].contains("left the nftables table inet tproxy_eth0: tproxy did not create it"),
+        "{lines:#?}"
+    );
+    assert_eq!(operator_table(&sb.ns), theirs);
+    assert_eq!(rules_and_routes(&sb.ns, mark, table), (0, 0));
+    assert!(!record_path(&sb.ns, "eth0").exists());
+    sb.ns
+        .exec("nft", &["delete", "table", "inet", "tproxy_eth0"])
+        .unwrap();
     assert_eq!(sb.routing(), before);
 }
