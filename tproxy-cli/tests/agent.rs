@@ -640,7 +640,7 @@ fn fill_flow_tables(agent: &Agent, n: u32) {
         _pad0: 0,
         _pad1: 0,
         last_seen: 1,
-        closed_at: 0,
+        since: 0,
     };
     for (name, lru) in [(names::FLOWS, false), (names::SYNS, true)] {
         let data = MapData::from_pin(node.join(name)).unwrap();
