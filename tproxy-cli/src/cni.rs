@@ -593,6 +593,18 @@ pub fn target_for(
 
     let given = |p: &Option<String>| p.clone().filter(|p| !p.is_empty());
     let cgroup = match given(&conf.runtime_config.cgroup_path).or(given(&conf.cgroup)) {
+        // The root ("/" with the cgroupfs driver, "-.slice" with systemd's)
+        // holds every process of the node. The agent refuses it whatever
+        // the spelling; this names the value the runtime or entry gave.
+        Some(p) if is_cgroup_root(&p, cgroup2) => {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "the pod's cgroup {p:?} is the cgroup2 root, which holds every process of the node"
+                ),
+                "tproxy attaches only to a pod's own cgroup: have the runtime pass it (\"capabilities\": {\"cgroupPath\": true}, containerd >= 1.7 or CRI-O) or set \"cgroup\" in the tproxy-cni entry to a pod's cgroup, not the root",
+            ));
+        }
         Some(p) => pod_cgroup(&p, cgroup2),
         None => {
             return Err(CniError::new(
@@ -642,6 +654,16 @@ pub fn pod_cgroup(value: &str, cgroup2: Option<&Path>) -> PathBuf {
         return systemd_slice_path(value);
     }
     PathBuf::from(value.trim_start_matches('/'))
+}
+
+/// `value` names the cgroup2 root as a runtime or the entry may write it.
+fn is_cgroup_root(value: &str, cgroup2: Option<&Path>) -> bool {
+    let path = pod_cgroup(value, cgroup2);
+    value == "-.slice"
+        || cgroup2.is_some_and(|m| path == m)
+        || path
+            .components()
+            .all(|c| matches!(c, std::path::Component::CurDir))
 }
 
 /// `a-b-c.slice` is `a.slice/a-b.slice/a-b-c.slice` (systemd.slice(5)).
@@ -839,6 +861,30 @@ mod tests {
             Path::new("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12_34.slice")
         );
         assert_eq!(pod_cgroup("kubepods.slice", m), Path::new("kubepods.slice"));
+    }
+
+    /// The root however a runtime or the entry writes it is refused here
+    /// already (code 7), naming the value; the agent refuses it too.
+    #[test]
+    fn the_cgroup_root_is_refused_before_the_agent_is_asked() {
+        for root in ["/", ".", "./", "-.slice", "/sys/fs/cgroup/"] {
+            for c in [
+                base(json!({"runtimeConfig": {"cgroupPath": root}})),
+                base(json!({"runtimeConfig": {}, "cgroup": root})),
+            ] {
+                let e = target_for(&env("ADD"), &conf(c), mount()).unwrap_err();
+                assert_eq!(e.code, code::INVALID_CONFIG, "{root}: {e:?}");
+                assert!(
+                    e.msg.contains(&format!("{root:?}")) && e.msg.contains("cgroup2 root"),
+                    "{root}: {e:?}"
+                );
+                assert!(e.details.contains("\"cgroup\""), "{e:?}");
+            }
+        }
+        let c = conf(base(
+            json!({"runtimeConfig": {"cgroupPath": "/kubepods/pod1"}}),
+        ));
+        assert!(target_for(&env("ADD"), &c, mount()).is_ok());
     }
 
     #[test]

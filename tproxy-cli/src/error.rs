@@ -132,6 +132,12 @@ pub enum Error {
     NftTableUnmarked(String),
 
     #[error(
+        "--bpffs {} {why}: pass a directory on a bpf filesystem (under /sys/fs/bpf; `mount -t bpf bpf /sys/fs/bpf` mounts the usual one) or an empty directory, which the agent mounts one on",
+        .dir.display()
+    )]
+    BpffsUnsafe { dir: PathBuf, why: String },
+
+    #[error(
         "the kernel lacks TCX (Linux >= 6.6), which --tc-mode tcx asks for; use --tc-mode auto or netlink"
     )]
     NoTcx,

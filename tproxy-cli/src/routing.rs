@@ -414,6 +414,8 @@ pub fn check_nft(spec: &TproxySpec) -> Result<std::path::PathBuf> {
 /// ours was cleaned up before this), and adding to it would mix our rules
 /// into someone's table, whose teardown would then take theirs too.
 pub fn check_nft_table_free(spec: &TproxySpec) -> Result<()> {
+    // Without nft the one line to print is that one.
+    nft_on_path().ok_or(Error::NoNft)?;
     match find_nft_table(spec)? {
         None => Ok(()),
         Some(_) => Err(Error::NftTableExists(spec.nft_table.clone())),

@@ -1,7 +1,8 @@
 //! `tproxy agent` (root): pods (a network namespace with eth0, a veth to a
 //! client namespace of its own, a child cgroup, lab-app and origdst-proxy)
 //! added and removed through the agent API and targets.d; identical
-//! addresses in two pods; restart and SIGKILL under load; scale.
+//! addresses in two pods; restart and SIGKILL under load; scale; where
+//! `--bpffs` may mount a bpf filesystem (in a private mount namespace).
 //!
 //! Every agent runs with private paths in a temp dir (socket, targets.d,
 //! state under TPROXY_RUN_DIR, and a bpffs mounted there for the test),
@@ -16,7 +17,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{addr, agent::Agent, eventually, example, exchange};
+use common::{
+    addr,
+    agent::{Agent, MountNs},
+    eventually, example, exchange,
+};
 use tproxy::agent_api::{self, Request, TargetSpec};
 use tproxy_lab::{Cgroup, Logged, Netns, unique};
 
@@ -965,4 +970,173 @@ fn many_pods_on_one_agent_attach_fast_and_the_per_packet_cost_does_not_grow() {
     }
     assert_eq!(agent.ids(), ["p0"]);
     assert!(first.steered(POD_V4));
+}
+
+/// `tproxy agent` in `mnt`, with its socket, targets.d and state under
+/// `dir` and its pins in `bpffs`.
+fn agent_in(mnt: &MountNs, dir: &Path, bpffs: &Path) -> Command {
+    let mut cmd = mnt.command(common::BIN);
+    cmd.arg("agent")
+        .arg("--socket")
+        .arg(dir.join("agent.sock"))
+        .arg("--targets-dir")
+        .arg(dir.join("targets.d"))
+        .arg("--bpffs")
+        .arg(bpffs)
+        .env("TPROXY_RUN_DIR", dir.join("run"));
+    cmd
+}
+
+/// `tproxy cleanup` in `mnt` for the agent of `agent_in(mnt, dir, …)`.
+fn cleanup_in(mnt: &MountNs, dir: &Path) -> String {
+    let out = mnt
+        .command(common::BIN)
+        .arg("cleanup")
+        .env("TPROXY_RUN_DIR", dir.join("run"))
+        .output()
+        .unwrap();
+    let s =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cleanup: {s}");
+    s
+}
+
+/// Mounts in `now` that `before` lacks: (mount point, type, source).
+fn new_mounts(before: &[String], now: &[String]) -> Vec<(String, String, String)> {
+    now.iter()
+        .filter(|l| !before.contains(l))
+        .map(|l| {
+            let (left, right) = l.split_once(" - ").unwrap();
+            let mut r = right.split(' ');
+            (
+                left.split(' ').nth(4).unwrap().to_string(),
+                r.next().unwrap().to_string(),
+                r.next().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A temp dir with `lib/` (standing for /var/lib) holding a file of the
+/// host's, and `lib/tproxy/` for `--bpffs`, empty.
+fn var_lib() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().canonicalize().unwrap().join("lib");
+    let dir = lib.join("tproxy");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(lib.join("host-file"), "the host's").unwrap();
+    (tmp, lib, dir)
+}
+
+/// `--bpffs DIR` where DIR is not on a bpffs and holds files is refused
+/// with one line, and nothing is mounted: not on DIR (hiding its files),
+/// and not on its parent (with /var/lib/tproxy that hid the host's
+/// /var/lib).
+#[test]
+fn an_agent_refuses_a_bpffs_dir_that_is_not_empty_and_mounts_nothing() {
+    let mnt = MountNs::new();
+    let (tmp, lib, dir) = var_lib();
+    std::fs::write(dir.join("old-file"), "someone's").unwrap();
+    let before = mnt.mountinfo();
+    let mut p = Logged::spawn("tproxy-agent", &mut agent_in(&mnt, tmp.path(), &dir)).unwrap();
+    let st = match p.proc.wait_timeout(Duration::from_secs(20)) {
+        Ok(st) => st,
+        Err(_) => {
+            let made = new_mounts(&before, &mnt.mountinfo());
+            let hidden = !mnt.exists(&lib.join("host-file"));
+            let log = p.kill9().unwrap();
+            panic!(
+                "not refused: the agent serves; mounts it made: {made:?}; {} hidden: {hidden}\n{log}",
+                lib.display()
+            );
+        }
+    };
+    std::thread::sleep(Duration::from_millis(100)); // readers drain the pipes
+    let lines: Vec<String> = p
+        .lines()
+        .into_iter()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(st.code(), Some(1), "{lines:#?}");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains(&format!(
+            "--bpffs {} is not on a bpf filesystem and is not empty",
+            dir.display()
+        )) && lines[0].contains("empty directory"),
+        "{lines:#?}"
+    );
+    assert_eq!(new_mounts(&before, &mnt.mountinfo()), vec![]);
+    assert_eq!(mnt.mountinfo(), before);
+    assert!(mnt.exists(&lib.join("host-file")) && mnt.exists(&dir.join("old-file")));
+}
+
+/// An empty `--bpffs DIR` not on a bpffs gets one mounted on exactly DIR
+/// (its parent keeps its files); the mount holds the pins past the agent's
+/// exit, and `tproxy cleanup`, once it removed them, unmounts it.
+#[test]
+fn an_agent_mounts_a_bpffs_on_an_empty_dir_only_and_cleanup_unmounts_it() {
+    let mnt = MountNs::new();
+    let (tmp, lib, dir) = var_lib();
+    let before = mnt.mountinfo();
+    let mut p = Logged::spawn("tproxy-agent", &mut agent_in(&mnt, tmp.path(), &dir)).unwrap();
+    p.wait_for("agent serving", Duration::from_secs(30))
+        .unwrap();
+    let made = new_mounts(&before, &mnt.mountinfo());
+    let hidden = !mnt.exists(&lib.join("host-file"));
+    let (st, log) = p.terminate().unwrap();
+    assert!(st.success(), "{log}");
+    assert_eq!(
+        made,
+        vec![(dir.display().to_string(), "bpf".into(), "tproxy".into())],
+        "{log}"
+    );
+    assert!(!hidden, "{} was hidden", lib.display());
+    // SIGTERM leaves the pins for the next agent, and so the mount.
+    assert!(mnt.exists(&dir.join("node").join(tproxy_common::names::TARGETS)));
+    assert_eq!(new_mounts(&before, &mnt.mountinfo()), made);
+    let out = cleanup_in(&mnt, tmp.path());
+    assert!(out.contains("unpinned"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "unmounted the bpf filesystem tproxy mounted on {}",
+            dir.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(mnt.mountinfo(), before, "{out}");
+    assert!(mnt.exists(&lib.join("host-file")));
+}
+
+/// A `--bpffs` directory below a bpffs mount (missing, two levels down)
+/// is made on it: the agent mounts nothing, and cleanup unmounts nothing.
+#[test]
+fn an_agent_makes_its_dir_on_a_bpffs_and_mounts_nothing() {
+    let mnt = MountNs::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let bpf = tmp.path().canonicalize().unwrap().join("bpf");
+    std::fs::create_dir(&bpf).unwrap();
+    let st = mnt
+        .command("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&bpf)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let dir = bpf.join("a").join("tproxy");
+    let before = mnt.mountinfo();
+    let mut p = Logged::spawn("tproxy-agent", &mut agent_in(&mnt, tmp.path(), &dir)).unwrap();
+    p.wait_for("agent serving", Duration::from_secs(30))
+        .unwrap();
+    let made = new_mounts(&before, &mnt.mountinfo());
+    let (st, log) = p.terminate().unwrap();
+    assert!(st.success(), "{log}");
+    assert_eq!(made, vec![], "{log}");
+    assert!(mnt.exists(&dir.join("node").join(tproxy_common::names::TARGETS)));
+    let out = cleanup_in(&mnt, tmp.path());
+    assert!(
+        out.contains("unpinned") && !out.contains("unmounted"),
+        "{out}"
+    );
+    assert_eq!(mnt.mountinfo(), before, "{out}");
 }

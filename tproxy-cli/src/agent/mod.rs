@@ -56,7 +56,7 @@ pub struct AgentArgs {
     /// Target files (`*.yaml`, the --config target keys plus `netns` and `name`), rescanned every second.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_TARGETS_DIR)]
     pub targets_dir: PathBuf,
-    /// bpffs directory for the pins that keep targets attached across restarts (bpffs is mounted on its parent if none is).
+    /// bpffs directory for the pins that keep targets attached across restarts (on a bpf filesystem, or an empty directory: one is mounted on it).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
     /// Where the agent keeps its state file and lock [default: /run/tproxy/agent].
@@ -265,7 +265,10 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         dir: state_dir.clone(),
         pid: read_state(&state_dir).map_or(0, |s| s.pid),
     })?;
-    pins::ensure_bpffs(&args.bpffs)?;
+    let mounted = pins::ensure_bpffs(&args.bpffs)?;
+    // A mount made for this start goes again if the start fails; once the
+    // agent serves, it holds the pins and stays (`tproxy cleanup` unmounts).
+    let mount = pins::MountGuard::new(&args.bpffs, mounted);
     let node = pins::node_dir(&args.bpffs);
     fs::create_dir_all(&node).map_err(|e| Error::io(format!("creating {}", node.display()), e))?;
     let previous = read_state(&state_dir).unwrap_or_default();
@@ -388,6 +391,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         args.bpffs.display()
     );
     drop(lock);
+    mount.keep();
     // Nothing is dropped: dropping the owners would detach the targets.
     std::process::exit(0);
 }
@@ -513,6 +517,14 @@ pub fn cleanup(dir: &Path) -> Result<Option<Vec<String>>> {
             out.push(format!("unpinned {}", p.display()));
         }
         let _ = fs::remove_dir(&state.bpffs);
+        match pins::unmount_ours(&state.bpffs) {
+            Ok(true) => out.push(format!(
+                "unmounted the bpf filesystem tproxy mounted on {}",
+                state.bpffs.display()
+            )),
+            Ok(false) => {}
+            Err(e) => out.push(format!("could not unmount: {}", Chain(&e))),
+        }
     }
     if fs::remove_file(state_path(dir)).is_ok() {
         out.push(format!(

@@ -1,11 +1,16 @@
 //! The node agent under test: a `tproxy agent` process with private paths
 //! in a temp dir (socket, targets.d, state under TPROXY_RUN_DIR, a bpffs
 //! mounted there), never the defaults; whatever it leaves is cleaned up on
-//! drop.
-use std::{path::PathBuf, process::Command, time::Duration};
+//! drop. And a private mount namespace, for tests of what the agent mounts.
+use std::{
+    ffi::OsStr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use tproxy::agent_api::{self, Request, Response, TargetSpec};
-use tproxy_lab::Logged;
+use tproxy_lab::{Logged, Proc};
 
 use super::BIN;
 
@@ -149,5 +154,64 @@ impl Drop for Agent {
         // Whatever the test left: filters and routing in the pods' (still
         // existing) namespaces, pins, state.
         let _ = self.command(&["cleanup"]).output();
+    }
+}
+
+/// A private mount namespace, held by a `sleep` we start (and stop on
+/// drop): what is mounted in it never reaches the host, and goes with it
+/// (a bpffs with pins too: their links detach, their maps go).
+pub struct MountNs {
+    holder: Proc,
+}
+
+impl MountNs {
+    pub fn new() -> MountNs {
+        let holder = Proc::spawn(
+            "unshare",
+            Command::new("unshare").args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sleep",
+                "infinity",
+            ]),
+        )
+        .unwrap();
+        let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let theirs = format!("/proc/{}/ns/mnt", holder.pid());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(&theirs).is_ok_and(|ns| ns == ours) {
+            assert!(Instant::now() < deadline, "unshare made no mount namespace");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        MountNs { holder }
+    }
+
+    /// `program` in the namespace (nsenter execs it: the pid is its own).
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--mount=/proc/{}/ns/mnt", self.holder.pid()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// The namespace's mounts, as its /proc/self/mountinfo lists them.
+    pub fn mountinfo(&self) -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", self.holder.pid()))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// `path` exists as seen in the namespace (a mount may hide it).
+    pub fn exists(&self, path: &std::path::Path) -> bool {
+        self.command("test")
+            .arg("-e")
+            .arg(path)
+            .status()
+            .unwrap()
+            .success()
     }
 }
