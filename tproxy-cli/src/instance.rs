@@ -192,8 +192,12 @@ impl Instance {
         )
     }
 
-    /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many.
+    /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many. Also
+    /// counts down the proxy's listeners older than tproxy that closed.
     pub fn reap_flows(&mut self) -> Result<usize> {
+        if let Some(t) = &mut self.target {
+            t.recount_listeners();
+        }
         self.loaded.reap_flows()
     }
 

@@ -57,7 +57,7 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 14] = [
     names::TARGETS,
     // Pods' addresses: same-node pairing of an adopted target keeps working.
     names::TARGET_ADDRS,
@@ -71,6 +71,9 @@ pub const PINNED_MAPS: [&str; 12] = [
     // Connections open when an adopted target was attached still pass.
     names::PRIOR_FLOWS,
     names::PROXY_CONNECTS,
+    // Where the proxies of adopted targets listen.
+    names::PROXY_LISTENERS,
+    names::PRIOR_LISTENERS,
     // The kept recv tracepoint (a previous agent's) reports into this one.
     names::NUDGE_EVENTS,
 ];
@@ -533,6 +536,11 @@ impl Loaded {
     /// A new descriptor of the `PRIOR_FLOWS` map, for the same reason.
     pub(crate) fn prior_flows_map(&self) -> Result<Map> {
         self.hash_map(names::PRIOR_FLOWS)
+    }
+
+    /// A new descriptor of the `PRIOR_LISTENERS` map, for the same reason.
+    pub(crate) fn prior_listeners_map(&self) -> Result<Map> {
+        self.hash_map(names::PRIOR_LISTENERS)
     }
 
     /// A new descriptor of the `TARGET_ADDRS` map, for the same reason.

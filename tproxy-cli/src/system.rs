@@ -270,6 +270,20 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         .ok_or(Error::NoCgroup2)
 }
 
+/// The cgroup v2 directory process `pid` is in (its `0::` line in
+/// /proc/PID/cgroup, read in the host's cgroup namespace), open.
+pub fn process_cgroup(pid: u32) -> Result<fs::File> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|e| Error::io(format!("reading the cgroup of process {pid}"), e))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| Error::NotCgroup2(PathBuf::from(format!("/proc/{pid}/cgroup"))))?;
+    let host = host_cgroup2_mounts().remove(0);
+    let path = host.mount_point.join(rel.trim_start_matches('/'));
+    Ok(open_cgroup(Some(&path))?.dir)
+}
+
 /// The namespace a /proc/PID/ns/mnt link names (device and inode).
 fn mount_ns(pid: &str) -> Option<(u64, u64)> {
     fs::metadata(format!("/proc/{pid}/ns/mnt"))

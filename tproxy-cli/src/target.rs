@@ -16,7 +16,9 @@ use aya::{
         tc::{NlOptions, TcAttachOptions},
     },
 };
-use tproxy_common::{ADDRS_PER_TARGET, Config, FlowKey, Target, TargetAddr, flags, names};
+use tproxy_common::{
+    ADDRS_PER_TARGET, Config, FlowKey, ListenerKey, Target, TargetAddr, flags, names,
+};
 use tracing::warn;
 
 use crate::{
@@ -47,20 +49,195 @@ pub struct TargetEnv {
 }
 
 /// Who the proxy is (`tproxy-ebpf/src/identity.rs`): a cgroup's id and
-/// level, `--proxy-cgroup` if given (it must be inside the target's
-/// cgroup, where the hooks run), else the target's cgroup itself.
-pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<(u64, u32)> {
-    let Some(path) = &opts.proxy_cgroup else {
-        return crate::system::cgroup_identity(&env.cgroup_dir);
+/// level, and the cgroup open: `--proxy-cgroup` if given (it must be
+/// inside the target's cgroup, where the hooks run), else the target's
+/// cgroup itself.
+pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<((u64, u32), std::fs::File)> {
+    let dir = match &opts.proxy_cgroup {
+        None => env
+            .cgroup_dir
+            .try_clone()
+            .map_err(|e| Error::io("reading the proxy's cgroup", e))?,
+        Some(path) => {
+            let proxy = crate::system::open_cgroup(Some(path))?;
+            if !crate::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
+                return Err(Error::ProxyCgroupOutside {
+                    proxy: path.clone(),
+                    cgroup: env.cgroup.clone(),
+                });
+            }
+            proxy.dir
+        }
     };
-    let proxy = crate::system::open_cgroup(Some(path))?;
-    if !crate::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
-        return Err(Error::ProxyCgroupOutside {
-            proxy: path.clone(),
-            cgroup: env.cgroup.clone(),
-        });
+    Ok((crate::system::cgroup_identity(&dir)?, dir))
+}
+
+/// The proxy's listeners on its port that are older than the target
+/// (`PRIOR_LISTENERS`): sockops counts the ones that start listening later
+/// (TCP_LISTEN_CB) and uncounts them when they close, but never saw these
+/// start. Found in the calling thread's namespace's socket table, each
+/// kept if a process of the proxy's cgroup holds it; `recount` (in that
+/// namespace) counts down those that stopped listening, so a stranger
+/// binding the same address later is not taken for the proxy. Removed on
+/// drop.
+pub struct PriorListeners {
+    map: Map,
+    cookie: u64,
+    /// Each listening socket counted: its key and socket inode.
+    counted: Vec<(ListenerKey, u64)>,
+}
+
+impl PriorListeners {
+    fn find(map: Map, port: u16, cookie: u64, proxy: &std::fs::File) -> PriorListeners {
+        let mut me = PriorListeners {
+            map,
+            cookie,
+            counted: Vec::new(),
+        };
+        let found = match listening_sockets(port) {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(
+                    "reading the namespace's TCP listeners: {e}; a proxy already listening on {port} gets steered flows once it listens again"
+                );
+                return me;
+            }
+        };
+        for (mut key, inode) in found {
+            key.netns_cookie = cookie;
+            let owned = socket_owners(inode).into_iter().any(|pid| {
+                crate::system::process_cgroup(pid)
+                    .and_then(|cg| crate::system::cgroup_within(&cg, proxy))
+                    .unwrap_or(false)
+            });
+            if owned {
+                me.counted.push((key, inode));
+            } else {
+                warn!(
+                    "a socket listening on port {port} (inode {inode}) is not the proxy's (no process of its cgroup holds it): steered flows are refused while it is the one that would take them"
+                );
+            }
+        }
+        me.write();
+        me
     }
-    crate::system::cgroup_identity(&proxy.dir)
+
+    /// Counts down the listeners that closed (call in the target's
+    /// namespace); how many.
+    pub fn recount(&mut self) -> usize {
+        let Some(port) = self.counted.first().map(|(k, _)| k.port as u16) else {
+            return 0;
+        };
+        let Ok(now) = listening_sockets(port) else {
+            return 0;
+        };
+        let before = self.counted.len();
+        self.counted
+            .retain(|(_, inode)| now.iter().any(|(_, i)| i == inode));
+        let gone = before - self.counted.len();
+        if gone > 0 {
+            self.write();
+        }
+        gone
+    }
+
+    fn write(&mut self) {
+        let Ok(mut m) = HashMap::<&mut MapData, ListenerKey, u64>::try_from(&mut self.map) else {
+            return;
+        };
+        let keys: Vec<ListenerKey> = m
+            .keys()
+            .flatten()
+            .filter(|k| k.netns_cookie == self.cookie)
+            .collect();
+        for (key, _) in &self.counted {
+            let n = self.counted.iter().filter(|(k, _)| k == key).count() as u64;
+            let _ = m.insert(*key, n, 0);
+        }
+        for key in keys {
+            if !self.counted.iter().any(|(k, _)| *k == key) {
+                let _ = m.remove(&key);
+            }
+        }
+    }
+}
+
+impl Drop for PriorListeners {
+    fn drop(&mut self) {
+        if let Ok(mut m) = HashMap::<&mut MapData, ListenerKey, u64>::try_from(&mut self.map) {
+            for (key, _) in &self.counted {
+                let _ = m.remove(key);
+            }
+        }
+    }
+}
+
+/// The sockets listening on `port` in the calling thread's namespace (key
+/// without its cookie, and socket inode), as `bpf_sock` shows them: IPv4
+/// sockets as AF_INET, every tcp6 socket as AF_INET6 with its address as
+/// bound (`[::]` for a dual-stack one).
+fn listening_sockets(port: u16) -> std::io::Result<Vec<(ListenerKey, u64)>> {
+    const LISTEN: u8 = 0x0a;
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && v6 => continue,
+            Err(e) => return Err(e),
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(st), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            if u8::from_str_radix(st, 16).ok() != Some(LISTEN) {
+                continue;
+            }
+            let Some((a4, p)) = proc_addr(local) else {
+                continue;
+            };
+            if p != port {
+                continue;
+            }
+            let (family, addr) = if v6 {
+                let Some(a) = proc_addr6(local) else { continue };
+                (tproxy_common::AF_INET6, a)
+            } else {
+                let Some(a) = a4 else { continue };
+                (tproxy_common::AF_INET, [a, 0, 0, 0])
+            };
+            let Ok(inode) = inode.parse() else { continue };
+            out.push((
+                ListenerKey {
+                    addr,
+                    port: u32::from(port),
+                    family: u32::from(family),
+                    netns_cookie: 0,
+                },
+                inode,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The processes holding socket `inode` open (a walk of /proc/*/fd).
+fn socket_owners(inode: u64) -> Vec<u32> {
+    let want = format!("socket:[{inode}]");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str())
+                })
+            })
+        })
+        .collect()
 }
 
 impl TargetEnv {
@@ -108,6 +285,7 @@ pub struct TargetAttachment {
     addrs: TargetAddrs,
     #[expect(dead_code, reason = "held for its Drop")]
     prior: PriorFlows,
+    listeners: PriorListeners,
     entry: TargetEntry,
     attachments: Vec<Attached>,
     iface: String,
@@ -422,7 +600,13 @@ impl TargetAttachment {
                 netns: format!("cookie {:#x}", env.netns_cookie),
             });
         }
-        let proxy = proxy_identity(opts, &env)?;
+        let (proxy, proxy_dir) = proxy_identity(opts, &env)?;
+        let listeners = PriorListeners::find(
+            loaded.prior_listeners_map()?,
+            opts.proxy_port,
+            env.netns_cookie,
+            &proxy_dir,
+        );
         loader::write_target(
             &mut map,
             env.netns_cookie,
@@ -565,6 +749,7 @@ impl TargetAttachment {
             clsact,
             addrs,
             prior,
+            listeners,
             entry,
             attachments,
             iface: opts.iface.clone(),
@@ -611,6 +796,17 @@ impl TargetAttachment {
             t.config.flags &= !flag;
         }
         loader::write_target(&mut self.entry.map, self.entry.cookie, &t)
+    }
+
+    /// Counts down the proxy's listeners older than the target that have
+    /// closed (call in the target's namespace, now and then).
+    pub fn recount_listeners(&mut self) -> usize {
+        self.listeners.recount()
+    }
+
+    /// Whether any proxy listener older than the target is still counted.
+    pub fn has_prior_listeners(&self) -> bool {
+        !self.listeners.counted.is_empty()
     }
 
     /// The counter slot this target was given.

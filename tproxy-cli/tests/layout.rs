@@ -5,9 +5,10 @@ use std::mem::size_of;
 
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
-    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NUDGE_EVENTS_BYTES,
-    NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState,
-    TARGETS_MAX, Target, TargetAddr, names,
+    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
+    NUDGE_EVENTS_BYTES, NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX,
+    PROXY_LISTENERS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target,
+    TargetAddr, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -95,17 +96,15 @@ fn maps_in_the_object_match_the_shared_types() {
     check(names::NUDGE, HASH, 8, 8, NUDGE_MAX);
     // Connections open at attach (never evicted), and the proxy's connects
     // between TCP_CONNECT_CB and ESTABLISHED.
-    check(
-        names::PRIOR_FLOWS,
-        HASH,
-        size_of::<FlowKey>(),
-        8,
-        FLOWS_MAX,
-    );
+    check(names::PRIOR_FLOWS, HASH, size_of::<FlowKey>(), 8, FLOWS_MAX);
     check(names::PROXY_CONNECTS, LRU_HASH, 8, 1, PROXY_CONNECTS_MAX);
+    // Where the proxy listens: counted by sockops, and seeded by userspace.
+    for name in [names::PROXY_LISTENERS, names::PRIOR_LISTENERS] {
+        check(name, HASH, size_of::<ListenerKey>(), 8, PROXY_LISTENERS_MAX);
+    }
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 14, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 16, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

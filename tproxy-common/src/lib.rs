@@ -23,6 +23,8 @@ pub mod names {
     pub const NUDGE: &str = "NUDGE";
     pub const PRIOR_FLOWS: &str = "PRIOR_FLOWS";
     pub const PROXY_CONNECTS: &str = "PROXY_CONNECTS";
+    pub const PROXY_LISTENERS: &str = "PROXY_LISTENERS";
+    pub const PRIOR_LISTENERS: &str = "PRIOR_LISTENERS";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -77,6 +79,9 @@ pub const PENDING_MAX: u32 = 4_096;
 /// Addresses a target may claim in `TARGET_ADDRS` (its interface's, link-
 /// local ones excepted); the map holds this many per target.
 pub const ADDRS_PER_TARGET: u32 = 8;
+/// `PROXY_LISTENERS` entries: the proxy's distinct listening addresses on
+/// its port, node-wide.
+pub const PROXY_LISTENERS_MAX: u32 = 4_096;
 /// `PROXY_CONNECTS` entries: the proxy's upstream connects between
 /// TCP_CONNECT_CB and ESTABLISHED, node-wide.
 pub const PROXY_CONNECTS_MAX: u32 = 16_384;
@@ -164,9 +169,10 @@ pub struct Config {
     /// in the cgroup, and must not take another namespace's identical
     /// tuple for a steered flow.
     pub netns_cookie: u64,
-    /// Who the proxy is: the id of its cgroup (v2). Only its processes (of
-    /// this cgroup or below it) get original destinations answered, and
-    /// only connections they make are paired as the proxy's upstream end. 0: no check (crafted-packet tests only;
+    /// Who the proxy is: the id of its cgroup (v2). Steered SYNs go only to
+    /// listeners its processes (of this cgroup or below it) opened, only
+    /// they get original destinations answered, and only connections they
+    /// make are paired as the proxy's upstream end. 0: no check (crafted-packet tests only;
     /// userspace always sets it).
     pub proxy_cgroup_id: u64,
 }
@@ -300,6 +306,19 @@ pub mod flow_state {
     /// The proxy's socket of this flow has closed (sockops saw TCP_CLOSE):
     /// the entry lingers for retransmissions, then goes.
     pub const CLOSED: u8 = 1 << 0;
+}
+
+/// `PROXY_LISTENERS` key: a listening socket's address as the kernel's
+/// lookup returns it (`bpf_sock`: family, source address, source port
+/// host order), in one namespace. A dual-stack listener on `[::]` is
+/// AF_INET6 `::` for IPv4 SYNs too, both when it listens and when found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub addr: [u32; 4],
+    pub port: u32,
+    pub family: u32,
+    pub netns_cookie: u64,
 }
 
 /// SOCKHASH key: the full tuple of one socket as that socket sees it, plus
@@ -589,10 +608,13 @@ pub enum Counter {
     SynsRefusedDraining,
     /// SYNs dropped because recording or rewriting them failed.
     SteerErrors,
+    /// SYNs dropped because the socket listening on the proxy port is not
+    /// one the proxy opened (a stranger standing in for it).
+    SteerNotProxy,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 40] = [
+    pub const ALL: [Counter; 41] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -633,6 +655,7 @@ impl Counter {
         Counter::IngressUnknownDropped,
         Counter::SynsRefusedDraining,
         Counter::SteerErrors,
+        Counter::SteerNotProxy,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -684,6 +707,7 @@ impl Counter {
             Counter::IngressUnknownDropped => "ingress_unknown_dropped",
             Counter::SynsRefusedDraining => "syns_refused_draining",
             Counter::SteerErrors => "steer_errors",
+            Counter::SteerNotProxy => "steer_not_proxy",
         }
     }
 }
@@ -735,7 +759,10 @@ const _: () = {
     assert!(size_of::<TargetAddr>() == 24);
     assert!(offset_of!(TargetAddr, family) == 16);
     assert!(size_of::<NudgeEvent>() == 24);
-    assert!(Counter::COUNT == Counter::SteerErrors as u32 + 1);
+    assert!(size_of::<ListenerKey>() == 32);
+    assert!(offset_of!(ListenerKey, port) == 16);
+    assert!(offset_of!(ListenerKey, netns_cookie) == 24);
+    assert!(Counter::COUNT == Counter::SteerNotProxy as u32 + 1);
 };
 
 #[cfg(feature = "user")]
@@ -753,6 +780,7 @@ mod user {
     unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for TargetAddr {}
     unsafe impl aya::Pod for NudgeEvent {}
+    unsafe impl aya::Pod for ListenerKey {}
 }
 
 #[cfg(test)]

@@ -1,10 +1,25 @@
 //! Who the proxy is: the processes of one cgroup (v2) and the cgroups
 //! below it (`Config::proxy_cgroup_id`), which no unprivileged process can
-//! join. The original-destination hooks answer only the proxy's calls;
-//! sockops pairs a proxy->app connection only if the proxy made it
-//! (`PROXY_CONNECTS`).
-use aya_ebpf::helpers::bpf_get_current_ancestor_cgroup_id;
-use tproxy_common::Config;
+//! join. Steering sends new flows only to listeners the proxy opened
+//! (`PROXY_LISTENERS`, kept by sockops at TCP_LISTEN_CB); the
+//! original-destination hooks answer only the proxy's calls; sockops pairs
+//! a proxy->app connection only if the proxy made it (`PROXY_CONNECTS`).
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock, bpf_sock_ops, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_sk_lookup_tcp, bpf_sk_release},
+    programs::{SockOpsContext, TcContext},
+};
+use tproxy_common::{AF_INET, AF_INET6, Config, ListenerKey};
+
+use crate::{
+    atomic,
+    maps::{PRIOR_LISTENERS, PROXY_LISTENERS},
+    packet::Tcp,
+};
 
 /// Is the calling process (a syscall's: cgroup sockopt and sock_addr
 /// hooks, sockops at TCP_CONNECT_CB) the proxy? Always true with no
@@ -17,4 +32,128 @@ pub fn caller_is_proxy(cfg: &Config) -> bool {
     // SAFETY: no pointers; 0 if the caller is above that level.
     let id = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.proxy_cgroup_level as i32) };
     id == cfg.proxy_cgroup_id
+}
+
+/// sockops, TCP_LISTEN_CB (in the listening process): a proxy socket
+/// listening on the proxy port is counted in `PROXY_LISTENERS`, and asks
+/// for state callbacks to be uncounted when it closes.
+#[inline(always)]
+pub fn listening(ctx: &SockOpsContext, cfg: &Config, cookie: u64) {
+    let key = listener_key(ctx, cookie);
+    if key.port != u32::from(cfg.proxy_port) || !caller_is_proxy(cfg) {
+        return;
+    }
+    const BPF_NOEXIST: u64 = 1;
+    let _ = PROXY_LISTENERS.insert(&key, &0, BPF_NOEXIST);
+    if let Some(v) = PROXY_LISTENERS.get_ptr_mut(&key) {
+        atomic::add(v, 1);
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+/// sockops, STATE_CB from LISTEN to CLOSE: one of the proxy's listeners
+/// closed (only those ask for state callbacks while listening).
+#[inline(always)]
+pub fn stopped_listening(ctx: &SockOpsContext, cookie: u64) {
+    if let Some(v) = PROXY_LISTENERS.get_ptr_mut(&listener_key(ctx, cookie)) {
+        // -1, wrapping.
+        atomic::add(v, u64::MAX);
+    }
+}
+
+#[inline(always)]
+fn listener_key(ctx: &SockOpsContext, cookie: u64) -> ListenerKey {
+    let c: *const bpf_sock_ops = ctx.ops;
+    let family = read_field!(c, family);
+    let addr = if family == u32::from(AF_INET6) {
+        [
+            read_field!(c, local_ip6[0]),
+            read_field!(c, local_ip6[1]),
+            read_field!(c, local_ip6[2]),
+            read_field!(c, local_ip6[3]),
+        ]
+    } else {
+        [read_field!(c, local_ip4), 0, 0, 0]
+    };
+    ListenerKey {
+        addr,
+        port: read_field!(c, local_port),
+        family,
+        netns_cookie: cookie,
+    }
+}
+
+/// tc ingress, a new SYN about to be rewritten to the proxy port: would
+/// the kernel hand it to a listener the proxy opened? Looks the listener
+/// up as TCP will (the same tuple, the device's namespace, more specific
+/// binds and SO_REUSEPORT included) and finds it in `PROXY_LISTENERS`.
+/// Any user may bind a port above 1024: without this, a process listening
+/// on the proxy port while the proxy is down (or on a more specific
+/// address) would take steered connections. No listener at all: true (the
+/// kernel answers with a RST, restored to the dialled port on egress).
+/// Only SYNs pay for the lookup.
+#[inline(always)]
+pub fn proxy_listens(ctx: &TcContext, tcp: &Tcp, cfg: &Config, cookie: u64) -> bool {
+    if cfg.proxy_cgroup_id == 0 {
+        return true;
+    }
+    // SAFETY: a zeroed tuple is valid; the union member written is the
+    // one whose size is passed.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if tcp.family == AF_INET {
+        // SAFETY: writing the union's IPv4 member.
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = tcp.src[0];
+        t.daddr = tcp.dst[0];
+        t.sport = tcp.sport;
+        t.dport = cfg.proxy_port.to_be();
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        // SAFETY: writing the union's IPv6 member.
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = tcp.src;
+        t.daddr = tcp.dst;
+        t.sport = tcp.sport;
+        t.dport = cfg.proxy_port.to_be();
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    // SAFETY: the helper reads `size` bytes of the tuple; the socket it
+    // returns holds a reference, released below on every path.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return true;
+    }
+    let s: *const bpf_sock = sk;
+    let family = read_field!(s, family);
+    let addr = if family == u32::from(AF_INET6) {
+        [
+            read_field!(s, src_ip6[0]),
+            read_field!(s, src_ip6[1]),
+            read_field!(s, src_ip6[2]),
+            read_field!(s, src_ip6[3]),
+        ]
+    } else {
+        [read_field!(s, src_ip4), 0, 0, 0]
+    };
+    let key = ListenerKey {
+        addr,
+        port: read_field!(s, src_port),
+        family,
+        netns_cookie: cookie,
+    };
+    // SAFETY: the socket the lookup returned, released once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    // SAFETY: plain lookups; the values are copied out at once.
+    unsafe {
+        PROXY_LISTENERS.get(&key).is_some_and(|n| *n != 0)
+            || PRIOR_LISTENERS.get(&key).is_some_and(|n| *n != 0)
+    }
 }

@@ -5,9 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use tproxy_common::{
-    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NUDGE_EVENTS_BYTES,
-    NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX,
-    SockKey, SockState, TARGETS_MAX, Target, TargetAddr,
+    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
+    NUDGE_EVENTS_BYTES, NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX,
+    PROXY_LISTENERS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target,
+    TargetAddr,
 };
 
 /// The targets this object serves, keyed by their network namespace's
@@ -92,6 +93,22 @@ pub static PENDING_PEERS: LruHashMap<SockKey, Pending> =
 #[map]
 pub static PROXY_CONNECTS: LruHashMap<u64, u8> =
     LruHashMap::with_max_entries(PROXY_CONNECTS_MAX, 0);
+
+/// Where the proxy listens on its port, per namespace (`identity.rs`):
+/// how many proxy sockets, counted at TCP_LISTEN_CB in a proxy process and
+/// uncounted when they close. Steering sends a SYN to the proxy port only
+/// if the listener the kernel would pick is here or in `PRIOR_LISTENERS`.
+#[map]
+pub static PROXY_LISTENERS: HashMap<ListenerKey, u64> =
+    HashMap::with_max_entries(PROXY_LISTENERS_MAX, 0);
+
+/// The proxy's listeners older than the target (sockops never saw them
+/// start): found by userspace at attach from the socket table and the
+/// owning processes' cgroups, and counted down by it as they close. Its
+/// own map: userspace cannot add atomically to what sockops counts.
+#[map]
+pub static PRIOR_LISTENERS: HashMap<ListenerKey, u64> =
+    HashMap::with_max_entries(PROXY_LISTENERS_MAX, 0);
 
 /// The targets' own addresses (their interface's) -> their netns cookie,
 /// written by userspace at attach: which pod of this node an address is,

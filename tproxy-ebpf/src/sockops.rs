@@ -26,7 +26,8 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -43,8 +44,9 @@ use crate::{
     peer, sockkey, tcpseq,
 };
 
-/// TCP_CLOSE in the kernel's TCP state enum.
+/// TCP_CLOSE and TCP_LISTEN in the kernel's TCP state enum.
 const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
 
 #[sock_ops]
 pub fn tproxy_sockops(ctx: SockOpsContext) -> u32 {
@@ -96,6 +98,16 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
             if ACCEL && target.config.flags & flags::ACCEL != 0 {
                 accelerate(ctx, op, &key, target)?;
             }
+        }
+        // listen(2), in the listening process: the proxy's listeners.
+        BPF_SOCK_OPS_TCP_LISTEN_CB => {
+            if let Some(t) = target {
+                identity::listening(ctx, &t.config, key.netns_cookie);
+            }
+        }
+        // One of the proxy's listeners closed.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_LISTEN && ctx.arg(1) == TCP_CLOSE => {
+            identity::stopped_listening(ctx, key.netns_cookie);
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             if target.is_some() {

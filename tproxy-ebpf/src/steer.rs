@@ -9,7 +9,8 @@
 //! Fail closed: no connection to an intercepted port reaches the app
 //! except through the proxy. Dropped (and counted) are: packets whose TCP
 //! header cannot be read (`packet.rs`), SYNs that cannot be recorded or
-//! rewritten, SYNs while the target drains, and every other packet to an
+//! rewritten, SYNs while the target drains, SYNs that a listener the
+//! proxy did not open would take (`identity.rs`), and every other packet to an
 //! intercepted port of no flow tproxy knows, unless its connection was
 //! open when tproxy attached (`PRIOR_FLOWS`).
 use aya_ebpf::{
@@ -20,7 +21,7 @@ use aya_ebpf::{
 use tproxy_common::{Counter, SteerMode, flags};
 
 use crate::{
-    counters, flow,
+    counters, flow, identity,
     packet::{self, Parsed, TCP_DPORT, Tcp},
 };
 
@@ -81,6 +82,9 @@ fn try_steer(ctx: &TcContext) -> Result<i32, u32> {
                 if !steer_new {
                     return Ok(drop(slot, Counter::SynsRefusedDraining));
                 }
+                if rewrite && !identity::proxy_listens(ctx, &tcp, cfg, cookie) {
+                    return Ok(drop(slot, Counter::SteerNotProxy));
+                }
                 flow::remove(slot, &key, &entry);
                 flow::embryonic(slot, &key, tcp.dport, now).map_err(|_| slot)?;
             } else {
@@ -102,12 +106,18 @@ fn try_steer(ctx: &TcContext) -> Result<i32, u32> {
             if !entry.may_take_over(now) {
                 return Ok(drop(slot, Counter::SteerCollisions));
             }
+            if rewrite && !identity::proxy_listens(ctx, &tcp, cfg, cookie) {
+                return Ok(drop(slot, Counter::SteerNotProxy));
+            }
             flow::remove(slot, &key, &entry);
             flow::embryonic(slot, &key, tcp.dport, now).map_err(|_| slot)?;
         }
         None if tcp.is_syn() => {
             if !steer_new {
                 return Ok(drop(slot, Counter::SynsRefusedDraining));
+            }
+            if rewrite && !identity::proxy_listens(ctx, &tcp, cfg, cookie) {
+                return Ok(drop(slot, Counter::SteerNotProxy));
             }
             flow::embryonic(slot, &key, tcp.dport, now).map_err(|_| slot)?;
         }

@@ -652,8 +652,17 @@ impl Registry {
         self.targets.get(id).map(|e| &e.rec)
     }
 
-    /// Removes closed flows that lingered; how many.
+    /// Removes closed flows that lingered; how many. Also counts down, in
+    /// each target's namespace, the proxy listeners older than the target
+    /// that closed (only targets that had some).
     pub fn reap_flows(&mut self) -> usize {
+        for e in self.targets.values_mut() {
+            if let Owner::Fresh(t) = &mut e.owner
+                && t.has_prior_listeners()
+            {
+                let _ = netns::run_in(&e.rec.spec.netns, || t.recount_listeners());
+            }
+        }
         self.loaded.reap_flows().unwrap_or(0)
     }
 }
