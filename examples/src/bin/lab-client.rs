@@ -45,10 +45,12 @@
 //! the send), and `replies N`.
 //!
 //!     lab-client handshake ADDR --from IP:PORT --send TEXT --expect TEXT
-//!         [--dstopt B] [--timeout-s S]
+//!         [--dstopt B] [--payload B --frag N [--ip-id I]] [--timeout-s S]
 //!
 //! A TCP client from a raw socket (every segment it sends carries the
-//! `--dstopt` header, IPv6): SYN, the ACK of the SYN-ACK, TEXT; acknowledges
+//! `--dstopt` header, IPv6; the SYN carries `--payload` bytes, which are
+//! not acknowledged, and goes in two fragments as with `forge --frag`,
+//! IPv4): SYN, the ACK of the SYN-ACK, TEXT; acknowledges
 //! what arrives until it holds `--expect`; prints `synack` and `got TEXT`
 //! (escaped). The caller must keep its own kernel from answering the
 //! SYN-ACK with a RST (a firewall rule in the client namespace).
@@ -499,12 +501,22 @@ fn forge_packets(
     })
 }
 
+/// How `handshake` sends its segments: every one behind a destination
+/// options header of `dstopt` bytes (IPv6); the SYN with `syn_payload`
+/// bytes, in two fragments (its first `frag.0` bytes in the first) of
+/// datagram `frag.1` (IPv4).
+struct Shape {
+    dstopt: Option<usize>,
+    frag: Option<(usize, u16)>,
+    syn_payload: usize,
+}
+
 /// `handshake`: a TCP client on raw sockets; the data received (from the
 /// first byte after the SYN-ACK) once it holds `expect`.
 fn handshake(
     dst: SocketAddr,
     from: SocketAddr,
-    dstopt: Option<usize>,
+    shape: &Shape,
     send: &[u8],
     expect: &[u8],
     timeout: Duration,
@@ -512,19 +524,29 @@ fn handshake(
     let tap = Tap::open(dst.is_ipv6())?;
     let out = raw_socket(dst)?;
     let to: socket2::SockAddr = SocketAddr::new(dst.ip(), 0).into();
-    let emit = |t: &packet::Tcp| -> Result<()> {
-        for p in forge_packets(from.ip(), dst.ip(), t, dstopt, None)? {
+    let emit_as = |t: &packet::Tcp, frag: Option<(usize, u16)>| -> Result<()> {
+        for p in forge_packets(from.ip(), dst.ip(), t, shape.dstopt, frag)? {
             out.send_to(&p, &to).context("sendto")?;
         }
         Ok(())
     };
+    let emit = |t: &packet::Tcp| emit_as(t, None);
     let deadline = Instant::now() + timeout;
     let isn: u32 = 0x1000_0000;
     let mut syn = packet::Tcp::new(from.port(), dst.port(), packet::SYN);
     syn.seq = isn;
-    // Once a second until answered, as a kernel would retransmit.
+    // Data in a SYN is not acknowledged (no TCP Fast Open): it only makes
+    // the segment long enough to fragment.
+    syn.payload = vec![b'x'; shape.syn_payload];
+    // Once a second until answered, as a kernel would retransmit (each
+    // time a datagram of its own).
+    let mut attempt: u16 = 0;
     let synack = loop {
-        emit(&syn)?;
+        emit_as(
+            &syn,
+            shape.frag.map(|(n, id)| (n, id.wrapping_add(attempt))),
+        )?;
+        attempt += 1;
         let wait = (Instant::now() + Duration::from_secs(1)).min(deadline);
         if let Some(s) = tap.next(dst.port(), from.port(), wait)? {
             if s.flags & (packet::SYN | packet::ACK) == packet::SYN | packet::ACK {
@@ -648,6 +670,16 @@ fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(1 << 20);
     let seed: u64 = opt("--seed").map(|v| v.parse()).transpose()?.unwrap_or(1);
+    // forge and handshake: the payload of the (SYN) segment, and the IPv4
+    // identification of a fragmented one.
+    let payload: usize = opt("--payload")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(0);
+    let id: u16 = opt("--ip-id")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(0x1234);
     match mode.as_str() {
         "echo" => {
             let conns: usize = opt("--conns").map(|v| v.parse()).transpose()?.unwrap_or(1);
@@ -740,16 +772,8 @@ fn main() -> Result<()> {
             let mut t = packet::Tcp::new(from.port(), addr.port(), flags);
             t.seq = opt("--seq").map(|v| v.parse()).transpose()?.unwrap_or(1);
             t.ack = opt("--ack").map(|v| v.parse()).transpose()?.unwrap_or(0);
-            let payload: usize = opt("--payload")
-                .map(|v| v.parse())
-                .transpose()?
-                .unwrap_or(0);
             t.payload = vec![b'x'; payload];
             let frag: Option<usize> = opt("--frag").map(|v| v.parse()).transpose()?;
-            let id: u16 = opt("--ip-id")
-                .map(|v| v.parse())
-                .transpose()?
-                .unwrap_or(0x1234);
             let dstopt: Option<usize> = opt("--dstopt").map(|v| v.parse()).transpose()?;
             let listen: Option<u64> = opt("--listen-ms").map(|v| v.parse()).transpose()?;
             let pkts = forge_packets(from.ip(), addr.ip(), &t, dstopt, frag.map(|f| (f, id)))?;
@@ -778,7 +802,14 @@ fn main() -> Result<()> {
             let from: SocketAddr = opt("--from").context("--from")?.parse()?;
             let send = opt("--send").context("--send")?;
             let expect = opt("--expect").context("--expect")?;
-            let dstopt: Option<usize> = opt("--dstopt").map(|v| v.parse()).transpose()?;
+            let shape = Shape {
+                dstopt: opt("--dstopt").map(|v| v.parse()).transpose()?,
+                frag: opt("--frag")
+                    .map(|v| v.parse())
+                    .transpose()?
+                    .map(|n| (n, id)),
+                syn_payload: payload,
+            };
             let secs: u64 = opt("--timeout-s")
                 .map(|v| v.parse())
                 .transpose()?
@@ -786,7 +817,7 @@ fn main() -> Result<()> {
             let got = handshake(
                 addr,
                 from,
-                dstopt,
+                &shape,
                 send.as_bytes(),
                 expect.as_bytes(),
                 Duration::from_secs(secs),
