@@ -10,7 +10,7 @@ mod common;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -54,86 +54,12 @@ fn rise(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u6
     get(after) - get(before)
 }
 
-/// The lab with our proxy and tproxy (rewrite) in front of the app.
-fn steered_lab() -> (Lab, Logged, Logged) {
+/// The lab with our proxy and tproxy in front of the app.
+fn steered_lab(steer: Steer) -> (Lab, Logged, Logged) {
     let lab = Lab::new();
-    let p = lab.proxy(Proxy::Ours, Steer::Rewrite);
-    let t = lab.tproxy(Steer::Rewrite, &[]);
+    let p = lab.proxy(Proxy::Ours, steer);
+    let t = lab.tproxy(steer, &[]);
     (lab, p, t)
-}
-
-/// A SYN to the app's port 8000 in two IPv4 fragments whose first holds
-/// only 8 bytes of TCP (RFC 1858's tiny fragment: the ports, not the
-/// flags). tc ingress sees it before the kernel reassembles it; before
-/// tproxy dropped what it cannot read, both fragments passed, the app's
-/// kernel reassembled the SYN and answered it with a SYN-ACK from 8000:
-/// a connection to the app the proxy never saw. Now nothing answers and
-/// both fragments are counted. A first fragment of 16 bytes (ports and
-/// sequence number, no flags) likewise. The control: the same SYN split
-/// after 24 bytes (its header whole in the first fragment) is steered and
-/// the proxy answers, so the capture would have seen an answer.
-#[test]
-fn a_syn_in_a_tiny_first_fragment_gets_no_answer() {
-    let (lab, _p, _t) = steered_lab();
-    let client = &lab.topo.client;
-    let server = &lab.topo.server;
-    let forge = |port: u16, frag: &str, payload: &str, id: &str| {
-        let from = format!("{CLIENT_IP}:{port}");
-        let out = lab_client(
-            client,
-            &[
-                "forge",
-                "192.168.178.10:8000",
-                "--from",
-                &from,
-                "--flags",
-                "syn",
-                "--frag",
-                frag,
-                "--payload",
-                payload,
-                "--ip-id",
-                id,
-                "--listen-ms",
-                "3000",
-            ],
-        );
-        eprintln!("--frag {frag} from {from}:\n{out}");
-        replies(&out)
-    };
-
-    let c0 = counters(server);
-    // 20 bytes of header and 16 of payload: 24 in the first fragment.
-    let control = forge(41001, "24", "16", "101");
-    let c1 = counters(server);
-    assert!(
-        control.iter().any(|r| r.starts_with("reply flags=SA ")),
-        "no SYN-ACK for a SYN whose header fits the first fragment: {control:?}"
-    );
-    assert!(rise(&c0, &c1, "ingress_steered") >= 1, "{c1}");
-    assert_eq!(rise(&c0, &c1, "ingress_unreadable"), 0, "{c1}");
-
-    let tiny = forge(41002, "8", "0", "102");
-    let c2 = counters(server);
-    assert_eq!(
-        tiny,
-        Vec::<String>::new(),
-        "the SYN in a tiny first fragment was answered (it reached the app)"
-    );
-    // Both fragments: the first too short, the second at offset 8 (which
-    // could only overwrite the first's flags, RFC 3128).
-    assert!(rise(&c1, &c2, "ingress_unreadable") >= 2, "{c2}");
-    assert_eq!(rise(&c1, &c2, "ingress_steered"), 0, "{c2}");
-
-    let sixteen = forge(41003, "16", "0", "103");
-    let c3 = counters(server);
-    assert_eq!(
-        sixteen,
-        Vec::<String>::new(),
-        "the SYN whose first fragment stops before the flags was answered"
-    );
-    assert!(rise(&c2, &c3, "ingress_unreadable") >= 1, "{c3}");
-    eprintln!("counters: {c3}");
 }
 
 /// Keeps the client namespace's kernel from answering the SYN-ACK that a
@@ -171,6 +97,140 @@ fn handshake_banner(out: &str) -> (u16, SocketAddr) {
     )
 }
 
+/// A raw-socket handshake from `from` to the app's port 8000 at `dst`
+/// (`lab-client handshake` with the options `shape`; the client kernel's
+/// RSTs held back) that must reach the proxy: the app names the proxy as
+/// its peer, not the client, and the proxy reports `dst` as the original
+/// destination.
+fn handshake_via_proxy(lab: &Lab, p: &Logged, from: &str, dst: &str, shape: &[&str]) {
+    let me: SocketAddr = from.parse().unwrap();
+    let orig: SocketAddr = dst.parse().unwrap();
+    no_resets_from(&lab.topo.client, me.port());
+    let mut args = vec![
+        "handshake",
+        dst,
+        "--from",
+        from,
+        "--send",
+        "hello\n",
+        "--expect",
+        "hello\n",
+        "--timeout-s",
+        "30",
+    ];
+    args.extend_from_slice(shape);
+    let out = lab_client(&lab.topo.client, &args);
+    eprintln!("handshake from {from} {shape:?}:\n{out}");
+    let (port, peer) = handshake_banner(&out);
+    assert_eq!(port, 8000, "{out}");
+    assert_ne!(
+        peer.ip(),
+        me.ip(),
+        "the app saw the client itself: the SYN went around the proxy\n{out}"
+    );
+    eventually(
+        "the proxy's line for the handshake",
+        Duration::from_secs(10),
+        || reported_origdst(Proxy::Ours, &p.lines()).contains_key(&me),
+    );
+    assert_eq!(
+        reported_origdst(Proxy::Ours, &p.lines()).get(&me),
+        Some(&vec![orig]),
+        "{}",
+        p.log()
+    );
+}
+
+/// A SYN to the app's port 8000 in two IPv4 fragments whose first holds
+/// only 8 bytes of TCP (RFC 1858's tiny fragment: the ports, not the
+/// flags). tc ingress sees it before the kernel reassembles it; before
+/// tproxy dropped what it cannot read, both fragments passed, the app's
+/// kernel reassembled the SYN and answered it with a SYN-ACK from 8000:
+/// a connection to the app the proxy never saw. Now nothing answers and
+/// both fragments are counted. A first fragment of 16 bytes (ports and
+/// sequence number, no flags) likewise. The control: a SYN split after 24
+/// bytes (its header whole in the first fragment) is steered, and its
+/// handshake is the proxy's; and an answer would have been seen.
+fn tiny_first_fragment(steer: Steer) {
+    let (lab, p, _t) = steered_lab(steer);
+    let client = &lab.topo.client;
+    let server = &lab.topo.server;
+    let forge = |port: u16, frag: &str, payload: &str, id: &str| {
+        let from = format!("{CLIENT_IP}:{port}");
+        let out = lab_client(
+            client,
+            &[
+                "forge",
+                "192.168.178.10:8000",
+                "--from",
+                &from,
+                "--flags",
+                "syn",
+                "--frag",
+                frag,
+                "--payload",
+                payload,
+                "--ip-id",
+                id,
+                "--listen-ms",
+                "3000",
+            ],
+        );
+        eprintln!("--frag {frag} from {from}:\n{out}");
+        replies(&out)
+    };
+
+    let c0 = counters(server);
+    // 20 bytes of header and 16 of payload: 24 in the first fragment.
+    let control = forge(41000, "24", "16", "100");
+    assert!(
+        control.iter().any(|r| r.starts_with("reply flags=SA ")),
+        "no SYN-ACK for a SYN whose header fits the first fragment: {control:?}"
+    );
+    handshake_via_proxy(
+        &lab,
+        &p,
+        &format!("{CLIENT_IP}:41001"),
+        "192.168.178.10:8000",
+        &["--frag", "24", "--payload", "16", "--ip-id", "101"],
+    );
+    let c1 = counters(server);
+    assert!(rise(&c0, &c1, "ingress_steered") >= 2, "{c1}");
+    assert_eq!(rise(&c0, &c1, "ingress_unreadable"), 0, "{c1}");
+
+    let tiny = forge(41002, "8", "0", "102");
+    let c2 = counters(server);
+    assert_eq!(
+        tiny,
+        Vec::<String>::new(),
+        "the SYN in a tiny first fragment was answered (it reached the app)"
+    );
+    // Both fragments: the first too short, the second at offset 8 (which
+    // could only overwrite the first's flags, RFC 3128).
+    assert!(rise(&c1, &c2, "ingress_unreadable") >= 2, "{c2}");
+    assert_eq!(rise(&c1, &c2, "ingress_steered"), 0, "{c2}");
+
+    let sixteen = forge(41003, "16", "0", "103");
+    let c3 = counters(server);
+    assert_eq!(
+        sixteen,
+        Vec::<String>::new(),
+        "the SYN whose first fragment stops before the flags was answered"
+    );
+    assert!(rise(&c2, &c3, "ingress_unreadable") >= 1, "{c3}");
+    eprintln!("counters: {c3}");
+}
+
+#[test]
+fn a_syn_in_a_tiny_first_fragment_gets_no_answer() {
+    tiny_first_fragment(Steer::Rewrite);
+}
+
+#[test]
+fn a_syn_in_a_tiny_first_fragment_gets_no_answer_with_the_tproxy_backend() {
+    tiny_first_fragment(Steer::Tproxy);
+}
+
 /// An IPv6 SYN to port 8000 behind a 200-byte destination options header
 /// (one option the kernel skips). Before tproxy walked extension headers
 /// of any length, its parser gave up past ~100 bytes of them and passed
@@ -179,56 +239,34 @@ fn handshake_banner(out: &str) -> (u16, SocketAddr) {
 /// steered, the proxy accepts the client with original destination
 /// [fd00:178::10]:8000, and the app's banner names the proxy as its peer,
 /// not the client.
-#[test]
-fn an_ipv6_syn_behind_200_bytes_of_destination_options_reaches_the_proxy() {
-    let (lab, p, _t) = steered_lab();
-    let client = &lab.topo.client;
+fn long_destination_options(steer: Steer) {
+    let (lab, p, _t) = steered_lab(steer);
     let server = &lab.topo.server;
-    const PORT: u16 = 41010;
-    no_resets_from(client, PORT);
-    let from = format!("[{CLIENT_IP6}]:{PORT}");
     let c0 = counters(server);
-    let out = lab_client(
-        client,
-        &[
-            "handshake",
-            "[fd00:178::10]:8000",
-            "--from",
-            &from,
-            "--dstopt",
-            "200",
-            "--send",
-            "hello\n",
-            "--expect",
-            "hello\n",
-            "--timeout-s",
-            "30",
-        ],
+    handshake_via_proxy(
+        &lab,
+        &p,
+        &format!("[{CLIENT_IP6}]:41010"),
+        "[fd00:178::10]:8000",
+        &["--dstopt", "200"],
     );
     let c1 = counters(server);
-    eprintln!("{out}\ncounters: {c1}");
-    let (port, peer) = handshake_banner(&out);
-    assert_eq!(port, 8000, "{out}");
-    let client_ip: IpAddr = CLIENT_IP6.parse().unwrap();
-    assert_ne!(
-        peer.ip(),
-        client_ip,
-        "the app saw the client itself: the SYN went around the proxy\n{out}"
-    );
+    eprintln!("counters: {c1}");
     // SYN, ACK, data (and the ACKs of what came back).
     assert!(rise(&c0, &c1, "ingress_steered") >= 3, "{c1}");
     assert!(rise(&c0, &c1, "flows_created") >= 1, "{c1}");
     assert_eq!(rise(&c0, &c1, "ingress_unreadable"), 0, "{c1}");
     assert_eq!(rise(&c0, &c1, "ingress_unknown_dropped"), 0, "{c1}");
-    wait_lines(&p, "accepted", 1, Duration::from_secs(10));
-    let reported = reported_origdst(Proxy::Ours, &p.lines());
-    let me: SocketAddr = from.parse().unwrap();
-    assert_eq!(
-        reported.get(&me),
-        Some(&vec![addr(SERVER_IP6, 8000)]),
-        "the proxy did not accept the client for [fd00:178::10]:8000:\n{}",
-        p.log()
-    );
+}
+
+#[test]
+fn an_ipv6_syn_behind_200_bytes_of_destination_options_reaches_the_proxy() {
+    long_destination_options(Steer::Rewrite);
+}
+
+#[test]
+fn an_ipv6_syn_behind_200_bytes_of_destination_options_reaches_the_tproxy_backend() {
+    long_destination_options(Steer::Tproxy);
 }
 
 /// Sends a line and reads back the echo of that line (the banner came
