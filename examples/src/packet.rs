@@ -118,6 +118,20 @@ pub fn ipv4(
     proto: u8,
     payload: &[u8],
 ) -> Vec<u8> {
+    ipv4_id(src, dst, 0x1234, options, frag, proto, payload)
+}
+
+/// [`ipv4`] with the given identification (fragments of one datagram
+/// share it; the receiver reassembles by addresses, protocol and id).
+pub fn ipv4_id(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    options: &[u8],
+    frag: u16,
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut opts = options.to_vec();
     while !opts.len().is_multiple_of(4) {
         opts.push(0); // end of options list
@@ -126,7 +140,7 @@ pub fn ipv4(
     let total = ihl * 4 + payload.len();
     let mut h = vec![(4 << 4) | ihl as u8, 0];
     h.extend_from_slice(&(total as u16).to_be_bytes());
-    h.extend_from_slice(&0x1234u16.to_be_bytes()); // id
+    h.extend_from_slice(&id.to_be_bytes());
     h.extend_from_slice(&frag.to_be_bytes());
     h.extend_from_slice(&[64, proto, 0, 0]);
     h.extend_from_slice(&src.octets());
@@ -155,6 +169,35 @@ impl Ext {
         body.push(1);
         body.push((len - 4) as u8);
         body.resize(len, 0);
+        Ext { kind, body }
+    }
+
+    /// Hop-by-hop (0) or destination options (60) of `units` 8-byte units
+    /// that a receiving kernel accepts: filled with options of the
+    /// experimental type 0x1e (RFC 4727), whose top bits say "skip it if
+    /// unknown" (Linux drops a header with more than 7 bytes of padding,
+    /// so [`Ext::options`] longer than 8 bytes never reaches its TCP).
+    /// At most 8 options (Linux's default `max_dst_opts_number`): up to
+    /// 2048 bytes.
+    pub fn skippable(kind: u8, units: usize) -> Ext {
+        let len = 8 * units;
+        assert!((1..=256).contains(&units), "{units} units");
+        let mut body = vec![0, (units - 1) as u8];
+        let mut left = len - 2;
+        while left > 0 {
+            if left == 1 {
+                body.push(0); // Pad1
+                break;
+            }
+            let mut take = left.min(2 + 255);
+            if left - take == 1 {
+                take -= 1;
+            }
+            body.push(0x1e);
+            body.push((take - 2) as u8);
+            body.resize(body.len() + take - 2, 0);
+            left -= take;
+        }
         Ext { kind, body }
     }
 
@@ -209,6 +252,28 @@ pub fn ip_tcp(src: IpAddr, dst: IpAddr, tcp: &Tcp) -> Vec<u8> {
     }
 }
 
+/// `l4` (a whole TCP segment, say) in two IPv4 fragments of datagram
+/// `id`: the first carries `l4[..first]` (more fragments set; `first` a
+/// multiple of 8), the second the rest at offset `first`.
+pub fn ipv4_fragments(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    proto: u8,
+    l4: &[u8],
+    first: usize,
+) -> [Vec<u8>; 2] {
+    assert!(
+        first.is_multiple_of(8) && first > 0 && first < l4.len(),
+        "a first fragment of {first} bytes of {}",
+        l4.len()
+    );
+    [
+        ipv4_id(src, dst, id, &[], 0x2000, proto, &l4[..first]),
+        ipv4_id(src, dst, id, &[], (first / 8) as u16, proto, &l4[first..]),
+    ]
+}
+
 /// A small, fast, seeded generator for forged sources (no crypto needed).
 pub struct XorShift(u64);
 
@@ -248,6 +313,44 @@ mod tests {
         let mut broken = seg6.clone();
         broken[2] ^= 1;
         assert!(!l4_checksum_ok(s6, d6, IPPROTO_TCP, &broken));
+    }
+
+    #[test]
+    fn fragments_split_the_segment() {
+        let (s, d) = (
+            Ipv4Addr::new(10, 0, 0, 20),
+            Ipv4Addr::new(192, 168, 178, 10),
+        );
+        let seg = Tcp::new(40000, 8000, SYN).bytes(s.into(), d.into());
+        let [a, b] = ipv4_fragments(s, d, 7, IPPROTO_TCP, &seg, 8);
+        assert_eq!((a.len(), b.len()), (28, 32));
+        assert_eq!(checksum(&a[..20]), 0);
+        assert_eq!(checksum(&b[..20]), 0);
+        assert_eq!(&a[4..8], &[0, 7, 0x20, 0]); // id 7, more fragments, offset 0
+        assert_eq!(&b[4..8], &[0, 7, 0, 1]); // id 7, offset 8 bytes
+        assert_eq!([&a[20..], &b[20..]].concat(), seg);
+    }
+
+    #[test]
+    fn skippable_options_fill_the_header() {
+        for units in [1, 2, 25, 32, 33, 256] {
+            let e = Ext::skippable(60, units);
+            assert_eq!(e.body.len(), 8 * units);
+            assert_eq!(usize::from(e.body[1]), units - 1);
+            // Walk the options: each fits, none is padding over 7 bytes.
+            let (mut i, mut opts) = (2, 0);
+            while i < e.body.len() {
+                if e.body[i] == 0 {
+                    i += 1;
+                    continue;
+                }
+                assert_eq!(e.body[i], 0x1e);
+                i += 2 + usize::from(e.body[i + 1]);
+                opts += 1;
+            }
+            assert_eq!(i, e.body.len(), "{units} units");
+            assert!(opts <= 8, "{units} units: {opts} options");
+        }
     }
 
     #[test]

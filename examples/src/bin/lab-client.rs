@@ -31,10 +31,29 @@
 //! nowhere) and a random port, stopping after S seconds (default 20) if N
 //! is not reached; prints `sent N in MS ms`.
 //!
-//!     lab-client forge ADDR --from IP:PORT --flags rst|fin|ack [--seq N] [--ack N]
+//!     lab-client forge ADDR --from IP:PORT --flags syn|rst|fin|ack [--seq N] [--ack N]
+//!         [--payload B] [--frag N [--ip-id I]] [--dstopt B] [--listen-ms MS]
 //!
 //! Sends one forged TCP segment from IP:PORT to ADDR (a blind RST, a
-//! retransmitted FIN); prints `sent`.
+//! retransmitted FIN, a SYN), with B bytes of payload; prints `sent`.
+//! `--frag N` (IPv4): as two fragments of datagram I, the first with the
+//! segment's first N bytes (a multiple of 8; `--frag 8`: RFC 1858's tiny
+//! fragment). `--dstopt B` (IPv6): behind a destination options header
+//! of B bytes (a multiple of 8, 8 to 2048). `--listen-ms MS`: then prints
+//! `reply flags=F seq=S ack=A` for each segment from ADDR's port to
+//! IP:PORT that arrives within MS ms (read from a raw socket opened before
+//! the send), and `replies N`.
+//!
+//!     lab-client handshake ADDR --from IP:PORT --send TEXT --expect TEXT
+//!         [--dstopt B] [--payload B --frag N [--ip-id I]] [--timeout-s S]
+//!
+//! A TCP client from a raw socket (every segment it sends carries the
+//! `--dstopt` header, IPv6; the SYN carries `--payload` bytes, which are
+//! not acknowledged, and goes in two fragments as with `forge --frag`,
+//! IPv4): SYN, the ACK of the SYN-ACK, TEXT; acknowledges
+//! what arrives until it holds `--expect`; prints `synack` and `got TEXT`
+//! (escaped). The caller must keep its own kernel from answering the
+//! SYN-ACK with a RST (a firewall rule in the client namespace).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
@@ -342,6 +361,270 @@ fn send_raw(dst: SocketAddr, pkt: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The flag letters tcpdump uses (`S`, `SA`, `R`, `.` for a bare ACK).
+fn flag_letters(flags: u8) -> String {
+    let mut out = String::new();
+    for (bit, c) in [
+        (packet::FIN, 'F'),
+        (packet::SYN, 'S'),
+        (packet::RST, 'R'),
+        (packet::PSH, 'P'),
+        (packet::ACK, 'A'),
+    ] {
+        if flags & bit != 0 {
+            out.push(c);
+        }
+    }
+    if out.is_empty() { ".".into() } else { out }
+}
+
+/// One TCP segment received on a raw socket.
+struct Segment {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: Vec<u8>,
+}
+
+/// Receives TCP segments addressed to this namespace from a raw socket
+/// (IPv4: with the IP header; IPv6: from the TCP header on). The kernel
+/// hands raw sockets a copy and handles the segment as usual.
+struct Tap {
+    sock: Socket,
+    v6: bool,
+}
+
+impl Tap {
+    fn open(v6: bool) -> Result<Tap> {
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+        let sock = Socket::new(domain, Type::RAW, Some(socket2::Protocol::TCP))
+            .context("raw TCP socket (needs CAP_NET_RAW)")?;
+        Ok(Tap { sock, v6 })
+    }
+
+    /// The next segment from port `sport` to port `dport` before
+    /// `deadline`.
+    fn next(&self, sport: u16, dport: u16, deadline: Instant) -> Result<Option<Segment>> {
+        use std::io::Read as _;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            let n = match (&self.sock).read(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(e).context("recv"),
+            };
+            let l4 = if self.v6 {
+                0
+            } else {
+                usize::from(buf[0] & 0x0f) * 4
+            };
+            let t = &buf[l4.min(n)..n];
+            if t.len() < 20 {
+                continue;
+            }
+            let be16 = |i: usize| u16::from_be_bytes([t[i], t[i + 1]]);
+            let be32 = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+            let seg = Segment {
+                sport: be16(0),
+                dport: be16(2),
+                seq: be32(4),
+                ack: be32(8),
+                flags: t[13],
+                payload: t[(usize::from(t[12] >> 4) * 4).min(t.len())..].to_vec(),
+            };
+            if seg.sport == sport && seg.dport == dport {
+                return Ok(Some(seg));
+            }
+        }
+    }
+}
+
+/// The whole packet(s) carrying `t` from `src` to `dst`: behind a
+/// destination options header of `dstopt` bytes (IPv6), or in two
+/// fragments of `frag` = (first fragment's TCP bytes, id) (IPv4).
+fn forge_packets(
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    t: &packet::Tcp,
+    dstopt: Option<usize>,
+    frag: Option<(usize, u16)>,
+) -> Result<Vec<Vec<u8>>> {
+    use std::net::IpAddr;
+    let seg = t.bytes(src, dst);
+    Ok(match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            if dstopt.is_some() {
+                bail!("--dstopt: IPv6 only");
+            }
+            match frag {
+                Some((first, id)) => {
+                    if first == 0 || !first.is_multiple_of(8) || first >= seg.len() {
+                        bail!(
+                            "--frag {first}: a multiple of 8 below the segment's {} bytes",
+                            seg.len()
+                        );
+                    }
+                    packet::ipv4_fragments(s, d, id, packet::IPPROTO_TCP, &seg, first).to_vec()
+                }
+                None => vec![packet::ip_tcp(src, dst, t)],
+            }
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            if frag.is_some() {
+                bail!("--frag: IPv4 only");
+            }
+            let exts: Vec<packet::Ext> = match dstopt {
+                Some(b) if (8..=2048).contains(&b) && b.is_multiple_of(8) => {
+                    vec![packet::Ext::skippable(60, b / 8)]
+                }
+                Some(b) => bail!("--dstopt {b}: a multiple of 8 from 8 to 2048"),
+                None => Vec::new(),
+            };
+            vec![packet::ipv6(s, d, &exts, packet::IPPROTO_TCP, &seg)]
+        }
+        _ => bail!("--from and ADDR: one address family"),
+    })
+}
+
+/// How `handshake` sends its segments: every one behind a destination
+/// options header of `dstopt` bytes (IPv6); the SYN with `syn_payload`
+/// bytes, in two fragments (its first `frag.0` bytes in the first) of
+/// datagram `frag.1` (IPv4).
+struct Shape {
+    dstopt: Option<usize>,
+    frag: Option<(usize, u16)>,
+    syn_payload: usize,
+}
+
+/// `handshake`: a TCP client on raw sockets; the data received (from the
+/// first byte after the SYN-ACK) once it holds `expect`.
+fn handshake(
+    dst: SocketAddr,
+    from: SocketAddr,
+    shape: &Shape,
+    send: &[u8],
+    expect: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>> {
+    let tap = Tap::open(dst.is_ipv6())?;
+    let out = raw_socket(dst)?;
+    let to: socket2::SockAddr = SocketAddr::new(dst.ip(), 0).into();
+    let emit_as = |t: &packet::Tcp, frag: Option<(usize, u16)>| -> Result<()> {
+        for p in forge_packets(from.ip(), dst.ip(), t, shape.dstopt, frag)? {
+            out.send_to(&p, &to).context("sendto")?;
+        }
+        Ok(())
+    };
+    let emit = |t: &packet::Tcp| emit_as(t, None);
+    let deadline = Instant::now() + timeout;
+    let isn: u32 = 0x1000_0000;
+    let mut syn = packet::Tcp::new(from.port(), dst.port(), packet::SYN);
+    syn.seq = isn;
+    // Data in a SYN is not acknowledged (no TCP Fast Open): it only makes
+    // the segment long enough to fragment.
+    syn.payload = vec![b'x'; shape.syn_payload];
+    // Once a second until answered, as a kernel would retransmit (each
+    // time a datagram of its own).
+    let mut attempt: u16 = 0;
+    let synack = loop {
+        emit_as(
+            &syn,
+            shape.frag.map(|(n, id)| (n, id.wrapping_add(attempt))),
+        )?;
+        attempt += 1;
+        let wait = (Instant::now() + Duration::from_secs(1)).min(deadline);
+        if let Some(s) = tap.next(dst.port(), from.port(), wait)? {
+            if s.flags & (packet::SYN | packet::ACK) == packet::SYN | packet::ACK {
+                break s;
+            }
+            bail!(
+                "answered with flags {} instead of SYN-ACK",
+                flag_letters(s.flags)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!("no SYN-ACK within {timeout:?}");
+        }
+    };
+    if synack.ack != isn.wrapping_add(1) {
+        bail!("SYN-ACK acknowledges {}, not {}", synack.ack, isn + 1);
+    }
+    println!("synack");
+    let irs = synack.seq.wrapping_add(1);
+    let mut t = packet::Tcp::new(from.port(), dst.port(), packet::ACK);
+    t.seq = isn.wrapping_add(1);
+    t.ack = irs;
+    emit(&t)?;
+    t.flags = packet::PSH | packet::ACK;
+    t.payload = send.to_vec();
+    emit(&t)?;
+    let data_sent = t.clone();
+    t.seq = t.seq.wrapping_add(send.len() as u32);
+    t.flags = packet::ACK;
+    t.payload.clear();
+    // What arrived, in sequence order (retransmissions overwrite).
+    let mut got: Vec<u8> = Vec::new();
+    let mut acked = false;
+    while find(&got, expect).is_none() {
+        let wait = (Instant::now() + Duration::from_secs(1)).min(deadline);
+        match tap.next(dst.port(), from.port(), wait)? {
+            Some(s) if s.flags & packet::RST != 0 => {
+                bail!("reset after {:?}", String::from_utf8_lossy(&got))
+            }
+            Some(s) => {
+                if s.flags & packet::ACK != 0 && s.ack.wrapping_sub(t.seq) as i32 >= 0 {
+                    acked = true;
+                }
+                let off = s.seq.wrapping_sub(irs) as usize;
+                if !s.payload.is_empty() && off <= got.len() {
+                    let end = off + s.payload.len();
+                    if end > got.len() {
+                        got.resize(end, 0);
+                    }
+                    got[off..end].copy_from_slice(&s.payload);
+                }
+                t.ack = irs.wrapping_add(got.len() as u32);
+                emit(&t)?;
+            }
+            None => {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "no {:?} within {timeout:?}; got {:?}",
+                        String::from_utf8_lossy(expect),
+                        String::from_utf8_lossy(&got)
+                    );
+                }
+                if !acked {
+                    emit(&data_sent)?;
+                }
+            }
+        }
+    }
+    Ok(got)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 fn synflood(dst: SocketAddr, count: u64, limit: Duration, seed: u64) -> Result<String> {
     let std::net::IpAddr::V4(d) = dst.ip() else {
         bail!("synflood: IPv4 only");
@@ -387,6 +670,16 @@ fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(1 << 20);
     let seed: u64 = opt("--seed").map(|v| v.parse()).transpose()?.unwrap_or(1);
+    // forge and handshake: the payload of the (SYN) segment, and the IPv4
+    // identification of a fragmented one.
+    let payload: usize = opt("--payload")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(0);
+    let id: u16 = opt("--ip-id")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(0x1234);
     match mode.as_str() {
         "echo" => {
             let conns: usize = opt("--conns").map(|v| v.parse()).transpose()?.unwrap_or(1);
@@ -470,16 +763,66 @@ fn main() -> Result<()> {
         "forge" => {
             let from: SocketAddr = opt("--from").context("--from")?.parse()?;
             let flags = match opt("--flags").context("--flags")?.as_str() {
+                "syn" => packet::SYN,
                 "rst" => packet::RST,
                 "fin" => packet::FIN | packet::ACK,
                 "ack" => packet::ACK,
-                other => bail!("--flags {other:?}: rst, fin or ack"),
+                other => bail!("--flags {other:?}: syn, rst, fin or ack"),
             };
             let mut t = packet::Tcp::new(from.port(), addr.port(), flags);
             t.seq = opt("--seq").map(|v| v.parse()).transpose()?.unwrap_or(1);
             t.ack = opt("--ack").map(|v| v.parse()).transpose()?.unwrap_or(0);
-            send_raw(addr, &packet::ip_tcp(from.ip(), addr.ip(), &t))?;
+            t.payload = vec![b'x'; payload];
+            let frag: Option<usize> = opt("--frag").map(|v| v.parse()).transpose()?;
+            let dstopt: Option<usize> = opt("--dstopt").map(|v| v.parse()).transpose()?;
+            let listen: Option<u64> = opt("--listen-ms").map(|v| v.parse()).transpose()?;
+            let pkts = forge_packets(from.ip(), addr.ip(), &t, dstopt, frag.map(|f| (f, id)))?;
+            // Open before sending: no answer can slip by.
+            let tap = listen.map(|_| Tap::open(addr.is_ipv6())).transpose()?;
+            for p in &pkts {
+                send_raw(addr, p)?;
+            }
             println!("sent");
+            if let (Some(tap), Some(ms)) = (tap, listen) {
+                let deadline = Instant::now() + Duration::from_millis(ms);
+                let mut n = 0;
+                while let Some(s) = tap.next(addr.port(), from.port(), deadline)? {
+                    n += 1;
+                    println!(
+                        "reply flags={} seq={} ack={}",
+                        flag_letters(s.flags),
+                        s.seq,
+                        s.ack
+                    );
+                }
+                println!("replies {n}");
+            }
+        }
+        "handshake" => {
+            let from: SocketAddr = opt("--from").context("--from")?.parse()?;
+            let send = opt("--send").context("--send")?;
+            let expect = opt("--expect").context("--expect")?;
+            let shape = Shape {
+                dstopt: opt("--dstopt").map(|v| v.parse()).transpose()?,
+                frag: opt("--frag")
+                    .map(|v| v.parse())
+                    .transpose()?
+                    .map(|n| (n, id)),
+                syn_payload: payload,
+            };
+            let secs: u64 = opt("--timeout-s")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(20);
+            let got = handshake(
+                addr,
+                from,
+                &shape,
+                send.as_bytes(),
+                expect.as_bytes(),
+                Duration::from_secs(secs),
+            )?;
+            println!("got {}", String::from_utf8_lossy(&got).escape_debug());
         }
         other => bail!("unknown mode {other:?}"),
     }
