@@ -106,6 +106,11 @@ pub struct TargetSpec {
     pub steer_mark: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_table: Option<u32>,
+    /// Most open steered flows (FLOWS entries) the target may hold; past
+    /// it its new flows stay embryonic. Left out: the agent's
+    /// `--flows-quota`; 0: no quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows_quota: Option<u32>,
     /// A label for logs and metrics (the CNI plugin: `namespace/pod`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -128,6 +133,7 @@ impl TargetSpec {
             accel_retire_ms: None,
             steer_mark: None,
             route_table: None,
+            flows_quota: None,
             name: None,
         }
     }

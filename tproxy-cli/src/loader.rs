@@ -57,12 +57,14 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 13] = [
     names::TARGETS,
     // Pods' addresses: same-node pairing of an adopted target keeps working.
     names::TARGET_ADDRS,
     names::COUNTERS,
     names::FLOWS,
+    // Each target's count of FLOWS entries goes with FLOWS.
+    names::FLOWS_IN_USE,
     names::SYNS,
     names::CLOSING,
     names::SOCKHASH,
@@ -114,6 +116,17 @@ fn check_pinned_layout(dir: &std::path::Path) -> Result<()> {
                 Counter::COUNT
             )));
         }
+    }
+    if let (Some(targets), Some(in_use)) = (pinned(names::TARGETS), pinned(names::FLOWS_IN_USE))
+        && in_use.max_entries() != targets.max_entries() + 1
+    {
+        return Err(other(format!(
+            "{}: {} entries there for {} targets, this build needs {}",
+            names::FLOWS_IN_USE,
+            in_use.max_entries(),
+            targets.max_entries(),
+            targets.max_entries() + 1
+        )));
     }
     Ok(())
 }
@@ -267,6 +280,7 @@ impl Loaded {
             )
             // Slot 0 counts events of no target.
             .map_max_entries(names::COUNTERS, (max_targets + 1) * Counter::COUNT)
+            .map_max_entries(names::FLOWS_IN_USE, max_targets + 1)
             .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true);
         for (name, size) in [
             (names::FLOWS, o.sizes.flows),
@@ -528,6 +542,12 @@ impl Loaded {
     /// to take its entry out when it goes.
     pub(crate) fn targets_map(&self) -> Result<Map> {
         self.hash_map(names::TARGETS)
+    }
+
+    /// New descriptors of the maps a removed target's entries are swept
+    /// from (`sweep.rs`): what a target's owner keeps to sweep when it goes.
+    pub(crate) fn sweep_maps(&self) -> Result<crate::sweep::SweepMaps> {
+        crate::sweep::SweepMaps::of(&self.ebpf, self.sockhash.as_ref())
     }
 
     /// A new descriptor of the `PRIOR_FLOWS` map, for the same reason.

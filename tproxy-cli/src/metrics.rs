@@ -482,7 +482,7 @@ fn encode_build(enc: &mut DescriptorEncoder) -> std::fmt::Result {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 40] = [
+const HELP: [(Counter, &str); 41] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -624,6 +624,10 @@ const HELP: [(Counter, &str); 40] = [
     (
         Counter::SteerErrors,
         "SYNs dropped because recording or rewriting them failed.",
+    ),
+    (
+        Counter::FlowsQuotaFull,
+        "Promotions refused because the target held its quota of open flows (the flow stays embryonic).",
     ),
 ];
 

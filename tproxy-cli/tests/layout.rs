@@ -6,8 +6,8 @@ use std::mem::size_of;
 use tproxy::instance::EBPF_OBJECT;
 use tproxy_common::{
     ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, NUDGE_EVENTS_BYTES,
-    NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState,
-    TARGETS_MAX, Target, TargetAddr, names,
+    NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX,
+    SockKey, SockState, TARGETS_MAX, Target, TargetAddr, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -95,17 +95,14 @@ fn maps_in_the_object_match_the_shared_types() {
     check(names::NUDGE, HASH, 8, 8, NUDGE_MAX);
     // Connections open at attach (never evicted), and the proxy's connects
     // between TCP_CONNECT_CB and ESTABLISHED.
-    check(
-        names::PRIOR_FLOWS,
-        HASH,
-        size_of::<FlowKey>(),
-        8,
-        FLOWS_MAX,
-    );
+    check(names::PRIOR_FLOWS, HASH, size_of::<FlowKey>(), 8, FLOWS_MAX);
     check(names::PROXY_CONNECTS, LRU_HASH, 8, 1, PROXY_CONNECTS_MAX);
+    // Each target's count of FLOWS entries, by counter slot (resized at
+    // load with TARGETS).
+    check(names::FLOWS_IN_USE, ARRAY, 4, 8, TARGETS_MAX + 1);
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 14, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 15, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

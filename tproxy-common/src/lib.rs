@@ -23,6 +23,7 @@ pub mod names {
     pub const NUDGE: &str = "NUDGE";
     pub const PRIOR_FLOWS: &str = "PRIOR_FLOWS";
     pub const PROXY_CONNECTS: &str = "PROXY_CONNECTS";
+    pub const FLOWS_IN_USE: &str = "FLOWS_IN_USE";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -169,6 +170,13 @@ pub struct Config {
     /// only connections they make are paired as the proxy's upstream end. 0: no check (crafted-packet tests only;
     /// userspace always sets it).
     pub proxy_cgroup_id: u64,
+    /// Most `FLOWS` entries this target may hold (`FLOWS_IN_USE[slot]`):
+    /// past it, its new flows stay embryonic (served, but evictable by a
+    /// SYN flood) and `Counter::FlowsQuotaFull` counts them, so one pod's
+    /// clients cannot take the node's table from the others. 0: no quota
+    /// (a single run: the whole table).
+    pub flows_quota: u32,
+    pub _pad0: u32,
 }
 
 /// `TARGETS` value, keyed by the netns cookie: the settings and the
@@ -589,10 +597,13 @@ pub enum Counter {
     SynsRefusedDraining,
     /// SYNs dropped because recording or rewriting them failed.
     SteerErrors,
+    /// Promotions refused because the target holds its quota of `FLOWS`
+    /// entries (`Config::flows_quota`): the flow stays embryonic.
+    FlowsQuotaFull,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 40] = [
+    pub const ALL: [Counter; 41] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -633,6 +644,7 @@ impl Counter {
         Counter::IngressUnknownDropped,
         Counter::SynsRefusedDraining,
         Counter::SteerErrors,
+        Counter::FlowsQuotaFull,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -684,6 +696,7 @@ impl Counter {
             Counter::IngressUnknownDropped => "ingress_unknown_dropped",
             Counter::SynsRefusedDraining => "syns_refused_draining",
             Counter::SteerErrors => "steer_errors",
+            Counter::FlowsQuotaFull => "flows_quota_full",
         }
     }
 }
@@ -691,7 +704,8 @@ impl Counter {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<Config>() == 48);
+    assert!(size_of::<Config>() == 56);
+    assert!(offset_of!(Config, flows_quota) == 48);
     assert!(offset_of!(Config, proxy_cgroup_level) == 28);
     assert!(offset_of!(Config, proxy_cgroup_id) == 40);
     assert!(offset_of!(Config, l2_len) == 3);
@@ -699,8 +713,8 @@ const _: () = {
     assert!(offset_of!(Config, accel_max_queued) == 16);
     assert!(offset_of!(Config, accel_retire_ms) == 20);
     assert!(offset_of!(Config, slot) == 24);
-    assert!(size_of::<Target>() == 48 + 8 * PORT_WORDS);
-    assert!(offset_of!(Target, ports) == 48);
+    assert!(size_of::<Target>() == 56 + 8 * PORT_WORDS);
+    assert!(offset_of!(Target, ports) == 56);
     assert!(size_of::<NodeConfig>() == 32);
     assert!(offset_of!(NodeConfig, tcp_write_seq_offset) == 24);
     assert!(offset_of!(NodeConfig, single_netns_cookie) == 16);
@@ -735,7 +749,7 @@ const _: () = {
     assert!(size_of::<TargetAddr>() == 24);
     assert!(offset_of!(TargetAddr, family) == 16);
     assert!(size_of::<NudgeEvent>() == 24);
-    assert!(Counter::COUNT == Counter::SteerErrors as u32 + 1);
+    assert!(Counter::COUNT == Counter::FlowsQuotaFull as u32 + 1);
 };
 
 #[cfg(feature = "user")]
@@ -792,6 +806,8 @@ mod tests {
             proxy_cgroup_level: 0,
             netns_cookie: 1,
             proxy_cgroup_id: 0,
+            flows_quota: 0,
+            _pad0: 0,
         };
         let t = Target::new(cfg, [0, 63, 64, 8000, 65535]);
         for p in [0, 63, 64, 8000, 65535] {

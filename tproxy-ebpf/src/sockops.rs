@@ -88,7 +88,7 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let target = target.ok_or(())?;
             if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-                && flow::established(slot, &flow::key_of_socket(&key))
+                && flow::established(&target.config, &flow::key_of_socket(&key))
             {
                 // To see it close.
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);

@@ -32,6 +32,15 @@ pub fn parse(text: &str) -> Result<TargetSpec, String> {
     let netns = take_str(map, "netns")?
         .ok_or("netns: missing (the path of the network namespace, e.g. /run/netns/web)")?;
     let name = take_str(map, "name")?;
+    // The agent's own key (a single run's table is all its target's).
+    let flows_quota = match map.remove("flows_quota") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or("flows_quota: expected a number of flows (0: no quota)")?,
+        ),
+    };
     // The rest is a --config file's target part, checked the same way.
     let text = serde_norway::to_string(&v).map_err(|e| e.to_string())?;
     let t = TargetConfig::parse(&text).map_err(|e| e.to_string())?;
@@ -50,6 +59,7 @@ pub fn parse(text: &str) -> Result<TargetSpec, String> {
         accel_retire_ms: t.accel_retire_ms,
         steer_mark: t.steer_mark,
         route_table: t.route_table,
+        flows_quota,
         name,
         ..TargetSpec::new(netns, iface)
     })

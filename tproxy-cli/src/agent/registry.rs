@@ -67,6 +67,8 @@ pub struct Registry {
     loaded: Loaded,
     bpffs: PathBuf,
     max_targets: u32,
+    /// A target's quota of FLOWS entries when its spec names none.
+    flows_quota: u32,
     targets: BTreeMap<String, Entry>,
 }
 
@@ -103,8 +105,9 @@ impl From<Error> for ApiFailure {
     }
 }
 
-/// The `tproxy` run's options for a target, with the run flags' defaults.
-pub fn options_of(spec: &TargetSpec) -> Result<Options> {
+/// The `tproxy` run's options for a target, with the run flags' defaults
+/// and the agent's default quota of FLOWS entries.
+pub fn options_of(spec: &TargetSpec, flows_quota: u32) -> Result<Options> {
     let ports = spec.ports.clone().ok_or_else(|| {
         Error::TargetSpec("the target has no ports: set \"ports\" (e.g. \"8000\")".into())
     })?;
@@ -136,6 +139,7 @@ pub fn options_of(spec: &TargetSpec) -> Result<Options> {
         accel_retire_ms: spec
             .accel_retire_ms
             .unwrap_or(tproxy_common::DEFAULT_ACCEL_RETIRE_MS),
+        flows_quota: spec.flows_quota.unwrap_or(flows_quota),
     };
     opts.validate()?;
     Ok(opts)
@@ -215,11 +219,12 @@ fn remove_adopted_in_netns(rec: &TargetRecord) {
 }
 
 impl Registry {
-    pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32) -> Registry {
+    pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32, flows_quota: u32) -> Registry {
         Registry {
             loaded,
             bpffs,
             max_targets,
+            flows_quota,
             targets: BTreeMap::new(),
         }
     }
@@ -261,7 +266,7 @@ impl Registry {
     /// Attaches `spec` as `id`. The caller has made sure `id` is free.
     pub fn attach(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
         let started = Instant::now();
-        let opts = options_of(spec)?;
+        let opts = options_of(spec, self.flows_quota)?;
         // First, before anything is attached: never the root, never outside.
         let system::CgroupDir {
             path: cgroup,
@@ -394,6 +399,7 @@ impl Registry {
             if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
                 debug!("TARGETS entry of {}: {}", rec.id, Chain(&e));
             }
+            self.sweep(&rec);
             return;
         }
         for prog in &rec.links {
@@ -570,9 +576,22 @@ impl Registry {
                 if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
                     warn!("target {id}: removing its TARGETS entry: {}", Chain(&e));
                 }
+                // A fresh target's owner sweeps as it drops (target.rs).
+                self.sweep(&rec);
             }
         }
         info!(id, slot = rec.slot, netns_gone = !alive, "target detached");
+    }
+
+    /// An adopted target's entries, out of the shared maps once it is
+    /// detached (`sweep.rs`), before its slot is free for another.
+    fn sweep(&self, rec: &TargetRecord) {
+        match self.loaded.sweep_maps() {
+            Ok(mut maps) => {
+                maps.sweep_logged(&rec.id, rec.netns_cookie, rec.slot);
+            }
+            Err(e) => warn!("target {}: cannot sweep its entries: {}", rec.id, Chain(&e)),
+        }
     }
 
     fn zero_counters(&mut self, slot: u32) -> Result<()> {

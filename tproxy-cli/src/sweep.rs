@@ -1,0 +1,287 @@
+//! What a removed target leaves in the shared maps, swept out once it is
+//! detached (issue #20 item 6). FLOWS is a plain hash that nothing evicts
+//! and sockops no longer runs for the target's sockets once its cgroup
+//! link is gone (so no close moves their entries out): without a sweep,
+//! pod churn fills the node's tables with entries of namespaces that no
+//! longer exist.
+//!
+//! Entries carry their target's netns cookie (`FlowKey`, `SockKey`) or
+//! counter slot (`SockState::slot`). The sweep runs after the target's
+//! drain and detach (its `TARGETS` entry is gone: no program of ours
+//! writes an entry of that namespace any more), and deletes every entry
+//! of the cookie from FLOWS, SYNS, CLOSING, PRIOR_FLOWS and PENDING_PEERS,
+//! zeroes the slot's `FLOWS_IN_USE` (the next target that takes the slot
+//! starts from 0), and takes the target's sockets out of SOCKS and the
+//! SOCKHASH.
+//!
+//! Sockets are the exception. Deleting a socket from the SOCKHASH while
+//! redirected bytes sit unread in its ingress queue drops those bytes
+//! (the kernel purges the queue with the socket's psock). So a socket
+//! whose peer's `redirected_end` is past its own `read` (unread redirected
+//! bytes), or whose peer, in another target that is still there, may
+//! still redirect to it, is left in both maps and reported; the kernel
+//! takes it out of the SOCKHASH when it closes, and its SOCKS entry stays
+//! until a later sweep of that slot finds it with nothing unread. A socket
+//! the sweep cannot match to its SOCKHASH key (never paired, or its peer
+//! gone from SOCKS) loses its SOCKS entry only (sk_msg then passes its
+//! sends to TCP; nothing queued at it is lost) and stays in the SOCKHASH
+//! until it closes.
+//!
+//! PROXY_CONNECTS is keyed by socket cookie and LRU: left alone.
+use std::{collections::HashMap as Std, os::fd::AsFd as _};
+
+use aya::maps::{Array, HashMap, Map, MapData, SockHash};
+use tproxy_common::{
+    FlowKey, FlowValue, Pending, SockKey, SockState, Target, names, sock_flags::RETIRED,
+};
+use tracing::{info, warn};
+
+use crate::{Error, Result};
+
+/// New descriptors of every map the sweep touches.
+pub struct SweepMaps {
+    flows: Map,
+    syns: Map,
+    closing: Map,
+    prior: Map,
+    pending: Map,
+    in_use: Map,
+    targets: Map,
+    socks: Option<Map>,
+    sockhash: Option<Map>,
+}
+
+/// What one sweep took out, and what it left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub flows: usize,
+    pub syns: usize,
+    pub closing: usize,
+    pub prior: usize,
+    pub pending: usize,
+    pub socks: usize,
+    pub sockhash: usize,
+    /// Sockets left in SOCKS and the SOCKHASH: redirected bytes unread at
+    /// them, or a peer that may still redirect to them.
+    pub sockets_left: usize,
+    /// The redirected bytes unread at those.
+    pub bytes_left: u64,
+}
+
+impl Swept {
+    pub fn total(&self) -> usize {
+        self.flows + self.syns + self.closing + self.prior + self.pending + self.socks
+    }
+}
+
+fn dup(map: &Map, name: &'static str) -> Result<MapData> {
+    let data = match map {
+        Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::SockHash(d) => d,
+        other => unreachable!("{name} is a {other:?}"),
+    };
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io(format!("duplicating map {name}"), e))?;
+    MapData::from_fd(fd).map_err(|source| Error::Map { name, source })
+}
+
+impl SweepMaps {
+    /// From a loaded object; `sockhash` is the object's SOCKHASH, which the
+    /// loader keeps apart (sk_msg is attached to it).
+    pub(crate) fn of(
+        ebpf: &aya::Ebpf,
+        sockhash: Option<&SockHash<MapData, SockKey>>,
+    ) -> Result<SweepMaps> {
+        let get = |name: &'static str| -> Result<Map> {
+            let map = ebpf.map(name).unwrap_or_else(|| panic!("{name} in object"));
+            let data = dup(map, name)?;
+            Ok(match map {
+                Map::LruHashMap(_) => Map::LruHashMap(data),
+                Map::Array(_) => Map::Array(data),
+                _ => Map::HashMap(data),
+            })
+        };
+        let sockhash = match sockhash {
+            Some(h) => {
+                let fd = h
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io("duplicating map SOCKHASH", e))?;
+                Some(Map::SockHash(MapData::from_fd(fd).map_err(|source| {
+                    Error::Map {
+                        name: names::SOCKHASH,
+                        source,
+                    }
+                })?))
+            }
+            None => None,
+        };
+        Ok(SweepMaps {
+            flows: get(names::FLOWS)?,
+            syns: get(names::SYNS)?,
+            closing: get(names::CLOSING)?,
+            prior: get(names::PRIOR_FLOWS)?,
+            pending: get(names::PENDING_PEERS)?,
+            in_use: get(names::FLOWS_IN_USE)?,
+            targets: get(names::TARGETS)?,
+            socks: sockhash.as_ref().map(|_| get(names::SOCKS)).transpose()?,
+            sockhash,
+        })
+    }
+
+    /// Sets the slot's count of FLOWS entries to 0: before a target takes
+    /// the slot, and after its sweep.
+    pub fn zero_in_use(&mut self, slot: u32) -> Result<()> {
+        zero_in_use(&mut self.in_use, slot)
+    }
+
+    /// Deletes every entry of the namespace `cookie` (counter slot `slot`),
+    /// whose target is detached.
+    pub fn sweep(&mut self, cookie: u64, slot: u32) -> Swept {
+        let mut s = Swept::default();
+        let flows = |map: &mut Map, name: &'static str| -> usize {
+            remove_where::<FlowKey, FlowValue>(map, name, |k, _| k.netns_cookie == cookie)
+        };
+        s.flows = flows(&mut self.flows, names::FLOWS);
+        s.syns = flows(&mut self.syns, names::SYNS);
+        s.closing = flows(&mut self.closing, names::CLOSING);
+        s.prior = remove_where::<FlowKey, u64>(&mut self.prior, names::PRIOR_FLOWS, |k, _| {
+            k.netns_cookie == cookie
+        });
+        // Waiting for an accepting end in this namespace, or a connecting
+        // end of it waiting for another pod's.
+        s.pending =
+            remove_where::<SockKey, Pending>(&mut self.pending, names::PENDING_PEERS, |k, v| {
+                k.netns_cookie == cookie || v.key.netns_cookie == cookie
+            });
+        if let Err(e) = self.zero_in_use(slot) {
+            warn!("zeroing FLOWS_IN_USE[{slot}]: {}", crate::error::Chain(&e));
+        }
+        if let (Some(socks), Some(hash)) = (&mut self.socks, &mut self.sockhash) {
+            sweep_sockets(socks, hash, &self.targets, cookie, slot, &mut s);
+        }
+        s
+    }
+
+    /// `sweep`, logged.
+    pub fn sweep_logged(&mut self, what: &str, cookie: u64, slot: u32) -> Swept {
+        let s = self.sweep(cookie, slot);
+        info!(
+            target_id = what,
+            netns_cookie = format!("{cookie:#x}"),
+            flows = s.flows,
+            syns = s.syns,
+            closing = s.closing,
+            prior_flows = s.prior,
+            pending_peers = s.pending,
+            socks = s.socks,
+            sockhash = s.sockhash,
+            "swept the target's entries from the shared maps"
+        );
+        if s.sockets_left > 0 {
+            warn!(
+                target_id = what,
+                "{} accelerated socket(s) left in SOCKS and the SOCKHASH with {} redirected byte(s) unread (or a peer that may still redirect): taking them out would drop those bytes; the kernel takes them out of the SOCKHASH when they close",
+                s.sockets_left,
+                s.bytes_left
+            );
+        }
+        s
+    }
+}
+
+pub(crate) fn zero_in_use(map: &mut Map, slot: u32) -> Result<()> {
+    let mut a: Array<&mut MapData, u64> = Array::try_from(map).map_err(|source| Error::Map {
+        name: names::FLOWS_IN_USE,
+        source,
+    })?;
+    a.set(slot, 0, 0).map_err(|source| Error::Map {
+        name: names::FLOWS_IN_USE,
+        source,
+    })
+}
+
+/// Deletes the entries `f` picks; how many went.
+fn remove_where<K: aya::Pod + PartialEq, V: aya::Pod>(
+    map: &mut Map,
+    name: &'static str,
+    f: impl Fn(&K, &V) -> bool,
+) -> usize {
+    let mut m: HashMap<&mut MapData, K, V> = match HashMap::try_from(map) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("sweeping {name}: {e}");
+            return 0;
+        }
+    };
+    // Collected first: deleting while iterating restarts the kernel's walk.
+    let doomed: Vec<K> = m
+        .iter()
+        .flatten()
+        .filter(|(k, v)| f(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    doomed.iter().filter(|k| m.remove(k).is_ok()).count()
+}
+
+fn sweep_sockets(
+    socks: &mut Map,
+    hash: &mut Map,
+    targets: &Map,
+    cookie: u64,
+    slot: u32,
+    s: &mut Swept,
+) {
+    let (Ok(mut socks), Ok(mut hash)) = (
+        HashMap::<&mut MapData, u64, SockState>::try_from(socks),
+        SockHash::<&mut MapData, SockKey>::try_from(hash),
+    ) else {
+        warn!("sweeping SOCKS and the SOCKHASH: cannot open them");
+        return;
+    };
+    let targets: Option<HashMap<&MapData, u64, Target>> = HashMap::try_from(targets).ok();
+    let all: Std<u64, SockState> = socks.iter().flatten().collect();
+    // The namespace's sockets in the SOCKHASH: open, and still paired.
+    let in_hash: std::collections::HashSet<SockKey> = hash
+        .keys()
+        .flatten()
+        .filter(|k| k.netns_cookie == cookie)
+        .collect();
+    for (sk, st) in all.iter().filter(|(_, st)| st.slot == slot) {
+        let peer = all.get(&st.peer);
+        // This socket's own key: what its peer's entry says its peer is.
+        let own_key = peer.map(|p| p.peer_key);
+        // Redirected bytes its reader has not taken.
+        let unread = peer.map_or(0, |p| p.redirected_end.saturating_sub(st.read));
+        // A peer in another target that is still there, and not retired,
+        // may redirect to it at any moment.
+        let peer_live = peer.is_some_and(|p| {
+            let theirs = st.peer_key.netns_cookie;
+            p.flags & RETIRED == 0
+                && theirs != cookie
+                && targets.as_ref().is_some_and(|t| t.get(&theirs, 0).is_ok())
+        });
+        let paired = own_key.is_some_and(|k| in_hash.contains(&k));
+        if paired && (unread > 0 || peer_live) {
+            s.sockets_left += 1;
+            s.bytes_left += unread;
+            continue;
+        }
+        if paired
+            && let Some(k) = own_key
+            && hash.remove(&k).is_ok()
+        {
+            s.sockhash += 1;
+        }
+        if socks.remove(sk).is_ok() {
+            s.socks += 1;
+        }
+    }
+}
