@@ -1140,3 +1140,108 @@ fn an_agent_makes_its_dir_on_a_bpffs_and_mounts_nothing() {
     );
     assert_eq!(mnt.mountinfo(), before, "{out}");
 }
+
+/// Every entry of the namespace `cookie` (counter slot `slot`) still in
+/// the agent's pinned maps, one line each: what a removed target must not
+/// leave behind (issue #20 item 6).
+fn entries_of(agent: &Agent, cookie: u64, slot: u32) -> Vec<String> {
+    use aya::maps::{HashMap, Map, MapData, SockHash};
+    use tproxy_common::{FlowKey, FlowValue, Pending, SockKey, SockState, names};
+    let node = agent.pins().join("node");
+    let open = |name: &str| MapData::from_pin(node.join(name)).unwrap();
+    let mut out = Vec::new();
+    for (name, lru) in [
+        (names::FLOWS, false),
+        (names::SYNS, true),
+        (names::CLOSING, true),
+    ] {
+        let map = if lru {
+            Map::LruHashMap(open(name))
+        } else {
+            Map::HashMap(open(name))
+        };
+        let m: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(map).unwrap();
+        for k in m.keys().flatten().filter(|k| k.netns_cookie == cookie) {
+            out.push(format!("{name} {k:?}"));
+        }
+    }
+    let m: HashMap<_, FlowKey, u64> =
+        HashMap::try_from(Map::HashMap(open(names::PRIOR_FLOWS))).unwrap();
+    for k in m.keys().flatten().filter(|k| k.netns_cookie == cookie) {
+        out.push(format!("PRIOR_FLOWS {k:?}"));
+    }
+    let m: HashMap<_, SockKey, Pending> =
+        HashMap::try_from(Map::LruHashMap(open(names::PENDING_PEERS))).unwrap();
+    for (k, v) in m
+        .iter()
+        .flatten()
+        .filter(|(k, v)| k.netns_cookie == cookie || v.key.netns_cookie == cookie)
+    {
+        out.push(format!("PENDING_PEERS {k:?} -> {v:?}"));
+    }
+    let m: HashMap<_, u64, SockState> =
+        HashMap::try_from(Map::HashMap(open(names::SOCKS))).unwrap();
+    for (k, v) in m
+        .iter()
+        .flatten()
+        .filter(|(_, v)| v.slot == slot || v.peer_key.netns_cookie == cookie)
+    {
+        out.push(format!("SOCKS {k:#x} -> {v:?}"));
+    }
+    let h: SockHash<_, SockKey> = SockHash::try_from(Map::SockHash(open(names::SOCKHASH))).unwrap();
+    for k in h.keys().flatten().filter(|k| k.netns_cookie == cookie) {
+        out.push(format!("SOCKHASH {k:?}"));
+    }
+    out
+}
+
+/// The target `id`'s netns cookie and counter slot, from the state file.
+fn cookie_and_slot(agent: &Agent, id: &str) -> (u64, u32) {
+    let st = state(agent);
+    let t = st["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no target {id} in {st}"));
+    (
+        t["netns_cookie"].as_u64().unwrap(),
+        t["slot"].as_u64().unwrap() as u32,
+    )
+}
+
+/// Issue #20 item 6: a target removed while a connection through its proxy
+/// was open (accelerated proxy->app leg), and another open since before it
+/// was attached (PRIOR_FLOWS), leaves no entry of its namespace in any map
+/// once both have closed: sockops no longer runs for its sockets after the
+/// detach, so nothing but the sweep takes their entries out.
+#[test]
+fn a_removed_target_leaves_no_entry_in_any_map() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let pod = Pod::new("pod-sw");
+    // Open before the target exists: listed in PRIOR_FLOWS at attach.
+    let dst = addr(POD_V4, 8000);
+    let prior = pod
+        .client
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .unwrap();
+    agent.add("sw", &pod.spec());
+    let (cookie, slot) = cookie_and_slot(&agent, "sw");
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(64 << 10);
+    let before = entries_of(&agent, cookie, slot);
+    eprintln!("entries with the connection open: {before:#?}");
+    for what in ["FLOWS", "PRIOR_FLOWS", "SOCKS", "SOCKHASH"] {
+        assert!(
+            before.iter().any(|l| l.starts_with(&format!("{what} "))),
+            "no {what} entry to sweep: {before:#?}"
+        );
+    }
+    agent.del("sw");
+    // Both connections close after the target is gone.
+    drop(s);
+    drop(prior);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = entries_of(&agent, cookie, slot);
+    assert!(after.is_empty(), "left behind: {after:#?}");
+}
