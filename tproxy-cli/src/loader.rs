@@ -34,6 +34,8 @@ pub struct MapIds {
     pub closing: u32,
     pub sockhash: u32,
     pub socks: u32,
+    #[serde(default)]
+    pub flows_in_use: u32,
 }
 
 /// The loaded object. Fields drop in declaration order: the node-wide
@@ -324,6 +326,7 @@ impl Loaded {
             closing: map_id(&ebpf, names::CLOSING)?,
             sockhash: map_id(&ebpf, names::SOCKHASH)?,
             socks: map_id(&ebpf, names::SOCKS)?,
+            flows_in_use: map_id(&ebpf, names::FLOWS_IN_USE)?,
         };
         for name in [names::PROG_RESTORE, names::PROG_STEER] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;

@@ -335,11 +335,16 @@ impl Collector for InstanceCollector {
             let m = ConstCounter::new(v);
             m.encode(enc.encode_descriptor(c.name(), help(c), None, m.metric_type())?)?;
         }
-        let gauges: [(&str, &str, i64); 6] = [
+        let gauges: [(&str, &str, i64); 7] = [
             (
                 "flows_open",
                 "Steered flows whose proxy socket is established.",
                 s.flows.open as i64,
+            ),
+            (
+                "flows_in_use",
+                "FLOWS entries held, as the programs count them.",
+                s.flows_in_use.unwrap_or(0) as i64,
             ),
             (
                 "flows_active",
@@ -440,11 +445,21 @@ impl Collector for AgentCollector {
             &'static str,
             fn(&crate::inspect::Snapshot) -> i64,
         );
-        let gauges: [Gauge; 4] = [
+        let gauges: [Gauge; 6] = [
             (
                 "flows_open",
                 "Steered flows whose proxy socket is established.",
                 |s| s.flows.open as i64,
+            ),
+            (
+                "flows_in_use",
+                "FLOWS entries the target holds, as the programs count them (what its quota is checked against).",
+                |s| s.flows_in_use.unwrap_or(0) as i64,
+            ),
+            (
+                "flows_quota",
+                "Most FLOWS entries the target may hold (0: no quota); past it its new flows stay embryonic.",
+                |s| i64::from(s.flows_quota.unwrap_or(0)),
             ),
             (
                 "flows_active",
