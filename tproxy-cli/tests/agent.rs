@@ -1245,3 +1245,142 @@ fn a_removed_target_leaves_no_entry_in_any_map() {
     let after = entries_of(&agent, cookie, slot);
     assert!(after.is_empty(), "left behind: {after:#?}");
 }
+
+/// Entries of the namespace `cookie` in the agent's pinned `name` (FLOWS,
+/// or the LRU SYNS / CLOSING).
+fn flows_in(agent: &Agent, name: &str, cookie: u64) -> usize {
+    use aya::maps::{HashMap, Map, MapData};
+    use tproxy_common::{FlowKey, FlowValue};
+    let data = MapData::from_pin(agent.pins().join("node").join(name)).unwrap();
+    let map = if name == "FLOWS" {
+        Map::HashMap(data)
+    } else {
+        Map::LruHashMap(data)
+    };
+    let m: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(map).unwrap();
+    m.keys()
+        .flatten()
+        .filter(|k| k.netns_cookie == cookie)
+        .count()
+}
+
+/// The programs' count of FLOWS entries of counter slot `slot`.
+fn in_use(agent: &Agent, slot: u32) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(agent.pins().join("node/FLOWS_IN_USE")).unwrap();
+    let a: Array<_, u64> = Array::try_from(Map::Array(data)).unwrap();
+    a.get(&slot, 0).unwrap()
+}
+
+/// `tproxy stats --agent --json`, the entry of target `id`.
+fn agent_stats(agent: &Agent, id: &str) -> serde_json::Value {
+    let out = agent
+        .command(&["stats", "--agent", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stats: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} in {v}"))
+        .clone()
+}
+
+/// Issue #20 item 6, the quota: a pod whose quota of open flows is 3 gets
+/// 3 connections into FLOWS; its 4th is served but stays embryonic (and
+/// is counted), while another pod's connections are still promoted.
+/// stats, status and the metrics show each target's use and quota.
+#[test]
+fn a_pods_quota_of_open_flows_leaves_the_others_theirs() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent = Agent::new(&[
+        "--drain-timeout",
+        "1",
+        "--flows-quota",
+        "1000",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let a = Pod::new("pod-qa");
+    let b = Pod::new("pod-qb");
+    agent.add(
+        "qa",
+        &TargetSpec {
+            flows_quota: Some(3),
+            ..a.spec()
+        },
+    );
+    agent.add("qb", &b.spec());
+    let (ca, sa) = cookie_and_slot(&agent, "qa");
+    let (cb, sb) = cookie_and_slot(&agent, "qb");
+    let mut held: Vec<Stream> = (0..3).map(|_| Stream::open(&a, POD_V4)).collect();
+    wait_until("a's 3 flows promoted", || {
+        flows_in(&agent, "FLOWS", ca) == 3 && in_use(&agent, sa) == 3
+    });
+    // Over quota: served all the same, but embryonic.
+    let mut extra = Stream::open(&a, POD_V4);
+    extra.round(4096);
+    assert_eq!(flows_in(&agent, "FLOWS", ca), 3);
+    assert_eq!(in_use(&agent, sa), 3);
+    assert!(flows_in(&agent, "SYNS", ca) >= 1);
+    let st = agent_stats(&agent, "qa");
+    assert!(
+        st["counters"]["flows_quota_full"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    assert_eq!(st["flows_in_use"], 3, "{st}");
+    assert_eq!(st["flows_quota"], 3, "{st}");
+    // The other pod's flows are promoted as ever.
+    let mut others: Vec<Stream> = (0..5).map(|_| Stream::open(&b, POD_V4)).collect();
+    wait_until("b's 5 flows promoted", || {
+        flows_in(&agent, "FLOWS", cb) == 5 && in_use(&agent, sb) == 5
+    });
+    let st = agent_stats(&agent, "qb");
+    assert_eq!(
+        (st["flows_in_use"].as_u64(), st["flows_quota"].as_u64()),
+        (Some(5), Some(1000)),
+        "{st}"
+    );
+    assert_eq!(st["counters"]["flows_quota_full"], 0, "{st}");
+    // Status and the metrics say the same.
+    let out = agent.command(&["status", "--agent"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |id: &str| text.lines().find(|l| l.trim_start().starts_with(id));
+    assert!(
+        row("qa").is_some_and(|l| l.contains(" 3/3 ")),
+        "status: {text}"
+    );
+    assert!(
+        row("qb").is_some_and(|l| l.contains(" 5/1000 ")),
+        "status: {text}"
+    );
+    let body = scrape_body(port);
+    for want in [
+        "tproxy_flows_in_use{target=\"qa\",pod=\"pod-qa\"} 3",
+        "tproxy_flows_quota{target=\"qa\",pod=\"pod-qa\"} 3",
+        "tproxy_flows_in_use{target=\"qb\",pod=\"pod-qb\"} 5",
+    ] {
+        assert!(body.contains(want), "no {want:?} in {body}");
+    }
+    // One of a's closes: its place is free for the next.
+    drop(held.remove(0));
+    wait_until("a's closed flow left FLOWS", || in_use(&agent, sa) == 2);
+    let mut next = Stream::open(&a, POD_V4);
+    wait_until("a's next flow promoted", || {
+        flows_in(&agent, "FLOWS", ca) == 3 && in_use(&agent, sa) == 3
+    });
+    for s in held
+        .iter_mut()
+        .chain(&mut others)
+        .chain([&mut next, &mut extra])
+    {
+        s.round(1024);
+    }
+}
