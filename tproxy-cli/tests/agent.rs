@@ -1384,3 +1384,132 @@ fn a_pods_quota_of_open_flows_leaves_the_others_theirs() {
         s.round(1024);
     }
 }
+
+/// Issue #20 item 6, the churn: pods come and go (each removed while a
+/// connection through its proxy is open, closed after), one pod's clients
+/// hold idle connections past its quota while a SYN flood hits it, and
+/// another pod's long stream and new connections stay live and promoted
+/// throughout. At the end no removed pod has an entry in any map.
+#[test]
+fn pod_churn_and_a_flooded_pod_leave_the_others_flows_live_and_no_entries_behind() {
+    let started = Instant::now();
+    // The flooded pod's quota is 8; the others have the agent's default.
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let flooded = Pod::new("pod-flooded");
+    let live = Pod::new("pod-live");
+    agent.add(
+        "flooded",
+        &TargetSpec {
+            flows_quota: Some(8),
+            ..flooded.spec()
+        },
+    );
+    agent.add("live", &live.spec());
+    let (cf, sf) = cookie_and_slot(&agent, "flooded");
+    let (cl, sl) = cookie_and_slot(&agent, "live");
+    let mut stream = Stream::open(&live, POD_V4);
+    stream.round(256 << 10);
+    // The flooded pod's clients hold 12 idle connections: 8 in FLOWS.
+    let held: Vec<Stream> = (0..12).map(|_| Stream::open(&flooded, POD_V4)).collect();
+    wait_until("the flooded pod at its quota", || {
+        in_use(&agent, sf) == 8 && flows_in(&agent, "FLOWS", cf) == 8
+    });
+    let mut gone: Vec<(String, u64, u32)> = Vec::new();
+    let mut fresh: Vec<Stream> = Vec::new();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        // The SYN flood, from the flooded pod's client side.
+        let flood = sc.spawn(|| {
+            let out = flooded
+                .client
+                .command_in(example("lab-client"), None)
+                .args(["synflood", "10.77.0.2:8000", "--count", "400000"])
+                .args(["--seconds", "20"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        });
+        // The live pod's stream, round after round, through it all.
+        let rounds = sc.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                stream.round(64 << 10);
+                n += 1;
+            }
+            n
+        });
+        for i in 0..8 {
+            // A pod with a connection open through its proxy, and three
+            // without traffic, added and removed.
+            let pod = Pod::new(&format!("pod-churn{i}"));
+            let id = format!("churn{i}");
+            agent.add(&id, &pod.spec());
+            let bare: Vec<(String, Pod)> = (0..3)
+                .map(|j| {
+                    (
+                        format!("bare{i}-{j}"),
+                        Pod::bare(&format!("pod-bare{i}-{j}")),
+                    )
+                })
+                .collect();
+            for (bid, p) in &bare {
+                agent.add(bid, &p.spec());
+            }
+            let (c, s) = cookie_and_slot(&agent, &id);
+            gone.push((id.clone(), c, s));
+            for (bid, _) in &bare {
+                let (c, s) = cookie_and_slot(&agent, bid);
+                gone.push((bid.clone(), c, s));
+            }
+            let mut conn = Stream::open(&pod, POD_V4);
+            conn.round(16 << 10);
+            // A new connection to the live pod, promoted as ever.
+            fresh.push(Stream::open(&live, POD_V4));
+            agent.del(&id);
+            for (bid, _) in &bare {
+                agent.del(bid);
+            }
+            drop(conn);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = rounds.join().unwrap();
+        let out = flood.join().unwrap();
+        eprintln!("live stream: {n} rounds of 64 KiB during the churn; flood: {out}");
+        assert!(out.starts_with("sent "), "{out}");
+        assert!(n > 0);
+    });
+    // The live pod's flows: the stream and every new one, in FLOWS.
+    wait_until("the live pod's flows promoted", || {
+        flows_in(&agent, "FLOWS", cl) == 1 + fresh.len() && in_use(&agent, sl) == 1 + 8
+    });
+    for s in fresh.iter_mut().chain([&mut stream]) {
+        s.round(4096);
+    }
+    // The flooded pod kept its quota, no more.
+    assert_eq!(in_use(&agent, sf), 8);
+    assert!(flows_in(&agent, "SYNS", cf) >= 4);
+    let st = agent_stats(&agent, "flooded");
+    assert!(
+        st["counters"]["flows_quota_full"].as_u64().unwrap() >= 4,
+        "{st}"
+    );
+    // Nothing of the removed pods anywhere.
+    std::thread::sleep(Duration::from_millis(500));
+    for (id, cookie, slot) in &gone {
+        // Slots are reused: only those no live target holds now.
+        let slot = if *slot == sf || *slot == sl {
+            u32::MAX
+        } else {
+            *slot
+        };
+        let left = entries_of(&agent, *cookie, slot);
+        assert!(left.is_empty(), "{id} left: {left:#?}");
+    }
+    drop(held);
+    eprintln!(
+        "churn of {} pods in {:.1} s",
+        gone.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
