@@ -146,13 +146,15 @@ impl SweepMaps {
     /// whose target is detached.
     pub fn sweep(&mut self, cookie: u64, slot: u32) -> Swept {
         let mut s = Swept::default();
+        // The flow tables by key alone: a full one is 65,536 keys, walked
+        // without reading a value.
         let flows = |map: &mut Map, name: &'static str| -> usize {
-            remove_where::<FlowKey, FlowValue>(map, name, |k, _| k.netns_cookie == cookie)
+            remove_keys_where::<FlowKey, FlowValue>(map, name, |k| k.netns_cookie == cookie)
         };
         s.flows = flows(&mut self.flows, names::FLOWS);
         s.syns = flows(&mut self.syns, names::SYNS);
         s.closing = flows(&mut self.closing, names::CLOSING);
-        s.prior = remove_where::<FlowKey, u64>(&mut self.prior, names::PRIOR_FLOWS, |k, _| {
+        s.prior = remove_keys_where::<FlowKey, u64>(&mut self.prior, names::PRIOR_FLOWS, |k| {
             k.netns_cookie == cookie
         });
         // Waiting for an accepting end in this namespace, or a connecting
@@ -206,6 +208,24 @@ pub(crate) fn zero_in_use(map: &mut Map, slot: u32) -> Result<()> {
         name: names::FLOWS_IN_USE,
         source,
     })
+}
+
+/// Deletes the entries whose key `f` picks; how many went.
+fn remove_keys_where<K: aya::Pod + PartialEq, V: aya::Pod>(
+    map: &mut Map,
+    name: &'static str,
+    f: impl Fn(&K) -> bool,
+) -> usize {
+    let mut m: HashMap<&mut MapData, K, V> = match HashMap::try_from(map) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("sweeping {name}: {e}");
+            return 0;
+        }
+    };
+    // Collected first: deleting while iterating restarts the kernel's walk.
+    let doomed: Vec<K> = m.keys().flatten().filter(|k| f(k)).collect();
+    doomed.iter().filter(|k| m.remove(k).is_ok()).count()
 }
 
 /// Deletes the entries `f` picks; how many went.
