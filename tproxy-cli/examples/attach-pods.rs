@@ -47,6 +47,7 @@ fn main() -> Result<()> {
             accel_max_queued: 16 << 20,
             accel_retire_ms: 100,
             flows_quota: 0,
+            socks_quota: 0,
         };
         let ns = PathBuf::from(ns);
         let cgroup = PathBuf::from(cgroup);

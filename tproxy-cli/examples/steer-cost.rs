@@ -62,7 +62,7 @@ fn cost(multi: bool) -> f64 {
         netns_cookie: cookie,
         proxy_cgroup_id: 0,
         flows_quota: 0,
-        _pad0: 0,
+        socks_quota: 0,
     };
     HashMap::<&mut MapData, u64, Target>::try_from(ebpf.map_mut(names::TARGETS).unwrap())
         .unwrap()

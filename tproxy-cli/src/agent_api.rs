@@ -111,6 +111,11 @@ pub struct TargetSpec {
     /// `--flows-quota`; 0: no quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows_quota: Option<u32>,
+    /// Most sockets the target may have accelerated; past it its new
+    /// connections stay plain TCP. Left out: the agent's `--socks-quota`;
+    /// 0: no quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socks_quota: Option<u32>,
     /// A label for logs and metrics (the CNI plugin: `namespace/pod`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -134,6 +139,7 @@ impl TargetSpec {
             steer_mark: None,
             route_table: None,
             flows_quota: None,
+            socks_quota: None,
             name: None,
         }
     }

@@ -295,6 +295,7 @@ impl RunArgs {
             accel_max_queued: self.accel_max_queued,
             accel_retire_ms: self.accel_retire_ms,
             flows_quota: 0,
+            socks_quota: 0,
         }
     }
 }

@@ -228,6 +228,7 @@ pub fn merge(cli: &Cli, matches: &ArgMatches, file: &FileConfig) -> Result<RunSe
         ),
         // A single run serves one target: the whole table is its own.
         flows_quota: 0,
+        socks_quota: 0,
     };
     Ok(RunSettings {
         options,

@@ -178,6 +178,10 @@ pub struct Snapshot {
     /// The target's quota of FLOWS entries (`Config::flows_quota`); 0: no
     /// quota; `None`: not known (a whole instance or the node).
     pub flows_quota: Option<u32>,
+    /// SOCKS entries held (`SOCKS_IN_USE`) and the target's quota of them
+    /// (`Config::socks_quota`), likewise.
+    pub socks_in_use: Option<u64>,
+    pub socks_quota: Option<u32>,
 }
 
 /// Handles on an instance's maps, to read them from another task or
@@ -195,6 +199,7 @@ pub struct Maps {
     /// when not known (an instance of an older build).
     in_use: Option<Map>,
     targets: Option<Map>,
+    socks_in_use: Option<Map>,
 }
 
 /// `FLOWS_IN_USE[slot]`, or every slot summed (`None`).
@@ -206,10 +211,12 @@ fn read_in_use(map: &Map, slot: Option<u32>) -> Option<u64> {
     }
 }
 
-/// The quota of the target of namespace `cookie`.
-fn read_quota(map: &Map, cookie: u64) -> Option<u32> {
+/// The quotas (flows, sockets) of the target of namespace `cookie`.
+fn read_quotas(map: &Map, cookie: u64) -> Option<(u32, u32)> {
     let m: HashMap<&MapData, u64, tproxy_common::Target> = HashMap::try_from(map).ok()?;
-    m.get(&cookie, 0).ok().map(|t| t.config.flows_quota)
+    m.get(&cookie, 0)
+        .ok()
+        .map(|t| (t.config.flows_quota, t.config.socks_quota))
 }
 
 impl Maps {
@@ -227,6 +234,7 @@ impl Maps {
                 .flatten()
                 .map(Map::Array),
             targets: None,
+            socks_in_use: None,
         })
     }
 
@@ -237,8 +245,6 @@ impl Maps {
         syns: Map,
         closing: Map,
         socks: Option<Map>,
-        in_use: Option<Map>,
-        targets: Option<Map>,
     ) -> Maps {
         Maps {
             counters,
@@ -246,9 +252,24 @@ impl Maps {
             syns,
             closing,
             socks,
-            in_use,
-            targets,
+            in_use: None,
+            targets: None,
+            socks_in_use: None,
         }
+    }
+
+    /// With each target's counts of FLOWS and SOCKS entries and its
+    /// quotas (`FLOWS_IN_USE`, `SOCKS_IN_USE`, `TARGETS`).
+    pub fn with_counts(
+        mut self,
+        flows_in_use: Option<Map>,
+        socks_in_use: Option<Map>,
+        targets: Option<Map>,
+    ) -> Maps {
+        self.in_use = flows_in_use;
+        self.socks_in_use = socks_in_use;
+        self.targets = targets;
+        self
     }
 
     /// A loaded object's maps, by the ids `Loaded::map_ids` gives (another
@@ -263,6 +284,7 @@ impl Maps {
             socks: MapData::from_id(ids.socks).ok().map(Map::HashMap),
             in_use: MapData::from_id(ids.flows_in_use).ok().map(Map::Array),
             targets: MapData::from_id(ids.targets).ok().map(Map::HashMap),
+            socks_in_use: MapData::from_id(ids.socks_in_use).ok().map(Map::Array),
         })
     }
 
@@ -294,6 +316,7 @@ impl Maps {
             socks: Some(dup(names::SOCKS)?),
             in_use: Some(dup(names::FLOWS_IN_USE)?),
             targets: Some(dup(names::TARGETS)?),
+            socks_in_use: Some(dup(names::SOCKS_IN_USE)?),
         })
     }
 
@@ -317,6 +340,11 @@ impl Maps {
             accel_queued_bytes,
             flows_in_use: self.in_use.as_ref().and_then(|m| read_in_use(m, None)),
             flows_quota: None,
+            socks_in_use: self
+                .socks_in_use
+                .as_ref()
+                .and_then(|m| read_in_use(m, None)),
+            socks_quota: None,
         })
     }
 }
@@ -367,6 +395,7 @@ impl Maps {
         targets
             .iter()
             .map(|&(cookie, slot)| {
+                let quotas = self.targets.as_ref().and_then(|m| read_quotas(m, cookie));
                 let own: Std<u64, SockState> = socks
                     .iter()
                     .filter(|(_, s)| s.slot == slot)
@@ -406,7 +435,12 @@ impl Maps {
                         .in_use
                         .as_ref()
                         .and_then(|m| read_in_use(m, Some(slot))),
-                    flows_quota: self.targets.as_ref().and_then(|m| read_quota(m, cookie)),
+                    flows_quota: quotas.map(|q| q.0),
+                    socks_in_use: self
+                        .socks_in_use
+                        .as_ref()
+                        .and_then(|m| read_in_use(m, Some(slot))),
+                    socks_quota: quotas.map(|q| q.1),
                 })
             })
             .collect()

@@ -36,6 +36,8 @@ pub struct MapIds {
     pub socks: u32,
     #[serde(default)]
     pub flows_in_use: u32,
+    #[serde(default)]
+    pub socks_in_use: u32,
 }
 
 /// The loaded object. Fields drop in declaration order: the node-wide
@@ -59,7 +61,7 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 14] = [
     names::TARGETS,
     // Pods' addresses: same-node pairing of an adopted target keeps working.
     names::TARGET_ADDRS,
@@ -71,6 +73,7 @@ pub const PINNED_MAPS: [&str; 13] = [
     names::CLOSING,
     names::SOCKHASH,
     names::SOCKS,
+    names::SOCKS_IN_USE,
     names::PENDING_PEERS,
     // Connections open when an adopted target was attached still pass.
     names::PRIOR_FLOWS,
@@ -119,16 +122,17 @@ fn check_pinned_layout(dir: &std::path::Path) -> Result<()> {
             )));
         }
     }
-    if let (Some(targets), Some(in_use)) = (pinned(names::TARGETS), pinned(names::FLOWS_IN_USE))
-        && in_use.max_entries() != targets.max_entries() + 1
-    {
-        return Err(other(format!(
-            "{}: {} entries there for {} targets, this build needs {}",
-            names::FLOWS_IN_USE,
-            in_use.max_entries(),
-            targets.max_entries(),
-            targets.max_entries() + 1
-        )));
+    for name in [names::FLOWS_IN_USE, names::SOCKS_IN_USE] {
+        if let (Some(targets), Some(in_use)) = (pinned(names::TARGETS), pinned(name))
+            && in_use.max_entries() != targets.max_entries() + 1
+        {
+            return Err(other(format!(
+                "{name}: {} entries there for {} targets, this build needs {}",
+                in_use.max_entries(),
+                targets.max_entries(),
+                targets.max_entries() + 1
+            )));
+        }
     }
     Ok(())
 }
@@ -283,6 +287,7 @@ impl Loaded {
             // Slot 0 counts events of no target.
             .map_max_entries(names::COUNTERS, (max_targets + 1) * Counter::COUNT)
             .map_max_entries(names::FLOWS_IN_USE, max_targets + 1)
+            .map_max_entries(names::SOCKS_IN_USE, max_targets + 1)
             .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true);
         for (name, size) in [
             (names::FLOWS, o.sizes.flows),
@@ -327,6 +332,7 @@ impl Loaded {
             sockhash: map_id(&ebpf, names::SOCKHASH)?,
             socks: map_id(&ebpf, names::SOCKS)?,
             flows_in_use: map_id(&ebpf, names::FLOWS_IN_USE)?,
+            socks_in_use: map_id(&ebpf, names::SOCKS_IN_USE)?,
         };
         for name in [names::PROG_RESTORE, names::PROG_STEER] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;

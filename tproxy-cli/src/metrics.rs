@@ -445,7 +445,7 @@ impl Collector for AgentCollector {
             &'static str,
             fn(&crate::inspect::Snapshot) -> i64,
         );
-        let gauges: [Gauge; 6] = [
+        let gauges: [Gauge; 8] = [
             (
                 "flows_open",
                 "Steered flows whose proxy socket is established.",
@@ -460,6 +460,16 @@ impl Collector for AgentCollector {
                 "flows_quota",
                 "Most FLOWS entries the target may hold (0: no quota); past it its new flows stay embryonic.",
                 |s| i64::from(s.flows_quota.unwrap_or(0)),
+            ),
+            (
+                "socks_in_use",
+                "Sockets the target has accelerated (SOCKS entries), as the programs count them.",
+                |s| s.socks_in_use.unwrap_or(0) as i64,
+            ),
+            (
+                "socks_quota",
+                "Most sockets the target may have accelerated (0: no quota); past it its connections stay plain TCP.",
+                |s| i64::from(s.socks_quota.unwrap_or(0)),
             ),
             (
                 "flows_active",
@@ -497,7 +507,7 @@ fn encode_build(enc: &mut DescriptorEncoder) -> std::fmt::Result {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 41] = [
+const HELP: [(Counter, &str); 42] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -643,6 +653,10 @@ const HELP: [(Counter, &str); 41] = [
     (
         Counter::FlowsQuotaFull,
         "Promotions refused because the target held its quota of open flows (the flow stays embryonic).",
+    ),
+    (
+        Counter::AccelQuotaFull,
+        "Sockets left plain TCP because the target held its quota of accelerated sockets.",
     ),
 ];
 

@@ -428,6 +428,8 @@ mod tests {
             flows: Default::default(),
             flows_in_use: None,
             flows_quota: None,
+            socks_in_use: None,
+            socks_quota: None,
             accel_sockets: 0,
             accel_queued_bytes: 0,
         }

@@ -46,6 +46,7 @@ pub struct SweepMaps {
     prior: Map,
     pending: Map,
     in_use: Map,
+    socks_in_use: Map,
     targets: Map,
     socks: Option<Map>,
     sockhash: Option<Map>,
@@ -130,16 +131,19 @@ impl SweepMaps {
             prior: get(names::PRIOR_FLOWS)?,
             pending: get(names::PENDING_PEERS)?,
             in_use: get(names::FLOWS_IN_USE)?,
+            socks_in_use: get(names::SOCKS_IN_USE)?,
             targets: get(names::TARGETS)?,
             socks: sockhash.as_ref().map(|_| get(names::SOCKS)).transpose()?,
             sockhash,
         })
     }
 
-    /// Sets the slot's count of FLOWS entries to 0: before a target takes
-    /// the slot, and after its sweep.
+    /// Sets the slot's counts of FLOWS and SOCKS entries to 0: before a
+    /// target takes the slot, and after its sweep (the sockets it leaves
+    /// never count down: sockops no longer sees them close).
     pub fn zero_in_use(&mut self, slot: u32) -> Result<()> {
-        zero_in_use(&mut self.in_use, slot)
+        zero_in_use(&mut self.in_use, names::FLOWS_IN_USE, slot)?;
+        zero_in_use(&mut self.socks_in_use, names::SOCKS_IN_USE, slot)
     }
 
     /// Deletes every entry of the namespace `cookie` (counter slot `slot`),
@@ -163,11 +167,14 @@ impl SweepMaps {
             remove_where::<SockKey, Pending>(&mut self.pending, names::PENDING_PEERS, |k, v| {
                 k.netns_cookie == cookie || v.key.netns_cookie == cookie
             });
-        if let Err(e) = self.zero_in_use(slot) {
-            warn!("zeroing FLOWS_IN_USE[{slot}]: {}", crate::error::Chain(&e));
-        }
         if let (Some(socks), Some(hash)) = (&mut self.socks, &mut self.sockhash) {
             sweep_sockets(socks, hash, &self.targets, cookie, slot, &mut s);
+        }
+        if let Err(e) = self.zero_in_use(slot) {
+            warn!(
+                "zeroing the counts of slot {slot}: {}",
+                crate::error::Chain(&e)
+            );
         }
         s
     }
@@ -199,15 +206,11 @@ impl SweepMaps {
     }
 }
 
-pub(crate) fn zero_in_use(map: &mut Map, slot: u32) -> Result<()> {
-    let mut a: Array<&mut MapData, u64> = Array::try_from(map).map_err(|source| Error::Map {
-        name: names::FLOWS_IN_USE,
-        source,
-    })?;
-    a.set(slot, 0, 0).map_err(|source| Error::Map {
-        name: names::FLOWS_IN_USE,
-        source,
-    })
+fn zero_in_use(map: &mut Map, name: &'static str, slot: u32) -> Result<()> {
+    let mut a: Array<&mut MapData, u64> =
+        Array::try_from(map).map_err(|source| Error::Map { name, source })?;
+    a.set(slot, 0, 0)
+        .map_err(|source| Error::Map { name, source })
 }
 
 /// Deletes the entries whose key `f` picks; how many went.

@@ -415,7 +415,7 @@ pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32, proxy: (u64, u32
         netns_cookie: env.netns_cookie,
         proxy_cgroup_id: proxy.0,
         flows_quota: opts.flows_quota,
-        _pad0: 0,
+        socks_quota: opts.socks_quota,
     };
     Target::new(config, opts.ports.iter())
 }

@@ -125,6 +125,7 @@ fn options(ports: &str) -> Options {
         accel_max_queued: 16 << 20,
         accel_retire_ms: 0,
         flows_quota: 0,
+        socks_quota: 0,
     }
 }
 

@@ -24,6 +24,7 @@ pub mod names {
     pub const PRIOR_FLOWS: &str = "PRIOR_FLOWS";
     pub const PROXY_CONNECTS: &str = "PROXY_CONNECTS";
     pub const FLOWS_IN_USE: &str = "FLOWS_IN_USE";
+    pub const SOCKS_IN_USE: &str = "SOCKS_IN_USE";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -176,7 +177,12 @@ pub struct Config {
     /// clients cannot take the node's table from the others. 0: no quota
     /// (a single run: the whole table).
     pub flows_quota: u32,
-    pub _pad0: u32,
+    /// Most sockets this target may have accelerated (`SOCKS` and the
+    /// SOCKHASH, `SOCKS_IN_USE[slot]`): past it its new connections stay
+    /// plain TCP and `Counter::AccelQuotaFull` counts them, so one pod's
+    /// connections cannot take the node's SOCKHASH from the others. 0: no
+    /// quota.
+    pub socks_quota: u32,
 }
 
 /// `TARGETS` value, keyed by the netns cookie: the settings and the
@@ -600,10 +606,13 @@ pub enum Counter {
     /// Promotions refused because the target holds its quota of `FLOWS`
     /// entries (`Config::flows_quota`): the flow stays embryonic.
     FlowsQuotaFull,
+    /// Sockets not accelerated because the target holds its quota of
+    /// accelerated sockets (`Config::socks_quota`): they stay plain TCP.
+    AccelQuotaFull,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 41] = [
+    pub const ALL: [Counter; 42] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -645,6 +654,7 @@ impl Counter {
         Counter::SynsRefusedDraining,
         Counter::SteerErrors,
         Counter::FlowsQuotaFull,
+        Counter::AccelQuotaFull,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -697,6 +707,7 @@ impl Counter {
             Counter::SynsRefusedDraining => "syns_refused_draining",
             Counter::SteerErrors => "steer_errors",
             Counter::FlowsQuotaFull => "flows_quota_full",
+            Counter::AccelQuotaFull => "accel_quota_full",
         }
     }
 }
@@ -706,6 +717,7 @@ impl Counter {
 const _: () = {
     assert!(size_of::<Config>() == 56);
     assert!(offset_of!(Config, flows_quota) == 48);
+    assert!(offset_of!(Config, socks_quota) == 52);
     assert!(offset_of!(Config, proxy_cgroup_level) == 28);
     assert!(offset_of!(Config, proxy_cgroup_id) == 40);
     assert!(offset_of!(Config, l2_len) == 3);
@@ -749,7 +761,7 @@ const _: () = {
     assert!(size_of::<TargetAddr>() == 24);
     assert!(offset_of!(TargetAddr, family) == 16);
     assert!(size_of::<NudgeEvent>() == 24);
-    assert!(Counter::COUNT == Counter::FlowsQuotaFull as u32 + 1);
+    assert!(Counter::COUNT == Counter::AccelQuotaFull as u32 + 1);
 };
 
 #[cfg(feature = "user")]
@@ -807,7 +819,7 @@ mod tests {
             netns_cookie: 1,
             proxy_cgroup_id: 0,
             flows_quota: 0,
-            _pad0: 0,
+            socks_quota: 0,
         };
         let t = Target::new(cfg, [0, 63, 64, 8000, 65535]);
         for p in [0, 63, 64, 8000, 65535] {

@@ -35,18 +35,11 @@ fn in_use(slot: u32) -> Option<*mut u64> {
     FLOWS_IN_USE.get_ptr_mut(slot)
 }
 
-/// An entry of the target left `FLOWS`. Never below 0: a count that
-/// started after its entries did (maps pinned by an older agent) reads
-/// low rather than wrapping to "full".
+/// An entry of the target left `FLOWS`.
 #[inline(always)]
 fn left_flows(slot: u32) {
     if let Some(p) = in_use(slot) {
-        // SAFETY: a live array element; one aligned word (a racing
-        // decrement may still take it to 0 first: then this one is lost,
-        // and the count reads one high until the slot's next sweep).
-        if unsafe { core::ptr::read_volatile(p) } > 0 {
-            atomic::add(p, u64::MAX);
-        }
+        atomic::dec_count(p);
     }
 }
 

@@ -42,6 +42,12 @@ pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(FLOWS_
 #[map]
 pub static FLOWS_IN_USE: Array<u64> = Array::with_max_entries(TARGETS_MAX + 1, 0);
 
+/// `SOCKS` entries per target, by counter slot, likewise: what
+/// `Config::socks_quota` is checked against. An entry counts in the slot
+/// it carries (`SockState::slot`), the target whose sockops inserted it.
+#[map]
+pub static SOCKS_IN_USE: Array<u64> = Array::with_max_entries(TARGETS_MAX + 1, 0);
+
 /// Embryonic steered flows (SYN seen): LRU, so a SYN flood only evicts
 /// other embryonic entries. sockops promotes an entry to FLOWS when the
 /// proxy's accepted socket reaches ESTABLISHED.

@@ -33,13 +33,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use tproxy_common::{
-    Counter, Pending, SockKey, SockState, Target, flags,
+    Config, Counter, Pending, SockKey, SockState, Target, flags,
     sock_flags::{FAST, LEFT, RETIRED},
 };
 
 use crate::{
-    counters, flow, identity,
-    maps::{PENDING_PEERS, PROXY_CONNECTS, SOCKHASH, SOCKS},
+    atomic, counters, flow, identity,
+    maps::{PENDING_PEERS, PROXY_CONNECTS, SOCKHASH, SOCKS, SOCKS_IN_USE},
     peer, sockkey, tcpseq,
 };
 
@@ -102,9 +102,17 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
                 flow::closed(slot, &flow::key_of_socket(&key));
             }
             // The kernel drops a closed socket from the SOCKHASH itself;
-            // this is our bookkeeping.
-            if ACCEL && SOCKS.remove(&sk_addr(ctx)).is_ok() {
-                counters::inc(slot, Counter::SockhashRemoved);
+            // this is our bookkeeping, counted in the slot that inserted it.
+            let sk = sk_addr(ctx);
+            if ACCEL && let Some(st) = SOCKS.get_ptr(&sk) {
+                // SAFETY: a live entry; written once at insert.
+                let own = unsafe { (*st).slot };
+                if SOCKS.remove(&sk).is_ok() {
+                    counters::inc(slot, Counter::SockhashRemoved);
+                    if let Some(p) = SOCKS_IN_USE.get_ptr_mut(own) {
+                        atomic::dec_count(p);
+                    }
+                }
             }
         }
         _ => {}
@@ -132,7 +140,7 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
                 return Ok(());
             }
         }
-        let sk = insert(ctx, key, &peer_key, 0, slot)?;
+        let sk = insert(ctx, key, &peer_key, 0, &target.config)?;
         let (snd_nxt, rcv_nxt) = peer::seqs(ctx);
         let pending = Pending {
             sk,
@@ -162,7 +170,7 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
         if SOCKS.get_ptr(&pending.sk).is_none() {
             return Ok(());
         }
-        let sk = insert(ctx, key, &pending.key, pending.sk, slot)?;
+        let sk = insert(ctx, key, &pending.key, pending.sk, &target.config)?;
         // Now the connecting end may redirect to us. Until here its
         // bytes went by TCP, and were counted: it switches only
         // once we have read them all.
@@ -188,17 +196,32 @@ fn sk_addr(ctx: &SockOpsContext) -> u64 {
 
 /// Puts the socket in SOCKS and the SOCKHASH; `peer_key` is the other
 /// end's key, `peer` its address if it is already in, else 0. Returns this
-/// socket's address.
+/// socket's address. A target holding its quota of accelerated sockets
+/// (`Config::socks_quota`) gets no more: the socket stays plain TCP (as
+/// does its peer: a connecting end refused here leaves nothing pending;
+/// an accepting end refused leaves its connecting end without a peer,
+/// which sends by TCP). CPUs inserting at the same moment may take a
+/// target a few sockets past its quota, never further.
 #[inline(always)]
 fn insert(
     ctx: &SockOpsContext,
     key: &SockKey,
     peer_key: &SockKey,
     peer: u64,
-    slot: u32,
+    cfg: &Config,
 ) -> Result<u64, ()> {
+    let slot = cfg.slot;
     let sk = sk_addr(ctx);
     if sk == 0 {
+        return Err(());
+    }
+    let count = SOCKS_IN_USE.get_ptr_mut(slot);
+    if cfg.socks_quota != 0
+        && let Some(p) = count
+        // SAFETY: a live array element; one aligned word.
+        && unsafe { core::ptr::read_volatile(p) } >= u64::from(cfg.socks_quota)
+    {
+        counters::inc(slot, Counter::AccelQuotaFull);
         return Err(());
     }
     let state = SockState {
@@ -224,6 +247,9 @@ fn insert(
         .map_err(|_| {
             let _ = SOCKS.remove(&sk);
         })?;
+    if let Some(p) = count {
+        atomic::add(p, 1);
+    }
     // Ask for state callbacks, to forget the socket when it closes, and for
     // a look at each packet it sends (we reserve no option space), to nudge
     // its reader.

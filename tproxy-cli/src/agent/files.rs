@@ -32,15 +32,19 @@ pub fn parse(text: &str) -> Result<TargetSpec, String> {
     let netns = take_str(map, "netns")?
         .ok_or("netns: missing (the path of the network namespace, e.g. /run/netns/web)")?;
     let name = take_str(map, "name")?;
-    // The agent's own key (a single run's table is all its target's).
-    let flows_quota = match map.remove("flows_quota") {
-        None => None,
-        Some(v) => Some(
-            v.as_u64()
+    // The agent's own keys (a single run's tables are all its target's).
+    let mut quota = |key: &str| -> Result<Option<u32>, String> {
+        match map.remove(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or("flows_quota: expected a number of flows (0: no quota)")?,
-        ),
+                .map(Some)
+                .ok_or(format!("{key}: expected a number (0: no quota)")),
+        }
     };
+    let flows_quota = quota("flows_quota")?;
+    let socks_quota = quota("socks_quota")?;
     // The rest is a --config file's target part, checked the same way.
     let text = serde_norway::to_string(&v).map_err(|e| e.to_string())?;
     let t = TargetConfig::parse(&text).map_err(|e| e.to_string())?;
@@ -60,6 +64,7 @@ pub fn parse(text: &str) -> Result<TargetSpec, String> {
         steer_mark: t.steer_mark,
         route_table: t.route_table,
         flows_quota,
+        socks_quota,
         name,
         ..TargetSpec::new(netns, iface)
     })

@@ -67,9 +67,17 @@ pub struct Registry {
     loaded: Loaded,
     bpffs: PathBuf,
     max_targets: u32,
-    /// A target's quota of FLOWS entries when its spec names none.
-    flows_quota: u32,
+    /// A target's quotas when its spec names none.
+    quotas: Quotas,
     targets: BTreeMap<String, Entry>,
+}
+
+/// A target's share of the node's tables when its spec names none (0: no
+/// quota): FLOWS entries, and accelerated sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quotas {
+    pub flows: u32,
+    pub socks: u32,
 }
 
 /// An agent API error: the code and the one line.
@@ -106,8 +114,8 @@ impl From<Error> for ApiFailure {
 }
 
 /// The `tproxy` run's options for a target, with the run flags' defaults
-/// and the agent's default quota of FLOWS entries.
-pub fn options_of(spec: &TargetSpec, flows_quota: u32) -> Result<Options> {
+/// and the agent's default quotas.
+pub fn options_of(spec: &TargetSpec, quotas: Quotas) -> Result<Options> {
     let ports = spec.ports.clone().ok_or_else(|| {
         Error::TargetSpec("the target has no ports: set \"ports\" (e.g. \"8000\")".into())
     })?;
@@ -139,7 +147,8 @@ pub fn options_of(spec: &TargetSpec, flows_quota: u32) -> Result<Options> {
         accel_retire_ms: spec
             .accel_retire_ms
             .unwrap_or(tproxy_common::DEFAULT_ACCEL_RETIRE_MS),
-        flows_quota: spec.flows_quota.unwrap_or(flows_quota),
+        flows_quota: spec.flows_quota.unwrap_or(quotas.flows),
+        socks_quota: spec.socks_quota.unwrap_or(quotas.socks),
     };
     opts.validate()?;
     Ok(opts)
@@ -219,12 +228,12 @@ fn remove_adopted_in_netns(rec: &TargetRecord) {
 }
 
 impl Registry {
-    pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32, flows_quota: u32) -> Registry {
+    pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32, quotas: Quotas) -> Registry {
         Registry {
             loaded,
             bpffs,
             max_targets,
-            flows_quota,
+            quotas,
             targets: BTreeMap::new(),
         }
     }
@@ -266,7 +275,7 @@ impl Registry {
     /// Attaches `spec` as `id`. The caller has made sure `id` is free.
     pub fn attach(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
         let started = Instant::now();
-        let opts = options_of(spec, self.flows_quota)?;
+        let opts = options_of(spec, self.quotas)?;
         // First, before anything is attached: never the root, never outside.
         let system::CgroupDir {
             path: cgroup,

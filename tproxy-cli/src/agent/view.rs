@@ -39,7 +39,10 @@ fn pinned_maps(bpffs: &Path) -> Result<Maps> {
         Map::LruHashMap(open(names::SYNS)?),
         Map::LruHashMap(open(names::CLOSING)?),
         open(names::SOCKS).ok().map(Map::HashMap),
+    )
+    .with_counts(
         open(names::FLOWS_IN_USE).ok().map(Map::Array),
+        open(names::SOCKS_IN_USE).ok().map(Map::Array),
         open(names::TARGETS).ok().map(Map::HashMap),
     ))
 }
@@ -81,6 +84,7 @@ fn figures_json(s: &Snapshot) -> Value {
         "flows": s.flows.open, "flows_active": s.flows.active,
         "flows_closing": s.flows.closing, "flows_embryonic": s.flows.embryonic,
         "flows_in_use": s.flows_in_use, "flows_quota": s.flows_quota,
+        "socks_in_use": s.socks_in_use, "socks_quota": s.socks_quota,
         "accel_sockets": s.accel_sockets, "accel_queued_bytes": s.accel_queued_bytes,
         "counters": counters_json(s),
     })
