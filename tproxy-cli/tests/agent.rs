@@ -1513,3 +1513,71 @@ fn pod_churn_and_a_flooded_pod_leave_the_others_flows_live_and_no_entries_behind
         started.elapsed().as_secs_f64()
     );
 }
+
+/// The programs' count of SOCKS entries of counter slot `slot`.
+fn socks_in_use(agent: &Agent, slot: u32) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(agent.pins().join("node/SOCKS_IN_USE")).unwrap();
+    let a: Array<_, u64> = Array::try_from(Map::Array(data)).unwrap();
+    a.get(&slot, 0).unwrap()
+}
+
+/// The quota of accelerated sockets: a pod allowed 2 gets its first
+/// connection's proxy->app pair into the SOCKHASH; its second stays plain
+/// TCP (served, and counted), while another pod's pairs are made as ever;
+/// a closed pair frees its place.
+#[test]
+fn a_pods_quota_of_accelerated_sockets_leaves_the_others_theirs() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let a = Pod::new("pod-ka");
+    let b = Pod::new("pod-kb");
+    agent.add(
+        "ka",
+        &TargetSpec {
+            socks_quota: Some(2),
+            ..a.spec()
+        },
+    );
+    agent.add("kb", &b.spec());
+    let (_, sa) = cookie_and_slot(&agent, "ka");
+    let (_, sb) = cookie_and_slot(&agent, "kb");
+    let mut first = Stream::open(&a, POD_V4);
+    first.round(64 << 10);
+    wait_until("a's first pair accelerated", || {
+        socks_in_use(&agent, sa) == 2
+    });
+    let mut second = Stream::open(&a, POD_V4);
+    second.round(64 << 10);
+    assert_eq!(socks_in_use(&agent, sa), 2);
+    let st = agent_stats(&agent, "ka");
+    assert!(
+        st["counters"]["accel_quota_full"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    assert_eq!(
+        (st["socks_in_use"].as_u64(), st["socks_quota"].as_u64()),
+        (Some(2), Some(2)),
+        "{st}"
+    );
+    assert_eq!(st["accel_sockets"], 2, "{st}");
+    let mut others: Vec<Stream> = (0..2).map(|_| Stream::open(&b, POD_V4)).collect();
+    for s in &mut others {
+        s.round(64 << 10);
+    }
+    wait_until("b's pairs accelerated", || socks_in_use(&agent, sb) == 4);
+    let st = agent_stats(&agent, "kb");
+    assert_eq!(st["counters"]["accel_quota_full"], 0, "{st}");
+    assert_eq!(st["socks_quota"], 8192, "{st}");
+    // The first pair closes: the next connection of a is accelerated.
+    drop(first);
+    wait_until("a's first pair gone", || socks_in_use(&agent, sa) == 0);
+    let mut third = Stream::open(&a, POD_V4);
+    third.round(64 << 10);
+    wait_until("a's next pair accelerated", || {
+        socks_in_use(&agent, sa) == 2
+    });
+    second.round(64 << 10);
+    for s in &mut others {
+        s.round(4096);
+    }
+}
