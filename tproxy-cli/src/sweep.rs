@@ -277,34 +277,181 @@ fn sweep_sockets(
         .flatten()
         .filter(|k| k.netns_cookie == cookie)
         .collect();
+    let live = |theirs: u64| targets.as_ref().is_some_and(|t| t.get(&theirs, 0).is_ok());
     for (sk, st) in all.iter().filter(|(_, st)| st.slot == slot) {
-        let peer = all.get(&st.peer);
-        // This socket's own key: what its peer's entry says its peer is.
-        let own_key = peer.map(|p| p.peer_key);
-        // Redirected bytes its reader has not taken.
-        let unread = peer.map_or(0, |p| p.redirected_end.saturating_sub(st.read));
-        // A peer in another target that is still there, and not retired,
-        // may redirect to it at any moment.
-        let peer_live = peer.is_some_and(|p| {
-            let theirs = st.peer_key.netns_cookie;
-            p.flags & RETIRED == 0
-                && theirs != cookie
-                && targets.as_ref().is_some_and(|t| t.get(&theirs, 0).is_ok())
-        });
-        let paired = own_key.is_some_and(|k| in_hash.contains(&k));
-        if paired && (unread > 0 || peer_live) {
-            s.sockets_left += 1;
-            s.bytes_left += unread;
-            continue;
+        match fate(st, all.get(&st.peer), cookie, |k| in_hash.contains(k), live) {
+            Fate::Leave { unread } => {
+                s.sockets_left += 1;
+                s.bytes_left += unread;
+                continue;
+            }
+            Fate::Remove { from_hash } => {
+                if let Some(k) = from_hash
+                    && hash.remove(&k).is_ok()
+                {
+                    s.sockhash += 1;
+                }
+                if socks.remove(sk).is_ok() {
+                    s.socks += 1;
+                }
+            }
         }
-        if paired
-            && let Some(k) = own_key
-            && hash.remove(&k).is_ok()
-        {
-            s.sockhash += 1;
+    }
+}
+
+/// What the sweep does with one socket of the removed target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    /// Left in SOCKS and the SOCKHASH: taking it out of the SOCKHASH
+    /// would drop `unread` redirected bytes, or bytes its peer may still
+    /// redirect to it.
+    Leave { unread: u64 },
+    /// Out of SOCKS, and out of the SOCKHASH under this key if it is
+    /// still there.
+    Remove { from_hash: Option<SockKey> },
+}
+
+/// The fate of socket `st` of the target of namespace `cookie`, whose
+/// peer's entry is `peer`; `in_hash`: a key is in the SOCKHASH; `live`:
+/// a namespace has a target.
+fn fate(
+    st: &SockState,
+    peer: Option<&SockState>,
+    cookie: u64,
+    in_hash: impl Fn(&SockKey) -> bool,
+    live: impl Fn(u64) -> bool,
+) -> Fate {
+    let Some(peer) = peer else {
+        // Never paired, or its peer closed: no key to find it by. Only its
+        // SOCKS entry goes (sk_msg then passes its sends to TCP); what is
+        // queued at it stays readable (it stays in the SOCKHASH until it
+        // closes).
+        return Fate::Remove { from_hash: None };
+    };
+    // This socket's own key: what its peer's entry says its peer is.
+    let own = peer.peer_key;
+    if !in_hash(&own) {
+        // Closed (the kernel took it out), or its pair left: nothing
+        // queued at it can be lost.
+        return Fate::Remove { from_hash: None };
+    }
+    // Redirected bytes its reader has not taken.
+    let unread = peer.redirected_end.saturating_sub(st.read);
+    // A peer in another target that is still there, and not retired, may
+    // redirect to it at any moment.
+    let theirs = st.peer_key.netns_cookie;
+    let peer_live = peer.flags & RETIRED == 0 && theirs != cookie && live(theirs);
+    if unread > 0 || peer_live {
+        Fate::Leave { unread }
+    } else {
+        Fate::Remove {
+            from_hash: Some(own),
         }
-        if socks.remove(sk).is_ok() {
-            s.socks += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tproxy_common::AF_INET;
+
+    use super::*;
+
+    fn key(local: u32, remote: u32, cookie: u64) -> SockKey {
+        SockKey {
+            local_addr: [1, 0, 0, 0],
+            remote_addr: [1, 0, 0, 0],
+            local_port: local,
+            remote_port: remote,
+            family: u32::from(AF_INET),
+            _pad0: 0,
+            netns_cookie: cookie,
         }
+    }
+
+    /// A socket whose peer's key is `peer_key`, having sent `sent` bytes
+    /// (all redirected) and read `read`.
+    fn sock(peer_key: SockKey, sent: u64, read: u64) -> SockState {
+        SockState {
+            peer_key,
+            peer: 1,
+            sent,
+            redirected_end: sent,
+            read,
+            flags: 0,
+            rcvbuf: 0,
+            win_start: 0,
+            win_read: 0,
+            tcp_since: 0,
+            slot: 3,
+            tcp_seq: 0,
+            tcp_unsynced: 0,
+        }
+    }
+
+    #[test]
+    fn a_socket_with_unread_redirected_bytes_is_left_and_others_go() {
+        // Proxy (40000 -> 8000) and app (8000 -> 40000) in namespace 7.
+        let (proxy_key, app_key) = (key(40000, 8000, 7), key(8000, 40000, 7));
+        let all_in = |_: &SockKey| true;
+        let none_live = |_: u64| false;
+        // The app has read all the proxy redirected: both go, by key.
+        let proxy = sock(app_key, 100, 50);
+        let app = sock(proxy_key, 50, 100);
+        assert_eq!(
+            fate(&app, Some(&proxy), 7, all_in, none_live),
+            Fate::Remove {
+                from_hash: Some(app_key)
+            }
+        );
+        assert_eq!(
+            fate(&proxy, Some(&app), 7, all_in, none_live),
+            Fate::Remove {
+                from_hash: Some(proxy_key)
+            }
+        );
+        // 30 bytes the proxy redirected are still queued at the app.
+        let app = sock(proxy_key, 50, 70);
+        assert_eq!(
+            fate(&app, Some(&proxy), 7, all_in, none_live),
+            Fate::Leave { unread: 30 }
+        );
+        // Closed (out of the SOCKHASH): its entry goes, whatever it had.
+        assert_eq!(
+            fate(&app, Some(&proxy), 7, |_| false, none_live),
+            Fate::Remove { from_hash: None }
+        );
+        // No peer: its entry only.
+        assert_eq!(
+            fate(&app, None, 7, all_in, none_live),
+            Fate::Remove { from_hash: None }
+        );
+    }
+
+    #[test]
+    fn a_socket_whose_peer_in_a_live_pod_may_still_redirect_is_left() {
+        // The removed pod's proxy socket (namespace 7), paired with a
+        // client in pod 9.
+        let (ours, client_key) = (key(15006, 40000, 7), key(40000, 8000, 9));
+        let mut client = sock(ours, 10, 10);
+        let proxy = sock(client_key, 10, 10);
+        let all_in = |_: &SockKey| true;
+        assert_eq!(
+            fate(&proxy, Some(&client), 7, all_in, |c| c == 9),
+            Fate::Leave { unread: 0 }
+        );
+        // Pod 9 gone too, or the client retired: it may go.
+        assert_eq!(
+            fate(&proxy, Some(&client), 7, all_in, |_| false),
+            Fate::Remove {
+                from_hash: Some(ours)
+            }
+        );
+        client.flags = RETIRED;
+        assert_eq!(
+            fate(&proxy, Some(&client), 7, all_in, |c| c == 9),
+            Fate::Remove {
+                from_hash: Some(ours)
+            }
+        );
     }
 }
