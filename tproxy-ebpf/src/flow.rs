@@ -230,8 +230,7 @@ pub fn established(cfg: &Config, key: &FlowKey) -> bool {
     let count = in_use(slot);
     if cfg.flows_quota != 0
         && let Some(p) = count
-        // SAFETY: a live array element; one aligned word.
-        && unsafe { core::ptr::read_volatile(p) } >= u64::from(cfg.flows_quota)
+        && atomic::count_reached(p, cfg.flows_quota)
     {
         counters::inc(slot, Counter::FlowsQuotaFull);
         return false;

@@ -218,8 +218,7 @@ fn insert(
     let count = SOCKS_IN_USE.get_ptr_mut(slot);
     if cfg.socks_quota != 0
         && let Some(p) = count
-        // SAFETY: a live array element; one aligned word.
-        && unsafe { core::ptr::read_volatile(p) } >= u64::from(cfg.socks_quota)
+        && atomic::count_reached(p, cfg.socks_quota)
     {
         counters::inc(slot, Counter::AccelQuotaFull);
         return Err(());
