@@ -46,6 +46,8 @@ fn main() -> Result<()> {
             route_table: None,
             accel_max_queued: 16 << 20,
             accel_retire_ms: 100,
+            flows_quota: 0,
+            socks_quota: 0,
         };
         let ns = PathBuf::from(ns);
         let cgroup = PathBuf::from(cgroup);

@@ -61,6 +61,8 @@ fn cost(multi: bool) -> f64 {
         proxy_cgroup_level: 0,
         netns_cookie: cookie,
         proxy_cgroup_id: 0,
+        flows_quota: 0,
+        socks_quota: 0,
     };
     HashMap::<&mut MapData, u64, Target>::try_from(ebpf.map_mut(names::TARGETS).unwrap())
         .unwrap()

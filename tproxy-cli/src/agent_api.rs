@@ -106,6 +106,16 @@ pub struct TargetSpec {
     pub steer_mark: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_table: Option<u32>,
+    /// Most open steered flows (FLOWS entries) the target may hold; past
+    /// it its new flows stay embryonic. Left out: the agent's
+    /// `--flows-quota`; 0: no quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows_quota: Option<u32>,
+    /// Most sockets the target may have accelerated; past it its new
+    /// connections stay plain TCP. Left out: the agent's `--socks-quota`;
+    /// 0: no quota.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socks_quota: Option<u32>,
     /// A label for logs and metrics (the CNI plugin: `namespace/pod`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -128,6 +138,8 @@ impl TargetSpec {
             accel_retire_ms: None,
             steer_mark: None,
             route_table: None,
+            flows_quota: None,
+            socks_quota: None,
             name: None,
         }
     }

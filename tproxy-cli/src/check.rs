@@ -142,6 +142,8 @@ impl CheckArgs {
             route_table: self.route_table,
             accel_max_queued: tproxy_common::DEFAULT_ACCEL_MAX_QUEUED,
             accel_retire_ms: tproxy_common::DEFAULT_ACCEL_RETIRE_MS,
+            flows_quota: 0,
+            socks_quota: 0,
         }
     }
 }

@@ -294,6 +294,8 @@ impl RunArgs {
             route_table: self.route_table,
             accel_max_queued: self.accel_max_queued,
             accel_retire_ms: self.accel_retire_ms,
+            flows_quota: 0,
+            socks_quota: 0,
         }
     }
 }

@@ -226,6 +226,9 @@ pub fn merge(cli: &Cli, matches: &ArgMatches, file: &FileConfig) -> Result<RunSe
             run.accel_retire_ms,
             t.accel_retire_ms,
         ),
+        // A single run serves one target: the whole table is its own.
+        flows_quota: 0,
+        socks_quota: 0,
     };
     Ok(RunSettings {
         options,

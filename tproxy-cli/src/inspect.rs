@@ -171,6 +171,17 @@ pub struct Snapshot {
     pub accel_sockets: usize,
     /// Redirected bytes not yet read (see [`queued_redirected`]).
     pub accel_queued_bytes: i64,
+    /// FLOWS entries held, as the programs count them per target
+    /// (`FLOWS_IN_USE`, read without walking FLOWS); `None` when the map
+    /// cannot be read (an instance of an older build).
+    pub flows_in_use: Option<u64>,
+    /// The target's quota of FLOWS entries (`Config::flows_quota`); 0: no
+    /// quota; `None`: not known (a whole instance or the node).
+    pub flows_quota: Option<u32>,
+    /// SOCKS entries held (`SOCKS_IN_USE`) and the target's quota of them
+    /// (`Config::socks_quota`), likewise.
+    pub socks_in_use: Option<u64>,
+    pub socks_quota: Option<u32>,
 }
 
 /// Handles on an instance's maps, to read them from another task or
@@ -184,6 +195,28 @@ pub struct Maps {
     closing: Map,
     /// `None` when it cannot be opened: acceleration figures read as 0.
     socks: Option<Map>,
+    /// `FLOWS_IN_USE` and `TARGETS` (each target's use and quota); `None`
+    /// when not known (an instance of an older build).
+    in_use: Option<Map>,
+    targets: Option<Map>,
+    socks_in_use: Option<Map>,
+}
+
+/// `FLOWS_IN_USE[slot]`, or every slot summed (`None`).
+fn read_in_use(map: &Map, slot: Option<u32>) -> Option<u64> {
+    let a: aya::maps::Array<&MapData, u64> = aya::maps::Array::try_from(map).ok()?;
+    match slot {
+        Some(s) => a.get(&s, 0).ok(),
+        None => Some(a.iter().flatten().sum()),
+    }
+}
+
+/// The quotas (flows, sockets) of the target of namespace `cookie`.
+fn read_quotas(map: &Map, cookie: u64) -> Option<(u32, u32)> {
+    let m: HashMap<&MapData, u64, tproxy_common::Target> = HashMap::try_from(map).ok()?;
+    m.get(&cookie, 0)
+        .ok()
+        .map(|t| (t.config.flows_quota, t.config.socks_quota))
 }
 
 impl Maps {
@@ -196,6 +229,12 @@ impl Maps {
             syns: Map::LruHashMap(open(record.syns_map_id, names::SYNS)?),
             closing: Map::LruHashMap(open(record.closing_map_id, names::CLOSING)?),
             socks: MapData::from_id(record.socks_map_id).ok().map(Map::HashMap),
+            in_use: (record.flows_in_use_map_id != 0)
+                .then(|| MapData::from_id(record.flows_in_use_map_id).ok())
+                .flatten()
+                .map(Map::Array),
+            targets: None,
+            socks_in_use: None,
         })
     }
 
@@ -213,7 +252,24 @@ impl Maps {
             syns,
             closing,
             socks,
+            in_use: None,
+            targets: None,
+            socks_in_use: None,
         }
+    }
+
+    /// With each target's counts of FLOWS and SOCKS entries and its
+    /// quotas (`FLOWS_IN_USE`, `SOCKS_IN_USE`, `TARGETS`).
+    pub fn with_counts(
+        mut self,
+        flows_in_use: Option<Map>,
+        socks_in_use: Option<Map>,
+        targets: Option<Map>,
+    ) -> Maps {
+        self.in_use = flows_in_use;
+        self.socks_in_use = socks_in_use;
+        self.targets = targets;
+        self
     }
 
     /// A loaded object's maps, by the ids `Loaded::map_ids` gives (another
@@ -226,6 +282,9 @@ impl Maps {
             syns: Map::LruHashMap(open(ids.syns, names::SYNS)?),
             closing: Map::LruHashMap(open(ids.closing, names::CLOSING)?),
             socks: MapData::from_id(ids.socks).ok().map(Map::HashMap),
+            in_use: MapData::from_id(ids.flows_in_use).ok().map(Map::Array),
+            targets: MapData::from_id(ids.targets).ok().map(Map::HashMap),
+            socks_in_use: MapData::from_id(ids.socks_in_use).ok().map(Map::Array),
         })
     }
 
@@ -245,6 +304,7 @@ impl Maps {
                 Map::HashMap(d) => Map::HashMap(data(d)?),
                 Map::LruHashMap(d) => Map::LruHashMap(data(d)?),
                 Map::PerCpuArray(d) => Map::PerCpuArray(data(d)?),
+                Map::Array(d) => Map::Array(data(d)?),
                 other => unreachable!("{name} is a {other:?}"),
             })
         };
@@ -254,6 +314,9 @@ impl Maps {
             syns: dup(names::SYNS)?,
             closing: dup(names::CLOSING)?,
             socks: Some(dup(names::SOCKS)?),
+            in_use: Some(dup(names::FLOWS_IN_USE)?),
+            targets: Some(dup(names::TARGETS)?),
+            socks_in_use: Some(dup(names::SOCKS_IN_USE)?),
         })
     }
 
@@ -275,6 +338,13 @@ impl Maps {
             flows,
             accel_sockets,
             accel_queued_bytes,
+            flows_in_use: self.in_use.as_ref().and_then(|m| read_in_use(m, None)),
+            flows_quota: None,
+            socks_in_use: self
+                .socks_in_use
+                .as_ref()
+                .and_then(|m| read_in_use(m, None)),
+            socks_quota: None,
         })
     }
 }
@@ -325,6 +395,7 @@ impl Maps {
         targets
             .iter()
             .map(|&(cookie, slot)| {
+                let quotas = self.targets.as_ref().and_then(|m| read_quotas(m, cookie));
                 let own: Std<u64, SockState> = socks
                     .iter()
                     .filter(|(_, s)| s.slot == slot)
@@ -360,6 +431,16 @@ impl Maps {
                     ),
                     accel_sockets,
                     accel_queued_bytes,
+                    flows_in_use: self
+                        .in_use
+                        .as_ref()
+                        .and_then(|m| read_in_use(m, Some(slot))),
+                    flows_quota: quotas.map(|q| q.0),
+                    socks_in_use: self
+                        .socks_in_use
+                        .as_ref()
+                        .and_then(|m| read_in_use(m, Some(slot))),
+                    socks_quota: quotas.map(|q| q.1),
                 })
             })
             .collect()

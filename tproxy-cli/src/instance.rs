@@ -80,6 +80,7 @@ impl Instance {
             closing_map_id: ids.closing,
             sockhash_map_id: ids.sockhash,
             socks_map_id: ids.socks,
+            flows_in_use_map_id: ids.flows_in_use,
             ports: opts.ports.to_string(),
             proxy_port: opts.proxy_port,
             accel: opts.accel,

@@ -37,6 +37,7 @@ pub mod routing;
 pub mod state;
 pub mod stats;
 pub mod status;
+pub mod sweep;
 pub mod system;
 pub mod target;
 pub mod tc;

@@ -34,6 +34,10 @@ pub struct MapIds {
     pub closing: u32,
     pub sockhash: u32,
     pub socks: u32,
+    #[serde(default)]
+    pub flows_in_use: u32,
+    #[serde(default)]
+    pub socks_in_use: u32,
 }
 
 /// The loaded object. Fields drop in declaration order: the node-wide
@@ -57,16 +61,19 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 16] = [
     names::TARGETS,
     // Pods' addresses: same-node pairing of an adopted target keeps working.
     names::TARGET_ADDRS,
     names::COUNTERS,
     names::FLOWS,
+    // Each target's count of FLOWS entries goes with FLOWS.
+    names::FLOWS_IN_USE,
     names::SYNS,
     names::CLOSING,
     names::SOCKHASH,
     names::SOCKS,
+    names::SOCKS_IN_USE,
     names::PENDING_PEERS,
     // Connections open when an adopted target was attached still pass.
     names::PRIOR_FLOWS,
@@ -115,6 +122,18 @@ fn check_pinned_layout(dir: &std::path::Path) -> Result<()> {
                 counters.max_entries(),
                 targets.max_entries(),
                 Counter::COUNT
+            )));
+        }
+    }
+    for name in [names::FLOWS_IN_USE, names::SOCKS_IN_USE] {
+        if let (Some(targets), Some(in_use)) = (pinned(names::TARGETS), pinned(name))
+            && in_use.max_entries() != targets.max_entries() + 1
+        {
+            return Err(other(format!(
+                "{name}: {} entries there for {} targets, this build needs {}",
+                in_use.max_entries(),
+                targets.max_entries(),
+                targets.max_entries() + 1
             )));
         }
     }
@@ -270,6 +289,8 @@ impl Loaded {
             )
             // Slot 0 counts events of no target.
             .map_max_entries(names::COUNTERS, (max_targets + 1) * Counter::COUNT)
+            .map_max_entries(names::FLOWS_IN_USE, max_targets + 1)
+            .map_max_entries(names::SOCKS_IN_USE, max_targets + 1)
             .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true);
         for (name, size) in [
             (names::FLOWS, o.sizes.flows),
@@ -313,6 +334,8 @@ impl Loaded {
             closing: map_id(&ebpf, names::CLOSING)?,
             sockhash: map_id(&ebpf, names::SOCKHASH)?,
             socks: map_id(&ebpf, names::SOCKS)?,
+            flows_in_use: map_id(&ebpf, names::FLOWS_IN_USE)?,
+            socks_in_use: map_id(&ebpf, names::SOCKS_IN_USE)?,
         };
         for name in [names::PROG_RESTORE, names::PROG_STEER] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
@@ -531,6 +554,12 @@ impl Loaded {
     /// to take its entry out when it goes.
     pub(crate) fn targets_map(&self) -> Result<Map> {
         self.hash_map(names::TARGETS)
+    }
+
+    /// New descriptors of the maps a removed target's entries are swept
+    /// from (`sweep.rs`): what a target's owner keeps to sweep when it goes.
+    pub(crate) fn sweep_maps(&self) -> Result<crate::sweep::SweepMaps> {
+        crate::sweep::SweepMaps::of(&self.ebpf, self.sockhash.as_ref())
     }
 
     /// A new descriptor of the `PRIOR_FLOWS` map, for the same reason.

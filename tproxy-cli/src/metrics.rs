@@ -335,11 +335,16 @@ impl Collector for InstanceCollector {
             let m = ConstCounter::new(v);
             m.encode(enc.encode_descriptor(c.name(), help(c), None, m.metric_type())?)?;
         }
-        let gauges: [(&str, &str, i64); 6] = [
+        let gauges: [(&str, &str, i64); 7] = [
             (
                 "flows_open",
                 "Steered flows whose proxy socket is established.",
                 s.flows.open as i64,
+            ),
+            (
+                "flows_in_use",
+                "FLOWS entries held, as the programs count them.",
+                s.flows_in_use.unwrap_or(0) as i64,
             ),
             (
                 "flows_active",
@@ -440,11 +445,31 @@ impl Collector for AgentCollector {
             &'static str,
             fn(&crate::inspect::Snapshot) -> i64,
         );
-        let gauges: [Gauge; 4] = [
+        let gauges: [Gauge; 8] = [
             (
                 "flows_open",
                 "Steered flows whose proxy socket is established.",
                 |s| s.flows.open as i64,
+            ),
+            (
+                "flows_in_use",
+                "FLOWS entries the target holds, as the programs count them (what its quota is checked against).",
+                |s| s.flows_in_use.unwrap_or(0) as i64,
+            ),
+            (
+                "flows_quota",
+                "Most FLOWS entries the target may hold (0: no quota); past it its new flows stay embryonic.",
+                |s| i64::from(s.flows_quota.unwrap_or(0)),
+            ),
+            (
+                "socks_in_use",
+                "Sockets the target has accelerated (SOCKS entries), as the programs count them.",
+                |s| s.socks_in_use.unwrap_or(0) as i64,
+            ),
+            (
+                "socks_quota",
+                "Most sockets the target may have accelerated (0: no quota); past it its connections stay plain TCP.",
+                |s| i64::from(s.socks_quota.unwrap_or(0)),
             ),
             (
                 "flows_active",
@@ -482,7 +507,7 @@ fn encode_build(enc: &mut DescriptorEncoder) -> std::fmt::Result {
 }
 
 /// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 41] = [
+const HELP: [(Counter, &str); 43] = [
     (
         Counter::IngressPackets,
         "Packets the tc ingress program looked at.",
@@ -628,6 +653,14 @@ const HELP: [(Counter, &str); 41] = [
     (
         Counter::SteerNotProxy,
         "SYNs dropped because the listener on the proxy port is not one the proxy opened.",
+    ),
+    (
+        Counter::FlowsQuotaFull,
+        "Promotions refused because the target held its quota of open flows (the flow stays embryonic).",
+    ),
+    (
+        Counter::AccelQuotaFull,
+        "Sockets left plain TCP because the target held its quota of accelerated sockets.",
     ),
 ];
 

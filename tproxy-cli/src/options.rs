@@ -29,6 +29,12 @@ pub struct Options {
     /// A sender on TCP this long (ms) without its reader catching up leaves
     /// the fast path for good (0: never).
     pub accel_retire_ms: u32,
+    /// Most FLOWS entries (open steered flows) the target may hold; past
+    /// it, its new flows stay embryonic. 0: no quota (the whole table).
+    pub flows_quota: u32,
+    /// Most sockets the target may have accelerated; past it, its new
+    /// connections stay plain TCP. 0: no quota.
+    pub socks_quota: u32,
 }
 
 /// The steering back-end.

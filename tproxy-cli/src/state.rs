@@ -45,6 +45,10 @@ pub struct Record {
     pub closing_map_id: u32,
     pub sockhash_map_id: u32,
     pub socks_map_id: u32,
+    /// Each target's count of FLOWS entries (`FLOWS_IN_USE`); 0: an
+    /// instance of an older build.
+    #[serde(default)]
+    pub flows_in_use_map_id: u32,
     /// The intercepted ports, as given to `-ports` (normalized).
     #[serde(default)]
     pub ports: String,
@@ -378,6 +382,7 @@ mod tests {
             closing_map_id: 6,
             sockhash_map_id: 3,
             socks_map_id: 4,
+            flows_in_use_map_id: 0,
             ports: "8000".into(),
             proxy_port: 15006,
             accel: true,

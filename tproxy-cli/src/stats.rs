@@ -69,7 +69,7 @@ pub fn instance_json(r: &Record, s: &Snapshot) -> serde_json::Value {
         "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode,
         "steer": r.steer, "flows": s.flows.open, "flows_active": s.flows.active,
         "flows_closing": s.flows.closing, "flows_embryonic": s.flows.embryonic,
-        "accel_sockets": s.accel_sockets,
+        "accel_sockets": s.accel_sockets, "flows_in_use": s.flows_in_use,
         "accel_queued_bytes": s.accel_queued_bytes, "counters": counters
     })
 }
@@ -426,6 +426,10 @@ mod tests {
                 .map(|(i, &c)| (c, base * i as u64))
                 .collect(),
             flows: Default::default(),
+            flows_in_use: None,
+            flows_quota: None,
+            socks_in_use: None,
+            socks_quota: None,
             accel_sockets: 0,
             accel_queued_bytes: 0,
         }

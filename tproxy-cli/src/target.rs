@@ -287,6 +287,10 @@ pub struct TargetAttachment {
     prior: PriorFlows,
     listeners: PriorListeners,
     entry: TargetEntry,
+    /// Last: once the `TARGETS` entry is gone, no program writes an entry
+    /// of the namespace any more; what is left of it goes.
+    #[expect(dead_code, reason = "held for its Drop")]
+    sweep: TargetSweep,
     attachments: Vec<Attached>,
     iface: String,
 }
@@ -306,6 +310,21 @@ impl Drop for TargetEntry {
                 crate::error::Chain(&e)
             );
         }
+    }
+}
+
+/// Sweeps the target's entries out of the shared maps on drop
+/// (`sweep.rs`), after everything else of it is detached.
+struct TargetSweep {
+    maps: crate::sweep::SweepMaps,
+    cookie: u64,
+    slot: u32,
+}
+
+impl Drop for TargetSweep {
+    fn drop(&mut self) {
+        self.maps
+            .sweep_logged(&format!("netns {:#x}", self.cookie), self.cookie, self.slot);
     }
 }
 
@@ -573,6 +592,8 @@ pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32, proxy: (u64, u32
         proxy_cgroup_level: proxy.1,
         netns_cookie: env.netns_cookie,
         proxy_cgroup_id: proxy.0,
+        flows_quota: opts.flows_quota,
+        socks_quota: opts.socks_quota,
     };
     Target::new(config, opts.ports.iter())
 }
@@ -607,11 +628,21 @@ impl TargetAttachment {
             env.netns_cookie,
             &proxy_dir,
         );
+        // The slot's count of FLOWS entries starts at 0 (a previous owner's
+        // sweep zeroed it too; a crash in between may not have).
+        let mut sweep_maps = loaded.sweep_maps()?;
+        sweep_maps.zero_in_use(slot)?;
         loader::write_target(
             &mut map,
             env.netns_cookie,
             &target_value(opts, &env, slot, proxy),
         )?;
+        // Dropped after `entry`, whatever fails from here on.
+        let sweep = TargetSweep {
+            maps: sweep_maps,
+            cookie: env.netns_cookie,
+            slot,
+        };
         let entry = TargetEntry {
             map,
             cookie: env.netns_cookie,
@@ -751,6 +782,7 @@ impl TargetAttachment {
             prior,
             listeners,
             entry,
+            sweep,
             attachments,
             iface: opts.iface.clone(),
         })

@@ -1140,3 +1140,444 @@ fn an_agent_makes_its_dir_on_a_bpffs_and_mounts_nothing() {
     );
     assert_eq!(mnt.mountinfo(), before, "{out}");
 }
+
+/// Every entry of the namespace `cookie` (counter slot `slot`) still in
+/// the agent's pinned maps, one line each: what a removed target must not
+/// leave behind (issue #20 item 6).
+fn entries_of(agent: &Agent, cookie: u64, slot: u32) -> Vec<String> {
+    use aya::maps::{HashMap, Map, MapData, SockHash};
+    use tproxy_common::{FlowKey, FlowValue, Pending, SockKey, SockState, names};
+    let node = agent.pins().join("node");
+    let open = |name: &str| MapData::from_pin(node.join(name)).unwrap();
+    let mut out = Vec::new();
+    for (name, lru) in [
+        (names::FLOWS, false),
+        (names::SYNS, true),
+        (names::CLOSING, true),
+    ] {
+        let map = if lru {
+            Map::LruHashMap(open(name))
+        } else {
+            Map::HashMap(open(name))
+        };
+        let m: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(map).unwrap();
+        for k in m.keys().flatten().filter(|k| k.netns_cookie == cookie) {
+            out.push(format!("{name} {k:?}"));
+        }
+    }
+    let m: HashMap<_, FlowKey, u64> =
+        HashMap::try_from(Map::HashMap(open(names::PRIOR_FLOWS))).unwrap();
+    for k in m.keys().flatten().filter(|k| k.netns_cookie == cookie) {
+        out.push(format!("PRIOR_FLOWS {k:?}"));
+    }
+    let m: HashMap<_, SockKey, Pending> =
+        HashMap::try_from(Map::LruHashMap(open(names::PENDING_PEERS))).unwrap();
+    for (k, v) in m
+        .iter()
+        .flatten()
+        .filter(|(k, v)| k.netns_cookie == cookie || v.key.netns_cookie == cookie)
+    {
+        out.push(format!("PENDING_PEERS {k:?} -> {v:?}"));
+    }
+    let m: HashMap<_, u64, SockState> =
+        HashMap::try_from(Map::HashMap(open(names::SOCKS))).unwrap();
+    for (k, v) in m
+        .iter()
+        .flatten()
+        .filter(|(_, v)| v.slot == slot || v.peer_key.netns_cookie == cookie)
+    {
+        out.push(format!("SOCKS {k:#x} -> {v:?}"));
+    }
+    let h: SockHash<_, SockKey> = SockHash::try_from(Map::SockHash(open(names::SOCKHASH))).unwrap();
+    for k in h.keys().flatten().filter(|k| k.netns_cookie == cookie) {
+        out.push(format!("SOCKHASH {k:?}"));
+    }
+    out
+}
+
+/// The target `id`'s netns cookie and counter slot, from the state file.
+fn cookie_and_slot(agent: &Agent, id: &str) -> (u64, u32) {
+    let st = state(agent);
+    let t = st["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no target {id} in {st}"));
+    (
+        t["netns_cookie"].as_u64().unwrap(),
+        t["slot"].as_u64().unwrap() as u32,
+    )
+}
+
+/// Issue #20 item 6: a target removed while a connection through its proxy
+/// was open (accelerated proxy->app leg), and another open since before it
+/// was attached (PRIOR_FLOWS), leaves no entry of its namespace in any map
+/// once both have closed: sockops no longer runs for its sockets after the
+/// detach, so nothing but the sweep takes their entries out.
+#[test]
+fn a_removed_target_leaves_no_entry_in_any_map() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let pod = Pod::new("pod-sw");
+    // Open before the target exists: listed in PRIOR_FLOWS at attach.
+    let dst = addr(POD_V4, 8000);
+    let prior = pod
+        .client
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
+        .unwrap();
+    agent.add("sw", &pod.spec());
+    let (cookie, slot) = cookie_and_slot(&agent, "sw");
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(64 << 10);
+    let before = entries_of(&agent, cookie, slot);
+    eprintln!("entries with the connection open: {before:#?}");
+    for what in ["FLOWS", "PRIOR_FLOWS", "SOCKS", "SOCKHASH"] {
+        assert!(
+            before.iter().any(|l| l.starts_with(&format!("{what} "))),
+            "no {what} entry to sweep: {before:#?}"
+        );
+    }
+    agent.del("sw");
+    // Both connections close after the target is gone.
+    drop(s);
+    drop(prior);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = entries_of(&agent, cookie, slot);
+    assert!(after.is_empty(), "left behind: {after:#?}");
+}
+
+/// Entries of the namespace `cookie` in the agent's pinned `name` (FLOWS,
+/// or the LRU SYNS / CLOSING).
+fn flows_in(agent: &Agent, name: &str, cookie: u64) -> usize {
+    use aya::maps::{HashMap, Map, MapData};
+    use tproxy_common::{FlowKey, FlowValue};
+    let data = MapData::from_pin(agent.pins().join("node").join(name)).unwrap();
+    let map = if name == "FLOWS" {
+        Map::HashMap(data)
+    } else {
+        Map::LruHashMap(data)
+    };
+    let m: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(map).unwrap();
+    m.keys()
+        .flatten()
+        .filter(|k| k.netns_cookie == cookie)
+        .count()
+}
+
+/// The programs' count of FLOWS entries of counter slot `slot`.
+fn in_use(agent: &Agent, slot: u32) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(agent.pins().join("node/FLOWS_IN_USE")).unwrap();
+    let a: Array<_, u64> = Array::try_from(Map::Array(data)).unwrap();
+    a.get(&slot, 0).unwrap()
+}
+
+/// `tproxy stats --agent --json`, the entry of target `id`.
+fn agent_stats(agent: &Agent, id: &str) -> serde_json::Value {
+    let out = agent
+        .command(&["stats", "--agent", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stats: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} in {v}"))
+        .clone()
+}
+
+/// Issue #20 item 6, the quota: a pod whose quota of open flows is 3 gets
+/// 3 connections into FLOWS; its 4th is served but stays embryonic (and
+/// is counted), while another pod's connections are still promoted.
+/// stats, status and the metrics show each target's use and quota.
+#[test]
+fn a_pods_quota_of_open_flows_leaves_the_others_theirs() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent = Agent::new(&[
+        "--drain-timeout",
+        "1",
+        "--flows-quota",
+        "1000",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let a = Pod::new("pod-qa");
+    let b = Pod::new("pod-qb");
+    agent.add(
+        "qa",
+        &TargetSpec {
+            flows_quota: Some(3),
+            ..a.spec()
+        },
+    );
+    agent.add("qb", &b.spec());
+    let (ca, sa) = cookie_and_slot(&agent, "qa");
+    let (cb, sb) = cookie_and_slot(&agent, "qb");
+    let mut held: Vec<Stream> = (0..3).map(|_| Stream::open(&a, POD_V4)).collect();
+    wait_until("a's 3 flows promoted", || {
+        flows_in(&agent, "FLOWS", ca) == 3 && in_use(&agent, sa) == 3
+    });
+    // Over quota: served all the same, but embryonic.
+    let mut extra = Stream::open(&a, POD_V4);
+    extra.round(4096);
+    assert_eq!(flows_in(&agent, "FLOWS", ca), 3);
+    assert_eq!(in_use(&agent, sa), 3);
+    assert!(flows_in(&agent, "SYNS", ca) >= 1);
+    let st = agent_stats(&agent, "qa");
+    assert!(
+        st["counters"]["flows_quota_full"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    assert_eq!(st["flows_in_use"], 3, "{st}");
+    assert_eq!(st["flows_quota"], 3, "{st}");
+    // The other pod's flows are promoted as ever.
+    let mut others: Vec<Stream> = (0..5).map(|_| Stream::open(&b, POD_V4)).collect();
+    wait_until("b's 5 flows promoted", || {
+        flows_in(&agent, "FLOWS", cb) == 5 && in_use(&agent, sb) == 5
+    });
+    let st = agent_stats(&agent, "qb");
+    assert_eq!(
+        (st["flows_in_use"].as_u64(), st["flows_quota"].as_u64()),
+        (Some(5), Some(1000)),
+        "{st}"
+    );
+    assert_eq!(st["counters"]["flows_quota_full"], 0, "{st}");
+    // Status and the metrics say the same.
+    let out = agent.command(&["status", "--agent"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |id: &str| text.lines().find(|l| l.trim_start().starts_with(id));
+    assert!(
+        row("qa").is_some_and(|l| l.contains(" 3/3 ")),
+        "status: {text}"
+    );
+    assert!(
+        row("qb").is_some_and(|l| l.contains(" 5/1000 ")),
+        "status: {text}"
+    );
+    let body = scrape_body(port);
+    for want in [
+        "tproxy_flows_in_use{target=\"qa\",pod=\"pod-qa\"} 3",
+        "tproxy_flows_quota{target=\"qa\",pod=\"pod-qa\"} 3",
+        "tproxy_flows_in_use{target=\"qb\",pod=\"pod-qb\"} 5",
+    ] {
+        assert!(body.contains(want), "no {want:?} in {body}");
+    }
+    // One of a's closes: its place is free for the next.
+    drop(held.remove(0));
+    wait_until("a's closed flow left FLOWS", || in_use(&agent, sa) == 2);
+    let mut next = Stream::open(&a, POD_V4);
+    wait_until("a's next flow promoted", || {
+        flows_in(&agent, "FLOWS", ca) == 3 && in_use(&agent, sa) == 3
+    });
+    for s in held
+        .iter_mut()
+        .chain(&mut others)
+        .chain([&mut next, &mut extra])
+    {
+        s.round(1024);
+    }
+}
+
+/// Issue #20 item 6, the churn: pods come and go (each removed while a
+/// connection through its proxy is open, closed after), one pod's clients
+/// hold idle connections past its quota while a SYN flood hits it, and
+/// another pod's long stream and new connections stay live and promoted
+/// throughout. At the end no removed pod has an entry in any map.
+#[test]
+fn pod_churn_and_a_flooded_pod_leave_the_others_flows_live_and_no_entries_behind() {
+    let started = Instant::now();
+    // The flooded pod's quota is 8; the others have the agent's default.
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let flooded = Pod::new("pod-flooded");
+    let live = Pod::new("pod-live");
+    agent.add(
+        "flooded",
+        &TargetSpec {
+            flows_quota: Some(8),
+            ..flooded.spec()
+        },
+    );
+    agent.add("live", &live.spec());
+    let (cf, sf) = cookie_and_slot(&agent, "flooded");
+    let (cl, sl) = cookie_and_slot(&agent, "live");
+    let mut stream = Stream::open(&live, POD_V4);
+    stream.round(256 << 10);
+    // The flooded pod's clients hold 12 idle connections: 8 in FLOWS.
+    let held: Vec<Stream> = (0..12).map(|_| Stream::open(&flooded, POD_V4)).collect();
+    wait_until("the flooded pod at its quota", || {
+        in_use(&agent, sf) == 8 && flows_in(&agent, "FLOWS", cf) == 8
+    });
+    let mut gone: Vec<(String, u64, u32)> = Vec::new();
+    let mut fresh: Vec<Stream> = Vec::new();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        // The SYN flood, from the flooded pod's client side.
+        let flood = sc.spawn(|| {
+            let out = flooded
+                .client
+                .command_in(example("lab-client"), None)
+                .args(["synflood", "10.77.0.2:8000", "--count", "400000"])
+                .args(["--seconds", "20"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        });
+        // The live pod's stream, round after round, through it all.
+        let rounds = sc.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                stream.round(64 << 10);
+                n += 1;
+            }
+            n
+        });
+        for i in 0..8 {
+            // A pod with a connection open through its proxy, and three
+            // without traffic, added and removed.
+            let pod = Pod::new(&format!("pod-churn{i}"));
+            let id = format!("churn{i}");
+            agent.add(&id, &pod.spec());
+            let bare: Vec<(String, Pod)> = (0..3)
+                .map(|j| {
+                    (
+                        format!("bare{i}-{j}"),
+                        Pod::bare(&format!("pod-bare{i}-{j}")),
+                    )
+                })
+                .collect();
+            for (bid, p) in &bare {
+                agent.add(bid, &p.spec());
+            }
+            let (c, s) = cookie_and_slot(&agent, &id);
+            gone.push((id.clone(), c, s));
+            for (bid, _) in &bare {
+                let (c, s) = cookie_and_slot(&agent, bid);
+                gone.push((bid.clone(), c, s));
+            }
+            let mut conn = Stream::open(&pod, POD_V4);
+            conn.round(16 << 10);
+            // A new connection to the live pod, promoted as ever.
+            fresh.push(Stream::open(&live, POD_V4));
+            agent.del(&id);
+            for (bid, _) in &bare {
+                agent.del(bid);
+            }
+            drop(conn);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let n = rounds.join().unwrap();
+        let out = flood.join().unwrap();
+        eprintln!("live stream: {n} rounds of 64 KiB during the churn; flood: {out}");
+        assert!(out.starts_with("sent "), "{out}");
+        assert!(n > 0);
+    });
+    // The live pod's flows: the stream and every new one, in FLOWS.
+    wait_until("the live pod's flows promoted", || {
+        flows_in(&agent, "FLOWS", cl) == 1 + fresh.len() && in_use(&agent, sl) == 1 + 8
+    });
+    for s in fresh.iter_mut().chain([&mut stream]) {
+        s.round(4096);
+    }
+    // The flooded pod kept its quota, no more.
+    assert_eq!(in_use(&agent, sf), 8);
+    assert!(flows_in(&agent, "SYNS", cf) >= 4);
+    let st = agent_stats(&agent, "flooded");
+    assert!(
+        st["counters"]["flows_quota_full"].as_u64().unwrap() >= 4,
+        "{st}"
+    );
+    // Nothing of the removed pods anywhere.
+    std::thread::sleep(Duration::from_millis(500));
+    for (id, cookie, slot) in &gone {
+        // Slots are reused: only those no live target holds now.
+        let slot = if *slot == sf || *slot == sl {
+            u32::MAX
+        } else {
+            *slot
+        };
+        let left = entries_of(&agent, *cookie, slot);
+        assert!(left.is_empty(), "{id} left: {left:#?}");
+    }
+    drop(held);
+    eprintln!(
+        "churn of {} pods in {:.1} s",
+        gone.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The programs' count of SOCKS entries of counter slot `slot`.
+fn socks_in_use(agent: &Agent, slot: u32) -> u64 {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(agent.pins().join("node/SOCKS_IN_USE")).unwrap();
+    let a: Array<_, u64> = Array::try_from(Map::Array(data)).unwrap();
+    a.get(&slot, 0).unwrap()
+}
+
+/// The quota of accelerated sockets: a pod allowed 2 gets its first
+/// connection's proxy->app pair into the SOCKHASH; its second stays plain
+/// TCP (served, and counted), while another pod's pairs are made as ever;
+/// a closed pair frees its place.
+#[test]
+fn a_pods_quota_of_accelerated_sockets_leaves_the_others_theirs() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let a = Pod::new("pod-ka");
+    let b = Pod::new("pod-kb");
+    agent.add(
+        "ka",
+        &TargetSpec {
+            socks_quota: Some(2),
+            ..a.spec()
+        },
+    );
+    agent.add("kb", &b.spec());
+    let (_, sa) = cookie_and_slot(&agent, "ka");
+    let (_, sb) = cookie_and_slot(&agent, "kb");
+    let mut first = Stream::open(&a, POD_V4);
+    first.round(64 << 10);
+    wait_until("a's first pair accelerated", || {
+        socks_in_use(&agent, sa) == 2
+    });
+    let mut second = Stream::open(&a, POD_V4);
+    second.round(64 << 10);
+    assert_eq!(socks_in_use(&agent, sa), 2);
+    let st = agent_stats(&agent, "ka");
+    assert!(
+        st["counters"]["accel_quota_full"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    assert_eq!(
+        (st["socks_in_use"].as_u64(), st["socks_quota"].as_u64()),
+        (Some(2), Some(2)),
+        "{st}"
+    );
+    assert_eq!(st["accel_sockets"], 2, "{st}");
+    let mut others: Vec<Stream> = (0..2).map(|_| Stream::open(&b, POD_V4)).collect();
+    for s in &mut others {
+        s.round(64 << 10);
+    }
+    wait_until("b's pairs accelerated", || socks_in_use(&agent, sb) == 4);
+    let st = agent_stats(&agent, "kb");
+    assert_eq!(st["counters"]["accel_quota_full"], 0, "{st}");
+    assert_eq!(st["socks_quota"], 8192, "{st}");
+    // The first pair closes: the next connection of a is accelerated.
+    drop(first);
+    wait_until("a's first pair gone", || socks_in_use(&agent, sa) == 0);
+    let mut third = Stream::open(&a, POD_V4);
+    third.round(64 << 10);
+    wait_until("a's next pair accelerated", || {
+        socks_in_use(&agent, sa) == 2
+    });
+    second.round(64 << 10);
+    for s in &mut others {
+        s.round(4096);
+    }
+}

@@ -124,6 +124,8 @@ fn options(ports: &str) -> Options {
         // Pairs kept accelerated (retiring has its own tests in accel.rs).
         accel_max_queued: 16 << 20,
         accel_retire_ms: 0,
+        flows_quota: 0,
+        socks_quota: 0,
     }
 }
 

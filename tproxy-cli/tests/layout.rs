@@ -102,9 +102,13 @@ fn maps_in_the_object_match_the_shared_types() {
     for name in [names::PROXY_LISTENERS, names::PRIOR_LISTENERS] {
         check(name, HASH, size_of::<ListenerKey>(), 8, PROXY_LISTENERS_MAX);
     }
+    // Each target's count of FLOWS entries, by counter slot (resized at
+    // load with TARGETS).
+    check(names::FLOWS_IN_USE, ARRAY, 4, 8, TARGETS_MAX + 1);
+    check(names::SOCKS_IN_USE, ARRAY, 4, 8, TARGETS_MAX + 1);
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 16, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 18, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

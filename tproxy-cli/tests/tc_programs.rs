@@ -80,6 +80,8 @@ impl Progs {
             proxy_cgroup_level: 0,
             netns_cookie: cookie,
             proxy_cgroup_id: 0,
+            flows_quota: 0,
+            socks_quota: 0,
         };
         // A single run's object: its tc programs take the namespace from NODE.
         let mut node: Array<&mut MapData, NodeConfig> =

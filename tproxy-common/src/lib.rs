@@ -25,6 +25,8 @@ pub mod names {
     pub const PROXY_CONNECTS: &str = "PROXY_CONNECTS";
     pub const PROXY_LISTENERS: &str = "PROXY_LISTENERS";
     pub const PRIOR_LISTENERS: &str = "PRIOR_LISTENERS";
+    pub const FLOWS_IN_USE: &str = "FLOWS_IN_USE";
+    pub const SOCKS_IN_USE: &str = "SOCKS_IN_USE";
 
     pub const PROG_STEER: &str = "tproxy_steer";
     pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -175,6 +177,18 @@ pub struct Config {
     /// make are paired as the proxy's upstream end. 0: no check (crafted-packet tests only;
     /// userspace always sets it).
     pub proxy_cgroup_id: u64,
+    /// Most `FLOWS` entries this target may hold (`FLOWS_IN_USE[slot]`):
+    /// past it, its new flows stay embryonic (served, but evictable by a
+    /// SYN flood) and `Counter::FlowsQuotaFull` counts them, so one pod's
+    /// clients cannot take the node's table from the others. 0: no quota
+    /// (a single run: the whole table).
+    pub flows_quota: u32,
+    /// Most sockets this target may have accelerated (`SOCKS` and the
+    /// SOCKHASH, `SOCKS_IN_USE[slot]`): past it its new connections stay
+    /// plain TCP and `Counter::AccelQuotaFull` counts them, so one pod's
+    /// connections cannot take the node's SOCKHASH from the others. 0: no
+    /// quota.
+    pub socks_quota: u32,
 }
 
 /// `TARGETS` value, keyed by the netns cookie: the settings and the
@@ -611,10 +625,16 @@ pub enum Counter {
     /// SYNs dropped because the socket listening on the proxy port is not
     /// one the proxy opened (a stranger standing in for it).
     SteerNotProxy,
+    /// Promotions refused because the target holds its quota of `FLOWS`
+    /// entries (`Config::flows_quota`): the flow stays embryonic.
+    FlowsQuotaFull,
+    /// Sockets not accelerated because the target holds its quota of
+    /// accelerated sockets (`Config::socks_quota`): they stay plain TCP.
+    AccelQuotaFull,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 41] = [
+    pub const ALL: [Counter; 43] = [
         Counter::IngressPackets,
         Counter::IngressSteered,
         Counter::EgressPackets,
@@ -656,6 +676,8 @@ impl Counter {
         Counter::SynsRefusedDraining,
         Counter::SteerErrors,
         Counter::SteerNotProxy,
+        Counter::FlowsQuotaFull,
+        Counter::AccelQuotaFull,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -708,6 +730,8 @@ impl Counter {
             Counter::SynsRefusedDraining => "syns_refused_draining",
             Counter::SteerErrors => "steer_errors",
             Counter::SteerNotProxy => "steer_not_proxy",
+            Counter::FlowsQuotaFull => "flows_quota_full",
+            Counter::AccelQuotaFull => "accel_quota_full",
         }
     }
 }
@@ -715,7 +739,9 @@ impl Counter {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<Config>() == 48);
+    assert!(size_of::<Config>() == 56);
+    assert!(offset_of!(Config, flows_quota) == 48);
+    assert!(offset_of!(Config, socks_quota) == 52);
     assert!(offset_of!(Config, proxy_cgroup_level) == 28);
     assert!(offset_of!(Config, proxy_cgroup_id) == 40);
     assert!(offset_of!(Config, l2_len) == 3);
@@ -723,8 +749,8 @@ const _: () = {
     assert!(offset_of!(Config, accel_max_queued) == 16);
     assert!(offset_of!(Config, accel_retire_ms) == 20);
     assert!(offset_of!(Config, slot) == 24);
-    assert!(size_of::<Target>() == 48 + 8 * PORT_WORDS);
-    assert!(offset_of!(Target, ports) == 48);
+    assert!(size_of::<Target>() == 56 + 8 * PORT_WORDS);
+    assert!(offset_of!(Target, ports) == 56);
     assert!(size_of::<NodeConfig>() == 32);
     assert!(offset_of!(NodeConfig, tcp_write_seq_offset) == 24);
     assert!(offset_of!(NodeConfig, single_netns_cookie) == 16);
@@ -762,7 +788,7 @@ const _: () = {
     assert!(size_of::<ListenerKey>() == 32);
     assert!(offset_of!(ListenerKey, port) == 16);
     assert!(offset_of!(ListenerKey, netns_cookie) == 24);
-    assert!(Counter::COUNT == Counter::SteerNotProxy as u32 + 1);
+    assert!(Counter::COUNT == Counter::AccelQuotaFull as u32 + 1);
 };
 
 #[cfg(feature = "user")]
@@ -820,6 +846,8 @@ mod tests {
             proxy_cgroup_level: 0,
             netns_cookie: 1,
             proxy_cgroup_id: 0,
+            flows_quota: 0,
+            socks_quota: 0,
         };
         let t = Target::new(cfg, [0, 63, 64, 8000, 65535]);
         for p in [0, 63, 64, 8000, 65535] {

@@ -38,3 +38,28 @@ pub fn publish32(p: *mut u32, old: u32, new: u32) {
         atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, new.wrapping_sub(old));
     }
 }
+
+/// `*p -= 1`, atomically, unless it reads 0: a per-target count of map
+/// entries (`FLOWS_IN_USE`, `SOCKS_IN_USE`) that started after its entries
+/// did reads low rather than wrapping to "full". Two racing decrements of
+/// a count of 1 may both go ahead (then it wraps: `count_reached` takes a
+/// wrapped count for "under quota"), or, the read stale, one may be
+/// skipped (then it reads one high): the count is zeroed when its slot's
+/// target is swept.
+#[inline(always)]
+pub fn dec_count(p: *mut u64) {
+    // SAFETY: callers pass a pointer into a live map value; one aligned word.
+    if unsafe { core::ptr::read_volatile(p) } > 0 {
+        add(p, u64::MAX);
+    }
+}
+
+/// Has the count at `p` reached `quota`? A count wrapped below 0 (racing
+/// decrements, see `dec_count`) has not: better a few entries past a quota
+/// than a target locked out of the table for good.
+#[inline(always)]
+pub fn count_reached(p: *mut u64, quota: u32) -> bool {
+    // SAFETY: callers pass a pointer into a live map value; one aligned word.
+    let n = unsafe { core::ptr::read_volatile(p) } as i64;
+    n >= i64::from(quota)
+}

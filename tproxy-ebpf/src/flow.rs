@@ -16,14 +16,32 @@
 //! table): the only non-SYN packets of unknown flows that pass to the app.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use tproxy_common::{
-    Counter, EMBRYONIC_HOLD_NS, FLOW_TAKEOVER_NS, FlowKey, FlowValue, SockKey, flow_state,
+    Config, Counter, EMBRYONIC_HOLD_NS, FLOW_TAKEOVER_NS, FlowKey, FlowValue, SockKey, flow_state,
 };
 
 use crate::{
-    counters,
-    maps::{CLOSING, FLOWS, PRIOR_FLOWS, SYNS},
+    atomic, counters,
+    maps::{CLOSING, FLOWS, FLOWS_IN_USE, PRIOR_FLOWS, SYNS},
     packet::Tcp,
 };
+
+/// bpf_map_update_elem flags.
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
+/// The target's count of `FLOWS` entries (`FLOWS_IN_USE[slot]`).
+#[inline(always)]
+fn in_use(slot: u32) -> Option<*mut u64> {
+    FLOWS_IN_USE.get_ptr_mut(slot)
+}
+
+/// An entry of the target left `FLOWS`.
+#[inline(always)]
+fn left_flows(slot: u32) {
+    if let Some(p) = in_use(slot) {
+        atomic::dec_count(p);
+    }
+}
 
 /// CLOCK_MONOTONIC_COARSE: a tick's resolution is plenty for ages in
 /// seconds, and it costs a load, not a clock read.
@@ -161,7 +179,7 @@ pub fn prior(tcp: &Tcp, netns_cookie: u64) -> bool {
 #[inline(always)]
 pub fn remove(slot: u32, key: &FlowKey, entry: &Entry) {
     let gone = match entry.table {
-        Table::Established => FLOWS.remove(key),
+        Table::Established => FLOWS.remove(key).inspect(|_| left_flows(slot)),
         Table::Embryonic => SYNS.remove(key),
         Table::Closing => CLOSING.remove(key),
     };
@@ -189,8 +207,15 @@ pub fn embryonic(slot: u32, key: &FlowKey, orig_port: u16, now: u64) -> Result<(
 /// sockops, PASSIVE_ESTABLISHED of a socket in the served namespace: if it
 /// is the proxy's end of a steered flow, the flow is established. Returns
 /// whether it was (the caller then asks for state callbacks).
+///
+/// A target holding its quota of `FLOWS` entries (`Config::flows_quota`)
+/// gets no more: the flow stays embryonic (served, but evictable), like
+/// one refused by a full table. The check and the count are not one
+/// atomic step: CPUs promoting at the same moment may take a target a few
+/// entries past its quota, never further.
 #[inline(always)]
-pub fn established(slot: u32, key: &FlowKey) -> bool {
+pub fn established(cfg: &Config, key: &FlowKey) -> bool {
+    let slot = cfg.slot;
     // SAFETY: a plain lookup; the value is copied out at once.
     let Some(v) = (unsafe { SYNS.get(key) }) else {
         return false;
@@ -202,8 +227,22 @@ pub fn established(slot: u32, key: &FlowKey) -> bool {
         since: now,
         ..*v
     };
-    if FLOWS.insert(key, &value, 0).is_err() {
-        // Full: it stays embryonic (served, but evictable).
+    let count = in_use(slot);
+    if cfg.flows_quota != 0
+        && let Some(p) = count
+        && atomic::count_reached(p, cfg.flows_quota)
+    {
+        counters::inc(slot, Counter::FlowsQuotaFull);
+        return false;
+    }
+    if FLOWS.insert(key, &value, BPF_NOEXIST).is_ok() {
+        if let Some(p) = count {
+            atomic::add(p, 1);
+        }
+    } else if FLOWS.insert(key, &value, BPF_EXIST).is_err() {
+        // Full (not an entry of this tuple already there, which is
+        // replaced and counted once): it stays embryonic (served, but
+        // evictable).
         counters::inc(slot, Counter::FlowsTableFull);
         return false;
     }
@@ -229,6 +268,8 @@ pub fn closed(slot: u32, key: &FlowKey) {
     };
     // Into CLOSING first: a packet in between finds one or the other.
     let _ = CLOSING.insert(key, &value, 0);
-    let _ = FLOWS.remove(key);
+    if FLOWS.remove(key).is_ok() {
+        left_flows(slot);
+    }
     counters::inc(slot, Counter::FlowsClosed);
 }

@@ -34,6 +34,21 @@ pub static COUNTERS: PerCpuArray<u64> =
 #[map]
 pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(FLOWS_MAX, 0);
 
+/// `FLOWS` entries per target, by counter slot (`Config::slot`; slot 0
+/// unused): what `Config::flows_quota` is checked against, and what
+/// stats, status and the metrics show as a target's flows in use without
+/// walking `FLOWS`. Atomic adds (`atomic.rs`): an entry enters on one CPU
+/// and leaves on another. Userspace sizes it with `TARGETS`, zeroes a
+/// slot before a target takes it and after its sweep (`sweep.rs`).
+#[map]
+pub static FLOWS_IN_USE: Array<u64> = Array::with_max_entries(TARGETS_MAX + 1, 0);
+
+/// `SOCKS` entries per target, by counter slot, likewise: what
+/// `Config::socks_quota` is checked against. An entry counts in the slot
+/// it carries (`SockState::slot`), the target whose sockops inserted it.
+#[map]
+pub static SOCKS_IN_USE: Array<u64> = Array::with_max_entries(TARGETS_MAX + 1, 0);
+
 /// Embryonic steered flows (SYN seen): LRU, so a SYN flood only evicts
 /// other embryonic entries. sockops promotes an entry to FLOWS when the
 /// proxy's accepted socket reaches ESTABLISHED.

@@ -34,13 +34,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use tproxy_common::{
-    Counter, Pending, SockKey, SockState, Target, flags,
+    Config, Counter, Pending, SockKey, SockState, Target, flags,
     sock_flags::{FAST, LEFT, RETIRED},
 };
 
 use crate::{
-    counters, flow, identity,
-    maps::{PENDING_PEERS, PROXY_CONNECTS, SOCKHASH, SOCKS},
+    atomic, counters, flow, identity,
+    maps::{PENDING_PEERS, PROXY_CONNECTS, SOCKHASH, SOCKS, SOCKS_IN_USE},
     peer, sockkey, tcpseq,
 };
 
@@ -90,7 +90,7 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let target = target.ok_or(())?;
             if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
-                && flow::established(slot, &flow::key_of_socket(&key))
+                && flow::established(&target.config, &flow::key_of_socket(&key))
             {
                 // To see it close.
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
@@ -114,9 +114,17 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
                 flow::closed(slot, &flow::key_of_socket(&key));
             }
             // The kernel drops a closed socket from the SOCKHASH itself;
-            // this is our bookkeeping.
-            if ACCEL && SOCKS.remove(&sk_addr(ctx)).is_ok() {
-                counters::inc(slot, Counter::SockhashRemoved);
+            // this is our bookkeeping, counted in the slot that inserted it.
+            let sk = sk_addr(ctx);
+            if ACCEL && let Some(st) = SOCKS.get_ptr(&sk) {
+                // SAFETY: a live entry; written once at insert.
+                let own = unsafe { (*st).slot };
+                if SOCKS.remove(&sk).is_ok() {
+                    counters::inc(slot, Counter::SockhashRemoved);
+                    if let Some(p) = SOCKS_IN_USE.get_ptr_mut(own) {
+                        atomic::dec_count(p);
+                    }
+                }
             }
         }
         _ => {}
@@ -144,7 +152,7 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
                 return Ok(());
             }
         }
-        let sk = insert(ctx, key, &peer_key, 0, slot)?;
+        let sk = insert(ctx, key, &peer_key, 0, &target.config)?;
         let (snd_nxt, rcv_nxt) = peer::seqs(ctx);
         let pending = Pending {
             sk,
@@ -174,7 +182,7 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
         if SOCKS.get_ptr(&pending.sk).is_none() {
             return Ok(());
         }
-        let sk = insert(ctx, key, &pending.key, pending.sk, slot)?;
+        let sk = insert(ctx, key, &pending.key, pending.sk, &target.config)?;
         // Now the connecting end may redirect to us. Until here its
         // bytes went by TCP, and were counted: it switches only
         // once we have read them all.
@@ -200,17 +208,31 @@ fn sk_addr(ctx: &SockOpsContext) -> u64 {
 
 /// Puts the socket in SOCKS and the SOCKHASH; `peer_key` is the other
 /// end's key, `peer` its address if it is already in, else 0. Returns this
-/// socket's address.
+/// socket's address. A target holding its quota of accelerated sockets
+/// (`Config::socks_quota`) gets no more: the socket stays plain TCP (as
+/// does its peer: a connecting end refused here leaves nothing pending;
+/// an accepting end refused leaves its connecting end without a peer,
+/// which sends by TCP). CPUs inserting at the same moment may take a
+/// target a few sockets past its quota, never further.
 #[inline(always)]
 fn insert(
     ctx: &SockOpsContext,
     key: &SockKey,
     peer_key: &SockKey,
     peer: u64,
-    slot: u32,
+    cfg: &Config,
 ) -> Result<u64, ()> {
+    let slot = cfg.slot;
     let sk = sk_addr(ctx);
     if sk == 0 {
+        return Err(());
+    }
+    let count = SOCKS_IN_USE.get_ptr_mut(slot);
+    if cfg.socks_quota != 0
+        && let Some(p) = count
+        && atomic::count_reached(p, cfg.socks_quota)
+    {
+        counters::inc(slot, Counter::AccelQuotaFull);
         return Err(());
     }
     let state = SockState {
@@ -236,6 +258,9 @@ fn insert(
         .map_err(|_| {
             let _ = SOCKS.remove(&sk);
         })?;
+    if let Some(p) = count {
+        atomic::add(p, 1);
+    }
     // Ask for state callbacks, to forget the socket when it closes, and for
     // a look at each packet it sends (we reserve no option space), to nudge
     // its reader.

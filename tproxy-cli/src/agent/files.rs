@@ -32,6 +32,19 @@ pub fn parse(text: &str) -> Result<TargetSpec, String> {
     let netns = take_str(map, "netns")?
         .ok_or("netns: missing (the path of the network namespace, e.g. /run/netns/web)")?;
     let name = take_str(map, "name")?;
+    // The agent's own keys (a single run's tables are all its target's).
+    let mut quota = |key: &str| -> Result<Option<u32>, String> {
+        match map.remove(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Some)
+                .ok_or(format!("{key}: expected a number (0: no quota)")),
+        }
+    };
+    let flows_quota = quota("flows_quota")?;
+    let socks_quota = quota("socks_quota")?;
     // The rest is a --config file's target part, checked the same way.
     let text = serde_norway::to_string(&v).map_err(|e| e.to_string())?;
     let t = TargetConfig::parse(&text).map_err(|e| e.to_string())?;
@@ -50,6 +63,8 @@ pub fn parse(text: &str) -> Result<TargetSpec, String> {
         accel_retire_ms: t.accel_retire_ms,
         steer_mark: t.steer_mark,
         route_table: t.route_table,
+        flows_quota,
+        socks_quota,
         name,
         ..TargetSpec::new(netns, iface)
     })

@@ -81,7 +81,20 @@ pub struct AgentArgs {
     /// loopback, 127.0.0.1:9464 (the figures name pods: expose them with care).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Agent settings in YAML: max_targets, drain_timeout, flows_max, syns_max, closing_max, socks_max.
+    /// Most open steered flows (FLOWS entries) one target may hold, unless
+    /// its spec says (`flows_quota`); past it, its new flows stay
+    /// embryonic, so one pod's clients cannot take the node's table from
+    /// the others; 0: no quota [default: the table (flows_max) / 8, or an
+    /// equal share with fewer than 8 --max-targets].
+    #[arg(long, value_name = "N")]
+    pub flows_quota: Option<u32>,
+    /// Most sockets one target may have accelerated (SOCKHASH entries),
+    /// unless its spec says (`socks_quota`); past it, its new connections
+    /// stay plain TCP; 0: no quota [default: socks_max / 8, or an equal
+    /// share with fewer than 8 --max-targets].
+    #[arg(long, value_name = "N")]
+    pub socks_quota: Option<u32>,
+    /// Agent settings in YAML: max_targets, drain_timeout, flows_max, flows_quota, syns_max, closing_max, socks_max, socks_quota.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -94,12 +107,25 @@ pub struct AgentConfig {
     pub drain_timeout: Option<u64>,
     /// Open flows, node-wide (FLOWS).
     pub flows_max: Option<u32>,
+    /// A target's default quota of FLOWS entries (`--flows-quota`).
+    pub flows_quota: Option<u32>,
     /// Embryonic flows (SYNS, LRU).
     pub syns_max: Option<u32>,
     /// Closed flows lingering (CLOSING, LRU).
     pub closing_max: Option<u32>,
     /// Accelerated sockets (SOCKHASH and SOCKS).
     pub socks_max: Option<u32>,
+    /// A target's default quota of accelerated sockets (`--socks-quota`).
+    pub socks_quota: Option<u32>,
+}
+
+/// A target's quota of a node-wide table (FLOWS, the SOCKHASH) when
+/// neither its spec nor the agent's flags name one: an eighth of the table
+/// (a pod's clients holding idle connections take at most that much from
+/// the others), or an equal share when the agent serves fewer than 8
+/// targets.
+pub fn default_quota(table: u32, max_targets: u32) -> u32 {
+    (table / max_targets.clamp(1, 8)).max(1)
 }
 
 /// The agent's state file: what the next agent adopts.
@@ -255,6 +281,20 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         .or(file.max_targets)
         .unwrap_or(DEFAULT_MAX_TARGETS);
     let drain = Duration::from_secs(args.drain_timeout.or(file.drain_timeout).unwrap_or(30));
+    let quotas = registry::Quotas {
+        flows: args.flows_quota.or(file.flows_quota).unwrap_or_else(|| {
+            default_quota(
+                file.flows_max.unwrap_or(tproxy_common::FLOWS_MAX),
+                max_targets,
+            )
+        }),
+        socks: args.socks_quota.or(file.socks_quota).unwrap_or_else(|| {
+            default_quota(
+                file.socks_max.unwrap_or(tproxy_common::SOCKHASH_MAX),
+                max_targets,
+            )
+        }),
+    };
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
 
     system::check_privileges_for(true)?;
@@ -299,7 +339,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         same_node: !args.no_accel_same_node,
     })?;
     let nudge = loaded.nudge_maps()?;
-    let mut reg = Registry::new(loaded, args.bpffs.clone(), max_targets);
+    let mut reg = Registry::new(loaded, args.bpffs.clone(), max_targets, quotas);
     if maps_pinned {
         for rec in previous.targets {
             reg.adopt(rec);
@@ -365,6 +405,8 @@ pub fn run(args: &AgentArgs) -> Result<()> {
             targets_dir = %args.targets_dir.display(),
             bpffs = %args.bpffs.display(),
             max_targets,
+            flows_quota = quotas.flows,
+            socks_quota = quotas.socks,
             targets = agent.lock().len(),
             "agent serving; SIGTERM or SIGINT exits and leaves the targets attached for the next agent"
         );

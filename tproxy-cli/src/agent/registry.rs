@@ -67,7 +67,17 @@ pub struct Registry {
     loaded: Loaded,
     bpffs: PathBuf,
     max_targets: u32,
+    /// A target's quotas when its spec names none.
+    quotas: Quotas,
     targets: BTreeMap<String, Entry>,
+}
+
+/// A target's share of the node's tables when its spec names none (0: no
+/// quota): FLOWS entries, and accelerated sockets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quotas {
+    pub flows: u32,
+    pub socks: u32,
 }
 
 /// An agent API error: the code and the one line.
@@ -103,8 +113,9 @@ impl From<Error> for ApiFailure {
     }
 }
 
-/// The `tproxy` run's options for a target, with the run flags' defaults.
-pub fn options_of(spec: &TargetSpec) -> Result<Options> {
+/// The `tproxy` run's options for a target, with the run flags' defaults
+/// and the agent's default quotas.
+pub fn options_of(spec: &TargetSpec, quotas: Quotas) -> Result<Options> {
     let ports = spec.ports.clone().ok_or_else(|| {
         Error::TargetSpec("the target has no ports: set \"ports\" (e.g. \"8000\")".into())
     })?;
@@ -136,6 +147,8 @@ pub fn options_of(spec: &TargetSpec) -> Result<Options> {
         accel_retire_ms: spec
             .accel_retire_ms
             .unwrap_or(tproxy_common::DEFAULT_ACCEL_RETIRE_MS),
+        flows_quota: spec.flows_quota.unwrap_or(quotas.flows),
+        socks_quota: spec.socks_quota.unwrap_or(quotas.socks),
     };
     opts.validate()?;
     Ok(opts)
@@ -215,11 +228,12 @@ fn remove_adopted_in_netns(rec: &TargetRecord) {
 }
 
 impl Registry {
-    pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32) -> Registry {
+    pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32, quotas: Quotas) -> Registry {
         Registry {
             loaded,
             bpffs,
             max_targets,
+            quotas,
             targets: BTreeMap::new(),
         }
     }
@@ -261,7 +275,7 @@ impl Registry {
     /// Attaches `spec` as `id`. The caller has made sure `id` is free.
     pub fn attach(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
         let started = Instant::now();
-        let opts = options_of(spec)?;
+        let opts = options_of(spec, self.quotas)?;
         // First, before anything is attached: never the root, never outside.
         let system::CgroupDir {
             path: cgroup,
@@ -394,6 +408,7 @@ impl Registry {
             if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
                 debug!("TARGETS entry of {}: {}", rec.id, Chain(&e));
             }
+            self.sweep(&rec);
             return;
         }
         for prog in &rec.links {
@@ -570,9 +585,22 @@ impl Registry {
                 if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
                     warn!("target {id}: removing its TARGETS entry: {}", Chain(&e));
                 }
+                // A fresh target's owner sweeps as it drops (target.rs).
+                self.sweep(&rec);
             }
         }
         info!(id, slot = rec.slot, netns_gone = !alive, "target detached");
+    }
+
+    /// An adopted target's entries, out of the shared maps once it is
+    /// detached (`sweep.rs`), before its slot is free for another.
+    fn sweep(&self, rec: &TargetRecord) {
+        match self.loaded.sweep_maps() {
+            Ok(mut maps) => {
+                maps.sweep_logged(&rec.id, rec.netns_cookie, rec.slot);
+            }
+            Err(e) => warn!("target {}: cannot sweep its entries: {}", rec.id, Chain(&e)),
+        }
     }
 
     fn zero_counters(&mut self, slot: u32) -> Result<()> {

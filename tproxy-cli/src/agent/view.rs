@@ -39,6 +39,11 @@ fn pinned_maps(bpffs: &Path) -> Result<Maps> {
         Map::LruHashMap(open(names::SYNS)?),
         Map::LruHashMap(open(names::CLOSING)?),
         open(names::SOCKS).ok().map(Map::HashMap),
+    )
+    .with_counts(
+        open(names::FLOWS_IN_USE).ok().map(Map::Array),
+        open(names::SOCKS_IN_USE).ok().map(Map::Array),
+        open(names::TARGETS).ok().map(Map::HashMap),
     ))
 }
 
@@ -78,6 +83,8 @@ fn figures_json(s: &Snapshot) -> Value {
     json!({
         "flows": s.flows.open, "flows_active": s.flows.active,
         "flows_closing": s.flows.closing, "flows_embryonic": s.flows.embryonic,
+        "flows_in_use": s.flows_in_use, "flows_quota": s.flows_quota,
+        "socks_in_use": s.socks_in_use, "socks_quota": s.socks_quota,
         "accel_sockets": s.accel_sockets, "accel_queued_bytes": s.accel_queued_bytes,
         "counters": counters_json(s),
     })
@@ -132,16 +139,26 @@ impl AgentView {
             self.targets.len()
         );
         out += &format!(
-            "  {:<24} {:<16} {:<10} {:>6} {:>6} {:>12} {:>14}\n",
-            "TARGET", "NAME", "PORTS", "FLOWS", "ACCEL", "STEERED", "REDIRECTED B"
+            "  {:<24} {:<16} {:<10} {:>6} {:>13} {:>6} {:>12} {:>14}\n",
+            "TARGET", "NAME", "PORTS", "FLOWS", "IN USE/QUOTA", "ACCEL", "STEERED", "REDIRECTED B"
         );
+        // FLOWS entries held (the programs' count) against the quota.
+        let quota = |s: &Snapshot| {
+            let used = s.flows_in_use.map_or("-".to_string(), |n| n.to_string());
+            match s.flows_quota {
+                Some(0) => format!("{used}/none"),
+                Some(q) => format!("{used}/{q}"),
+                None => used,
+            }
+        };
         let row = |id: &str, name: &str, ports: &str, s: &Snapshot| {
             format!(
-                "  {:<24} {:<16} {:<10} {:>6} {:>6} {:>12} {:>14}\n",
+                "  {:<24} {:<16} {:<10} {:>6} {:>13} {:>6} {:>12} {:>14}\n",
                 id,
                 name,
                 ports,
                 s.flows.open,
+                quota(s),
                 s.accel_sockets,
                 get(s, Counter::IngressSteered),
                 get(s, Counter::MsgRedirectedBytes)
