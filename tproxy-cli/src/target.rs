@@ -177,46 +177,35 @@ impl Drop for PriorListeners {
 /// sockets as AF_INET, every tcp6 socket as AF_INET6 with its address as
 /// bound (`[::]` for a dual-stack one).
 fn listening_sockets(port: u16) -> std::io::Result<Vec<(ListenerKey, u64)>> {
-    const LISTEN: u8 = 0x0a;
     let mut out = Vec::new();
-    for (file, v6) in [("tcp", false), ("tcp6", true)] {
-        let text = match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && v6 => continue,
-            Err(e) => return Err(e),
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(st), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
-                continue;
-            };
-            if u8::from_str_radix(st, 16).ok() != Some(LISTEN) {
-                continue;
-            }
-            let Some((a4, p)) = proc_addr(local) else {
-                continue;
-            };
-            if p != port {
-                continue;
-            }
-            let (family, addr) = if v6 {
-                let Some(a) = proc_addr6(local) else { continue };
-                (tproxy_common::AF_INET6, a)
-            } else {
-                let Some(a) = a4 else { continue };
-                (tproxy_common::AF_INET, [a, 0, 0, 0])
-            };
-            let Ok(inode) = inode.parse() else { continue };
-            out.push((
-                ListenerKey {
-                    addr,
-                    port: u32::from(port),
-                    family: u32::from(family),
-                    netns_cookie: 0,
-                },
-                inode,
-            ));
+    for row in tcp_rows()? {
+        if row.state != TCP_LISTEN {
+            continue;
         }
+        let Some((a4, p)) = proc_addr(&row.local) else {
+            continue;
+        };
+        if p != port {
+            continue;
+        }
+        let (family, addr) = if row.v6 {
+            let Some(a) = proc_addr6(&row.local) else {
+                continue;
+            };
+            (tproxy_common::AF_INET6, a)
+        } else {
+            let Some(a) = a4 else { continue };
+            (tproxy_common::AF_INET, [a, 0, 0, 0])
+        };
+        out.push((
+            ListenerKey {
+                addr,
+                port: u32::from(port),
+                family: u32::from(family),
+                netns_cookie: 0,
+            },
+            row.inode,
+        ));
     }
     Ok(out)
 }
@@ -447,10 +436,57 @@ impl Drop for PriorFlows {
 /// calling thread's network namespace, keyed as steering looks them up
 /// (client first, the dialled port as local port).
 pub fn open_connections(ports: &crate::PortSet, cookie: u64) -> std::io::Result<Vec<FlowKey>> {
-    const LISTEN: u8 = 0x0a;
+    let mut out = Vec::new();
+    for row in tcp_rows()? {
+        if row.state == TCP_LISTEN {
+            continue;
+        }
+        let (Some((la, lp)), Some((ra, rp))) = (proc_addr(&row.local), proc_addr(&row.remote))
+        else {
+            continue;
+        };
+        if !ports.contains(lp) {
+            continue;
+        }
+        let (family, la, ra) = match (la, ra) {
+            (Some(l4), Some(r4)) => (tproxy_common::AF_INET, [l4, 0, 0, 0], [r4, 0, 0, 0]),
+            _ => {
+                let (Some(l), Some(r)) = (proc_addr6(&row.local), proc_addr6(&row.remote)) else {
+                    continue;
+                };
+                (tproxy_common::AF_INET6, l, r)
+            }
+        };
+        out.push(FlowKey {
+            client_addr: ra,
+            local_addr: la,
+            client_port: rp.to_be(),
+            local_port: lp.to_be(),
+            family,
+            _pad0: [0; 3],
+            netns_cookie: cookie,
+        });
+    }
+    Ok(out)
+}
+
+/// TCP_LISTEN as /proc/net/tcp prints the state.
+const TCP_LISTEN: u8 = 0x0a;
+
+/// One socket of /proc/net/tcp or tcp6.
+struct TcpRow {
+    v6: bool,
+    local: String,
+    remote: String,
+    state: u8,
+    inode: u64,
+}
+
+/// Every TCP socket of the calling thread's network namespace (thread-self:
+/// the agent enters a pod's namespace on one thread).
+fn tcp_rows() -> std::io::Result<Vec<TcpRow>> {
     let mut out = Vec::new();
     for (file, v6) in [("tcp", false), ("tcp6", true)] {
-        // thread-self: the agent enters a pod's namespace on one thread.
         let text = match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && v6 => continue,
@@ -458,35 +494,20 @@ pub fn open_connections(ports: &crate::PortSet, cookie: u64) -> std::io::Result<
         };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(st)) = (f.get(1), f.get(2), f.get(3)) else {
+            let (Some(local), Some(remote), Some(st), Some(inode)) =
+                (f.get(1), f.get(2), f.get(3), f.get(9))
+            else {
                 continue;
             };
-            if u8::from_str_radix(st, 16).ok() == Some(LISTEN) {
-                continue;
-            }
-            let (Some((la, lp)), Some((ra, rp))) = (proc_addr(local), proc_addr(remote)) else {
+            let (Ok(state), Ok(inode)) = (u8::from_str_radix(st, 16), inode.parse()) else {
                 continue;
             };
-            if !ports.contains(lp) {
-                continue;
-            }
-            let (family, la, ra) = match (la, ra) {
-                (Some(l4), Some(r4)) => (tproxy_common::AF_INET, [l4, 0, 0, 0], [r4, 0, 0, 0]),
-                _ => {
-                    let (Some(l), Some(r)) = (proc_addr6(local), proc_addr6(remote)) else {
-                        continue;
-                    };
-                    (tproxy_common::AF_INET6, l, r)
-                }
-            };
-            out.push(FlowKey {
-                client_addr: ra,
-                local_addr: la,
-                client_port: rp.to_be(),
-                local_port: lp.to_be(),
-                family,
-                _pad0: [0; 3],
-                netns_cookie: cookie,
+            out.push(TcpRow {
+                v6,
+                local: (*local).to_string(),
+                remote: (*remote).to_string(),
+                state,
+                inode,
             });
         }
     }
@@ -907,5 +928,34 @@ pub(crate) fn fill_link_ids(attachments: &mut [Attached], tc_mode: Option<TcMode
             .filter(|(prog, _)| *prog == a.prog_id)
             .map(|(_, link)| *link)
             .max();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// /proc/net/tcp prints an address as the kernel's word in hex (network
+    /// byte order in memory): the same word steering reads from a packet.
+    #[test]
+    fn proc_net_tcp_addresses_are_the_kernels_words() {
+        let (a, p) = proc_addr("0AB2A8C0:1F40").unwrap();
+        assert_eq!(p, 8000);
+        assert_eq!(
+            a.unwrap().to_ne_bytes(),
+            [0xc0, 0xa8, 0xb2, 0x0a],
+            "192.168.178.10"
+        );
+        // ::ffff:192.168.178.10 folds to IPv4, as it arrives on the wire.
+        let (a, _) = proc_addr("0000000000000000FFFF00000AB2A8C0:1F40").unwrap();
+        assert_eq!(a.unwrap().to_ne_bytes(), [0xc0, 0xa8, 0xb2, 0x0a]);
+        // fd00:178::10: no IPv4 word; the IPv6 words as in memory.
+        let s = "780100FD000000000000000010000000:1F40";
+        let (a, _) = proc_addr(s).unwrap();
+        assert_eq!(a, None);
+        let w = proc_addr6(s).unwrap();
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let ip: std::net::Ipv6Addr = "fd00:178::10".parse().unwrap();
+        assert_eq!(bytes, ip.octets());
     }
 }
