@@ -21,6 +21,10 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        Setup::with(Steer::Rewrite)
+    }
+
+    fn with(steer: Steer) -> Setup {
         let lab = Lab::new();
         let rel = lab
             .topo
@@ -34,12 +38,15 @@ impl Setup {
             .topo
             .server
             .command_in(example("origdst-proxy"), Some(&proxy_cg));
+        if steer == Steer::Tproxy {
+            cmd.arg("--transparent");
+        }
         let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
         proxy
             .wait_for("listening", Duration::from_secs(10))
             .unwrap();
         let pcg = proxy_cg.path().display().to_string();
-        let tproxy = lab.tproxy(Steer::Rewrite, &["--proxy-cgroup", &pcg]);
+        let tproxy = lab.tproxy(steer, &["--proxy-cgroup", &pcg]);
         Setup {
             proxy: Some(proxy),
             tproxy,
@@ -214,4 +221,42 @@ fn a_stranger_on_the_proxy_port_gets_no_steered_connection() {
         .unwrap();
     let r = client.run(|| exchange(dst, b"new listener\n")).unwrap();
     assert_eq!(r.echoed, b"new listener\n");
+}
+
+/// The tproxy back-end needs no listener check of its own: nftables
+/// `tproxy` delivers only to a transparent listener (IP_TRANSPARENT needs
+/// CAP_NET_ADMIN or CAP_NET_RAW), and its table answers everything else
+/// with a RST. A stranger's plain listener on the proxy port, the proxy
+/// down, gets nothing.
+#[test]
+fn the_tproxy_backend_gives_a_strangers_plain_listener_nothing() {
+    let mut s = Setup::with(Steer::Tproxy);
+    let dst = addr(SERVER_IP, 8000);
+    let client = &s.lab.topo.client;
+    let r = client.run(|| exchange(dst, b"transparent\n")).unwrap();
+    assert_eq!(r.echoed, b"transparent\n");
+    s.proxy.take().unwrap().kill9().unwrap();
+    let script = "import socket\n\
+        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        s.bind(('0.0.0.0',15006)); s.listen(); print('listening', flush=True)\n\
+        c,a=s.accept(); print('accepted', a, flush=True)\n";
+    let mut cmd = s.stranger("/usr/bin/python3");
+    cmd.args(["-c", script]);
+    let mut stranger = Logged::spawn("stranger", &mut cmd).unwrap();
+    stranger
+        .wait_for("listening", Duration::from_secs(10))
+        .unwrap();
+    for _ in 0..3 {
+        assert!(
+            client
+                .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
+                .is_err(),
+            "a client connected through the stranger"
+        );
+    }
+    assert!(
+        !stranger.log().contains("accepted"),
+        "the stranger accepted a steered connection: {}",
+        stranger.log()
+    );
 }
