@@ -203,6 +203,12 @@ impl SweepMaps {
     /// `sweep`, logged.
     pub fn sweep_logged(&mut self, what: &str, cookie: u64, slot: u32) -> Swept {
         let s = self.sweep(cookie, slot);
+        // Nothing to say when there was nothing (a start that failed
+        // before any flow, which must end on its one error line).
+        if s.total() == 0 && s.sockhash == 0 && s.sockets_left == 0 {
+            tracing::debug!(target_id = what, "swept nothing: the target left no entry");
+            return s;
+        }
         info!(
             target_id = what,
             netns_cookie = format!("{cookie:#x}"),
@@ -211,6 +217,7 @@ impl SweepMaps {
             closing = s.closing,
             prior_flows = s.prior,
             pending_peers = s.pending,
+            listeners = s.listeners,
             socks = s.socks,
             sockhash = s.sockhash,
             "swept the target's entries from the shared maps"
