@@ -674,7 +674,7 @@ fn program_name(s: &str) -> Option<&'static str> {
 }
 
 /// Removes one target through the registry behind `reg`, draining like a
-/// single run's stop: new flows go straight to the app at once; steered
+/// single run's stop: new connections are refused at once; steered
 /// flows get up to `drain` to finish; then acceleration is handed back
 /// (bounded wait for queued bytes to be read); then detach. The lock is
 /// held only for each short step, so other targets' requests go on.
