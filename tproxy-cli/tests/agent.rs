@@ -18,7 +18,7 @@ use std::{
 };
 
 use common::{
-    addr,
+    Attempts, addr,
     agent::{Agent, MountNs},
     eventually, example, exchange,
 };
@@ -386,6 +386,95 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
     )
     .unwrap();
     assert_eq!(addrs.trim(), "[]", "{addrs}");
+}
+
+/// Connection attempts from each client to its pod's `POD_V4:8000`, one
+/// after another, from a moment before `f` runs to a moment after.
+fn attempts_during(clients: &[&Netns], f: impl FnOnce()) -> Vec<Attempts> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let runs: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let stop = &stop;
+                sc.spawn(move || {
+                    c.run(|| Attempts::run(addr(POD_V4, 8000), Duration::from_secs(5), stop))
+                })
+            })
+            .collect();
+        // Stops the attempts however `f` ends (a failed assertion in it
+        // must not leave the scope waiting for them).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let guard = Stop(&stop);
+        std::thread::sleep(Duration::from_millis(300));
+        f();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(guard);
+        runs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Every attempt went through the pod's proxy (the app saw the pod's own
+/// address, not the client's 10.77.0.1); none was refused or broken.
+fn all_steered(what: &str, a: &Attempts) {
+    eprintln!(
+        "{what}: {} attempts steered, refused {:?}, broken {:?}",
+        a.peers.len(),
+        a.refused,
+        a.broken
+    );
+    assert_eq!(
+        a.direct(POD_V4),
+        Vec::<std::net::IpAddr>::new(),
+        "{what}: connections reached the app around the proxy"
+    );
+    assert_eq!(a.refused, Vec::<String>::new(), "{what}: refused");
+    assert_eq!(a.broken, Vec::<String>::new(), "{what}: broken");
+    assert!(a.peers.len() >= 3, "{what}: too few attempts: {a:?}");
+}
+
+/// An agent restart (SIGTERM, a moment with no agent, the next agent
+/// adopting the pinned targets) opens no window: connection attempts made
+/// throughout all go through each pod's proxy, for a TCX target and a
+/// netlink one, and the established (accelerated) streams keep every byte.
+#[test]
+fn an_agent_restart_opens_no_window_and_keeps_established_flows() {
+    let mut agent = Agent::new(&[]);
+    let tcx = Pod::new("pod-w1");
+    let nl = Pod::new("pod-w2");
+    agent.add("w1", &tcx.spec());
+    agent.add(
+        "w2",
+        &TargetSpec {
+            tc_mode: Some(tproxy::tc::TcMode::Netlink),
+            ..nl.spec()
+        },
+    );
+    let mut s1 = Stream::open(&tcx, POD_V4);
+    let mut s2 = Stream::open(&nl, POD_V4);
+    s1.round(1 << 20);
+    s2.round(1 << 20);
+    let seen = attempts_during(&[&tcx.client, &nl.client], || {
+        let log = agent.terminate();
+        assert!(log.contains("left attached"), "{log}");
+        std::thread::sleep(Duration::from_millis(500));
+        agent.start();
+        let log = agent.proc.as_ref().unwrap().log();
+        assert_eq!(log.matches("target adopted").count(), 2, "{log}");
+    });
+    all_steered("TCX target", &seen[0]);
+    all_steered("netlink target", &seen[1]);
+    s1.round(1 << 20);
+    s2.round(1 << 20);
+    for id in ["w1", "w2"] {
+        let r = agent.call(&Request::Check { id: id.into() });
+        assert_eq!(r.state.as_deref(), Some("OK"), "{id}: {r:?}");
+    }
 }
 
 /// The tproxy back-end through the agent: the fwmark rule, the local
