@@ -106,7 +106,6 @@ pub struct TargetAttachment {
     #[expect(dead_code, reason = "held for its Drop")]
     clsact: Option<ClsactQdisc>,
     addrs: TargetAddrs,
-    #[expect(dead_code, reason = "held for its Drop")]
     prior: PriorFlows,
     entry: TargetEntry,
     attachments: Vec<Attached>,
@@ -169,6 +168,11 @@ impl TargetAddrs {
         }
         TargetAddrs { map, cookie, addrs }
     }
+
+    /// The addresses claimed, no longer removed on drop.
+    fn into_addrs(mut self) -> Vec<TargetAddr> {
+        std::mem::take(&mut self.addrs)
+    }
 }
 
 impl Drop for TargetAddrs {
@@ -206,7 +210,13 @@ impl PriorFlows {
 
     /// Lists the calling thread's namespace's connections to `ports`.
     fn list(&mut self, ports: &crate::PortSet, cookie: u64) {
-        let found = match open_connections(ports, cookie) {
+        self.list_where(|p| ports.contains(p), cookie);
+    }
+
+    /// Lists the calling thread's namespace's connections to the ports
+    /// `wanted` says yes to.
+    fn list_where(&mut self, wanted: impl Fn(u16) -> bool, cookie: u64) {
+        let found = match open_connections(wanted, cookie) {
             Ok(found) => found,
             Err(e) => {
                 warn!(
@@ -236,6 +246,13 @@ impl PriorFlows {
     }
 }
 
+impl PriorFlows {
+    /// The connections listed, no longer removed on drop.
+    fn into_keys(mut self) -> Vec<FlowKey> {
+        std::mem::take(&mut self.keys)
+    }
+}
+
 impl Drop for PriorFlows {
     fn drop(&mut self) {
         if let Ok(mut m) = HashMap::<&mut MapData, FlowKey, u64>::try_from(&mut self.map) {
@@ -246,10 +263,13 @@ impl Drop for PriorFlows {
     }
 }
 
-/// The connections (any state but LISTEN) to a port of `ports` in the
-/// calling thread's network namespace, keyed as steering looks them up
-/// (client first, the dialled port as local port).
-pub fn open_connections(ports: &crate::PortSet, cookie: u64) -> std::io::Result<Vec<FlowKey>> {
+/// The connections (any state but LISTEN) to a port `wanted` says yes to,
+/// in the calling thread's network namespace, keyed as steering looks them
+/// up (client first, the dialled port as local port).
+pub fn open_connections(
+    wanted: impl Fn(u16) -> bool,
+    cookie: u64,
+) -> std::io::Result<Vec<FlowKey>> {
     const LISTEN: u8 = 0x0a;
     let mut out = Vec::new();
     for (file, v6) in [("tcp", false), ("tcp6", true)] {
@@ -270,7 +290,7 @@ pub fn open_connections(ports: &crate::PortSet, cookie: u64) -> std::io::Result<
             let (Some((la, lp)), Some((ra, rp))) = (proc_addr(local), proc_addr(remote)) else {
                 continue;
             };
-            if !ports.contains(lp) {
+            if !wanted(lp) {
                 continue;
             }
             let (family, la, ra) = match (la, ra) {
@@ -378,6 +398,60 @@ pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>
         return Err(Error::MarksCollide(steer_mark));
     }
     Ok((tproxy, steer_mark))
+}
+
+/// What an in-place update (`update_in_place`) added to a target, for its
+/// owner to remove when the target goes.
+#[derive(Debug, Default)]
+pub struct Updated {
+    pub prior: Vec<FlowKey>,
+    pub addrs: Vec<TargetAddr>,
+}
+
+/// Rewrites the `TARGETS` entry of the target `cookie` for the ports and
+/// acceleration settings of `opts` (`old`: what it intercepted until now),
+/// leaving everything else as it is: its slot, steering, marks, proxy port,
+/// `STEER_NEW`, and its attachments, which stay attached (the programs are
+/// the object's, shared by every target, and read the entry per packet).
+/// So no packet meets a moment without steering.
+///
+/// Run in the target's namespace: connections already open to ports it
+/// starts to intercept are listed in `PRIOR_FLOWS` before the entry
+/// changes (so they keep passing to the app) and again after (handshakes
+/// that were finishing in between). With `claim_addrs` (acceleration
+/// turned on) the interface's addresses are claimed for same-node pairing.
+pub fn update_in_place(
+    mut targets: Map,
+    prior: Map,
+    addrs: Map,
+    cookie: u64,
+    opts: &Options,
+    old: &crate::PortSet,
+    claim_addrs: bool,
+) -> Result<Updated> {
+    let current = loader::read_target(&targets, cookie)?;
+    let mut config = current.config;
+    config.flags = (config.flags & !flags::ACCEL) | if opts.accel { flags::ACCEL } else { 0 };
+    config.accel_max_queued = opts.accel_max_queued;
+    config.accel_retire_ms = opts.accel_retire_ms;
+    let added = |p: u16| opts.ports.contains(p) && !old.contains(p);
+    let mut listed = PriorFlows::new(prior);
+    listed.list_where(added, cookie);
+    loader::write_target(
+        &mut targets,
+        cookie,
+        &Target::new(config, opts.ports.iter()),
+    )?;
+    listed.list_where(added, cookie);
+    let addrs = if claim_addrs {
+        TargetAddrs::register(addrs, &opts.iface, cookie).into_addrs()
+    } else {
+        Vec::new()
+    };
+    Ok(Updated {
+        prior: listed.into_keys(),
+        addrs,
+    })
 }
 
 /// The settings `opts` give a target in `TARGETS`.
@@ -600,6 +674,16 @@ impl TargetAttachment {
         out.extend(self.getsockname.iter().map(|a| a.what().to_string()));
         out.extend(self.sockops.iter().map(|a| a.what().to_string()));
         out
+    }
+
+    /// Takes over what an in-place update added (removed on drop).
+    pub fn keep_updated(&mut self, updated: Updated) {
+        for key in updated.prior {
+            if !self.prior.keys.contains(&key) {
+                self.prior.keys.push(key);
+            }
+        }
+        self.addrs.addrs.extend(updated.addrs);
     }
 
     /// Sets or clears a `flags::*` bit of this target.

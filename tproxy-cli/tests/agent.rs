@@ -477,6 +477,119 @@ fn an_agent_restart_opens_no_window_and_keeps_established_flows() {
     }
 }
 
+/// The spec of target `id` as the agent lists it, and as its state file
+/// (what the next agent adopts) has it.
+fn listed_spec(agent: &Agent, id: &str) -> (TargetSpec, TargetSpec) {
+    let r = agent.call(&Request::List);
+    let listed = r
+        .targets
+        .unwrap()
+        .into_iter()
+        .find(|t| t.id == id)
+        .unwrap()
+        .target;
+    let st = state(agent);
+    let rec = st["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap();
+    (listed, serde_json::from_value(rec["spec"].clone()).unwrap())
+}
+
+/// `add` of the same id with other ports or acceleration settings updates
+/// the target in place: its attachments stay, so connection attempts made
+/// throughout all go through the proxy (none refused, none around it), an
+/// established stream is never drained or cut, and the new ports are
+/// steered at once; the agent's list and state file hold the new spec.
+/// A change of where or how it is attached (here the tc mode) is still a
+/// replacement, and works.
+#[test]
+fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
+    let agent = Agent::new(&["--drain-timeout", "5"]);
+    let pod = Pod::new("pod-u");
+    agent.add("u", &pod.spec());
+    let st = state(&agent);
+    let links = st["targets"][0]["links"].clone();
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(1 << 20);
+    // A connection straight to the app on 8080, open before 8080 is
+    // intercepted: it stays the app's (PRIOR_FLOWS), never cut.
+    let mut before = pod
+        .client
+        .run(|| TcpStream::connect_timeout(&addr(POD_V4, 8080), Duration::from_secs(5)))
+        .unwrap();
+    before
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let line = |c: &mut TcpStream, l: &str| -> String {
+        c.write_all(l.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(l.as_bytes()) {
+            c.read_exact(&mut b).unwrap();
+            got.push(b[0]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let banner = line(&mut before, "a\n");
+    assert!(banner.contains("peer=10.77.0.1:"), "{banner}");
+    let wide = TargetSpec {
+        ports: Some("8000,8080".parse().unwrap()),
+        ..pod.spec()
+    };
+    let no_accel = TargetSpec {
+        accel: Some(false),
+        ..wide.clone()
+    };
+    let mut took = Vec::new();
+    let seen = attempts_during(&[&pod.client], || {
+        for spec in [&wide, &no_accel, &pod.spec()] {
+            let t0 = Instant::now();
+            agent.add("u", spec);
+            took.push(t0.elapsed());
+            if spec.ports == wide.ports {
+                // The added port is steered at once; the connection that
+                // was open to it goes on.
+                let (peer, _) = pod.exchange(POD_V4, 8080, b"x\n");
+                assert_eq!(peer, POD_V4, "8080 not steered after the update");
+                assert_eq!(line(&mut before, "b\n"), "b\n");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    eprintln!("updates took {took:?}");
+    all_steered("updates in place", &seen[0]);
+    // Nothing waited for a drain (the stream is active).
+    assert!(took.iter().all(|t| *t < Duration::from_secs(3)), "{took:?}");
+    s.round(1 << 20);
+    let log = agent.proc.as_ref().unwrap().log();
+    assert_eq!(log.matches("target updated in place").count(), 3, "{log}");
+    assert!(!log.contains("drained"), "{log}");
+    let (listed, saved) = listed_spec(&agent, "u");
+    assert_eq!((&listed, &saved), (&pod.spec(), &pod.spec()));
+    // The same links (none re-made), and whole.
+    assert_eq!(state(&agent)["targets"][0]["links"], links);
+    let r = agent.call(&Request::Check { id: "u".into() });
+    assert_eq!(r.state.as_deref(), Some("OK"), "{r:?}");
+    // 8080 is the app's own again.
+    let (peer, _) = pod.exchange(POD_V4, 8080, b"x\n");
+    assert_eq!(peer, "10.77.0.1", "8080 still steered");
+
+    // Another tc mode: replaced (drained, detached, attached again).
+    let netlink = TargetSpec {
+        tc_mode: Some(tproxy::tc::TcMode::Netlink),
+        ..pod.spec()
+    };
+    drop(s);
+    agent.add("u", &netlink);
+    let log = agent.proc.as_ref().unwrap().log();
+    assert!(log.contains("replacing it"), "{log}");
+    assert!(pod.steered(POD_V4));
+    assert_eq!(listed_spec(&agent, "u"), (netlink.clone(), netlink));
+}
+
 /// The tproxy back-end through the agent: the fwmark rule, the local
 /// route and the nftables table are made in the pod's namespace (not the
 /// agent's), carry IPv4 and IPv6 to a transparent listener, and go with

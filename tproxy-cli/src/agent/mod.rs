@@ -194,18 +194,23 @@ impl Agent {
         }
     }
 
-    /// `add`: attach, idempotent for the same spec, replace for another.
+    /// `add`: attach, idempotent for the same spec; for another spec,
+    /// update in place when only the ports or the acceleration settings
+    /// change (`registry::updatable_in_place`: no window), else replace
+    /// (drain, detach, attach).
     pub fn add(&self, id: &str, spec: &TargetSpec) -> std::result::Result<(), ApiFailure> {
         {
             let mut reg = self.lock();
             if reg.is_draining(id) {
-                return Err(ApiFailure {
-                    code: code::TRY_AGAIN,
-                    error: format!("target {id} is being removed; try again when it is gone"),
-                });
+                return Err(being_removed(id));
             }
             match reg.spec_of(id) {
                 Some(old) if old == spec => return Ok(()),
+                Some(old) if registry::updatable_in_place(old, spec) => {
+                    let old = old.clone();
+                    drop(reg);
+                    return self.update(id, &old, spec);
+                }
                 Some(_) => {}
                 None => {
                     let r = reg.attach(id, spec);
@@ -214,10 +219,59 @@ impl Agent {
                 }
             }
         }
-        info!(id, "target changed: replacing it");
+        // Another namespace, interface, cgroup, tc mode, back-end, mark or
+        // proxy port: in effect another target. New connections are refused
+        // while its flows drain; between its detach and the new attach, its
+        // namespace has no steering (README, "Changing a target").
+        info!(
+            id,
+            "target changed where or how it is attached: replacing it (drain, detach, attach)"
+        );
         self.del(id)?;
         let mut reg = self.lock();
         let r = reg.attach(id, spec);
+        self.save(&reg);
+        r.map_err(Into::into)
+    }
+
+    /// The in-place part of `add`: flows to ports no longer intercepted get
+    /// up to the drain timeout to finish, as on removal (new connections
+    /// to those ports are still steered meanwhile: they are the proxy's
+    /// until the entry changes); then the entry is rewritten in one step.
+    fn update(
+        &self,
+        id: &str,
+        old: &TargetSpec,
+        spec: &TargetSpec,
+    ) -> std::result::Result<(), ApiFailure> {
+        let opts = registry::options_of(spec)?;
+        let before = registry::options_of(old)?.ports;
+        let gone = |p: u16| before.contains(p) && !opts.ports.contains(p);
+        if before.iter().any(gone) {
+            let at = self.lock().record(id).map(|r| (r.netns_cookie, r.slot));
+            if let Some((cookie, slot)) = at {
+                let deadline = std::time::Instant::now() + self.drain;
+                let active = || self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0);
+                let start = active();
+                let mut left = start;
+                while left > 0 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                    left = active();
+                }
+                if start > 0 {
+                    info!(
+                        id,
+                        "ports no longer intercepted: drained {} flow(s), cut {left}",
+                        start.saturating_sub(left)
+                    );
+                }
+            }
+        }
+        let mut reg = self.lock();
+        if reg.is_draining(id) || reg.spec_of(id).is_none() {
+            return Err(being_removed(id));
+        }
+        let r = reg.update(id, spec);
         self.save(&reg);
         r.map_err(Into::into)
     }
@@ -230,6 +284,13 @@ impl Agent {
         let r = registry::remove(&self.reg, id, self.drain);
         self.save(&self.lock());
         r.map(drop).map_err(Into::into)
+    }
+}
+
+fn being_removed(id: &str) -> ApiFailure {
+    ApiFailure {
+        code: code::TRY_AGAIN,
+        error: format!("target {id} is being removed; try again when it is gone"),
     }
 }
 

@@ -141,6 +141,24 @@ pub fn options_of(spec: &TargetSpec) -> Result<Options> {
     Ok(opts)
 }
 
+/// Whether a target attached as `old` can become `new` in place (its
+/// `TARGETS` entry rewritten, its attachments kept): when only the ports,
+/// the acceleration settings or the label change. Everything else decides
+/// where or how it is attached (namespace, interface, cgroup, tc mode,
+/// back-end and its routing, marks, the proxy port its flows are keyed
+/// with): a change there is a replacement (drain, detach, attach).
+pub fn updatable_in_place(old: &TargetSpec, new: &TargetSpec) -> bool {
+    let placement = |s: &TargetSpec| TargetSpec {
+        ports: None,
+        accel: None,
+        accel_max_queued: None,
+        accel_retire_ms: None,
+        name: None,
+        ..s.clone()
+    };
+    placement(old) == placement(new)
+}
+
 /// What the target's namespace says, found inside it.
 struct Probed {
     ifindex: u32,
@@ -380,6 +398,44 @@ impl Registry {
         Ok(())
     }
 
+    /// Changes target `id` to `spec` in place (`updatable_in_place` said
+    /// it can be): its `TARGETS` entry is rewritten in one step, in its
+    /// namespace (`target::update_in_place`); its attachments stay, so no
+    /// connection meets a moment without steering. Flows on ports it stops
+    /// intercepting are the caller's to drain first.
+    pub fn update(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
+        let opts = options_of(spec)?;
+        let Some(e) = self.targets.get(id) else {
+            return Err(Error::TargetSpec(format!("target {id} is gone")));
+        };
+        let old = options_of(&e.rec.spec)?;
+        let (cookie, netns) = (e.rec.netns_cookie, e.rec.spec.netns.clone());
+        let maps = (
+            self.loaded.targets_map()?,
+            self.loaded.prior_flows_map()?,
+            self.loaded.target_addrs_map()?,
+        );
+        let claim = opts.accel && !old.accel;
+        let updated = netns::run_in(&netns, || {
+            crate::target::update_in_place(maps.0, maps.1, maps.2, cookie, &opts, &old.ports, claim)
+        })??;
+        let e = self.targets.get_mut(id).expect("looked up above");
+        match &mut e.owner {
+            Owner::Fresh(att) => att.keep_updated(updated),
+            // An adopted target's entries go by its cookie on removal.
+            Owner::Adopted => {}
+        }
+        e.rec.spec = spec.clone();
+        info!(
+            id,
+            ports = %opts.ports,
+            accel = opts.accel,
+            slot = e.rec.slot,
+            "target updated in place"
+        );
+        Ok(())
+    }
+
     /// Takes over a target a previous agent attached: its pinned links now
     /// run this agent's programs (swapped in one step each), its maps are
     /// the same pinned ones. A target whose namespace is gone is removed.
@@ -455,9 +511,21 @@ impl Registry {
         loader::write_target(&mut map, cookie, &t)
     }
 
-    /// An adopted target's `TARGETS` entry and its addresses in
-    /// `TARGET_ADDRS` (a fresh target's owner removes its own).
+    /// An adopted target's `TARGETS` entry, its addresses in
+    /// `TARGET_ADDRS` and its connections in `PRIOR_FLOWS` (a fresh
+    /// target's owner removes its own).
     fn remove_targets_entry(&mut self, cookie: u64) -> Result<()> {
+        let mut prior = self.loaded.prior_flows_map()?;
+        if let Ok(mut m) = HashMap::<&mut MapData, FlowKey, u64>::try_from(&mut prior) {
+            let ours: Vec<FlowKey> = m
+                .keys()
+                .flatten()
+                .filter(|k| k.netns_cookie == cookie)
+                .collect();
+            for k in ours {
+                let _ = m.remove(&k);
+            }
+        }
         let mut addrs = self.loaded.target_addrs_map()?;
         let mut m: HashMap<&mut MapData, tproxy_common::TargetAddr, u64> =
             HashMap::try_from(&mut addrs).map_err(|source| Error::Map {
@@ -491,6 +559,16 @@ impl Registry {
     /// node with both legs socket to socket (no packet crosses tc after
     /// the handshake), read lately on the proxy's accepted socket.
     pub fn active_flows(&self, cookie: u64, slot: u32) -> Result<usize> {
+        self.active_flows_to(cookie, slot, |_| true)
+    }
+
+    /// `active_flows` of those dialled to a port `dialled` says yes to.
+    pub fn active_flows_to(
+        &self,
+        cookie: u64,
+        slot: u32,
+        dialled: impl Fn(u16) -> bool,
+    ) -> Result<usize> {
         let now = monotonic_coarse_ns();
         // Clients (address, port) of this pod's fast-path sockets that read
         // lately. The proxy's accepted socket's peer is the client's socket;
@@ -511,6 +589,7 @@ impl Registry {
             .flatten()
             .filter(|(k, v)| {
                 k.netns_cookie == cookie
+                    && dialled(u16::from_be(v.orig_port))
                     && (now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS
                         || reading.contains(&(k.client_addr, u16::from_be(k.client_port))))
             })
@@ -715,4 +794,77 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
     }
     lock().detach(id);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TargetSpec {
+        TargetSpec {
+            cgroup: Some("/sys/fs/cgroup/pod".into()),
+            ports: Some("8000".parse().unwrap()),
+            ..TargetSpec::new("/run/netns/pod", "eth0")
+        }
+    }
+
+    #[test]
+    fn only_ports_accel_and_the_label_change_in_place() {
+        let base = spec();
+        for new in [
+            TargetSpec {
+                ports: Some("8000,8080".parse().unwrap()),
+                ..spec()
+            },
+            TargetSpec {
+                accel: Some(false),
+                accel_max_queued: Some(1 << 20),
+                accel_retire_ms: Some(5),
+                ..spec()
+            },
+            TargetSpec {
+                name: Some("default/web".into()),
+                ..spec()
+            },
+        ] {
+            assert!(updatable_in_place(&base, &new), "{new:?}");
+        }
+        for new in [
+            TargetSpec::new("/run/netns/other", "eth0"),
+            TargetSpec {
+                iface: "eth1".into(),
+                ..spec()
+            },
+            TargetSpec {
+                cgroup: Some("/sys/fs/cgroup/other".into()),
+                ..spec()
+            },
+            TargetSpec {
+                tc_mode: Some(TcMode::Netlink),
+                ..spec()
+            },
+            TargetSpec {
+                steer: Some(Steer::Tproxy),
+                ..spec()
+            },
+            TargetSpec {
+                proxy_port: Some(15001),
+                ..spec()
+            },
+            TargetSpec {
+                proxy_mark: Some(0x539),
+                ..spec()
+            },
+            TargetSpec {
+                steer_mark: Some(0x1234),
+                ..spec()
+            },
+            TargetSpec {
+                route_table: Some(200),
+                ..spec()
+            },
+        ] {
+            assert!(!updatable_in_place(&base, &new), "{new:?}");
+        }
+    }
 }
