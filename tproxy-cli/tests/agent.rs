@@ -477,6 +477,56 @@ fn an_agent_restart_opens_no_window_and_keeps_established_flows() {
     }
 }
 
+/// An agent stopped while it removes a target (SIGTERM mid-drain) leaves
+/// the target draining; the next agent finishes the removal, instead of
+/// leaving the pod refusing new connections for good.
+#[test]
+fn a_removal_cut_short_by_a_restart_is_finished_by_the_next_agent() {
+    let mut agent = Agent::new(&["--drain-timeout", "20"]);
+    let pod = Pod::new("pod-d");
+    agent.add("d", &pod.spec());
+    // An active steered flow keeps the removal draining.
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(1 << 20);
+    let sock = agent.socket();
+    std::thread::scope(|sc| {
+        let del = sc.spawn(|| {
+            agent_api::call(
+                &sock,
+                &Request::Del { id: "d".into() },
+                Duration::from_secs(60),
+            )
+        });
+        wait_until("the target draining", || {
+            agent
+                .call(&Request::Check { id: "d".into() })
+                .state
+                .as_deref()
+                == Some("DRAINING")
+        });
+        let log = agent.terminate();
+        assert!(log.contains("left attached"), "{log}");
+        // The del request got no answer: its agent is gone.
+        let _ = del.join().unwrap();
+    });
+    assert_eq!(state(&agent)["targets"][0]["draining"], true);
+    drop(s);
+    agent.start();
+    wait_until("the removal finished", || agent.ids().is_empty());
+    let log = agent.proc.as_ref().unwrap().log();
+    assert!(log.contains("resuming the removal"), "{log}");
+    assert!(!pod.steered(POD_V4), "still steered after the removal");
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(pins_under(&agent.pins().join("targets")).is_empty());
+    // And the pod can be added again.
+    agent.add("d", &pod.spec());
+    assert!(pod.steered(POD_V4));
+}
+
 /// The spec of target `id` as the agent lists it, and as its state file
 /// (what the next agent adopts) has it.
 fn listed_spec(agent: &Agent, id: &str) -> (TargetSpec, TargetSpec) {

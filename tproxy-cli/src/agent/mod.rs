@@ -374,6 +374,30 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         drain,
     });
     agent.save(&agent.lock());
+    // A removal the previous agent had begun (it exited mid-drain) goes on:
+    // else the target would refuse new connections for good, and `add` and
+    // `del` of it would wait for a removal no one makes.
+    let resumed: Vec<String> = agent
+        .lock()
+        .records()
+        .into_iter()
+        .filter(|r| r.draining)
+        .map(|r| r.id)
+        .collect();
+    for id in resumed {
+        let agent = agent.clone();
+        std::thread::Builder::new()
+            .name("resume-removal".into())
+            .spawn(move || {
+                info!(id, "resuming the removal the previous agent had begun");
+                let r = registry::remove(&agent.reg, &id, agent.drain);
+                agent.save(&agent.lock());
+                if let Err(e) = r {
+                    warn!("removing target {id}: {}", Chain(&e));
+                }
+            })
+            .map_err(|e| Error::io("starting a removal thread", e))?;
+    }
     // Wakes readers asleep after a short read, in their pod's namespace.
     let _nudger = match nudge {
         Some(maps) => {
