@@ -408,12 +408,20 @@ pub struct Updated {
     pub addrs: Vec<TargetAddr>,
 }
 
-/// Rewrites the `TARGETS` entry of the target `cookie` for the ports and
-/// acceleration settings of `opts` (`old`: what it intercepted until now),
-/// leaving everything else as it is: its slot, steering, marks, proxy port,
-/// `STEER_NEW`, and its attachments, which stay attached (the programs are
-/// the object's, shared by every target, and read the entry per packet).
-/// So no packet meets a moment without steering.
+/// Handles on the maps a target's entries are in (for `update_in_place`).
+pub struct EntryMaps {
+    pub targets: Map,
+    pub prior_flows: Map,
+    pub target_addrs: Map,
+}
+
+/// Rewrites the `TARGETS` entry of the target `cookie` for the ports,
+/// acceleration settings, proxy port and marks of `opts` (`old`: the ports
+/// it intercepted until now; `steer_mark`: the rewrite back-end's new one),
+/// leaving everything else as it is: its slot, back-end, `STEER_NEW`, and
+/// its attachments, which stay attached (the programs are the object's,
+/// shared by every target, and read the entry per packet). So no packet
+/// meets a moment without steering.
 ///
 /// Run in the target's namespace: connections already open to ports it
 /// starts to intercept are listed in `PRIOR_FLOWS` before the entry
@@ -421,16 +429,25 @@ pub struct Updated {
 /// that were finishing in between). With `claim_addrs` (acceleration
 /// turned on) the interface's addresses are claimed for same-node pairing.
 pub fn update_in_place(
-    mut targets: Map,
-    prior: Map,
-    addrs: Map,
+    maps: EntryMaps,
     cookie: u64,
     opts: &Options,
     old: &crate::PortSet,
+    steer_mark: Option<u32>,
     claim_addrs: bool,
 ) -> Result<Updated> {
+    let EntryMaps {
+        mut targets,
+        prior_flows: prior,
+        target_addrs: addrs,
+    } = maps;
     let current = loader::read_target(&targets, cookie)?;
     let mut config = current.config;
+    config.proxy_port = opts.proxy_port;
+    config.proxy_mark = opts.proxy_mark;
+    if let Some(mark) = steer_mark {
+        config.steer_mark = mark;
+    }
     config.flags = (config.flags & !flags::ACCEL) | if opts.accel { flags::ACCEL } else { 0 };
     config.accel_max_queued = opts.accel_max_queued;
     config.accel_retire_ms = opts.accel_retire_ms;

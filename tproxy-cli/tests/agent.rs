@@ -553,8 +553,9 @@ fn listed_spec(agent: &Agent, id: &str) -> (TargetSpec, TargetSpec) {
 /// throughout all go through the proxy (none refused, none around it), an
 /// established stream is never drained or cut, and the new ports are
 /// steered at once; the agent's list and state file hold the new spec.
-/// A change of where or how it is attached (here the tc mode) is still a
-/// replacement, and works.
+/// Another proxy mark is set in place after a drain during which new
+/// connections are still steered. A change of where or how it is attached
+/// (here the tc mode) is still a replacement, and works.
 #[test]
 fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
     let agent = Agent::new(&["--drain-timeout", "5"]);
@@ -626,6 +627,22 @@ fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
     // 8080 is the app's own again.
     let (peer, _) = pod.exchange(POD_V4, 8080, b"x\n");
     assert_eq!(peer, "10.77.0.1", "8080 still steered");
+
+    // Another proxy mark: in place once the steered flows drained (the
+    // stream is active: up to --drain-timeout); new connections are still
+    // steered meanwhile, and the stream goes on after.
+    let marked = TargetSpec {
+        proxy_mark: Some(0x539),
+        ..pod.spec()
+    };
+    s.round(64 << 10);
+    let seen = attempts_during(&[&pod.client], || agent.add("u", &marked));
+    all_steered("update after a drain", &seen[0]);
+    let log = agent.proc.as_ref().unwrap().log();
+    assert!(log.contains("before the change: drained"), "{log}");
+    assert_eq!(log.matches("target updated in place").count(), 4, "{log}");
+    s.round(1 << 20);
+    assert_eq!(listed_spec(&agent, "u"), (marked.clone(), marked));
 
     // Another tc mode: replaced (drained, detached, attached again).
     let netlink = TargetSpec {

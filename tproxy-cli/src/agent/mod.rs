@@ -30,7 +30,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-pub use self::registry::{ApiFailure, Registry, TargetRecord};
+pub use self::registry::{ApiFailure, Change, Registry, TargetRecord};
 use crate::{
     Error, Result,
     agent_api::{TargetSpec, code},
@@ -195,9 +195,8 @@ impl Agent {
     }
 
     /// `add`: attach, idempotent for the same spec; for another spec,
-    /// update in place when only the ports or the acceleration settings
-    /// change (`registry::updatable_in_place`: no window), else replace
-    /// (drain, detach, attach).
+    /// update in place (no window) when `registry::change` says it can be,
+    /// else replace (drain, detach, attach).
     pub fn add(&self, id: &str, spec: &TargetSpec) -> std::result::Result<(), ApiFailure> {
         {
             let mut reg = self.lock();
@@ -206,12 +205,14 @@ impl Agent {
             }
             match reg.spec_of(id) {
                 Some(old) if old == spec => return Ok(()),
-                Some(old) if registry::updatable_in_place(old, spec) => {
-                    let old = old.clone();
-                    drop(reg);
-                    return self.update(id, &old, spec);
-                }
-                Some(_) => {}
+                Some(old) => match registry::change(old, spec) {
+                    Change::Replace => {}
+                    how => {
+                        let old = old.clone();
+                        drop(reg);
+                        return self.update(id, &old, spec, how);
+                    }
+                },
                 None => {
                     let r = reg.attach(id, spec);
                     self.save(&reg);
@@ -219,8 +220,8 @@ impl Agent {
                 }
             }
         }
-        // Another namespace, interface, cgroup, tc mode, back-end, mark or
-        // proxy port: in effect another target. New connections are refused
+        // Another namespace, interface, cgroup, tc mode, back-end or
+        // routing: in effect another target. New connections are refused
         // while its flows drain; between its detach and the new attach, its
         // namespace has no steering (README, "Changing a target").
         info!(
@@ -234,19 +235,22 @@ impl Agent {
         r.map_err(Into::into)
     }
 
-    /// The in-place part of `add`: flows to ports no longer intercepted get
-    /// up to the drain timeout to finish, as on removal (new connections
-    /// to those ports are still steered meanwhile: they are the proxy's
-    /// until the entry changes); then the entry is rewritten in one step.
+    /// The in-place part of `add`: the flows the change would cut (those to
+    /// ports no longer intercepted; all, for `InPlaceAfterDrain`) get up to
+    /// the drain timeout to finish, as on removal (new connections are
+    /// still steered the old way meanwhile); then the entry is rewritten
+    /// in one step.
     fn update(
         &self,
         id: &str,
         old: &TargetSpec,
         spec: &TargetSpec,
+        how: Change,
     ) -> std::result::Result<(), ApiFailure> {
         let opts = registry::options_of(spec)?;
         let before = registry::options_of(old)?.ports;
-        let gone = |p: u16| before.contains(p) && !opts.ports.contains(p);
+        let all = how == Change::InPlaceAfterDrain;
+        let gone = |p: u16| before.contains(p) && (all || !opts.ports.contains(p));
         if before.iter().any(gone) {
             let at = self.lock().record(id).map(|r| (r.netns_cookie, r.slot));
             if let Some((cookie, slot)) = at {
@@ -261,7 +265,7 @@ impl Agent {
                 if start > 0 {
                     info!(
                         id,
-                        "ports no longer intercepted: drained {} flow(s), cut {left}",
+                        "before the change: drained {} flow(s), cut {left}",
                         start.saturating_sub(left)
                     );
                 }

@@ -141,14 +141,25 @@ pub fn options_of(spec: &TargetSpec) -> Result<Options> {
     Ok(opts)
 }
 
-/// Whether a target attached as `old` can become `new` in place (its
-/// `TARGETS` entry rewritten, its attachments kept): when only the ports,
-/// the acceleration settings or the label change. Everything else decides
-/// where or how it is attached (namespace, interface, cgroup, tc mode,
-/// back-end and its routing, marks, the proxy port its flows are keyed
-/// with): a change there is a replacement (drain, detach, attach).
-pub fn updatable_in_place(old: &TargetSpec, new: &TargetSpec) -> bool {
-    let placement = |s: &TargetSpec| TargetSpec {
+/// How a target attached as `old` becomes `new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Its `TARGETS` entry rewritten, its attachments kept: only the
+    /// ports, the acceleration settings or the label change.
+    InPlace,
+    /// The same, after its steered flows drained: the rewrite back-end's
+    /// proxy port or marks change, and its flows are keyed with the proxy
+    /// port and restored by it (new connections are still steered, the
+    /// old way, during the drain).
+    InPlaceAfterDrain,
+    /// Where or how it is attached changes (namespace, interface, cgroup,
+    /// tc mode, back-end, the tproxy back-end's routing: its table, mark
+    /// and proxy port): drained, detached and attached again.
+    Replace,
+}
+
+pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
+    let config = |s: &TargetSpec| TargetSpec {
         ports: None,
         accel: None,
         accel_max_queued: None,
@@ -156,7 +167,21 @@ pub fn updatable_in_place(old: &TargetSpec, new: &TargetSpec) -> bool {
         name: None,
         ..s.clone()
     };
-    placement(old) == placement(new)
+    if config(old) == config(new) {
+        return Change::InPlace;
+    }
+    let rewrite = |s: &TargetSpec| s.steer.unwrap_or(Steer::Rewrite) == Steer::Rewrite;
+    let placement = |s: &TargetSpec| TargetSpec {
+        proxy_port: None,
+        proxy_mark: None,
+        steer_mark: None,
+        ..config(s)
+    };
+    if rewrite(old) && rewrite(new) && placement(old) == placement(new) {
+        Change::InPlaceAfterDrain
+    } else {
+        Change::Replace
+    }
 }
 
 /// What the target's namespace says, found inside it.
@@ -398,11 +423,11 @@ impl Registry {
         Ok(())
     }
 
-    /// Changes target `id` to `spec` in place (`updatable_in_place` said
-    /// it can be): its `TARGETS` entry is rewritten in one step, in its
-    /// namespace (`target::update_in_place`); its attachments stay, so no
-    /// connection meets a moment without steering. Flows on ports it stops
-    /// intercepting are the caller's to drain first.
+    /// Changes target `id` to `spec` in place (`change` said it can be):
+    /// its `TARGETS` entry is rewritten in one step, in its namespace
+    /// (`target::update_in_place`); its attachments stay, so no connection
+    /// meets a moment without steering. Flows the change would cut are the
+    /// caller's to drain first.
     pub fn update(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
         let opts = options_of(spec)?;
         let Some(e) = self.targets.get(id) else {
@@ -410,14 +435,23 @@ impl Registry {
         };
         let old = options_of(&e.rec.spec)?;
         let (cookie, netns) = (e.rec.netns_cookie, e.rec.spec.netns.clone());
-        let maps = (
-            self.loaded.targets_map()?,
-            self.loaded.prior_flows_map()?,
-            self.loaded.target_addrs_map()?,
-        );
+        // The rewrite back-end's steer mark (the tproxy back-end's is its
+        // routing's, which an in-place change keeps).
+        let steer_mark = (opts.steer == Steer::Rewrite).then(|| {
+            opts.steer_mark
+                .unwrap_or_else(|| crate::options::default_steer_mark(e.rec.ifindex))
+        });
+        if steer_mark == Some(opts.proxy_mark) {
+            return Err(Error::MarksCollide(opts.proxy_mark));
+        }
+        let maps = crate::target::EntryMaps {
+            targets: self.loaded.targets_map()?,
+            prior_flows: self.loaded.prior_flows_map()?,
+            target_addrs: self.loaded.target_addrs_map()?,
+        };
         let claim = opts.accel && !old.accel;
         let updated = netns::run_in(&netns, || {
-            crate::target::update_in_place(maps.0, maps.1, maps.2, cookie, &opts, &old.ports, claim)
+            crate::target::update_in_place(maps, cookie, &opts, &old.ports, steer_mark, claim)
         })??;
         let e = self.targets.get_mut(id).expect("looked up above");
         match &mut e.owner {
@@ -809,7 +843,7 @@ mod tests {
     }
 
     #[test]
-    fn only_ports_accel_and_the_label_change_in_place() {
+    fn what_changes_in_place_and_what_replaces() {
         let base = spec();
         for new in [
             TargetSpec {
@@ -827,8 +861,28 @@ mod tests {
                 ..spec()
             },
         ] {
-            assert!(updatable_in_place(&base, &new), "{new:?}");
+            assert_eq!(change(&base, &new), Change::InPlace, "{new:?}");
         }
+        for new in [
+            TargetSpec {
+                proxy_port: Some(15001),
+                ..spec()
+            },
+            TargetSpec {
+                proxy_mark: Some(0x539),
+                ..spec()
+            },
+            TargetSpec {
+                steer_mark: Some(0x1234),
+                ..spec()
+            },
+        ] {
+            assert_eq!(change(&base, &new), Change::InPlaceAfterDrain, "{new:?}");
+        }
+        let tproxy = TargetSpec {
+            steer: Some(Steer::Tproxy),
+            ..spec()
+        };
         for new in [
             TargetSpec::new("/run/netns/other", "eth0"),
             TargetSpec {
@@ -848,23 +902,29 @@ mod tests {
                 ..spec()
             },
             TargetSpec {
-                proxy_port: Some(15001),
-                ..spec()
-            },
-            TargetSpec {
-                proxy_mark: Some(0x539),
-                ..spec()
-            },
-            TargetSpec {
-                steer_mark: Some(0x1234),
-                ..spec()
-            },
-            TargetSpec {
                 route_table: Some(200),
                 ..spec()
             },
         ] {
-            assert!(!updatable_in_place(&base, &new), "{new:?}");
+            assert_eq!(change(&base, &new), Change::Replace, "{new:?}");
         }
+        // The tproxy back-end's proxy port and mark are its routing's.
+        for new in [
+            TargetSpec {
+                proxy_port: Some(15001),
+                ..tproxy.clone()
+            },
+            TargetSpec {
+                steer_mark: Some(0x1234),
+                ..tproxy.clone()
+            },
+        ] {
+            assert_eq!(change(&tproxy, &new), Change::Replace, "{new:?}");
+        }
+        let ports = TargetSpec {
+            ports: Some("9000".parse().unwrap()),
+            ..tproxy.clone()
+        };
+        assert_eq!(change(&tproxy, &ports), Change::InPlace);
     }
 }
