@@ -103,7 +103,6 @@ pub struct TargetAttachment {
     getsockopt: Option<GetsockoptAttachment>,
     getsockname: Vec<GetsocknameAttachment>,
     sockops: Option<SockopsAttachment>,
-    #[expect(dead_code, reason = "held for its Drop")]
     clsact: Option<ClsactQdisc>,
     addrs: TargetAddrs,
     prior: PriorFlows,
@@ -112,14 +111,19 @@ pub struct TargetAttachment {
     iface: String,
 }
 
-/// The target's `TARGETS` entry; removed on drop.
+/// The target's `TARGETS` entry; removed on drop unless kept (for the
+/// target replacing it, `TargetAttachment::keep_entry`).
 struct TargetEntry {
     map: Map,
     cookie: u64,
+    keep: bool,
 }
 
 impl Drop for TargetEntry {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(e) = loader::remove_target(&mut self.map, self.cookie) {
             warn!(
                 "removing target {:#x} from TARGETS: {}",
@@ -504,24 +508,51 @@ impl TargetAttachment {
         slot: u32,
         before_steering: impl FnOnce(Planned<'_>) -> Result<()>,
     ) -> Result<TargetAttachment> {
+        Self::attach_inner(loaded, opts, env, slot, before_steering, false)
+    }
+
+    /// `attach` over the `TARGETS` entry a replaced target of the same
+    /// namespace kept (`keep_entry`; its `STEER_NEW` clear, so a steering
+    /// guard on the interface refuses new connections meanwhile): the entry
+    /// is overwritten with `STEER_NEW` still clear, and set once everything
+    /// of the new target is attached.
+    pub fn attach_replacing(
+        loaded: &mut Loaded,
+        opts: &Options,
+        env: TargetEnv,
+        slot: u32,
+        before_steering: impl FnOnce(Planned<'_>) -> Result<()>,
+    ) -> Result<TargetAttachment> {
+        Self::attach_inner(loaded, opts, env, slot, before_steering, true)
+    }
+
+    fn attach_inner(
+        loaded: &mut Loaded,
+        opts: &Options,
+        env: TargetEnv,
+        slot: u32,
+        before_steering: impl FnOnce(Planned<'_>) -> Result<()>,
+        replacing: bool,
+    ) -> Result<TargetAttachment> {
         if opts.accel && !loaded.accel() {
             return Err(Error::AccelNotLoaded);
         }
         let mut map = loaded.targets_map()?;
-        if loader::read_target(&map, env.netns_cookie).is_ok() {
+        if !replacing && loader::read_target(&map, env.netns_cookie).is_ok() {
             return Err(Error::TargetExists {
                 netns: format!("cookie {:#x}", env.netns_cookie),
             });
         }
         let proxy = proxy_identity(opts, &env)?;
-        loader::write_target(
-            &mut map,
-            env.netns_cookie,
-            &target_value(opts, &env, slot, proxy),
-        )?;
+        let mut value = target_value(opts, &env, slot, proxy);
+        if replacing {
+            value.config.flags &= !flags::STEER_NEW;
+        }
+        loader::write_target(&mut map, env.netns_cookie, &value)?;
         let entry = TargetEntry {
             map,
             cookie: env.netns_cookie,
+            keep: false,
         };
         let addrs = if opts.accel {
             TargetAddrs::register(loaded.target_addrs_map()?, &opts.iface, env.netns_cookie)
@@ -646,7 +677,7 @@ impl TargetAttachment {
         )?);
         prior.list(&opts.ports, env.netns_cookie);
         fill_link_ids(&mut attachments, Some(tc_mode));
-        Ok(TargetAttachment {
+        let mut att = TargetAttachment {
             steer,
             restore,
             routing,
@@ -659,7 +690,26 @@ impl TargetAttachment {
             entry,
             attachments,
             iface: opts.iface.clone(),
-        })
+        };
+        if replacing {
+            att.set_flag(flags::STEER_NEW, true)?;
+        }
+        Ok(att)
+    }
+
+    /// Takes over the clsact qdisc its netlink filters are on as tproxy's
+    /// (a replaced target or its guard added it): removed, when unused, on
+    /// drop.
+    pub fn own_clsact(&mut self) {
+        if let Some(c) = &mut self.clsact {
+            c.set_created(true);
+        }
+    }
+
+    /// Leaves the `TARGETS` entry in place when this target is dropped:
+    /// the target replacing it overwrites it (`attach_replacing`).
+    pub fn keep_entry(&mut self) {
+        self.entry.keep = true;
     }
 
     /// Record entries: program ids and link ids of what is attached.
@@ -719,6 +769,55 @@ impl TargetAttachment {
         Ok(loader::read_target(&self.entry.map, self.entry.cookie)?
             .config
             .slot)
+    }
+}
+
+/// One more attachment of the steering program on an interface, for a
+/// target being replaced there: between the old target's detach and the
+/// new one's attach it steers by the entry the old one kept (`STEER_NEW`
+/// clear: new connections refused), so no moment leaves the interface
+/// without steering. A netlink filter (TCX refuses a program attached
+/// twice to one hook, and either target may use TCX), on a clsact qdisc
+/// that is tproxy's if the guard or the old target added it. Fields drop
+/// in order: the filter, then the qdisc if it is ours and unused. Drop it
+/// in the interface's namespace.
+pub struct SteerGuard {
+    _filter: TcAttachment,
+    clsact: ClsactQdisc,
+}
+
+impl SteerGuard {
+    /// Attaches the guard on `iface` (the calling thread's namespace);
+    /// `old_clsact`: the replaced target added the clsact qdisc.
+    pub fn attach(
+        loaded: &mut Loaded,
+        iface: &str,
+        ifindex: u32,
+        old_clsact: bool,
+    ) -> Result<SteerGuard> {
+        let mut clsact = ClsactQdisc::ensure(iface, ifindex)?;
+        if old_clsact {
+            clsact.set_created(true);
+        }
+        let filter = attach_tc(
+            loaded.ebpf_mut(),
+            names::PROG_STEER,
+            iface,
+            TcAttachType::Ingress,
+            TcMode::Netlink,
+        )?;
+        Ok(SteerGuard {
+            _filter: filter,
+            clsact,
+        })
+    }
+
+    /// Hands the clsact qdisc over (the new target uses netlink filters on
+    /// it): whether it was tproxy's to remove; the guard no longer removes it.
+    pub fn hand_over_clsact(&mut self) -> bool {
+        let ours = self.clsact.created();
+        self.clsact.set_created(false);
+        ours
     }
 }
 

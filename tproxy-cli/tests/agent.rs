@@ -391,15 +391,18 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
 /// Connection attempts from each client to its pod's `POD_V4:8000`, one
 /// after another, from a moment before `f` runs to a moment after.
 fn attempts_during(clients: &[&Netns], f: impl FnOnce()) -> Vec<Attempts> {
+    attempts_within(clients, Duration::from_secs(5), f)
+}
+
+/// `attempts_during`, each connect given up after `connect`.
+fn attempts_within(clients: &[&Netns], connect: Duration, f: impl FnOnce()) -> Vec<Attempts> {
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|sc| {
         let runs: Vec<_> = clients
             .iter()
             .map(|c| {
                 let stop = &stop;
-                sc.spawn(move || {
-                    c.run(|| Attempts::run(addr(POD_V4, 8000), Duration::from_secs(5), stop))
-                })
+                sc.spawn(move || c.run(|| Attempts::run(addr(POD_V4, 8000), connect, stop)))
             })
             .collect();
         // Stops the attempts however `f` ends (a failed assertion in it
@@ -655,6 +658,77 @@ fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
     assert!(log.contains("replacing it"), "{log}");
     assert!(pod.steered(POD_V4));
     assert_eq!(listed_spec(&agent, "u"), (netlink.clone(), netlink));
+}
+
+/// A change of how a target is attached in its namespace (here its tc
+/// mode, TCX to netlink and back) is a replacement: drained (new
+/// connections refused), detached, attached again. A guard link holds the
+/// interface from the detach to the new attach, so connection attempts
+/// made throughout, by four clients at once with each connect given up
+/// after 50 ms (a SYN every few tens of ms), are refused or go through the
+/// proxy, and none reaches the app around it.
+#[test]
+fn replacing_a_target_in_its_namespace_opens_no_window() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let pod = Pod::new("pod-g");
+    agent.add("g", &pod.spec());
+    let netlink = TargetSpec {
+        tc_mode: Some(tproxy::tc::TcMode::Netlink),
+        ..pod.spec()
+    };
+    let seen = attempts_within(&[&pod.client; 4], Duration::from_millis(50), || {
+        for spec in [&netlink, &pod.spec(), &netlink, &pod.spec(), &netlink] {
+            agent.add("g", spec);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    for (i, a) in seen.iter().enumerate() {
+        eprintln!(
+            "client {i}: {} steered, {} refused, broken {:?}",
+            a.peers.len(),
+            a.refused.len(),
+            a.broken
+        );
+        assert_eq!(
+            a.direct(POD_V4),
+            Vec::<std::net::IpAddr>::new(),
+            "client {i}: connections reached the app around the proxy"
+        );
+        assert_eq!(a.broken, Vec::<String>::new(), "client {i}");
+    }
+    let steered: usize = seen.iter().map(|a| a.peers.len()).sum();
+    assert!(steered >= 4, "{seen:?}");
+    let log = agent.proc.as_ref().unwrap().log();
+    assert_eq!(log.matches("replacing it").count(), 5, "{log}");
+    assert!(pod.steered(POD_V4));
+    let r = agent.call(&Request::Check { id: "g".into() });
+    assert_eq!(r.state.as_deref(), Some("OK"), "{r:?}");
+    assert_eq!(listed_spec(&agent, "g"), (netlink.clone(), netlink));
+    // One steering filter on eth0: the guards are gone.
+    let filters = || {
+        pod.ns
+            .exec("tc", &["filter", "show", "dev", "eth0", "ingress"])
+            .unwrap()
+    };
+    assert_eq!(
+        filters()
+            .lines()
+            .filter(|l| l.contains("tproxy_steer"))
+            .count(),
+        1,
+        "{}",
+        filters()
+    );
+    // Removed: nothing is left on eth0, not even the clsact qdisc the
+    // first guard added and the netlink targets took over in turn.
+    agent.del("g");
+    assert!(!pod.steered(POD_V4));
+    assert!(!filters().contains("tproxy"), "{}", filters());
+    let qdiscs = pod
+        .ns
+        .exec("tc", &["qdisc", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(!qdiscs.contains("clsact"), "{qdiscs}");
 }
 
 /// The tproxy back-end through the agent: the fwmark rule, the local

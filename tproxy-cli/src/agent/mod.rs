@@ -221,17 +221,16 @@ impl Agent {
             }
         }
         // Another namespace, interface, cgroup, tc mode, back-end or
-        // routing: in effect another target. New connections are refused
-        // while its flows drain; between its detach and the new attach, its
-        // namespace has no steering (README, "Changing a target").
+        // routing: replaced. New connections are refused while its flows
+        // drain; in the same namespace and interface a steering guard holds
+        // the interface from the detach to the new attach (README,
+        // "Changing a target").
         info!(
             id,
             "target changed where or how it is attached: replacing it (drain, detach, attach)"
         );
-        self.del(id)?;
-        let mut reg = self.lock();
-        let r = reg.attach(id, spec);
-        self.save(&reg);
+        let r = registry::replace(&self.reg, id, spec, self.drain);
+        self.save(&self.lock());
         r.map_err(Into::into)
     }
 

@@ -23,7 +23,7 @@ use crate::{
     routing::{TproxyRouting, TproxySpec},
     state::AttachKind,
     system,
-    target::{TargetAttachment, TargetEnv},
+    target::{SteerGuard, TargetAttachment, TargetEnv},
     tc::{self, TcMode},
 };
 
@@ -303,6 +303,12 @@ impl Registry {
 
     /// Attaches `spec` as `id`. The caller has made sure `id` is free.
     pub fn attach(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
+        self.attach_with(id, spec, false)
+    }
+
+    /// `attach`; `replacing`: over the `TARGETS` entry a replaced target
+    /// of the same namespace kept (`TargetAttachment::attach_replacing`).
+    fn attach_with(&mut self, id: &str, spec: &TargetSpec, replacing: bool) -> Result<()> {
         let started = Instant::now();
         let opts = options_of(spec)?;
         // First, before anything is attached: never the root, never outside.
@@ -347,10 +353,15 @@ impl Registry {
         let loaded = &mut self.loaded;
         let mut created_clsact = false;
         let att = netns::run_in(&spec.netns, || {
-            TargetAttachment::attach(loaded, &opts, env, slot, |planned| {
+            let note = |planned: crate::target::Planned<'_>| {
                 created_clsact = planned.created_clsact;
                 Ok(())
-            })
+            };
+            if replacing {
+                TargetAttachment::attach_replacing(loaded, &opts, env, slot, note)
+            } else {
+                TargetAttachment::attach(loaded, &opts, env, slot, note)
+            }
         })??;
         let dir = pins::target_dir(&self.bpffs, slot);
         let mut links = Vec::new();
@@ -470,6 +481,38 @@ impl Registry {
         Ok(())
     }
 
+    /// A steering guard on the interface of target `id`, in its namespace
+    /// (`target::SteerGuard`).
+    fn guard(&mut self, id: &str) -> Result<Option<SteerGuard>> {
+        let Some(e) = self.targets.get(id) else {
+            return Ok(None);
+        };
+        let rec = &e.rec;
+        let (netns, iface, ifindex) = (rec.spec.netns.clone(), rec.spec.iface.clone(), rec.ifindex);
+        let old_clsact = rec.tc_mode == TcMode::Netlink && rec.created_clsact;
+        let loaded = &mut self.loaded;
+        let g = netns::run_in(&netns, || {
+            SteerGuard::attach(loaded, &iface, ifindex, old_clsact)
+        })??;
+        debug!("target {id}: steering guard on {iface} for its replacement");
+        Ok(Some(g))
+    }
+
+    /// The new target of a replacement takes over the clsact qdisc its
+    /// guard held (`SteerGuard::hand_over_clsact`), if it uses netlink.
+    fn take_clsact(&mut self, id: &str, guard: &mut SteerGuard) {
+        let Some(e) = self.targets.get_mut(id) else {
+            return;
+        };
+        if e.rec.tc_mode != TcMode::Netlink || !guard.hand_over_clsact() {
+            return;
+        }
+        e.rec.created_clsact = true;
+        if let Owner::Fresh(att) = &mut e.owner {
+            att.own_clsact();
+        }
+    }
+
     /// Takes over a target a previous agent attached: its pinned links now
     /// run this agent's programs (swapped in one step each), its maps are
     /// the same pinned ones. A target whose namespace is gone is removed.
@@ -481,7 +524,7 @@ impl Registry {
                 "target's network namespace is gone (pod deleted while no agent ran): removing what is left of it"
             );
             pins::remove_tree(&dir);
-            if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
+            if let Err(e) = self.remove_targets_entry(rec.netns_cookie, false) {
                 debug!("TARGETS entry of {}: {}", rec.id, Chain(&e));
             }
             return;
@@ -545,10 +588,10 @@ impl Registry {
         loader::write_target(&mut map, cookie, &t)
     }
 
-    /// An adopted target's `TARGETS` entry, its addresses in
-    /// `TARGET_ADDRS` and its connections in `PRIOR_FLOWS` (a fresh
-    /// target's owner removes its own).
-    fn remove_targets_entry(&mut self, cookie: u64) -> Result<()> {
+    /// An adopted target's `TARGETS` entry (unless `keep_entry`), its
+    /// addresses in `TARGET_ADDRS` and its connections in `PRIOR_FLOWS` (a
+    /// fresh target's owner removes its own).
+    fn remove_targets_entry(&mut self, cookie: u64, keep_entry: bool) -> Result<()> {
         let mut prior = self.loaded.prior_flows_map()?;
         if let Ok(mut m) = HashMap::<&mut MapData, FlowKey, u64>::try_from(&mut prior) {
             let ours: Vec<FlowKey> = m
@@ -574,6 +617,9 @@ impl Registry {
             .collect();
         for k in ours {
             let _ = m.remove(&k);
+        }
+        if keep_entry {
+            return Ok(());
         }
         let mut map = self.loaded.targets_map()?;
         loader::remove_target(&mut map, cookie)
@@ -655,6 +701,12 @@ impl Registry {
     /// The last step of a removal: unpins and detaches everything of `id`
     /// (in its namespace, or, if that is gone, nowhere) and frees its slot.
     pub fn detach(&mut self, id: &str) {
+        self.detach_with(id, false);
+    }
+
+    /// `detach`; `keep_entry`: its `TARGETS` entry stays, for the target
+    /// replacing it in the same namespace to overwrite.
+    fn detach_with(&mut self, id: &str, keep_entry: bool) {
         let Some(Entry { rec, owner }) = self.targets.remove(id) else {
             return;
         };
@@ -662,7 +714,10 @@ impl Registry {
         debug!("target {id}: unpinned {} link(s)", removed.len());
         let alive = netns_alive(&rec.spec.netns, rec.netns_cookie);
         match owner {
-            Owner::Fresh(att) => {
+            Owner::Fresh(mut att) => {
+                if keep_entry {
+                    att.keep_entry();
+                }
                 if alive {
                     if let Err(e) = netns::run_in(&rec.spec.netns, move || drop(att)) {
                         warn!("target {id}: detaching in its namespace: {}", Chain(&e));
@@ -680,7 +735,7 @@ impl Registry {
                         warn!("target {id}: detaching in its namespace: {}", Chain(&e));
                     }
                 }
-                if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
+                if let Err(e) = self.remove_targets_entry(rec.netns_cookie, keep_entry) {
                     warn!("target {id}: removing its TARGETS entry: {}", Chain(&e));
                 }
             }
@@ -799,6 +854,25 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
     let Some((cookie, slot)) = lock().start_draining(id)? else {
         return Ok(false);
     };
+    drain_target(reg, id, cookie, slot, drain)?;
+    lock().detach(id);
+    Ok(true)
+}
+
+/// A removal's steps between `start_draining` and the detach: steered
+/// flows get up to `drain` to finish, then acceleration is handed back
+/// (bounded wait for queued bytes to be read).
+fn drain_target(
+    reg: &std::sync::Mutex<Registry>,
+    id: &str,
+    cookie: u64,
+    slot: u32,
+    drain: Duration,
+) -> Result<()> {
+    let lock = || {
+        reg.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     let deadline = Instant::now() + drain;
     let start = lock().active_flows(cookie, slot).unwrap_or(0);
     let mut left = start;
@@ -826,8 +900,71 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
             "accel: {sockets} socket(s) handed back to plain TCP; {queued} byte(s) unread"
         );
     }
-    lock().detach(id);
-    Ok(true)
+    Ok(())
+}
+
+/// Replaces target `id` with `spec` (a change of where or how it is
+/// attached): drained like a removal (new connections refused), detached,
+/// attached again. In the same namespace and interface, no moment is left
+/// without steering: a guard link of the steering program (TCX) holds the
+/// interface from before the detach to after the new attach, steering by
+/// the entry the old target keeps (new connections refused) until the new
+/// target overwrites it and, fully attached, steers new connections again.
+/// If the guard cannot be attached, between the detach and the attach the
+/// interface is not steered (logged).
+pub fn replace(
+    reg: &std::sync::Mutex<Registry>,
+    id: &str,
+    spec: &TargetSpec,
+    drain: Duration,
+) -> Result<()> {
+    let lock = || {
+        reg.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let same_place = lock()
+        .record(id)
+        .is_some_and(|r| r.spec.netns == spec.netns && r.spec.iface == spec.iface);
+    let Some((cookie, slot)) = lock().start_draining(id)? else {
+        return lock().attach(id, spec);
+    };
+    drain_target(reg, id, cookie, slot, drain)?;
+    let mut r = lock();
+    let guard = if same_place {
+        match r.guard(id) {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(
+                    "target {id}: no steering guard for its replacement ({}): its interface is not steered between the detach and the attach",
+                    Chain(&e)
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let kept = guard.is_some();
+    r.detach_with(id, kept);
+    let res = r.attach_with(id, spec, kept);
+    let Some(mut guard) = guard else {
+        return res;
+    };
+    if r.record(id).map(|n| n.netns_cookie) != Some(cookie) {
+        // The new target failed, or is another namespace at the same path:
+        // the kept entry is no one's.
+        let _ = r.remove_targets_entry(cookie, false);
+    }
+    r.take_clsact(id, &mut guard);
+    // Its netlink filter goes in its namespace (by ifindex): never here.
+    if netns_alive(&spec.netns, cookie) {
+        if let Err(e) = netns::run_in(&spec.netns, move || drop(guard)) {
+            warn!("target {id}: removing its steering guard: {}", Chain(&e));
+        }
+    } else {
+        in_empty_netns(move || drop(guard));
+    }
+    res
 }
 
 #[cfg(test)]
