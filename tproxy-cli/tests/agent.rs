@@ -731,6 +731,47 @@ fn replacing_a_target_in_its_namespace_opens_no_window() {
     assert!(!qdiscs.contains("clsact"), "{qdiscs}");
 }
 
+/// The same with a change of back-end (rewrite to tproxy and back): the
+/// guard holds the interface while the routing goes and comes.
+#[test]
+fn replacing_a_targets_backend_opens_no_window() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let pod = Pod::with_proxy("pod-b", &["--transparent"]);
+    agent.add("b", &pod.spec());
+    let tproxy = TargetSpec {
+        steer: Some(tproxy::Steer::Tproxy),
+        ..pod.spec()
+    };
+    let seen = attempts_within(&[&pod.client; 4], Duration::from_millis(50), || {
+        for spec in [&tproxy, &pod.spec(), &tproxy] {
+            agent.add("b", spec);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    for (i, a) in seen.iter().enumerate() {
+        eprintln!(
+            "client {i}: {} steered, {} refused, broken {:?}",
+            a.peers.len(),
+            a.refused.len(),
+            a.broken
+        );
+        assert_eq!(
+            a.direct(POD_V4),
+            Vec::<std::net::IpAddr>::new(),
+            "client {i}: connections reached the app around the proxy"
+        );
+        assert_eq!(a.broken, Vec::<String>::new(), "client {i}");
+    }
+    assert!(seen.iter().map(|a| a.peers.len()).sum::<usize>() >= 4);
+    assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
+    let rules = pod.ns.ip(&["rule"]).unwrap();
+    assert!(rules.contains("fwmark"), "{rules}");
+    agent.del("b");
+    assert!(!pod.steered(POD_V4));
+    let rules = pod.ns.ip(&["rule"]).unwrap();
+    assert!(!rules.contains("fwmark"), "{rules}");
+}
+
 /// The tproxy back-end through the agent: the fwmark rule, the local
 /// route and the nftables table are made in the pod's namespace (not the
 /// agent's), carry IPv4 and IPv6 to a transparent listener, and go with
