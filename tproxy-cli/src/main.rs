@@ -175,7 +175,8 @@ fn serve(settings: &RunSettings) -> anyhow::Result<()> {
     })
 }
 
-/// Graceful stop: new flows go straight to the app from now on, flows
+/// Graceful stop: new connections to intercepted ports are refused from now
+/// on (their SYNs dropped: none reaches the app around the proxy), flows
 /// already steered keep their path until they end or the timeout runs out.
 async fn drain(
     instance: &mut Instance,
@@ -197,7 +198,7 @@ async fn drain(
         return Ok(());
     }
     info!(
-        "{sig}: new flows now go straight to the app; draining {start} active steered flow(s) for up to {timeout_s} s ({} idle ones are not waited for; signal again to stop now)",
+        "{sig}: new connections to intercepted ports are now refused; draining {start} active steered flow(s) for up to {timeout_s} s ({} idle ones are not waited for; signal again to stop now)",
         flows.open - flows.active
     );
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);

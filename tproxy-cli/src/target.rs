@@ -269,10 +269,8 @@ pub struct TargetAttachment {
     getsockopt: Option<GetsockoptAttachment>,
     getsockname: Vec<GetsocknameAttachment>,
     sockops: Option<SockopsAttachment>,
-    #[expect(dead_code, reason = "held for its Drop")]
     clsact: Option<ClsactQdisc>,
     addrs: TargetAddrs,
-    #[expect(dead_code, reason = "held for its Drop")]
     prior: PriorFlows,
     listeners: PriorListeners,
     entry: TargetEntry,
@@ -284,14 +282,19 @@ pub struct TargetAttachment {
     iface: String,
 }
 
-/// The target's `TARGETS` entry; removed on drop.
+/// The target's `TARGETS` entry; removed on drop unless kept (for the
+/// target replacing it, `TargetAttachment::keep_entry`).
 struct TargetEntry {
     map: Map,
     cookie: u64,
+    keep: bool,
 }
 
 impl Drop for TargetEntry {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(e) = loader::remove_target(&mut self.map, self.cookie) {
             warn!(
                 "removing target {:#x} from TARGETS: {}",
@@ -355,6 +358,11 @@ impl TargetAddrs {
         }
         TargetAddrs { map, cookie, addrs }
     }
+
+    /// The addresses claimed, no longer removed on drop.
+    fn into_addrs(mut self) -> Vec<TargetAddr> {
+        std::mem::take(&mut self.addrs)
+    }
 }
 
 impl Drop for TargetAddrs {
@@ -392,7 +400,13 @@ impl PriorFlows {
 
     /// Lists the calling thread's namespace's connections to `ports`.
     fn list(&mut self, ports: &crate::PortSet, cookie: u64) {
-        let found = match open_connections(ports, cookie) {
+        self.list_where(|p| ports.contains(p), cookie);
+    }
+
+    /// Lists the calling thread's namespace's connections to the ports
+    /// `wanted` says yes to.
+    fn list_where(&mut self, wanted: impl Fn(u16) -> bool, cookie: u64) {
+        let found = match open_connections(wanted, cookie) {
             Ok(found) => found,
             Err(e) => {
                 warn!(
@@ -422,6 +436,13 @@ impl PriorFlows {
     }
 }
 
+impl PriorFlows {
+    /// The connections listed, no longer removed on drop.
+    fn into_keys(mut self) -> Vec<FlowKey> {
+        std::mem::take(&mut self.keys)
+    }
+}
+
 impl Drop for PriorFlows {
     fn drop(&mut self) {
         if let Ok(mut m) = HashMap::<&mut MapData, FlowKey, u64>::try_from(&mut self.map) {
@@ -432,10 +453,13 @@ impl Drop for PriorFlows {
     }
 }
 
-/// The connections (any state but LISTEN) to a port of `ports` in the
-/// calling thread's network namespace, keyed as steering looks them up
-/// (client first, the dialled port as local port).
-pub fn open_connections(ports: &crate::PortSet, cookie: u64) -> std::io::Result<Vec<FlowKey>> {
+/// The connections (any state but LISTEN) to a port `wanted` says yes to,
+/// in the calling thread's network namespace, keyed as steering looks them
+/// up (client first, the dialled port as local port).
+pub fn open_connections(
+    wanted: impl Fn(u16) -> bool,
+    cookie: u64,
+) -> std::io::Result<Vec<FlowKey>> {
     let mut out = Vec::new();
     for row in tcp_rows()? {
         if row.state == TCP_LISTEN {
@@ -445,7 +469,7 @@ pub fn open_connections(ports: &crate::PortSet, cookie: u64) -> std::io::Result<
         else {
             continue;
         };
-        if !ports.contains(lp) {
+        if !wanted(lp) {
             continue;
         }
         let (family, la, ra) = match (la, ra) {
@@ -598,6 +622,79 @@ pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>
     Ok((tproxy, steer_mark))
 }
 
+/// What an in-place update (`update_in_place`) added to a target, for its
+/// owner to remove when the target goes.
+#[derive(Debug, Default)]
+pub struct Updated {
+    pub prior: Vec<FlowKey>,
+    pub addrs: Vec<TargetAddr>,
+}
+
+/// Handles on the maps a target's entries are in (for `update_in_place`).
+pub struct EntryMaps {
+    pub targets: Map,
+    pub prior_flows: Map,
+    pub target_addrs: Map,
+}
+
+/// Rewrites the `TARGETS` entry of the target `cookie` for the ports,
+/// acceleration settings, proxy port and marks of `opts` (`old`: the ports
+/// it intercepted until now; `steer_mark`: the rewrite back-end's new one),
+/// leaving everything else as it is: its slot, back-end, `STEER_NEW`, and
+/// its attachments, which stay attached (the programs are the object's,
+/// shared by every target, and read the entry per packet). So no packet
+/// meets a moment without steering.
+///
+/// Run in the target's namespace: connections already open to ports it
+/// starts to intercept are listed in `PRIOR_FLOWS` before the entry
+/// changes (so they keep passing to the app) and again after (handshakes
+/// that were finishing in between). With `claim_addrs` (acceleration
+/// turned on) the interface's addresses are claimed for same-node pairing.
+pub fn update_in_place(
+    maps: EntryMaps,
+    cookie: u64,
+    opts: &Options,
+    old: &crate::PortSet,
+    steer_mark: Option<u32>,
+    claim_addrs: bool,
+) -> Result<Updated> {
+    let EntryMaps {
+        mut targets,
+        prior_flows: prior,
+        target_addrs: addrs,
+    } = maps;
+    let current = loader::read_target(&targets, cookie)?;
+    let mut config = current.config;
+    config.proxy_port = opts.proxy_port;
+    config.proxy_mark = opts.proxy_mark;
+    if let Some(mark) = steer_mark {
+        config.steer_mark = mark;
+    }
+    config.flags = (config.flags & !flags::ACCEL) | if opts.accel { flags::ACCEL } else { 0 };
+    config.accel_max_queued = opts.accel_max_queued;
+    config.accel_retire_ms = opts.accel_retire_ms;
+    config.flows_quota = opts.flows_quota;
+    config.socks_quota = opts.socks_quota;
+    let added = |p: u16| opts.ports.contains(p) && !old.contains(p);
+    let mut listed = PriorFlows::new(prior);
+    listed.list_where(added, cookie);
+    loader::write_target(
+        &mut targets,
+        cookie,
+        &Target::new(config, opts.ports.iter()),
+    )?;
+    listed.list_where(added, cookie);
+    let addrs = if claim_addrs {
+        TargetAddrs::register(addrs, &opts.iface, cookie).into_addrs()
+    } else {
+        Vec::new()
+    };
+    Ok(Updated {
+        prior: listed.into_keys(),
+        addrs,
+    })
+}
+
 /// The settings `opts` give a target in `TARGETS`.
 pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32, proxy: (u64, u32)) -> Target {
     let config = Config {
@@ -633,11 +730,37 @@ impl TargetAttachment {
         slot: u32,
         before_steering: impl FnOnce(Planned<'_>) -> Result<()>,
     ) -> Result<TargetAttachment> {
+        Self::attach_inner(loaded, opts, env, slot, before_steering, false)
+    }
+
+    /// `attach` over the `TARGETS` entry a replaced target of the same
+    /// namespace kept (`keep_entry`; its `STEER_NEW` clear, so a steering
+    /// guard on the interface refuses new connections meanwhile): the entry
+    /// is overwritten with `STEER_NEW` still clear, and set once everything
+    /// of the new target is attached.
+    pub fn attach_replacing(
+        loaded: &mut Loaded,
+        opts: &Options,
+        env: TargetEnv,
+        slot: u32,
+        before_steering: impl FnOnce(Planned<'_>) -> Result<()>,
+    ) -> Result<TargetAttachment> {
+        Self::attach_inner(loaded, opts, env, slot, before_steering, true)
+    }
+
+    fn attach_inner(
+        loaded: &mut Loaded,
+        opts: &Options,
+        env: TargetEnv,
+        slot: u32,
+        before_steering: impl FnOnce(Planned<'_>) -> Result<()>,
+        replacing: bool,
+    ) -> Result<TargetAttachment> {
         if opts.accel && !loaded.accel() {
             return Err(Error::AccelNotLoaded);
         }
         let mut map = loaded.targets_map()?;
-        if loader::read_target(&map, env.netns_cookie).is_ok() {
+        if !replacing && loader::read_target(&map, env.netns_cookie).is_ok() {
             return Err(Error::TargetExists {
                 netns: format!("cookie {:#x}", env.netns_cookie),
             });
@@ -653,11 +776,11 @@ impl TargetAttachment {
         // sweep zeroed it too; a crash in between may not have).
         let mut sweep_maps = loaded.sweep_maps()?;
         sweep_maps.zero_in_use(slot)?;
-        loader::write_target(
-            &mut map,
-            env.netns_cookie,
-            &target_value(opts, &env, slot, proxy),
-        )?;
+        let mut value = target_value(opts, &env, slot, proxy);
+        if replacing {
+            value.config.flags &= !flags::STEER_NEW;
+        }
+        loader::write_target(&mut map, env.netns_cookie, &value)?;
         // Dropped after `entry`, whatever fails from here on.
         let sweep = TargetSweep {
             maps: sweep_maps,
@@ -667,6 +790,7 @@ impl TargetAttachment {
         let entry = TargetEntry {
             map,
             cookie: env.netns_cookie,
+            keep: false,
         };
         let addrs = if opts.accel {
             TargetAddrs::register(loaded.target_addrs_map()?, &opts.iface, env.netns_cookie)
@@ -791,7 +915,7 @@ impl TargetAttachment {
         )?);
         prior.list(&opts.ports, env.netns_cookie);
         fill_link_ids(&mut attachments, Some(tc_mode));
-        Ok(TargetAttachment {
+        let mut att = TargetAttachment {
             steer,
             restore,
             routing,
@@ -806,7 +930,26 @@ impl TargetAttachment {
             sweep,
             attachments,
             iface: opts.iface.clone(),
-        })
+        };
+        if replacing {
+            att.set_flag(flags::STEER_NEW, true)?;
+        }
+        Ok(att)
+    }
+
+    /// Takes over the clsact qdisc its netlink filters are on as tproxy's
+    /// (a replaced target or its guard added it): removed, when unused, on
+    /// drop.
+    pub fn own_clsact(&mut self) {
+        if let Some(c) = &mut self.clsact {
+            c.set_created(true);
+        }
+    }
+
+    /// Leaves the `TARGETS` entry in place when this target is dropped:
+    /// the target replacing it overwrites it (`attach_replacing`).
+    pub fn keep_entry(&mut self) {
+        self.entry.keep = true;
     }
 
     /// Record entries: program ids and link ids of what is attached.
@@ -840,6 +983,16 @@ impl TargetAttachment {
         out
     }
 
+    /// Takes over what an in-place update added (removed on drop).
+    pub fn keep_updated(&mut self, updated: Updated) {
+        for key in updated.prior {
+            if !self.prior.keys.contains(&key) {
+                self.prior.keys.push(key);
+            }
+        }
+        self.addrs.addrs.extend(updated.addrs);
+    }
+
     /// Sets or clears a `flags::*` bit of this target.
     pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
         let mut t = loader::read_target(&self.entry.map, self.entry.cookie)?;
@@ -867,6 +1020,55 @@ impl TargetAttachment {
         Ok(loader::read_target(&self.entry.map, self.entry.cookie)?
             .config
             .slot)
+    }
+}
+
+/// One more attachment of the steering program on an interface, for a
+/// target being replaced there: between the old target's detach and the
+/// new one's attach it steers by the entry the old one kept (`STEER_NEW`
+/// clear: new connections refused), so no moment leaves the interface
+/// without steering. A netlink filter (TCX refuses a program attached
+/// twice to one hook, and either target may use TCX), on a clsact qdisc
+/// that is tproxy's if the guard or the old target added it. Fields drop
+/// in order: the filter, then the qdisc if it is ours and unused. Drop it
+/// in the interface's namespace.
+pub struct SteerGuard {
+    _filter: TcAttachment,
+    clsact: ClsactQdisc,
+}
+
+impl SteerGuard {
+    /// Attaches the guard on `iface` (the calling thread's namespace);
+    /// `old_clsact`: the replaced target added the clsact qdisc.
+    pub fn attach(
+        loaded: &mut Loaded,
+        iface: &str,
+        ifindex: u32,
+        old_clsact: bool,
+    ) -> Result<SteerGuard> {
+        let mut clsact = ClsactQdisc::ensure(iface, ifindex)?;
+        if old_clsact {
+            clsact.set_created(true);
+        }
+        let filter = attach_tc(
+            loaded.ebpf_mut(),
+            names::PROG_STEER,
+            iface,
+            TcAttachType::Ingress,
+            TcMode::Netlink,
+        )?;
+        Ok(SteerGuard {
+            _filter: filter,
+            clsact,
+        })
+    }
+
+    /// Hands the clsact qdisc over (the new target uses netlink filters on
+    /// it): whether it was tproxy's to remove; the guard no longer removes it.
+    pub fn hand_over_clsact(&mut self) -> bool {
+        let ours = self.clsact.created();
+        self.clsact.set_created(false);
+        ours
     }
 }
 

@@ -72,6 +72,15 @@ impl ClsactQdisc {
         let created = match tc::qdisc_add_clsact(iface) {
             Ok(()) => true,
             Err(tc::TcError::IoError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+            // aya reports the kernel's EEXIST as a netlink error. It also
+            // means an `ingress` qdisc (the same handle): only a clsact one
+            // is fit to use.
+            Err(tc::TcError::NetlinkError(e))
+                if e.raw_os_error() == Some(libc::EEXIST)
+                    && has_clsact(ifindex).unwrap_or(false) =>
+            {
+                false
+            }
             Err(source) => {
                 return Err(Error::Tc {
                     what: format!("adding a clsact qdisc to {iface}"),
@@ -89,6 +98,12 @@ impl ClsactQdisc {
 
     pub fn created(&self) -> bool {
         self.created
+    }
+
+    /// Whether it is tproxy's to remove (when unused) on drop: handed from
+    /// one owner to the next when a target is replaced.
+    pub fn set_created(&mut self, created: bool) {
+        self.created = created;
     }
 }
 

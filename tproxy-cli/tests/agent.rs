@@ -18,7 +18,7 @@ use std::{
 };
 
 use common::{
-    addr,
+    Attempts, addr,
     agent::{Agent, MountNs},
     eventually, example, exchange,
 };
@@ -386,6 +386,390 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
     )
     .unwrap();
     assert_eq!(addrs.trim(), "[]", "{addrs}");
+}
+
+/// Connection attempts from each client to its pod's `POD_V4:8000`, one
+/// after another, from a moment before `f` runs to a moment after.
+fn attempts_during(clients: &[&Netns], f: impl FnOnce()) -> Vec<Attempts> {
+    attempts_within(clients, Duration::from_secs(5), f)
+}
+
+/// `attempts_during`, each connect given up after `connect`.
+fn attempts_within(clients: &[&Netns], connect: Duration, f: impl FnOnce()) -> Vec<Attempts> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let runs: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let stop = &stop;
+                sc.spawn(move || c.run(|| Attempts::run(addr(POD_V4, 8000), connect, stop)))
+            })
+            .collect();
+        // Stops the attempts however `f` ends (a failed assertion in it
+        // must not leave the scope waiting for them).
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let guard = Stop(&stop);
+        std::thread::sleep(Duration::from_millis(300));
+        f();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(guard);
+        runs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Every attempt went through the pod's proxy (the app saw the pod's own
+/// address, not the client's 10.77.0.1); none was refused or broken.
+fn all_steered(what: &str, a: &Attempts) {
+    eprintln!(
+        "{what}: {} attempts steered, refused {:?}, broken {:?}",
+        a.peers.len(),
+        a.refused,
+        a.broken
+    );
+    assert_eq!(
+        a.direct(POD_V4),
+        Vec::<std::net::IpAddr>::new(),
+        "{what}: connections reached the app around the proxy"
+    );
+    assert_eq!(a.refused, Vec::<String>::new(), "{what}: refused");
+    assert_eq!(a.broken, Vec::<String>::new(), "{what}: broken");
+    assert!(a.peers.len() >= 3, "{what}: too few attempts: {a:?}");
+}
+
+/// An agent restart (SIGTERM, a moment with no agent, the next agent
+/// adopting the pinned targets) opens no window: connection attempts made
+/// throughout all go through each pod's proxy, for a TCX target and a
+/// netlink one, and the established (accelerated) streams keep every byte.
+#[test]
+fn an_agent_restart_opens_no_window_and_keeps_established_flows() {
+    let mut agent = Agent::new(&[]);
+    let tcx = Pod::new("pod-w1");
+    let nl = Pod::new("pod-w2");
+    agent.add("w1", &tcx.spec());
+    agent.add(
+        "w2",
+        &TargetSpec {
+            tc_mode: Some(tproxy::tc::TcMode::Netlink),
+            ..nl.spec()
+        },
+    );
+    let mut s1 = Stream::open(&tcx, POD_V4);
+    let mut s2 = Stream::open(&nl, POD_V4);
+    s1.round(1 << 20);
+    s2.round(1 << 20);
+    let seen = attempts_during(&[&tcx.client, &nl.client], || {
+        let log = agent.terminate();
+        assert!(log.contains("left attached"), "{log}");
+        std::thread::sleep(Duration::from_millis(500));
+        agent.start();
+        let log = agent.proc.as_ref().unwrap().log();
+        assert_eq!(log.matches("target adopted").count(), 2, "{log}");
+    });
+    all_steered("TCX target", &seen[0]);
+    all_steered("netlink target", &seen[1]);
+    s1.round(1 << 20);
+    s2.round(1 << 20);
+    for id in ["w1", "w2"] {
+        let r = agent.call(&Request::Check { id: id.into() });
+        assert_eq!(r.state.as_deref(), Some("OK"), "{id}: {r:?}");
+    }
+}
+
+/// An agent stopped while it removes a target (SIGTERM mid-drain) leaves
+/// the target draining; the next agent finishes the removal, instead of
+/// leaving the pod refusing new connections for good.
+#[test]
+fn a_removal_cut_short_by_a_restart_is_finished_by_the_next_agent() {
+    let mut agent = Agent::new(&["--drain-timeout", "20"]);
+    let pod = Pod::new("pod-d");
+    agent.add("d", &pod.spec());
+    // An active steered flow keeps the removal draining.
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(1 << 20);
+    let sock = agent.socket();
+    std::thread::scope(|sc| {
+        let del = sc.spawn(|| {
+            agent_api::call(
+                &sock,
+                &Request::Del { id: "d".into() },
+                Duration::from_secs(60),
+            )
+        });
+        wait_until("the target draining", || {
+            agent
+                .call(&Request::Check { id: "d".into() })
+                .state
+                .as_deref()
+                == Some("DRAINING")
+        });
+        let log = agent.terminate();
+        assert!(log.contains("left attached"), "{log}");
+        // The del request got no answer: its agent is gone.
+        let _ = del.join().unwrap();
+    });
+    assert_eq!(state(&agent)["targets"][0]["draining"], true);
+    drop(s);
+    agent.start();
+    wait_until("the removal finished", || agent.ids().is_empty());
+    let log = agent.proc.as_ref().unwrap().log();
+    assert!(log.contains("resuming the removal"), "{log}");
+    assert!(!pod.steered(POD_V4), "still steered after the removal");
+    assert!(
+        tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(pins_under(&agent.pins().join("targets")).is_empty());
+    // And the pod can be added again.
+    agent.add("d", &pod.spec());
+    assert!(pod.steered(POD_V4));
+}
+
+/// The spec of target `id` as the agent lists it, and as its state file
+/// (what the next agent adopts) has it.
+fn listed_spec(agent: &Agent, id: &str) -> (TargetSpec, TargetSpec) {
+    let r = agent.call(&Request::List);
+    let listed = r
+        .targets
+        .unwrap()
+        .into_iter()
+        .find(|t| t.id == id)
+        .unwrap()
+        .target;
+    let st = state(agent);
+    let rec = st["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap();
+    (listed, serde_json::from_value(rec["spec"].clone()).unwrap())
+}
+
+/// `add` of the same id with other ports or acceleration settings updates
+/// the target in place: its attachments stay, so connection attempts made
+/// throughout all go through the proxy (none refused, none around it), an
+/// established stream is never drained or cut, and the new ports are
+/// steered at once; the agent's list and state file hold the new spec.
+/// Another proxy mark is set in place after a drain during which new
+/// connections are still steered. A change of where or how it is attached
+/// (here the tc mode) is still a replacement, and works.
+#[test]
+fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
+    let agent = Agent::new(&["--drain-timeout", "5"]);
+    let pod = Pod::new("pod-u");
+    agent.add("u", &pod.spec());
+    let st = state(&agent);
+    let links = st["targets"][0]["links"].clone();
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(1 << 20);
+    // A connection straight to the app on 8080, open before 8080 is
+    // intercepted: it stays the app's (PRIOR_FLOWS), never cut.
+    let mut before = pod
+        .client
+        .run(|| TcpStream::connect_timeout(&addr(POD_V4, 8080), Duration::from_secs(5)))
+        .unwrap();
+    before
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let line = |c: &mut TcpStream, l: &str| -> String {
+        c.write_all(l.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(l.as_bytes()) {
+            c.read_exact(&mut b).unwrap();
+            got.push(b[0]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let banner = line(&mut before, "a\n");
+    assert!(banner.contains("peer=10.77.0.1:"), "{banner}");
+    let wide = TargetSpec {
+        ports: Some("8000,8080".parse().unwrap()),
+        ..pod.spec()
+    };
+    let no_accel = TargetSpec {
+        accel: Some(false),
+        ..wide.clone()
+    };
+    let mut took = Vec::new();
+    let seen = attempts_during(&[&pod.client], || {
+        for spec in [&wide, &no_accel, &pod.spec()] {
+            let t0 = Instant::now();
+            agent.add("u", spec);
+            took.push(t0.elapsed());
+            if spec.ports == wide.ports {
+                // The added port is steered at once; the connection that
+                // was open to it goes on.
+                let (peer, _) = pod.exchange(POD_V4, 8080, b"x\n");
+                assert_eq!(peer, POD_V4, "8080 not steered after the update");
+                assert_eq!(line(&mut before, "b\n"), "b\n");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    eprintln!("updates took {took:?}");
+    all_steered("updates in place", &seen[0]);
+    // Nothing waited for a drain (the stream is active).
+    assert!(took.iter().all(|t| *t < Duration::from_secs(3)), "{took:?}");
+    s.round(1 << 20);
+    let log = agent.proc.as_ref().unwrap().log();
+    assert_eq!(log.matches("target updated in place").count(), 3, "{log}");
+    assert!(!log.contains("drained"), "{log}");
+    let (listed, saved) = listed_spec(&agent, "u");
+    assert_eq!((&listed, &saved), (&pod.spec(), &pod.spec()));
+    // The same links (none re-made), and whole.
+    assert_eq!(state(&agent)["targets"][0]["links"], links);
+    let r = agent.call(&Request::Check { id: "u".into() });
+    assert_eq!(r.state.as_deref(), Some("OK"), "{r:?}");
+    // 8080 is the app's own again.
+    let (peer, _) = pod.exchange(POD_V4, 8080, b"x\n");
+    assert_eq!(peer, "10.77.0.1", "8080 still steered");
+
+    // Another proxy mark: in place once the steered flows drained (the
+    // stream is active: up to --drain-timeout); new connections are still
+    // steered meanwhile, and the stream goes on after.
+    let marked = TargetSpec {
+        proxy_mark: Some(0x539),
+        ..pod.spec()
+    };
+    s.round(64 << 10);
+    let seen = attempts_during(&[&pod.client], || agent.add("u", &marked));
+    all_steered("update after a drain", &seen[0]);
+    let log = agent.proc.as_ref().unwrap().log();
+    assert!(log.contains("before the change: drained"), "{log}");
+    assert_eq!(log.matches("target updated in place").count(), 4, "{log}");
+    s.round(1 << 20);
+    assert_eq!(listed_spec(&agent, "u"), (marked.clone(), marked));
+
+    // Another tc mode: replaced (drained, detached, attached again).
+    let netlink = TargetSpec {
+        tc_mode: Some(tproxy::tc::TcMode::Netlink),
+        ..pod.spec()
+    };
+    drop(s);
+    agent.add("u", &netlink);
+    let log = agent.proc.as_ref().unwrap().log();
+    assert!(log.contains("replacing it"), "{log}");
+    assert!(pod.steered(POD_V4));
+    assert_eq!(listed_spec(&agent, "u"), (netlink.clone(), netlink));
+}
+
+/// A change of how a target is attached in its namespace (here its tc
+/// mode, TCX to netlink and back) is a replacement: drained (new
+/// connections refused), detached, attached again. A guard link holds the
+/// interface from the detach to the new attach, so connection attempts
+/// made throughout, by four clients at once with each connect given up
+/// after 50 ms (a SYN every few tens of ms), are refused or go through the
+/// proxy, and none reaches the app around it.
+#[test]
+fn replacing_a_target_in_its_namespace_opens_no_window() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let pod = Pod::new("pod-g");
+    agent.add("g", &pod.spec());
+    let netlink = TargetSpec {
+        tc_mode: Some(tproxy::tc::TcMode::Netlink),
+        ..pod.spec()
+    };
+    let seen = attempts_within(&[&pod.client; 4], Duration::from_millis(50), || {
+        for spec in [&netlink, &pod.spec(), &netlink, &pod.spec(), &netlink] {
+            agent.add("g", spec);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    for (i, a) in seen.iter().enumerate() {
+        eprintln!(
+            "client {i}: {} steered, {} refused, broken {:?}",
+            a.peers.len(),
+            a.refused.len(),
+            a.broken
+        );
+        assert_eq!(
+            a.direct(POD_V4),
+            Vec::<std::net::IpAddr>::new(),
+            "client {i}: connections reached the app around the proxy"
+        );
+        assert_eq!(a.broken, Vec::<String>::new(), "client {i}");
+    }
+    let steered: usize = seen.iter().map(|a| a.peers.len()).sum();
+    assert!(steered >= 4, "{seen:?}");
+    let log = agent.proc.as_ref().unwrap().log();
+    assert_eq!(log.matches("replacing it").count(), 5, "{log}");
+    assert!(pod.steered(POD_V4));
+    let r = agent.call(&Request::Check { id: "g".into() });
+    assert_eq!(r.state.as_deref(), Some("OK"), "{r:?}");
+    assert_eq!(listed_spec(&agent, "g"), (netlink.clone(), netlink));
+    // One steering filter on eth0: the guards are gone.
+    let filters = || {
+        pod.ns
+            .exec("tc", &["filter", "show", "dev", "eth0", "ingress"])
+            .unwrap()
+    };
+    assert_eq!(
+        filters()
+            .lines()
+            .filter(|l| l.contains("tproxy_steer"))
+            .count(),
+        1,
+        "{}",
+        filters()
+    );
+    // Removed: nothing is left on eth0, not even the clsact qdisc the
+    // first guard added and the netlink targets took over in turn.
+    agent.del("g");
+    assert!(!pod.steered(POD_V4));
+    assert!(!filters().contains("tproxy"), "{}", filters());
+    let qdiscs = pod
+        .ns
+        .exec("tc", &["qdisc", "show", "dev", "eth0"])
+        .unwrap();
+    assert!(!qdiscs.contains("clsact"), "{qdiscs}");
+}
+
+/// The same with a change of back-end (rewrite to tproxy and back): the
+/// guard holds the interface while the routing goes and comes.
+#[test]
+fn replacing_a_targets_backend_opens_no_window() {
+    let agent = Agent::new(&["--drain-timeout", "1"]);
+    let pod = Pod::with_proxy("pod-b", &["--transparent"]);
+    agent.add("b", &pod.spec());
+    let tproxy = TargetSpec {
+        steer: Some(tproxy::Steer::Tproxy),
+        ..pod.spec()
+    };
+    let seen = attempts_within(&[&pod.client; 4], Duration::from_millis(50), || {
+        for spec in [&tproxy, &pod.spec(), &tproxy] {
+            agent.add("b", spec);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    for (i, a) in seen.iter().enumerate() {
+        eprintln!(
+            "client {i}: {} steered, {} refused, broken {:?}",
+            a.peers.len(),
+            a.refused.len(),
+            a.broken
+        );
+        assert_eq!(
+            a.direct(POD_V4),
+            Vec::<std::net::IpAddr>::new(),
+            "client {i}: connections reached the app around the proxy"
+        );
+        assert_eq!(a.broken, Vec::<String>::new(), "client {i}");
+    }
+    assert!(seen.iter().map(|a| a.peers.len()).sum::<usize>() >= 4);
+    assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
+    let rules = pod.ns.ip(&["rule"]).unwrap();
+    assert!(rules.contains("fwmark"), "{rules}");
+    agent.del("b");
+    assert!(!pod.steered(POD_V4));
+    let rules = pod.ns.ip(&["rule"]).unwrap();
+    assert!(!rules.contains("fwmark"), "{rules}");
 }
 
 /// The tproxy back-end through the agent: the fwmark rule, the local

@@ -409,3 +409,81 @@ fn reused_client_ports_do_not_collide_with_the_tproxy_backend() {
     // Served on its first SYN, not after a retransmission (1 s).
     assert!(b_at < Duration::from_millis(1300), "B waited {b_at:?}");
 }
+
+/// While tproxy drains (SIGTERM with a steered connection still active),
+/// no new connection reaches the app around the proxy: every SYN to the
+/// intercepted port is dropped and counted (`syns_refused_draining`), so
+/// the client's attempts time out; the connection being drained keeps
+/// flowing. Once tproxy has exited nothing steers: a connection reaches the
+/// app directly (docs/fail-closed.md has the rule that keeps it closed).
+#[test]
+fn while_draining_no_new_connection_reaches_the_app() {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let mut t = lab.tproxy(Steer::Rewrite, &["--drain-timeout", "120"]);
+    let client = &lab.topo.client;
+    let dst = addr(SERVER_IP, 8000);
+    let mut held = client.run(|| {
+        let c = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c
+    });
+    // Through the proxy: the app sees the proxy's address, not ours.
+    let banner = ping(&mut held, "before\n").unwrap();
+    assert!(banner.contains(&format!("peer={SERVER_IP}:")), "{banner}");
+    t.proc.signal(libc::SIGTERM);
+    t.wait_for("draining 1 active steered flow", Duration::from_secs(20))
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (attempts, during) = client.run(|| {
+        std::thread::scope(|s| {
+            let h = s.spawn(|| Attempts::run(dst, Duration::from_millis(300), &stop));
+            // The drained connection keeps talking (and so keeps the drain
+            // going, however long the attempts take).
+            let mut during = Vec::new();
+            for i in 0..5 {
+                std::thread::sleep(Duration::from_millis(500));
+                during.push(ping(&mut held, &format!("during {i}\n")));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            (h.join().unwrap(), during)
+        })
+    });
+    eprintln!("attempts while draining: {attempts:?}");
+    // Still draining all along: the attempts were made during the drain.
+    assert!(t.proc.is_running(), "tproxy exited early:\n{}", t.log());
+    assert!(!t.log().contains("drained"), "{}", t.log());
+    let refused = counter(&lab.topo.server, "syns_refused_draining");
+    eprintln!("syns_refused_draining={refused}");
+    assert_eq!(
+        attempts.direct(SERVER_IP),
+        Vec::<std::net::IpAddr>::new(),
+        "new connections reached the app around the proxy while draining: {attempts:?}"
+    );
+    // Refused: not even a handshake with the app's listener.
+    assert_eq!(
+        attempts.broken,
+        Vec::<String>::new(),
+        "connections were made while draining"
+    );
+    assert!(
+        attempts.refused.len() >= 3,
+        "too few attempts were refused: {attempts:?}"
+    );
+    assert!(
+        refused >= attempts.refused.len() as u64,
+        "{refused} SYNs counted as refused for {} refused attempts",
+        attempts.refused.len()
+    );
+    // The drained connection was never cut.
+    for (i, line) in during.into_iter().enumerate() {
+        let line = line.unwrap_or_else(|e| panic!("the drained connection broke: {e}"));
+        assert!(line.ends_with(&format!("during {i}\n")), "{line}");
+    }
+    drop(held);
+    let st = t.proc.wait_timeout(Duration::from_secs(60)).unwrap();
+    assert!(st.success(), "{}", t.log());
+    // Exited: nothing steers any more; the app answers the client itself.
+    let after = client.run(|| exchange(dst, b"after\n")).unwrap();
+    assert_eq!(after.peer.to_string(), CLIENT_IP, "{after:?}");
+}

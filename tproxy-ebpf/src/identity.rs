@@ -35,14 +35,15 @@ pub fn caller_is_proxy(cfg: &Config) -> bool {
 }
 
 /// sockops, TCP_LISTEN_CB (in the listening process): a proxy socket
-/// listening on the proxy port is counted in `PROXY_LISTENERS`, and asks
-/// for state callbacks to be uncounted when it closes.
+/// starting to listen is counted in `PROXY_LISTENERS` (on any port: the
+/// proxy port may change in place later), and asks for state callbacks to
+/// be uncounted when it closes.
 #[inline(always)]
 pub fn listening(ctx: &SockOpsContext, cfg: &Config, cookie: u64) {
-    let key = listener_key(ctx, cookie);
-    if key.port != u32::from(cfg.proxy_port) || !caller_is_proxy(cfg) {
+    if !caller_is_proxy(cfg) {
         return;
     }
+    let key = listener_key(ctx, cookie);
     const BPF_NOEXIST: u64 = 1;
     let _ = PROXY_LISTENERS.insert(&key, &0, BPF_NOEXIST);
     if let Some(v) = PROXY_LISTENERS.get_ptr_mut(&key) {

@@ -30,7 +30,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-pub use self::registry::{ApiFailure, Registry, TargetRecord};
+pub use self::registry::{ApiFailure, Change, Registry, TargetRecord};
 use crate::{
     Error, Result,
     agent_api::{TargetSpec, code},
@@ -220,19 +220,25 @@ impl Agent {
         }
     }
 
-    /// `add`: attach, idempotent for the same spec, replace for another.
+    /// `add`: attach, idempotent for the same spec; for another spec,
+    /// update in place (no window) when `registry::change` says it can be,
+    /// else replace (drain, detach, attach).
     pub fn add(&self, id: &str, spec: &TargetSpec) -> std::result::Result<(), ApiFailure> {
         {
             let mut reg = self.lock();
             if reg.is_draining(id) {
-                return Err(ApiFailure {
-                    code: code::TRY_AGAIN,
-                    error: format!("target {id} is being removed; try again when it is gone"),
-                });
+                return Err(being_removed(id));
             }
             match reg.spec_of(id) {
                 Some(old) if old == spec => return Ok(()),
-                Some(_) => {}
+                Some(old) => match registry::change(old, spec) {
+                    Change::Replace => {}
+                    how => {
+                        let old = old.clone();
+                        drop(reg);
+                        return self.update(id, &old, spec, how);
+                    }
+                },
                 None => {
                     let r = reg.attach(id, spec);
                     self.save(&reg);
@@ -240,10 +246,62 @@ impl Agent {
                 }
             }
         }
-        info!(id, "target changed: replacing it");
-        self.del(id)?;
+        // Another namespace, interface, cgroup, tc mode, back-end or
+        // routing: replaced. New connections are refused while its flows
+        // drain; in the same namespace and interface a steering guard holds
+        // the interface from the detach to the new attach (README,
+        // "Changing a target").
+        info!(
+            id,
+            "target changed where or how it is attached: replacing it (drain, detach, attach)"
+        );
+        let r = registry::replace(&self.reg, id, spec, self.drain);
+        self.save(&self.lock());
+        r.map_err(Into::into)
+    }
+
+    /// The in-place part of `add`: the flows the change would cut (those to
+    /// ports no longer intercepted; all, for `InPlaceAfterDrain`) get up to
+    /// the drain timeout to finish, as on removal (new connections are
+    /// still steered the old way meanwhile); then the entry is rewritten
+    /// in one step.
+    fn update(
+        &self,
+        id: &str,
+        old: &TargetSpec,
+        spec: &TargetSpec,
+        how: Change,
+    ) -> std::result::Result<(), ApiFailure> {
+        let quotas = self.lock().quotas();
+        let opts = registry::options_of(spec, quotas)?;
+        let before = registry::options_of(old, quotas)?.ports;
+        let all = how == Change::InPlaceAfterDrain;
+        let gone = |p: u16| before.contains(p) && (all || !opts.ports.contains(p));
+        if before.iter().any(gone) {
+            let at = self.lock().record(id).map(|r| (r.netns_cookie, r.slot));
+            if let Some((cookie, slot)) = at {
+                let deadline = std::time::Instant::now() + self.drain;
+                let active = || self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0);
+                let start = active();
+                let mut left = start;
+                while left > 0 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                    left = active();
+                }
+                if start > 0 {
+                    info!(
+                        id,
+                        "before the change: drained {} flow(s), cut {left}",
+                        start.saturating_sub(left)
+                    );
+                }
+            }
+        }
         let mut reg = self.lock();
-        let r = reg.attach(id, spec);
+        if reg.is_draining(id) || reg.spec_of(id).is_none() {
+            return Err(being_removed(id));
+        }
+        let r = reg.update(id, spec);
         self.save(&reg);
         r.map_err(Into::into)
     }
@@ -256,6 +314,13 @@ impl Agent {
         let r = registry::remove(&self.reg, id, self.drain);
         self.save(&self.lock());
         r.map(drop).map_err(Into::into)
+    }
+}
+
+fn being_removed(id: &str) -> ApiFailure {
+    ApiFailure {
+        code: code::TRY_AGAIN,
+        error: format!("target {id} is being removed; try again when it is gone"),
     }
 }
 
@@ -353,6 +418,30 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         drain,
     });
     agent.save(&agent.lock());
+    // A removal the previous agent had begun (it exited mid-drain) goes on:
+    // else the target would refuse new connections for good, and `add` and
+    // `del` of it would wait for a removal no one makes.
+    let resumed: Vec<String> = agent
+        .lock()
+        .records()
+        .into_iter()
+        .filter(|r| r.draining)
+        .map(|r| r.id)
+        .collect();
+    for id in resumed {
+        let agent = agent.clone();
+        std::thread::Builder::new()
+            .name("resume-removal".into())
+            .spawn(move || {
+                info!(id, "resuming the removal the previous agent had begun");
+                let r = registry::remove(&agent.reg, &id, agent.drain);
+                agent.save(&agent.lock());
+                if let Err(e) = r {
+                    warn!("removing target {id}: {}", Chain(&e));
+                }
+            })
+            .map_err(|e| Error::io("starting a removal thread", e))?;
+    }
     // Wakes readers asleep after a short read, in their pod's namespace.
     let _nudger = match nudge {
         Some(maps) => {

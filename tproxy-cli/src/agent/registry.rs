@@ -23,7 +23,7 @@ use crate::{
     routing::{TproxyRouting, TproxySpec},
     state::AttachKind,
     system,
-    target::{TargetAttachment, TargetEnv},
+    target::{SteerGuard, TargetAttachment, TargetEnv},
     tc::{self, TcMode},
 };
 
@@ -154,6 +154,49 @@ pub fn options_of(spec: &TargetSpec, quotas: Quotas) -> Result<Options> {
     Ok(opts)
 }
 
+/// How a target attached as `old` becomes `new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Its `TARGETS` entry rewritten, its attachments kept: only the
+    /// ports, the acceleration settings or the label change.
+    InPlace,
+    /// The same, after its steered flows drained: the rewrite back-end's
+    /// proxy port or marks change, and its flows are keyed with the proxy
+    /// port and restored by it (new connections are still steered, the
+    /// old way, during the drain).
+    InPlaceAfterDrain,
+    /// Where or how it is attached changes (namespace, interface, cgroup,
+    /// tc mode, back-end, the tproxy back-end's routing: its table, mark
+    /// and proxy port): drained, detached and attached again.
+    Replace,
+}
+
+pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
+    let config = |s: &TargetSpec| TargetSpec {
+        ports: None,
+        accel: None,
+        accel_max_queued: None,
+        accel_retire_ms: None,
+        name: None,
+        ..s.clone()
+    };
+    if config(old) == config(new) {
+        return Change::InPlace;
+    }
+    let rewrite = |s: &TargetSpec| s.steer.unwrap_or(Steer::Rewrite) == Steer::Rewrite;
+    let placement = |s: &TargetSpec| TargetSpec {
+        proxy_port: None,
+        proxy_mark: None,
+        steer_mark: None,
+        ..config(s)
+    };
+    if rewrite(old) && rewrite(new) && placement(old) == placement(new) {
+        Change::InPlaceAfterDrain
+    } else {
+        Change::Replace
+    }
+}
+
 /// What the target's namespace says, found inside it.
 struct Probed {
     ifindex: u32,
@@ -274,6 +317,12 @@ impl Registry {
 
     /// Attaches `spec` as `id`. The caller has made sure `id` is free.
     pub fn attach(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
+        self.attach_with(id, spec, false)
+    }
+
+    /// `attach`; `replacing`: over the `TARGETS` entry a replaced target
+    /// of the same namespace kept (`TargetAttachment::attach_replacing`).
+    fn attach_with(&mut self, id: &str, spec: &TargetSpec, replacing: bool) -> Result<()> {
         let started = Instant::now();
         let opts = options_of(spec, self.quotas)?;
         // First, before anything is attached: never the root, never outside.
@@ -318,10 +367,15 @@ impl Registry {
         let loaded = &mut self.loaded;
         let mut created_clsact = false;
         let att = netns::run_in(&spec.netns, || {
-            TargetAttachment::attach(loaded, &opts, env, slot, |planned| {
+            let note = |planned: crate::target::Planned<'_>| {
                 created_clsact = planned.created_clsact;
                 Ok(())
-            })
+            };
+            if replacing {
+                TargetAttachment::attach_replacing(loaded, &opts, env, slot, note)
+            } else {
+                TargetAttachment::attach(loaded, &opts, env, slot, note)
+            }
         })??;
         let dir = pins::target_dir(&self.bpffs, slot);
         let mut links = Vec::new();
@@ -394,6 +448,90 @@ impl Registry {
         Ok(())
     }
 
+    /// The quotas a target gets when its spec names none.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
+    }
+
+    /// Changes target `id` to `spec` in place (`change` said it can be):
+    /// its `TARGETS` entry is rewritten in one step, in its namespace
+    /// (`target::update_in_place`); its attachments stay, so no connection
+    /// meets a moment without steering. Flows the change would cut are the
+    /// caller's to drain first.
+    pub fn update(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
+        let opts = options_of(spec, self.quotas)?;
+        let Some(e) = self.targets.get(id) else {
+            return Err(Error::TargetSpec(format!("target {id} is gone")));
+        };
+        let old = options_of(&e.rec.spec, self.quotas)?;
+        let (cookie, netns) = (e.rec.netns_cookie, e.rec.spec.netns.clone());
+        // The rewrite back-end's steer mark (the tproxy back-end's is its
+        // routing's, which an in-place change keeps).
+        let steer_mark = (opts.steer == Steer::Rewrite).then(|| {
+            opts.steer_mark
+                .unwrap_or_else(|| crate::options::default_steer_mark(e.rec.ifindex))
+        });
+        if steer_mark == Some(opts.proxy_mark) {
+            return Err(Error::MarksCollide(opts.proxy_mark));
+        }
+        let maps = crate::target::EntryMaps {
+            targets: self.loaded.targets_map()?,
+            prior_flows: self.loaded.prior_flows_map()?,
+            target_addrs: self.loaded.target_addrs_map()?,
+        };
+        let claim = opts.accel && !old.accel;
+        let updated = netns::run_in(&netns, || {
+            crate::target::update_in_place(maps, cookie, &opts, &old.ports, steer_mark, claim)
+        })??;
+        let e = self.targets.get_mut(id).expect("looked up above");
+        match &mut e.owner {
+            Owner::Fresh(att) => att.keep_updated(updated),
+            // An adopted target's entries go by its cookie on removal.
+            Owner::Adopted => {}
+        }
+        e.rec.spec = spec.clone();
+        info!(
+            id,
+            ports = %opts.ports,
+            accel = opts.accel,
+            slot = e.rec.slot,
+            "target updated in place"
+        );
+        Ok(())
+    }
+
+    /// A steering guard on the interface of target `id`, in its namespace
+    /// (`target::SteerGuard`).
+    fn guard(&mut self, id: &str) -> Result<Option<SteerGuard>> {
+        let Some(e) = self.targets.get(id) else {
+            return Ok(None);
+        };
+        let rec = &e.rec;
+        let (netns, iface, ifindex) = (rec.spec.netns.clone(), rec.spec.iface.clone(), rec.ifindex);
+        let old_clsact = rec.tc_mode == TcMode::Netlink && rec.created_clsact;
+        let loaded = &mut self.loaded;
+        let g = netns::run_in(&netns, || {
+            SteerGuard::attach(loaded, &iface, ifindex, old_clsact)
+        })??;
+        debug!("target {id}: steering guard on {iface} for its replacement");
+        Ok(Some(g))
+    }
+
+    /// The new target of a replacement takes over the clsact qdisc its
+    /// guard held (`SteerGuard::hand_over_clsact`), if it uses netlink.
+    fn take_clsact(&mut self, id: &str, guard: &mut SteerGuard) {
+        let Some(e) = self.targets.get_mut(id) else {
+            return;
+        };
+        if e.rec.tc_mode != TcMode::Netlink || !guard.hand_over_clsact() {
+            return;
+        }
+        e.rec.created_clsact = true;
+        if let Owner::Fresh(att) = &mut e.owner {
+            att.own_clsact();
+        }
+    }
+
     /// Takes over a target a previous agent attached: its pinned links now
     /// run this agent's programs (swapped in one step each), its maps are
     /// the same pinned ones. A target whose namespace is gone is removed.
@@ -405,7 +543,7 @@ impl Registry {
                 "target's network namespace is gone (pod deleted while no agent ran): removing what is left of it"
             );
             pins::remove_tree(&dir);
-            if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
+            if let Err(e) = self.remove_targets_entry(rec.netns_cookie, false) {
                 debug!("TARGETS entry of {}: {}", rec.id, Chain(&e));
             }
             self.sweep(&rec);
@@ -470,9 +608,21 @@ impl Registry {
         loader::write_target(&mut map, cookie, &t)
     }
 
-    /// An adopted target's `TARGETS` entry and its addresses in
-    /// `TARGET_ADDRS` (a fresh target's owner removes its own).
-    fn remove_targets_entry(&mut self, cookie: u64) -> Result<()> {
+    /// An adopted target's `TARGETS` entry (unless `keep_entry`), its
+    /// addresses in `TARGET_ADDRS` and its connections in `PRIOR_FLOWS` (a
+    /// fresh target's owner removes its own).
+    fn remove_targets_entry(&mut self, cookie: u64, keep_entry: bool) -> Result<()> {
+        let mut prior = self.loaded.prior_flows_map()?;
+        if let Ok(mut m) = HashMap::<&mut MapData, FlowKey, u64>::try_from(&mut prior) {
+            let ours: Vec<FlowKey> = m
+                .keys()
+                .flatten()
+                .filter(|k| k.netns_cookie == cookie)
+                .collect();
+            for k in ours {
+                let _ = m.remove(&k);
+            }
+        }
         let mut addrs = self.loaded.target_addrs_map()?;
         let mut m: HashMap<&mut MapData, tproxy_common::TargetAddr, u64> =
             HashMap::try_from(&mut addrs).map_err(|source| Error::Map {
@@ -487,6 +637,9 @@ impl Registry {
             .collect();
         for k in ours {
             let _ = m.remove(&k);
+        }
+        if keep_entry {
+            return Ok(());
         }
         let mut map = self.loaded.targets_map()?;
         loader::remove_target(&mut map, cookie)
@@ -506,6 +659,16 @@ impl Registry {
     /// node with both legs socket to socket (no packet crosses tc after
     /// the handshake), read lately on the proxy's accepted socket.
     pub fn active_flows(&self, cookie: u64, slot: u32) -> Result<usize> {
+        self.active_flows_to(cookie, slot, |_| true)
+    }
+
+    /// `active_flows` of those dialled to a port `dialled` says yes to.
+    pub fn active_flows_to(
+        &self,
+        cookie: u64,
+        slot: u32,
+        dialled: impl Fn(u16) -> bool,
+    ) -> Result<usize> {
         let now = monotonic_coarse_ns();
         // Clients (address, port) of this pod's fast-path sockets that read
         // lately. The proxy's accepted socket's peer is the client's socket;
@@ -526,6 +689,7 @@ impl Registry {
             .flatten()
             .filter(|(k, v)| {
                 k.netns_cookie == cookie
+                    && dialled(u16::from_be(v.orig_port))
                     && (now.saturating_sub(v.last_seen) < FLOW_ACTIVE_NS
                         || reading.contains(&(k.client_addr, u16::from_be(k.client_port))))
             })
@@ -557,6 +721,12 @@ impl Registry {
     /// The last step of a removal: unpins and detaches everything of `id`
     /// (in its namespace, or, if that is gone, nowhere) and frees its slot.
     pub fn detach(&mut self, id: &str) {
+        self.detach_with(id, false);
+    }
+
+    /// `detach`; `keep_entry`: its `TARGETS` entry stays, for the target
+    /// replacing it in the same namespace to overwrite.
+    fn detach_with(&mut self, id: &str, keep_entry: bool) {
         let Some(Entry { rec, owner }) = self.targets.remove(id) else {
             return;
         };
@@ -564,7 +734,10 @@ impl Registry {
         debug!("target {id}: unpinned {} link(s)", removed.len());
         let alive = netns_alive(&rec.spec.netns, rec.netns_cookie);
         match owner {
-            Owner::Fresh(att) => {
+            Owner::Fresh(mut att) => {
+                if keep_entry {
+                    att.keep_entry();
+                }
                 if alive {
                     if let Err(e) = netns::run_in(&rec.spec.netns, move || drop(att)) {
                         warn!("target {id}: detaching in its namespace: {}", Chain(&e));
@@ -582,7 +755,7 @@ impl Registry {
                         warn!("target {id}: detaching in its namespace: {}", Chain(&e));
                     }
                 }
-                if let Err(e) = self.remove_targets_entry(rec.netns_cookie) {
+                if let Err(e) = self.remove_targets_entry(rec.netns_cookie, keep_entry) {
                     warn!("target {id}: removing its TARGETS entry: {}", Chain(&e));
                 }
                 // A fresh target's owner sweeps as it drops (target.rs).
@@ -711,7 +884,7 @@ fn program_name(s: &str) -> Option<&'static str> {
 }
 
 /// Removes one target through the registry behind `reg`, draining like a
-/// single run's stop: new flows go straight to the app at once; steered
+/// single run's stop: new connections are refused at once; steered
 /// flows get up to `drain` to finish; then acceleration is handed back
 /// (bounded wait for queued bytes to be read); then detach. The lock is
 /// held only for each short step, so other targets' requests go on.
@@ -722,6 +895,25 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
     };
     let Some((cookie, slot)) = lock().start_draining(id)? else {
         return Ok(false);
+    };
+    drain_target(reg, id, cookie, slot, drain)?;
+    lock().detach(id);
+    Ok(true)
+}
+
+/// A removal's steps between `start_draining` and the detach: steered
+/// flows get up to `drain` to finish, then acceleration is handed back
+/// (bounded wait for queued bytes to be read).
+fn drain_target(
+    reg: &std::sync::Mutex<Registry>,
+    id: &str,
+    cookie: u64,
+    slot: u32,
+    drain: Duration,
+) -> Result<()> {
+    let lock = || {
+        reg.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
     let deadline = Instant::now() + drain;
     let start = lock().active_flows(cookie, slot).unwrap_or(0);
@@ -750,6 +942,168 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
             "accel: {sockets} socket(s) handed back to plain TCP; {queued} byte(s) unread"
         );
     }
-    lock().detach(id);
-    Ok(true)
+    Ok(())
+}
+
+/// Replaces target `id` with `spec` (a change of where or how it is
+/// attached): drained like a removal (new connections refused), detached,
+/// attached again. In the same namespace and interface, no moment is left
+/// without steering: a guard link of the steering program (TCX) holds the
+/// interface from before the detach to after the new attach, steering by
+/// the entry the old target keeps (new connections refused) until the new
+/// target overwrites it and, fully attached, steers new connections again.
+/// If the guard cannot be attached, between the detach and the attach the
+/// interface is not steered (logged).
+pub fn replace(
+    reg: &std::sync::Mutex<Registry>,
+    id: &str,
+    spec: &TargetSpec,
+    drain: Duration,
+) -> Result<()> {
+    let lock = || {
+        reg.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let same_place = lock()
+        .record(id)
+        .is_some_and(|r| r.spec.netns == spec.netns && r.spec.iface == spec.iface);
+    let Some((cookie, slot)) = lock().start_draining(id)? else {
+        return lock().attach(id, spec);
+    };
+    drain_target(reg, id, cookie, slot, drain)?;
+    let mut r = lock();
+    let guard = if same_place {
+        match r.guard(id) {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(
+                    "target {id}: no steering guard for its replacement ({}): its interface is not steered between the detach and the attach",
+                    Chain(&e)
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let kept = guard.is_some();
+    r.detach_with(id, kept);
+    let res = r.attach_with(id, spec, kept);
+    let Some(mut guard) = guard else {
+        return res;
+    };
+    if r.record(id).map(|n| n.netns_cookie) != Some(cookie) {
+        // The new target failed, or is another namespace at the same path:
+        // the kept entry is no one's.
+        let _ = r.remove_targets_entry(cookie, false);
+    }
+    r.take_clsact(id, &mut guard);
+    // Its netlink filter goes in its namespace (by ifindex): never here.
+    if netns_alive(&spec.netns, cookie) {
+        if let Err(e) = netns::run_in(&spec.netns, move || drop(guard)) {
+            warn!("target {id}: removing its steering guard: {}", Chain(&e));
+        }
+    } else {
+        in_empty_netns(move || drop(guard));
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TargetSpec {
+        TargetSpec {
+            cgroup: Some("/sys/fs/cgroup/pod".into()),
+            ports: Some("8000".parse().unwrap()),
+            ..TargetSpec::new("/run/netns/pod", "eth0")
+        }
+    }
+
+    #[test]
+    fn what_changes_in_place_and_what_replaces() {
+        let base = spec();
+        for new in [
+            TargetSpec {
+                ports: Some("8000,8080".parse().unwrap()),
+                ..spec()
+            },
+            TargetSpec {
+                accel: Some(false),
+                accel_max_queued: Some(1 << 20),
+                accel_retire_ms: Some(5),
+                ..spec()
+            },
+            TargetSpec {
+                name: Some("default/web".into()),
+                ..spec()
+            },
+        ] {
+            assert_eq!(change(&base, &new), Change::InPlace, "{new:?}");
+        }
+        for new in [
+            TargetSpec {
+                proxy_port: Some(15001),
+                ..spec()
+            },
+            TargetSpec {
+                proxy_mark: Some(0x539),
+                ..spec()
+            },
+            TargetSpec {
+                steer_mark: Some(0x1234),
+                ..spec()
+            },
+        ] {
+            assert_eq!(change(&base, &new), Change::InPlaceAfterDrain, "{new:?}");
+        }
+        let tproxy = TargetSpec {
+            steer: Some(Steer::Tproxy),
+            ..spec()
+        };
+        for new in [
+            TargetSpec::new("/run/netns/other", "eth0"),
+            TargetSpec {
+                iface: "eth1".into(),
+                ..spec()
+            },
+            TargetSpec {
+                cgroup: Some("/sys/fs/cgroup/other".into()),
+                ..spec()
+            },
+            TargetSpec {
+                tc_mode: Some(TcMode::Netlink),
+                ..spec()
+            },
+            TargetSpec {
+                steer: Some(Steer::Tproxy),
+                ..spec()
+            },
+            TargetSpec {
+                route_table: Some(200),
+                ..spec()
+            },
+        ] {
+            assert_eq!(change(&base, &new), Change::Replace, "{new:?}");
+        }
+        // The tproxy back-end's proxy port and mark are its routing's.
+        for new in [
+            TargetSpec {
+                proxy_port: Some(15001),
+                ..tproxy.clone()
+            },
+            TargetSpec {
+                steer_mark: Some(0x1234),
+                ..tproxy.clone()
+            },
+        ] {
+            assert_eq!(change(&tproxy, &new), Change::Replace, "{new:?}");
+        }
+        let ports = TargetSpec {
+            ports: Some("9000".parse().unwrap()),
+            ..tproxy.clone()
+        };
+        assert_eq!(change(&tproxy, &ports), Change::InPlace);
+    }
 }

@@ -168,8 +168,13 @@ pub struct Reply {
 
 /// Connects, sends `payload`, half-closes, reads everything back.
 pub fn exchange(dst: SocketAddr, payload: &[u8]) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    talk(s, payload)
+}
+
+/// `exchange` on a connected socket.
+pub fn talk(mut s: TcpStream, payload: &[u8]) -> std::io::Result<Reply> {
     let local = s.local_addr()?;
     s.write_all(payload)?;
     s.shutdown(Shutdown::Write)?;
@@ -322,4 +327,54 @@ pub fn wait_lines(p: &Logged, prefix: &str, n: usize, timeout: Duration) -> usiz
 /// One counter of the instance in `ns`.
 pub fn counter(ns: &Netns, name: &str) -> u64 {
     stats(ns)["counters"][name].as_u64().unwrap()
+}
+
+/// Connection attempts made one after another (in the calling thread's
+/// namespace) until told to stop: the peer the app saw for each one that
+/// reached it (the proxy's address if steered, the client's own if it went
+/// straight to the app); why each one that never connected failed; and
+/// what went wrong with each one that connected but got no proper answer.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    pub peers: Vec<IpAddr>,
+    pub refused: Vec<String>,
+    pub broken: Vec<String>,
+}
+
+impl Attempts {
+    /// Attempts to `dst`, each connect given up after `connect` (an answer
+    /// after 10 s), until `stop` is set (and at least one was made).
+    pub fn run(
+        dst: SocketAddr,
+        connect: Duration,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Attempts {
+        let mut out = Attempts::default();
+        loop {
+            match TcpStream::connect_timeout(&dst, connect) {
+                Err(e) => out.refused.push(e.to_string()),
+                Ok(s) => {
+                    let r = s
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .and_then(|()| talk(s, b"attempt\n"));
+                    match r {
+                        Ok(r) if r.echoed == b"attempt\n" => out.peers.push(r.peer),
+                        Ok(r) => out.broken.push(format!("echo {:?}", r.echoed)),
+                        Err(e) => out.broken.push(e.to_string()),
+                    }
+                }
+            }
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Peers of the attempts that reached the app other than through the
+    /// proxy at `proxy` (the address the proxy connects to the app from).
+    pub fn direct(&self, proxy: &str) -> Vec<IpAddr> {
+        let proxy: IpAddr = proxy.parse().unwrap();
+        self.peers.iter().copied().filter(|p| *p != proxy).collect()
+    }
 }
