@@ -1421,12 +1421,12 @@ fn an_agent_refuses_a_bpffs_dir_that_is_not_empty_and_mounts_nothing() {
     let mnt = MountNs::new();
     let (tmp, lib, dir) = var_lib();
     std::fs::write(dir.join("old-file"), "someone's").unwrap();
-    let before = mnt.mountinfo();
+    let before = mnt.mountinfo_under(tmp.path());
     let mut p = Logged::spawn("tproxy-agent", &mut agent_in(&mnt, tmp.path(), &dir)).unwrap();
     let st = match p.proc.wait_timeout(Duration::from_secs(20)) {
         Ok(st) => st,
         Err(_) => {
-            let made = new_mounts(&before, &mnt.mountinfo());
+            let made = new_mounts(&before, &mnt.mountinfo_under(tmp.path()));
             let hidden = !mnt.exists(&lib.join("host-file"));
             let log = p.kill9().unwrap();
             panic!(
@@ -1450,8 +1450,11 @@ fn an_agent_refuses_a_bpffs_dir_that_is_not_empty_and_mounts_nothing() {
         )) && lines[0].contains("empty directory"),
         "{lines:#?}"
     );
-    assert_eq!(new_mounts(&before, &mnt.mountinfo()), vec![]);
-    assert_eq!(mnt.mountinfo(), before);
+    assert_eq!(
+        new_mounts(&before, &mnt.mountinfo_under(tmp.path())),
+        vec![]
+    );
+    assert_eq!(mnt.mountinfo_under(tmp.path()), before);
     assert!(mnt.exists(&lib.join("host-file")) && mnt.exists(&dir.join("old-file")));
 }
 
@@ -1462,11 +1465,11 @@ fn an_agent_refuses_a_bpffs_dir_that_is_not_empty_and_mounts_nothing() {
 fn an_agent_mounts_a_bpffs_on_an_empty_dir_only_and_cleanup_unmounts_it() {
     let mnt = MountNs::new();
     let (tmp, lib, dir) = var_lib();
-    let before = mnt.mountinfo();
+    let before = mnt.mountinfo_under(tmp.path());
     let mut p = Logged::spawn("tproxy-agent", &mut agent_in(&mnt, tmp.path(), &dir)).unwrap();
     p.wait_for("agent serving", Duration::from_secs(30))
         .unwrap();
-    let made = new_mounts(&before, &mnt.mountinfo());
+    let made = new_mounts(&before, &mnt.mountinfo_under(tmp.path()));
     let hidden = !mnt.exists(&lib.join("host-file"));
     let (st, log) = p.terminate().unwrap();
     assert!(st.success(), "{log}");
@@ -1478,7 +1481,7 @@ fn an_agent_mounts_a_bpffs_on_an_empty_dir_only_and_cleanup_unmounts_it() {
     assert!(!hidden, "{} was hidden", lib.display());
     // SIGTERM leaves the pins for the next agent, and so the mount.
     assert!(mnt.exists(&dir.join("node").join(tproxy_common::names::TARGETS)));
-    assert_eq!(new_mounts(&before, &mnt.mountinfo()), made);
+    assert_eq!(new_mounts(&before, &mnt.mountinfo_under(tmp.path())), made);
     let out = cleanup_in(&mnt, tmp.path());
     assert!(out.contains("unpinned"), "{out}");
     assert!(
@@ -1488,7 +1491,7 @@ fn an_agent_mounts_a_bpffs_on_an_empty_dir_only_and_cleanup_unmounts_it() {
         )),
         "{out}"
     );
-    assert_eq!(mnt.mountinfo(), before, "{out}");
+    assert_eq!(mnt.mountinfo_under(tmp.path()), before, "{out}");
     assert!(mnt.exists(&lib.join("host-file")));
 }
 
@@ -1508,11 +1511,11 @@ fn an_agent_makes_its_dir_on_a_bpffs_and_mounts_nothing() {
         .unwrap();
     assert!(st.success());
     let dir = bpf.join("a").join("tproxy");
-    let before = mnt.mountinfo();
+    let before = mnt.mountinfo_under(tmp.path());
     let mut p = Logged::spawn("tproxy-agent", &mut agent_in(&mnt, tmp.path(), &dir)).unwrap();
     p.wait_for("agent serving", Duration::from_secs(30))
         .unwrap();
-    let made = new_mounts(&before, &mnt.mountinfo());
+    let made = new_mounts(&before, &mnt.mountinfo_under(tmp.path()));
     let (st, log) = p.terminate().unwrap();
     assert!(st.success(), "{log}");
     assert_eq!(made, vec![], "{log}");
@@ -1522,7 +1525,7 @@ fn an_agent_makes_its_dir_on_a_bpffs_and_mounts_nothing() {
         out.contains("unpinned") && !out.contains("unmounted"),
         "{out}"
     );
-    assert_eq!(mnt.mountinfo(), before, "{out}");
+    assert_eq!(mnt.mountinfo_under(tmp.path()), before, "{out}");
 }
 
 /// Every entry of the namespace `cookie` (counter slot `slot`) still in

@@ -205,6 +205,21 @@ impl MountNs {
             .collect()
     }
 
+    /// The mounts at or below `dir`: what a test there can change. Other
+    /// tests of the binary add and remove mounts (network namespaces) at
+    /// the same time, which a private mount namespace may still show.
+    pub fn mountinfo_under(&self, dir: &std::path::Path) -> Vec<String> {
+        let dir = dir.to_string_lossy().into_owned();
+        self.mountinfo()
+            .into_iter()
+            .filter(|l| {
+                l.split(' ')
+                    .nth(4)
+                    .is_some_and(|m| m == dir || m.starts_with(&format!("{dir}/")))
+            })
+            .collect()
+    }
+
     /// `path` exists as seen in the namespace (a mount may hide it).
     pub fn exists(&self, path: &std::path::Path) -> bool {
         self.command("test")
