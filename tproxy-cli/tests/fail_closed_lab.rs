@@ -58,7 +58,10 @@ fn rise(before: &serde_json::Value, after: &serde_json::Value, name: &str) -> u6
 fn steered_lab(steer: Steer) -> (Lab, Logged, Logged) {
     let lab = Lab::new();
     let p = lab.proxy(Proxy::Ours, steer);
-    let t = lab.tproxy(steer, &[]);
+    // Raw-socket handshakes leave steered flows open: no drain to wait
+    // out when the guard stops tproxy (it would be killed mid-drain, and
+    // leave its runtime record behind).
+    let t = lab.tproxy(steer, &["--drain-timeout", "0"]);
     (lab, p, t)
 }
 
@@ -369,7 +372,7 @@ fn connections_open_before_tproxy_attached_keep_working() {
             c
         })
     });
-    let _t = lab.tproxy(Steer::Rewrite, &[]);
+    let _t = lab.tproxy(Steer::Rewrite, &["--drain-timeout", "0"]);
     let c0 = counters(server);
     for round in 0..5 {
         for (c, d) in conns.iter_mut().zip(dsts) {
