@@ -8,12 +8,11 @@ mod common;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{Shutdown, TcpStream},
     time::{Duration, Instant},
 };
 
 use common::*;
-use socket2::{Domain, Socket, Type};
 use tproxy_examples::Stream;
 use tproxy_lab::{Logged, Netns, topology::*};
 
@@ -21,22 +20,6 @@ use tproxy_lab::{Logged, Netns, topology::*};
 fn lab_client(ns: &Netns, args: &[&str]) -> String {
     ns.exec(&example("lab-client"), args)
         .unwrap_or_else(|e| panic!("lab-client {args:?}: {e:#}"))
-}
-
-/// A connection from a chosen client port (SO_REUSEADDR, so two
-/// connections to different ports may share it, as NATs and Linux do).
-fn connect_from(
-    local: SocketAddr,
-    dst: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.bind(&local.into())?;
-    s.connect_timeout(&dst.into(), timeout)?;
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    Ok(s)
 }
 
 /// Sends a line and reads the app's banner and the echo of that line.

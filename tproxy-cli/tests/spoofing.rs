@@ -8,27 +8,12 @@
 mod common;
 
 use std::{
-    net::{SocketAddr, TcpStream},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use common::*;
-use socket2::{Domain, Socket, Type};
 use tproxy_lab::topology::*;
-
-/// A connection from a chosen client port.
-fn connect_from(
-    local: SocketAddr,
-    dst: SocketAddr,
-    timeout: Duration,
-) -> std::io::Result<TcpStream> {
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.bind(&local.into())?;
-    s.connect_timeout(&dst.into(), timeout)?;
-    Ok(s.into())
-}
 
 /// One forged SYN every 0.5 s from the client's 10.0.0.20:46000 to :8080
 /// while the real client, from the same port, connects to :8000. Before,

@@ -378,3 +378,23 @@ impl Attempts {
         self.peers.iter().copied().filter(|p| *p != proxy).collect()
     }
 }
+
+/// A connection from a chosen client port (SO_REUSEADDR, so two
+/// connections to different ports may share it, as NATs and Linux do).
+pub fn connect_from(
+    local: SocketAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(dst),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.bind(&local.into())?;
+    s.connect_timeout(&dst.into(), timeout)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
