@@ -68,6 +68,22 @@ impl Setup {
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
         cmd
     }
+
+    /// A stranger listening on the proxy port (0.0.0.0:15006), which says
+    /// `accepted` if it ever gets a connection.
+    fn stranger_listens(&self) -> Logged {
+        let script = "import socket\n\
+            s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+            s.bind(('0.0.0.0',15006)); s.listen(); print('listening', flush=True)\n\
+            c,a=s.accept(); print('accepted', a, flush=True)\n";
+        let mut cmd = self.stranger("/usr/bin/python3");
+        cmd.args(["-c", script]);
+        let mut stranger = Logged::spawn("stranger", &mut cmd).unwrap();
+        stranger
+            .wait_for("listening", Duration::from_secs(10))
+            .unwrap();
+        stranger
+    }
 }
 
 /// The proxy's own connection to the app is paired; a stranger's
@@ -175,16 +191,7 @@ fn a_stranger_on_the_proxy_port_gets_no_steered_connection() {
     // its close (it saw it in the socket table, not at listen): the window
     // docs/fail-closed.md states. Let that pass.
     std::thread::sleep(Duration::from_secs(3));
-    let script = "import socket\n\
-        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-        s.bind(('0.0.0.0',15006)); s.listen(); print('listening', flush=True)\n\
-        c,a=s.accept(); print('accepted', a, flush=True)\n";
-    let mut cmd = s.stranger("/usr/bin/python3");
-    cmd.args(["-c", script]);
-    let mut stranger = Logged::spawn("stranger", &mut cmd).unwrap();
-    stranger
-        .wait_for("listening", Duration::from_secs(10))
-        .unwrap();
+    let stranger = s.stranger_listens();
     assert!(
         client
             .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
@@ -236,16 +243,7 @@ fn the_tproxy_backend_gives_a_strangers_plain_listener_nothing() {
     let r = client.run(|| exchange(dst, b"transparent\n")).unwrap();
     assert_eq!(r.echoed, b"transparent\n");
     s.proxy.take().unwrap().kill9().unwrap();
-    let script = "import socket\n\
-        s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-        s.bind(('0.0.0.0',15006)); s.listen(); print('listening', flush=True)\n\
-        c,a=s.accept(); print('accepted', a, flush=True)\n";
-    let mut cmd = s.stranger("/usr/bin/python3");
-    cmd.args(["-c", script]);
-    let mut stranger = Logged::spawn("stranger", &mut cmd).unwrap();
-    stranger
-        .wait_for("listening", Duration::from_secs(10))
-        .unwrap();
+    let stranger = s.stranger_listens();
     for _ in 0..3 {
         assert!(
             client
