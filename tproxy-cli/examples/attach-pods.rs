@@ -9,10 +9,12 @@ use std::{io::Read as _, path::PathBuf};
 use anyhow::{Context as _, Result, bail};
 use tproxy::{
     Options, PortSet, Steer,
-    loader::Loaded,
-    netns::run_in,
-    target::{TargetAttachment, TargetEnv},
-    tc::TcMode,
+    config::options::TcMode,
+    sys::netns::run_in,
+    target::{
+        attachment::{TargetAttachment, TargetEnv},
+        loader::Loaded,
+    },
 };
 
 fn main() -> Result<()> {
@@ -20,7 +22,7 @@ fn main() -> Result<()> {
     if specs.is_empty() {
         bail!("usage: attach-pods NETNS_PATH:CGROUP:PORTS:accel|noaccel …");
     }
-    let mut loaded = Loaded::load_with(&tproxy::loader::LoadOptions {
+    let mut loaded = Loaded::load_with(&tproxy::target::loader::LoadOptions {
         accel: true,
         max_targets: 8,
         same_node: true,

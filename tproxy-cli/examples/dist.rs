@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 fn main() -> std::io::Result<()> {
     let out = PathBuf::from(std::env::args_os().nth(1).expect("usage: dist OUT_DIR"));
-    let completions = tproxy::dist::write_completions(&out.join("completions"))?;
-    let man = tproxy::dist::write_man(&out.join("man"))?;
+    let completions = tproxy::cmd::dist::write_completions(&out.join("completions"))?;
+    let man = tproxy::cmd::dist::write_man(&out.join("man"))?;
     for f in completions.iter().chain(&man) {
         println!("{}", f.display());
     }

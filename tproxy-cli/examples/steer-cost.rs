@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use tproxy::instance::EBPF_OBJECT;
+use tproxy::target::instance::EBPF_OBJECT;
 use tproxy_common::{Config, FlowKey, FlowValue, NodeConfig, Target, flags, names};
 
 fn frame() -> Vec<u8> {
@@ -32,12 +32,12 @@ fn frame() -> Vec<u8> {
 }
 
 fn cost(multi: bool) -> f64 {
-    let (nd_net, net_cookie) = tproxy::btf::netns_offsets().expect("BTF offsets");
+    let (nd_net, net_cookie) = tproxy::sys::btf::netns_offsets().expect("BTF offsets");
     let mut ebpf = EbpfLoader::new()
         .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &u8::from(multi), true)
         .load(EBPF_OBJECT)
         .expect("load");
-    let cookie = tproxy::system::netns_cookie().expect("cookie");
+    let cookie = tproxy::sys::system::netns_cookie().expect("cookie");
     let node = NodeConfig {
         dev_nd_net_offset: nd_net,
         net_cookie_offset: net_cookie,

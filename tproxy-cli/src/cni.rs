@@ -1,5 +1,5 @@
 //! `tproxy-cni`: a chained CNI plugin (spec 0.4.0, 1.0.0, 1.1.0) that
-//! registers each pod with the node agent ([`crate::agent_api`]) and passes
+//! registers each pod with the node agent ([`crate::api`]) and passes
 //! the previous plugin's result through untouched.
 //!
 //! The container runtime runs it after the pod network's plugin, with the
@@ -31,8 +31,8 @@ use serde_json::{Value, json};
 
 use crate::{
     PortSet, Steer,
-    agent_api::{self, ApiError, Request, TargetSpec},
-    tc::TcMode,
+    api::{self, ApiError, Request, TargetSpec},
+    config::options::TcMode,
 };
 
 /// The spec versions this plugin speaks, oldest first.
@@ -115,7 +115,7 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
-    /// Default [`agent_api::DEFAULT_SOCKET`].
+    /// Default [`api::DEFAULT_SOCKET`].
     #[serde(default)]
     pub agent_socket: Option<PathBuf>,
     #[serde(default)]
@@ -378,7 +378,7 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             Ok(())
         }
         Err(Failure::Agent {
-            code: Some(agent_api::code::NOT_FOUND),
+            code: Some(api::code::NOT_FOUND),
             ..
         }) => Ok(()),
         Err(e) => Err(e.into_cni(conf)),
@@ -393,16 +393,14 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         return Ok(());
     }
     ask(conf, &Request::Check { id: id.into() }).map_err(|e| match e {
-        Failure::Agent { code, error } if code != Some(agent_api::code::TRY_AGAIN) => {
-            CniError::new(
-                code::NOT_ATTACHED,
-                format!("the tproxy agent does not have container {id} attached whole"),
-                format!(
-                    "{}; `tproxy status` on the node shows what is missing, the agent's log why",
-                    error.as_deref().unwrap_or("no reason given")
-                ),
-            )
-        }
+        Failure::Agent { code, error } if code != Some(api::code::TRY_AGAIN) => CniError::new(
+            code::NOT_ATTACHED,
+            format!("the tproxy agent does not have container {id} attached whole"),
+            format!(
+                "{}; `tproxy status` on the node shows what is missing, the agent's log why",
+                error.as_deref().unwrap_or("no reason given")
+            ),
+        ),
         e => e.into_cni(conf),
     })
 }
@@ -447,8 +445,8 @@ impl Failure {
             ),
             Failure::Agent { code, error } => {
                 let cni = match code {
-                    Some(agent_api::code::TRY_AGAIN) => code::TRY_AGAIN,
-                    Some(agent_api::code::INVALID_CONFIG) => code::INVALID_CONFIG,
+                    Some(api::code::TRY_AGAIN) => code::TRY_AGAIN,
+                    Some(api::code::INVALID_CONFIG) => code::INVALID_CONFIG,
                     _ => code::AGENT_FAILED,
                 };
                 CniError::new(
@@ -464,7 +462,7 @@ impl Failure {
 fn socket(conf: &NetConf) -> PathBuf {
     conf.agent_socket
         .clone()
-        .unwrap_or_else(|| agent_api::DEFAULT_SOCKET.into())
+        .unwrap_or_else(|| api::DEFAULT_SOCKET.into())
 }
 
 fn ask(conf: &NetConf, req: &Request) -> Result<(), Failure> {
@@ -472,7 +470,7 @@ fn ask(conf: &NetConf, req: &Request) -> Result<(), Failure> {
         .agent_timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(DEFAULT_TIMEOUT);
-    let resp = agent_api::call(&socket(conf), req, timeout).map_err(Failure::Api)?;
+    let resp = api::call(&socket(conf), req, timeout).map_err(Failure::Api)?;
     if resp.ok {
         Ok(())
     } else {
@@ -579,7 +577,7 @@ pub fn target_for(
         None => conf.proxy_port,
     };
     let proxy_mark = match annotation(conf, annotation::PROXY_MARK) {
-        Some(v) => Some(crate::cli::parse_mark(v.trim()).map_err(|why| {
+        Some(v) => Some(crate::config::options::parse_mark(v.trim()).map_err(|why| {
             bad_annotation(
                 annotation::PROXY_MARK,
                 v,

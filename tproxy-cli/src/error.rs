@@ -41,7 +41,7 @@ pub enum Error {
 
     #[error(
         "no free {what} among the {} values from {from:#x}: ip rules and routes use them all; pass --steer-mark and --route-table",
-        crate::routing::SEARCH
+        crate::sys::routing::SEARCH
     )]
     NoFreeRouting { what: &'static str, from: u32 },
 

@@ -14,35 +14,18 @@
 //! command line, `config` the `--config` file, `dist` its completions and
 //! man pages. The kernel side is in the `tproxy-ebpf` crate.
 pub mod agent;
-pub mod agent_api;
-pub mod attach;
-pub mod btf;
-pub mod check;
-pub mod cli;
+pub mod api;
+pub mod cmd;
 pub mod cni;
 pub mod config;
-pub mod dist;
 pub mod error;
-pub mod inspect;
-pub mod instance;
-pub mod loader;
-pub mod metrics;
-pub mod netns;
-pub mod nudger;
-pub mod options;
-pub mod ports;
-pub mod probe;
-pub mod recovery;
-pub mod routing;
-pub mod state;
-pub mod stats;
-pub mod status;
-pub mod sweep;
-pub mod system;
+pub mod observe;
+pub mod sys;
 pub mod target;
-pub mod tc;
 
+pub use config::{
+    options::{Options, Steer},
+    ports::PortSet,
+};
 pub use error::{Error, Result};
-pub use instance::Instance;
-pub use options::{Options, Steer};
-pub use ports::PortSet;
+pub use target::instance::Instance;

@@ -22,7 +22,7 @@ use common::{
     agent::{Agent, MountNs},
     eventually, example, exchange,
 };
-use tproxy::agent_api::{self, Request, TargetSpec};
+use tproxy::api::{self, Request, TargetSpec};
 use tproxy_lab::{Cgroup, Logged, Netns, unique};
 
 /// A pod: its namespace (eth0 10.77.0.2, fd77::2: the same in every pod),
@@ -261,7 +261,7 @@ fn two_pods_with_identical_addresses_never_meet_and_removing_one_leaves_the_othe
                 .contains("already a target"),
         "{r:?}"
     );
-    assert_eq!(r.code, Some(agent_api::code::INVALID_CONFIG));
+    assert_eq!(r.code, Some(api::code::INVALID_CONFIG));
     for pod in [&a, &b] {
         for ip in [POD_V4, POD_V6] {
             assert!(pod.steered(ip), "{} {ip} not steered", pod.tag);
@@ -454,7 +454,7 @@ fn an_agent_restart_opens_no_window_and_keeps_established_flows() {
     agent.add(
         "w2",
         &TargetSpec {
-            tc_mode: Some(tproxy::tc::TcMode::Netlink),
+            tc_mode: Some(tproxy::config::options::TcMode::Netlink),
             ..nl.spec()
         },
     );
@@ -494,7 +494,7 @@ fn a_removal_cut_short_by_a_restart_is_finished_by_the_next_agent() {
     let sock = agent.socket();
     std::thread::scope(|sc| {
         let del = sc.spawn(|| {
-            agent_api::call(
+            api::call(
                 &sock,
                 &Request::Del { id: "d".into() },
                 Duration::from_secs(60),
@@ -649,7 +649,7 @@ fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
 
     // Another tc mode: replaced (drained, detached, attached again).
     let netlink = TargetSpec {
-        tc_mode: Some(tproxy::tc::TcMode::Netlink),
+        tc_mode: Some(tproxy::config::options::TcMode::Netlink),
         ..pod.spec()
     };
     drop(s);
@@ -673,7 +673,7 @@ fn replacing_a_target_in_its_namespace_opens_no_window() {
     let pod = Pod::new("pod-g");
     agent.add("g", &pod.spec());
     let netlink = TargetSpec {
-        tc_mode: Some(tproxy::tc::TcMode::Netlink),
+        tc_mode: Some(tproxy::config::options::TcMode::Netlink),
         ..pod.spec()
     };
     let seen = attempts_within(&[&pod.client; 4], Duration::from_millis(50), || {
@@ -823,7 +823,7 @@ fn sigkill_under_load_then_cleanup_leaves_nothing() {
     agent.add(
         "k2",
         &TargetSpec {
-            tc_mode: Some(tproxy::tc::TcMode::Netlink),
+            tc_mode: Some(tproxy::config::options::TcMode::Netlink),
             ..nl.spec()
         },
     );
@@ -964,7 +964,7 @@ fn the_agent_refuses_the_cgroup_root_and_paths_outside_the_cgroup2_mount() {
         });
         let error = r.error.clone().unwrap_or_default();
         assert!(!r.ok, "{cgroup:?} was accepted");
-        assert_eq!(r.code, Some(agent_api::code::INVALID_CONFIG), "{error}");
+        assert_eq!(r.code, Some(api::code::INVALID_CONFIG), "{error}");
         assert!(
             error.contains(&format!("cgroup {cgroup:?}"))
                 && error.contains(why)

@@ -18,10 +18,12 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use common::*;
 use tproxy::{
     Options, PortSet, Steer,
-    loader::Loaded,
-    netns::run_in,
-    target::{TargetAttachment, TargetEnv},
-    tc::TcMode,
+    config::options::TcMode,
+    sys::netns::run_in,
+    target::{
+        attachment::{TargetAttachment, TargetEnv},
+        loader::Loaded,
+    },
 };
 use tproxy_common::{Counter, SockState, names};
 use tproxy_lab::{Cgroup, Logged, Netns, envoy, unique};
@@ -252,7 +254,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// One object for the node (as the agent loads it, same-node pairing on),
 /// attached to S (8000, 8080) and C (8000).
 fn load_and_attach(node: &Node) -> (Loaded, TargetAttachment, TargetAttachment) {
-    let mut loaded = Loaded::load_with(&tproxy::loader::LoadOptions {
+    let mut loaded = Loaded::load_with(&tproxy::target::loader::LoadOptions {
         accel: true,
         max_targets: 8,
         same_node: true,

@@ -22,7 +22,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tproxy::agent_api::{self, Request, Response, TargetSpec};
+use tproxy::api::{self, Request, Response, TargetSpec};
 use tproxy_lab::{Cgroup, Netns, cgroup::cgroup2_root, run, unique};
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_tproxy-cni");
@@ -55,14 +55,14 @@ impl FakeAgent {
                         return;
                     }
                     let mut s = conn.unwrap();
-                    let resp = match agent_api::read_request(&mut s) {
+                    let resp = match api::read_request(&mut s) {
                         Ok(req) => {
                             requests.lock().unwrap().push(req);
                             answer.lock().unwrap().clone()
                         }
-                        Err(e) => Response::error(agent_api::code::INVALID_CONFIG, e.to_string()),
+                        Err(e) => Response::error(api::code::INVALID_CONFIG, e.to_string()),
                     };
-                    agent_api::write_response(&mut s, &resp).unwrap();
+                    api::write_response(&mut s, &resp).unwrap();
                 }
             })
         };

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde_norway::Value;
-use tproxy::cli::{DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT};
+use tproxy::config::options::{DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT};
 use tproxy_lab::envoy;
 
 fn load(rel: &str) -> Value {

@@ -16,7 +16,7 @@ use std::{
 use serde::Deserialize as _;
 use serde_json::{Value as Json, json};
 use serde_norway::Value;
-use tproxy::cli::{DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT};
+use tproxy::config::options::{DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT};
 use tproxy_lab::{envoy, k8s_validate};
 
 fn repo() -> PathBuf {

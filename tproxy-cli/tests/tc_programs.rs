@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use tproxy::{inspect::monotonic_coarse_ns, instance::EBPF_OBJECT};
+use tproxy::target::{inspect::monotonic_coarse_ns, instance::EBPF_OBJECT};
 use tproxy_common::{
     Config, Counter, FlowKey, FlowValue, NodeConfig, SteerMode, Target, flags, flow_state, names,
 };
@@ -61,12 +61,12 @@ impl Progs {
     }
 
     fn with(mode: SteerMode, multi: bool, other: u64) -> Progs {
-        let (nd_net, net_cookie) = tproxy::btf::netns_offsets().expect("BTF offsets");
+        let (nd_net, net_cookie) = tproxy::sys::btf::netns_offsets().expect("BTF offsets");
         let mut ebpf = EbpfLoader::new()
             .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &u8::from(multi), true)
             .load(EBPF_OBJECT)
             .expect("load object");
-        let cookie = tproxy::system::netns_cookie().expect("netns cookie") + other;
+        let cookie = tproxy::sys::system::netns_cookie().expect("netns cookie") + other;
         let cfg = Config {
             proxy_port: PROXY_PORT,
             steer_mode: mode as u8,

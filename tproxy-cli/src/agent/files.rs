@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{agent_api::TargetSpec, config::TargetConfig};
+use crate::{api::TargetSpec, config::file::TargetConfig};
 
 /// The id of the target file `path`.
 pub fn id_of(path: &Path) -> Option<String> {

@@ -12,33 +12,50 @@
 //! after an agent that is not coming back, `tproxy cleanup` removes what it
 //! left.
 pub mod files;
-pub mod pins;
 pub mod registry;
 pub mod server;
-pub mod view;
 
 use std::{
     collections::HashMap as StdHashMap,
-    fs::{self, File, OpenOptions},
-    io::Write as _,
-    os::fd::AsRawFd as _,
+    fs::{self},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-pub use self::registry::{ApiFailure, Change, Registry, TargetRecord};
+pub use self::registry::{ApiFailure, Change, Registry};
 use crate::{
     Error, Result,
-    agent_api::{TargetSpec, code},
+    api::{TargetSpec, code},
     error::Chain,
-    loader::{LoadOptions, Loaded, MapSizes},
-    nudger::{Netns, Nudger},
-    system,
+    sys::{pins, system},
+    target::{
+        agent_state::{AgentState, lock_path, read_state, state_path, try_lock, write_state},
+        loader::{LoadOptions, Loaded, MapSizes},
+        nudger::{Netns, Nudger},
+    },
 };
+
+/// What a `tproxy agent` runs with, resolved from its flags and its
+/// `--config` file (`cmd::agent`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub socket: PathBuf,
+    pub targets_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    pub max_targets: u32,
+    /// How long removing a target waits for its steered flows.
+    pub drain: Duration,
+    /// Pair a client in one pod of this node with another pod's proxy.
+    pub same_node: bool,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// A target's quotas when its spec names none.
+    pub quotas: registry::Quotas,
+    pub sizes: MapSizes,
+}
 
 pub const DEFAULT_TARGETS_DIR: &str = "/run/tproxy/targets.d";
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/tproxy";
@@ -46,150 +63,6 @@ pub const DEFAULT_MAX_TARGETS: u32 = 256;
 /// Where `--metrics-addr` alone serves: loopback, as the figures name pods
 /// and containers and show each one's traffic.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
-
-/// `tproxy agent` flags.
-#[derive(Debug, Clone, clap::Args)]
-pub struct AgentArgs {
-    /// The agent API's Unix socket (mode 0600).
-    #[arg(long, value_name = "PATH", default_value = crate::agent_api::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// Target files (`*.yaml`, the --config target keys plus `netns` and `name`), rescanned every second.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_TARGETS_DIR)]
-    pub targets_dir: PathBuf,
-    /// bpffs directory for the pins that keep targets attached across restarts (on a bpf filesystem, or an empty directory: one is mounted on it).
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-    pub bpffs: PathBuf,
-    /// Where the agent keeps its state file and lock [default: /run/tproxy/agent].
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Most targets at once (sizes TARGETS and COUNTERS) [default: 256].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65_535))]
-    pub max_targets: Option<u32>,
-    /// How long removing a target waits for its steered flows to finish [default: 30].
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(..=crate::cli::MAX_DRAIN_TIMEOUT))]
-    pub drain_timeout: Option<u64>,
-    /// Do not pair a client in one pod of this node with another pod's
-    /// proxy: only the proxy->app leg goes socket to socket.
-    #[arg(long)]
-    pub no_accel_same_node: bool,
-    /// (The default; kept so that command lines which asked for same-node
-    /// pairing when it was off by default still work.)
-    #[arg(long, hide = true, conflicts_with = "no_accel_same_node")]
-    pub accel_same_node: bool,
-    /// Serve Prometheus metrics on http://ADDR/metrics: every counter and
-    /// gauge per target (labels `target`, `pod`); without ADDR the node's
-    /// loopback, 127.0.0.1:9464 (the figures name pods: expose them with care).
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Most open steered flows (FLOWS entries) one target may hold, unless
-    /// its spec says (`flows_quota`); past it, its new flows stay
-    /// embryonic, so one pod's clients cannot take the node's table from
-    /// the others; 0: no quota [default: the table (flows_max) / 8, or an
-    /// equal share with fewer than 8 --max-targets].
-    #[arg(long, value_name = "N")]
-    pub flows_quota: Option<u32>,
-    /// Most sockets one target may have accelerated (SOCKHASH entries),
-    /// unless its spec says (`socks_quota`); past it, its new connections
-    /// stay plain TCP; 0: no quota [default: socks_max / 8, or an equal
-    /// share with fewer than 8 --max-targets].
-    #[arg(long, value_name = "N")]
-    pub socks_quota: Option<u32>,
-    /// Agent settings in YAML: max_targets, drain_timeout, flows_max, flows_quota, syns_max, closing_max, socks_max, socks_quota.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-}
-
-/// `--config` of the agent: sizes for the node.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentConfig {
-    pub max_targets: Option<u32>,
-    pub drain_timeout: Option<u64>,
-    /// Open flows, node-wide (FLOWS).
-    pub flows_max: Option<u32>,
-    /// A target's default quota of FLOWS entries (`--flows-quota`).
-    pub flows_quota: Option<u32>,
-    /// Embryonic flows (SYNS, LRU).
-    pub syns_max: Option<u32>,
-    /// Closed flows lingering (CLOSING, LRU).
-    pub closing_max: Option<u32>,
-    /// Accelerated sockets (SOCKHASH and SOCKS).
-    pub socks_max: Option<u32>,
-    /// A target's default quota of accelerated sockets (`--socks-quota`).
-    pub socks_quota: Option<u32>,
-}
-
-/// A target's quota of a node-wide table (FLOWS, the SOCKHASH) when
-/// neither its spec nor the agent's flags name one: an eighth of the table
-/// (a pod's clients holding idle connections take at most that much from
-/// the others), or an equal share when the agent serves fewer than 8
-/// targets.
-pub fn default_quota(table: u32, max_targets: u32) -> u32 {
-    (table / max_targets.clamp(1, 8)).max(1)
-}
-
-/// The agent's state file: what the next agent adopts.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct AgentState {
-    pub pid: i32,
-    pub bpffs: PathBuf,
-    pub socket: PathBuf,
-    pub targets: Vec<TargetRecord>,
-}
-
-pub fn default_state_dir() -> PathBuf {
-    crate::state::run_dir().join("agent")
-}
-
-fn state_path(dir: &Path) -> PathBuf {
-    dir.join("agent.json")
-}
-
-fn lock_path(dir: &Path) -> PathBuf {
-    dir.join("agent.lock")
-}
-
-/// The held flock on `agent.lock`: one agent per state directory, and
-/// `tproxy cleanup` leaves a living agent alone.
-pub struct AgentLock {
-    _file: File,
-}
-
-/// Takes the agent lock in `dir`; `None` if an agent holds it.
-pub fn try_lock(dir: &Path) -> Result<Option<AgentLock>> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let path = lock_path(dir);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    // SAFETY: flock on a valid fd.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(None);
-        }
-        return Err(Error::io(format!("locking {}", path.display()), e));
-    }
-    Ok(Some(AgentLock { _file: file }))
-}
-
-pub fn read_state(dir: &Path) -> Option<AgentState> {
-    serde_json::from_slice(&fs::read(state_path(dir)).ok()?).ok()
-}
-
-fn write_state(dir: &Path, state: &AgentState) -> Result<()> {
-    let path = state_path(dir);
-    let tmp = dir.join("agent.json.tmp");
-    let io = |e| Error::io(format!("writing {}", path.display()), e);
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(&serde_json::to_vec_pretty(state).expect("state serializes"))
-        .map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, &path).map_err(io)
-}
 
 /// The running agent, shared by the API server, the target-file scanner
 /// and the signal handler.
@@ -324,48 +197,21 @@ fn being_removed(id: &str) -> ApiFailure {
     }
 }
 
-/// `tproxy agent`.
-pub fn run(args: &AgentArgs) -> Result<()> {
-    let file = match &args.config {
-        Some(p) => {
-            let text = fs::read_to_string(p).map_err(|source| Error::ConfigRead {
-                path: p.clone(),
-                source,
-            })?;
-            serde_norway::from_str::<Option<AgentConfig>>(&text)
-                .map_err(|source| Error::Config {
-                    path: p.clone(),
-                    source,
-                })?
-                .unwrap_or_default()
-        }
-        None => AgentConfig::default(),
-    };
-    let max_targets = args
-        .max_targets
-        .or(file.max_targets)
-        .unwrap_or(DEFAULT_MAX_TARGETS);
-    let drain = Duration::from_secs(args.drain_timeout.or(file.drain_timeout).unwrap_or(30));
-    let quotas = registry::Quotas {
-        flows: args.flows_quota.or(file.flows_quota).unwrap_or_else(|| {
-            default_quota(
-                file.flows_max.unwrap_or(tproxy_common::FLOWS_MAX),
-                max_targets,
-            )
-        }),
-        socks: args.socks_quota.or(file.socks_quota).unwrap_or_else(|| {
-            default_quota(
-                file.socks_max.unwrap_or(tproxy_common::SOCKHASH_MAX),
-                max_targets,
-            )
-        }),
-    };
-    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+/// `tproxy agent`: serves until SIGTERM/SIGINT.
+pub fn run(args: &Settings) -> Result<()> {
+    let Settings {
+        max_targets,
+        drain,
+        quotas,
+        sizes,
+        ..
+    } = args.clone();
+    let state_dir = args.state_dir.clone();
 
     system::check_privileges_for(true)?;
     system::check_kernel_version()?;
     system::check_btf()?;
-    crate::probe::check(true)?;
+    crate::sys::probe::check(true)?;
     let lock = try_lock(&state_dir)?.ok_or_else(|| Error::AgentRunning {
         dir: state_dir.clone(),
         pid: read_state(&state_dir).map_or(0, |s| s.pid),
@@ -394,14 +240,9 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         accel: true,
         max_targets,
         single: None,
-        sizes: MapSizes {
-            flows: file.flows_max,
-            syns: file.syns_max,
-            closing: file.closing_max,
-            socks: file.socks_max,
-        },
+        sizes,
         pin_dir: Some(node),
-        same_node: !args.no_accel_same_node,
+        same_node: args.same_node,
     })?;
     let nudge = loaded.nudge_maps()?;
     let mut reg = Registry::new(loaded, args.bpffs.clone(), max_targets, quotas);
@@ -462,7 +303,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
         let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM", e))?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT", e))?;
         if let Some(addr) = args.metrics_addr {
-            let endpoint = crate::metrics::Endpoint::bind(addr).await?;
+            let endpoint = crate::observe::metrics::Endpoint::bind(addr).await?;
             let maps = agent.lock().maps()?;
             let a = agent.clone();
             endpoint.start_agent(
@@ -590,10 +431,10 @@ fn remove_leftovers(state: &AgentState) -> Vec<String> {
         }
         let mut removed = Vec::new();
         let r = rec.clone();
-        let res = crate::netns::run_in(&rec.spec.netns, move || {
-            let mut all = crate::recovery::Removal::default();
-            if r.tc_mode == crate::tc::TcMode::Netlink {
-                all.extend(crate::tc::remove_stale_filters(
+        let res = crate::sys::netns::run_in(&rec.spec.netns, move || {
+            let mut all = crate::sys::removal::Removal::default();
+            if r.tc_mode == crate::config::options::TcMode::Netlink {
+                all.extend(crate::sys::tc::remove_stale_filters(
                     &r.spec.iface,
                     r.ifindex,
                     &r.tc_progs,
@@ -601,7 +442,7 @@ fn remove_leftovers(state: &AgentState) -> Vec<String> {
                 ));
             }
             if let Some(spec) = &r.tproxy {
-                all.extend(crate::routing::TproxyRouting::remove(spec));
+                all.extend(crate::sys::routing::TproxyRouting::remove(spec));
             }
             all
         });

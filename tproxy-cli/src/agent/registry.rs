@@ -8,46 +8,27 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
-use serde::{Deserialize, Serialize};
 use tproxy_common::{Counter, FLOW_ACTIVE_NS, FlowKey, FlowValue, SockState, flags, names};
 use tracing::{debug, info, warn};
 
-use super::pins;
 use crate::{
     Error, Options, Result, Steer,
-    agent_api::{TargetSpec, TargetStatus},
+    api::{TargetSpec, TargetStatus},
+    config::options::TcMode,
     error::Chain,
-    inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
-    loader::{self, Loaded},
-    netns,
-    routing::{TproxyRouting, TproxySpec},
-    state::AttachKind,
-    system,
-    target::{SteerGuard, TargetAttachment, TargetEnv},
-    tc::{self, TcMode},
+    sys::{
+        netns, pins,
+        routing::{TproxyRouting, TproxySpec},
+        system, tc,
+    },
+    target::{
+        agent_state::TargetRecord,
+        attachment::{SteerGuard, TargetAttachment, TargetEnv},
+        inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
+        loader::{self, Loaded},
+        record::AttachKind,
+    },
 };
-
-/// What the state file keeps of one target: enough for the next agent to
-/// adopt it, or for `tproxy cleanup` to remove it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TargetRecord {
-    pub id: String,
-    pub spec: TargetSpec,
-    pub netns_cookie: u64,
-    pub netns_inode: u64,
-    pub slot: u32,
-    pub ifindex: u32,
-    pub tc_mode: TcMode,
-    pub created_clsact: bool,
-    pub tproxy: Option<TproxySpec>,
-    /// Program ids of its tc programs (netlink filters are found by them).
-    pub tc_progs: Vec<u32>,
-    /// Its pinned links, by program name, under `targets/<slot>/`.
-    pub links: Vec<String>,
-    /// Being removed (steering of new flows off).
-    #[serde(default)]
-    pub draining: bool,
-}
 
 enum Owner {
     /// Attached by this agent: the owner detaches on drop.
@@ -89,7 +70,7 @@ pub struct ApiFailure {
 
 impl From<Error> for ApiFailure {
     fn from(e: Error) -> Self {
-        use crate::agent_api::code;
+        use crate::api::code;
         let c = match &e {
             Error::BadPorts(_)
             | Error::ProxyPortIntercepted(_)
@@ -134,8 +115,12 @@ pub fn options_of(spec: &TargetSpec, quotas: Quotas) -> Result<Options> {
         ports,
         cgroup: Some(cgroup),
         proxy_cgroup: None,
-        proxy_port: spec.proxy_port.unwrap_or(crate::cli::DEFAULT_PROXY_PORT),
-        proxy_mark: spec.proxy_mark.unwrap_or(crate::cli::DEFAULT_PROXY_MARK),
+        proxy_port: spec
+            .proxy_port
+            .unwrap_or(crate::config::options::DEFAULT_PROXY_PORT),
+        proxy_mark: spec
+            .proxy_mark
+            .unwrap_or(crate::config::options::DEFAULT_PROXY_MARK),
         accel: spec.accel.unwrap_or(true),
         tc_mode: spec.tc_mode.unwrap_or(TcMode::Auto),
         steer: spec.steer.unwrap_or(Steer::Rewrite),
@@ -213,8 +198,8 @@ fn probe_netns(opts: &Options) -> Result<Probed> {
     let l2_len = system::link_header_len(&opts.iface)?;
     let cookie = system::netns_cookie()?;
     let inode = netns::current_inode()?;
-    let tc_mode = opts.tc_mode.check()?;
-    let (tproxy, steer_mark) = crate::target::plan_steering(opts, ifindex)?;
+    let tc_mode = crate::sys::tc::check(opts.tc_mode)?;
+    let (tproxy, steer_mark) = crate::target::attachment::plan_steering(opts, ifindex)?;
     Ok(Probed {
         ifindex,
         l2_len,
@@ -282,8 +267,8 @@ impl Registry {
     }
 
     /// New descriptors of the object's maps (the metrics endpoint's).
-    pub fn maps(&self) -> Result<crate::inspect::Maps> {
-        crate::inspect::Maps::dup(self.loaded.ebpf())
+    pub fn maps(&self) -> Result<crate::target::inspect::Maps> {
+        crate::target::inspect::Maps::dup(self.loaded.ebpf())
     }
 
     pub fn records(&self) -> Vec<TargetRecord> {
@@ -367,7 +352,7 @@ impl Registry {
         let loaded = &mut self.loaded;
         let mut created_clsact = false;
         let att = netns::run_in(&spec.netns, || {
-            let note = |planned: crate::target::Planned<'_>| {
+            let note = |planned: crate::target::attachment::Planned<'_>| {
                 created_clsact = planned.created_clsact;
                 Ok(())
             };
@@ -469,19 +454,21 @@ impl Registry {
         // routing's, which an in-place change keeps).
         let steer_mark = (opts.steer == Steer::Rewrite).then(|| {
             opts.steer_mark
-                .unwrap_or_else(|| crate::options::default_steer_mark(e.rec.ifindex))
+                .unwrap_or_else(|| crate::config::options::default_steer_mark(e.rec.ifindex))
         });
         if steer_mark == Some(opts.proxy_mark) {
             return Err(Error::MarksCollide(opts.proxy_mark));
         }
-        let maps = crate::target::EntryMaps {
+        let maps = crate::target::attachment::EntryMaps {
             targets: self.loaded.targets_map()?,
             prior_flows: self.loaded.prior_flows_map()?,
             target_addrs: self.loaded.target_addrs_map()?,
         };
         let claim = opts.accel && !old.accel;
         let updated = netns::run_in(&netns, || {
-            crate::target::update_in_place(maps, cookie, &opts, &old.ports, steer_mark, claim)
+            crate::target::attachment::update_in_place(
+                maps, cookie, &opts, &old.ports, steer_mark, claim,
+            )
         })??;
         let e = self.targets.get_mut(id).expect("looked up above");
         match &mut e.owner {
@@ -807,7 +794,7 @@ impl Registry {
                 name: names::COUNTERS,
                 source,
             })?;
-        crate::inspect::slot_counters(&arr, slot)
+        crate::target::inspect::slot_counters(&arr, slot)
     }
 
     /// `check`: attached and whole, or what is wrong.
@@ -932,7 +919,7 @@ fn drain_target(
     std::thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
     let (sockets, mut queued) = lock().accel_of_slot(slot).unwrap_or((0, 0));
-    while queued > 0 && t0.elapsed() < crate::instance::ACCEL_DRAIN_TIMEOUT {
+    while queued > 0 && t0.elapsed() < crate::target::instance::ACCEL_DRAIN_TIMEOUT {
         std::thread::sleep(Duration::from_millis(10));
         queued = lock().accel_of_slot(slot).map(|(_, q)| q).unwrap_or(0);
     }

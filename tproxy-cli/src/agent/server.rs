@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::Agent;
 use crate::{
     Error, Result,
-    agent_api::{self, MAX_MESSAGE, Request, Response, code},
+    api::{self, MAX_MESSAGE, Request, Response, code},
 };
 
 /// Binds `path`, a socket of mode 0600 from the moment it exists (no
@@ -95,11 +95,10 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) -> std::io::Result<()> {
     let resp = match read {
         Err(_) => Response::error(code::OTHER, "no request within 10 s"),
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) if line.len() > MAX_MESSAGE => Response::error(
-            code::INVALID_CONFIG,
-            agent_api::ApiError::TooLong.to_string(),
-        ),
-        Ok(Ok(_)) => match agent_api::parse_request(&line) {
+        Ok(Ok(_)) if line.len() > MAX_MESSAGE => {
+            Response::error(code::INVALID_CONFIG, api::ApiError::TooLong.to_string())
+        }
+        Ok(Ok(_)) => match api::parse_request(&line) {
             Err(e) => Response::error(code::INVALID_CONFIG, e.to_string()),
             Ok(req) => tokio::task::spawn_blocking(move || answer(&agent, req))
                 .await
@@ -108,7 +107,7 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) -> std::io::Result<()> {
                 }),
         },
     };
-    w.write_all(&agent_api::encode_response(&resp)).await?;
+    w.write_all(&api::encode_response(&resp)).await?;
     w.shutdown().await
 }
 

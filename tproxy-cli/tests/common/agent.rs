@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tproxy::agent_api::{self, Request, Response, TargetSpec};
+use tproxy::api::{self, Request, Response, TargetSpec};
 use tproxy_lab::{Logged, Proc};
 
 use super::BIN;
@@ -104,7 +104,7 @@ impl Agent {
     }
 
     pub fn call(&self, req: &Request) -> Response {
-        agent_api::call(&self.socket(), req, Duration::from_secs(60)).unwrap()
+        api::call(&self.socket(), req, Duration::from_secs(60)).unwrap()
     }
 
     pub fn add(&self, id: &str, spec: &TargetSpec) {

@@ -3,63 +3,19 @@
 //! `tproxy cleanup`. TCX and cgroup links die with the process's file
 //! descriptors; netlink tc filters, the clsact qdisc, the tproxy back-end's
 //! rules, routes and nftables table, and the runtime record do not.
-use std::fmt;
-
 use tracing::{debug, warn};
 
 use crate::{
     Error, Result,
-    netns::{self, Located},
-    routing::TproxyRouting,
-    state::{AttachKind, Record, StaleRecord},
-    system,
-    tc::{self, TcMode},
+    config::options::TcMode,
+    sys::{
+        netns::{self, Located},
+        removal::{Removal, RemovedKind},
+        routing::TproxyRouting,
+        system, tc,
+    },
+    target::record::{AttachKind, Record, StaleRecord},
 };
-
-/// One object removed, described for people.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Removed {
-    pub kind: RemovedKind,
-    pub what: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RemovedKind {
-    TcFilter,
-    Qdisc,
-    /// A fwmark rule, a local route or the nftables table.
-    Routing,
-    Record,
-}
-
-impl fmt::Display for Removed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.what)
-    }
-}
-
-/// What a removal did: the objects removed, and those that should have
-/// gone and did not (one line each).
-#[derive(Debug, Default)]
-pub struct Removal {
-    pub removed: Vec<Removed>,
-    pub failed: Vec<String>,
-}
-
-impl Removal {
-    pub(crate) fn push(&mut self, kind: RemovedKind, what: String) {
-        self.removed.push(Removed { kind, what });
-    }
-
-    pub fn extend(&mut self, other: Removal) {
-        self.removed.extend(other.removed);
-        self.failed.extend(other.failed);
-    }
-
-    pub fn count(&self, kind: RemovedKind) -> usize {
-        self.removed.iter().filter(|r| r.kind == kind).count()
-    }
-}
 
 /// Removes, in the calling thread's network namespace, what the dead
 /// instance of `stale` left: its routing (tproxy back-end) and its netlink
@@ -240,7 +196,7 @@ fn clean_one(stale: StaleRecord, iface: &str, inode: u64) -> Result<Cleaned> {
 /// (a record is only touched under its lock, which a live instance holds).
 pub fn cleanup(scope: &Scope) -> Result<Vec<Cleaned>> {
     let here = netns::current_inode()?;
-    let files = crate::state::record_files()?;
+    let files = crate::target::record::record_files()?;
     let mut out = Vec::new();
     for f in files {
         let in_scope = match scope {
@@ -277,7 +233,7 @@ pub fn run_cleanup(scope: &Scope) -> Result<()> {
     let cleaned = cleanup(scope)?;
     // A node agent that died (SIGKILL) or exited for good: its pins, its
     // targets' filters and routing, its state. A living one is left alone.
-    let agent_dir = crate::agent::default_state_dir();
+    let agent_dir = crate::target::agent_state::default_state_dir();
     let agent = match scope {
         Scope::Iface(_) => None,
         _ => match crate::agent::cleanup(&agent_dir) {

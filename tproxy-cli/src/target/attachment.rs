@@ -23,13 +23,19 @@ use tracing::warn;
 
 use crate::{
     Error, Options, Result,
-    attach::{
-        Attachment, GetsocknameAttachment, GetsockoptAttachment, SockopsAttachment, TcAttachment,
+    config::options::TcMode,
+    sys::{
+        routing::{TproxyRouting, TproxySpec},
+        tc::ClsactQdisc,
     },
-    loader::{self, Loaded, attached, program, sockops_name},
-    routing::{TproxyRouting, TproxySpec},
-    state::{AttachKind, Attached},
-    tc::{ClsactQdisc, TcMode},
+    target::{
+        attach::{
+            Attachment, GetsocknameAttachment, GetsockoptAttachment, SockopsAttachment,
+            TcAttachment,
+        },
+        loader::{self, Loaded, attached, program, sockops_name},
+        record::{AttachKind, Attached},
+    },
 };
 
 /// What the caller found out about the target, in its namespace, before
@@ -59,8 +65,8 @@ pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<((u64, u32), st
             .try_clone()
             .map_err(|e| Error::io("reading the proxy's cgroup", e))?,
         Some(path) => {
-            let proxy = crate::system::open_cgroup(Some(path))?;
-            if !crate::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
+            let proxy = crate::sys::system::open_cgroup(Some(path))?;
+            if !crate::sys::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
                 return Err(Error::ProxyCgroupOutside {
                     proxy: path.clone(),
                     cgroup: env.cgroup.clone(),
@@ -69,7 +75,7 @@ pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<((u64, u32), st
             proxy.dir
         }
     };
-    Ok((crate::system::cgroup_identity(&dir)?, dir))
+    Ok((crate::sys::system::cgroup_identity(&dir)?, dir))
 }
 
 /// The proxy's listeners on its port that are older than the target
@@ -106,8 +112,8 @@ impl PriorListeners {
         for (mut key, inode) in found {
             key.netns_cookie = cookie;
             let owned = socket_owners(inode).into_iter().any(|pid| {
-                crate::system::process_cgroup(pid)
-                    .and_then(|cg| crate::system::cgroup_within(&cg, proxy))
+                crate::sys::system::process_cgroup(pid)
+                    .and_then(|cg| crate::sys::system::cgroup_within(&cg, proxy))
                     .unwrap_or(false)
             });
             if owned {
@@ -236,17 +242,17 @@ impl TargetEnv {
     /// attach targets themselves (the agent and a single run check more,
     /// each with its own message).
     pub fn here(iface: &str, cgroup: &std::path::Path) -> crate::Result<TargetEnv> {
-        let dir = crate::system::open_cgroup(Some(cgroup))?;
-        let ifindex = crate::system::ifindex(iface)?;
+        let dir = crate::sys::system::open_cgroup(Some(cgroup))?;
+        let ifindex = crate::sys::system::ifindex(iface)?;
         Ok(TargetEnv {
             ifindex,
-            l2_len: crate::system::link_header_len(iface)?,
-            netns_cookie: crate::system::netns_cookie()?,
+            l2_len: crate::sys::system::link_header_len(iface)?,
+            netns_cookie: crate::sys::system::netns_cookie()?,
             cgroup: dir.path,
             cgroup_dir: dir.dir,
-            tc_mode: TcMode::Auto.check()?,
+            tc_mode: crate::sys::tc::check(TcMode::Auto)?,
             tproxy: None,
-            steer_mark: crate::options::default_steer_mark(ifindex),
+            steer_mark: crate::config::options::default_steer_mark(ifindex),
         })
     }
 }
@@ -308,7 +314,7 @@ impl Drop for TargetEntry {
 /// Sweeps the target's entries out of the shared maps on drop
 /// (`sweep.rs`), after everything else of it is detached.
 struct TargetSweep {
-    maps: crate::sweep::SweepMaps,
+    maps: crate::target::sweep::SweepMaps,
     cookie: u64,
     slot: u32,
 }
@@ -602,9 +608,9 @@ pub fn interface_addrs(iface: &str) -> std::io::Result<Vec<IpAddr>> {
 pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>, u32)> {
     let tproxy = match opts.steer {
         crate::Steer::Tproxy => {
-            let spec = crate::routing::plan(opts, ifindex)?;
-            crate::routing::check_nft_table_free(&spec)?;
-            crate::routing::check_nft(&spec)?;
+            let spec = crate::sys::routing::plan(opts, ifindex)?;
+            crate::sys::routing::check_nft_table_free(&spec)?;
+            crate::sys::routing::check_nft(&spec)?;
             Some(spec)
         }
         crate::Steer::Rewrite => None,
@@ -612,7 +618,7 @@ pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>
     let steer_mark = tproxy.as_ref().map_or_else(
         || {
             opts.steer_mark
-                .unwrap_or_else(|| crate::options::default_steer_mark(ifindex))
+                .unwrap_or_else(|| crate::config::options::default_steer_mark(ifindex))
         },
         |s| s.mark,
     );

@@ -9,7 +9,7 @@ use std::{
 use clap::CommandFactory as _;
 use clap_complete::Shell;
 
-use crate::cli::Cli;
+use crate::cmd::Cli;
 
 const BIN: &str = "tproxy";
 

@@ -43,7 +43,7 @@ use tokio::{
 };
 use tproxy_common::Counter;
 
-use crate::{Error, Instance, Options, Result, inspect::Maps};
+use crate::{Error, Instance, Options, Result, target::inspect::Maps};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -443,7 +443,7 @@ impl Collector for AgentCollector {
         type Gauge = (
             &'static str,
             &'static str,
-            fn(&crate::inspect::Snapshot) -> i64,
+            fn(&crate::target::inspect::Snapshot) -> i64,
         );
         let gauges: [Gauge; 8] = [
             (

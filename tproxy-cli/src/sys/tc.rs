@@ -11,52 +11,36 @@ use tracing::{debug, info};
 
 use crate::{
     Error, Result,
-    recovery::{Removal, RemovedKind},
+    config::options::TcMode,
+    sys::removal::{Removal, RemovedKind},
 };
 
-/// How the tc programs are attached.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum TcMode {
-    /// TCX links where the kernel has them (>= 6.6), netlink filters before.
-    Auto,
-    /// TCX links: detached by the kernel when tproxy exits, however it exits.
-    Tcx,
-    /// clsact qdisc + netlink filters: they outlive a killed tproxy, which
-    /// removes them on its next start.
-    Netlink,
+/// Auto becomes TCX where the kernel has it (probed; by version if the
+/// probe cannot tell), netlink filters elsewhere.
+pub fn resolve(mode: TcMode) -> TcMode {
+    match mode {
+        TcMode::Auto => match crate::sys::probe::tcx_supported() {
+            Some(true) => TcMode::Tcx,
+            Some(false) => TcMode::Netlink,
+            None if aya::util::KernelVersion::current()
+                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) =>
+            {
+                TcMode::Tcx
+            }
+            None => TcMode::Netlink,
+        },
+        m => m,
+    }
 }
 
-impl TcMode {
-    /// Auto becomes TCX where the kernel has it (probed; by version if the
-    /// probe cannot tell), netlink filters elsewhere.
-    pub fn resolve(self) -> TcMode {
-        match self {
-            TcMode::Auto => match crate::probe::tcx_supported() {
-                Some(true) => TcMode::Tcx,
-                Some(false) => TcMode::Netlink,
-                None if aya::util::KernelVersion::current()
-                    .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) =>
-                {
-                    TcMode::Tcx
-                }
-                None => TcMode::Netlink,
-            },
-            m => m,
-        }
+/// The mode a run would use; an explicit `tcx` the kernel lacks is an
+/// error before anything is attached.
+pub fn check(mode: TcMode) -> Result<TcMode> {
+    let mode = resolve(mode);
+    if mode == TcMode::Tcx && crate::sys::probe::tcx_supported() == Some(false) {
+        return Err(Error::NoTcx);
     }
-
-    /// The mode a run would use; an explicit `tcx` the kernel lacks is an
-    /// error before anything is attached.
-    pub fn check(self) -> Result<TcMode> {
-        let mode = self.resolve();
-        if mode == TcMode::Tcx && crate::probe::tcx_supported() == Some(false) {
-            return Err(Error::NoTcx);
-        }
-        Ok(mode)
-    }
+    Ok(mode)
 }
 
 /// The clsact qdisc, when tproxy added it: removed on drop unless filters

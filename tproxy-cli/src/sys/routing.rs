@@ -28,10 +28,12 @@ use tracing::{debug, warn};
 
 use crate::{
     Error, Result,
+    config::options::{Options, RESERVED_TABLES, check_table_not_reserved, default_steer_mark},
     error::{self, NftError},
-    options::{Options, default_steer_mark},
-    recovery::{Removal, RemovedKind},
-    tc::with_rtnetlink,
+    sys::{
+        removal::{Removal, RemovedKind},
+        tc::with_rtnetlink,
+    },
 };
 
 /// Priority of the fwmark rule: ahead of `main` (32766), after `local` (0).
@@ -40,8 +42,6 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// The metric the kernel gives an IPv6 route added without one; set
 /// explicitly so removal can match it (IPv4 routes get none).
 const IPV6_ROUTE_METRIC: u32 = 1024;
-/// Routing tables the kernel and every host use: unspec, default, main, local.
-pub const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
 /// How far past a taken default mark or table the search for a free one goes.
 pub(crate) const SEARCH: u32 = 4096;
 
@@ -93,14 +93,6 @@ fn new_owner() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     format!("{:x}-{nanos:x}", std::process::id())
-}
-
-/// Refuses a reserved `--route-table` (no privileges needed).
-pub fn check_table_not_reserved(table: u32) -> Result<()> {
-    if RESERVED_TABLES.contains(&table) {
-        return Err(Error::ReservedTable(table));
-    }
-    Ok(())
 }
 
 /// Marks and tables the namespace's rules and routes already use, each with
@@ -328,7 +320,7 @@ pub fn plan(opts: &Options, ifindex: u32) -> Result<TproxySpec> {
 /// keeps the lock for the install: two instances starting at once in one
 /// namespace do not both take a value.
 fn recheck_locked(spec: &TproxySpec) -> Result<std::fs::File> {
-    let dir = crate::state::run_dir();
+    let dir = crate::target::record::run_dir();
     let lock = std::fs::File::open(&dir)
         .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
     // SAFETY: flock on a valid fd; blocks only while another start installs.

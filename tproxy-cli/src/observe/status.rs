@@ -18,12 +18,17 @@ use serde::Serialize;
 
 use crate::{
     Error, Result, Steer,
-    inspect::{self, FlowStats},
-    netns::{self, Located},
-    routing::TproxySpec,
-    state::{self, AttachKind, Attached, Record, RecordFile},
-    system,
-    tc::{self, BpfFilter, TcMode},
+    config::options::TcMode,
+    sys::{
+        netns::{self, Located},
+        routing::TproxySpec,
+        system,
+        tc::{self, BpfFilter},
+    },
+    target::{
+        inspect::{self, FlowStats},
+        record::{self, AttachKind, Attached, Record, RecordFile},
+    },
 };
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -429,7 +434,7 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
 
 /// Every instance with a record on this host.
 pub fn collect() -> Result<Vec<InstanceStatus>> {
-    Ok(state::record_files()?
+    Ok(record::record_files()?
         .into_iter()
         .filter_map(status_of)
         .collect())

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use tproxy_common::SteerMode;
 
-use crate::{Error, PortSet, Result, routing, tc::TcMode};
+use crate::{Error, PortSet, Result};
 
 /// Everything `tproxy -i IFACE -ports …` is asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,8 +80,62 @@ impl Options {
             return Err(Error::MarksCollide(self.proxy_mark));
         }
         if let Some(table) = self.route_table {
-            routing::check_table_not_reserved(table)?;
+            check_table_not_reserved(table)?;
         }
         Ok(())
     }
+}
+
+/// How the tc programs are attached.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TcMode {
+    /// TCX links where the kernel has them (>= 6.6), netlink filters before.
+    Auto,
+    /// TCX links: detached by the kernel when tproxy exits, however it exits.
+    Tcx,
+    /// clsact qdisc + netlink filters: they outlive a killed tproxy, which
+    /// removes them on its next start.
+    Netlink,
+}
+
+pub const DEFAULT_PROXY_PORT: u16 = 15006;
+
+/// Istio's mark for the proxy's own traffic; Envoy configs commonly use it.
+pub const DEFAULT_PROXY_MARK: u32 = 0x539;
+
+/// Longest --drain-timeout: a day (a longer wait is a mistake, and the
+/// deadline must stay representable).
+pub const MAX_DRAIN_TIMEOUT: u64 = 86_400;
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, fields.message.
+    Json,
+}
+
+/// A mark or table id: decimal or 0x hex.
+pub fn parse_mark(s: &str) -> std::result::Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a 32-bit mark (decimal or 0x hex)"))
+}
+
+/// Routing tables the kernel and every host use: unspec, default, main, local.
+pub const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+/// Refuses a reserved `--route-table` (no privileges needed).
+pub fn check_table_not_reserved(table: u32) -> Result<()> {
+    if RESERVED_TABLES.contains(&table) {
+        return Err(Error::ReservedTable(table));
+    }
+    Ok(())
 }

@@ -29,7 +29,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{PortSet, Steer, tc::TcMode};
+use crate::{PortSet, Steer, config::options::TcMode};
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/tproxy/agent.sock";

@@ -9,10 +9,13 @@ use aya::maps::{Map, MapData};
 use serde_json::{Value, json};
 use tproxy_common::{Counter, names};
 
-use super::{AgentState, TargetRecord, pins, read_state, try_lock};
 use crate::{
     Error, Result,
-    inspect::{Maps, Snapshot},
+    sys::pins,
+    target::{
+        agent_state::{AgentState, TargetRecord, default_state_dir, read_state, try_lock},
+        inspect::{Maps, Snapshot},
+    },
 };
 
 /// An agent's targets and their figures.
@@ -180,8 +183,8 @@ impl AgentView {
 
 /// The agent's view, or the one-line error saying there is no agent.
 fn require(dir: Option<&Path>) -> Result<AgentView> {
-    crate::system::check_privileges()?;
-    let dir = dir.map_or_else(super::default_state_dir, Path::to_path_buf);
+    crate::sys::system::check_privileges()?;
+    let dir = dir.map_or_else(default_state_dir, Path::to_path_buf);
     view(&dir)?.ok_or(Error::NoAgent { dir })
 }
 
@@ -215,7 +218,7 @@ pub fn run_status(dir: Option<&Path>, json: bool) -> Result<()> {
         .targets
         .iter()
         .filter_map(|(r, _)| {
-            let why = if !super::registry::netns_alive(&r.spec.netns, r.netns_cookie) {
+            let why = if !crate::agent::registry::netns_alive(&r.spec.netns, r.netns_cookie) {
                 "its network namespace is gone"
             } else if r
                 .links

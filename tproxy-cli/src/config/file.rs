@@ -15,14 +15,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use clap::{ArgMatches, parser::ValueSource};
 use serde::{Deserialize, Deserializer, de};
 
 use crate::{
-    Error, Options, PortSet, Result, Steer,
-    cli::{Cli, LogFormat, MAX_DRAIN_TIMEOUT, parse_mark},
-    routing::RESERVED_TABLES,
-    tc::TcMode,
+    Error, PortSet, Result, Steer,
+    config::options::{LogFormat, MAX_DRAIN_TIMEOUT, RESERVED_TABLES, TcMode, parse_mark},
 };
 
 /// What one instance steers, and how. Every key is optional: flags (or
@@ -155,91 +152,6 @@ fn parse_yaml<T: Default + for<'de> Deserialize<'de>>(
         return Ok(T::default());
     }
     serde_norway::from_str(text)
-}
-
-/// Everything a run uses: what the instance does, and the process's own
-/// settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunSettings {
-    pub options: Options,
-    pub drain_timeout: u64,
-    pub metrics_addr: Option<SocketAddr>,
-    pub log_format: LogFormat,
-}
-
-/// The run's settings: each from its flag if given on the command line,
-/// else from `--config`, else the flag's default. `matches` are the ones
-/// `cli::parse_from` returned with `cli`.
-pub fn resolve(cli: &Cli, matches: &ArgMatches) -> Result<RunSettings> {
-    let file = match &cli.run.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    merge(cli, matches, &file)
-}
-
-/// `resolve` with the file already read.
-pub fn merge(cli: &Cli, matches: &ArgMatches, file: &FileConfig) -> Result<RunSettings> {
-    let run = &cli.run;
-    let t = file.target();
-    // clap fills in defaults: only a flag typed on the command line beats
-    // the file (`--proxy-port 15006` does, even though it is the default).
-    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-    fn pick<T>(given: bool, flag: T, file: Option<T>) -> T {
-        match file {
-            Some(v) if !given => v,
-            _ => flag,
-        }
-    }
-    let options = Options {
-        iface: run.iface.clone().or(t.iface).ok_or(Error::Missing {
-            what: "interface",
-            flag: "-i IFACE",
-            key: "iface",
-        })?,
-        ports: run.ports.clone().or(t.ports).ok_or(Error::Missing {
-            what: "ports to intercept",
-            flag: "-ports PORTS",
-            key: "ports",
-        })?,
-        cgroup: run.cgroup.clone().or(t.cgroup),
-        proxy_cgroup: run.proxy_cgroup.clone().or(t.proxy_cgroup),
-        proxy_port: pick(given("proxy_port"), run.proxy_port, t.proxy_port),
-        proxy_mark: pick(given("proxy_mark"), run.proxy_mark, t.proxy_mark),
-        // --accel and --no-accel override each other: at most one is set.
-        accel: match (run.accel, run.no_accel) {
-            (true, _) => true,
-            (_, true) => false,
-            _ => t.accel.unwrap_or(true),
-        },
-        tc_mode: pick(given("tc_mode"), run.tc_mode, t.tc_mode),
-        steer: pick(given("steer"), run.steer, t.steer),
-        steer_mark: run.steer_mark.or(t.steer_mark),
-        route_table: run.route_table.or(t.route_table),
-        accel_max_queued: pick(
-            given("accel_max_queued"),
-            run.accel_max_queued,
-            t.accel_max_queued,
-        ),
-        accel_retire_ms: pick(
-            given("accel_retire_ms"),
-            run.accel_retire_ms,
-            t.accel_retire_ms,
-        ),
-        // A single run serves one target: the whole table is its own.
-        flows_quota: 0,
-        socks_quota: 0,
-    };
-    Ok(RunSettings {
-        options,
-        drain_timeout: pick(
-            given("drain_timeout"),
-            run.drain_timeout,
-            file.drain_timeout,
-        ),
-        metrics_addr: run.metrics_addr.or(file.metrics_addr),
-        log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
-    })
 }
 
 // Readers of the keys that need more than their type's own checks. The
@@ -436,10 +348,7 @@ fn drain_timeout<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<
 
 #[cfg(test)]
 mod tests {
-    use std::{ffi::OsString, io::Write as _};
-
     use super::*;
-    use crate::cli::parse_from;
 
     fn parse(text: &str) -> std::result::Result<FileConfig, String> {
         FileConfig::parse(text).map_err(|e| e.to_string())
@@ -447,22 +356,6 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).expect_err(text)
-    }
-
-    /// `tproxy ARGS…` resolved against a config file holding `yaml`.
-    fn run_with(yaml: &str, args: &[&str]) -> Result<RunSettings> {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(yaml.as_bytes()).unwrap();
-        let path = f.path().to_str().unwrap().to_string();
-        let mut argv = vec!["tproxy", "--config", &path];
-        argv.extend_from_slice(args);
-        let (cli, m) = parse_from(argv.iter().map(OsString::from)).unwrap();
-        resolve(&cli, &m)
-    }
-
-    fn flags(args: &[&str]) -> RunSettings {
-        let (cli, m) = parse_from(args.iter().map(OsString::from)).unwrap();
-        resolve(&cli, &m).unwrap()
     }
 
     #[test]
@@ -607,144 +500,6 @@ mod tests {
             assert!(e.contains(says), "{yaml}: {e:?} does not say {says:?}");
             assert!(e.contains("line 1 column"), "{yaml}: {e}");
         }
-    }
-
-    #[test]
-    fn flags_override_the_file() {
-        let yaml = "iface: eth1\nports: 8000\nproxy_port: 15001\naccel: true\nsteer: tproxy\ndrain_timeout: 5\nlog_format: json\n";
-        let s = run_with(yaml, &[]).unwrap();
-        assert_eq!(s.options.iface, "eth1");
-        assert_eq!(s.options.proxy_port, 15001);
-        assert_eq!(s.options.steer, Steer::Tproxy);
-        assert_eq!(s.drain_timeout, 5);
-        assert_eq!(s.log_format, LogFormat::Json);
-        // Each flag beats its key; the other keys stay.
-        let s = run_with(
-            yaml,
-            &[
-                "-i",
-                "eth2",
-                "-ports",
-                "9000",
-                "--no-accel",
-                "--drain-timeout",
-                "0",
-                "--log-format",
-                "text",
-            ],
-        )
-        .unwrap();
-        assert_eq!(s.options.iface, "eth2");
-        assert_eq!(s.options.ports.to_string(), "9000");
-        assert!(!s.options.accel);
-        assert_eq!(s.drain_timeout, 0);
-        assert_eq!(s.log_format, LogFormat::Text);
-        assert_eq!(s.options.proxy_port, 15001);
-        assert_eq!(s.options.steer, Steer::Tproxy);
-        // Even a flag set to its default beats the file.
-        let s = run_with(yaml, &["--proxy-port", "15006", "--steer", "rewrite"]).unwrap();
-        assert_eq!(s.options.proxy_port, 15006);
-        assert_eq!(s.options.steer, Steer::Rewrite);
-        // --accel beats `accel: false`.
-        let off = "iface: eth0\nports: 80\naccel: false\n";
-        assert!(!run_with(off, &[]).unwrap().options.accel);
-        assert!(run_with(off, &["--accel"]).unwrap().options.accel);
-        assert!(
-            !run_with(off, &["--accel", "--no-accel"])
-                .unwrap()
-                .options
-                .accel
-        );
-    }
-
-    #[test]
-    fn iface_and_ports_are_needed_from_somewhere() {
-        let e = run_with("ports: 8000\n", &[]).unwrap_err();
-        assert!(matches!(e, Error::Missing { key: "iface", .. }), "{e}");
-        assert!(e.is_usage());
-        let e = run_with("iface: eth0\n", &[]).unwrap_err();
-        assert!(matches!(e, Error::Missing { key: "ports", .. }), "{e}");
-        assert!(run_with("iface: eth0\n", &["-ports", "80"]).is_ok());
-        // Without --config, clap itself still requires both.
-        for args in [&["tproxy", "-i", "eth0"][..], &["tproxy", "-ports", "80"]] {
-            assert!(
-                parse_from(args.iter().map(OsString::from)).is_err(),
-                "{args:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn file_errors_name_the_file() {
-        let e = run_with("proxy_port: 0\n", &["-i", "eth0", "-ports", "80"]).unwrap_err();
-        assert!(e.is_usage());
-        let line = crate::error::Chain(&e).to_string();
-        assert!(line.starts_with("config file /"), "{line}");
-        assert!(
-            line.contains(": proxy_port: port 0 is out of range"),
-            "{line}"
-        );
-        let (cli, m) = parse_from(
-            ["tproxy", "--config", "/nonexistent/tproxy.yaml"]
-                .iter()
-                .map(OsString::from),
-        )
-        .unwrap();
-        let e = resolve(&cli, &m).unwrap_err();
-        assert!(e.is_usage());
-        assert_eq!(
-            crate::error::Chain(&e).to_string(),
-            "reading config file /nonexistent/tproxy.yaml: No such file or directory (os error 2)"
-        );
-    }
-
-    #[test]
-    fn no_config_is_the_flags() {
-        let s = flags(&["tproxy", "-i", "eth0", "-ports", "8000"]);
-        let (cli, _) = parse_from(
-            ["tproxy", "-i", "eth0", "-ports", "8000"]
-                .iter()
-                .map(OsString::from),
-        )
-        .unwrap();
-        assert_eq!(s.options, cli.run.options());
-        assert_eq!(s.drain_timeout, 30);
-        assert_eq!(s.log_format, LogFormat::Text);
-        assert_eq!(s.metrics_addr, None);
-    }
-
-    /// The annotated example in the repository parses, and means what the
-    /// same settings as flags mean.
-    #[test]
-    fn the_example_equals_its_flags() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tproxy.yaml");
-        let (cli, m) = parse_from(["tproxy", "--config", path].iter().map(OsString::from)).unwrap();
-        let from_file = resolve(&cli, &m).unwrap();
-        let from_flags = flags(&[
-            "tproxy",
-            "-i",
-            "eth0",
-            "-ports",
-            "8000,8080,9000-9010",
-            "--cgroup",
-            "/sys/fs/cgroup/unified/app",
-            "--proxy-port",
-            "15006",
-            "--proxy-mark",
-            "0x539",
-            "--steer",
-            "rewrite",
-            "--tc-mode",
-            "auto",
-            "--accel-max-queued",
-            "16777216",
-            "--drain-timeout",
-            "30",
-            "--log-format",
-            "text",
-        ]);
-        assert_eq!(from_file, from_flags);
-        from_file.options.validate().unwrap();
     }
 
     /// A node agent's per-target file: the target's keys only.

@@ -5,15 +5,17 @@ use aya::maps::{MapData, PerCpuArray};
 use tproxy_common::{Counter, flags, names};
 use tracing::{info, warn};
 
-pub use crate::loader::EBPF_OBJECT;
+pub use crate::target::loader::EBPF_OBJECT;
 use crate::{
     Error, Options, Result,
-    inspect::{FlowStats, flow_stats, socks_state, sum_counters},
-    loader::Loaded,
-    nudger::{Netns, Nudger},
-    state::{InstanceLock, Record},
-    system,
-    target::{TargetAttachment, TargetEnv},
+    sys::system,
+    target::{
+        attachment::{TargetAttachment, TargetEnv},
+        inspect::{FlowStats, flow_stats, socks_state, sum_counters},
+        loader::Loaded,
+        nudger::{Netns, Nudger},
+        record::{InstanceLock, Record},
+    },
 };
 
 /// A single run's counter slot (slot 0 counts events of no target).
@@ -40,7 +42,7 @@ impl Instance {
         system::check_privileges_for(opts.accel)?;
         system::check_kernel_version()?;
         system::check_btf()?;
-        crate::probe::check(opts.accel)?;
+        crate::sys::probe::check(opts.accel)?;
         let ifindex = system::ifindex(&opts.iface)?;
         let system::CgroupDir {
             path: cgroup,
@@ -50,17 +52,17 @@ impl Instance {
         if let Some(what) = private_mount {
             info!("{what}");
         }
-        let tc_mode = opts.tc_mode.check()?;
+        let tc_mode = crate::sys::tc::check(opts.tc_mode)?;
         let netns_inode = system::netns_inode()?;
         let l2_len = system::link_header_len(&opts.iface)?;
         let netns_cookie = system::netns_cookie()?;
 
         let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
         if let Some(stale) = stale {
-            crate::recovery::recover_at_start(&stale, &opts.iface, ifindex);
+            crate::target::recovery::recover_at_start(&stale, &opts.iface, ifindex);
         }
         // Mark and table checked free (or picked) before anything exists.
-        let (tproxy_spec, steer_mark) = crate::target::plan_steering(opts, ifindex)?;
+        let (tproxy_spec, steer_mark) = crate::target::attachment::plan_steering(opts, ifindex)?;
 
         let mut loaded = Loaded::load(opts.accel, 1, Some(netns_cookie))?;
         let ids = loaded.map_ids();
@@ -123,7 +125,7 @@ impl Instance {
         );
         // The links' ids, for `tproxy status` to check them.
         record.attachments = loaded.attachments().to_vec();
-        crate::target::fill_link_ids(&mut record.attachments, None);
+        crate::target::attachment::fill_link_ids(&mut record.attachments, None);
         record.attachments.extend_from_slice(target.attachments());
         // A single run serves the namespace it runs in, and only that one.
         let nudger = match loaded.nudge_maps()? {
@@ -209,8 +211,8 @@ impl Instance {
 
     /// Handles on this instance's maps for another task (the metrics
     /// endpoint): new descriptors, so no CAP_SYS_ADMIN is needed.
-    pub fn maps(&self) -> Result<crate::inspect::Maps> {
-        crate::inspect::Maps::dup(self.loaded.ebpf())
+    pub fn maps(&self) -> Result<crate::target::inspect::Maps> {
+        crate::target::inspect::Maps::dup(self.loaded.ebpf())
     }
 
     /// Accelerated sockets and the redirected bytes queued, unread, at them.

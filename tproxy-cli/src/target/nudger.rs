@@ -294,7 +294,7 @@ impl Worker {
         let started = Instant::now();
         let r = match &at {
             Netns::Here => walk(link),
-            Netns::At(path) => crate::netns::run_in(path, move || walk(link)).and_then(|r| r),
+            Netns::At(path) => crate::sys::netns::run_in(path, move || walk(link)).and_then(|r| r),
             Netns::Gone => unreachable!(),
         };
         for sk in &put {

@@ -16,9 +16,11 @@ use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
 
 use crate::{
     Error, Result,
-    attach::{RecvmsgAttachment, SkMsgAttachment},
-    nudger::NudgeMaps,
-    state::{AttachKind, Attached},
+    target::{
+        attach::{RecvmsgAttachment, SkMsgAttachment},
+        nudger::NudgeMaps,
+        record::{AttachKind, Attached},
+    },
 };
 
 /// The eBPF object, built by build.rs and embedded in the binary.
@@ -248,7 +250,7 @@ impl Loaded {
         } else {
             o.max_targets.max(1)
         };
-        let (tcp_write_seq_offset, tcp_copied_seq_offset) = crate::btf::tcp_seq_offsets();
+        let (tcp_write_seq_offset, tcp_copied_seq_offset) = crate::sys::btf::tcp_seq_offsets();
         if accel && (tcp_write_seq_offset == 0 || tcp_copied_seq_offset == 0) {
             // Without them a non-blocking sender's unseen sends could be
             // overtaken (tcpseq.rs): no acceleration rather than disorder.
@@ -257,7 +259,7 @@ impl Loaded {
             ));
         }
         let mut node = NodeConfig {
-            sk_rcvbuf_offset: crate::btf::sk_rcvbuf_offset(),
+            sk_rcvbuf_offset: crate::sys::btf::sk_rcvbuf_offset(),
             tcp_write_seq_offset,
             tcp_copied_seq_offset,
             single_netns_cookie: single.unwrap_or(0),
@@ -269,7 +271,7 @@ impl Loaded {
             ..NodeConfig::default()
         };
         let multi: u8 = if single.is_none() {
-            let (nd_net, cookie) = crate::btf::netns_offsets().ok_or_else(|| {
+            let (nd_net, cookie) = crate::sys::btf::netns_offsets().ok_or_else(|| {
                 Error::KernelLacks(
                     "BTF for struct net_device.nd_net and struct net.net_cookie (the agent's tc programs read a packet's namespace through them)".into(),
                 )
@@ -412,7 +414,7 @@ impl Loaded {
                 let info = prog
                     .info()
                     .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
-                crate::agent::pins::pin_newest_link_of(info.id(), pin)?;
+                crate::sys::pins::pin_newest_link_of(info.id(), pin)?;
             }
         }
 
@@ -453,7 +455,7 @@ impl Loaded {
         let prog: &mut Iter = program(ebpf, names::PROG_NUDGE_ITER)?;
         prog.load(names::NUDGE_ITER_TYPE, &btf)
             .map_err(|e| Error::load_program(names::PROG_NUDGE_ITER, e))?;
-        self.nudge_link = Some(crate::nudger::iter_link(prog)?);
+        self.nudge_link = Some(crate::target::nudger::iter_link(prog)?);
         Ok(())
     }
 
@@ -525,7 +527,7 @@ impl Loaded {
     pub fn reap_flows(&mut self) -> Result<usize> {
         use tproxy_common::{FlowKey, FlowValue};
 
-        use crate::inspect::{lingered, monotonic_coarse_ns};
+        use crate::target::inspect::{lingered, monotonic_coarse_ns};
         let map = self
             .ebpf
             .map_mut(names::CLOSING)
@@ -558,8 +560,8 @@ impl Loaded {
 
     /// New descriptors of the maps a removed target's entries are swept
     /// from (`sweep.rs`): what a target's owner keeps to sweep when it goes.
-    pub(crate) fn sweep_maps(&self) -> Result<crate::sweep::SweepMaps> {
-        crate::sweep::SweepMaps::of(&self.ebpf, self.sockhash.as_ref())
+    pub(crate) fn sweep_maps(&self) -> Result<crate::target::sweep::SweepMaps> {
+        crate::target::sweep::SweepMaps::of(&self.ebpf, self.sockhash.as_ref())
     }
 
     /// A new descriptor of the `PRIOR_FLOWS` map, for the same reason.

@@ -13,20 +13,31 @@ use tproxy_common::{Counter, FLOW_ACTIVE_NS};
 
 use crate::{
     Error, Result,
-    cli::StatsArgs,
-    inspect::{Maps, Snapshot},
-    options::Steer,
-    state::{self, Record},
+    config::options::Steer,
+    target::{
+        inspect::{Maps, Snapshot},
+        record::{self, Record},
+    },
 };
 
+/// Which instances `tproxy stats` reads, and how it prints them.
+#[derive(Clone, Debug)]
+pub struct Query {
+    /// Only the instance on this interface.
+    pub iface: Option<String>,
+    /// Every network namespace, not just this one.
+    pub all: bool,
+    pub json: bool,
+    /// Print every `interval` until Ctrl-C.
+    pub watch: bool,
+    pub interval: Duration,
+}
+
 /// `tproxy stats …`. A closed stdout (`| head`) ends it quietly.
-pub fn run(args: &StatsArgs) -> Result<()> {
-    crate::system::check_privileges()?;
-    if args.agent || args.agent_state_dir.is_some() {
-        return crate::agent::view::run_stats(args.agent_state_dir.as_deref(), args.json);
-    }
-    let netns = crate::system::netns_inode()?;
-    let records: Vec<Record> = state::live_records()
+pub fn run(args: &Query) -> Result<()> {
+    crate::sys::system::check_privileges()?;
+    let netns = crate::sys::system::netns_inode()?;
+    let records: Vec<Record> = record::live_records()
         .into_iter()
         .filter(|r| args.all || r.netns_inode == netns)
         .filter(|r| args.iface.as_ref().is_none_or(|i| &r.iface == i))
@@ -74,13 +85,13 @@ pub fn instance_json(r: &Record, s: &Snapshot) -> serde_json::Value {
     })
 }
 
-fn once(args: &StatsArgs, records: &[Record]) -> Result<()> {
+fn once(args: &Query, records: &[Record]) -> Result<()> {
     let mut out = io::stdout().lock();
     let mut all = Vec::new();
     for r in records {
         let s = Maps::of(r)
             .and_then(|m| m.snapshot())
-            .map_err(|e| crate::inspect::explain(e, r.pid))?;
+            .map_err(|e| crate::target::inspect::explain(e, r.pid))?;
         if args.json {
             all.push(instance_json(r, &s));
             continue;
@@ -165,7 +176,7 @@ impl Watched {
 /// SOCKHASH and, through it, the programs and their maps), so the record's
 /// lock is what says whether it still runs.
 fn sample(watched: &[Watched]) -> Result<Vec<Snapshot>> {
-    let live = state::live_records();
+    let live = record::live_records();
     let mut out = Vec::with_capacity(watched.len());
     for w in watched {
         if !w.alive(&live) {
@@ -173,14 +184,14 @@ fn sample(watched: &[Watched]) -> Result<Vec<Snapshot>> {
         }
         match w.maps.snapshot() {
             Ok(s) => out.push(s),
-            Err(_) if !w.alive(&state::live_records()) => return Err(w.gone()),
-            Err(e) => return Err(crate::inspect::explain(e, w.record.pid)),
+            Err(_) if !w.alive(&record::live_records()) => return Err(w.gone()),
+            Err(e) => return Err(crate::target::inspect::explain(e, w.record.pid)),
         }
     }
     Ok(out)
 }
 
-fn watch(args: &StatsArgs, records: Vec<Record>) -> Result<()> {
+fn watch(args: &Query, records: Vec<Record>) -> Result<()> {
     let watched = records
         .into_iter()
         .map(|record| {
@@ -239,7 +250,7 @@ fn watch(args: &StatsArgs, records: Vec<Record>) -> Result<()> {
 
 /// One sample of every watched instance, and the one before it.
 struct Frame<'a> {
-    args: &'a StatsArgs,
+    args: &'a Query,
     watched: &'a [Watched],
     snaps: &'a [Snapshot],
     /// Time since the previous sample, and its snapshots.

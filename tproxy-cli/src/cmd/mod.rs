@@ -1,22 +1,21 @@
 //! Command line. `tproxy -i eth0 -ports 8000` (Go-style single-dash long
 //! flags, as in the lab that inspired tproxy) is accepted alongside
 //! `--ports`.
-use std::{ffi::OsString, path::PathBuf};
+//!
+//! One file per subcommand: its flags (clap lives only in this folder) and
+//! how it runs; `main` here parses, sets up logging and dispatches.
+pub mod agent;
+pub mod check;
+pub mod cleanup;
+pub mod dist;
+pub mod run;
+pub mod stats;
+pub mod status;
+use std::{ffi::OsString, process::ExitCode};
 
 use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
-use crate::{
-    PortSet,
-    options::{Options, Steer},
-    tc::TcMode,
-};
-
-pub const DEFAULT_PROXY_PORT: u16 = 15006;
-/// Istio's mark for the proxy's own traffic; Envoy configs commonly use it.
-pub const DEFAULT_PROXY_MARK: u32 = 0x539;
-/// Longest --drain-timeout: a day (a longer wait is a mistake, and the
-/// deadline must stay representable).
-pub const MAX_DRAIN_TIMEOUT: u64 = 86_400;
+use crate::{config::options::LogFormat, error::Chain};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,7 +32,7 @@ pub struct Cli {
     pub command: Option<Command>,
 
     #[command(flatten)]
-    pub run: RunArgs,
+    pub run: run::RunArgs,
 
     /// More logging (-v debug, -vv trace); RUST_LOG (or TPROXY_LOG), when set, wins.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -44,169 +43,23 @@ pub struct Cli {
     pub log_format: Option<LogFormat>,
 }
 
-/// How log lines are written (to stderr).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    /// One JSON object per line: timestamp, level, fields.message.
-    Json,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// Read these settings from a YAML file (keys as the flags, with `_`:
-    /// see examples/tproxy.yaml); flags given here override it.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-
-    /// Interface whose inbound TCP is intercepted.
-    #[arg(
-        short = 'i',
-        long = "iface",
-        value_name = "IFACE",
-        required_unless_present = "config"
-    )]
-    pub iface: Option<String>,
-
-    /// Intercepted destination ports: 8000 | 8000,8080 | 9000-9010 (also -ports).
-    #[arg(short = 'p', long = "ports", value_name = "PORTS", required_unless_present = "config", value_parser = parse_ports)]
-    pub ports: Option<PortSet>,
-
-    /// cgroup v2 directory holding the proxy and the app (default: the cgroup v2 root).
-    #[arg(long, value_name = "PATH")]
-    pub cgroup: Option<PathBuf>,
-
-    /// The proxy's own cgroup v2 directory, inside --cgroup: only its
-    /// processes get original destinations and acceleration (default:
-    /// --cgroup itself).
-    #[arg(long, value_name = "PATH")]
-    pub proxy_cgroup: Option<PathBuf>,
-
-    /// Port of the proxy's inbound listener.
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROXY_PORT, value_parser = clap::value_parser!(u16).range(1..))]
-    pub proxy_port: u16,
-
-    /// SO_MARK on the proxy's upstream sockets: such traffic is never steered (decimal or 0x hex).
-    #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
-    pub proxy_mark: u32,
-
-    /// Leave socket acceleration (sockops + sk_msg) out entirely.
-    #[arg(long, overrides_with = "accel")]
-    pub no_accel: bool,
-
-    /// Socket acceleration on (the default; overrides `accel: false` in --config).
-    #[arg(long, overrides_with = "no_accel")]
-    pub accel: bool,
-
-    /// Upper bound on the unread bytes a socket may hold before its sender
-    /// leaves the fast path; the bound itself follows the reader (the larger
-    /// of its receive buffer and what it read in the last 8 ms). Past it
-    /// (slow reader) plain TCP applies backpressure until the reader has
-    /// read every byte, then the sender redirects again.
-    #[arg(long, value_name = "BYTES", default_value_t = tproxy_common::DEFAULT_ACCEL_MAX_QUEUED)]
-    pub accel_max_queued: u32,
-
-    /// A sender that stays on TCP this long (milliseconds) without its
-    /// reader ever catching up (a continuous stream after a fallback) leaves
-    /// the fast path for good, and the pair becomes plain TCP sockets: TCP
-    /// through the sockmap costs more than plain TCP. 0: never.
-    #[arg(long, value_name = "MS", default_value_t = tproxy_common::DEFAULT_ACCEL_RETIRE_MS)]
-    pub accel_retire_ms: u32,
-
-    /// How the tc programs attach: TCX links (kernel >= 6.6) or netlink filters.
-    #[arg(long, value_enum, default_value_t = TcMode::Auto)]
-    pub tc_mode: TcMode,
-
-    /// Steering back-end: rewrite the port in tc, or mark for policy routing + nftables tproxy.
-    #[arg(long, value_enum, default_value_t = Steer::Rewrite)]
-    pub steer: Steer,
-
-    /// tproxy back-end: mark set by tc and matched by the fwmark rule
-    /// [default: 0x7400 + ifindex, or the next mark no ip rule uses].
-    #[arg(long, value_name = "MARK", value_parser = parse_mark)]
-    pub steer_mark: Option<u32>,
-
-    /// tproxy back-end: routing table of the local default route, unused and
-    /// not reserved [default: the steer mark, or the next unused table].
-    #[arg(long, value_name = "ID", value_parser = parse_mark)]
-    pub route_table: Option<u32>,
-
-    /// On SIGTERM/SIGINT, stop steering new flows at once and let steered
-    /// flows finish for up to this many seconds (0: stop at once). A second
-    /// signal stops at once.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(..=MAX_DRAIN_TIMEOUT))]
-    pub drain_timeout: u64,
-
-    /// Serve the counters and gauges in the Prometheus (OpenMetrics) text
-    /// format on http://ADDR/metrics, e.g. 127.0.0.1:9090 or [::1]:9090.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The node agent: loads the programs once and attaches them per target
     /// (a pod), added and removed at run time through --socket or --targets-dir.
-    Agent(crate::agent::AgentArgs),
+    Agent(agent::AgentArgs),
     /// Print the counters of the running instance(s), once or with --watch.
-    Stats(StatsArgs),
+    Stats(stats::StatsArgs),
     /// Check, attaching nothing, that a run with these options would work:
     /// one line per requirement, with the fix for each that fails (exit 1).
-    Check(crate::check::CheckArgs),
+    Check(check::CheckArgs),
     /// Every instance on the host (all network namespaces), checked against
     /// the kernel; exit 1 if one is dead (stale) or degraded.
-    Status {
-        /// JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        /// The node agent instead: its targets, each with its figures, and
-        /// the node total.
-        #[arg(long)]
-        agent: bool,
-        /// The agent's state directory (implies --agent) [default: /run/tproxy/agent].
-        #[arg(long, value_name = "DIR")]
-        agent_state_dir: Option<std::path::PathBuf>,
-    },
+    Status(status::StatusArgs),
     /// Remove what killed instances left (netlink tc filters and qdisc,
     /// policy routing, nftables table, runtime record); by default those of
     /// this network namespace. Never touches a running instance.
-    Cleanup {
-        /// Every dead instance on the host, entering its network namespace.
-        #[arg(long, conflicts_with = "iface")]
-        all: bool,
-        /// Only the dead instance on this interface (this network namespace).
-        #[arg(short = 'i', long = "iface", value_name = "IFACE")]
-        iface: Option<String>,
-    },
-}
-
-#[derive(Debug, clap::Args)]
-pub struct StatsArgs {
-    /// Only the instance on this interface.
-    #[arg(short = 'i', long = "iface")]
-    pub iface: Option<String>,
-    /// JSON instead of a table (with --watch: one JSON object per line).
-    #[arg(long)]
-    pub json: bool,
-    /// Instances in every network namespace, not just this one.
-    #[arg(long)]
-    pub all: bool,
-    /// The node agent instead: per-target figures and the node total.
-    #[arg(long)]
-    pub agent: bool,
-    /// The agent's state directory (implies --agent) [default: /run/tproxy/agent].
-    #[arg(long, value_name = "DIR")]
-    pub agent_state_dir: Option<std::path::PathBuf>,
-    /// Keep printing totals and per-second rates every --interval until
-    /// Ctrl-C: redrawn in place on a terminal, a line per interval when
-    /// piped.
-    #[arg(short = 'w', long)]
-    pub watch: bool,
-    /// Seconds between samples with --watch (fractions allowed).
-    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_interval, requires = "watch")]
-    pub interval: std::time::Duration,
+    Cleanup(cleanup::CleanupArgs),
 }
 
 /// Parses the command line (after `normalize_args`), keeping clap's matches:
@@ -217,27 +70,6 @@ pub fn parse_from(
     let matches = Cli::command().try_get_matches_from(normalize_args(args))?;
     let cli = Cli::from_arg_matches(&matches)?;
     Ok((cli, matches))
-}
-
-fn parse_ports(s: &str) -> Result<PortSet, crate::Error> {
-    s.parse()
-}
-
-fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.05..=86400.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
-        _ => Err(format!(
-            "{s:?} is not an interval in seconds from 0.05 to 86400"
-        )),
-    }
-}
-
-pub(crate) fn parse_mark(s: &str) -> Result<u32, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    r.map_err(|_| format!("{s:?} is not a 32-bit mark (decimal or 0x hex)"))
 }
 
 /// Rewrites Go-style `-ports 8000` / `-proxy-port=…` into `--ports …`, for
@@ -276,33 +108,116 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
     out
 }
 
-impl RunArgs {
-    /// The options from the flags alone; `config::resolve` merges a
-    /// `--config` file in (the binary uses that).
-    pub fn options(&self) -> Options {
-        Options {
-            iface: self.iface.clone().expect("required by clap"),
-            ports: self.ports.clone().expect("required by clap"),
-            cgroup: self.cgroup.clone(),
-            proxy_cgroup: self.proxy_cgroup.clone(),
-            proxy_port: self.proxy_port,
-            proxy_mark: self.proxy_mark,
-            accel: !self.no_accel,
-            tc_mode: self.tc_mode,
-            steer: self.steer,
-            steer_mark: self.steer_mark,
-            route_table: self.route_table,
-            accel_max_queued: self.accel_max_queued,
-            accel_retire_ms: self.accel_retire_ms,
-            flows_quota: 0,
-            socks_quota: 0,
+/// The log filter: RUST_LOG when set, else TPROXY_LOG (the older name),
+/// else info, debug (-v) or trace (-vv).
+fn log_filter(verbose: u8) -> crate::Result<tracing_subscriber::EnvFilter> {
+    for var in ["RUST_LOG", "TPROXY_LOG"] {
+        if let Some(value) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
+            return tracing_subscriber::EnvFilter::builder()
+                .parse(&value)
+                .map_err(|source| crate::Error::LogFilter { var, value, source });
+        }
+    }
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    Ok(tracing_subscriber::EnvFilter::new(default))
+}
+
+fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => fmt.json().init(),
+    }
+}
+
+/// Usage errors in one line, like every other error.
+fn usage_error(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect();
+    let msg = parts.join(" ");
+    format!(
+        "{} (see `tproxy --help`)",
+        msg.trim_start_matches("error: ")
+    )
+}
+
+/// The `tproxy` binary: parse, set up logging, run the command, and exit
+/// 0, 1 (an error) or 2 (a bad command line or config file).
+pub fn main() -> ExitCode {
+    let (cli, matches) = match parse_from(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            eprintln!("tproxy: {}", usage_error(&e));
+            return ExitCode::from(2);
+        }
+    };
+    // The run's settings come before logging: the file may set its format.
+    let settings = match cli.command {
+        None => Some(run::resolve(&cli, &matches)),
+        Some(_) => None,
+    };
+    let format = match &settings {
+        Some(Ok(s)) => s.log_format,
+        _ => cli.log_format.unwrap_or_default(),
+    };
+    if let Err(e) = log_filter(cli.verbose).map(|filter| init_logging(filter, format)) {
+        eprintln!("tproxy: {}", Chain(&e));
+        return ExitCode::from(2);
+    }
+    let result: anyhow::Result<()> = match &cli.command {
+        Some(Command::Agent(args)) => args
+            .settings()
+            .and_then(|s| crate::agent::run(&s))
+            .map_err(Into::into),
+        Some(Command::Stats(args)) => stats::run(args).map_err(Into::into),
+        Some(Command::Check(args)) => args.run().map_err(Into::into),
+        Some(Command::Status(args)) => args.run().map_err(Into::into),
+        Some(Command::Cleanup(args)) => args.run().map_err(Into::into),
+        None => settings
+            .expect("resolved for a run")
+            .map_err(Into::into)
+            .and_then(|s| run::serve(&s)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, down to the errno.
+            let line = Chain(e.as_ref()).to_string();
+            let usage = e
+                .downcast_ref::<crate::Error>()
+                .is_some_and(crate::Error::is_usage);
+            if format == LogFormat::Json {
+                tracing::error!("{line}");
+            } else {
+                eprintln!("tproxy: {line}");
+            }
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+    use crate::{Steer, cmd::stats::StatsArgs};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(normalize_args(args.iter().map(OsString::from)))
@@ -567,12 +482,12 @@ mod tests {
         let cli = parse(&["tproxy", "status", "--json"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Status { json: true, .. })
+            Some(Command::Status(status::StatusArgs { json: true, .. }))
         ));
         let cli = parse(&["tproxy", "cleanup", "-iface", "eth1"]).unwrap();
         assert!(matches!(
             cli.command,
-            Some(Command::Cleanup { all: false, iface: Some(ref i) }) if i == "eth1"
+            Some(Command::Cleanup(cleanup::CleanupArgs { all: false, iface: Some(ref i) })) if i == "eth1"
         ));
         assert!(parse(&["tproxy", "cleanup", "--all", "-i", "eth0"]).is_err());
     }

@@ -108,7 +108,7 @@ pub fn check_kernel_version() -> Result<aya::util::KernelVersion> {
 /// The kernel's BTF, which tproxy reads (the tracepoint probe, `struct
 /// sock`'s layout for acceleration).
 pub fn check_btf() -> Result<()> {
-    if Path::new(crate::btf::VMLINUX).is_file() {
+    if Path::new(crate::sys::btf::VMLINUX).is_file() {
         Ok(())
     } else {
         Err(Error::NoBtf)
@@ -191,7 +191,7 @@ fn link_type(name: &str) -> Result<u16> {
 /// The cookie of this process's network namespace (SO_NETNS_COOKIE, Linux
 /// 5.14): what the cgroup programs compare a socket's namespace with.
 pub fn netns_cookie() -> Result<u64> {
-    crate::netns::current_cookie()
+    crate::sys::netns::current_cookie()
         .map_err(|e| Error::io("reading SO_NETNS_COOKIE (needs Linux >= 5.14)", e))
 }
 

@@ -8,7 +8,7 @@ use tproxy_common::{
     Counter, FLOW_ACTIVE_NS, FLOW_LINGER_NS, FlowKey, FlowValue, SockState, names,
 };
 
-use crate::{Error, Result, state::Record};
+use crate::{Error, Result, target::record::Record};
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock the programs stamp entries with
 /// (bpf_ktime_get_coarse_ns).
@@ -274,7 +274,7 @@ impl Maps {
 
     /// A loaded object's maps, by the ids `Loaded::map_ids` gives (another
     /// process: the agent's, from its state).
-    pub fn of_ids(ids: &crate::loader::MapIds) -> Result<Maps> {
+    pub fn of_ids(ids: &crate::target::loader::MapIds) -> Result<Maps> {
         let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
         Ok(Maps {
             counters: Map::PerCpuArray(open(ids.counters, names::COUNTERS)?),

@@ -15,7 +15,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result, options::Steer, routing::TproxySpec, tc::TcMode};
+use crate::{
+    Error, Result,
+    config::options::{Steer, TcMode},
+    sys::routing::TproxySpec,
+};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
 

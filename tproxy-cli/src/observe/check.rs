@@ -4,69 +4,19 @@
 //! routing, tc), asked for all their answers instead of the first error;
 //! only the proxy's listener is checked here alone (a run may start before
 //! the proxy).
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::programs::ProgramType;
 use serde::Serialize;
 
 use crate::{
-    Error, Options, PortSet, Result, Steer,
-    cli::{DEFAULT_PROXY_PORT, parse_mark},
-    probe::{self, Feature, Need},
-    routing, system,
-    tc::TcMode,
+    Error, Options, Result, Steer,
+    config::options::TcMode,
+    sys::{
+        probe::{self, Feature, Need},
+        routing, system,
+    },
 };
-
-/// `tproxy check` takes the options of the run it checks for.
-#[derive(Debug, Clone, clap::Args)]
-pub struct CheckArgs {
-    /// Interface the run would steer on (left out: not checked).
-    #[arg(short = 'i', long = "iface", value_name = "IFACE")]
-    pub iface: Option<String>,
-
-    /// cgroup v2 directory the run would attach to (default: the cgroup v2 root).
-    #[arg(long, value_name = "PATH")]
-    pub cgroup: Option<PathBuf>,
-
-    /// Steering back-end of the run.
-    #[arg(long, value_enum, default_value_t = Steer::Rewrite)]
-    pub steer: Steer,
-
-    /// Check for a run without socket acceleration.
-    #[arg(long)]
-    pub no_accel: bool,
-
-    /// Port of the proxy's inbound listener: something must listen there.
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROXY_PORT, value_parser = clap::value_parser!(u16).range(1..))]
-    pub proxy_port: u16,
-
-    /// SO_MARK of the proxy's upstream sockets (decimal or 0x hex).
-    #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
-    pub proxy_mark: u32,
-
-    /// How the run would attach its tc programs.
-    #[arg(long, value_enum, default_value_t = TcMode::Auto)]
-    pub tc_mode: TcMode,
-
-    /// tproxy back-end: the steer mark the run would use.
-    #[arg(long, value_name = "MARK", value_parser = parse_mark)]
-    pub steer_mark: Option<u32>,
-
-    /// tproxy back-end: the routing table the run would use.
-    #[arg(long, value_name = "ID", value_parser = parse_mark)]
-    pub route_table: Option<u32>,
-
-    /// Address the run would serve Prometheus metrics on: it must be free.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
-
-    /// One JSON array of {name, ok, detail, fix} instead of lines.
-    #[arg(long)]
-    pub json: bool,
-}
 
 /// One requirement: whether it is met, why, and (when not) what to do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -123,37 +73,14 @@ fn split_fix(msg: &str, fallback_fix: &str) -> (String, String) {
     }
 }
 
-impl CheckArgs {
-    /// The options of the run checked for (ports are not asked for: any
-    /// will do that leaves the proxy port out).
-    fn options(&self) -> Options {
-        let other = if self.proxy_port == 1 { "2" } else { "1" };
-        Options {
-            iface: self.iface.clone().unwrap_or_else(|| "check".into()),
-            ports: other.parse::<PortSet>().expect("a valid port"),
-            cgroup: self.cgroup.clone(),
-            proxy_cgroup: None,
-            proxy_port: self.proxy_port,
-            proxy_mark: self.proxy_mark,
-            accel: !self.no_accel,
-            tc_mode: self.tc_mode,
-            steer: self.steer,
-            steer_mark: self.steer_mark,
-            route_table: self.route_table,
-            accel_max_queued: tproxy_common::DEFAULT_ACCEL_MAX_QUEUED,
-            accel_retire_ms: tproxy_common::DEFAULT_ACCEL_RETIRE_MS,
-            flows_quota: 0,
-            socks_quota: 0,
-        }
-    }
-}
-
 const ROOT_FIX: &str = "run tproxy as root (sudo)";
 const DEBUG_FIX: &str = "run with -v for the details";
 
 /// Every check, in the order a run makes them.
-pub fn checks(args: &CheckArgs) -> Vec<Item> {
-    let opts = args.options();
+/// Every requirement of a run with `opts`; `iface_given`: the interface
+/// was named (else it is not checked), `metrics_addr`: must be free.
+pub fn checks(opts: &Options, iface_given: bool, metrics_addr: Option<SocketAddr>) -> Vec<Item> {
+    let opts = opts.clone();
     let mut items = Vec::new();
     if let Err(e) = opts.validate() {
         items.push(Item::from_error("options", &e, "change the options"));
@@ -178,7 +105,7 @@ pub fn checks(args: &CheckArgs) -> Vec<Item> {
         Err(e) => Item::from_error("kernel", &e, "upgrade the kernel"),
     });
     items.push(match system::check_btf() {
-        Ok(()) => Item::pass("btf", crate::btf::VMLINUX),
+        Ok(()) => Item::pass("btf", crate::sys::btf::VMLINUX),
         Err(e) => Item::from_error("btf", &e, "use a kernel with BTF"),
     });
     if caps.is_some() {
@@ -202,7 +129,7 @@ pub fn checks(args: &CheckArgs) -> Vec<Item> {
         }
         Err(e) => Item::from_error("cgroup", &e, "pass --cgroup with a cgroup v2 directory"),
     });
-    items.push(match opts.tc_mode.check() {
+    items.push(match crate::sys::tc::check(opts.tc_mode) {
         Ok(TcMode::Tcx) => Item::pass("tc attach", "TCX links (the kernel answers TCX queries)"),
         Ok(_) if opts.tc_mode == TcMode::Netlink => Item::pass(
             "tc attach",
@@ -215,7 +142,7 @@ pub fn checks(args: &CheckArgs) -> Vec<Item> {
         Err(e) => Item::from_error("tc attach", &e, "use --tc-mode auto"),
     });
     let mut ifindex = 0;
-    if let Some(iface) = &args.iface {
+    if let Some(iface) = iface_given.then_some(&opts.iface) {
         items.push(
             match system::ifindex(iface).and_then(|i| Ok((i, system::link_header_len(iface)?))) {
                 Ok((i, l2)) => {
@@ -232,10 +159,10 @@ pub fn checks(args: &CheckArgs) -> Vec<Item> {
         );
     }
     if opts.steer == Steer::Tproxy {
-        items.extend(tproxy_items(&opts, ifindex, args.iface.is_some()));
+        items.extend(tproxy_items(&opts, ifindex, iface_given));
     }
     items.push(listener_item(opts.proxy_port));
-    if let Some(addr) = args.metrics_addr {
+    if let Some(addr) = metrics_addr {
         items.push(metrics_item(addr));
     }
     items
@@ -446,9 +373,14 @@ fn listener_item(port: u16) -> Item {
 }
 
 /// `tproxy check`: prints the lines (or the JSON); an error when any fails.
-pub fn run(args: &CheckArgs) -> Result<()> {
-    let items = checks(args);
-    if args.json {
+pub fn run(
+    opts: &Options,
+    iface_given: bool,
+    metrics_addr: Option<SocketAddr>,
+    json: bool,
+) -> Result<()> {
+    let items = checks(opts, iface_given, metrics_addr);
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&items).expect("items serialize")

@@ -1,0 +1,8 @@
+//! Observation from outside the data path: `tproxy stats`, `status`,
+//! `check`, the Prometheus endpoint, and the agent seen from another
+//! process.
+pub mod agent_view;
+pub mod check;
+pub mod metrics;
+pub mod stats;
+pub mod status;

@@ -1,0 +1,12 @@
+//! The kernel and the host, one kind of object per file: bpf pins and
+//! links, BTF, network namespaces, tc over netlink, policy routing and
+//! nftables, host checks (privileges, cgroups, interfaces), and the kernel
+//! features probed before anything is loaded.
+pub mod btf;
+pub mod netns;
+pub mod pins;
+pub mod probe;
+pub mod removal;
+pub mod routing;
+pub mod system;
+pub mod tc;
