@@ -1,5 +1,5 @@
 //! `cargo xtask dist`: shell completions and man pages for packaging,
-//! generated from tproxy's clap definition (`tproxy::dist`) by the
+//! generated from tproxy's clap definition (`tproxy::cmd::dist`) by the
 //! `tproxy-cli` example `dist`: xtask itself does not link the tproxy
 //! library, whose build needs the eBPF toolchain `setup` installs.
 use std::{path::PathBuf, process::Command};
