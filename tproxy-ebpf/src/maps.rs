@@ -5,10 +5,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use tproxy_common::{
-    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
-    NUDGE_EVENTS_BYTES, NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX,
-    PROXY_LISTENERS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target,
-    TargetAddr,
+    counters::Counter,
+    flow::{CLOSING_MAX, FLOWS_MAX, FlowKey, FlowValue, SYNS_MAX},
+    identity::{ListenerKey, PROXY_CONNECTS_MAX, PROXY_LISTENERS_MAX},
+    sock::{NUDGE_EVENTS_BYTES, NUDGE_MAX, PENDING_MAX, Pending, SOCKHASH_MAX, SockKey, SockState},
+    target::{ADDRS_PER_TARGET, NodeConfig, TARGETS_MAX, Target, TargetAddr},
 };
 
 /// The targets this object serves, keyed by their network namespace's

@@ -1,0 +1,213 @@
+//! Acceleration: the SOCKHASH and each accelerated socket's state (`SOCKS`),
+//! the sockets waiting for their other end (`PENDING_PEERS`), and the
+//! nudger's reports and walks (`NUDGE_EVENTS`, `NUDGE`). On the eBPF side:
+//! `sockops.rs`, `sk_msg.rs`, `peer.rs`, `sockkey.rs`, `retire.rs`,
+//! `recv_length.rs` and `nudge_iter.rs`.
+use core::mem::{offset_of, size_of};
+
+/// Size of the SOCKHASH (two entries per accelerated connection).
+pub const SOCKHASH_MAX: u32 = 65_536;
+/// Connecting sockets (the proxy's upstream ones, and clients in a pod
+/// dialling another pod of this node) waiting for the other end of their
+/// connection to be established.
+pub const PENDING_MAX: u32 = 4_096;
+/// Bytes of `NUDGE_EVENTS`, the ring buffer that reports short reads to
+/// the nudger: 2,048 events of 32 bytes (24 + the ring's 8-byte header)
+/// between two of its wake-ups. When it is full, a report is lost (the
+/// reader keeps only sockops' `nudge`).
+pub const NUDGE_EVENTS_BYTES: u32 = 64 << 10;
+/// Sockets the nudger may wake in one walk of a namespace's TCP sockets
+/// (`NUDGE`, filled by userspace right before the walk).
+pub const NUDGE_MAX: u32 = 1_024;
+
+/// SOCKHASH key: the full tuple of one socket as that socket sees it, plus
+/// the cookie of its network namespace, so identical tuples in two
+/// namespaces never meet. Addresses network order, ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+    pub family: u32,
+    pub _pad0: u32,
+    pub netns_cookie: u64,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+            _pad0: 0,
+            netns_cookie: self.netns_cookie,
+        }
+    }
+}
+
+/// `SOCKS` value: one accelerated socket, keyed by its kernel address
+/// (`struct sock *`, which sockops, sk_msg and the recvmsg tracepoint all
+/// see), so each hook finds it with one 8-byte hash lookup.
+///
+/// Byte order across the two paths (redirect and plain TCP): the peer's
+/// reader takes queued redirected bytes before TCP's receive queue, so a
+/// redirected byte must never overtake a TCP one. A sender redirects only
+/// while every byte it sent before went the same way, or once the peer has
+/// read all of them: `sent == peer read` by the counts here, and, decisive,
+/// the sender's `write_seq` equals the peer's `copied_seq` (the kernel's
+/// own count of the TCP bytes given and taken; sk_msg.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockState {
+    /// SOCKHASH key of the other end: where this socket's bytes go.
+    pub peer_key: SockKey,
+    /// The other end's kernel address (its `SOCKS` key); 0 until it is
+    /// established and in the map.
+    pub peer: u64,
+    /// Bytes this socket's sendmsg handed over, by either path, since it
+    /// entered the map (written only under the sender's socket lock). The
+    /// TCP part is trued up from the kernel's `write_seq` on each send
+    /// (`tcp_seq`, `tcp_unsynced`).
+    pub sent: u64,
+    /// `sent` just after the last redirected message: every byte before it
+    /// is at the peer, read or queued in its ingress queue.
+    pub redirected_end: u64,
+    /// Bytes this socket's readers took (recvmsg tracepoint, MSG_PEEK
+    /// excluded), since it entered the map. Atomic adds.
+    pub read: u64,
+    /// `sock_flags::*`.
+    pub flags: u32,
+    /// What a sender may leave unread at this socket (bytes, within
+    /// `accel_max_queued`): the larger of its receive buffer (`sk_rcvbuf`,
+    /// read at insert and on each read) and what its reader took in the
+    /// last `READ_RATE_WINDOW_NS` times `READ_RATE_WINDOWS`. So a slow
+    /// reader holds about what TCP would, while a fast one keeps its sender
+    /// on the fast path (TCP autotunes its buffer by the same measure; the
+    /// kernel never does for redirected bytes).
+    pub rcvbuf: u32,
+    /// Start of the current read-rate window (CLOCK_MONOTONIC_COARSE, ns).
+    pub win_start: u64,
+    /// `read` at the start of that window.
+    pub win_read: u64,
+    /// When this socket last left the fast path for TCP (a fallback),
+    /// CLOCK_MONOTONIC_COARSE ns; 0: never.
+    pub tcp_since: u64,
+    /// The counter slot of this socket's target (`Config::slot`), for the
+    /// hooks that see only the socket (the recvmsg tracepoint).
+    pub slot: u32,
+    /// The socket's `write_seq` when `sent` was last trued up (at insert:
+    /// its `snd_nxt` at ESTABLISHED, nothing queued yet).
+    pub tcp_seq: u32,
+    /// Bytes sk_msg passed to TCP since then, as it counted them. The
+    /// kernel's figure (`write_seq - tcp_seq`) differs when a send went by
+    /// TCP unseen (`Counter::AccelUncounted`) or TCP took only part of a
+    /// message (EAGAIN: the rest is the app's to send again).
+    pub tcp_unsynced: u64,
+}
+
+/// The read-rate window of `SockState::rcvbuf`.
+pub const READ_RATE_WINDOW_NS: u64 = 4_000_000;
+/// How many windows' worth of the reader's pace a sender may queue.
+pub const READ_RATE_WINDOWS: u64 = 2;
+
+pub mod sock_flags {
+    /// This socket's sends are being redirected (fast path). Cleared when
+    /// the peer has more unread than its receive buffer or `accel_max_queued` (slow
+    /// reader: TCP's backpressure takes over), set again once the peer has
+    /// read every byte sent.
+    pub const FAST: u32 = 1 << 0;
+    /// This socket will never redirect again (set by the socket itself, in
+    /// its sk_msg): it stayed on TCP for `accel_retire_ms` without its
+    /// reader catching up, or its peer retired. The pair then leaves the
+    /// SOCKHASH once neither end has redirected bytes left unread.
+    pub const RETIRED: u32 = 1 << 1;
+    /// The pair is out of the SOCKHASH: both ends are plain TCP sockets
+    /// again. Set on both by the end that took it out (on the peer at best
+    /// effort); their reads are counted no more.
+    pub const LEFT: u32 = 1 << 2;
+}
+
+/// `PENDING_PEERS` value, keyed by the key the other end's socket will have:
+/// the connecting socket that waits for it, and what proves the other end
+/// is really the other end of the same TCP connection (see `tproxy-ebpf/src/
+/// peer.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// The connecting socket's kernel address (its `SOCKS` key).
+    pub sk: u64,
+    /// Its SOCKHASH key: where the other end's bytes go. The same namespace
+    /// (proxy to app) or another pod's (client to that pod's proxy).
+    pub key: SockKey,
+    /// Its `snd_nxt` and `rcv_nxt` at ESTABLISHED (just after the
+    /// handshake): the other end's `rcv_nxt` and `snd_nxt` then.
+    pub snd_nxt: u32,
+    pub rcv_nxt: u32,
+}
+
+/// `NUDGE_EVENTS` record: a read took the last redirected byte queued at
+/// socket `sk` while bytes its peer sent by TCP were not read yet. Linux
+/// makes that read short, and an edge-triggered reader may then sleep on
+/// the TCP bytes for good (see tproxy-ebpf/src/recv_length.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NudgeEvent {
+    /// The reading socket's kernel address (its `SOCKS` key).
+    pub sk: u64,
+    /// Its network namespace's cookie: where the nudger walks.
+    pub netns_cookie: u64,
+    /// Its `SockState::read` just after that read: unchanged later means
+    /// its reader has not read since.
+    pub read: u64,
+}
+
+// Layout checks: the eBPF side reads these structs through raw map values,
+// so a silent change of size or offset would be a wrong answer, not an error.
+const _: () = {
+    assert!(size_of::<SockState>() == 136);
+    assert!(offset_of!(SockState, tcp_seq) == 124);
+    assert!(offset_of!(SockState, tcp_unsynced) == 128);
+    assert!(offset_of!(SockState, slot) == 120);
+    assert!(offset_of!(SockState, win_start) == 96);
+    assert!(offset_of!(SockState, peer) == 56);
+    assert!(offset_of!(SockState, read) == 80);
+    assert!(offset_of!(SockState, flags) == 88);
+    assert!(offset_of!(SockState, rcvbuf) == 92);
+    assert!(size_of::<SockKey>() == 56);
+    assert!(offset_of!(SockKey, local_port) == 32);
+    assert!(offset_of!(SockKey, family) == 40);
+    assert!(offset_of!(SockKey, netns_cookie) == 48);
+    assert!(size_of::<Pending>() == 72);
+    assert!(offset_of!(Pending, key) == 8);
+    assert!(offset_of!(Pending, snd_nxt) == 64);
+    assert!(size_of::<NudgeEvent>() == 24);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AF_INET;
+
+    #[test]
+    fn peer_key_swaps_ends_and_keeps_the_namespace() {
+        let k = SockKey {
+            local_addr: [1, 0, 0, 0],
+            remote_addr: [2, 0, 0, 0],
+            local_port: 40000,
+            remote_port: 8000,
+            family: AF_INET as u32,
+            _pad0: 0,
+            netns_cookie: 77,
+        };
+        let p = k.peer();
+        assert_eq!((p.local_addr, p.remote_addr), ([2, 0, 0, 0], [1, 0, 0, 0]));
+        assert_eq!((p.local_port, p.remote_port), (8000, 40000));
+        assert_eq!(p.netns_cookie, 77);
+        assert_eq!(p.peer(), k);
+    }
+}
