@@ -29,7 +29,10 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{PortSet, Steer, config::options::TcMode};
+pub use crate::config::{
+    options::{Steer, TcMode, parse_mark},
+    ports::PortSet,
+};
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/tproxy/agent.sock";

@@ -16,7 +16,6 @@
 pub mod agent;
 pub mod api;
 pub mod cmd;
-pub mod cni;
 pub mod config;
 pub mod error;
 pub mod observe;

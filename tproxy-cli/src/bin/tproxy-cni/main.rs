@@ -1,5 +1,5 @@
 //! `tproxy-cni`: a chained CNI plugin (spec 0.4.0, 1.0.0, 1.1.0) that
-//! registers each pod with the node agent ([`crate::api`]) and passes
+//! registers each pod with the node agent ([`tproxy::api`]) and passes
 //! the previous plugin's result through untouched.
 //!
 //! The container runtime runs it after the pod network's plugin, with the
@@ -28,12 +28,7 @@ use std::{
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-
-use crate::{
-    PortSet, Steer,
-    api::{self, ApiError, Request, TargetSpec},
-    config::options::TcMode,
-};
+use tproxy::api::{self, ApiError, PortSet, Request, Steer, TargetSpec, TcMode, parse_mark};
 
 /// The spec versions this plugin speaks, oldest first.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
@@ -252,7 +247,7 @@ pub fn run(env: &CniEnv, stdin: impl Read) -> Result<Output, (CniError, String)>
 }
 
 /// The binary: runs one invocation, prints its result or error on stdout.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     let env = CniEnv::from_env(|k| std::env::var(k).ok());
     let (out, status) = match run(&env, std::io::stdin().lock()) {
         Ok(out) => (out, ExitCode::SUCCESS),
@@ -577,7 +572,7 @@ pub fn target_for(
         None => conf.proxy_port,
     };
     let proxy_mark = match annotation(conf, annotation::PROXY_MARK) {
-        Some(v) => Some(crate::config::options::parse_mark(v.trim()).map_err(|why| {
+        Some(v) => Some(parse_mark(v.trim()).map_err(|why| {
             bad_annotation(
                 annotation::PROXY_MARK,
                 v,
@@ -630,7 +625,7 @@ pub fn target_for(
 /// the fix here is a key or an annotation.
 fn port_list(s: &str) -> Result<PortSet, String> {
     s.parse().map_err(|e| match e {
-        crate::Error::BadPorts(why) => why,
+        tproxy::Error::BadPorts(why) => why,
         e => e.to_string(),
     })
 }
