@@ -1,7 +1,7 @@
 #!/bin/bash
 # Side-by-side iperf3 through the lab's proxy, tproxy restarted per run with
 # other flags or another binary, interleaved; the figures in the closing
-# notes and README ("what limits each figure") came from this.
+# notes and docs/benchmarks.md ("What limits each figure") came from this.
 #
 #   cargo xtask lab up            # Envoy by default
 #   REPS=8 SZ=64K lab/experiments/ab_iperf.sh \

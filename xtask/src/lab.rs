@@ -1,5 +1,5 @@
 //! `cargo xtask lab up|down|shell|status`: the three-namespace lab of
-//! DESIGN.md, kept up between commands for a person to play in.
+//! docs/design.md, kept up between commands for a person to play in.
 //!
 //! `up` builds the release binaries, creates the client, gateway and server
 //! namespaces and the server's cgroup, and starts in the server namespace

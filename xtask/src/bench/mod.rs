@@ -4,8 +4,11 @@
 //! rate, process-to-process loopback latency (with and without the
 //! SOCKHASH), HTTP requests through the proxy (wrk), CPU seconds per GB.
 //! The proxy is Envoy (explicit worker count), HAProxy, or each in turn.
-//! Writes a results folder with the raw tool output, results.json,
-//! report.md and PNG plots.
+//! Writes one folder per proxy with the raw tool output, results.json,
+//! report.md and PNG plots: a run with every default replaces that proxy's
+//! current report, lab/results/<proxy>/ (tracked, linked from the README);
+//! any other run is an experiment and lands in lab/results/<UTC time>/
+//! (ignored by git) or --out. See `Dest`.
 mod parse;
 mod plot;
 mod report;
@@ -66,6 +69,7 @@ const WRK_SCRIPT: &str = include_str!("wrk-percentiles.lua");
 #[derive(clap::Args, Debug)]
 pub struct Opts {
     /// A short run (about two minutes): 3 repetitions of 4 set-ups, 64 KiB writes only, 1 s per measurement.
+    /// Like every run with a non-default option, it leaves the current reports alone.
     #[arg(long)]
     pub quick: bool,
     /// Print results.json to stdout as well.
@@ -80,7 +84,10 @@ pub struct Opts {
     /// Set-ups to run (default: all): base, proxy, proxy+accel, nft-redirect, proxy-tproxy-backend.
     #[arg(long, value_delimiter = ',')]
     pub setups: Vec<String>,
-    /// Results folder (default lab/results/<UTC time>).
+    /// Results folder, one subfolder per proxy. Default: a run with every
+    /// default option (only --proxy and --json given) replaces
+    /// lab/results/<proxy>/, the current report; any other run writes
+    /// lab/results/<UTC time>/<proxy>/.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Pin the client side (iperf3/sockperf clients, connection-rate
@@ -93,12 +100,114 @@ pub struct Opts {
     #[arg(long, value_enum, default_value = "envoy")]
     pub proxy: ProxyChoice,
     /// Envoy's worker threads (--concurrency), recorded in the results.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_ENVOY_WORKERS)]
     pub envoy_workers: u32,
     /// Measure this tproxy binary instead of the one built from this tree
     /// (a before/after comparison under the same harness and workload).
     #[arg(long)]
     pub tproxy_bin: Option<PathBuf>,
+}
+
+const DEFAULT_REPS: usize = 5;
+const DEFAULT_SECONDS: u64 = 3;
+const DEFAULT_ENVOY_WORKERS: u32 = 2;
+
+/// What a run measures, from its options.
+struct Plan {
+    reps: usize,
+    seconds: u64,
+    sizes: Vec<u64>,
+    setups: Vec<Setup>,
+}
+
+impl Plan {
+    fn new(opts: &Opts) -> Result<Plan> {
+        let setups = if opts.setups.is_empty() && opts.quick {
+            Setup::ALL[..4].to_vec()
+        } else if opts.setups.is_empty() {
+            Setup::ALL.to_vec()
+        } else {
+            opts.setups
+                .iter()
+                .map(|s| Setup::parse(s).with_context(|| format!("unknown set-up {s:?}")))
+                .collect::<Result<_>>()?
+        };
+        Ok(Plan {
+            reps: opts
+                .reps
+                .unwrap_or(if opts.quick { 3 } else { DEFAULT_REPS }),
+            seconds: opts
+                .seconds
+                .unwrap_or(if opts.quick { 1 } else { DEFAULT_SECONDS }),
+            sizes: if opts.quick {
+                SIZES_QUICK.to_vec()
+            } else {
+                SIZES_FULL.to_vec()
+            },
+            setups,
+        })
+    }
+}
+
+/// Where a run writes, one folder per proxy.
+#[derive(Debug, PartialEq)]
+enum Dest {
+    /// A run with every default: it replaces `<root>/<proxy>/`, the one
+    /// current report of that proxy, so the figures the README links all
+    /// come from one kind of run. It writes to `<root>/.<proxy>.new/` and
+    /// swaps that in only when the proxy's run is complete: an interrupted
+    /// run leaves the current report as it was.
+    Current { root: PathBuf },
+    /// Anything else (--quick, --pin, other set-ups, repetitions, seconds,
+    /// workers or binary, or --out): `<out>/<proxy>/`, never the current
+    /// report.
+    Experiment { out: PathBuf },
+}
+
+impl Dest {
+    fn choose(opts: &Opts, plan: &Plan, stamp: &str) -> Dest {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/results");
+        // Judged on what the run measures, so that the defaults given
+        // explicitly (`--reps 5`) still make the current report.
+        let defaults = !opts.quick
+            && !opts.pin
+            && opts.tproxy_bin.is_none()
+            && plan.reps == DEFAULT_REPS
+            && plan.seconds == DEFAULT_SECONDS
+            && plan.setups == Setup::ALL
+            && opts.envoy_workers == DEFAULT_ENVOY_WORKERS;
+        match &opts.out {
+            Some(out) => Dest::Experiment { out: out.clone() },
+            None if defaults => Dest::Current { root },
+            None => Dest::Experiment {
+                out: root.join(stamp),
+            },
+        }
+    }
+
+    /// The folder a proxy's run writes into while it runs.
+    fn working(&self, proxy: Proxy) -> PathBuf {
+        match self {
+            Dest::Current { root } => root.join(format!(".{}.new", proxy.key())),
+            Dest::Experiment { out } => out.join(proxy.key()),
+        }
+    }
+
+    /// Called once the proxy's results are all written: its final folder.
+    fn finish(&self, proxy: Proxy) -> Result<PathBuf> {
+        let working = self.working(proxy);
+        let Dest::Current { root } = self else {
+            return Ok(working);
+        };
+        let current = root.join(proxy.key());
+        if current.exists() {
+            std::fs::remove_dir_all(&current)
+                .with_context(|| format!("removing the old {}", current.display()))?;
+        }
+        std::fs::rename(&working, &current)
+            .with_context(|| format!("moving {} to {}", working.display(), current.display()))?;
+        Ok(current)
+    }
 }
 
 /// CPUs for the two sides under `--pin`.
@@ -768,23 +877,13 @@ fn environment() -> serde_json::Value {
 }
 
 pub fn run(opts: Opts) -> Result<()> {
-    let reps = opts.reps.unwrap_or(if opts.quick { 3 } else { 5 });
-    let seconds = opts.seconds.unwrap_or(if opts.quick { 1 } else { 3 });
-    let sizes: Vec<u64> = if opts.quick {
-        SIZES_QUICK.to_vec()
-    } else {
-        SIZES_FULL.to_vec()
-    };
-    let setups: Vec<Setup> = if opts.setups.is_empty() && opts.quick {
-        Setup::ALL[..4].to_vec()
-    } else if opts.setups.is_empty() {
-        Setup::ALL.to_vec()
-    } else {
-        opts.setups
-            .iter()
-            .map(|s| Setup::parse(s).with_context(|| format!("unknown set-up {s:?}")))
-            .collect::<Result<_>>()?
-    };
+    let plan = Plan::new(&opts)?;
+    let Plan {
+        reps,
+        seconds,
+        ref sizes,
+        ref setups,
+    } = plan;
     let proxies = match opts.proxy {
         ProxyChoice::Envoy => vec![Proxy::Envoy],
         ProxyChoice::Haproxy => vec![Proxy::Haproxy],
@@ -808,12 +907,12 @@ pub fn run(opts: Opts) -> Result<()> {
         .into_owned();
 
     let stamp = crate::output(Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]))?;
-    let out = opts.out.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../lab/results")
-            .join(stamp.trim())
-    });
-    std::fs::create_dir_all(&out)?;
+    let dest = Dest::choose(&opts, &plan, stamp.trim());
+    // Recorded in each report: how to get the same kind of run again.
+    let command = std::iter::once("cargo xtask".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
 
     let lab = Topology::up("tproxy-bench")?;
     lab.check_reachability()?;
@@ -830,14 +929,12 @@ pub fn run(opts: Opts) -> Result<()> {
         )?;
     }
     let pin = Pin::new(opts.pin);
-    let mut reports = Vec::new();
     for &proxy in &proxies {
-        // `both`: one folder per proxy, and a report of the two.
-        let dir = if proxies.len() > 1 {
-            out.join(proxy.key())
-        } else {
-            out.clone()
-        };
+        let dir = dest.working(proxy);
+        if matches!(dest, Dest::Current { .. }) && dir.exists() {
+            // Left by an interrupted run.
+            std::fs::remove_dir_all(&dir)?;
+        }
         let raw = dir.join("raw");
         std::fs::create_dir_all(&raw)?;
         let wrk_script = dir.join("wrk-percentiles.lua");
@@ -870,7 +967,7 @@ pub fn run(opts: Opts) -> Result<()> {
         // Interleaved: every set-up once per repetition, so drift over the
         // run (thermal, noisy neighbours) spreads over all of them alike.
         for rep in 1..=reps {
-            for &setup in &setups {
+            for &setup in setups {
                 bench.step(format!("rep {rep} {}: entering", setup.name()));
                 let active = setups::enter(setup, &lab, &bench.tproxy)?;
                 bench.accel = setup == Setup::ProxyAccel;
@@ -913,34 +1010,74 @@ pub fn run(opts: Opts) -> Result<()> {
             }
         }
         env["wrk"] = environment_line("wrk", &["-v"]).into();
+        env["command"] = command.clone().into();
         env["wrk_connections"] = WRK_CONNECTIONS.into();
-        let results = report::Results::new(env, &setups, &sizes, reps, seconds, bench.samples);
+        let results = report::Results::new(env, setups, sizes, reps, seconds, bench.samples);
         let json = serde_json::to_string_pretty(&results)?;
         std::fs::write(dir.join("results.json"), &json)?;
         let md = report::markdown(&results);
         std::fs::write(dir.join("report.md"), &md)?;
         plot::throughput(&results, &dir.join("throughput.png"))?;
         plot::latency(&results, &dir.join("latency.png"))?;
+        let dir = dest.finish(proxy)?;
         if opts.json {
             println!("{json}");
+        } else {
+            println!("{md}");
         }
-        reports.push(md);
+        eprintln!("bench: {} results in {}", proxy.name(), dir.display());
     }
     drop(lab);
-    let md = reports.join("\n");
-    if proxies.len() > 1 {
-        std::fs::write(out.join("report.md"), &md)?;
-    }
-    if !opts.json {
-        println!("{md}");
-    }
-    eprintln!("bench: results in {}", out.display());
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
+
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: Opts,
+    }
+
+    /// Where `cargo xtask bench ARGS` writes.
+    fn dest(args: &[&str]) -> Dest {
+        let opts = Cli::parse_from(std::iter::once("bench").chain(args.iter().copied())).opts;
+        Dest::choose(&opts, &Plan::new(&opts).unwrap(), "20261123T000000Z")
+    }
+
+    /// Only a run with every default replaces the current reports; the
+    /// defaults given explicitly count as defaults.
+    #[test]
+    fn only_a_default_run_replaces_the_current_report() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lab/results");
+        let current = Dest::Current { root: root.clone() };
+        assert_eq!(dest(&[]), current);
+        assert_eq!(dest(&["--proxy", "both", "--json"]), current);
+        assert_eq!(dest(&["--reps", "5", "--seconds", "3"]), current);
+        assert_eq!(current.working(Proxy::Haproxy), root.join(".haproxy.new"),);
+        let experiment = Dest::Experiment {
+            out: root.join("20261123T000000Z"),
+        };
+        for args in [
+            &["--quick"][..],
+            &["--pin"],
+            &["--reps", "3"],
+            &["--seconds", "1"],
+            &["--setups", "base,proxy,proxy+accel"],
+            &["--envoy-workers", "1"],
+            &["--tproxy-bin", "/tmp/tproxy"],
+        ] {
+            assert_eq!(dest(args), experiment, "{args:?}");
+        }
+        assert_eq!(
+            dest(&["--out", "/tmp/b"]).working(Proxy::Envoy),
+            Path::new("/tmp/b/envoy"),
+        );
+    }
 
     /// Envoy itself accepts the bench's config (the pool timeout added to
     /// the shipped transparent one, access logs taken out).

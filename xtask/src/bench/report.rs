@@ -163,7 +163,7 @@ fn accel_counters(out: &mut String, r: &Results) {
     ];
     let _ = writeln!(
         out,
-        "\n### Fast-path counters under proxy+accel, per measurement (medians)\n"
+        "\n## Fast-path counters under proxy+accel, per measurement (medians)\n"
     );
     let _ = writeln!(
         out,
@@ -184,8 +184,9 @@ fn accel_counters(out: &mut String, r: &Results) {
     }
 }
 
-/// The reference lab's figures (Envoy; `../shared/reference/
-/// envoy-ingress-acceleration-lab.txt`): base / Envoy / Envoy + eBPF.
+/// The reference lab's figures (Envoy, on its own machine; the tutorial
+/// "Accelerating Transparent Ingress Proxy with eBPF and Envoy", see
+/// docs/design.md): base / Envoy / Envoy + eBPF.
 pub const REFERENCE_THROUGHPUT: [(u64, [f64; 3]); 5] = [
     (64, [0.320, 0.324, 0.424]),
     (1448, [1.22, 1.67, 1.61]),
@@ -231,7 +232,7 @@ fn beside_reference(out: &mut String, r: &Results) {
     };
     let _ = writeln!(
         out,
-        "\n### Beside the reference lab (its machine, Envoy with its default workers; here: {}, this host)\n",
+        "\n## Beside the reference lab (its machine, Envoy with its default workers; here: {}, this host)\n",
         proxy_name(r)
     );
     let _ = writeln!(
@@ -289,7 +290,7 @@ fn targets(out: &mut String, r: &Results) {
     let m = |s: &str, k: &str| r.median(s, k);
     let _ = writeln!(
         out,
-        "\n### Targets (medians of this run)\n\n| target | figures | |\n|---|---|---|"
+        "\n## Targets (medians of this run)\n\n| target | figures | |\n|---|---|---|"
     );
     for size in &r.sizes {
         let k = format!("throughput/{}", size_label(*size));
@@ -356,7 +357,7 @@ fn cell(r: &Results, setup: &str, metric: &str) -> String {
 }
 
 fn table(out: &mut String, r: &Results, title: &str, rows: &[(String, String)]) {
-    let _ = writeln!(out, "\n### {title}\n");
+    let _ = writeln!(out, "\n## {title}\n");
     let _ = write!(out, "| |");
     for s in &r.setups {
         let _ = write!(out, " {s} |");
@@ -378,7 +379,14 @@ fn table(out: &mut String, r: &Results, title: &str, rows: &[(String, String)]) 
 pub fn markdown(r: &Results) -> String {
     let mut out = String::new();
     let env = &r.environment;
-    let _ = writeln!(out, "## tproxy benchmark\n");
+    // One report per proxy and folder: the title names the proxy, and the
+    // command line says how to get the same kind of run again.
+    let _ = writeln!(out, "# tproxy benchmark: {}\n", proxy_name(r));
+    let _ = writeln!(
+        out,
+        "`{}`; the method and where each kind of run writes: docs/benchmarks.md.\n",
+        env["command"].as_str().unwrap_or("cargo xtask bench"),
+    );
     let _ = writeln!(
         out,
         "Kernel {}, {} ({} CPUs); {}; {}; {}; {}; commit {}; {}.",
@@ -548,7 +556,7 @@ pub fn markdown(r: &Results) -> String {
     }
     beside_reference(&mut out, r);
     targets(&mut out, r);
-    let _ = writeln!(out, "\n### Ratios (of medians)\n");
+    let _ = writeln!(out, "\n## Ratios (of medians)\n");
     let _ = writeln!(out, "| ratio | value |\n|---|---|");
     for (k, v) in &r.ratios {
         let _ = writeln!(out, "| {k} | {v:.3} |");
@@ -589,7 +597,7 @@ mod tests {
         }
         let r = Results::new(
             serde_json::json!({"kernel": "6.18", "proxy": "Envoy", "envoy_workers": 2,
-                "proxy_version": "Envoy 1.40.0"}),
+                "proxy_version": "Envoy 1.40.0", "command": "cargo xtask bench --quick"}),
             &[Setup::Base, Setup::Proxy, Setup::ProxyAccel],
             &[64 << 10],
             3,
@@ -603,6 +611,8 @@ mod tests {
             8.0 / 20.0
         );
         let md = markdown(&r);
+        assert!(md.starts_with("# tproxy benchmark: Envoy\n"), "{md}");
+        assert!(md.contains("`cargo xtask bench --quick`;"), "{md}");
         assert!(
             md.contains(
                 "| 64 KiB writes | 12.00 (11.00–13.00) | 10.00 (9.00–11.00) | 16.00 (15.00–17.00) |"
