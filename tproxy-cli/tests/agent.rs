@@ -811,7 +811,7 @@ fn sigkill_under_load_then_cleanup_leaves_nothing() {
     let nl = Pod::new("pod-k2");
     // The stream is steered, not accelerated: with the agent dead, its
     // nudger is too, and a reader asleep after a short read would not be
-    // woken (README: the nudger lives in the agent). The restart test keeps
+    // woken (docs/how-it-works.md: the nudger lives in the agent). The restart test keeps
     // an accelerated stream across a restart.
     agent.add(
         "k1",

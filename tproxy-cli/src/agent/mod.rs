@@ -122,7 +122,7 @@ impl Agent {
         // Another namespace, interface, cgroup, tc mode, back-end or
         // routing: replaced. New connections are refused while its flows
         // drain; in the same namespace and interface a steering guard holds
-        // the interface from the detach to the new attach (README,
+        // the interface from the detach to the new attach (docs/agent-and-kubernetes.md,
         // "Changing a target").
         info!(
             id,

@@ -320,7 +320,7 @@ fn read_conf(mut stdin: impl Read) -> Result<(NetConf, String), (CniError, Optio
         let e = CniError::new(
             code::INVALID_CONFIG,
             format!("invalid tproxy-cni network config: {}: {}", e.path(), e.inner()),
-            "fix the key in the tproxy-cni entry of the .conflist; the tproxy README's CNI section lists the keys",
+            "fix the key in the tproxy-cni entry of the .conflist; docs/agent-and-kubernetes.md (tproxy-cni) lists the keys",
         );
         (e, version.clone())
     })?;
