@@ -11,7 +11,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-const LAYERS: &[&str] = &["error", "config", "api", "sys", "target", "observe", "agent", "cmd"];
+const LAYERS: &[&str] = &[
+    "error", "config", "api", "sys", "target", "observe", "agent", "cmd",
+];
 
 /// Module path of a source file: `sys/tc.rs` -> `sys::tc`, `agent/mod.rs` -> `agent`.
 fn module_of(rel: &Path) -> String {
@@ -31,7 +33,10 @@ fn sources(dir: &Path, root: &Path, out: &mut Vec<(PathBuf, String)>) {
         if p.is_dir() {
             sources(&p, root, out);
         } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push((p.strip_prefix(root).unwrap().to_path_buf(), fs::read_to_string(&p).unwrap()));
+            out.push((
+                p.strip_prefix(root).unwrap().to_path_buf(),
+                fs::read_to_string(&p).unwrap(),
+            ));
         }
     }
 }
@@ -90,7 +95,11 @@ fn paths_after(text: &str, prefix: &str) -> Vec<String> {
         }
     }
     fn join(a: &str, b: &str) -> String {
-        if a.is_empty() { b.to_string() } else { format!("{a}::{b}") }
+        if a.is_empty() {
+            b.to_string()
+        } else {
+            format!("{a}::{b}")
+        }
     }
     let mut out = Vec::new();
     let needle = format!("{prefix}::");
@@ -139,8 +148,10 @@ fn tree() -> Tree {
     let mut all = Vec::new();
     sources(&src, &src, &mut all);
     all.retain(|(rel, _)| !rel.starts_with("bin") && rel != Path::new("main.rs"));
-    let files: BTreeMap<String, PathBuf> =
-        all.iter().map(|(rel, _)| (module_of(rel), rel.clone())).collect();
+    let files: BTreeMap<String, PathBuf> = all
+        .iter()
+        .map(|(rel, _)| (module_of(rel), rel.clone()))
+        .collect();
     // The crate root's `pub use` names: `crate::Error` is `error`'s.
     let lib = code_only(&fs::read_to_string(src.join("lib.rs")).unwrap());
     let mut aliases = BTreeMap::new();
@@ -152,13 +163,17 @@ fn tree() -> Tree {
     let resolve = |path: &str| -> Option<String> {
         let segs: Vec<&str> = path.split("::").collect();
         let path = match aliases.get(segs[0]) {
-            Some(full) if !files.contains_key(segs[0]) => {
-                std::iter::once(full.as_str()).chain(segs[1..].iter().copied()).collect::<Vec<_>>().join("::")
-            }
+            Some(full) if !files.contains_key(segs[0]) => std::iter::once(full.as_str())
+                .chain(segs[1..].iter().copied())
+                .collect::<Vec<_>>()
+                .join("::"),
             _ => path.to_string(),
         };
         let segs: Vec<&str> = path.split("::").collect();
-        (1..=segs.len()).rev().map(|n| segs[..n].join("::")).find(|m| files.contains_key(m))
+        (1..=segs.len())
+            .rev()
+            .map(|n| segs[..n].join("::"))
+            .find(|m| files.contains_key(m))
     };
     let mut uses = BTreeMap::new();
     for (rel, text) in &all {
@@ -183,7 +198,11 @@ fn tree() -> Tree {
             } else {
                 parent.clone()
             };
-            named.push(if base.is_empty() { p } else { format!("{base}::{p}") });
+            named.push(if base.is_empty() {
+                p
+            } else {
+                format!("{base}::{p}")
+            });
         }
         for p in paths_after(&code, "self") {
             if is_mod {
@@ -217,11 +236,19 @@ fn no_import_runs_up_a_layer() {
     for (from, tos) in &t.uses {
         for to in tos {
             if layer(to) > layer(from) {
-                up.push(format!("{} -> {}", t.files[from].display(), t.files[to].display()));
+                up.push(format!(
+                    "{} -> {}",
+                    t.files[from].display(),
+                    t.files[to].display()
+                ));
             }
         }
     }
-    assert!(up.is_empty(), "imports that run up a layer:\n{}", up.join("\n"));
+    assert!(
+        up.is_empty(),
+        "imports that run up a layer:\n{}",
+        up.join("\n")
+    );
 }
 
 #[test]
@@ -284,7 +311,11 @@ fn no_two_files_use_each_other() {
         }
     }
     let circles: Vec<String> = s.circles.iter().map(|c| c.join(" <-> ")).collect();
-    assert!(circles.is_empty(), "files that use each other:\n{}", circles.join("\n"));
+    assert!(
+        circles.is_empty(),
+        "files that use each other:\n{}",
+        circles.join("\n")
+    );
 }
 
 #[test]
@@ -308,10 +339,20 @@ fn the_cni_plugin_uses_only_the_api() {
 #[test]
 fn the_reader_sees_groups_and_aliases() {
     assert_eq!(
-        paths_after("use crate::{a::{b, c as d}, e};\nlet x = crate::f::g(1);", "crate"),
+        paths_after(
+            "use crate::{a::{b, c as d}, e};\nlet x = crate::f::g(1);",
+            "crate"
+        ),
         ["a::b", "a::c", "e", "f::g"]
     );
-    assert_eq!(code_only("let s = \"crate::x\"; // crate::y\n").trim(), "let s = ;");
+    assert_eq!(
+        code_only("let s = \"crate::x\"; // crate::y\n").trim(),
+        "let s = ;"
+    );
     let t = tree();
-    assert!(t.uses["cmd"].contains("config::options"), "{:?}", t.uses["cmd"]);
+    assert!(
+        t.uses["cmd"].contains("config::options"),
+        "{:?}",
+        t.uses["cmd"]
+    );
 }

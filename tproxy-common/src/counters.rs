@@ -3,16 +3,16 @@
 //! (`tproxy-ebpf/src/counters.rs` adds to them).
 
 /// Declares `Counter` from one list: each counter with what it counts and
-/// the name userspace shows it by, so the enum, `Counter::ALL` and
-/// `Counter::name` cannot disagree. A counter's index is its place in the
+/// the name userspace shows it by, so the enum, `Counter::ALL`,
+/// `Counter::name` and `Counter::help` cannot disagree. A counter's index is its place in the
 /// list.
 macro_rules! counters {
-    ($($(#[$doc:meta])* $counter:ident => $name:literal,)*) => {
+    ($($(#[doc = $doc:literal])* $counter:ident => $name:literal,)*) => {
         /// Indexes into the per-CPU `COUNTERS` array.
         #[repr(u32)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Counter {
-            $($(#[$doc])* $counter,)*
+            $($(#[doc = $doc])* $counter,)*
         }
 
         impl Counter {
@@ -22,6 +22,14 @@ macro_rules! counters {
             pub const fn name(self) -> &'static str {
                 match self {
                     $(Counter::$counter => $name,)*
+                }
+            }
+
+            /// What it counts: its doc comment, in one line (the metrics'
+            /// HELP text).
+            pub fn help(self) -> &'static str {
+                match self {
+                    $(Counter::$counter => concat!($($doc),*).trim_start(),)*
                 }
             }
         }

@@ -333,7 +333,7 @@ impl Collector for InstanceCollector {
         })?;
         for &(c, v) in &s.counters {
             let m = ConstCounter::new(v);
-            m.encode(enc.encode_descriptor(c.name(), help(c), None, m.metric_type())?)?;
+            m.encode(enc.encode_descriptor(c.name(), c.help(), None, m.metric_type())?)?;
         }
         let gauges: [(&str, &str, i64); 7] = [
             (
@@ -431,7 +431,7 @@ impl Collector for AgentCollector {
         for (i, &c) in Counter::ALL.iter().enumerate() {
             let mut family = enc.encode_descriptor(
                 c.name(),
-                help(c),
+                c.help(),
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
@@ -506,179 +506,20 @@ fn encode_build(enc: &mut DescriptorEncoder) -> std::fmt::Result {
     build.encode(enc.encode_descriptor("build", "The tproxy build.", None, build.metric_type())?)
 }
 
-/// HELP texts of the counters (the doc comments of `Counter`, shortened).
-const HELP: [(Counter, &str); 43] = [
-    (
-        Counter::IngressPackets,
-        "Packets the tc ingress program looked at.",
-    ),
-    (Counter::IngressSteered, "Packets steered to the proxy."),
-    (
-        Counter::EgressPackets,
-        "Packets the tc egress program looked at.",
-    ),
-    (
-        Counter::EgressRestored,
-        "Reply packets whose source was restored.",
-    ),
-    (
-        Counter::GetsockoptCalls,
-        "getsockopt calls seen by the cgroup/getsockopt program.",
-    ),
-    (
-        Counter::GetsockoptAnswered,
-        "SO_ORIGINAL_DST answers given from the flow table.",
-    ),
-    (
-        Counter::GetsocknameAnswered,
-        "getsockname answers changed to the original destination.",
-    ),
-    (Counter::SockopsEvents, "sockops callbacks seen."),
-    (
-        Counter::SockhashInserted,
-        "Sockets inserted into the acceleration map.",
-    ),
-    (
-        Counter::SockhashRemoved,
-        "Sockets that left the acceleration map (closed).",
-    ),
-    (Counter::MsgSeen, "sendmsg calls seen by sk_msg."),
-    (
-        Counter::MsgRedirected,
-        "sendmsg calls redirected to the peer socket.",
-    ),
-    (Counter::MsgRedirectedBytes, "Bytes redirected."),
-    (
-        Counter::MsgMiss,
-        "sk_msg lookups that missed (passed to TCP).",
-    ),
-    (
-        Counter::FlowsCreated,
-        "Flows created by a steered SYN (embryonic).",
-    ),
-    (Counter::FlowsRemoved, "Flow-table entries removed."),
-    (
-        Counter::MsgPassthrough,
-        "sendmsg calls passed to TCP while off the fast path.",
-    ),
-    (
-        Counter::AccelFallbacks,
-        "Times a sender left the fast path (slow reader).",
-    ),
-    (
-        Counter::MsgReadBytes,
-        "Bytes read by applications from accelerated sockets.",
-    ),
-    (
-        Counter::SteerCollisions,
-        "SYNs dropped: the client address and port already had a flow to another port.",
-    ),
-    (
-        Counter::AccelResumed,
-        "Times a sender came back to the fast path.",
-    ),
-    (
-        Counter::FlowsEstablished,
-        "Flows whose proxy socket reached ESTABLISHED.",
-    ),
-    (
-        Counter::FlowsClosed,
-        "Established flows whose proxy socket closed.",
-    ),
-    (
-        Counter::FlowsTableFull,
-        "Promotions refused because the flow table was full.",
-    ),
-    (
-        Counter::Fragments,
-        "IP fragments after the first, passed untouched.",
-    ),
-    (Counter::VlanPassed, "VLAN-tagged frames, passed untouched."),
-    (
-        Counter::AccelNudges,
-        "Wake-ups given to a reader with TCP bytes waiting.",
-    ),
-    (
-        Counter::AccelRetired,
-        "Senders that left the fast path for good (a stream its reader never caught up with).",
-    ),
-    (
-        Counter::AccelLeft,
-        "Pairs taken out of the SOCKHASH after retiring: plain TCP again.",
-    ),
-    (
-        Counter::AccelPairsApp,
-        "Proxy-to-app socket pairs made (one namespace).",
-    ),
-    (
-        Counter::AccelPairsPods,
-        "Client-to-proxy socket pairs made across two pods of this node.",
-    ),
-    (
-        Counter::AccelPairsRefused,
-        "Pairings refused: the waiting socket was not the other end of the connection.",
-    ),
-    (
-        Counter::AccelShortReads,
-        "Reads that emptied a socket's redirected bytes with TCP bytes behind them, reported to the nudger.",
-    ),
-    (
-        Counter::AccelWakeups,
-        "Readers the nudger woke: asleep after such a read with the TCP bytes unread.",
-    ),
-    (
-        Counter::AccelUncounted,
-        "Sends that went by TCP without sk_msg seeing them (Linux reuses the last verdict after EAGAIN), counted in from write_seq.",
-    ),
-    (
-        Counter::AccelOrderHeld,
-        "Redirects held back because the peer had not read every TCP byte by the kernel's sequence numbers.",
-    ),
-    (
-        Counter::IngressUnreadable,
-        "Packets dropped at ingress: they may carry TCP but their header cannot be read (tiny or offset-8 fragments, IPv6 chains past 8 headers, cut headers).",
-    ),
-    (
-        Counter::IngressUnknownDropped,
-        "Non-SYN packets to an intercepted port of no steered flow and no connection open at attach: dropped.",
-    ),
-    (
-        Counter::SynsRefusedDraining,
-        "SYNs to an intercepted port dropped while draining.",
-    ),
-    (
-        Counter::SteerErrors,
-        "SYNs dropped because recording or rewriting them failed.",
-    ),
-    (
-        Counter::SteerNotProxy,
-        "SYNs dropped because the listener on the proxy port is not one the proxy opened.",
-    ),
-    (
-        Counter::FlowsQuotaFull,
-        "Promotions refused because the target held its quota of open flows (the flow stays embryonic).",
-    ),
-    (
-        Counter::AccelQuotaFull,
-        "Sockets left plain TCP because the target held its quota of accelerated sockets.",
-    ),
-];
-
-fn help(c: Counter) -> &'static str {
-    HELP.iter()
-        .find(|(k, _)| *k == c)
-        .map(|(_, h)| *h)
-        .unwrap_or("A tproxy counter (see tproxy_common::Counter).")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_counter_has_its_own_help() {
+        let mut seen = std::collections::BTreeSet::new();
         for c in Counter::ALL {
-            assert!(HELP.iter().any(|(k, _)| *k == c), "{c:?} has no HELP");
+            let h = c.help();
+            assert!(
+                h.ends_with('.') && !h.starts_with(' ') && !h.contains("  "),
+                "{c:?}: {h:?}"
+            );
+            assert!(seen.insert(h), "{c:?} shares its help {h:?}");
         }
     }
 
