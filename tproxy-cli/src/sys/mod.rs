@@ -1,7 +1,8 @@
-//! The kernel and the host, one kind of object per file: bpf pins and
-//! links, BTF, network namespaces, tc over netlink, policy routing and
+//! The kernel and the host, one kind of object per file: the bpf(2)
+//! commands aya does not offer, bpf pins and links, BTF, network namespaces, tc over netlink, policy routing and
 //! nftables, host checks (privileges, cgroups, interfaces), and the kernel
 //! features probed before anything is loaded.
+pub mod bpf;
 pub mod btf;
 pub mod netns;
 pub mod pins;
