@@ -4,6 +4,9 @@ use std::{io, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Setting(#[from] crate::config::Error),
+
     #[error(
         "bad port list: {0}; use e.g. `-ports 8000` or `-ports 8000,8080,9000-9010` (ports 1-65535)"
     )]
@@ -15,19 +18,9 @@ pub enum Error {
     ProxyPortIntercepted(u16),
 
     #[error(
-        "the proxy mark and the steer mark are both {0:#x}; they must differ (--proxy-mark / --steer-mark)"
-    )]
-    MarksCollide(u32),
-
-    #[error(
         "--proxy-mark and --steer-mark must be non-zero: marks are how tproxy tells traffic apart"
     )]
     ZeroMark,
-
-    #[error(
-        "--route-table {0} is a reserved routing table (0 unspec, 253 default, 254 main, 255 local): tproxy's table holds its own route and nothing else; choose an unused table (e.g. 100) or leave --route-table out to have one picked"
-    )]
-    ReservedTable(u32),
 
     #[error(
         "routing table {table} is already in use ({user}); tproxy needs a table of its own: choose an unused --route-table or leave it out to have one picked"

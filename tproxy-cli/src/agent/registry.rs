@@ -74,9 +74,8 @@ impl From<Error> for ApiFailure {
         let c = match &e {
             Error::BadPorts(_)
             | Error::ProxyPortIntercepted(_)
-            | Error::MarksCollide(_)
             | Error::ZeroMark
-            | Error::ReservedTable(_)
+            | Error::Setting(_)
             | Error::TableInUse { .. }
             | Error::MarkInUse { .. }
             | Error::NoSuchInterface(_)
@@ -457,7 +456,7 @@ impl Registry {
                 .unwrap_or_else(|| crate::config::options::default_steer_mark(e.rec.ifindex))
         });
         if steer_mark == Some(opts.proxy_mark) {
-            return Err(Error::MarksCollide(opts.proxy_mark));
+            return Err(crate::config::Error::MarksCollide(opts.proxy_mark).into());
         }
         let maps = crate::target::attachment::EntryMaps {
             targets: self.loaded.targets_map()?,
