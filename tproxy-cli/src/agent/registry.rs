@@ -17,7 +17,7 @@ use crate::{
     config::options::TcMode,
     error::Chain,
     sys::{
-        netns, pins,
+        self as sys, netns, pins,
         routing::{TproxyRouting, TproxySpec},
         system, tc,
     },
@@ -76,12 +76,15 @@ impl From<Error> for ApiFailure {
             | Error::ProxyPortIntercepted(_)
             | Error::ZeroMark
             | Error::Setting(_)
-            | Error::TableInUse { .. }
-            | Error::MarkInUse { .. }
-            | Error::NoSuchInterface(_)
-            | Error::UnsupportedLinkType(..)
-            | Error::NotCgroup2(_)
-            | Error::AgentCgroup { .. }
+            | Error::Sys(
+                sys::Error::Setting(_)
+                | sys::Error::TableInUse { .. }
+                | sys::Error::MarkInUse { .. }
+                | sys::Error::NoSuchInterface(_)
+                | sys::Error::UnsupportedLinkType(..)
+                | sys::Error::NotCgroup2(_)
+                | sys::Error::AgentCgroup { .. },
+            )
             | Error::TargetExists { .. }
             | Error::TargetSpec(_) => code::INVALID_CONFIG,
             _ => code::OTHER,

@@ -4,6 +4,7 @@
 //! features probed before anything is loaded.
 pub mod bpf;
 pub mod btf;
+pub mod error;
 pub mod netns;
 pub mod pins;
 pub mod probe;
@@ -11,3 +12,5 @@ pub mod removal;
 pub mod routing;
 pub mod system;
 pub mod tc;
+
+pub use error::{Error, Result};

@@ -18,7 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{Error, Result, sys::bpf};
+use crate::sys::{Error, Result, bpf};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -27,13 +27,13 @@ use nftables::{
 use tracing::{debug, warn};
 
 use crate::{
-    Error, Result,
     config::{
         self,
         options::{Options, RESERVED_TABLES, check_table_not_reserved, default_steer_mark},
     },
-    error::{self, NftError},
     sys::{
+        Error, Result,
+        error::{self, NftError},
         removal::{Removal, RemovedKind},
         tc::with_rtnetlink,
     },

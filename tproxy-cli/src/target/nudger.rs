@@ -293,7 +293,9 @@ impl Worker {
         let started = Instant::now();
         let r = match &at {
             Netns::Here => walk(link),
-            Netns::At(path) => crate::sys::netns::run_in(path, move || walk(link)).and_then(|r| r),
+            Netns::At(path) => crate::sys::netns::run_in(path, move || walk(link))
+                .map_err(Error::from)
+                .and_then(|r| r),
             Netns::Gone => unreachable!(),
         };
         for sk in &put {
