@@ -1,22 +1,28 @@
 //! The sys layer's errors: what the kernel and the host refuse or lack.
 //! Each message is one line that names the problem and, where there is
 //! one, the fix. The crate's `Error` takes them whole (`Error::Sys`).
+//!
+//! A target's settings reach these checks from the command line, a
+//! `--config` file, and the agent (its API and target files), which all
+//! key a setting alike: a fix names the setting by that key, its flag
+//! after it (`steer_mark` (--steer-mark), `accel: false` (--no-accel)).
+//! Only a setting that has a flag alone is named by it (`--bpffs`).
 use std::{io, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "routing table {table} is already in use ({user}); tproxy needs a table of its own: choose an unused --route-table or leave it out to have one picked"
+        "routing table {table} is already in use ({user}); tproxy needs a table of its own: choose an unused `route_table` (--route-table) or leave it out to have one picked"
     )]
     TableInUse { table: u32, user: String },
 
     #[error(
-        "steer mark {mark:#x} is already matched by an ip fwmark rule ({user}); choose an unused --steer-mark or leave it out to have one picked"
+        "steer mark {mark:#x} is already matched by an ip fwmark rule ({user}); choose an unused `steer_mark` (--steer-mark) or leave it out to have one picked"
     )]
     MarkInUse { mark: u32, user: String },
 
     #[error(
-        "no free {what} among the {} values from {from:#x}: ip rules and routes use them all; pass --steer-mark and --route-table",
+        "no free {what} among the {} values from {from:#x}: ip rules and routes use them all; set `steer_mark` and `route_table` (--steer-mark, --route-table)",
         crate::sys::routing::SEARCH
     )]
     NoFreeRouting { what: &'static str, from: u32 },
@@ -32,7 +38,7 @@ pub enum Error {
     UnsupportedLinkType(String, u16),
 
     #[error(
-        "{0} is not a cgroup v2 directory; pass --cgroup with a path on the cgroup2 mount (see `mount -t cgroup2`)"
+        "{0} is not a cgroup v2 directory; set `cgroup` (--cgroup) to a path on the cgroup2 mount (see `mount -t cgroup2`)"
     )]
     NotCgroup2(PathBuf),
 
@@ -47,7 +53,7 @@ pub enum Error {
     },
 
     #[error(
-        "no cgroup v2 hierarchy is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or pass --cgroup"
+        "no cgroup v2 hierarchy is mounted; mount one (`mount -t cgroup2 none /sys/fs/cgroup/unified`) or set `cgroup` (--cgroup)"
     )]
     NoCgroup2,
 
@@ -57,17 +63,17 @@ pub enum Error {
     NotPrivileged { missing: String },
 
     #[error(
-        "socket acceleration needs CAP_PERFMON (or CAP_SYS_ADMIN) for its tracepoint program and socket-pointer map keys, and tproxy lacks it; run it as root, grant it CAP_PERFMON, or use --no-accel"
+        "socket acceleration needs CAP_PERFMON (or CAP_SYS_ADMIN) for its tracepoint program and socket-pointer map keys, and tproxy lacks it; run it as root, grant it CAP_PERFMON, or turn acceleration off (`accel: false`, --no-accel)"
     )]
     NoPerfmonForAccel,
 
     #[error(
-        "socket acceleration needs the sock_recv_length tracepoint (Linux >= 6.3), which this kernel lacks; use --no-accel or a newer kernel"
+        "socket acceleration needs the sock_recv_length tracepoint (Linux >= 6.3), which this kernel lacks; turn acceleration off (`accel: false`, --no-accel) or use a newer kernel"
     )]
     NoRecvTracepoint,
 
     #[error(
-        "socket acceleration needs {0}, which this kernel lacks; use --no-accel or a kernel that has them (Linux >= 6.3)"
+        "socket acceleration needs {0}, which this kernel lacks; turn acceleration off (`accel: false`, --no-accel) or use a kernel that has them (Linux >= 6.3)"
     )]
     AccelUnsupported(String),
 
@@ -83,17 +89,17 @@ pub enum Error {
     NoBtf,
 
     #[error(
-        "the tproxy back-end runs `nft`, which is not on PATH; install nftables (e.g. `apt install nftables`) or use --steer rewrite"
+        "the tproxy back-end runs `nft`, which is not on PATH; install nftables (e.g. `apt install nftables`) or use `steer: rewrite` (--steer rewrite)"
     )]
     NoNft,
 
     #[error(
-        "nftables refused the tproxy rule ({0}); the tproxy back-end needs the kernel's nft_tproxy module (CONFIG_NFT_TPROXY): load it (`modprobe nft_tproxy`) or use --steer rewrite"
+        "nftables refused the tproxy rule ({0}); the tproxy back-end needs the kernel's nft_tproxy module (CONFIG_NFT_TPROXY): load it (`modprobe nft_tproxy`) or use `steer: rewrite` (--steer rewrite)"
     )]
     NftTproxyUnsupported(String),
 
     #[error(
-        "nftables table inet {0} already exists and no tproxy record says tproxy created it; the tproxy back-end needs a table of that name of its own (it would mix its rules into this one and delete it at exit): move what it holds to a table of another name and delete it (`nft delete table inet {0}`), or use --steer rewrite"
+        "nftables table inet {0} already exists and no tproxy record says tproxy created it; the tproxy back-end needs a table of that name of its own (it would mix its rules into this one and delete it at exit): move what it holds to a table of another name and delete it (`nft delete table inet {0}`), or use `steer: rewrite` (--steer rewrite)"
     )]
     NftTableExists(String),
 
@@ -109,7 +115,7 @@ pub enum Error {
     BpffsUnsafe { dir: PathBuf, why: String },
 
     #[error(
-        "the kernel lacks TCX (Linux >= 6.6), which --tc-mode tcx asks for; use --tc-mode auto or netlink"
+        "the kernel lacks TCX (Linux >= 6.6), which `tc_mode: tcx` (--tc-mode tcx) asks for; use `tc_mode: auto` or `netlink`"
     )]
     NoTcx,
 
@@ -238,5 +244,52 @@ mod tests {
         struct Repeats(#[source] io::Error);
         let e = Repeats(io::Error::other("line one\nline two"));
         assert_eq!(Chain(&e).to_string(), "outer: line one line two");
+    }
+
+    /// The settings a target shares between flags, config file and agent
+    /// are named by their key wherever a message names their flag.
+    #[test]
+    fn a_target_setting_is_named_by_its_key_before_its_flag() {
+        let user = || "x".to_string();
+        let all = [
+            Error::TableInUse {
+                table: 100,
+                user: user(),
+            },
+            Error::MarkInUse {
+                mark: 0x99,
+                user: user(),
+            },
+            Error::NoFreeRouting {
+                what: "steer mark",
+                from: 1,
+            },
+            Error::NotCgroup2("/x".into()),
+            Error::NoCgroup2,
+            Error::NoPerfmonForAccel,
+            Error::NoRecvTracepoint,
+            Error::AccelUnsupported("sk_msg".into()),
+            Error::NoNft,
+            Error::NftTproxyUnsupported(user()),
+            Error::NftTableExists(user()),
+            Error::NoTcx,
+        ];
+        let named = [
+            ("--route-table", "`route_table`"),
+            ("--steer-mark", "`steer_mark`"),
+            ("--cgroup", "`cgroup` (--cgroup)"),
+            ("--no-accel", "`accel: false`"),
+            ("--steer rewrite", "`steer: rewrite` (--steer rewrite)"),
+            ("--tc-mode", "`tc_mode: tcx` (--tc-mode tcx)"),
+        ];
+        for e in all {
+            let msg = e.to_string();
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+            let flags: Vec<_> = named.iter().filter(|(f, _)| msg.contains(f)).collect();
+            assert!(!flags.is_empty(), "names no setting: {msg}");
+            for (flag, key) in flags {
+                assert!(msg.contains(key), "{flag} without {key}: {msg}");
+            }
+        }
     }
 }
