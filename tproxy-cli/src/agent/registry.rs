@@ -17,7 +17,7 @@ use crate::{
     config::options::TcMode,
     error::Chain,
     sys::{
-        netns, pins,
+        self as sys, netns, pins,
         routing::{TproxyRouting, TproxySpec},
         system, tc,
     },
@@ -74,15 +74,17 @@ impl From<Error> for ApiFailure {
         let c = match &e {
             Error::BadPorts(_)
             | Error::ProxyPortIntercepted(_)
-            | Error::MarksCollide(_)
             | Error::ZeroMark
-            | Error::ReservedTable(_)
-            | Error::TableInUse { .. }
-            | Error::MarkInUse { .. }
-            | Error::NoSuchInterface(_)
-            | Error::UnsupportedLinkType(..)
-            | Error::NotCgroup2(_)
-            | Error::AgentCgroup { .. }
+            | Error::Setting(_)
+            | Error::Sys(
+                sys::Error::Setting(_)
+                | sys::Error::TableInUse { .. }
+                | sys::Error::MarkInUse { .. }
+                | sys::Error::NoSuchInterface(_)
+                | sys::Error::UnsupportedLinkType(..)
+                | sys::Error::NotCgroup2(_)
+                | sys::Error::AgentCgroup { .. },
+            )
             | Error::TargetExists { .. }
             | Error::TargetSpec(_) => code::INVALID_CONFIG,
             _ => code::OTHER,
@@ -457,7 +459,7 @@ impl Registry {
                 .unwrap_or_else(|| crate::config::options::default_steer_mark(e.rec.ifindex))
         });
         if steer_mark == Some(opts.proxy_mark) {
-            return Err(Error::MarksCollide(opts.proxy_mark));
+            return Err(crate::config::Error::MarksCollide(opts.proxy_mark).into());
         }
         let maps = crate::target::attachment::EntryMaps {
             targets: self.loaded.targets_map()?,

@@ -349,7 +349,9 @@ mod tests {
             assert!(
                 matches!(
                     cli.run.options().validate(),
-                    Err(crate::Error::ReservedTable(_))
+                    Err(crate::Error::Setting(crate::config::Error::ReservedTable(
+                        _
+                    )))
                 ),
                 "{t}"
             );

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use tproxy_common::SteerMode;
 
-use crate::{Error, PortSet, Result};
+use crate::{Error, PortSet, Result, config};
 
 /// Everything `tproxy -i IFACE -ports …` is asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl Options {
             return Err(Error::ZeroMark);
         }
         if self.steer_mark == Some(self.proxy_mark) {
-            return Err(Error::MarksCollide(self.proxy_mark));
+            return Err(config::Error::MarksCollide(self.proxy_mark).into());
         }
         if let Some(table) = self.route_table {
             check_table_not_reserved(table)?;
@@ -133,9 +133,9 @@ pub fn parse_mark(s: &str) -> std::result::Result<u32, String> {
 pub const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
 
 /// Refuses a reserved `--route-table` (no privileges needed).
-pub fn check_table_not_reserved(table: u32) -> Result<()> {
+pub fn check_table_not_reserved(table: u32) -> Result<(), config::Error> {
     if RESERVED_TABLES.contains(&table) {
-        return Err(Error::ReservedTable(table));
+        return Err(config::Error::ReservedTable(table));
     }
     Ok(())
 }

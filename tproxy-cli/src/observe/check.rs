@@ -46,8 +46,13 @@ impl Item {
         }
     }
 
-    /// A failure from a library error, whose message is "problem; fix".
-    fn from_error(name: impl Into<String>, e: &Error, fallback_fix: &str) -> Item {
+    /// A failure from a library error (of any layer), whose message is
+    /// "problem; fix".
+    fn from_error(
+        name: impl Into<String>,
+        e: &(dyn std::error::Error + 'static),
+        fallback_fix: &str,
+    ) -> Item {
         let top = e.to_string();
         let (problem, fix) = split_fix(&top, fallback_fix);
         // The causes (down to the errno) belong to the problem, not the fix.
@@ -280,7 +285,7 @@ fn tproxy_items(opts: &Options, ifindex: u32, has_iface: bool) -> Vec<Item> {
         }
     };
     match routing::nft_on_path() {
-        None => items.push(Item::from_error("nft", &Error::NoNft, ROOT_FIX)),
+        None => items.push(Item::from_error("nft", &crate::sys::Error::NoNft, ROOT_FIX)),
         Some(nft) => {
             items.push(Item::pass("nft", nft.display().to_string()));
             items.push(match routing::check_nft(&spec) {
@@ -447,7 +452,7 @@ mod tests {
 
     #[test]
     fn failures_split_into_problem_and_fix() {
-        let e = Error::NoSuchInterface("x0".into());
+        let e = crate::sys::Error::NoSuchInterface("x0".into());
         let i = Item::from_error("interface", &e, "unused");
         assert!(!i.ok);
         assert!(i.detail.contains("\"x0\"") && !i.detail.contains("ip link"));

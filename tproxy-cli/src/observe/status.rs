@@ -6,20 +6,17 @@
 //! Read-only: it takes no lock, so it never gets in a start's way.
 use std::{
     fmt::Write as _,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
-    },
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
-use aya_obj::generated::{bpf_cmd, bpf_link_info, bpf_link_type};
 use serde::Serialize;
 
 use crate::{
     Error, Result, Steer,
     config::options::TcMode,
     sys::{
+        bpf::{self, LinkInfo, LinkTarget},
         netns::{self, Located},
         routing::TproxySpec,
         system,
@@ -104,89 +101,15 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A `bpf(2)` command with a small attribute struct; the fd or result.
-fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> std::io::Result<i64> {
-    // SAFETY: attr is a valid, fully initialized (zero-padded) repr(C)
-    // struct of the size passed, as the command expects.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_int,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-/// `union bpf_attr` for the *_GET_FD_BY_ID commands.
-#[repr(C)]
-struct GetFdById {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-fn fd_by_id(cmd: bpf_cmd, id: u32) -> Option<OwnedFd> {
-    let mut attr = GetFdById {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    let fd = bpf(cmd, &mut attr).ok()?;
-    // SAFETY: the kernel returned a new fd we own.
-    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// The program `id` is loaded.
 fn prog_loaded(id: u32) -> bool {
-    fd_by_id(bpf_cmd::BPF_PROG_GET_FD_BY_ID, id).is_some()
+    bpf::prog_get_fd_by_id(id).is_ok()
 }
 
-/// What the kernel says about one link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct LinkState {
-    kind: u32,
-    prog_id: u32,
-    /// cgroup id (cgroup links) or ifindex (TCX); 0 once detached.
-    target: u64,
-}
-
-fn link_state(id: u32) -> Option<LinkState> {
-    let fd = fd_by_id(bpf_cmd::BPF_LINK_GET_FD_BY_ID, id)?;
-    // SAFETY: plain old data; all zeroes is valid.
-    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
-    #[repr(C)]
-    struct GetInfo {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = GetInfo {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of::<bpf_link_info>() as u32,
-        info: std::ptr::from_mut(&mut info) as u64,
-    };
-    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).ok()?;
-    // SAFETY: the union member read is the one the link's type selects.
-    let target = unsafe {
-        if info.type_ == bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
-            info.__bindgen_anon_1.cgroup.cgroup_id
-        } else if info.type_ == bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
-            u64::from(info.__bindgen_anon_1.tcx.ifindex)
-        } else {
-            0
-        }
-    };
-    Some(LinkState {
-        kind: info.type_,
-        prog_id: info.prog_id,
-        target,
-    })
+/// What the kernel says about the link `id`; `None` once it is gone.
+fn link_state(id: u32) -> Option<LinkInfo> {
+    let fd = bpf::link_get_fd_by_id(id).ok()?;
+    bpf::link_info(fd.as_fd()).ok()
 }
 
 /// What the namespace of a live instance says, asked inside it.
@@ -250,18 +173,15 @@ fn check(
             l.prog_id, a.prog_id
         ));
     }
-    let want = if l.kind == bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
-        cgroup_id
-    } else if l.kind == bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
-        Some(u64::from(rec.ifindex))
-    } else {
-        return Ok(());
+    let (want, target) = match l.target {
+        LinkTarget::Cgroup(id) => (cgroup_id, id),
+        LinkTarget::Tcx(ifindex) => (Some(u64::from(rec.ifindex)), u64::from(ifindex)),
+        LinkTarget::Other => return Ok(()),
     };
     match want {
-        _ if l.target == 0 => Err(format!("{what}: link id {link} is detached")),
-        Some(t) if t != l.target => Err(format!(
-            "{what}: link id {link} is attached elsewhere (target {})",
-            l.target
+        _ if target == 0 => Err(format!("{what}: link id {link} is detached")),
+        Some(t) if t != target => Err(format!(
+            "{what}: link id {link} is attached elsewhere (target {target})"
         )),
         Some(_) => Ok(()),
         None => Err(format!("{what}: its cgroup is gone")),

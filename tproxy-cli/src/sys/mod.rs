@@ -1,8 +1,10 @@
-//! The kernel and the host, one kind of object per file: bpf pins and
-//! links, BTF, network namespaces, tc over netlink, policy routing and
+//! The kernel and the host, one kind of object per file: the bpf(2)
+//! commands aya does not offer, bpf pins and links, BTF, network namespaces, tc over netlink, policy routing and
 //! nftables, host checks (privileges, cgroups, interfaces), and the kernel
 //! features probed before anything is loaded.
+pub mod bpf;
 pub mod btf;
+pub mod error;
 pub mod netns;
 pub mod pins;
 pub mod probe;
@@ -10,3 +12,5 @@ pub mod removal;
 pub mod routing;
 pub mod system;
 pub mod tc;
+
+pub use error::{Error, Result};

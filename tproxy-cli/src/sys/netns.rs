@@ -9,7 +9,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
-use crate::{Error, Result};
+use crate::sys::{Error, Result};
 
 /// Where `ip netns` keeps its named namespaces.
 const NAMED: &str = "/run/netns";

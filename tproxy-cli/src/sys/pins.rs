@@ -10,84 +10,24 @@
 //! itself, only if DIR is empty (never on its parent), and that mount stays
 //! while it holds pins: `tproxy cleanup` unmounts it once they are gone.
 use std::{
-    ffi::CString,
     fs, io,
     os::{
-        fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, BorrowedFd},
         unix::ffi::OsStrExt as _,
     },
     path::{Path, PathBuf},
 };
 
-use crate::{Error, Result};
+use crate::sys::{Error, Result, bpf};
 
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// `bpf(cmd, attr)` with a zeroed attr of the union's size; `fill` sets the
-/// command's fields (u32 words).
-fn bpf(cmd: libc::c_long, fill: impl FnOnce(&mut [u32; 36])) -> io::Result<libc::c_long> {
-    let mut attr = [0u32; 36];
-    fill(&mut attr);
-    // SAFETY: attr is a valid, zero-padded bpf_attr of 144 bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn owned(fd: libc::c_long) -> OwnedFd {
-    // SAFETY: the kernel just returned this fd to us.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
-fn cpath(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
-}
-
-fn pin_fd(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    let p = cpath(path)?;
-    let ptr = p.as_ptr() as u64;
-    bpf(BPF_OBJ_PIN, |a| {
-        a[0] = ptr as u32;
-        a[1] = (ptr >> 32) as u32;
-        a[2] = fd.as_raw_fd() as u32;
-    })
-    .map(drop)
-}
-
-/// A new descriptor of the object pinned at `path`.
-pub fn open_pin(path: &Path) -> io::Result<OwnedFd> {
-    let p = cpath(path)?;
-    let ptr = p.as_ptr() as u64;
-    bpf(BPF_OBJ_GET, |a| {
-        a[0] = ptr as u32;
-        a[1] = (ptr >> 32) as u32;
-    })
-    .map(owned)
-}
 
 /// Pins the bpf_link `link_id` at `path`: it stays attached until the pin
 /// is removed, whatever happens to this process.
 pub fn pin_link_id(link_id: u32, path: &Path) -> Result<()> {
     let what = || format!("pinning link {link_id} at {}", path.display());
-    let fd = bpf(BPF_LINK_GET_FD_BY_ID, |a| a[0] = link_id)
-        .map(owned)
-        .map_err(|e| Error::io(what(), e))?;
-    pin_fd(fd.as_fd(), path).map_err(|e| Error::io(what(), e))
+    let fd = bpf::link_get_fd_by_id(link_id).map_err(|e| Error::io(what(), e))?;
+    bpf::obj_pin(fd.as_fd(), path).map_err(|e| Error::io(what(), e))
 }
 
 /// Pins the newest link running program `prog_id` (the one just made).
@@ -112,12 +52,7 @@ pub fn pin_newest_link_of(prog_id: u32, path: &Path) -> Result<()> {
 /// Swaps the program of the link pinned at `path` for `new_prog`, in one
 /// step (BPF_LINK_UPDATE): no moment with neither or both attached.
 pub fn update_link(path: &Path, new_prog: BorrowedFd<'_>) -> io::Result<()> {
-    let link = open_pin(path)?;
-    bpf(BPF_LINK_UPDATE, |a| {
-        a[0] = link.as_raw_fd() as u32;
-        a[1] = new_prog.as_raw_fd() as u32;
-    })
-    .map(drop)
+    bpf::link_update(bpf::obj_get(path)?.as_fd(), new_prog)
 }
 
 /// `path` is on a bpf filesystem.

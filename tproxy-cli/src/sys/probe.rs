@@ -18,7 +18,7 @@ use aya_obj::btf::{Btf, BtfKind};
 use tproxy_common::names;
 use tracing::debug;
 
-use crate::{Error, Result};
+use crate::sys::{Error, Result, error::Chain};
 
 /// Something the kernel must offer.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -252,15 +252,9 @@ fn tracepoint_in_tracefs(group: &str, name: &str) -> Option<bool> {
 pub fn probe(feature: Feature) -> Result<bool, String> {
     let result = match feature {
         // For the debug log only: the whole cause chain, errno included.
-        Feature::Program(t) => {
-            sys::is_program_supported(t).map_err(|e| crate::error::Chain(&e).to_string())
-        }
-        Feature::Map(t) => {
-            sys::is_map_supported(t).map_err(|e| crate::error::Chain(&e).to_string())
-        }
-        Feature::Helper(t, h) => {
-            sys::is_helper_supported(t, h).map_err(|e| crate::error::Chain(&e).to_string())
-        }
+        Feature::Program(t) => sys::is_program_supported(t).map_err(|e| Chain(&e).to_string()),
+        Feature::Map(t) => sys::is_map_supported(t).map_err(|e| Chain(&e).to_string()),
+        Feature::Helper(t, h) => sys::is_helper_supported(t, h).map_err(|e| Chain(&e).to_string()),
         Feature::RecvTracepoint => {
             let name = names::RECV_TRACEPOINT;
             tracepoint_verdict(tracepoint_in_btf(name), tracepoint_in_tracefs("sock", name))

@@ -27,10 +27,13 @@ use nftables::{
 use tracing::{debug, warn};
 
 use crate::{
-    Error, Result,
-    config::options::{Options, RESERVED_TABLES, check_table_not_reserved, default_steer_mark},
-    error::{self, NftError},
+    config::{
+        self,
+        options::{Options, RESERVED_TABLES, check_table_not_reserved, default_steer_mark},
+    },
     sys::{
+        Error, Result,
+        error::{self, NftError},
         removal::{Removal, RemovedKind},
         tc::with_rtnetlink,
     },
@@ -138,7 +141,7 @@ pub fn pick(
     in_use: &InUse,
 ) -> Result<(u32, u32)> {
     let mark = match steer_mark {
-        Some(m) if m == proxy_mark => return Err(Error::MarksCollide(m)),
+        Some(m) if m == proxy_mark => return Err(config::Error::MarksCollide(m).into()),
         Some(m) => match in_use.mark_user(m) {
             Some(user) => {
                 return Err(Error::MarkInUse {
@@ -829,11 +832,11 @@ mod tests {
         for t in RESERVED_TABLES {
             assert!(matches!(
                 check_table_not_reserved(t),
-                Err(Error::ReservedTable(x)) if x == t
+                Err(config::Error::ReservedTable(x)) if x == t
             ));
             assert!(matches!(
                 pick(None, Some(t), 3, PROXY, &InUse::default()),
-                Err(Error::ReservedTable(_))
+                Err(Error::Setting(config::Error::ReservedTable(_)))
             ));
         }
         assert!(check_table_not_reserved(100).is_ok());
@@ -854,7 +857,7 @@ mod tests {
         assert!(pick(Some(0x2234), Some(101), 3, PROXY, &u).is_ok());
         assert!(matches!(
             pick(Some(PROXY), None, 3, PROXY, &u),
-            Err(Error::MarksCollide(PROXY))
+            Err(Error::Setting(config::Error::MarksCollide(PROXY)))
         ));
         for e in [
             Error::TableInUse {
@@ -865,7 +868,7 @@ mod tests {
                 mark: 1,
                 user: "x".into(),
             },
-            Error::ReservedTable(254),
+            config::Error::ReservedTable(254).into(),
             Error::NoFreeRouting {
                 what: "steer mark",
                 from: 1,

@@ -10,9 +10,12 @@ use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPa
 use tracing::{debug, info};
 
 use crate::{
-    Error, Result,
     config::options::TcMode,
-    sys::removal::{Removal, RemovedKind},
+    sys::{
+        Error, Result,
+        error::Chain,
+        removal::{Removal, RemovedKind},
+    },
 };
 
 /// Auto becomes TCX where the kernel has it (probed; by version if the
@@ -100,11 +103,7 @@ impl Drop for ClsactQdisc {
                     "left the clsact qdisc on {}: other filters use it",
                     self.iface
                 ),
-                Err(e) => tracing::warn!(
-                    "removing clsact qdisc on {}: {}",
-                    self.iface,
-                    crate::error::Chain(&e)
-                ),
+                Err(e) => tracing::warn!("removing clsact qdisc on {}: {}", self.iface, Chain(&e)),
             }
         }
     }

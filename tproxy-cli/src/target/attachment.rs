@@ -623,7 +623,7 @@ pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>
         |s| s.mark,
     );
     if steer_mark == opts.proxy_mark {
-        return Err(Error::MarksCollide(steer_mark));
+        return Err(crate::config::Error::MarksCollide(steer_mark).into());
     }
     Ok((tproxy, steer_mark))
 }

@@ -254,9 +254,10 @@ impl Loaded {
         if accel && (tcp_write_seq_offset == 0 || tcp_copied_seq_offset == 0) {
             // Without them a non-blocking sender's unseen sends could be
             // overtaken (tcpseq.rs): no acceleration rather than disorder.
-            return Err(Error::AccelUnsupported(
+            return Err(crate::sys::Error::AccelUnsupported(
                 "BTF for struct tcp_sock.write_seq and copied_seq (byte order between the redirect and TCP is kept by them)".into(),
-            ));
+            )
+            .into());
         }
         let mut node = NodeConfig {
             sk_rcvbuf_offset: crate::sys::btf::sk_rcvbuf_offset(),
@@ -272,7 +273,7 @@ impl Loaded {
         };
         let multi: u8 = if single.is_none() {
             let (nd_net, cookie) = crate::sys::btf::netns_offsets().ok_or_else(|| {
-                Error::KernelLacks(
+                crate::sys::Error::KernelLacks(
                     "BTF for struct net_device.nd_net and struct net.net_cookie (the agent's tc programs read a packet's namespace through them)".into(),
                 )
             })?;
@@ -447,7 +448,7 @@ impl Loaded {
         // The nudger's hand: loaded and linked now, so a kernel that
         // refuses it fails the start, not the first stall.
         let btf = Btf::from_sys_fs().map_err(|e| {
-            Error::KernelLacks(format!(
+            crate::sys::Error::KernelLacks(format!(
                 "readable kernel BTF for the {} iterator ({e})",
                 names::PROG_NUDGE_ITER
             ))

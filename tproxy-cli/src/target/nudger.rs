@@ -33,9 +33,8 @@
 //! each), it does not multiply the work.
 use std::{
     collections::HashMap as StdHashMap,
-    fs::File,
     io::Read as _,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::PathBuf,
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -290,11 +289,13 @@ impl Worker {
                 put.push(ev.sk);
             }
         }
-        let link = self.maps.link.as_raw_fd();
+        let link = self.maps.link.as_fd();
         let started = Instant::now();
         let r = match &at {
             Netns::Here => walk(link),
-            Netns::At(path) => crate::sys::netns::run_in(path, move || walk(link)).and_then(|r| r),
+            Netns::At(path) => crate::sys::netns::run_in(path, move || walk(link))
+                .map_err(Error::from)
+                .and_then(|r| r),
             Netns::Gone => unreachable!(),
         };
         for sk in &put {
@@ -323,34 +324,9 @@ impl Worker {
 /// (the kernel takes the namespace at BPF_ITER_CREATE) with the program of
 /// `link`. aya's `IterLink::into_file` gives its link up for one iterator;
 /// the nudger walks many times, so it creates them itself.
-fn walk(link: RawFd) -> Result<()> {
-    #[repr(C)]
-    struct IterCreate {
-        link_fd: u32,
-        flags: u32,
-    }
-    let attr = IterCreate {
-        link_fd: link as u32,
-        flags: 0,
-    };
-    // SAFETY: BPF_ITER_CREATE reads `attr` (its size given) and returns a
-    // new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            aya_obj::generated::bpf_cmd::BPF_ITER_CREATE as libc::c_long,
-            &raw const attr,
-            size_of::<IterCreate>(),
-        )
-    };
-    if fd < 0 {
-        return Err(Error::io(
-            "creating a TCP socket iterator (BPF_ITER_CREATE)",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a descriptor we own from here on.
-    let mut f = unsafe { File::from_raw_fd(fd as RawFd) };
+fn walk(link: BorrowedFd<'_>) -> Result<()> {
+    let mut f = crate::sys::bpf::iter_create(link)
+        .map_err(|e| Error::io("creating a TCP socket iterator (BPF_ITER_CREATE)", e))?;
     // The program writes nothing: each read walks until the end.
     let mut buf = [0u8; 64];
     loop {
@@ -370,27 +346,10 @@ pub(crate) fn iter_link(prog: &aya::programs::Iter) -> Result<OwnedFd> {
     let prog_fd = prog
         .fd()
         .map_err(|e| Error::load_program(names::PROG_NUDGE_ITER, e))?;
-    // union bpf_attr's link_create: prog_fd, target_fd, attach_type, flags,
-    // then iter_info and iter_info_len (none for TCP); the rest zero.
-    let mut attr = [0u32; 16];
-    attr[0] = prog_fd.as_fd().as_raw_fd() as u32;
-    attr[2] = aya_obj::generated::bpf_attach_type::BPF_TRACE_ITER as u32;
-    // SAFETY: BPF_LINK_CREATE reads `attr` (its size given) and returns a
-    // new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            aya_obj::generated::bpf_cmd::BPF_LINK_CREATE as libc::c_long,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(Error::io(
+    crate::sys::bpf::iter_link_create(prog_fd.as_fd()).map_err(|e| {
+        Error::io(
             "creating the nudger's TCP iterator link (BPF_LINK_CREATE)",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: a descriptor we own from here on.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+            e,
+        )
+    })
 }
