@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use tproxy::target::instance::EBPF_OBJECT;
+use tproxy::sys::object::EBPF_OBJECT;
 use tproxy_common::{Config, FlowKey, FlowValue, NodeConfig, Target, flags, names};
 
 fn frame() -> Vec<u8> {

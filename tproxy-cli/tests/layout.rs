@@ -3,7 +3,7 @@
 //! and writes. A mismatch here would be silent garbage at run time.
 use std::mem::size_of;
 
-use tproxy::target::instance::EBPF_OBJECT;
+use tproxy::sys::object::EBPF_OBJECT;
 use tproxy_common::{
     ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
     NUDGE_EVENTS_BYTES, NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX,

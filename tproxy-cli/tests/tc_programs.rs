@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use tproxy::target::{inspect::monotonic_coarse_ns, instance::EBPF_OBJECT};
+use tproxy::{sys::object::EBPF_OBJECT, target::inspect::monotonic_coarse_ns};
 use tproxy_common::{
     Config, Counter, FlowKey, FlowValue, NodeConfig, SteerMode, Target, flags, flow_state, names,
 };

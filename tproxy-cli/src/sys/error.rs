@@ -22,10 +22,13 @@ pub enum Error {
     MarkInUse { mark: u32, user: String },
 
     #[error(
-        "no free {what} among the {} values from {from:#x}: ip rules and routes use them all; set `steer_mark` and `route_table` (--steer-mark, --route-table)",
-        crate::sys::routing::SEARCH
+        "no free {what} among the {searched} values from {from:#x}: ip rules and routes use them all; set `steer_mark` and `route_table` (--steer-mark, --route-table)"
     )]
-    NoFreeRouting { what: &'static str, from: u32 },
+    NoFreeRouting {
+        what: &'static str,
+        from: u32,
+        searched: u32,
+    },
 
     #[error(
         "no interface named {0:?} in this network namespace; list them with `ip link` (or run tproxy in the namespace that has it)"
@@ -263,6 +266,7 @@ mod tests {
             Error::NoFreeRouting {
                 what: "steer mark",
                 from: 1,
+                searched: 4096,
             },
             Error::NotCgroup2("/x".into()),
             Error::NoCgroup2,

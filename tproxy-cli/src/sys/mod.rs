@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod btf;
 pub mod error;
 pub mod netns;
+pub mod object;
 pub mod pins;
 pub mod probe;
 pub mod removal;

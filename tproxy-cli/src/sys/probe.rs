@@ -134,7 +134,7 @@ fn helper_needs(accel: bool) -> Vec<(ProgramType, BpfHelper)> {
     let progs = programs(accel);
     let names: Vec<&str> = progs.iter().map(|(n, _)| *n).collect();
     let mut out: Vec<(ProgramType, BpfHelper)> = Vec::new();
-    for (name, ids) in helpers_called(crate::target::instance::EBPF_OBJECT, &names) {
+    for (name, ids) in helpers_called(crate::sys::object::EBPF_OBJECT, &names) {
         let t = progs.iter().find(|(n, _)| *n == name).expect("asked for").1;
         for h in ids.into_iter().filter_map(helper) {
             if !out.contains(&(t, h)) {
@@ -351,7 +351,7 @@ mod tests {
     fn helpers_are_read_from_the_embedded_object() {
         let progs = programs(true);
         let names: Vec<&str> = progs.iter().map(|(n, _)| *n).collect();
-        let called = helpers_called(crate::target::instance::EBPF_OBJECT, &names);
+        let called = helpers_called(crate::sys::object::EBPF_OBJECT, &names);
         assert_eq!(called.len(), names.len(), "{called:?}");
         let of = |prog: &str| -> Vec<String> {
             called

@@ -159,6 +159,7 @@ pub fn pick(
             .ok_or(Error::NoFreeRouting {
                 what: "steer mark",
                 from: start,
+                searched: SEARCH,
             })?
         }
     };
@@ -180,6 +181,7 @@ pub fn pick(
         .ok_or(Error::NoFreeRouting {
             what: "routing table",
             from: mark,
+            searched: SEARCH,
         })?,
     };
     Ok((mark, table))
@@ -872,6 +874,7 @@ mod tests {
             Error::NoFreeRouting {
                 what: "steer mark",
                 from: 1,
+                searched: SEARCH,
             },
         ] {
             assert_eq!(e.to_string().lines().count(), 1, "{e}");

@@ -5,7 +5,6 @@ use aya::maps::{MapData, PerCpuArray};
 use tproxy_common::{Counter, flags, names};
 use tracing::{info, warn};
 
-pub use crate::target::loader::EBPF_OBJECT;
 use crate::{
     Error, Options, Result,
     sys::system,

@@ -16,15 +16,13 @@ use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
 
 use crate::{
     Error, Result,
+    sys::object::EBPF_OBJECT,
     target::{
         attach::{RecvmsgAttachment, SkMsgAttachment},
         nudger::NudgeMaps,
         record::{AttachKind, Attached},
     },
 };
-
-/// The eBPF object, built by build.rs and embedded in the binary.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tproxy"));
 
 /// Kernel ids of the maps, for other processes (`stats`, `status`) to open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
