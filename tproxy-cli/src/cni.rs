@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 
 use crate::{
     PortSet, Steer,
-    api::{self, ApiError, Request, TargetSpec},
+    api::{self, ApiError, Request, Target, TargetSpec},
     config::options::TcMode,
 };
 
@@ -349,13 +349,16 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let summary = format!(
         "{} {} ports {} cgroup {}",
         target.name.as_deref().unwrap_or("pod"),
-        target.iface,
+        target.iface(),
         target
+            .target
             .ports
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_default(),
-        target.cgroup.as_deref().unwrap_or(Path::new("")).display(),
+        (target.target.cgroup.as_deref())
+            .unwrap_or(Path::new(""))
+            .display(),
     );
     let req = Request::Add {
         id: id.into(),
@@ -614,13 +617,16 @@ pub fn target_for(
     };
 
     Ok(Some(TargetSpec {
-        cgroup: Some(cgroup),
-        ports: Some(ports),
-        proxy_port,
-        proxy_mark,
-        accel,
-        steer: conf.steer,
-        tc_mode: conf.tc_mode,
+        target: Target {
+            cgroup: Some(cgroup),
+            ports: Some(ports),
+            proxy_port,
+            proxy_mark,
+            accel,
+            steer: conf.steer,
+            tc_mode: conf.tc_mode,
+            ..Target::on(ifname)
+        },
         name: env.pod_name(),
         ..TargetSpec::new(netns, ifname)
     }))
@@ -760,14 +766,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(t.netns, Path::new("/var/run/netns/cni-1"));
-        assert_eq!(t.iface, "eth0");
+        assert_eq!(t.iface(), "eth0");
         assert_eq!(
-            t.cgroup.as_deref(),
+            t.target.cgroup.as_deref(),
             Some(Path::new("kubepods/besteffort/pod1"))
         );
-        assert_eq!(t.ports.unwrap().to_string(), "9000");
-        assert_eq!(t.proxy_port, Some(15001));
-        assert_eq!(t.proxy_mark, None);
+        assert_eq!(t.target.ports.unwrap().to_string(), "9000");
+        assert_eq!(t.target.proxy_port, Some(15001));
+        assert_eq!(t.target.proxy_mark, None);
         assert_eq!(t.name.as_deref(), Some("shop/web-0"));
     }
 
@@ -782,12 +788,12 @@ mod tests {
                     "tproxy.io/proxy-mark": "0x539", "tproxy.io/accel": "false",
                     "unrelated": "x"}}})));
         let t = target_for(&env("ADD"), &c, mount()).unwrap().unwrap();
-        assert_eq!(t.ports.unwrap().to_string(), "8000,8080");
-        assert_eq!(t.proxy_port, Some(15006));
-        assert_eq!(t.proxy_mark, Some(1337));
-        assert_eq!(t.accel, Some(false));
+        assert_eq!(t.target.ports.unwrap().to_string(), "8000,8080");
+        assert_eq!(t.target.proxy_port, Some(15006));
+        assert_eq!(t.target.proxy_mark, Some(1337));
+        assert_eq!(t.target.accel, Some(false));
         assert_eq!(
-            t.cgroup.as_deref(),
+            t.target.cgroup.as_deref(),
             Some(Path::new("/sys/fs/cgroup/kubepods/pod2"))
         );
     }
@@ -840,7 +846,7 @@ mod tests {
     fn cgroup_from_config_when_the_runtime_passes_none() {
         let c = conf(base(json!({"runtimeConfig": {}, "cgroup": "tproxy/pods"})));
         let t = target_for(&env("ADD"), &c, mount()).unwrap().unwrap();
-        assert_eq!(t.cgroup.as_deref(), Some(Path::new("tproxy/pods")));
+        assert_eq!(t.target.cgroup.as_deref(), Some(Path::new("tproxy/pods")));
     }
 
     #[test]

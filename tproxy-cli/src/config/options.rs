@@ -106,6 +106,9 @@ pub const DEFAULT_PROXY_PORT: u16 = 15006;
 /// Istio's mark for the proxy's own traffic; Envoy configs commonly use it.
 pub const DEFAULT_PROXY_MARK: u32 = 0x539;
 
+/// How long a run drains on SIGTERM/SIGINT (--drain-timeout), in seconds.
+pub const DEFAULT_DRAIN_TIMEOUT: u64 = 30;
+
 /// Longest --drain-timeout: a day (a longer wait is a mistake, and the
 /// deadline must stay representable).
 pub const MAX_DRAIN_TIMEOUT: u64 = 86_400;
