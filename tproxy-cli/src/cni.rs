@@ -636,7 +636,7 @@ pub fn target_for(
 /// the fix here is a key or an annotation.
 fn port_list(s: &str) -> Result<PortSet, String> {
     s.parse().map_err(|e| match e {
-        crate::Error::BadPorts(why) => why,
+        crate::config::Error::BadPorts(why) => why,
         e => e.to_string(),
     })
 }

@@ -5,29 +5,9 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "bad port list: {0}; use e.g. `-ports 8000` or `-ports 8000,8080,9000-9010` (ports 1-65535)"
-    )]
-    BadPorts(String),
-
-    #[error(
-        "the proxy port {0} is in the intercepted set: the proxy's own listener would be steered to itself; choose another --proxy-port or drop {0} from --ports"
-    )]
-    ProxyPortIntercepted(u16),
-
-    #[error(
         "the proxy mark and the steer mark are both {0:#x}; they must differ (--proxy-mark / --steer-mark)"
     )]
     MarksCollide(u32),
-
-    #[error(
-        "--proxy-mark and --steer-mark must be non-zero: marks are how tproxy tells traffic apart"
-    )]
-    ZeroMark,
-
-    #[error(
-        "--route-table {0} is a reserved routing table (0 unspec, 253 default, 254 main, 255 local): tproxy's table holds its own route and nothing else; choose an unused table (e.g. 100) or leave --route-table out to have one picked"
-    )]
-    ReservedTable(u32),
 
     #[error(
         "routing table {table} is already in use ({user}); tproxy needs a table of its own: choose an unused --route-table or leave it out to have one picked"
@@ -163,9 +143,6 @@ pub enum Error {
     )]
     TargetExists { netns: String },
 
-    #[error("invalid target: {0}")]
-    TargetSpec(String),
-
     #[error(
         "a tproxy agent (pid {pid}) already runs with the state directory {dir}; stop it first (or give this one another --state-dir)"
     )]
@@ -283,36 +260,10 @@ pub enum Error {
         source: NftError,
     },
 
-    #[error("reading config file {}", .path.display())]
-    ConfigRead {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-
-    /// Unknown keys, wrong types and out-of-range values; serde_norway's
-    /// message names the key, line and column.
-    #[error("config file {}", .path.display())]
-    Config {
-        path: PathBuf,
-        #[source]
-        source: serde_norway::Error,
-    },
-
-    #[error("no {what} given: pass {flag} or set `{key}:` in the --config file")]
-    Missing {
-        what: &'static str,
-        flag: &'static str,
-        key: &'static str,
-    },
-
-    #[error("{var}={value:?} is not a log filter; use e.g. `info`, `debug` or `tproxy=trace`")]
-    LogFilter {
-        var: &'static str,
-        value: String,
-        #[source]
-        source: tracing_subscriber::filter::ParseError,
-    },
+    /// A setting missing, malformed or at odds with another; a config file
+    /// that cannot be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
 }
 
 /// Why the kernel refused a program. The verifier log is many lines: it
@@ -418,13 +369,7 @@ impl Error {
     /// A bad command line or config file (exit status 2, as clap's usage
     /// errors): nothing was tried.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Error::ConfigRead { .. }
-                | Error::Config { .. }
-                | Error::Missing { .. }
-                | Error::LogFilter { .. }
-        )
+        matches!(self, Error::Config(e) if e.is_usage())
     }
 
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {

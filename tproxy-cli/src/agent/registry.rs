@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::{
     Error, Options, Result, Steer,
     api::{TargetSpec, TargetStatus},
-    config::{Role, Target, options::TcMode},
+    config::{self, Role, Target, options::TcMode},
     error::Chain,
     sys::{
         netns, pins,
@@ -72,19 +72,15 @@ impl From<Error> for ApiFailure {
     fn from(e: Error) -> Self {
         use crate::api::code;
         let c = match &e {
-            Error::BadPorts(_)
-            | Error::ProxyPortIntercepted(_)
+            Error::Config(_)
             | Error::MarksCollide(_)
-            | Error::ZeroMark
-            | Error::ReservedTable(_)
             | Error::TableInUse { .. }
             | Error::MarkInUse { .. }
             | Error::NoSuchInterface(_)
             | Error::UnsupportedLinkType(..)
             | Error::NotCgroup2(_)
             | Error::AgentCgroup { .. }
-            | Error::TargetExists { .. }
-            | Error::TargetSpec(_) => code::INVALID_CONFIG,
+            | Error::TargetExists { .. } => code::INVALID_CONFIG,
             _ => code::OTHER,
         };
         ApiFailure {
@@ -99,10 +95,10 @@ impl From<Error> for ApiFailure {
 ///
 /// [`Target::resolve`]: crate::config::Target::resolve
 pub fn options_of(spec: &TargetSpec, quotas: Quotas) -> Result<Options> {
-    spec.target.resolve(Role::Agent {
+    Ok(spec.target.resolve(Role::Agent {
         flows_quota: spec.flows_quota.unwrap_or(quotas.flows),
         socks_quota: spec.socks_quota.unwrap_or(quotas.socks),
-    })
+    })?)
 }
 
 /// How a target attached as `old` becomes `new`.
@@ -292,10 +288,11 @@ impl Registry {
             ..
         } = system::open_agent_cgroup(opts.cgroup.as_deref().expect("checked"))?;
         if !spec.netns.exists() {
-            return Err(Error::TargetSpec(format!(
+            return Err(config::Error::InvalidTarget(format!(
                 "network namespace {} does not exist: give the pod's namespace path",
                 spec.netns.display()
-            )));
+            ))
+            .into());
         }
         let probed = netns::run_in(&spec.netns, || probe_netns(&opts))??;
         if let Some((other, _)) = self
@@ -308,7 +305,7 @@ impl Registry {
             });
         }
         let slot = self.free_slot().ok_or_else(|| {
-            Error::TargetSpec(format!(
+            config::Error::InvalidTarget(format!(
                 "the agent already has its {} targets (max_targets): remove one, or restart the agent with a larger --max-targets",
                 self.max_targets
             ))
@@ -421,7 +418,7 @@ impl Registry {
     pub fn update(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
         let opts = options_of(spec, self.quotas)?;
         let Some(e) = self.targets.get(id) else {
-            return Err(Error::TargetSpec(format!("target {id} is gone")));
+            return Err(config::Error::InvalidTarget(format!("target {id} is gone")).into());
         };
         let old = options_of(&e.rec.spec, self.quotas)?;
         let (cookie, netns) = (e.rec.netns_cookie, e.rec.spec.netns.clone());

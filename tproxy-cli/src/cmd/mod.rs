@@ -110,7 +110,7 @@ fn log_filter(verbose: u8) -> crate::Result<tracing_subscriber::EnvFilter> {
         if let Some(value) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
             return tracing_subscriber::EnvFilter::builder()
                 .parse(&value)
-                .map_err(|source| crate::Error::LogFilter { var, value, source });
+                .map_err(|source| crate::config::Error::LogFilter { var, value, source }.into());
         }
     }
     let default = match verbose {
@@ -212,7 +212,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::{Steer, cmd::stats::StatsArgs};
+    use crate::{Steer, cmd::stats::StatsArgs, config};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         parse_from(args.iter().map(OsString::from))
@@ -338,10 +338,18 @@ mod tests {
         let cli = parse(&["tproxy", "-i", "eth0", "-ports", "15000-15010"]).unwrap();
         let e = options(&cli).unwrap_err();
         assert!(
-            matches!(e, crate::Error::ProxyPortIntercepted(15006)),
+            matches!(
+                e,
+                crate::Error::Config(config::Error::ProxyPortIntercepted { port: 15006, .. })
+            ),
             "{e}"
         );
-        // Exit 1 (not a usage error), as when the instance found it.
+        // Named as the flags it came from; exit 1 (not a usage error) as
+        // when the instance found it.
+        assert!(
+            e.to_string()
+                .ends_with("choose another --proxy-port or drop 15006 from --ports")
+        );
         assert!(!e.is_usage());
     }
 
@@ -350,7 +358,10 @@ mod tests {
         for t in ["0", "253", "254", "0xff"] {
             let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80", "--route-table", t]).unwrap();
             assert!(
-                matches!(options(&cli), Err(crate::Error::ReservedTable(_))),
+                matches!(
+                    options(&cli),
+                    Err(crate::Error::Config(config::Error::ReservedTable { .. }))
+                ),
                 "{t}"
             );
         }

@@ -62,7 +62,9 @@ pub fn merge(cli: &Cli, file: FileConfig) -> Result<RunSettings> {
     let run = &cli.run;
     // A flag not given is None: whatever is set on the command line beats
     // the file (`--proxy-port 15006` does, even though it is the default).
-    let options = (run.target.clone().or(file.target)).resolve(Role::Run)?;
+    let options = (run.target.clone().or(file.target)).resolve(Role::Run {
+        file: run.config.is_some(),
+    })?;
     let keys = RunKeys {
         log_format: cli.log_format,
         ..run.keys.clone()
@@ -194,7 +196,7 @@ mod tests {
     use std::{ffi::OsString, io::Write as _};
 
     use super::*;
-    use crate::{Error, Steer, cmd::parse_from};
+    use crate::{Error, Steer, cmd::parse_from, config};
     /// `tproxy ARGS…` resolved against a config file holding `yaml`.
     fn run_with(yaml: &str, args: &[&str]) -> Result<RunSettings> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -262,10 +264,22 @@ mod tests {
     #[test]
     fn iface_and_ports_are_needed_from_somewhere() {
         let e = run_with("ports: 8000\n", &[]).unwrap_err();
-        assert!(matches!(e, Error::Missing { key: "iface", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Config(config::Error::Missing { key: "iface", .. })
+            ),
+            "{e}"
+        );
         assert!(e.is_usage());
         let e = run_with("iface: eth0\n", &[]).unwrap_err();
-        assert!(matches!(e, Error::Missing { key: "ports", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Config(config::Error::Missing { key: "ports", .. })
+            ),
+            "{e}"
+        );
         assert!(run_with("iface: eth0\n", &["-ports", "80"]).is_ok());
         // Without --config, clap itself still requires both.
         for args in [&["tproxy", "-i", "eth0"][..], &["tproxy", "-ports", "80"]] {
@@ -307,7 +321,7 @@ mod tests {
             ports: Some("8000".parse().unwrap()),
             ..Target::on("eth0")
         };
-        assert_eq!(s.options, want.resolve(Role::Run).unwrap());
+        assert_eq!(s.options, want.resolve(Role::Run { file: false }).unwrap());
         assert_eq!(s.drain_timeout, 30);
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.metrics_addr, None);

@@ -15,11 +15,10 @@ use std::{
 use serde::{Deserialize, Deserializer, de};
 
 use super::{
-    Target,
+    Error, Target,
     keys::{self, Context},
     options::{LogFormat, MAX_DRAIN_TIMEOUT},
 };
-use crate::{Error, Result};
 
 /// A `--config` file: what the run steers, and the run's own settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -98,7 +97,7 @@ impl<'de> Deserialize<'de> for FileConfig {
 impl FileConfig {
     /// Reads and checks `path`. Errors name the file, and (from
     /// serde_norway) the key, line and column.
-    pub fn load(path: &Path) -> Result<FileConfig> {
+    pub fn load(path: &Path) -> Result<FileConfig, Error> {
         load(path)
     }
 
@@ -111,12 +110,12 @@ impl FileConfig {
 
 /// Reads the YAML file `path` as a `T`: the run's `--config`, the agent's.
 /// Errors name the file, and (from serde_norway) the key, line and column.
-pub fn load<T: de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+pub fn load<T: de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;
-    serde_norway::from_str(&text).map_err(|source| Error::Config {
+    serde_norway::from_str(&text).map_err(|source| Error::File {
         path: PathBuf::from(path),
         source,
     })
@@ -325,6 +324,6 @@ mod tests {
         assert!(e.is_usage());
         assert_eq!(e.to_string(), format!("config file {}", path.display()));
         let e = FileConfig::load(&dir.path().join("none.yaml")).unwrap_err();
-        assert!(matches!(e, Error::ConfigRead { .. }) && e.is_usage(), "{e}");
+        assert!(matches!(e, Error::Read { .. }) && e.is_usage(), "{e}");
     }
 }

@@ -19,10 +19,9 @@ use serde::{
 };
 
 use super::{
-    PortSet, Target,
+    Error, PortSet, Target,
     options::{MAX_DRAIN_TIMEOUT, RESERVED_TABLES, parse_mark},
 };
-use crate::Error;
 
 /// What holds a target: the keys it adds to the target's, and what it
 /// makes of both.

@@ -16,10 +16,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Options, PortSet, Steer, keys,
+    Error, Options, PortSet, Steer, Via, keys,
     options::{DEFAULT_PROXY_MARK, DEFAULT_PROXY_PORT, TcMode, parse_mark},
 };
-use crate::{Error, Result};
 
 /// What one instance steers, and how. The doc comments are the flags'
 /// help; a `--config` key is its flag's long name with `_` for `-`.
@@ -132,11 +131,12 @@ pub struct Target {
     pub route_table: Option<u32>,
 }
 
-/// Who asks for a target: what it requires and what it defaults.
+/// Who asks for a target: what it requires, what it defaults, and how
+/// errors name its settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
-    /// `tproxy`: `iface` and `ports` required (flags or `--config`).
-    Run,
+    /// `tproxy`: `iface` and `ports` required; `file`: with `--config`.
+    Run { file: bool },
     /// `tproxy check`: nothing required (no interface: it is not checked;
     /// no ports: any but the proxy port). Not validated: the check reports
     /// that as one of its requirements.
@@ -145,6 +145,16 @@ pub enum Role {
     /// and `cgroup` required; no `proxy_cgroup` (its key is refused where
     /// one is read); these quotas (its own, else the agent's).
     Agent { flows_quota: u32, socks_quota: u32 },
+}
+
+impl Role {
+    fn via(self) -> Via {
+        match self {
+            Role::Run { file: true } => Via::FlagsOrFile,
+            Role::Run { file: false } | Role::Check => Via::Flags,
+            Role::Agent { .. } => Via::Keys,
+        }
+    }
 }
 
 impl Target {
@@ -159,20 +169,11 @@ impl Target {
     /// The options `role` attaches with: what is left out takes its
     /// default, what `role` requires must be there, and the whole is
     /// checked (but for `Role::Check`).
-    pub fn resolve(&self, role: Role) -> Result<Options> {
-        let agent = matches!(role, Role::Agent { .. });
-        // What a run or an agent target misses, as each names it.
-        let missing = |key, what, flag| match agent {
-            false => Error::Missing { what, flag, key },
-            true => Error::TargetSpec(format!(
-                "the target has no {key}: set \"{key}\" {}",
-                match key {
-                    "iface" => "(the pod's interface, e.g. eth0)",
-                    "ports" => "(e.g. \"8000\")",
-                    _ => "to the pod's cgroup (the agent never attaches to the cgroup root)",
-                }
-            )),
-        };
+    pub fn resolve(&self, role: Role) -> Result<Options, Error> {
+        let via = role.via();
+        fn given<T: Clone>(v: &Option<T>, key: &'static str, via: Via) -> Result<T, Error> {
+            v.clone().ok_or(Error::Missing { key, via })
+        }
         let proxy_port = self.proxy_port.unwrap_or(DEFAULT_PROXY_PORT);
         let (iface, ports) = match role {
             Role::Check => (
@@ -185,12 +186,8 @@ impl Target {
                 },
             ),
             _ => (
-                self.iface
-                    .clone()
-                    .ok_or_else(|| missing("iface", "interface", "-i IFACE"))?,
-                self.ports
-                    .clone()
-                    .ok_or_else(|| missing("ports", "ports to intercept", "-ports PORTS"))?,
+                given(&self.iface, "iface", via)?,
+                given(&self.ports, "ports", via)?,
             ),
         };
         let (cgroup, proxy_cgroup, flows_quota, socks_quota) = match role {
@@ -198,11 +195,7 @@ impl Target {
                 flows_quota,
                 socks_quota,
             } => (
-                Some(
-                    self.cgroup
-                        .clone()
-                        .ok_or_else(|| missing("cgroup", "cgroup", "--cgroup PATH"))?,
-                ),
+                Some(given(&self.cgroup, "cgroup", via)?),
                 None,
                 flows_quota,
                 socks_quota,
@@ -232,7 +225,7 @@ impl Target {
             socks_quota,
         };
         if role != Role::Check {
-            opts.validate()?;
+            opts.validate_as(via)?;
         }
         Ok(opts)
     }
@@ -277,9 +270,11 @@ impl Target {
     }
 }
 
-/// `--ports`: the port list.
-fn ports_flag(s: &str) -> Result<PortSet> {
-    s.parse()
+/// `--ports`: the port list, its error with how to write one.
+fn ports_flag(s: &str) -> Result<PortSet, String> {
+    s.parse().map_err(|e: Error| {
+        format!("{e}; use e.g. `-ports 8000` or `-ports 8000,8080,9000-9010` (ports 1-65535)")
+    })
 }
 
 #[cfg(test)]
@@ -296,7 +291,7 @@ mod tests {
             ports: Some("80".parse().unwrap()),
             ..Target::on("eth0")
         }
-        .resolve(Role::Run)
+        .resolve(Role::Run { file: false })
         .unwrap();
         assert_eq!(
             o,
@@ -321,16 +316,25 @@ mod tests {
     }
 
     #[test]
-    fn each_role_requires_its_keys() {
+    fn each_role_requires_its_keys_and_names_them_its_way() {
         let t = target("iface: eth0\nports: 8000\n");
-        assert!(t.resolve(Role::Run).is_ok());
+        assert!(t.resolve(Role::Run { file: true }).is_ok());
         let e = t
             .resolve(Role::Agent {
                 flows_quota: 1,
                 socks_quota: 2,
             })
             .unwrap_err();
-        assert!(e.to_string().contains("no cgroup: set \"cgroup\""), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Missing {
+                    key: "cgroup",
+                    via: Via::Keys
+                }
+            ),
+            "{e}"
+        );
         let t = Target {
             cgroup: Some("pods/a".into()),
             proxy_cgroup: Some("pods/a/proxy".into()),
@@ -343,7 +347,9 @@ mod tests {
             })
             .unwrap();
         assert_eq!((o.proxy_cgroup, o.flows_quota, o.socks_quota), (None, 1, 2));
-        let e = Target::default().resolve(Role::Run).unwrap_err();
+        let e = Target::default()
+            .resolve(Role::Run { file: true })
+            .unwrap_err();
         assert!(matches!(e, Error::Missing { key: "iface", .. }), "{e}");
         // `tproxy check` needs nothing, and leaves the checking to itself.
         let o = Target {
@@ -358,17 +364,30 @@ mod tests {
         );
         let clash = Target {
             ports: Some("15006".parse().unwrap()),
-            cgroup: Some("x".into()),
             ..Target::on("eth0")
         };
         assert!(clash.resolve(Role::Check).is_ok());
-        let agent = Role::Agent {
-            flows_quota: 0,
-            socks_quota: 0,
-        };
-        for role in [Role::Run, agent] {
+        for (role, says) in [
+            (Role::Run { file: false }, "--proxy-port"),
+            (Role::Run { file: true }, "proxy_port (--proxy-port)"),
+            (
+                Role::Agent {
+                    flows_quota: 0,
+                    socks_quota: 0,
+                },
+                "\"proxy_port\"",
+            ),
+        ] {
+            let clash = Target {
+                cgroup: Some("x".into()),
+                ..clash.clone()
+            };
             let e = clash.resolve(role).unwrap_err();
-            assert!(matches!(e, Error::ProxyPortIntercepted(15006)), "{e}");
+            assert!(
+                matches!(e, Error::ProxyPortIntercepted { port: 15006, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&format!("another {says} ")), "{e}");
         }
     }
 

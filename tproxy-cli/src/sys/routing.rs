@@ -829,11 +829,11 @@ mod tests {
         for t in RESERVED_TABLES {
             assert!(matches!(
                 check_table_not_reserved(t),
-                Err(Error::ReservedTable(x)) if x == t
+                Err(crate::config::Error::ReservedTable { table: x, .. }) if x == t
             ));
             assert!(matches!(
                 pick(None, Some(t), 3, PROXY, &InUse::default()),
-                Err(Error::ReservedTable(_))
+                Err(Error::Config(crate::config::Error::ReservedTable { .. }))
             ));
         }
         assert!(check_table_not_reserved(100).is_ok());
@@ -865,7 +865,11 @@ mod tests {
                 mark: 1,
                 user: "x".into(),
             },
-            Error::ReservedTable(254),
+            crate::config::Error::ReservedTable {
+                table: 254,
+                via: crate::config::Via::Flags,
+            }
+            .into(),
             Error::NoFreeRouting {
                 what: "steer mark",
                 from: 1,
