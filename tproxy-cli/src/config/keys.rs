@@ -9,7 +9,7 @@
 //! two sets of keys side by side, but it reads every value into a buffer
 //! first (its errors lose their location) and cannot refuse unknown keys.
 //! Here the target's derived `Deserialize` reads the mapping through
-//! [`Keys`]: it hands the context's own keys to the [`Context`], and checks
+//! `Keys`: it hands the context's own keys to the [`Context`], and checks
 //! every key while the format's deserializer reads it.
 use std::{fmt, marker::PhantomData};
 

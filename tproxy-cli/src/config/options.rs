@@ -1,5 +1,9 @@
-//! What one instance is asked to do: interface, ports, proxy, back-end.
-//! Shared by the command line, the runtime record and the instance.
+//! What one instance is asked to do, resolved ([`Target::resolve`]):
+//! interface, ports, proxy, back-end; with the defaults and the value
+//! tables the settings are read and checked against. Used by the run, the
+//! agent, the runtime record and the instance.
+//!
+//! [`Target::resolve`]: super::Target::resolve
 use std::path::PathBuf;
 
 use tproxy_common::SteerMode;
