@@ -86,9 +86,9 @@ pub struct TargetSpec {
     /// The network namespace, as a path (`/var/run/netns/cni-…`).
     pub netns: PathBuf,
     /// The interface in that namespace whose ingress is steered (`iface`),
-    /// the cgroup v2 directory holding the proxy and the app (`cgroup`; for
-    /// a pod: the pod's cgroup): absolute, or relative to the cgroup2
-    /// mount), the ports, the proxy, the back-end.
+    /// the cgroup v2 directory holding the proxy and the app (`cgroup`, a
+    /// pod's: absolute, or relative to the cgroup2 mount), the ports, the
+    /// proxy, the back-end.
     #[serde(flatten)]
     pub target: Target,
     /// Most open steered flows (FLOWS entries) the target may hold; past
@@ -137,8 +137,8 @@ struct AgentKeys {
 impl keys::Context for AgentKeys {
     const EXPECTING: &'static str = "a target: a mapping of its keys (netns, iface, ports…)";
     const KEYS: &'static [&'static str] = &["netns", "flows_quota", "socks_quota", "name"];
-    /// The agent's targets are their whole cgroup (a pod's): the proxy's
-    /// processes are told apart by the proxy mark and port.
+    /// An agent target's proxy is its whole cgroup (a pod's): the agent
+    /// has never taken a proxy cgroup of its own.
     const REFUSED: &'static [&'static str] = &["proxy_cgroup"];
 
     type Output = TargetSpec;
