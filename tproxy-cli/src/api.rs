@@ -27,9 +27,14 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, de};
 
+use crate::config::keys;
+/// A target's own keys: what it steers, and how (a [`TargetSpec`]'s part
+/// that is also a `--config` file's); and the values they are made of.
 pub use crate::config::{
+    Target,
+    error::Error as ConfigError,
     options::{Steer, TcMode, parse_mark},
     ports::PortSet,
 };
@@ -58,6 +63,10 @@ pub mod code {
 /// One request: the JSON object's `op` names the variant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one short-lived request per connection; a Box would only burden the API's users"
+)]
 pub enum Request {
     /// Attach (or replace) `target` under `id`.
     Add { id: String, target: TargetSpec },
@@ -69,95 +78,106 @@ pub enum Request {
     List,
 }
 
-/// What one target steers, and where. `netns` and `iface` are required;
-/// every other key left out takes the `tproxy` run flag's default. Unknown
-/// keys are refused (a misspelt key would otherwise be a silent default).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// What one target steers, and where: a [`Target`] (the keys of a
+/// `--config` file's target but `proxy_cgroup`; `iface`, `ports` and
+/// `cgroup` required) in the network namespace `netns`, with a `name` and
+/// quotas of its own. On the wire one JSON object, every key at the top
+/// level; keys left out take the `tproxy` run flags' defaults (the quotas:
+/// the agent's). Unknown keys are refused (a misspelt key would otherwise
+/// be a silent default). The agent's target files are the same keys in
+/// YAML.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TargetSpec {
     /// The network namespace, as a path (`/var/run/netns/cni-…`).
     pub netns: PathBuf,
-    /// The interface in that namespace whose ingress is steered.
-    pub iface: String,
-    /// The cgroup v2 directory holding the proxy and the app (for a pod: the
-    /// pod's cgroup): absolute, or relative to the cgroup2 mount.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<PathBuf>,
-    /// The intercepted ports, on the wire as `"8000,9000-9010"`.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "ports_to_str",
-        deserialize_with = "ports_from_str"
-    )]
-    pub ports: Option<PortSet>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy_port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy_mark: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accel: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steer: Option<Steer>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tc_mode: Option<TcMode>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accel_max_queued: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub accel_retire_ms: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steer_mark: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub route_table: Option<u32>,
+    /// The interface in that namespace whose ingress is steered (`iface`),
+    /// the cgroup v2 directory holding the proxy and the app (`cgroup`, a
+    /// pod's: absolute, or relative to the cgroup2 mount), the ports, the
+    /// proxy, the back-end.
+    #[serde(flatten)]
+    pub target: Target,
     /// Most open steered flows (FLOWS entries) the target may hold; past
     /// it its new flows stay embryonic. Left out: the agent's
     /// `--flows-quota`; 0: no quota.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub flows_quota: Option<u32>,
     /// Most sockets the target may have accelerated; past it its new
     /// connections stay plain TCP. Left out: the agent's `--socks-quota`;
     /// 0: no quota.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub socks_quota: Option<u32>,
     /// A label for logs and metrics (the CNI plugin: `namespace/pod`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
 
 impl TargetSpec {
-    /// A target with only the required keys set.
+    /// A target with only `netns` and `iface` set.
     pub fn new(netns: impl Into<PathBuf>, iface: impl Into<String>) -> TargetSpec {
         TargetSpec {
             netns: netns.into(),
-            iface: iface.into(),
-            cgroup: None,
-            ports: None,
-            proxy_port: None,
-            proxy_mark: None,
-            accel: None,
-            steer: None,
-            tc_mode: None,
-            accel_max_queued: None,
-            accel_retire_ms: None,
-            steer_mark: None,
-            route_table: None,
+            target: Target::on(iface),
             flows_quota: None,
             socks_quota: None,
             name: None,
         }
     }
-}
 
-fn ports_to_str<S: Serializer>(ports: &Option<PortSet>, s: S) -> Result<S::Ok, S::Error> {
-    match ports {
-        Some(p) => s.collect_str(p),
-        None => s.serialize_none(),
+    /// The interface (empty if the target has none, which the agent
+    /// refuses).
+    pub fn iface(&self) -> &str {
+        self.target.iface.as_deref().unwrap_or_default()
     }
 }
 
-fn ports_from_str<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PortSet>, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse().map(Some).map_err(serde::de::Error::custom)
+/// The keys a target has as an agent's, beside the [`Target`]'s.
+#[derive(Default)]
+struct AgentKeys {
+    netns: Option<PathBuf>,
+    flows_quota: Option<u32>,
+    socks_quota: Option<u32>,
+    name: Option<String>,
+}
+
+impl keys::Context for AgentKeys {
+    const EXPECTING: &'static str = "a target: a mapping of its keys (netns, iface, ports…)";
+    const KEYS: &'static [&'static str] = &["netns", "flows_quota", "socks_quota", "name"];
+    /// An agent target's proxy is its whole cgroup (a pod's): the agent
+    /// has never taken a proxy cgroup of its own.
+    const REFUSED: &'static [&'static str] = &["proxy_cgroup"];
+
+    type Output = TargetSpec;
+
+    fn read<'de, A: de::MapAccess<'de>>(
+        &mut self,
+        key: &'static str,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        match key {
+            "netns" => self.netns = map.next_value()?,
+            "flows_quota" => self.flows_quota = map.next_value()?,
+            "socks_quota" => self.socks_quota = map.next_value()?,
+            "name" => self.name = map.next_value()?,
+            _ => unreachable!("{key} is not in KEYS"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self, target: Target) -> Result<TargetSpec, E> {
+        Ok(TargetSpec {
+            netns: self.netns.ok_or_else(|| E::missing_field("netns"))?,
+            target,
+            flows_quota: self.flows_quota,
+            socks_quota: self.socks_quota,
+            name: self.name,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        keys::read::<D, AgentKeys>(d)
+    }
 }
 
 /// One entry of a `list` answer.
@@ -343,20 +363,24 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::{Steer, config::options::TcMode};
 
     fn full_target() -> TargetSpec {
         TargetSpec {
-            cgroup: Some("kubepods/pod1".into()),
-            ports: Some("8000,9000-9010".parse().unwrap()),
-            proxy_port: Some(15006),
-            proxy_mark: Some(1337),
-            accel: Some(false),
-            steer: Some(Steer::Tproxy),
-            tc_mode: Some(TcMode::Netlink),
-            accel_max_queued: Some(65536),
-            accel_retire_ms: Some(500),
-            steer_mark: Some(0x7401),
-            route_table: Some(100),
+            target: Target {
+                cgroup: Some("kubepods/pod1".into()),
+                ports: Some("8000,9000-9010".parse().unwrap()),
+                proxy_port: Some(15006),
+                proxy_mark: Some(1337),
+                accel: Some(false),
+                steer: Some(Steer::Tproxy),
+                tc_mode: Some(TcMode::Netlink),
+                accel_max_queued: Some(65536),
+                accel_retire_ms: Some(500),
+                steer_mark: Some(0x7401),
+                route_table: Some(100),
+                ..Target::on("eth0")
+            },
             name: Some("default/web-0".into()),
             ..TargetSpec::new("/var/run/netns/cni-1", "eth0")
         }
@@ -419,6 +443,32 @@ mod tests {
         }
     }
 
+    /// What the agent took before its targets were a `config::Target`: the
+    /// ports as a string (now also a number or a list), every key null or
+    /// left out but `netns`.
+    #[test]
+    fn targets_read_as_before() {
+        let line = br#"{"op":"add","id":"c","target":{"netns":"/n","iface":"eth0","ports":"80, 90-91","proxy_port":null,"flows_quota":5,"name":"a/b"}}"#;
+        let Request::Add { target, .. } = parse_request(line).unwrap() else {
+            panic!("not an add")
+        };
+        assert_eq!(
+            target,
+            TargetSpec {
+                target: Target {
+                    ports: Some("80,90-91".parse().unwrap()),
+                    ..Target::on("eth0")
+                },
+                flows_quota: Some(5),
+                name: Some("a/b".into()),
+                ..TargetSpec::new("/n", "eth0")
+            }
+        );
+        let list = json!({"netns": "/n", "iface": "eth0", "ports": [80, "90-91"]});
+        let t: TargetSpec = serde_json::from_value(list).unwrap();
+        assert_eq!(t.target.ports.unwrap().to_string(), "80,90-91");
+    }
+
     #[test]
     fn responses_round_trip() {
         for resp in [
@@ -455,6 +505,23 @@ mod tests {
         assert!(e.contains("unknown variant `nat`"), "{e}");
         let e = refused(json!({"netns": "/n", "iface": "eth0", "proxy_port": 70000}));
         assert!(e.contains("70000"), "{e}");
+        // A run's keys, not a target's.
+        for key in [
+            "proxy_cgroup",
+            "drain_timeout",
+            "log_format",
+            "metrics_addr",
+        ] {
+            let e = refused(json!({"netns": "/n", "iface": "eth0", key: "x"}));
+            assert!(e.contains(&format!("unknown field `{key}`")), "{e}");
+            let (_, expected) = e.split_once("expected one of").unwrap();
+            assert!(expected.contains("`cgroup`, `proxy_port`"), "{e}");
+            assert!(expected.contains("`netns`, `flows_quota`"), "{e}");
+        }
+        let e = parse_request(br#"{"op":"add","id":"c","target":{"netns":"/n","netns":"/m"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate field `netns`"), "{e}");
         let e = parse_request(br#"{"op":"restart"}"#)
             .unwrap_err()
             .to_string();

@@ -9,25 +9,10 @@ pub use crate::sys::error::Chain;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Setting(#[from] crate::config::Error),
+    Config(#[from] crate::config::Error),
 
     #[error(transparent)]
     Sys(#[from] crate::sys::Error),
-
-    #[error(
-        "bad port list: {0}; use e.g. `-ports 8000` or `-ports 8000,8080,9000-9010` (ports 1-65535)"
-    )]
-    BadPorts(String),
-
-    #[error(
-        "the proxy port {0} is in the intercepted set: the proxy's own listener would be steered to itself; choose another --proxy-port or drop {0} from --ports"
-    )]
-    ProxyPortIntercepted(u16),
-
-    #[error(
-        "--proxy-mark and --steer-mark must be non-zero: marks are how tproxy tells traffic apart"
-    )]
-    ZeroMark,
 
     #[error(
         "--proxy-cgroup {proxy} is not inside --cgroup {cgroup}: tproxy's hooks on {cgroup} would never see the proxy; pass a cgroup below --cgroup (or --cgroup a parent of both)"
@@ -54,9 +39,6 @@ pub enum Error {
         "network namespace {netns} is already a target (one target per namespace); remove that target first"
     )]
     TargetExists { netns: String },
-
-    #[error("invalid target: {0}")]
-    TargetSpec(String),
 
     #[error(
         "a tproxy agent (pid {pid}) already runs with the state directory {dir}; stop it first (or give this one another --state-dir)"
@@ -158,37 +140,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-
-    #[error("reading config file {}", .path.display())]
-    ConfigRead {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-
-    /// Unknown keys, wrong types and out-of-range values; serde_norway's
-    /// message names the key, line and column.
-    #[error("config file {}", .path.display())]
-    Config {
-        path: PathBuf,
-        #[source]
-        source: serde_norway::Error,
-    },
-
-    #[error("no {what} given: pass {flag} or set `{key}:` in the --config file")]
-    Missing {
-        what: &'static str,
-        flag: &'static str,
-        key: &'static str,
-    },
-
-    #[error("{var}={value:?} is not a log filter; use e.g. `info`, `debug` or `tproxy=trace`")]
-    LogFilter {
-        var: &'static str,
-        value: String,
-        #[source]
-        source: tracing_subscriber::filter::ParseError,
-    },
 }
 
 /// Why the kernel refused a program. The verifier log is many lines: it
@@ -223,13 +174,7 @@ impl Error {
     /// A bad command line or config file (exit status 2, as clap's usage
     /// errors): nothing was tried.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Error::ConfigRead { .. }
-                | Error::Config { .. }
-                | Error::Missing { .. }
-                | Error::LogFilter { .. }
-        )
+        matches!(self, Error::Config(e) if e.is_usage())
     }
 
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {

@@ -22,7 +22,7 @@ use common::{
     agent::{Agent, MountNs},
     eventually, example, exchange,
 };
-use tproxy::api::{self, Request, TargetSpec};
+use tproxy::api::{self, Request, Target, TargetSpec};
 use tproxy_lab::{Cgroup, Logged, Netns, unique};
 
 /// A pod: its namespace (eth0 10.77.0.2, fd77::2: the same in every pod),
@@ -101,12 +101,11 @@ impl Pod {
     }
 
     fn spec(&self) -> TargetSpec {
-        TargetSpec {
-            cgroup: Some(self.cgroup.path().to_path_buf()),
-            ports: Some("8000".parse().unwrap()),
-            name: Some(self.tag.clone()),
-            ..TargetSpec::new(self.ns.path(), "eth0")
-        }
+        let mut spec = TargetSpec::new(self.ns.path(), "eth0");
+        spec.target.cgroup = Some(self.cgroup.path().to_path_buf());
+        spec.target.ports = Some("8000".parse().unwrap());
+        spec.name = Some(self.tag.clone());
+        spec
     }
 
     fn proxy_log(&self) -> Vec<String> {
@@ -148,6 +147,12 @@ impl Pod {
 
 /// A long connection from the pod's client: a seeded stream written and
 /// its echo checked byte by byte, in chunks, until stopped.
+/// `spec` with some of its target's keys changed.
+fn with(mut spec: TargetSpec, f: impl FnOnce(&mut Target)) -> TargetSpec {
+    f(&mut spec.target);
+    spec
+}
+
 struct Stream {
     sock: TcpStream,
     sent: u64,
@@ -453,10 +458,9 @@ fn an_agent_restart_opens_no_window_and_keeps_established_flows() {
     agent.add("w1", &tcx.spec());
     agent.add(
         "w2",
-        &TargetSpec {
-            tc_mode: Some(tproxy::config::options::TcMode::Netlink),
-            ..nl.spec()
-        },
+        &with(nl.spec(), |t| {
+            t.tc_mode = Some(tproxy::config::options::TcMode::Netlink)
+        }),
     );
     let mut s1 = Stream::open(&tcx, POD_V4);
     let mut s2 = Stream::open(&nl, POD_V4);
@@ -589,21 +593,15 @@ fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
     };
     let banner = line(&mut before, "a\n");
     assert!(banner.contains("peer=10.77.0.1:"), "{banner}");
-    let wide = TargetSpec {
-        ports: Some("8000,8080".parse().unwrap()),
-        ..pod.spec()
-    };
-    let no_accel = TargetSpec {
-        accel: Some(false),
-        ..wide.clone()
-    };
+    let wide = with(pod.spec(), |t| t.ports = Some("8000,8080".parse().unwrap()));
+    let no_accel = with(wide.clone(), |t| t.accel = Some(false));
     let mut took = Vec::new();
     let seen = attempts_during(&[&pod.client], || {
         for spec in [&wide, &no_accel, &pod.spec()] {
             let t0 = Instant::now();
             agent.add("u", spec);
             took.push(t0.elapsed());
-            if spec.ports == wide.ports {
+            if spec.target.ports == wide.target.ports {
                 // The added port is steered at once; the connection that
                 // was open to it goes on.
                 let (peer, _) = pod.exchange(POD_V4, 8080, b"x\n");
@@ -634,10 +632,7 @@ fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
     // Another proxy mark: in place once the steered flows drained (the
     // stream is active: up to --drain-timeout); new connections are still
     // steered meanwhile, and the stream goes on after.
-    let marked = TargetSpec {
-        proxy_mark: Some(0x539),
-        ..pod.spec()
-    };
+    let marked = with(pod.spec(), |t| t.proxy_mark = Some(0x539));
     s.round(64 << 10);
     let seen = attempts_during(&[&pod.client], || agent.add("u", &marked));
     all_steered("update after a drain", &seen[0]);
@@ -648,10 +643,9 @@ fn changing_a_targets_ports_or_accel_updates_it_in_place_with_no_window() {
     assert_eq!(listed_spec(&agent, "u"), (marked.clone(), marked));
 
     // Another tc mode: replaced (drained, detached, attached again).
-    let netlink = TargetSpec {
-        tc_mode: Some(tproxy::config::options::TcMode::Netlink),
-        ..pod.spec()
-    };
+    let netlink = with(pod.spec(), |t| {
+        t.tc_mode = Some(tproxy::config::options::TcMode::Netlink)
+    });
     drop(s);
     agent.add("u", &netlink);
     let log = agent.proc.as_ref().unwrap().log();
@@ -672,10 +666,9 @@ fn replacing_a_target_in_its_namespace_opens_no_window() {
     let agent = Agent::new(&["--drain-timeout", "1"]);
     let pod = Pod::new("pod-g");
     agent.add("g", &pod.spec());
-    let netlink = TargetSpec {
-        tc_mode: Some(tproxy::config::options::TcMode::Netlink),
-        ..pod.spec()
-    };
+    let netlink = with(pod.spec(), |t| {
+        t.tc_mode = Some(tproxy::config::options::TcMode::Netlink)
+    });
     let seen = attempts_within(&[&pod.client; 4], Duration::from_millis(50), || {
         for spec in [&netlink, &pod.spec(), &netlink, &pod.spec(), &netlink] {
             agent.add("g", spec);
@@ -738,10 +731,7 @@ fn replacing_a_targets_backend_opens_no_window() {
     let agent = Agent::new(&["--drain-timeout", "1"]);
     let pod = Pod::with_proxy("pod-b", &["--transparent"]);
     agent.add("b", &pod.spec());
-    let tproxy = TargetSpec {
-        steer: Some(tproxy::Steer::Tproxy),
-        ..pod.spec()
-    };
+    let tproxy = with(pod.spec(), |t| t.steer = Some(tproxy::Steer::Tproxy));
     let seen = attempts_within(&[&pod.client; 4], Duration::from_millis(50), || {
         for spec in [&tproxy, &pod.spec(), &tproxy] {
             agent.add("b", spec);
@@ -786,10 +776,7 @@ fn the_tproxy_backend_routes_inside_the_pod_and_leaves_with_it() {
     let (rules_before, tables_before) = (rules(), tables());
     agent.add(
         "t",
-        &TargetSpec {
-            steer: Some(tproxy::Steer::Tproxy),
-            ..pod.spec()
-        },
+        &with(pod.spec(), |t| t.steer = Some(tproxy::Steer::Tproxy)),
     );
     assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
     assert!(rules().contains("fwmark"), "{}", rules());
@@ -813,19 +800,12 @@ fn sigkill_under_load_then_cleanup_leaves_nothing() {
     // nudger is too, and a reader asleep after a short read would not be
     // woken (docs/how-it-works.md: the nudger lives in the agent). The restart test keeps
     // an accelerated stream across a restart.
-    agent.add(
-        "k1",
-        &TargetSpec {
-            accel: Some(false),
-            ..tcx.spec()
-        },
-    );
+    agent.add("k1", &with(tcx.spec(), |t| t.accel = Some(false)));
     agent.add(
         "k2",
-        &TargetSpec {
-            tc_mode: Some(tproxy::config::options::TcMode::Netlink),
-            ..nl.spec()
-        },
+        &with(nl.spec(), |t| {
+            t.tc_mode = Some(tproxy::config::options::TcMode::Netlink)
+        }),
     );
     let mut s = Stream::open(&tcx, POD_V4);
     s.round(1 << 20);
@@ -957,10 +937,7 @@ fn the_agent_refuses_the_cgroup_root_and_paths_outside_the_cgroup2_mount() {
     for (cgroup, why) in cases {
         let r = agent.call(&Request::Add {
             id: "r1".into(),
-            target: TargetSpec {
-                cgroup: Some(cgroup.clone()),
-                ..pod.spec()
-            },
+            target: with(pod.spec(), |t| t.cgroup = Some(cgroup.clone())),
         });
         let error = r.error.clone().unwrap_or_default();
         assert!(!r.ok, "{cgroup:?} was accepted");
@@ -994,10 +971,9 @@ fn the_agent_refuses_the_cgroup_root_and_paths_outside_the_cgroup2_mount() {
     let name = pod.cgroup.path().file_name().unwrap().to_str().unwrap();
     agent.add(
         "r1",
-        &TargetSpec {
-            cgroup: Some(format!("./{name}/../{name}/.").into()),
-            ..pod.spec()
-        },
+        &with(pod.spec(), |t| {
+            t.cgroup = Some(format!("./{name}/../{name}/.").into())
+        }),
     );
     assert!(
         !tproxy_lab::kernel::cgroup_programs(pod.cgroup.path())
@@ -1183,7 +1159,7 @@ fn target_files_add_replace_and_remove_targets_and_a_broken_one_is_skipped() {
         r.targets
             .unwrap()
             .first()
-            .and_then(|t| t.target.ports.as_ref().map(ToString::to_string))
+            .and_then(|t| t.target.target.ports.as_ref().map(ToString::to_string))
             == Some("8000,8080".into())
     });
     let (peer, _) = web.exchange(POD_V4, 8080, b"x\n");

@@ -269,13 +269,11 @@ fn chained_after_bridge_like_a_runtime() {
     let out = exec_plugin(PLUGIN, "ADD", &env, &conf);
     assert!(out.status.success(), "tproxy-cni ADD: {out:?}");
     assert_eq!(stdout_json(&out), prev, "ADD passes prevResult through");
-    let expected = TargetSpec {
-        cgroup: Some(pod_cg_rel.into()),
-        ports: Some("8000,8080".parse().unwrap()),
-        proxy_port: Some(15006),
-        name: Some("shop/web-0".into()),
-        ..TargetSpec::new(&netns, "eth0")
-    };
+    let mut expected = TargetSpec::new(&netns, "eth0");
+    expected.target.cgroup = Some(pod_cg_rel.into());
+    expected.target.ports = Some("8000,8080".parse().unwrap());
+    expected.target.proxy_port = Some(15006);
+    expected.name = Some("shop/web-0".into());
     assert_eq!(
         agent.take(),
         vec![Request::Add {

@@ -435,7 +435,7 @@ fn remove_leftovers(state: &AgentState) -> Vec<String> {
             let mut all = crate::sys::removal::Removal::default();
             if r.tc_mode == crate::config::options::TcMode::Netlink {
                 all.extend(crate::sys::tc::remove_stale_filters(
-                    &r.spec.iface,
+                    r.spec.iface(),
                     r.ifindex,
                     &r.tc_progs,
                     r.created_clsact,

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::{
     Error, Options, Result, Steer,
     api::{TargetSpec, TargetStatus},
-    config::options::TcMode,
+    config::{self, Role, Target, options::TcMode},
     error::Chain,
     sys::{
         self as sys, netns, pins,
@@ -72,12 +72,9 @@ impl From<Error> for ApiFailure {
     fn from(e: Error) -> Self {
         use crate::api::code;
         let c = match &e {
-            Error::BadPorts(_)
-            | Error::ProxyPortIntercepted(_)
-            | Error::ZeroMark
-            | Error::Setting(_)
+            Error::Config(_)
             | Error::Sys(
-                sys::Error::Setting(_)
+                sys::Error::Config(_)
                 | sys::Error::TableInUse { .. }
                 | sys::Error::MarkInUse { .. }
                 | sys::Error::NoSuchInterface(_)
@@ -85,8 +82,7 @@ impl From<Error> for ApiFailure {
                 | sys::Error::NotCgroup2(_)
                 | sys::Error::AgentCgroup { .. },
             )
-            | Error::TargetExists { .. }
-            | Error::TargetSpec(_) => code::INVALID_CONFIG,
+            | Error::TargetExists { .. } => code::INVALID_CONFIG,
             _ => code::OTHER,
         };
         ApiFailure {
@@ -96,49 +92,15 @@ impl From<Error> for ApiFailure {
     }
 }
 
-/// The `tproxy` run's options for a target, with the run flags' defaults
-/// and the agent's default quotas.
+/// The options a target attaches with: its keys, else the run flags'
+/// defaults and the agent's quotas ([`Target::resolve`]).
+///
+/// [`Target::resolve`]: crate::config::Target::resolve
 pub fn options_of(spec: &TargetSpec, quotas: Quotas) -> Result<Options> {
-    let ports = spec.ports.clone().ok_or_else(|| {
-        Error::TargetSpec("the target has no ports: set \"ports\" (e.g. \"8000\")".into())
-    })?;
-    let cgroup = spec.cgroup.clone().ok_or_else(|| {
-        Error::TargetSpec(
-            "the target has no cgroup: set \"cgroup\" to the pod's cgroup (the agent never attaches to the cgroup root)".into(),
-        )
-    })?;
-    if spec.iface.is_empty() {
-        return Err(Error::TargetSpec(
-            "the target has an empty \"iface\"".into(),
-        ));
-    }
-    let opts = Options {
-        iface: spec.iface.clone(),
-        ports,
-        cgroup: Some(cgroup),
-        proxy_cgroup: None,
-        proxy_port: spec
-            .proxy_port
-            .unwrap_or(crate::config::options::DEFAULT_PROXY_PORT),
-        proxy_mark: spec
-            .proxy_mark
-            .unwrap_or(crate::config::options::DEFAULT_PROXY_MARK),
-        accel: spec.accel.unwrap_or(true),
-        tc_mode: spec.tc_mode.unwrap_or(TcMode::Auto),
-        steer: spec.steer.unwrap_or(Steer::Rewrite),
-        steer_mark: spec.steer_mark,
-        route_table: spec.route_table,
-        accel_max_queued: spec
-            .accel_max_queued
-            .unwrap_or(tproxy_common::DEFAULT_ACCEL_MAX_QUEUED),
-        accel_retire_ms: spec
-            .accel_retire_ms
-            .unwrap_or(tproxy_common::DEFAULT_ACCEL_RETIRE_MS),
+    Ok(spec.target.resolve(Role::Agent {
         flows_quota: spec.flows_quota.unwrap_or(quotas.flows),
         socks_quota: spec.socks_quota.unwrap_or(quotas.socks),
-    };
-    opts.validate()?;
-    Ok(opts)
+    })?)
 }
 
 /// How a target attached as `old` becomes `new`.
@@ -160,22 +122,31 @@ pub enum Change {
 
 pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
     let config = |s: &TargetSpec| TargetSpec {
-        ports: None,
-        accel: None,
-        accel_max_queued: None,
-        accel_retire_ms: None,
+        target: Target {
+            ports: None,
+            accel: None,
+            accel_max_queued: None,
+            accel_retire_ms: None,
+            ..s.target.clone()
+        },
         name: None,
         ..s.clone()
     };
     if config(old) == config(new) {
         return Change::InPlace;
     }
-    let rewrite = |s: &TargetSpec| s.steer.unwrap_or(Steer::Rewrite) == Steer::Rewrite;
-    let placement = |s: &TargetSpec| TargetSpec {
-        proxy_port: None,
-        proxy_mark: None,
-        steer_mark: None,
-        ..config(s)
+    let rewrite = |s: &TargetSpec| s.target.steer.unwrap_or(Steer::Rewrite) == Steer::Rewrite;
+    let placement = |s: &TargetSpec| {
+        let c = config(s);
+        TargetSpec {
+            target: Target {
+                proxy_port: None,
+                proxy_mark: None,
+                steer_mark: None,
+                ..c.target
+            },
+            ..c
+        }
     };
     if rewrite(old) && rewrite(new) && placement(old) == placement(new) {
         Change::InPlaceAfterDrain
@@ -241,7 +212,7 @@ fn in_empty_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 fn remove_adopted_in_netns(rec: &TargetRecord) {
     if rec.tc_mode == TcMode::Netlink {
         let r = tc::remove_stale_filters(
-            &rec.spec.iface,
+            rec.spec.iface(),
             rec.ifindex,
             &rec.tc_progs,
             rec.created_clsact,
@@ -319,10 +290,11 @@ impl Registry {
             ..
         } = system::open_agent_cgroup(opts.cgroup.as_deref().expect("checked"))?;
         if !spec.netns.exists() {
-            return Err(Error::TargetSpec(format!(
+            return Err(config::Error::InvalidTarget(format!(
                 "network namespace {} does not exist: give the pod's namespace path",
                 spec.netns.display()
-            )));
+            ))
+            .into());
         }
         let probed = netns::run_in(&spec.netns, || probe_netns(&opts))??;
         if let Some((other, _)) = self
@@ -335,7 +307,7 @@ impl Registry {
             });
         }
         let slot = self.free_slot().ok_or_else(|| {
-            Error::TargetSpec(format!(
+            config::Error::InvalidTarget(format!(
                 "the agent already has its {} targets (max_targets): remove one, or restart the agent with a larger --max-targets",
                 self.max_targets
             ))
@@ -418,7 +390,7 @@ impl Registry {
             id,
             name = spec.name.as_deref().unwrap_or(""),
             netns = %spec.netns.display(),
-            iface = %spec.iface,
+            iface = spec.iface(),
             ports = %opts.ports,
             slot,
             tc = ?probed.tc_mode,
@@ -448,7 +420,7 @@ impl Registry {
     pub fn update(&mut self, id: &str, spec: &TargetSpec) -> Result<()> {
         let opts = options_of(spec, self.quotas)?;
         let Some(e) = self.targets.get(id) else {
-            return Err(Error::TargetSpec(format!("target {id} is gone")));
+            return Err(config::Error::InvalidTarget(format!("target {id} is gone")).into());
         };
         let old = options_of(&e.rec.spec, self.quotas)?;
         let (cookie, netns) = (e.rec.netns_cookie, e.rec.spec.netns.clone());
@@ -459,7 +431,11 @@ impl Registry {
                 .unwrap_or_else(|| crate::config::options::default_steer_mark(e.rec.ifindex))
         });
         if steer_mark == Some(opts.proxy_mark) {
-            return Err(crate::config::Error::MarksCollide(opts.proxy_mark).into());
+            return Err(crate::config::Error::MarksCollide {
+                mark: opts.proxy_mark,
+                via: crate::config::Via::Keys,
+            }
+            .into());
         }
         let maps = crate::target::attachment::EntryMaps {
             targets: self.loaded.targets_map()?,
@@ -496,7 +472,11 @@ impl Registry {
             return Ok(None);
         };
         let rec = &e.rec;
-        let (netns, iface, ifindex) = (rec.spec.netns.clone(), rec.spec.iface.clone(), rec.ifindex);
+        let (netns, iface, ifindex) = (
+            rec.spec.netns.clone(),
+            rec.spec.iface().to_string(),
+            rec.ifindex,
+        );
         let old_clsact = rec.tc_mode == TcMode::Netlink && rec.created_clsact;
         let loaded = &mut self.loaded;
         let g = netns::run_in(&netns, || {
@@ -955,7 +935,7 @@ pub fn replace(
     };
     let same_place = lock()
         .record(id)
-        .is_some_and(|r| r.spec.netns == spec.netns && r.spec.iface == spec.iface);
+        .is_some_and(|r| r.spec.netns == spec.netns && r.spec.iface() == spec.iface());
     let Some((cookie, slot)) = lock().start_draining(id)? else {
         return lock().attach(id, spec);
     };
@@ -1003,96 +983,65 @@ mod tests {
     use super::*;
 
     fn spec() -> TargetSpec {
-        TargetSpec {
-            cgroup: Some("/sys/fs/cgroup/pod".into()),
-            ports: Some("8000".parse().unwrap()),
-            ..TargetSpec::new("/run/netns/pod", "eth0")
-        }
+        let mut s = TargetSpec::new("/run/netns/pod", "eth0");
+        s.target.cgroup = Some("/sys/fs/cgroup/pod".into());
+        s.target.ports = Some("8000".parse().unwrap());
+        s
     }
 
     #[test]
     fn what_changes_in_place_and_what_replaces() {
         let base = spec();
+        let spec = |f: fn(&mut Target)| {
+            let mut s = spec();
+            f(&mut s.target);
+            s
+        };
         for new in [
-            TargetSpec {
-                ports: Some("8000,8080".parse().unwrap()),
-                ..spec()
-            },
-            TargetSpec {
-                accel: Some(false),
-                accel_max_queued: Some(1 << 20),
-                accel_retire_ms: Some(5),
-                ..spec()
-            },
+            spec(|t| t.ports = Some("8000,8080".parse().unwrap())),
+            spec(|t| {
+                t.accel = Some(false);
+                t.accel_max_queued = Some(1 << 20);
+                t.accel_retire_ms = Some(5);
+            }),
             TargetSpec {
                 name: Some("default/web".into()),
-                ..spec()
+                ..spec(|_| {})
             },
         ] {
             assert_eq!(change(&base, &new), Change::InPlace, "{new:?}");
         }
         for new in [
-            TargetSpec {
-                proxy_port: Some(15001),
-                ..spec()
-            },
-            TargetSpec {
-                proxy_mark: Some(0x539),
-                ..spec()
-            },
-            TargetSpec {
-                steer_mark: Some(0x1234),
-                ..spec()
-            },
+            spec(|t| t.proxy_port = Some(15001)),
+            spec(|t| t.proxy_mark = Some(0x539)),
+            spec(|t| t.steer_mark = Some(0x1234)),
         ] {
             assert_eq!(change(&base, &new), Change::InPlaceAfterDrain, "{new:?}");
         }
-        let tproxy = TargetSpec {
-            steer: Some(Steer::Tproxy),
-            ..spec()
-        };
+        let tproxy = spec(|t| t.steer = Some(Steer::Tproxy));
         for new in [
             TargetSpec::new("/run/netns/other", "eth0"),
-            TargetSpec {
-                iface: "eth1".into(),
-                ..spec()
-            },
-            TargetSpec {
-                cgroup: Some("/sys/fs/cgroup/other".into()),
-                ..spec()
-            },
-            TargetSpec {
-                tc_mode: Some(TcMode::Netlink),
-                ..spec()
-            },
-            TargetSpec {
-                steer: Some(Steer::Tproxy),
-                ..spec()
-            },
-            TargetSpec {
-                route_table: Some(200),
-                ..spec()
-            },
+            spec(|t| t.iface = Some("eth1".into())),
+            spec(|t| t.cgroup = Some("/sys/fs/cgroup/other".into())),
+            spec(|t| t.tc_mode = Some(TcMode::Netlink)),
+            spec(|t| t.steer = Some(Steer::Tproxy)),
+            spec(|t| t.route_table = Some(200)),
         ] {
             assert_eq!(change(&base, &new), Change::Replace, "{new:?}");
         }
         // The tproxy back-end's proxy port and mark are its routing's.
+        let tproxy_with = |f: fn(&mut Target)| {
+            let mut s = tproxy.clone();
+            f(&mut s.target);
+            s
+        };
         for new in [
-            TargetSpec {
-                proxy_port: Some(15001),
-                ..tproxy.clone()
-            },
-            TargetSpec {
-                steer_mark: Some(0x1234),
-                ..tproxy.clone()
-            },
+            tproxy_with(|t| t.proxy_port = Some(15001)),
+            tproxy_with(|t| t.steer_mark = Some(0x1234)),
         ] {
             assert_eq!(change(&tproxy, &new), Change::Replace, "{new:?}");
         }
-        let ports = TargetSpec {
-            ports: Some("9000".parse().unwrap()),
-            ..tproxy.clone()
-        };
+        let ports = tproxy_with(|t| t.ports = Some("9000".parse().unwrap()));
         assert_eq!(change(&tproxy, &ports), Change::InPlace);
     }
 }

@@ -1,11 +1,11 @@
 //! `tproxy agent`: its flags and `--config` file, resolved into the
 //! agent's settings.
-use std::{fs, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
 use crate::{
-    Error, Result,
+    Result,
     agent::{
         DEFAULT_BPFFS, DEFAULT_MAX_TARGETS, DEFAULT_METRICS_ADDR, DEFAULT_TARGETS_DIR, Settings,
         registry,
@@ -99,18 +99,7 @@ impl AgentArgs {
     pub fn settings(&self) -> Result<Settings> {
         let args = self;
         let file = match &args.config {
-            Some(p) => {
-                let text = fs::read_to_string(p).map_err(|source| Error::ConfigRead {
-                    path: p.clone(),
-                    source,
-                })?;
-                serde_norway::from_str::<Option<AgentConfig>>(&text)
-                    .map_err(|source| Error::Config {
-                        path: p.clone(),
-                        source,
-                    })?
-                    .unwrap_or_default()
-            }
+            Some(p) => crate::config::file::load::<Option<AgentConfig>>(p)?.unwrap_or_default(),
             None => AgentConfig::default(),
         };
         let max_targets = args

@@ -13,7 +13,7 @@ pub mod stats;
 pub mod status;
 use std::{ffi::OsString, process::ExitCode};
 
-use clap::{ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::{config::options::LogFormat, error::Chain};
 
@@ -62,14 +62,9 @@ pub enum Command {
     Cleanup(cleanup::CleanupArgs),
 }
 
-/// Parses the command line (after `normalize_args`), keeping clap's matches:
-/// they tell which flags were given (and so override `--config`).
-pub fn parse_from(
-    args: impl IntoIterator<Item = OsString>,
-) -> Result<(Cli, ArgMatches), clap::Error> {
-    let matches = Cli::command().try_get_matches_from(normalize_args(args))?;
-    let cli = Cli::from_arg_matches(&matches)?;
-    Ok((cli, matches))
+/// Parses the command line (after `normalize_args`).
+pub fn parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(normalize_args(args))
 }
 
 /// Rewrites Go-style `-ports 8000` / `-proxy-port=…` into `--ports …`, for
@@ -115,7 +110,7 @@ fn log_filter(verbose: u8) -> crate::Result<tracing_subscriber::EnvFilter> {
         if let Some(value) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
             return tracing_subscriber::EnvFilter::builder()
                 .parse(&value)
-                .map_err(|source| crate::Error::LogFilter { var, value, source });
+                .map_err(|source| crate::config::Error::LogFilter { var, value, source }.into());
         }
     }
     let default = match verbose {
@@ -159,7 +154,7 @@ fn usage_error(e: &clap::Error) -> String {
 /// The `tproxy` binary: parse, set up logging, run the command, and exit
 /// 0, 1 (an error) or 2 (a bad command line or config file).
 pub fn main() -> ExitCode {
-    let (cli, matches) = match parse_from(std::env::args_os()) {
+    let cli = match parse_from(std::env::args_os()) {
         Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
@@ -169,7 +164,7 @@ pub fn main() -> ExitCode {
     };
     // The run's settings come before logging: the file may set its format.
     let settings = match cli.command {
-        None => Some(run::resolve(&cli, &matches)),
+        None => Some(run::resolve(&cli)),
         Some(_) => None,
     };
     let format = match &settings {
@@ -217,16 +212,21 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::{Steer, cmd::stats::StatsArgs};
+    use crate::{Steer, cmd::stats::StatsArgs, config};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from)))
+        parse_from(args.iter().map(OsString::from))
+    }
+
+    /// The run's options (checked), from the flags alone.
+    fn options(cli: &Cli) -> crate::Result<crate::Options> {
+        run::resolve(cli).map(|s| s.options)
     }
 
     #[test]
     fn single_dash_ports_like_the_lab() {
         let cli = parse(&["tproxy", "-i", "eth0", "-ports", "8000"]).unwrap();
-        let o = cli.run.options();
+        let o = options(&cli).unwrap();
         assert_eq!(o.iface, "eth0");
         assert_eq!(o.ports.to_string(), "8000");
         assert_eq!(o.proxy_port, 15006);
@@ -253,8 +253,8 @@ mod tests {
             "0",
         ])
         .unwrap();
-        assert_eq!(cli.run.drain_timeout, 0);
-        let o = cli.run.options();
+        assert_eq!(cli.run.keys.drain_timeout, Some(0));
+        let o = options(&cli).unwrap();
         assert_eq!(o.steer, Steer::Tproxy);
         assert_eq!(o.steer_mark, Some(0x20));
         assert_eq!(o.iface, "eth1");
@@ -281,7 +281,7 @@ mod tests {
         );
         assert_eq!(cli.log_format, Some(LogFormat::Json));
         // Without -i and -ports: the file must hold them (config::resolve).
-        assert!(cli.run.iface.is_none());
+        assert!(cli.run.target.iface.is_none());
         let cli = parse(&["tproxy", "stats", "--log-format", "json"]).unwrap();
         assert_eq!(cli.log_format, Some(LogFormat::Json));
         for args in [
@@ -313,7 +313,7 @@ mod tests {
     fn short_flags_are_left_alone() {
         let cli = parse(&["tproxy", "-vv", "-i", "eth0", "-p", "80"]).unwrap();
         assert_eq!(cli.verbose, 2);
-        assert_eq!(cli.run.options().ports.to_string(), "80");
+        assert_eq!(options(&cli).unwrap().ports.to_string(), "80");
     }
 
     #[test]
@@ -336,10 +336,21 @@ mod tests {
     #[test]
     fn proxy_port_inside_the_set_is_refused() {
         let cli = parse(&["tproxy", "-i", "eth0", "-ports", "15000-15010"]).unwrap();
-        assert!(matches!(
-            cli.run.options().validate(),
-            Err(crate::Error::ProxyPortIntercepted(15006))
-        ));
+        let e = options(&cli).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                crate::Error::Config(config::Error::ProxyPortIntercepted { port: 15006, .. })
+            ),
+            "{e}"
+        );
+        // Named as the flags it came from; exit 1 (not a usage error) as
+        // when the instance found it.
+        assert!(
+            e.to_string()
+                .ends_with("choose another --proxy-port or drop 15006 from --ports")
+        );
+        assert!(!e.is_usage());
     }
 
     #[test]
@@ -348,10 +359,8 @@ mod tests {
             let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80", "--route-table", t]).unwrap();
             assert!(
                 matches!(
-                    cli.run.options().validate(),
-                    Err(crate::Error::Setting(crate::config::Error::ReservedTable(
-                        _
-                    )))
+                    options(&cli),
+                    Err(crate::Error::Config(config::Error::ReservedTable { .. }))
                 ),
                 "{t}"
             );
@@ -366,7 +375,7 @@ mod tests {
             "100",
         ])
         .unwrap();
-        assert!(cli.run.options().validate().is_ok());
+        assert!(options(&cli).is_ok());
     }
 
     #[test]
@@ -429,10 +438,10 @@ mod tests {
     #[test]
     fn metrics_addr_v4_and_v6() {
         let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80"]).unwrap();
-        assert_eq!(cli.run.metrics_addr, None);
+        assert_eq!(cli.run.keys.metrics_addr, None);
         for a in ["127.0.0.1:9090", "[::1]:9090"] {
             let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80", "-metrics-addr", a]).unwrap();
-            assert_eq!(cli.run.metrics_addr, Some(a.parse().unwrap()));
+            assert_eq!(cli.run.keys.metrics_addr, Some(a.parse().unwrap()));
         }
         for bad in ["9090", "localhost:9090", "127.0.0.1", "::1:9090"] {
             assert!(
@@ -468,10 +477,10 @@ mod tests {
         let Some(Command::Check(a)) = cli.command else {
             panic!("{:?}", cli.command)
         };
-        assert_eq!(a.iface.as_deref(), Some("eth0"));
-        assert_eq!(a.steer, Steer::Tproxy);
-        assert_eq!(a.proxy_port, 15001);
-        assert!(a.json && !a.no_accel);
+        assert_eq!(a.target.iface.as_deref(), Some("eth0"));
+        assert_eq!(a.target.steer, Some(Steer::Tproxy));
+        assert_eq!(a.target.proxy_port, Some(15001));
+        assert!(a.json && !a.target.no_accel);
         // Nothing is required.
         assert!(matches!(
             parse(&["tproxy", "check"]).unwrap().command,

@@ -2,140 +2,39 @@
 //! then drained and removed. Its flags, merged with `--config`.
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{ArgMatches, parser::ValueSource};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 use super::Cli;
 use crate::{
-    Error, Instance, PortSet, Result,
+    Instance, Result,
     config::{
-        file::FileConfig,
-        options::{
-            DEFAULT_PROXY_PORT, LogFormat, MAX_DRAIN_TIMEOUT, Options, Steer, TcMode, parse_mark,
-        },
+        Options, Role, Target,
+        file::{FileConfig, RunKeys},
+        options::{DEFAULT_DRAIN_TIMEOUT, LogFormat},
     },
     error::Chain,
     observe::metrics,
 };
 
+/// `tproxy`'s flags: a target's ([`Target`]: -i, -ports, --proxy-port…)
+/// and the run's own ([`RunKeys`]), each of them also a `--config` key.
 #[derive(Debug, clap::Args)]
+#[command(
+    mut_arg("iface", |a| a.required_unless_present("config")),
+    mut_arg("ports", |a| a.required_unless_present("config"))
+)]
 pub struct RunArgs {
     /// Read these settings from a YAML file (keys as the flags, with `_`:
     /// see examples/tproxy.yaml); flags given here override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Interface whose inbound TCP is intercepted.
-    #[arg(
-        short = 'i',
-        long = "iface",
-        value_name = "IFACE",
-        required_unless_present = "config"
-    )]
-    pub iface: Option<String>,
+    #[command(flatten)]
+    pub target: Target,
 
-    /// Intercepted destination ports: 8000 | 8000,8080 | 9000-9010 (also -ports).
-    #[arg(short = 'p', long = "ports", value_name = "PORTS", required_unless_present = "config", value_parser = parse_ports)]
-    pub ports: Option<PortSet>,
-
-    /// cgroup v2 directory holding the proxy and the app (default: the cgroup v2 root).
-    #[arg(long, value_name = "PATH")]
-    pub cgroup: Option<PathBuf>,
-
-    /// The proxy's own cgroup v2 directory, inside --cgroup: only its
-    /// processes get original destinations and acceleration (default:
-    /// --cgroup itself).
-    #[arg(long, value_name = "PATH")]
-    pub proxy_cgroup: Option<PathBuf>,
-
-    /// Port of the proxy's inbound listener.
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PROXY_PORT, value_parser = clap::value_parser!(u16).range(1..))]
-    pub proxy_port: u16,
-
-    /// SO_MARK on the proxy's upstream sockets: such traffic is never steered (decimal or 0x hex).
-    #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
-    pub proxy_mark: u32,
-
-    /// Leave socket acceleration (sockops + sk_msg) out entirely.
-    #[arg(long, overrides_with = "accel")]
-    pub no_accel: bool,
-
-    /// Socket acceleration on (the default; overrides `accel: false` in --config).
-    #[arg(long, overrides_with = "no_accel")]
-    pub accel: bool,
-
-    /// Upper bound on the unread bytes a socket may hold before its sender
-    /// leaves the fast path; the bound itself follows the reader (the larger
-    /// of its receive buffer and what it read in the last 8 ms). Past it
-    /// (slow reader) plain TCP applies backpressure until the reader has
-    /// read every byte, then the sender redirects again.
-    #[arg(long, value_name = "BYTES", default_value_t = tproxy_common::DEFAULT_ACCEL_MAX_QUEUED)]
-    pub accel_max_queued: u32,
-
-    /// A sender that stays on TCP this long (milliseconds) without its
-    /// reader ever catching up (a continuous stream after a fallback) leaves
-    /// the fast path for good, and the pair becomes plain TCP sockets: TCP
-    /// through the sockmap costs more than plain TCP. 0: never.
-    #[arg(long, value_name = "MS", default_value_t = tproxy_common::DEFAULT_ACCEL_RETIRE_MS)]
-    pub accel_retire_ms: u32,
-
-    /// How the tc programs attach: TCX links (kernel >= 6.6) or netlink filters.
-    #[arg(long, value_enum, default_value_t = TcMode::Auto)]
-    pub tc_mode: TcMode,
-
-    /// Steering back-end: rewrite the port in tc, or mark for policy routing + nftables tproxy.
-    #[arg(long, value_enum, default_value_t = Steer::Rewrite)]
-    pub steer: Steer,
-
-    /// tproxy back-end: mark set by tc and matched by the fwmark rule
-    /// [default: 0x7400 + ifindex, or the next mark no ip rule uses].
-    #[arg(long, value_name = "MARK", value_parser = parse_mark)]
-    pub steer_mark: Option<u32>,
-
-    /// tproxy back-end: routing table of the local default route, unused and
-    /// not reserved [default: the steer mark, or the next unused table].
-    #[arg(long, value_name = "ID", value_parser = parse_mark)]
-    pub route_table: Option<u32>,
-
-    /// On SIGTERM/SIGINT, stop steering new flows at once and let steered
-    /// flows finish for up to this many seconds (0: stop at once). A second
-    /// signal stops at once.
-    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(..=MAX_DRAIN_TIMEOUT))]
-    pub drain_timeout: u64,
-
-    /// Serve the counters and gauges in the Prometheus (OpenMetrics) text
-    /// format on http://ADDR/metrics, e.g. 127.0.0.1:9090 or [::1]:9090.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
-}
-
-impl RunArgs {
-    /// The options from the flags alone; `config::resolve` merges a
-    /// `--config` file in (the binary uses that).
-    pub fn options(&self) -> Options {
-        Options {
-            iface: self.iface.clone().expect("required by clap"),
-            ports: self.ports.clone().expect("required by clap"),
-            cgroup: self.cgroup.clone(),
-            proxy_cgroup: self.proxy_cgroup.clone(),
-            proxy_port: self.proxy_port,
-            proxy_mark: self.proxy_mark,
-            accel: !self.no_accel,
-            tc_mode: self.tc_mode,
-            steer: self.steer,
-            steer_mark: self.steer_mark,
-            route_table: self.route_table,
-            accel_max_queued: self.accel_max_queued,
-            accel_retire_ms: self.accel_retire_ms,
-            flows_quota: 0,
-            socks_quota: 0,
-        }
-    }
-}
-
-fn parse_ports(s: &str) -> Result<PortSet, crate::Error> {
-    s.parse()
+    #[command(flatten)]
+    pub keys: RunKeys,
 }
 
 /// Everything a run uses: what the instance does, and the process's own
@@ -149,77 +48,33 @@ pub struct RunSettings {
 }
 
 /// The run's settings: each from its flag if given on the command line,
-/// else from `--config`, else the flag's default. `matches` are the ones
-/// `cli::parse_from` returned with `cli`.
-pub fn resolve(cli: &Cli, matches: &ArgMatches) -> Result<RunSettings> {
+/// else from `--config`, else its default; checked.
+pub fn resolve(cli: &Cli) -> Result<RunSettings> {
     let file = match &cli.run.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    merge(cli, matches, &file)
+    merge(cli, file)
 }
 
 /// `resolve` with the file already read.
-pub fn merge(cli: &Cli, matches: &ArgMatches, file: &FileConfig) -> Result<RunSettings> {
+pub fn merge(cli: &Cli, file: FileConfig) -> Result<RunSettings> {
     let run = &cli.run;
-    let t = file.target();
-    // clap fills in defaults: only a flag typed on the command line beats
+    // A flag not given is None: whatever is set on the command line beats
     // the file (`--proxy-port 15006` does, even though it is the default).
-    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
-    fn pick<T>(given: bool, flag: T, file: Option<T>) -> T {
-        match file {
-            Some(v) if !given => v,
-            _ => flag,
-        }
+    let options = (run.target.clone().or(file.target)).resolve(Role::Run {
+        file: run.config.is_some(),
+    })?;
+    let keys = RunKeys {
+        log_format: cli.log_format,
+        ..run.keys.clone()
     }
-    let options = Options {
-        iface: run.iface.clone().or(t.iface).ok_or(Error::Missing {
-            what: "interface",
-            flag: "-i IFACE",
-            key: "iface",
-        })?,
-        ports: run.ports.clone().or(t.ports).ok_or(Error::Missing {
-            what: "ports to intercept",
-            flag: "-ports PORTS",
-            key: "ports",
-        })?,
-        cgroup: run.cgroup.clone().or(t.cgroup),
-        proxy_cgroup: run.proxy_cgroup.clone().or(t.proxy_cgroup),
-        proxy_port: pick(given("proxy_port"), run.proxy_port, t.proxy_port),
-        proxy_mark: pick(given("proxy_mark"), run.proxy_mark, t.proxy_mark),
-        // --accel and --no-accel override each other: at most one is set.
-        accel: match (run.accel, run.no_accel) {
-            (true, _) => true,
-            (_, true) => false,
-            _ => t.accel.unwrap_or(true),
-        },
-        tc_mode: pick(given("tc_mode"), run.tc_mode, t.tc_mode),
-        steer: pick(given("steer"), run.steer, t.steer),
-        steer_mark: run.steer_mark.or(t.steer_mark),
-        route_table: run.route_table.or(t.route_table),
-        accel_max_queued: pick(
-            given("accel_max_queued"),
-            run.accel_max_queued,
-            t.accel_max_queued,
-        ),
-        accel_retire_ms: pick(
-            given("accel_retire_ms"),
-            run.accel_retire_ms,
-            t.accel_retire_ms,
-        ),
-        // A single run serves one target: the whole table is its own.
-        flows_quota: 0,
-        socks_quota: 0,
-    };
+    .or(file.run);
     Ok(RunSettings {
         options,
-        drain_timeout: pick(
-            given("drain_timeout"),
-            run.drain_timeout,
-            file.drain_timeout,
-        ),
-        metrics_addr: run.metrics_addr.or(file.metrics_addr),
-        log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+        drain_timeout: keys.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        metrics_addr: keys.metrics_addr,
+        log_format: keys.log_format.unwrap_or_default(),
     })
 }
 
@@ -341,7 +196,7 @@ mod tests {
     use std::{ffi::OsString, io::Write as _};
 
     use super::*;
-    use crate::cmd::parse_from;
+    use crate::{Error, Steer, cmd::parse_from, config};
     /// `tproxy ARGS…` resolved against a config file holding `yaml`.
     fn run_with(yaml: &str, args: &[&str]) -> Result<RunSettings> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -349,13 +204,13 @@ mod tests {
         let path = f.path().to_str().unwrap().to_string();
         let mut argv = vec!["tproxy", "--config", &path];
         argv.extend_from_slice(args);
-        let (cli, m) = parse_from(argv.iter().map(OsString::from)).unwrap();
-        resolve(&cli, &m)
+        let cli = parse_from(argv.iter().map(OsString::from)).unwrap();
+        resolve(&cli)
     }
 
     fn flags(args: &[&str]) -> RunSettings {
-        let (cli, m) = parse_from(args.iter().map(OsString::from)).unwrap();
-        resolve(&cli, &m).unwrap()
+        let cli = parse_from(args.iter().map(OsString::from)).unwrap();
+        resolve(&cli).unwrap()
     }
 
     #[test]
@@ -409,10 +264,22 @@ mod tests {
     #[test]
     fn iface_and_ports_are_needed_from_somewhere() {
         let e = run_with("ports: 8000\n", &[]).unwrap_err();
-        assert!(matches!(e, Error::Missing { key: "iface", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Config(config::Error::Missing { key: "iface", .. })
+            ),
+            "{e}"
+        );
         assert!(e.is_usage());
         let e = run_with("iface: eth0\n", &[]).unwrap_err();
-        assert!(matches!(e, Error::Missing { key: "ports", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Config(config::Error::Missing { key: "ports", .. })
+            ),
+            "{e}"
+        );
         assert!(run_with("iface: eth0\n", &["-ports", "80"]).is_ok());
         // Without --config, clap itself still requires both.
         for args in [&["tproxy", "-i", "eth0"][..], &["tproxy", "-ports", "80"]] {
@@ -433,13 +300,13 @@ mod tests {
             line.contains(": proxy_port: port 0 is out of range"),
             "{line}"
         );
-        let (cli, m) = parse_from(
+        let cli = parse_from(
             ["tproxy", "--config", "/nonexistent/tproxy.yaml"]
                 .iter()
                 .map(OsString::from),
         )
         .unwrap();
-        let e = resolve(&cli, &m).unwrap_err();
+        let e = resolve(&cli).unwrap_err();
         assert!(e.is_usage());
         assert_eq!(
             crate::error::Chain(&e).to_string(),
@@ -450,13 +317,11 @@ mod tests {
     #[test]
     fn no_config_is_the_flags() {
         let s = flags(&["tproxy", "-i", "eth0", "-ports", "8000"]);
-        let (cli, _) = parse_from(
-            ["tproxy", "-i", "eth0", "-ports", "8000"]
-                .iter()
-                .map(OsString::from),
-        )
-        .unwrap();
-        assert_eq!(s.options, cli.run.options());
+        let want = Target {
+            ports: Some("8000".parse().unwrap()),
+            ..Target::on("eth0")
+        };
+        assert_eq!(s.options, want.resolve(Role::Run { file: false }).unwrap());
         assert_eq!(s.drain_timeout, 30);
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.metrics_addr, None);
@@ -467,8 +332,8 @@ mod tests {
     #[test]
     fn the_example_equals_its_flags() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tproxy.yaml");
-        let (cli, m) = parse_from(["tproxy", "--config", path].iter().map(OsString::from)).unwrap();
-        let from_file = resolve(&cli, &m).unwrap();
+        let cli = parse_from(["tproxy", "--config", path].iter().map(OsString::from)).unwrap();
+        let from_file = resolve(&cli).unwrap();
         let from_flags = flags(&[
             "tproxy",
             "-i",
@@ -494,5 +359,43 @@ mod tests {
         ]);
         assert_eq!(from_file, from_flags);
         from_file.options.validate().unwrap();
+    }
+
+    /// A flag has no clap default (not given, it is None, and a --config
+    /// key may fill it in): its help states the default, which must be
+    /// the one `resolve` takes.
+    #[test]
+    fn help_states_the_defaults_resolve_uses() {
+        use clap::{CommandFactory as _, ValueEnum as _};
+        let s = flags(&["tproxy", "-i", "eth0", "-ports", "80"]);
+        let o = &s.options;
+        let name = |v: Option<clap::builder::PossibleValue>| v.unwrap().get_name().to_string();
+        let mut cli = Cli::command();
+        let help = cli.render_long_help().to_string();
+        let check = (cli.find_subcommand_mut("check").unwrap())
+            .render_long_help()
+            .to_string();
+        for (help, flag, value) in [
+            (&help, "--proxy-port", o.proxy_port.to_string()),
+            (&check, "--proxy-port", o.proxy_port.to_string()),
+            (&help, "--proxy-mark", format!("{:#x}", o.proxy_mark)),
+            (&help, "--accel-max-queued", o.accel_max_queued.to_string()),
+            (&help, "--accel-retire-ms", o.accel_retire_ms.to_string()),
+            (&help, "--tc-mode", name(o.tc_mode.to_possible_value())),
+            (&help, "--steer", name(o.steer.to_possible_value())),
+            (&help, "--drain-timeout", s.drain_timeout.to_string()),
+            (
+                &help,
+                "--log-format",
+                name(s.log_format.to_possible_value()),
+            ),
+        ] {
+            let entry = help.split_once(&format!("      {flag} <")).unwrap().1;
+            let entry = entry.split("\n      --").next().unwrap();
+            assert!(
+                entry.contains(&format!("[default: {value}]")),
+                "{flag}: {entry}"
+            );
+        }
     }
 }

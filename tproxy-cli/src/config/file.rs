@@ -2,353 +2,129 @@
 //! are named (`proxy_port` for `--proxy-port`); a flag given on the command
 //! line overrides the file. `examples/tproxy.yaml` is an annotated example.
 //!
-//! `TargetConfig` is what one instance steers (interface, ports, proxy…):
-//! the part a node agent's per-target files will hold as well.
-//! `FileConfig` is that plus the process's own settings (drain timeout,
-//! metrics, log format).
-//!
-//! Values are checked as they are read, so an out-of-range one is an error
-//! naming its key, line and column, like an unknown key or a wrong type.
+//! The file holds a [`Target`]'s keys and the run's own ([`RunKeys`]: drain
+//! timeout, metrics, log format) side by side at the top level, read by
+//! [`keys::read`]: values are checked as they are read, so an out-of-range
+//! one is an error naming its key, line and column, like an unknown key or
+//! a wrong type.
 use std::{
-    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Deserializer, de};
 
-use crate::{
-    Error, PortSet, Result, Steer,
-    config::options::{LogFormat, MAX_DRAIN_TIMEOUT, RESERVED_TABLES, TcMode, parse_mark},
+use super::{
+    Error, Target,
+    keys::{self, Context},
+    options::{LogFormat, MAX_DRAIN_TIMEOUT},
 };
 
-/// What one instance steers, and how. Every key is optional: flags (or
-/// defaults) fill in what a file leaves out.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetConfig {
-    #[serde(default, deserialize_with = "iface")]
-    pub iface: Option<String>,
-    #[serde(default, deserialize_with = "ports")]
-    pub ports: Option<PortSet>,
-    pub cgroup: Option<PathBuf>,
-    pub proxy_cgroup: Option<PathBuf>,
-    #[serde(default, deserialize_with = "port")]
-    pub proxy_port: Option<u16>,
-    #[serde(default, deserialize_with = "mark")]
-    pub proxy_mark: Option<u32>,
-    pub accel: Option<bool>,
-    pub accel_max_queued: Option<u32>,
-    pub accel_retire_ms: Option<u32>,
-    pub tc_mode: Option<TcMode>,
-    pub steer: Option<Steer>,
-    #[serde(default, deserialize_with = "mark")]
-    pub steer_mark: Option<u32>,
-    #[serde(default, deserialize_with = "route_table")]
-    pub route_table: Option<u32>,
+/// A `--config` file: what the run steers, and the run's own settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub target: Target,
+    pub run: RunKeys,
 }
 
-/// A `--config` file: the target's keys and the run's, side by side at the
-/// top level (serde cannot flatten a struct and refuse unknown keys, so the
-/// target's keys are listed again here; `target()` maps them).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    #[serde(default, deserialize_with = "iface")]
-    pub iface: Option<String>,
-    #[serde(default, deserialize_with = "ports")]
-    pub ports: Option<PortSet>,
-    pub cgroup: Option<PathBuf>,
-    pub proxy_cgroup: Option<PathBuf>,
-    #[serde(default, deserialize_with = "port")]
-    pub proxy_port: Option<u16>,
-    #[serde(default, deserialize_with = "mark")]
-    pub proxy_mark: Option<u32>,
-    pub accel: Option<bool>,
-    pub accel_max_queued: Option<u32>,
-    pub accel_retire_ms: Option<u32>,
-    pub tc_mode: Option<TcMode>,
-    pub steer: Option<Steer>,
-    #[serde(default, deserialize_with = "mark")]
-    pub steer_mark: Option<u32>,
-    #[serde(default, deserialize_with = "route_table")]
-    pub route_table: Option<u32>,
-
-    #[serde(default, deserialize_with = "drain_timeout")]
+/// The run's own settings: flags, and keys of a `--config` file (never of
+/// an agent target). Each is `None` where not given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct RunKeys {
+    /// On SIGTERM/SIGINT, stop steering new flows at once and let steered
+    /// flows finish for up to this many seconds (0: stop at once). A second
+    /// signal stops at once [default: 30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(..=MAX_DRAIN_TIMEOUT))]
     pub drain_timeout: Option<u64>,
+
+    /// Serve the counters and gauges in the Prometheus (OpenMetrics) text
+    /// format on http://ADDR/metrics, e.g. 127.0.0.1:9090 or [::1]:9090.
+    #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// The flag is the command line's, global to every subcommand.
+    #[arg(skip)]
     pub log_format: Option<LogFormat>,
+}
+
+impl RunKeys {
+    /// `self`'s settings, else `below`'s: the flags over the file.
+    pub fn or(self, below: RunKeys) -> RunKeys {
+        let RunKeys {
+            drain_timeout,
+            metrics_addr,
+            log_format,
+        } = self;
+        RunKeys {
+            drain_timeout: drain_timeout.or(below.drain_timeout),
+            metrics_addr: metrics_addr.or(below.metrics_addr),
+            log_format: log_format.or(below.log_format),
+        }
+    }
+}
+
+impl Context for RunKeys {
+    const EXPECTING: &'static str = "a mapping of tproxy settings (see examples/tproxy.yaml)";
+    const KEYS: &'static [&'static str] = &["drain_timeout", "metrics_addr", "log_format"];
+
+    type Output = FileConfig;
+
+    fn read<'de, A: de::MapAccess<'de>>(
+        &mut self,
+        key: &'static str,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        match key {
+            "drain_timeout" => self.drain_timeout = map.next_value_seed(keys::DRAIN_TIMEOUT)?,
+            "metrics_addr" => self.metrics_addr = map.next_value()?,
+            "log_format" => self.log_format = map.next_value()?,
+            _ => unreachable!("{key} is not in KEYS"),
+        }
+        Ok(())
+    }
+
+    fn finish<E: de::Error>(self, target: Target) -> Result<FileConfig, E> {
+        Ok(FileConfig { target, run: self })
+    }
+}
+
+impl<'de> Deserialize<'de> for FileConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        keys::read::<D, RunKeys>(d)
+    }
 }
 
 impl FileConfig {
     /// Reads and checks `path`. Errors name the file, and (from
     /// serde_norway) the key, line and column.
-    pub fn load(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
-            path: path.into(),
-            source,
-        })?;
-        FileConfig::parse(&text).map_err(|source| Error::Config {
-            path: path.into(),
-            source,
-        })
+    pub fn load(path: &Path) -> Result<FileConfig, Error> {
+        load(path)
     }
 
-    pub fn parse(text: &str) -> std::result::Result<FileConfig, serde_norway::Error> {
-        parse_yaml(text)
-    }
-
-    /// The per-target part.
-    pub fn target(&self) -> TargetConfig {
-        // Destructured whole: a key added to one struct and not mapped here
-        // does not compile.
-        let FileConfig {
-            iface,
-            ports,
-            cgroup,
-            proxy_cgroup,
-            proxy_port,
-            proxy_mark,
-            accel,
-            accel_max_queued,
-            accel_retire_ms,
-            tc_mode,
-            steer,
-            steer_mark,
-            route_table,
-            drain_timeout: _,
-            metrics_addr: _,
-            log_format: _,
-        } = self.clone();
-        TargetConfig {
-            iface,
-            ports,
-            cgroup,
-            proxy_cgroup,
-            proxy_port,
-            proxy_mark,
-            accel,
-            accel_max_queued,
-            accel_retire_ms,
-            tc_mode,
-            steer,
-            steer_mark,
-            route_table,
-        }
+    /// An empty file (or one of comments only) sets nothing; it is not an
+    /// error.
+    pub fn parse(text: &str) -> Result<FileConfig, serde_norway::Error> {
+        serde_norway::from_str(text)
     }
 }
 
-impl TargetConfig {
-    pub fn parse(text: &str) -> std::result::Result<TargetConfig, serde_norway::Error> {
-        parse_yaml(text)
-    }
-}
-
-/// An empty file (or one of comments only) sets nothing; it is not an error.
-fn parse_yaml<T: Default + for<'de> Deserialize<'de>>(
-    text: &str,
-) -> std::result::Result<T, serde_norway::Error> {
-    if serde_norway::from_str::<serde_norway::Value>(text)?.is_null() {
-        return Ok(T::default());
-    }
-    serde_norway::from_str(text)
-}
-
-// Readers of the keys that need more than their type's own checks. The
-// messages read after the key, which serde_norway puts first.
-
-/// A scalar as YAML gave it, for the checks below.
-enum Scalar<'a> {
-    Int(i128),
-    Str(&'a str),
-}
-
-/// Reads a scalar and checks it inside the visitor: an error raised there
-/// gets the key, line and column from serde_norway; one raised after the
-/// value is read would get neither.
-struct Checked<F> {
-    expecting: &'static str,
-    check: F,
-}
-
-impl<T, F: FnOnce(Scalar) -> std::result::Result<T, String>> de::Visitor<'_> for Checked<F> {
-    type Value = T;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.expecting)
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> std::result::Result<T, E> {
-        (self.check)(Scalar::Int(n.into())).map_err(E::custom)
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<T, E> {
-        (self.check)(Scalar::Int(n.into())).map_err(E::custom)
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<T, E> {
-        (self.check)(Scalar::Str(s)).map_err(E::custom)
-    }
-}
-
-fn checked<'de, D: Deserializer<'de>, T>(
-    d: D,
-    expecting: &'static str,
-    check: impl FnOnce(Scalar) -> std::result::Result<T, String>,
-) -> std::result::Result<Option<T>, D::Error> {
-    d.deserialize_any(Checked { expecting, check }).map(Some)
-}
-
-fn iface<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
-    const EXPECTING: &str = "an interface name";
-    checked(d, EXPECTING, |v| match v {
-        // IFNAMSIZ is 16 with the terminating NUL.
-        Scalar::Str(name)
-            if !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\0']) =>
-        {
-            Ok(name.to_string())
-        }
-        Scalar::Str(name) => Err(format!(
-            "{name:?} is not an interface name (1-15 characters, no '/' or space)"
-        )),
-        Scalar::Int(n) => Err(format!("invalid type: integer `{n}`, expected {EXPECTING}")),
-    })
-}
-
-/// `8000`, `"8000,9000-9010"`, or a list of numbers and such strings.
-fn ports<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<PortSet>, D::Error> {
-    d.deserialize_any(PortsVisitor).map(Some)
-}
-
-struct PortsVisitor;
-
-const PORTS_EXPECTED: &str = "a port list: 8000, \"8000,9000-9010\" or [8000, \"9000-9010\"]";
-
-fn port_set<E: de::Error>(list: &str) -> std::result::Result<PortSet, E> {
-    list.parse().map_err(|e| match e {
-        Error::BadPorts(why) => E::custom(format!(
-            "bad port list {why}; write {PORTS_EXPECTED} (ports 1-65535)"
-        )),
-        other => E::custom(other),
-    })
-}
-
-impl<'de> de::Visitor<'de> for PortsVisitor {
-    type Value = PortSet;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(PORTS_EXPECTED)
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<PortSet, E> {
-        port_set(s)
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<PortSet, E> {
-        port_set(&n.to_string())
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> std::result::Result<PortSet, E> {
-        port_set(&n.to_string())
-    }
-
-    fn visit_seq<A: de::SeqAccess<'de>>(
-        self,
-        mut seq: A,
-    ) -> std::result::Result<PortSet, A::Error> {
-        let mut items = Vec::new();
-        while let Some(PortItem(item)) = seq.next_element()? {
-            items.push(item);
-        }
-        port_set(&items.join(","))
-    }
-}
-
-/// One entry of a port list: a number or a string such as "9000-9010".
-struct PortItem(String);
-
-impl<'de> Deserialize<'de> for PortItem {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = PortItem;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port or a range (8000 or \"9000-9010\")")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<PortItem, E> {
-                Ok(PortItem(s.into()))
-            }
-            fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<PortItem, E> {
-                Ok(PortItem(n.to_string()))
-            }
-            fn visit_i64<E: de::Error>(self, n: i64) -> std::result::Result<PortItem, E> {
-                Ok(PortItem(n.to_string()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-fn port<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u16>, D::Error> {
-    const EXPECTING: &str = "a port (1-65535)";
-    checked(d, EXPECTING, |v| match v {
-        Scalar::Int(n) => match u16::try_from(n) {
-            Ok(p) if p > 0 => Ok(p),
-            _ => Err(format!("port {n} is out of range: ports are 1-65535")),
-        },
-        Scalar::Str(s) => Err(format!("invalid type: string {s:?}, expected {EXPECTING}")),
-    })
-}
-
-/// A 32-bit value as a number (`0x539` too) or a string ("0x539", "1337").
-fn u32_value(v: Scalar, what: &str) -> std::result::Result<u32, String> {
-    match v {
-        Scalar::Int(n) => {
-            u32::try_from(n).map_err(|_| format!("{n} is not a 32-bit {what} (0 to 0xffffffff)"))
-        }
-        Scalar::Str(s) => parse_mark(s.trim()),
-    }
-}
-
-fn mark<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {
-    checked(
-        d,
-        "a 32-bit mark (decimal or \"0x…\" hex)",
-        |v| match u32_value(v, "mark")? {
-            0 => Err("a mark must be non-zero: marks are how tproxy tells traffic apart".into()),
-            m => Ok(m),
-        },
-    )
-}
-
-fn route_table<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {
-    checked(d, "a routing table id (decimal or \"0x…\" hex)", |v| {
-        let table = u32_value(v, "routing table id")?;
-        if RESERVED_TABLES.contains(&table) {
-            return Err(format!(
-                "table {table} is reserved (0 unspec, 253 default, 254 main, 255 local); choose an unused table (e.g. 100) or leave route_table out to have one picked"
-            ));
-        }
-        Ok(table)
-    })
-}
-
-fn drain_timeout<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
-    const EXPECTING: &str = "seconds (0 to 86400)";
-    checked(d, EXPECTING, |v| match v {
-        Scalar::Int(n) => match u64::try_from(n) {
-            Ok(s) if s <= MAX_DRAIN_TIMEOUT => Ok(s),
-            _ => Err(format!(
-                "{n} s is out of range: 0 (stop at once) to {MAX_DRAIN_TIMEOUT} s (a day)"
-            )),
-        },
-        Scalar::Str(s) => Err(format!("invalid type: string {s:?}, expected {EXPECTING}")),
+/// Reads the YAML file `path` as a `T`: the run's `--config`, the agent's.
+/// Errors name the file, and (from serde_norway) the key, line and column.
+pub fn load<T: de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
+    serde_norway::from_str(&text).map_err(|source| Error::File {
+        path: PathBuf::from(path),
+        source,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Steer, options::TcMode};
 
     fn parse(text: &str) -> std::result::Result<FileConfig, String> {
         FileConfig::parse(text).map_err(|e| e.to_string())
@@ -382,22 +158,27 @@ mod tests {
         assert_eq!(
             c,
             FileConfig {
-                iface: Some("eth1".into()),
-                ports: Some("8000,8080,9000-9002".parse().unwrap()),
-                cgroup: Some("/sys/fs/cgroup/unified/app".into()),
-                proxy_cgroup: Some("/sys/fs/cgroup/unified/app/proxy".into()),
-                proxy_port: Some(15001),
-                proxy_mark: Some(0x10),
-                accel: Some(false),
-                accel_max_queued: Some(1 << 20),
-                accel_retire_ms: Some(50),
-                tc_mode: Some(TcMode::Netlink),
-                steer: Some(Steer::Tproxy),
-                steer_mark: Some(0x20),
-                route_table: Some(100),
-                drain_timeout: Some(5),
-                metrics_addr: Some("127.0.0.1:9464".parse().unwrap()),
-                log_format: Some(LogFormat::Json),
+                target: Target {
+                    iface: Some("eth1".into()),
+                    ports: Some("8000,8080,9000-9002".parse().unwrap()),
+                    cgroup: Some("/sys/fs/cgroup/unified/app".into()),
+                    proxy_cgroup: Some("/sys/fs/cgroup/unified/app/proxy".into()),
+                    proxy_port: Some(15001),
+                    proxy_mark: Some(0x10),
+                    no_accel: false,
+                    accel: Some(false),
+                    accel_max_queued: Some(1 << 20),
+                    accel_retire_ms: Some(50),
+                    tc_mode: Some(TcMode::Netlink),
+                    steer: Some(Steer::Tproxy),
+                    steer_mark: Some(0x20),
+                    route_table: Some(100),
+                },
+                run: RunKeys {
+                    drain_timeout: Some(5),
+                    metrics_addr: Some("127.0.0.1:9464".parse().unwrap()),
+                    log_format: Some(LogFormat::Json),
+                },
             }
         );
     }
@@ -412,7 +193,7 @@ mod tests {
             ("ports:\n  - 80\n  - 443\n", "80,443"),
         ] {
             let c = parse(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
-            assert_eq!(c.ports.unwrap().to_string(), want, "{yaml}");
+            assert_eq!(c.target.ports.unwrap().to_string(), want, "{yaml}");
         }
     }
 
@@ -424,7 +205,11 @@ mod tests {
             "proxy_mark: \"0x539\"",
             "proxy_mark: \"1337\"",
         ] {
-            assert_eq!(parse(yaml).unwrap().proxy_mark, Some(0x539), "{yaml}");
+            assert_eq!(
+                parse(yaml).unwrap().target.proxy_mark,
+                Some(0x539),
+                "{yaml}"
+            );
         }
     }
 
@@ -502,20 +287,43 @@ mod tests {
         }
     }
 
-    /// A node agent's per-target file: the target's keys only.
+    /// The run's keys and the target's, each set refusing what is not its
+    /// own, with the location: an agent target's keys are not a run's.
     #[test]
-    fn target_files_hold_the_per_target_keys() {
-        let t =
-            TargetConfig::parse("iface: eth0\nports: [8000]\nsteer: tproxy\nproxy_mark: 0x10\n")
-                .unwrap();
-        assert_eq!(t.iface.as_deref(), Some("eth0"));
-        assert_eq!(t.steer, Some(Steer::Tproxy));
-        let e = TargetConfig::parse("iface: eth0\nlog_format: json\n").unwrap_err();
-        assert!(e.to_string().contains("unknown field `log_format`"), "{e}");
-        // The same text read as a --config file gives the same target.
-        let text = "iface: eth0\nports: 80\ncgroup: /x\nproxy_port: 1\nproxy_mark: 2\naccel: true\naccel_max_queued: 3\ntc_mode: tcx\nsteer: rewrite\nsteer_mark: 4\nroute_table: 5\n";
-        let t = TargetConfig::parse(text).unwrap();
-        assert!(t.route_table.is_some() && t.accel_max_queued.is_some());
-        assert_eq!(FileConfig::parse(text).unwrap().target(), t);
+    fn keys_of_agent_targets_are_refused_with_their_location() {
+        for key in [
+            "netns: /run/netns/a",
+            "name: web",
+            "flows_quota: 1",
+            "socks_quota: 1",
+        ] {
+            let e = err(&format!("iface: eth0\n{key}\n"));
+            let name = key.split(':').next().unwrap();
+            assert!(e.contains(&format!("unknown field `{name}`")), "{e}");
+            assert!(e.contains("line 2 column 1"), "{e}");
+            assert!(
+                e.contains("`drain_timeout`, `metrics_addr`, `log_format`"),
+                "{e}"
+            );
+        }
+        let e = err("drain_timeout: 1\ndrain_timeout: 2\n");
+        assert!(e.contains("duplicate field `drain_timeout`"), "{e}");
+        assert!(e.contains("line 2 column 1"), "{e}");
+        let e = err("iface: eth0\niface: eth1\n");
+        assert!(e.contains("duplicate field `iface`"), "{e}");
+        let e = err("- iface\n");
+        assert!(e.contains("expected a mapping of tproxy settings"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.yaml");
+        std::fs::write(&path, "proxy_port: 0\n").unwrap();
+        let e = FileConfig::load(&path).unwrap_err();
+        assert!(e.is_usage());
+        assert_eq!(e.to_string(), format!("config file {}", path.display()));
+        let e = FileConfig::load(&dir.path().join("none.yaml")).unwrap_err();
+        assert!(matches!(e, Error::Read { .. }) && e.is_usage(), "{e}");
     }
 }

@@ -1,10 +1,14 @@
-//! What one instance is asked to do: interface, ports, proxy, back-end.
-//! Shared by the command line, the runtime record and the instance.
+//! What one instance is asked to do, resolved ([`Target::resolve`]):
+//! interface, ports, proxy, back-end; with the defaults and the value
+//! tables the settings are read and checked against. Used by the run, the
+//! agent, the runtime record and the instance.
+//!
+//! [`Target::resolve`]: super::Target::resolve
 use std::path::PathBuf;
 
 use tproxy_common::SteerMode;
 
-use crate::{Error, PortSet, Result, config};
+use super::{Error, PortSet, Via};
 
 /// Everything `tproxy -i IFACE -ports …` is asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,21 +72,38 @@ pub fn default_steer_mark(ifindex: u32) -> u32 {
 }
 
 impl Options {
-    /// Checks that need no privileges and touch nothing.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks that need no privileges and touch nothing, for options from
+    /// flags (`tproxy check`, and a run's [`Target::resolve`] already made
+    /// them).
+    ///
+    /// [`Target::resolve`]: super::Target::resolve
+    pub fn validate(&self) -> Result<(), Error> {
+        self.validate_as(Via::Flags)
+    }
+
+    /// `validate`, its errors naming the settings as `via` spells them.
+    pub fn validate_as(&self, via: Via) -> Result<(), Error> {
         if self.ports.contains(self.proxy_port) {
-            return Err(Error::ProxyPortIntercepted(self.proxy_port));
+            return Err(Error::ProxyPortIntercepted {
+                port: self.proxy_port,
+                via,
+            });
         }
         if self.proxy_mark == 0 || self.steer_mark == Some(0) {
-            return Err(Error::ZeroMark);
+            return Err(Error::ZeroMark { via });
         }
         if self.steer_mark == Some(self.proxy_mark) {
-            return Err(config::Error::MarksCollide(self.proxy_mark).into());
+            return Err(Error::MarksCollide {
+                mark: self.proxy_mark,
+                via,
+            });
         }
-        if let Some(table) = self.route_table {
-            check_table_not_reserved(table)?;
+        match self.route_table {
+            Some(table) if RESERVED_TABLES.contains(&table) => {
+                Err(Error::ReservedTable { table, via })
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -105,6 +126,9 @@ pub const DEFAULT_PROXY_PORT: u16 = 15006;
 
 /// Istio's mark for the proxy's own traffic; Envoy configs commonly use it.
 pub const DEFAULT_PROXY_MARK: u32 = 0x539;
+
+/// How long a run drains on SIGTERM/SIGINT (--drain-timeout), in seconds.
+pub const DEFAULT_DRAIN_TIMEOUT: u64 = 30;
 
 /// Longest --drain-timeout: a day (a longer wait is a mistake, and the
 /// deadline must stay representable).
@@ -132,10 +156,16 @@ pub fn parse_mark(s: &str) -> std::result::Result<u32, String> {
 /// Routing tables the kernel and every host use: unspec, default, main, local.
 pub const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
 
-/// Refuses a reserved `--route-table` (no privileges needed).
-pub fn check_table_not_reserved(table: u32) -> Result<(), config::Error> {
+/// Refuses a reserved routing table (no privileges needed). Options made
+/// by [`Target::resolve`] never hold one; the error names the flag.
+///
+/// [`Target::resolve`]: super::Target::resolve
+pub fn check_table_not_reserved(table: u32) -> Result<(), Error> {
     if RESERVED_TABLES.contains(&table) {
-        return Err(config::Error::ReservedTable(table));
+        return Err(Error::ReservedTable {
+            table,
+            via: Via::Flags,
+        });
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The intercepted port set: `8000`, `8000,8080`, `9000-9010`, or a mix.
 use std::{fmt, str::FromStr};
 
-use crate::Error;
+use super::Error;
 
 /// A set of TCP ports, kept sorted and merged into ranges.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -103,8 +103,8 @@ impl AgentView {
                 v["id"] = json!(r.id);
                 v["name"] = json!(r.spec.name);
                 v["netns"] = json!(r.spec.netns);
-                v["iface"] = json!(r.spec.iface);
-                v["ports"] = json!(r.spec.ports.as_ref().map(ToString::to_string));
+                v["iface"] = json!(r.spec.iface());
+                v["ports"] = json!(r.spec.target.ports.as_ref().map(ToString::to_string));
                 v["slot"] = json!(r.slot);
                 v["draining"] = json!(r.draining);
                 v
@@ -168,7 +168,7 @@ impl AgentView {
             )
         };
         for (r, s) in &self.targets {
-            let ports = r.spec.ports.as_ref().map(ToString::to_string);
+            let ports = r.spec.target.ports.as_ref().map(ToString::to_string);
             out += &row(
                 &r.id,
                 r.spec.name.as_deref().unwrap_or("-"),

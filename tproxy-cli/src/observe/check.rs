@@ -88,7 +88,11 @@ pub fn checks(opts: &Options, iface_given: bool, metrics_addr: Option<SocketAddr
     let opts = opts.clone();
     let mut items = Vec::new();
     if let Err(e) = opts.validate() {
-        items.push(Item::from_error("options", &e, "change the options"));
+        items.push(Item::from_error(
+            "options",
+            &crate::Error::from(e),
+            "change the options",
+        ));
     }
     let caps = system::missing_privileges(opts.accel);
     items.push(match &caps {

@@ -125,7 +125,7 @@ pub enum Error {
     /// A setting the config layer refuses, met again here (`routing::pick`
     /// checks the explicit mark and table it is given).
     #[error(transparent)]
-    Setting(#[from] crate::config::Error),
+    Config(#[from] crate::config::Error),
 
     // Errors carry their cause as `source`, not in their own text: the top
     // level prints the chain (`Chain`) down to the failing syscall's errno.

@@ -141,7 +141,13 @@ pub fn pick(
     in_use: &InUse,
 ) -> Result<(u32, u32)> {
     let mark = match steer_mark {
-        Some(m) if m == proxy_mark => return Err(config::Error::MarksCollide(m).into()),
+        Some(m) if m == proxy_mark => {
+            return Err(config::Error::MarksCollide {
+                mark: m,
+                via: config::Via::FlagsOrFile,
+            }
+            .into());
+        }
         Some(m) => match in_use.mark_user(m) {
             Some(user) => {
                 return Err(Error::MarkInUse {
@@ -834,11 +840,11 @@ mod tests {
         for t in RESERVED_TABLES {
             assert!(matches!(
                 check_table_not_reserved(t),
-                Err(config::Error::ReservedTable(x)) if x == t
+                Err(crate::config::Error::ReservedTable { table: x, .. }) if x == t
             ));
             assert!(matches!(
                 pick(None, Some(t), 3, PROXY, &InUse::default()),
-                Err(Error::Setting(config::Error::ReservedTable(_)))
+                Err(Error::Config(crate::config::Error::ReservedTable { .. }))
             ));
         }
         assert!(check_table_not_reserved(100).is_ok());
@@ -859,7 +865,10 @@ mod tests {
         assert!(pick(Some(0x2234), Some(101), 3, PROXY, &u).is_ok());
         assert!(matches!(
             pick(Some(PROXY), None, 3, PROXY, &u),
-            Err(Error::Setting(config::Error::MarksCollide(PROXY)))
+            Err(Error::Config(config::Error::MarksCollide {
+                mark: PROXY,
+                ..
+            }))
         ));
         for e in [
             Error::TableInUse {
@@ -870,7 +879,11 @@ mod tests {
                 mark: 1,
                 user: "x".into(),
             },
-            config::Error::ReservedTable(254).into(),
+            crate::config::Error::ReservedTable {
+                table: 254,
+                via: crate::config::Via::Flags,
+            }
+            .into(),
             Error::NoFreeRouting {
                 what: "steer mark",
                 from: 1,

@@ -623,7 +623,11 @@ pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>
         |s| s.mark,
     );
     if steer_mark == opts.proxy_mark {
-        return Err(crate::config::Error::MarksCollide(steer_mark).into());
+        return Err(crate::config::Error::MarksCollide {
+            mark: steer_mark,
+            via: crate::config::Via::FlagsOrFile,
+        }
+        .into());
     }
     Ok((tproxy, steer_mark))
 }

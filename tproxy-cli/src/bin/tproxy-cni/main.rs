@@ -28,7 +28,9 @@ use std::{
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tproxy::api::{self, ApiError, PortSet, Request, Steer, TargetSpec, TcMode, parse_mark};
+use tproxy::api::{
+    self, ApiError, ConfigError, PortSet, Request, Steer, Target, TargetSpec, TcMode, parse_mark,
+};
 
 /// The spec versions this plugin speaks, oldest first.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
@@ -344,13 +346,16 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let summary = format!(
         "{} {} ports {} cgroup {}",
         target.name.as_deref().unwrap_or("pod"),
-        target.iface,
+        target.iface(),
         target
+            .target
             .ports
             .as_ref()
             .map(|p| p.to_string())
             .unwrap_or_default(),
-        target.cgroup.as_deref().unwrap_or(Path::new("")).display(),
+        (target.target.cgroup.as_deref())
+            .unwrap_or(Path::new(""))
+            .display(),
     );
     let req = Request::Add {
         id: id.into(),
@@ -609,13 +614,16 @@ pub fn target_for(
     };
 
     Ok(Some(TargetSpec {
-        cgroup: Some(cgroup),
-        ports: Some(ports),
-        proxy_port,
-        proxy_mark,
-        accel,
-        steer: conf.steer,
-        tc_mode: conf.tc_mode,
+        target: Target {
+            cgroup: Some(cgroup),
+            ports: Some(ports),
+            proxy_port,
+            proxy_mark,
+            accel,
+            steer: conf.steer,
+            tc_mode: conf.tc_mode,
+            ..Target::on(ifname)
+        },
         name: env.pod_name(),
         ..TargetSpec::new(netns, ifname)
     }))
@@ -625,7 +633,7 @@ pub fn target_for(
 /// the fix here is a key or an annotation.
 fn port_list(s: &str) -> Result<PortSet, String> {
     s.parse().map_err(|e| match e {
-        tproxy::Error::BadPorts(why) => why,
+        ConfigError::BadPorts(why) => why,
         e => e.to_string(),
     })
 }
@@ -755,14 +763,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(t.netns, Path::new("/var/run/netns/cni-1"));
-        assert_eq!(t.iface, "eth0");
+        assert_eq!(t.iface(), "eth0");
         assert_eq!(
-            t.cgroup.as_deref(),
+            t.target.cgroup.as_deref(),
             Some(Path::new("kubepods/besteffort/pod1"))
         );
-        assert_eq!(t.ports.unwrap().to_string(), "9000");
-        assert_eq!(t.proxy_port, Some(15001));
-        assert_eq!(t.proxy_mark, None);
+        assert_eq!(t.target.ports.unwrap().to_string(), "9000");
+        assert_eq!(t.target.proxy_port, Some(15001));
+        assert_eq!(t.target.proxy_mark, None);
         assert_eq!(t.name.as_deref(), Some("shop/web-0"));
     }
 
@@ -777,12 +785,12 @@ mod tests {
                     "tproxy.io/proxy-mark": "0x539", "tproxy.io/accel": "false",
                     "unrelated": "x"}}})));
         let t = target_for(&env("ADD"), &c, mount()).unwrap().unwrap();
-        assert_eq!(t.ports.unwrap().to_string(), "8000,8080");
-        assert_eq!(t.proxy_port, Some(15006));
-        assert_eq!(t.proxy_mark, Some(1337));
-        assert_eq!(t.accel, Some(false));
+        assert_eq!(t.target.ports.unwrap().to_string(), "8000,8080");
+        assert_eq!(t.target.proxy_port, Some(15006));
+        assert_eq!(t.target.proxy_mark, Some(1337));
+        assert_eq!(t.target.accel, Some(false));
         assert_eq!(
-            t.cgroup.as_deref(),
+            t.target.cgroup.as_deref(),
             Some(Path::new("/sys/fs/cgroup/kubepods/pod2"))
         );
     }
@@ -835,7 +843,7 @@ mod tests {
     fn cgroup_from_config_when_the_runtime_passes_none() {
         let c = conf(base(json!({"runtimeConfig": {}, "cgroup": "tproxy/pods"})));
         let t = target_for(&env("ADD"), &c, mount()).unwrap().unwrap();
-        assert_eq!(t.cgroup.as_deref(), Some(Path::new("tproxy/pods")));
+        assert_eq!(t.target.cgroup.as_deref(), Some(Path::new("tproxy/pods")));
     }
 
     #[test]
