@@ -293,14 +293,14 @@ impl SimNode {
 
 /// Waits until no IPv6 address in `ns` is tentative (DAD done).
 fn wait_dad(ns: &Netns) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !ns
         .ip(&["-6", "addr", "show", "tentative"])?
         .trim()
         .is_empty()
     {
         if std::time::Instant::now() > deadline {
-            bail!("IPv6 addresses in {} still tentative after 10 s", ns.name());
+            bail!("IPv6 addresses in {} still tentative after 60 s", ns.name());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -280,7 +280,9 @@ pub fn start(
 ) -> Result<Logged> {
     let mut cmd = command(ns, cgroup, config, opts)?;
     let mut p = Logged::spawn("envoy", &mut cmd)?;
-    if let Err(e) = wait_ready(ns, port, Duration::from_secs(20)) {
+    // Generous: ready in about a second, much later on a busy machine, and
+    // this returns as soon as it is.
+    if let Err(e) = wait_ready(ns, port, Duration::from_secs(120)) {
         let status = p.proc.is_running();
         bail!("{e} (running: {status}); its output:\n{}", p.log());
     }

@@ -8,13 +8,15 @@ use crate::run;
 
 /// bpftool lists ids first and then asks for each object; one that goes
 /// away in between (another test detaching) makes the listing fail, so a
-/// failed listing is retried.
+/// failed listing is retried (often: on a busy machine with tests
+/// attaching and detaching in parallel a listing can lose that race
+/// several times in a row).
 fn bpftool(args: &[&str]) -> Result<Value> {
     let mut tries = 0;
     let out = loop {
         match run(Command::new("bpftool").arg("-j").args(args)) {
             Ok(out) => break out,
-            Err(_) if tries < 5 => {
+            Err(_) if tries < 50 => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }

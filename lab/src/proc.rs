@@ -1,8 +1,12 @@
 //! Processes the lab starts: ended by PID on drop.
 use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -59,12 +63,54 @@ impl Proc {
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
+
+    /// Stops the process (SIGSTOP) and returns once every thread of it is
+    /// stopped (`T` in /proc), so nothing it does can happen after this:
+    /// for tests that make a reader stop reading at a chosen moment.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP);
+        let pid = self.pid();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if all_threads_stopped(pid)? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} (pid {pid}) did not stop within 60 s", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Lets a process stopped with [`Proc::pause`] run on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+}
+
+/// Whether every thread of `pid` is stopped (state `T` or `t`).
+fn all_threads_stopped(pid: i32) -> Result<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing the threads of {pid}"))?;
+    for t in tasks {
+        let stat = std::fs::read_to_string(t?.path().join("stat")).unwrap_or_default();
+        // pid (comm) S …: the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next());
+        if !matches!(state, Some('T' | 't') | None) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         if self.child.is_some() {
             self.signal(libc::SIGTERM);
+            // A paused process handles the SIGTERM once it runs again.
+            self.signal(libc::SIGCONT);
             if self.wait_timeout(Duration::from_secs(3)).is_err() {
                 self.signal(libc::SIGKILL);
                 let _ = self.wait_timeout(Duration::from_secs(3));
@@ -78,6 +124,10 @@ pub struct Logged {
     pub proc: Proc,
     log: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
+    /// Reader threads still reading (they end at the pipes' EOF).
+    reading: Arc<AtomicUsize>,
+    /// The process's stdin, if it was spawned with [`Logged::spawn_with_stdin`].
+    stdin: Option<ChildStdin>,
 }
 
 /// A running `tproxy` (started with [`Logged::start_tproxy`]).
@@ -86,27 +136,81 @@ pub type Tproxy = Logged;
 impl Logged {
     /// Starts `cmd`; its output is captured (stdin is closed).
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Logged> {
-        cmd.stdin(Stdio::null())
+        Logged::spawn_io(name, cmd, false)
+    }
+
+    /// As [`Logged::spawn`], with a pipe to the process's stdin
+    /// ([`Logged::send_line`]): for programs a test drives step by step.
+    pub fn spawn_with_stdin(name: &str, cmd: &mut Command) -> Result<Logged> {
+        Logged::spawn_io(name, cmd, true)
+    }
+
+    fn spawn_io(name: &str, cmd: &mut Command, stdin: bool) -> Result<Logged> {
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut proc = Proc::spawn(name, cmd)?;
         let child = proc.child.as_mut().unwrap();
+        let stdin = child.stdin.take();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, lines) = mpsc::channel();
         let readers: Vec<Box<dyn std::io::Read + Send>> = vec![
             Box::new(child.stdout.take().unwrap()),
             Box::new(child.stderr.take().unwrap()),
         ];
+        let reading = Arc::new(AtomicUsize::new(readers.len()));
         for r in readers {
-            let (log, tx) = (log.clone(), tx.clone());
+            let (log, tx, reading) = (log.clone(), tx.clone(), reading.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(r).lines().map_while(Result::ok) {
                     log.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
+                reading.fetch_sub(1, Ordering::SeqCst);
             });
         }
-        Ok(Logged { proc, log, lines })
+        Ok(Logged {
+            proc,
+            log,
+            lines,
+            reading,
+            stdin,
+        })
+    }
+
+    /// Writes `line` and a newline to the process's stdin.
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("spawned without a stdin pipe (Logged::spawn_with_stdin)")?;
+        stdin.write_all(format!("{line}\n").as_bytes())?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Waits until the reader threads have read the process's output to
+    /// its end (the pipes close when the process and whatever inherited
+    /// them exit), for at most `timeout`: after this, [`Logged::log`] holds
+    /// every line (a sleep only made that likely). Whether they got there.
+    pub fn drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.reading.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Waits up to `timeout` for the process to exit, then for its output
+    /// to be read to the end (10 s more at most: a child that inherited
+    /// the pipes may hold them open).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let st = self.proc.wait_timeout(timeout)?;
+        self.drained(Duration::from_secs(10));
+        Ok(st)
     }
 
     /// Starts `bin ARGS…` as tproxy in `ns` (and `cgroup`, if given),
@@ -125,7 +229,9 @@ impl Logged {
     /// Starts tproxy and waits until it says it is serving.
     pub fn start(bin: &str, ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Logged> {
         let mut t = Logged::spawn_tproxy(bin, ns, cgroup, args)?;
-        t.wait_for("serving", Duration::from_secs(20))?;
+        // Generous: loading and verifying the programs takes longer on a
+        // busy machine, and this returns as soon as it serves.
+        t.wait_for("serving", Duration::from_secs(120))?;
         Ok(t)
     }
 
@@ -156,16 +262,14 @@ impl Logged {
     /// SIGTERM and wait for exit.
     pub fn terminate(mut self) -> Result<(ExitStatus, String)> {
         self.proc.signal(libc::SIGTERM);
-        let st = self.proc.wait_timeout(Duration::from_secs(60))?;
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(50));
+        let st = self.wait_timeout(Duration::from_secs(120))?;
         Ok((st, self.log()))
     }
 
     /// SIGKILL and wait: no cleanup runs.
     pub fn kill9(mut self) -> Result<String> {
         self.proc.signal(libc::SIGKILL);
-        self.proc.wait_timeout(Duration::from_secs(10))?;
+        self.wait_timeout(Duration::from_secs(30))?;
         Ok(self.log())
     }
 }

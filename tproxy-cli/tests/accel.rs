@@ -103,9 +103,11 @@ fn byte_exact(proxy: Proxy, conns: usize, each: usize) {
     // much goes each way depends on the load: 33-42 MB redirected of the
     // 2 GiB with this test alone, 5.5 MB in a CI-like run with builds
     // beside it (a sender returns only once its reader has read every TCP
-    // byte, which a loaded reader seldom does).
+    // byte, which a loaded reader seldom does). So no amount is asserted,
+    // only that the fast path carried bytes: every pair's first send is
+    // redirected whatever the load (its reader has nothing unread then).
     let redirected = c["msg_redirected_bytes"].as_u64().unwrap();
-    assert!(redirected > 1 << 20, "{c}");
+    assert!(redirected > 0, "{c}");
     assert_eq!(c["msg_miss"], 0, "{c}");
     // The nudger wakes only readers it was told about (a few here: readers
     // asleep on TCP bytes until the writer's next bytes would wake them).
@@ -187,13 +189,13 @@ fn live_pairs(proxy: Proxy, short: usize) {
         direct.read_exact(&mut b).unwrap();
         eventually(
             "two entries per held connection",
-            Duration::from_secs(5),
+            Duration::from_secs(60),
             || stats(server)["accel_sockets"] == 2 * HELD as u64,
         );
         drop(direct);
         drop(held);
     });
-    eventually("map empty after close", Duration::from_secs(10), || {
+    eventually("map empty after close", Duration::from_secs(60), || {
         stats(server)["accel_sockets"] == 0
     });
 
@@ -212,7 +214,7 @@ fn live_pairs(proxy: Proxy, short: usize) {
     });
     eventually(
         &format!("map empty after {short} short connections"),
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || stats(server)["accel_sockets"] == 0,
     );
     let c = &stats(server)["counters"];
@@ -260,7 +262,7 @@ fn a_namespace_that_is_not_a_target_is_left_alone() {
         let mut cmd = ns.command_in(example("lab-app"), Some(&cgroup));
         cmd.args(["8000", "--tag", tag]);
         let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
-        app.wait_for("listening", Duration::from_secs(10)).unwrap();
+        app.wait_for("listening", STARTUP).unwrap();
         apps.push(app);
     }
     let cg = cgroup.path().display().to_string();
@@ -271,7 +273,7 @@ fn a_namespace_that_is_not_a_target_is_left_alone() {
         &["-i", "eth0", "-ports", "8000", "--cgroup", &cg],
     )
     .unwrap();
-    let mut clients: Vec<Logged> = [(&a, "1"), (&b, "2")]
+    let clients: Vec<Logged> = [(&a, "1"), (&b, "2")]
         .into_iter()
         .map(|(ns, seed)| {
             let mut cmd = ns.command_in(example("lab-client"), Some(&cgroup));
@@ -288,20 +290,11 @@ fn a_namespace_that_is_not_a_target_is_left_alone() {
             Logged::spawn("lab-client", &mut cmd).unwrap()
         })
         .collect();
-    // The target's pair enters the map; the other namespace's never does.
-    let mut most = 0;
-    let started = Instant::now();
-    while most < 2
-        && started.elapsed() < Duration::from_secs(60)
-        && clients.iter_mut().any(|c| c.proc.is_running())
-    {
-        most = most.max(stats(&a)["accel_sockets"].as_u64().unwrap());
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(most, 2, "the target's pair never was in the map");
+    // The target's pair enters the map and the other namespace's never
+    // does: the counters at the end say so (a sampled `accel_sockets`
+    // could miss the pair's time in the map, which retiring may cut short).
     for (mut c, tag) in clients.into_iter().zip(["A", "B"]) {
-        let st = c.proc.wait_timeout(Duration::from_secs(120)).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        let st = c.wait_timeout(Duration::from_secs(300)).unwrap();
         let log = c.log();
         assert!(st.success(), "{tag}: {log}");
         assert!(log.contains("ok conn=0 bytes=268435456"), "{tag}: {log}");
@@ -315,7 +308,8 @@ fn a_namespace_that_is_not_a_target_is_left_alone() {
         c["sockhash_inserted"], 2,
         "only the target's pair accelerated: {c}"
     );
-    assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0);
+    // Both ends were in the map at once: a redirect needs the peer's entry.
+    assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
     drop(t);
     drop(apps);
 }
@@ -339,7 +333,7 @@ fn teardown_under_load_loses_nothing() {
         "echo",
         "127.0.0.1:8000",
         "--bytes",
-        "268435456",
+        "16777216",
         "--conns",
         "6",
     ]);
@@ -361,23 +355,29 @@ fn teardown_under_load_through_envoy_loses_nothing() {
     );
     let mut cmd = lab.topo.client.command(example("lab-client"));
     let dst = addr(SERVER_IP, Proxy::Envoy.stream_port()).to_string();
-    cmd.args(["echo", &dst, "--bytes", "100663296", "--conns", "6"]);
+    cmd.args(["echo", &dst, "--bytes", "16777216", "--conns", "6"]);
     teardown_under_load(&lab, t, cmd, 6);
 }
 
-/// Starts the checking client `cmd` (`conns` connections), signals tproxy
-/// once the fast path has carried 64 MiB, and checks every connection
-/// completed byte-exact.
+/// Starts the checking client `cmd` (`conns` connections, `--bytes`: what
+/// each writes after the teardown), which writes until told to stop;
+/// signals tproxy once the fast path has carried 4 MiB, lets the clients
+/// write their last bytes once tproxy has exited, and checks every
+/// connection completed byte-exact. The clients write until then whatever
+/// the machine's speed, so the teardown always meets moving streams (a
+/// fixed length could end first on a fast machine, or the fast path carry
+/// too little before it on a slow one).
 fn teardown_under_load(lab: &Lab, mut t: Logged, mut cmd: std::process::Command, conns: usize) {
-    let mut client = Logged::spawn("lab-client", &mut cmd).unwrap();
+    cmd.arg("--until-stdin");
+    let mut client = Logged::spawn_with_stdin("lab-client", &mut cmd).unwrap();
     let server = &lab.topo.server;
     eventually(
         "data moving on the fast path",
-        Duration::from_secs(20),
-        || counter(server, "msg_redirected_bytes") > 64 << 20,
+        Duration::from_secs(300),
+        || counter(server, "msg_redirected_bytes") > 4 << 20,
     );
     t.proc.signal(libc::SIGTERM);
-    let st = t.proc.wait_timeout(Duration::from_secs(30)).unwrap();
+    let st = t.wait_timeout(Duration::from_secs(120)).unwrap();
     assert!(st.success(), "{}", t.log());
     assert!(t.log().contains("accel: "), "{}", t.log());
     assert!(
@@ -385,41 +385,22 @@ fn teardown_under_load(lab: &Lab, mut t: Logged, mut cmd: std::process::Command,
         "the transfer ended before the teardown: {}",
         client.log()
     );
-    let st = client.proc.wait_timeout(Duration::from_secs(120)).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    client.send_line("the last bytes").unwrap();
+    let st = client.wait_timeout(Duration::from_secs(300)).unwrap();
     let log = client.log();
     assert!(st.success(), "{log}\ntproxy:\n{}", t.log());
     assert_eq!(log.matches("ok conn=").count(), conns, "{log}");
 }
 
 /// A writer into the app's slow reader (4 MB/s), with the given extra
-/// lab-client arguments: the largest number of unread bytes seen, and the
-/// counters at the end. Asserts that every byte arrived, in order (the app
-/// checks the seeded stream), and that the writer saw no error.
+/// lab-client arguments: the largest number of unread bytes seen (sampled:
+/// it can only miss a larger figure, never make one up), and the counters
+/// at the end. Asserts that every byte arrived, in order (the app checks
+/// the seeded stream), and that the writer saw no error.
 fn slow_reader(bound: u64, extra: &[&str]) -> (u64, serde_json::Value) {
-    slow_reader_with(bound, &[], extra)
-}
-
-/// `slow_reader` with extra tproxy arguments too.
-fn slow_reader_with(bound: u64, tproxy: &[&str], extra: &[&str]) -> (u64, serde_json::Value) {
-    let r = slow_reader_run(bound, tproxy, extra);
-    (r.max_queued, r.counters)
-}
-
-struct SlowReader {
-    max_queued: u64,
-    counters: serde_json::Value,
-    /// While the writer still ran: the pair had left (`accel_left`), no
-    /// socket counted as accelerated, and the kernel's SOCKHASH was empty.
-    left_mid_run: bool,
-}
-
-fn slow_reader_run(bound: u64, tproxy: &[&str], extra: &[&str]) -> SlowReader {
     let lab = Lab::with_app(&["--sink-rate", "4000000"]);
     let bound = bound.to_string();
-    let mut args = vec!["--accel-max-queued", &bound];
-    args.extend_from_slice(tproxy);
-    let _t = lab.tproxy(Steer::Rewrite, &args);
+    let _t = lab.tproxy(Steer::Rewrite, &["--accel-max-queued", &bound]);
     let mut cmd = lab
         .topo
         .server
@@ -429,29 +410,17 @@ fn slow_reader_run(bound: u64, tproxy: &[&str], extra: &[&str]) -> SlowReader {
     let started = Instant::now();
     let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
     let mut max_queued = 0u64;
-    let mut left_mid_run = false;
-    while w.proc.is_running() && started.elapsed() < Duration::from_secs(60) {
+    while w.proc.is_running() && started.elapsed() < Duration::from_secs(300) {
         let st = stats(&lab.topo.server);
         max_queued = max_queued.max(st["accel_queued_bytes"].as_u64().unwrap());
-        if !left_mid_run
-            && st["counters"]["accel_left"].as_u64().unwrap() >= 1
-            && st["accel_sockets"].as_u64().unwrap() == 0
-        {
-            left_mid_run = sockhash_entries(&st) == 0 && w.proc.is_running();
-        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let st = w.proc.wait_timeout(Duration::from_secs(5)).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    let st = w.wait_timeout(Duration::from_secs(30)).unwrap();
     let log = w.log();
     assert!(st.success(), "{log}");
     assert!(log.contains("errors=0"), "the writer saw errors: {log}");
     assert!(log.contains("reply=sink ok bytes=12000000"), "{log}");
-    SlowReader {
-        max_queued,
-        counters: stats(&lab.topo.server)["counters"].clone(),
-        left_mid_run,
-    }
+    (max_queued, stats(&lab.topo.server)["counters"].clone())
 }
 
 /// The runtime record (/run/tproxy) of the instance `stats` describes.
@@ -481,23 +450,92 @@ fn sockhash_entries(stats: &serde_json::Value) -> usize {
     v.as_array().unwrap().len()
 }
 
+/// The instance's accelerated pair of a writer into the app on 8000 (its
+/// SOCKS map): (writer, app), once both are in it.
+fn writer_and_app(lab: &Lab) -> Option<(tproxy_common::SockState, tproxy_common::SockState)> {
+    let socks = live_socks(lab);
+    let writer = *socks
+        .values()
+        // Its peer is the app's socket, on port 8000.
+        .find(|s| s.peer_key.local_port == 8000)?;
+    let app = *socks.get(&writer.peer)?;
+    Some((writer, app))
+}
+
+/// Waits until the app has read every byte the writer has handed over
+/// (by either path): the reader caught up, which is what lets a sender
+/// that fell back redirect again.
+fn wait_caught_up(lab: &Lab) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pair = writer_and_app(lab);
+        if let Some((writer, app)) = pair
+            && app.read == writer.sent
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app never read what the writer sent: {pair:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A stream its reader never catches up with (a writer into an app reading
 /// 4 MB/s): after its fallback the sender stays on TCP, and after
 /// --accel-retire-ms (100 ms) it retires; once the bytes it had redirected
 /// are read, the pair leaves the SOCKHASH (the kernel's map is empty while
-/// the transfer still runs) and ends as plain TCP, every byte in order.
+/// the connection is open, mid-stream) and ends as plain TCP, every byte in
+/// order. The writer stops after 9 of its 12 MB, connection open, until
+/// the test has seen the pair leave: so "mid-stream" holds whatever the
+/// machine's speed (a sampled check could miss a short window).
 #[test]
 fn a_stream_its_reader_never_catches_up_with_leaves_the_sockhash() {
-    let r = slow_reader_run(1 << 20, &[], &[]);
-    let c = &r.counters;
+    let lab = Lab::with_app(&["--sink-rate", "4000000"]);
+    let _t = lab.tproxy(Steer::Rewrite, &["--accel-max-queued", "1048576"]);
+    let mut cmd = lab
+        .topo
+        .server
+        .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    cmd.args(["sink", "127.0.0.1:8000", "--bytes", "12000000"]);
+    cmd.args(["--pause-every", "9000000", "--pause-stdin"]);
+    let mut w = Logged::spawn_with_stdin("lab-client", &mut cmd).unwrap();
+    let wait = |w: &mut Logged, line: &str| {
+        w.wait_for(line, Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("{e}: {}", w.log()))
+    };
+    wait(&mut w, "paused sent=0");
+    w.send_line("go").unwrap();
+    // 9 MB written against a 4 MB/s reader: over a second of TCP after
+    // the fallback, a send in it past the retire time.
+    wait(&mut w, "paused sent=9000000");
+    let server = &lab.topo.server;
+    eventually(
+        "the pair out of the SOCKHASH with the connection open",
+        Duration::from_secs(120),
+        || {
+            let st = stats(server);
+            st["counters"]["accel_left"].as_u64().unwrap() >= 1
+                && st["accel_sockets"].as_u64().unwrap() == 0
+                && sockhash_entries(&st) == 0
+        },
+    );
+    assert!(w.proc.is_running(), "{}", w.log());
+    // The last 3 MB, by plain TCP, and the close.
+    w.send_line("go").unwrap();
+    wait(&mut w, "paused sent=12000000");
+    w.send_line("close").unwrap();
+    let st = w.wait_timeout(Duration::from_secs(120)).unwrap();
+    let log = w.log();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("errors=0"), "the writer saw errors: {log}");
+    assert!(log.contains("reply=sink ok bytes=12000000"), "{log}");
+    let c = stats(server)["counters"].clone();
     eprintln!("retiring: counters {c}");
     assert!(c["accel_fallbacks"].as_u64().unwrap() >= 1, "{c}");
     assert!(c["accel_retired"].as_u64().unwrap() >= 1, "{c}");
     assert_eq!(c["accel_left"].as_u64().unwrap(), 1, "{c}");
-    assert!(
-        r.left_mid_run,
-        "the pair never left while the writer ran: {c}"
-    );
     // Both ends are marked as left: the app's reads after it are not
     // counted any more (the recvmsg tracepoint stops at the lookup), so
     // fewer than the 12 MB it read were.
@@ -514,8 +552,9 @@ fn a_stream_its_reader_never_catches_up_with_leaves_the_sockhash() {
 /// the client checks every echoed byte.
 /// `conns` local echo connections of `bytes` each through our accelerated
 /// proxy (tproxy with `tproxy`): every echoed byte checked and every
-/// connection ending `ok`, within 60 s (a frozen reader fails with the
-/// sockets and counters). The counters at the end.
+/// connection ending `ok`, within 300 s (a frozen reader fails with the
+/// sockets and counters; seconds are enough, the rest is for a busy
+/// machine). The counters at the end.
 fn local_echo(tproxy: &[&str], bytes: &str, conns: usize) -> serde_json::Value {
     let lab = Lab::new();
     let _t = lab.tproxy(Steer::Rewrite, tproxy);
@@ -527,13 +566,12 @@ fn local_echo(tproxy: &[&str], bytes: &str, conns: usize) -> serde_json::Value {
     cmd.args(["echo", "127.0.0.1:8000", "--bytes", bytes, "--conns", &n]);
     let started = Instant::now();
     let mut client = Logged::spawn("lab-client", &mut cmd).unwrap();
-    let st = client.proc.wait_timeout(Duration::from_secs(60));
+    let st = client.wait_timeout(Duration::from_secs(300));
     let server = &lab.topo.server;
     let frozen = server.exec("ss", &["-Htmnip"]).unwrap_or_default();
     let c = stats(server)["counters"].clone();
     eprintln!("{:.1} s, counters {c}", started.elapsed().as_secs_f64());
     let st = st.unwrap_or_else(|e| panic!("frozen: {e}\n{}\n{frozen}\n{c}", client.log()));
-    std::thread::sleep(Duration::from_millis(50));
     let log = client.log();
     assert!(st.success(), "{log}\n{frozen}\n{c}");
     assert_eq!(log.matches("ok conn=").count(), conns, "{log}");
@@ -566,32 +604,99 @@ fn a_slow_reader_is_bounded() {
     assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
 }
 
-/// The same writer in bursts of 3 MB with pauses the reader uses to catch
-/// up: each burst overruns the bound and goes on by TCP; once the reader
-/// has read every byte, the next burst is redirected again. The app checks
-/// the stream byte by byte, so a redirected byte overtaking a TCP one
-/// would fail it.
+/// A writer in four bursts of 3 MB, each written while the reader (the
+/// app) is stopped and read in full before the next: each burst starts on
+/// the fast path (the reader has read every byte; after the first burst
+/// that is a return from TCP, `accel_resumed`), overruns the bound with
+/// nothing read and goes on by TCP (one `accel_fallbacks`), and never
+/// queues more than the bound at the reader. The app checks the stream
+/// byte by byte, so a redirected byte overtaking a TCP one would fail it.
+///
+/// The test drives every step (the writer waits on its stdin between
+/// bursts, the app is stopped with SIGSTOP while a burst is written, and a
+/// burst fits whole in the writer's send buffer), so the counts are exact
+/// whatever the machine's speed: with pauses of a fixed length and a
+/// reader at a fixed rate, a loaded machine saw 3 fallbacks for 4 bursts.
 #[test]
 fn a_sender_returns_to_the_fast_path_once_its_reader_caught_up() {
     const MAX: u64 = 1 << 20;
-    // Never retiring: each burst's TCP stretch (about 0.5 s) is longer
-    // than the default --accel-retire-ms.
-    let (max_queued, c) = slow_reader_with(
-        MAX,
-        &["--accel-retire-ms", "0"],
-        &["--pause-every", "3000000", "--pause-ms", "1500"],
+    const BURST: u64 = 3_000_000;
+    const BURSTS: u64 = 4;
+    let lab = Lab::with_app(&["--sink-rate", "40000000"]);
+    // Never retiring: a burst's TCP part lasts as long as the app is stopped.
+    let _t = lab.tproxy(
+        Steer::Rewrite,
+        &[
+            "--accel-max-queued",
+            &MAX.to_string(),
+            "--accel-retire-ms",
+            "0",
+        ],
     );
-    eprintln!("bursts: max queued {max_queued} B (bound {MAX}), counters {c}");
-    assert!(max_queued <= MAX, "queued {max_queued} > bound {MAX}");
-    // Four bursts: each falls back; the last three start on the fast path again.
-    assert!(c["accel_fallbacks"].as_u64().unwrap() >= 4, "{c}");
-    assert!(c["accel_resumed"].as_u64().unwrap() >= 3, "{c}");
-    // Each burst redirects up to the reader's receive buffer (at least
-    // tcp_rmem[1], 128 KiB here, below MAX), and at least its first write.
+    let server = &lab.topo.server;
+    let mut cmd = server.command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    cmd.args([
+        "sink",
+        "127.0.0.1:8000",
+        "--bytes",
+        &(BURST * BURSTS).to_string(),
+    ]);
+    cmd.args(["--pause-every", &BURST.to_string(), "--pause-stdin"]);
+    // A whole burst fits in the send buffer with its reader stopped.
+    cmd.args(["--sndbuf", "16777216"]);
+    let mut w = Logged::spawn_with_stdin("lab-client", &mut cmd).unwrap();
+    let wait = |w: &mut Logged, line: &str| {
+        w.wait_for(line, Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("{e}: {}", w.log()))
+    };
+    wait(&mut w, "paused sent=0");
+    let n = |c: &serde_json::Value, k: &str| c[k].as_u64().unwrap();
+    for burst in 1..=BURSTS {
+        wait_caught_up(&lab);
+        lab.app.proc.pause().unwrap();
+        let before = stats(server)["counters"].clone();
+        w.send_line("burst").unwrap();
+        wait(&mut w, &format!("paused sent={}", burst * BURST));
+        // The burst is in the kernel and nothing of it was read.
+        let st = stats(server);
+        let (c, queued) = (&st["counters"], n(&st, "accel_queued_bytes"));
+        eprintln!("burst {burst}: queued {queued} B (bound {MAX}), counters {c}");
+        assert!(
+            queued <= MAX,
+            "burst {burst}: queued {queued} > bound {MAX}"
+        );
+        assert!(
+            n(c, "msg_redirected_bytes") > n(&before, "msg_redirected_bytes"),
+            "burst {burst} did not start on the fast path: {c}"
+        );
+        assert_eq!(
+            n(c, "accel_fallbacks") - n(&before, "accel_fallbacks"),
+            1,
+            "burst {burst}: {c}"
+        );
+        if burst > 1 {
+            assert_eq!(
+                n(c, "accel_resumed") - n(&before, "accel_resumed"),
+                1,
+                "burst {burst} did not come back from TCP: {c}"
+            );
+        }
+        lab.app.proc.resume();
+    }
+    wait_caught_up(&lab);
+    w.send_line("close").unwrap();
+    let st = w.wait_timeout(Duration::from_secs(120)).unwrap();
+    let log = w.log();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("errors=0"), "the writer saw errors: {log}");
+    let total = BURST * BURSTS;
     assert!(
-        c["msg_redirected_bytes"].as_u64().unwrap() >= 4 * (128 << 10),
-        "{c}"
+        log.contains(&format!("reply=sink ok bytes={total}")),
+        "{log}"
     );
+    let c = stats(server)["counters"].clone();
+    assert_eq!(n(&c, "accel_fallbacks"), BURSTS, "{c}");
+    assert!(n(&c, "accel_resumed") >= BURSTS - 1, "{c}");
 }
 
 /// A non-blocking writer that TCP refuses (EAGAIN) and that then writes
@@ -619,9 +724,11 @@ fn a_writer_refused_by_tcp_that_writes_more_is_counted_exactly() {
         .server
         .command_in(example("lab-client"), Some(&lab.topo.cgroup));
     cmd.args(["sink", "127.0.0.1:8000", "--bytes", BYTES, "--like-envoy"]);
-    cmd.args(["--hold-ms", "3000"]);
+    // Held open until the test ends it (drop): its figures are read
+    // however long the test takes to get there.
+    cmd.args(["--hold-ms", "600000"]);
     let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
-    w.wait_for("reply=", Duration::from_secs(60))
+    w.wait_for("reply=", Duration::from_secs(300))
         .unwrap_or_else(|e| panic!("{e}: {}", w.log()));
     let log = w.log();
     let c = stats(&lab.topo.server)["counters"].clone();
@@ -636,7 +743,7 @@ fn a_writer_refused_by_tcp_that_writes_more_is_counted_exactly() {
     // The held pair: the writer (sent the header line, BYTES, and one byte
     // after the app's answer, which it read) and the app.
     let want = format!("SINK 1 {BYTES}\n").len() as u64 + BYTES.parse::<u64>().unwrap() + 1;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let socks = live_socks(&lab);
         assert_eq!(socks.len(), 2, "{socks:?}");
@@ -679,32 +786,44 @@ fn many_switches_never_freeze_a_reader() {
     assert!(c["accel_fallbacks"].as_u64().unwrap() >= 8, "{c}");
 }
 
-/// The freeze, made deterministic: the app (tokio, edge-triggered) looks
-/// only 300 ms after accepting. By then its queue holds the one redirected
-/// line, and the writer, whose next write overran the reader's receive
-/// buffer, has filled the TCP window behind it and waits in zero-window
-/// probes. The app's first read gets only the redirected line (Linux reads
-/// the psock queue alone while it is non-empty), a short read after which
-/// tokio waits for a new edge; the pending TCP bytes never make one. It
-/// must still get all 4 MB.
+/// The freeze, made deterministic: the app (tokio, edge-triggered) is
+/// stopped (SIGSTOP) before the writer connects and goes on only once the
+/// writer, whose second write overran the reader's receive buffer, has
+/// filled the TCP window behind the one redirected line and waits in
+/// zero-window probes (ss shows its `backoff`). The app's first read gets
+/// only the redirected line (Linux reads the psock queue alone while it is
+/// non-empty), a short read after which tokio waits for a new edge; the
+/// pending TCP bytes never make one. It must still get all 4 MB. (A fixed
+/// first-read delay made the same likely, not certain: on a busy machine
+/// the writer may not have filled the window by then.)
 #[test]
 fn a_reader_that_drained_its_redirected_bytes_sees_the_tcp_ones() {
-    let lab = Lab::with_app(&["--sink-rate", "40000000", "--first-read-delay-ms", "300"]);
+    let lab = Lab::with_app(&["--sink-rate", "40000000"]);
     let _t = lab.tproxy(Steer::Rewrite, &[]);
-    let mut cmd = lab
-        .topo
-        .server
-        .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    let server = &lab.topo.server;
+    lab.app.proc.pause().unwrap();
+    let mut cmd = server.command_in(example("lab-client"), Some(&lab.topo.cgroup));
     cmd.args(["sink", "127.0.0.1:8000", "--bytes", "4000000"]);
     let started = Instant::now();
     let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
-    let st = w.proc.wait_timeout(Duration::from_secs(20));
-    let server = &lab.topo.server;
+    let probing = || {
+        // The writer's socket (its peer is the app's port 8000).
+        let ss = server
+            .exec("ss", &["-Htni", "dst", "127.0.0.1:8000"])
+            .unwrap_or_default();
+        ss.contains("backoff:")
+    };
+    eventually(
+        "the writer fallen back and probing a zero window",
+        Duration::from_secs(120),
+        || counter(server, "accel_fallbacks") >= 1 && probing(),
+    );
+    lab.app.proc.resume();
+    let st = w.wait_timeout(Duration::from_secs(120));
     let c = stats(server)["counters"].clone();
     eprintln!("{:.2} s, counters {c}", started.elapsed().as_secs_f64());
     let ss = server.exec("ss", &["-Htmnio"]).unwrap_or_default();
     let st = st.unwrap_or_else(|e| panic!("frozen: {e}\n{}\n{ss}\n{c}", w.log()));
-    std::thread::sleep(Duration::from_millis(50));
     let log = w.log();
     assert!(st.success(), "{log}");
     assert!(log.contains("reply=sink ok bytes=4000000"), "{log}");
@@ -730,7 +849,10 @@ fn a_request_that_fell_back_to_tcp_is_answered() {
                 .topo
                 .server
                 .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+            // A missed wake-up never answers; 120 s leaves a busy machine
+            // time for a real answer.
             cmd.args(["request", "127.0.0.1:8000", "--bytes", &n.to_string()]);
+            cmd.args(["--timeout-s", "120"]);
             (n, cmd)
         })
         .collect();
@@ -760,11 +882,12 @@ fn a_request_that_fell_back_to_tcp_is_answered() {
 
 /// Rounds of `ROUND` bytes, each written (by a thread) while the echo is
 /// read, the next round only after the whole echo is back: between rounds
-/// nobody sends. Returns the round that stalled (no echo byte for 10 s)
-/// and how much of it came, or None.
+/// nobody sends. Returns the round that stalled (no echo byte for 60 s:
+/// milliseconds are enough, the rest is for a busy machine) and how much
+/// of it came, or None.
 fn echo_rounds(c: TcpStream, rounds: usize) -> Option<(usize, usize)> {
     const ROUND: usize = 256 << 10;
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut r = c.try_clone().unwrap();
     // The app answers its banner to the first byte, then echoes it.
     (&c).write_all(b"x").unwrap();

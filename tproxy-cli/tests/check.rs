@@ -381,7 +381,7 @@ fn serves_under_ip_netns_exec_and_tears_down() {
         .args(["-i", "eth0", "-ports", INTERCEPTED, "--cgroup", &cg])
         .env("TPROXY_LOG", "debug");
     let mut t = Logged::spawn("tproxy", &mut cmd).unwrap();
-    if let Err(e) = t.wait_for("serving", Duration::from_secs(20)) {
+    if let Err(e) = t.wait_for("serving", STARTUP) {
         panic!("{e}");
     }
     assert_eq!(host_mounts(), mounts, "mounted in the host's namespace");
@@ -476,7 +476,7 @@ fn serves_under_ip_netns_exec_and_tears_down() {
         log.contains("cgroup2") && log.contains("ip netns exec"),
         "no line says what was mounted:\n{log}"
     );
-    eventually("programs freed", Duration::from_secs(3), || {
+    eventually("programs freed", Duration::from_secs(60), || {
         let live = kernel::programs().unwrap();
         !live.iter().any(|p| progs.contains(&p.id))
     });

@@ -3,11 +3,11 @@
 //! column, or the whole cause chain down to the syscall), `RUST_LOG` /
 //! `-v`, `--log-format json`. Root only; each test makes its own namespace
 //! and child cgroup.
-use std::{path::Path, process::Output, time::Duration};
+use std::{path::Path, process::Output};
 
 mod common;
 
-use common::{BIN, sandbox::Sandbox};
+use common::{BIN, STARTUP, sandbox::Sandbox};
 use tproxy_lab::{Logged, Tproxy, kernel};
 
 fn sandbox() -> Sandbox {
@@ -214,7 +214,7 @@ fn run_with_env(sb: &Sandbox, env: &[(&str, &str)], args: &[&str]) -> String {
         cmd.env(k, v);
     }
     let mut t = Logged::spawn("tproxy", &mut cmd).unwrap();
-    t.wait_for("serving", Duration::from_secs(20)).unwrap();
+    t.wait_for("serving", STARTUP).unwrap();
     let (status, log) = t.terminate().unwrap();
     assert!(status.success(), "{log}");
     log

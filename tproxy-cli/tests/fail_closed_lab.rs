@@ -119,7 +119,7 @@ fn handshake_via_proxy(lab: &Lab, p: &Logged, from: &str, dst: &str, shape: &[&s
         "--expect",
         "hello\n",
         "--timeout-s",
-        "30",
+        "120",
     ];
     args.extend_from_slice(shape);
     let out = lab_client(&lab.topo.client, &args);
@@ -133,7 +133,7 @@ fn handshake_via_proxy(lab: &Lab, p: &Logged, from: &str, dst: &str, shape: &[&s
     );
     eventually(
         "the proxy's line for the handshake",
-        Duration::from_secs(10),
+        Duration::from_secs(120),
         || reported_origdst(Proxy::Ours, &p.lines()).contains_key(&me),
     );
     assert_eq!(
@@ -158,34 +158,40 @@ fn tiny_first_fragment(steer: Steer) {
     let (lab, p, _t) = steered_lab(steer);
     let client = &lab.topo.client;
     let server = &lab.topo.server;
-    let forge = |port: u16, frag: &str, payload: &str, id: &str| {
+    // `listen`: how long to listen for replies. An answer that must come
+    // (the control) is waited for up to 60 s and ends the listening; one
+    // that must not is listened for 3 s (a late answer would come from
+    // the app's kernel at once if it came at all, and this can only miss
+    // one, never make one up).
+    let forge = |port: u16, frag: &str, payload: &str, id: &str, must_answer: bool| {
         let from = format!("{CLIENT_IP}:{port}");
-        let out = lab_client(
-            client,
-            &[
-                "forge",
-                "192.168.178.10:8000",
-                "--from",
-                &from,
-                "--flags",
-                "syn",
-                "--frag",
-                frag,
-                "--payload",
-                payload,
-                "--ip-id",
-                id,
-                "--listen-ms",
-                "3000",
-            ],
-        );
+        let mut args = vec![
+            "forge",
+            "192.168.178.10:8000",
+            "--from",
+            &from,
+            "--flags",
+            "syn",
+            "--frag",
+            frag,
+            "--payload",
+            payload,
+            "--ip-id",
+            id,
+        ];
+        if must_answer {
+            args.extend(["--listen-ms", "60000", "--until-reply"]);
+        } else {
+            args.extend(["--listen-ms", "3000"]);
+        }
+        let out = lab_client(client, &args);
         eprintln!("--frag {frag} from {from}:\n{out}");
         replies(&out)
     };
 
     let c0 = counters(server);
     // 20 bytes of header and 16 of payload: 24 in the first fragment.
-    let control = forge(41000, "24", "16", "100");
+    let control = forge(41000, "24", "16", "100", true);
     assert!(
         control.iter().any(|r| r.starts_with("reply flags=SA ")),
         "no SYN-ACK for a SYN whose header fits the first fragment: {control:?}"
@@ -201,7 +207,7 @@ fn tiny_first_fragment(steer: Steer) {
     assert!(rise(&c0, &c1, "ingress_steered") >= 2, "{c1}");
     assert_eq!(rise(&c0, &c1, "ingress_unreadable"), 0, "{c1}");
 
-    let tiny = forge(41002, "8", "0", "102");
+    let tiny = forge(41002, "8", "0", "102", false);
     let c2 = counters(server);
     assert_eq!(
         tiny,
@@ -213,7 +219,7 @@ fn tiny_first_fragment(steer: Steer) {
     assert!(rise(&c1, &c2, "ingress_unreadable") >= 2, "{c2}");
     assert_eq!(rise(&c1, &c2, "ingress_steered"), 0, "{c2}");
 
-    let sixteen = forge(41003, "16", "0", "103");
+    let sixteen = forge(41003, "16", "0", "103", false);
     let c3 = counters(server);
     assert_eq!(
         sixteen,
@@ -291,9 +297,9 @@ fn ping(c: &mut TcpStream, line: &str) -> std::io::Result<()> {
 /// first line (the app answers with its banner once it reads one): the
 /// banner.
 fn direct(dst: SocketAddr) -> (TcpStream, String) {
-    let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(10)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut c = TcpStream::connect_timeout(&dst, Duration::from_secs(60)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
     c.write_all(b"hello\n").unwrap();
     let mut banner = Vec::new();
     let mut b = [0u8; 1];

@@ -21,16 +21,11 @@ fn record_of(ns: &Netns) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
-/// Polls `f` for up to 3 s: the kernel frees programs after the last
-/// reference goes (RCU), not at the instant the process exits.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..150 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for: {what}");
+/// Polls `f` for up to 120 s: the kernel frees programs after the last
+/// reference goes (RCU), not at the instant the process exits (and a busy
+/// machine takes longer).
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    common::eventually(what, Duration::from_secs(120), f);
 }
 
 /// Without acceleration, the first five.
@@ -153,12 +148,12 @@ fn assert_tc_runs_on_eth0(sb: &Sandbox) {
     let _ = sb
         .ns
         .exec("ping", &["-c", "1", "-W", "1", &format!("10.98.0.{h}")]);
-    let (in1, out1) = counters();
-    assert!(in1 > in0, "ingress counter did not move ({in0} -> {in1})");
-    assert!(
-        out1 > out0,
-        "egress counter did not move ({out0} -> {out1})"
-    );
+    // The ARP requests were sent while ping ran; the one into eth0 is
+    // received in a softirq that a busy machine may run later: polled.
+    eventually("eth0's tc counters moved", || {
+        let (in1, out1) = counters();
+        in1 > in0 && out1 > out0
+    });
 }
 
 /// After the instance is gone: none of its programs, links, cgroup
@@ -207,7 +202,7 @@ fn sigint_works_too_and_no_accel_loads_no_socket_programs() {
     let rec = record_of(&sb.ns);
     let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), false, true);
     t.proc.signal(libc::SIGINT);
-    let status = t.proc.wait_timeout(Duration::from_secs(30)).unwrap();
+    let status = t.proc.wait_timeout(Duration::from_secs(120)).unwrap();
     assert!(status.success(), "exit {status}");
     assert_gone(&sb, &ids, &before);
 }

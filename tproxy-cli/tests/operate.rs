@@ -74,7 +74,7 @@ fn start(ns: &Netns, cg: &tproxy_lab::Cgroup, run_dir: &Path, args: &[&str]) -> 
         .env("TPROXY_RUN_DIR", run_dir)
         .env("TPROXY_LOG", "debug");
     let mut t = Logged::spawn("tproxy", &mut cmd).unwrap();
-    t.wait_for("serving", Duration::from_secs(20)).unwrap();
+    t.wait_for("serving", STARTUP).unwrap();
     t
 }
 
@@ -152,7 +152,7 @@ fn status_reports_a_running_instance_as_the_kernel_sees_it() {
         let ours = || entry(&status(None).0, server, "eth0");
         eventually(
             "status shows the held flows and their accelerated sockets",
-            Duration::from_secs(10),
+            Duration::from_secs(120),
             || {
                 let e = ours();
                 e["flows"]["open"] == HELD && e["accel_sockets"] == 2 * HELD

@@ -109,7 +109,8 @@ impl Sandbox {
         let mut cmd = self.ns.command(BIN);
         cmd.args(self.args(&cg, "eth0", extra));
         let mut t = Logged::spawn("tproxy", &mut cmd).unwrap();
-        let status: ExitStatus = match t.proc.wait_timeout(Duration::from_secs(20)) {
+        // (Refused at once; the rest of the time is for a busy machine.)
+        let status: ExitStatus = match t.wait_timeout(Duration::from_secs(120)) {
             Ok(st) => st,
             Err(_) => {
                 let during = self.routing();
@@ -120,7 +121,6 @@ impl Sandbox {
                 );
             }
         };
-        std::thread::sleep(Duration::from_millis(100)); // readers drain the pipes
         let lines: Vec<String> = t
             .lines()
             .into_iter()

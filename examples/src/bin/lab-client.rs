@@ -6,13 +6,22 @@
 //! Each connection writes N bytes of a seeded stream in writes of 1 B to
 //! 1 MiB while a second thread reads the app's echo and checks every byte;
 //! prints `ok conn=I bytes=N banner=...` per connection (or `FAIL ...`) and
-//! exits non-zero on any failure.
+//! exits non-zero on any failure. `--until-stdin`: each connection writes
+//! until a line arrives on stdin, then N bytes more (so a test decides when
+//! a transfer may end; N in the `ok` line is then all it wrote).
 //!
-//!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B --pause-ms MS] [--like-envoy]
+//!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B (--pause-ms MS | --pause-stdin)]
+//!         [--sndbuf BYTES] [--like-envoy]
 //!
 //! Writes N bytes (`SINK <seed>` first) as fast as it can, for a slow
 //! reader, optionally pausing MS ms after every B bytes (bursts); prints
-//! `ok bytes=N errors=…` with what the writes returned. `--like-envoy`:
+//! `ok bytes=N errors=…` with what the writes returned. `--pause-stdin`:
+//! the pauses (and one after the `SINK` line, before the first byte, and
+//! one after the last byte, before the close) last until a line arrives
+//! on stdin, each announced with `paused sent=S` (S:
+//! bytes written so far), so a test drives the bursts. `--sndbuf`: the
+//! socket's send buffer (SO_SNDBUFFORCE), so a burst fits whole in it
+//! whatever the reader does. `--like-envoy`:
 //! a non-blocking writer that, as Envoy does, keeps buffering while TCP
 //! refuses it (EAGAIN) and then writes all it holds in one call, so the
 //! write after a refused one is larger than what was refused; with
@@ -32,7 +41,7 @@
 //! is not reached; prints `sent N in MS ms`.
 //!
 //!     lab-client forge ADDR --from IP:PORT --flags syn|rst|fin|ack [--seq N] [--ack N]
-//!         [--payload B] [--frag N [--ip-id I]] [--dstopt B] [--listen-ms MS]
+//!         [--payload B] [--frag N [--ip-id I]] [--dstopt B] [--listen-ms MS [--until-reply]]
 //!
 //! Sends one forged TCP segment from IP:PORT to ADDR (a blind RST, a
 //! retransmitted FIN, a SYN), with B bytes of payload; prints `sent`.
@@ -42,7 +51,8 @@
 //! of B bytes (a multiple of 8, 8 to 2048). `--listen-ms MS`: then prints
 //! `reply flags=F seq=S ack=A` for each segment from ADDR's port to
 //! IP:PORT that arrives within MS ms (read from a raw socket opened before
-//! the send), and `replies N`.
+//! the send), and `replies N`; with `--until-reply` it stops listening at
+//! the first reply (a long MS for an answer that must come, at once).
 //!
 //!     lab-client handshake ADDR --from IP:PORT --send TEXT --expect TEXT
 //!         [--dstopt B] [--payload B --frag N [--ip-id I]] [--timeout-s S]
@@ -93,6 +103,7 @@ fn echo_one(
     bind: Option<SocketAddr>,
     bytes: usize,
     seed: u64,
+    until: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<String> {
     let c = connect(addr, bind)?;
     c.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -139,8 +150,18 @@ fn echo_one(
     let mut sizes = WriteSizes::new(seed);
     let mut buf = vec![0u8; WriteSizes::MAX];
     let mut sent = 0;
-    while sent < bytes {
-        let n = sizes.next_size().min(bytes - sent);
+    // `--until-stdin`: the stream goes on until the line comes, then
+    // `bytes` more.
+    let mut end = if until.is_some() { usize::MAX } else { bytes };
+    while sent < end {
+        if let Some(flag) = until
+            && end == usize::MAX
+            && flag.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            end = sent + bytes;
+            continue;
+        }
+        let n = sizes.next_size().min(end - sent);
         data.fill(&mut buf[..n]);
         w.write_all(&buf[..n])?;
         sent += n;
@@ -149,8 +170,8 @@ fn echo_one(
     let (banner, got) = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    if got != bytes {
-        bail!("sent {bytes} bytes, got {got} back");
+    if got != sent {
+        bail!("sent {sent} bytes, got {got} back");
     }
     Ok(format!("ok conn={i} bytes={got} banner={banner}"))
 }
@@ -216,15 +237,80 @@ fn divergence(
     out
 }
 
-fn sink(addr: SocketAddr, bytes: usize, seed: u64, pause: Option<(usize, u64)>) -> Result<String> {
+/// How `sink` pauses between bursts.
+#[derive(Clone, Copy)]
+enum Pause {
+    /// This many milliseconds.
+    Sleep(u64),
+    /// Until a line arrives on stdin (announced with `paused sent=S`).
+    Stdin,
+}
+
+impl Pause {
+    fn wait(self, sent: usize) -> Result<()> {
+        match self {
+            Pause::Sleep(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            Pause::Stdin => {
+                println!("paused sent={sent}");
+                std::io::Write::flush(&mut std::io::stdout())?;
+                let mut line = String::new();
+                if std::io::stdin().read_line(&mut line)? == 0 {
+                    bail!("stdin closed while paused at {sent} bytes");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SO_SNDBUFFORCE (root): a send buffer of `bytes`, past net.core.wmem_max.
+fn force_sndbuf(c: &TcpStream, bytes: usize) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let v = libc::c_int::try_from(bytes)?;
+    // SAFETY: setsockopt with a valid fd and a c_int of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&raw const v).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "SO_SNDBUFFORCE {bytes}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn sink(
+    addr: SocketAddr,
+    bytes: usize,
+    seed: u64,
+    pause: Option<(usize, Pause)>,
+    sndbuf: Option<usize>,
+) -> Result<String> {
     let mut c = connect(addr, None)?;
+    if let Some(b) = sndbuf {
+        force_sndbuf(&c, b)?;
+    }
     c.write_all(format!("SINK {seed}\n").as_bytes())?;
+    if let Some((_, p @ Pause::Stdin)) = pause {
+        p.wait(0)?;
+    }
     let mut data = Stream::new(seed);
     let mut buf = vec![0u8; 256 << 10];
     let (mut sent, mut errors) = (0, Vec::new());
     let t0 = Instant::now();
     while sent < bytes {
-        let n = buf.len().min(bytes - sent);
+        let mut n = buf.len().min(bytes - sent);
+        if let Some((every, _)) = pause {
+            // Bursts end exactly at their boundary.
+            n = n.min(every - sent % every);
+        }
         data.fill(&mut buf[..n]);
         let mut off = 0;
         while off < n {
@@ -240,14 +326,19 @@ fn sink(addr: SocketAddr, bytes: usize, seed: u64, pause: Option<(usize, u64)>) 
             }
         }
         sent += n;
-        if let Some((every, ms)) = pause
-            && sent % every < n
+        if let Some((every, p)) = pause
+            && sent % every == 0
             && sent < bytes
         {
-            std::thread::sleep(Duration::from_millis(ms));
+            p.wait(sent)?;
         }
     }
     let wrote_in = t0.elapsed();
+    // Driven from stdin: one pause more, after the last byte, so the test
+    // says when the stream ends.
+    if let Some((_, p @ Pause::Stdin)) = pause {
+        p.wait(sent)?;
+    }
     c.shutdown(Shutdown::Write)?;
     c.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut reply = Vec::new();
@@ -684,9 +775,23 @@ fn main() -> Result<()> {
         "echo" => {
             let conns: usize = opt("--conns").map(|v| v.parse()).transpose()?.unwrap_or(1);
             let bind: Option<SocketAddr> = opt("--bind").map(|v| v.parse()).transpose()?;
+            // `--until-stdin`: set once a line arrives (the thread ends
+            // with the process).
+            let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let until = args.iter().any(|a| a == "--until-stdin").then_some(&*told);
+            if until.is_some() {
+                let told = told.clone();
+                std::thread::spawn(move || {
+                    let mut line = String::new();
+                    let _ = std::io::stdin().read_line(&mut line);
+                    told.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
             let results: Vec<Result<String>> = std::thread::scope(|s| {
                 let hs: Vec<_> = (0..conns)
-                    .map(|i| s.spawn(move || echo_one(i, addr, bind, bytes, seed + i as u64)))
+                    .map(|i| {
+                        s.spawn(move || echo_one(i, addr, bind, bytes, seed + i as u64, until))
+                    })
                     .collect();
                 hs.into_iter().map(|h| h.join().unwrap()).collect()
             });
@@ -710,6 +815,12 @@ fn main() -> Result<()> {
                 .map(|v| v.parse())
                 .transpose()?
                 .unwrap_or(0);
+            let how = if args.iter().any(|a| a == "--pause-stdin") {
+                Pause::Stdin
+            } else {
+                Pause::Sleep(ms)
+            };
+            let sndbuf: Option<usize> = opt("--sndbuf").map(|v| v.parse()).transpose()?;
             if args.iter().any(|a| a == "--like-envoy") {
                 let hold: u64 = opt("--hold-ms")
                     .map(|v| v.parse())
@@ -721,7 +832,10 @@ fn main() -> Result<()> {
                 std::thread::sleep(Duration::from_millis(hold));
                 drop(conn);
             } else {
-                println!("{}", sink(addr, bytes, seed, every.map(|e| (e, ms)))?)
+                println!(
+                    "{}",
+                    sink(addr, bytes, seed, every.map(|e| (e, how)), sndbuf)?
+                )
             }
         }
         "request" => {
@@ -776,6 +890,7 @@ fn main() -> Result<()> {
             let frag: Option<usize> = opt("--frag").map(|v| v.parse()).transpose()?;
             let dstopt: Option<usize> = opt("--dstopt").map(|v| v.parse()).transpose()?;
             let listen: Option<u64> = opt("--listen-ms").map(|v| v.parse()).transpose()?;
+            let until_reply = args.iter().any(|a| a == "--until-reply");
             let pkts = forge_packets(from.ip(), addr.ip(), &t, dstopt, frag.map(|f| (f, id)))?;
             // Open before sending: no answer can slip by.
             let tap = listen.map(|_| Tap::open(addr.is_ipv6())).transpose()?;
@@ -794,6 +909,9 @@ fn main() -> Result<()> {
                         s.seq,
                         s.ack
                     );
+                    if until_reply {
+                        break;
+                    }
                 }
                 println!("replies {n}");
             }

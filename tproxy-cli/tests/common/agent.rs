@@ -12,7 +12,7 @@ use std::{
 use tproxy::api::{self, Request, Response, TargetSpec};
 use tproxy_lab::{Logged, Proc};
 
-use super::BIN;
+use super::{BIN, STARTUP};
 
 /// A private bpffs mount, unmounted on drop (which also drops any pin
 /// left in it: links detach, maps go).
@@ -94,8 +94,7 @@ impl Agent {
             .arg(pins)
             .args(&self.extra);
         let mut p = Logged::spawn("tproxy-agent", &mut cmd).unwrap();
-        p.wait_for("agent serving", Duration::from_secs(30))
-            .unwrap();
+        p.wait_for("agent serving", STARTUP).unwrap();
         self.proc = Some(p);
     }
 

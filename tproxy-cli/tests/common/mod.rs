@@ -19,6 +19,12 @@ pub const APP_PORTS: &str = "7000,8000,8080,8081,9000-9002";
 pub const INTERCEPTED: &str = "8000,8080,9000-9002";
 pub const INTERCEPTED_LIST: [u16; 5] = [8000, 8080, 9000, 9001, 9002];
 
+/// How long a helper process (the app, a proxy, a client) may take to say
+/// it is up. Seconds at most on an idle machine; generous, because a busy
+/// one (a build beside the suite) is slower, and a wait returns as soon as
+/// the process is up.
+pub const STARTUP: Duration = Duration::from_secs(120);
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Proxy {
     Ours,
@@ -84,7 +90,7 @@ impl Lab {
             .command_in(example("lab-app"), Some(&topo.cgroup));
         cmd.arg(APP_PORTS).args(extra);
         let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
-        app.wait_for("listening", Duration::from_secs(10)).unwrap();
+        app.wait_for("listening", STARTUP).unwrap();
         Lab { topo, app }
     }
 
@@ -131,10 +137,10 @@ impl Lab {
         };
         match proxy {
             Proxy::Ours => {
-                p.wait_for("listening", Duration::from_secs(10)).unwrap();
+                p.wait_for("listening", STARTUP).unwrap();
             }
             // HAProxy says nothing when it is up: wait for the port.
-            _ => ns.wait_listening(15006, Duration::from_secs(10)).unwrap(),
+            _ => ns.wait_listening(15006, STARTUP).unwrap(),
         }
         p
     }
@@ -166,10 +172,12 @@ pub struct Reply {
     pub echoed: Vec<u8>,
 }
 
-/// Connects, sends `payload`, half-closes, reads everything back.
+/// Connects, sends `payload`, half-closes, reads everything back. (The
+/// timeouts only end an exchange that went wrong; milliseconds are enough,
+/// the rest is for a busy machine.)
 pub fn exchange(dst: SocketAddr, payload: &[u8]) -> std::io::Result<Reply> {
-    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(30))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     talk(s, payload)
 }
 
@@ -206,8 +214,8 @@ pub fn talk(mut s: TcpStream, payload: &[u8]) -> std::io::Result<Reply> {
 /// One HTTP/1.1 GET (the app's HTTP port): the port and peer the app
 /// names in its answer; `echoed` is the body.
 pub fn http_get(dst: SocketAddr) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(30))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let local = s.local_addr()?;
     write!(
         s,
@@ -306,6 +314,14 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out: {what}");
 }
 
+/// The runtime record (/run/tproxy) of the instance on `iface` in `ns`.
+pub fn runtime_record_of(ns: &Netns, iface: &str) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(ns.path()).unwrap().ino();
+    let path = format!("/run/tproxy/{ino}-{iface}.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
 /// `tproxy stats --json` of the one instance in `ns`.
 pub fn stats(ns: &Netns) -> serde_json::Value {
     let out = ns.exec(BIN, &["stats", "--json"]).unwrap();
@@ -314,7 +330,8 @@ pub fn stats(ns: &Netns) -> serde_json::Value {
 }
 
 /// Waits until the proxy's log has `n` lines starting with `prefix` (Envoy
-/// writes its access log out every 0.1 s); returns how many it has.
+/// writes its access log out every 0.1 s, and the lines reach the test
+/// through a reader thread); returns how many it has.
 pub fn wait_lines(p: &Logged, prefix: &str, n: usize, timeout: Duration) -> usize {
     let count = || p.lines().iter().filter(|l| l.starts_with(prefix)).count();
     let deadline = Instant::now() + timeout;
@@ -341,29 +358,71 @@ pub struct Attempts {
     pub broken: Vec<String>,
 }
 
+/// How far running [`Attempts`] have got, for a test that waits for them
+/// (instead of sleeping and hoping they made some): attempts finished, and
+/// of those, the ones that reached the app and the ones refused.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub made: std::sync::atomic::AtomicUsize,
+    pub reached: std::sync::atomic::AtomicUsize,
+    pub refused: std::sync::atomic::AtomicUsize,
+}
+
+impl Progress {
+    pub fn made(&self) -> usize {
+        self.made.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn reached(&self) -> usize {
+        self.reached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 impl Attempts {
     /// Attempts to `dst`, each connect given up after `connect` (an answer
-    /// after 10 s), until `stop` is set (and at least one was made).
+    /// after 20 s), until `stop` is set (and at least one was made).
     pub fn run(
         dst: SocketAddr,
         connect: Duration,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Attempts {
+        Attempts::run_watched(dst, connect, stop, &Progress::default())
+    }
+
+    /// `run`, counting each finished attempt in `progress`.
+    pub fn run_watched(
+        dst: SocketAddr,
+        connect: Duration,
+        stop: &std::sync::atomic::AtomicBool,
+        progress: &Progress,
+    ) -> Attempts {
+        use std::sync::atomic::Ordering::SeqCst;
         let mut out = Attempts::default();
         loop {
             match TcpStream::connect_timeout(&dst, connect) {
-                Err(e) => out.refused.push(e.to_string()),
+                Err(e) => {
+                    out.refused.push(e.to_string());
+                    progress.refused.fetch_add(1, SeqCst);
+                }
                 Ok(s) => {
                     let r = s
-                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .set_read_timeout(Some(Duration::from_secs(20)))
                         .and_then(|()| talk(s, b"attempt\n"));
                     match r {
-                        Ok(r) if r.echoed == b"attempt\n" => out.peers.push(r.peer),
+                        Ok(r) if r.echoed == b"attempt\n" => {
+                            out.peers.push(r.peer);
+                            progress.reached.fetch_add(1, SeqCst);
+                        }
                         Ok(r) => out.broken.push(format!("echo {:?}", r.echoed)),
                         Err(e) => out.broken.push(e.to_string()),
                     }
                 }
             }
+            progress.made.fetch_add(1, SeqCst);
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 return out;
             }

@@ -104,12 +104,8 @@ impl Sandbox {
     }
 }
 
-fn wait(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..150 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for: {what}");
+/// Polls `f` for up to 60 s (instant on an idle machine; the rest is for
+/// a busy one).
+fn wait(what: &str, f: impl FnMut() -> bool) {
+    super::eventually(what, Duration::from_secs(60), f);
 }
