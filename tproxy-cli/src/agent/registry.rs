@@ -584,15 +584,9 @@ impl Registry {
         Ok(Some((cookie, slot)))
     }
 
+    /// Sets or clears a `flags::*` bit of the target `cookie`.
     pub fn set_flag(&mut self, cookie: u64, flag: u32, on: bool) -> Result<()> {
-        let mut map = self.loaded.targets_map()?;
-        let mut t = loader::read_target(&map, cookie)?;
-        if on {
-            t.config.flags |= flag;
-        } else {
-            t.config.flags &= !flag;
-        }
-        loader::write_target(&mut map, cookie, &t)
+        loader::set_flag(&mut self.loaded.targets_map()?, cookie, flag, on)
     }
 
     /// An adopted target's `TARGETS` entry (unless `keep_entry`), its

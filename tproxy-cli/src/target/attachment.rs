@@ -1001,13 +1001,7 @@ impl TargetAttachment {
 
     /// Sets or clears a `flags::*` bit of this target.
     pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
-        let mut t = loader::read_target(&self.entry.map, self.entry.cookie)?;
-        if on {
-            t.config.flags |= flag;
-        } else {
-            t.config.flags &= !flag;
-        }
-        loader::write_target(&mut self.entry.map, self.entry.cookie, &t)
+        loader::set_flag(&mut self.entry.map, self.entry.cookie, flag, on)
     }
 
     /// Counts down the proxy's listeners older than the target that have

@@ -28,7 +28,7 @@ pub struct Instance {
     /// iterator.
     #[expect(dead_code, reason = "held for its Drop")]
     nudger: Option<Nudger>,
-    target: Option<TargetAttachment>,
+    target: TargetAttachment,
     accel_stopped: bool,
     loaded: Loaded,
     record: Record,
@@ -142,7 +142,7 @@ impl Instance {
         lock.write(&record)?;
         Ok(Instance {
             nudger,
-            target: Some(target),
+            target,
             accel_stopped: false,
             loaded,
             record,
@@ -156,11 +156,7 @@ impl Instance {
 
     /// What is attached, one line each (for the demo and `-v`).
     pub fn attachments(&self) -> Vec<String> {
-        let mut out = self
-            .target
-            .as_ref()
-            .map(TargetAttachment::hooks)
-            .unwrap_or_default();
+        let mut out = self.target.hooks();
         out.extend(self.loaded.hooks());
         out
     }
@@ -198,15 +194,13 @@ impl Instance {
     /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many. Also
     /// counts down the proxy's listeners older than tproxy that closed.
     pub fn reap_flows(&mut self) -> Result<usize> {
-        if let Some(t) = &mut self.target {
-            t.recount_listeners();
-        }
+        self.target.recount_listeners();
         self.loaded.reap_flows()
     }
 
     /// Stops steering new flows (flows already steered keep their state).
     pub fn stop_steering_new(&mut self) -> Result<()> {
-        self.set_flag(flags::STEER_NEW, false)
+        self.target.set_flag(flags::STEER_NEW, false)
     }
 
     /// Handles on this instance's maps for another task (the metrics
@@ -241,7 +235,7 @@ impl Instance {
             return;
         }
         self.accel_stopped = true;
-        if let Err(e) = self.set_flag(flags::ACCEL, false) {
+        if let Err(e) = self.target.set_flag(flags::ACCEL, false) {
             warn!(
                 "accel: could not stop redirecting ({}); detaching anyway",
                 crate::error::Chain(&e)
@@ -270,13 +264,6 @@ impl Instance {
                 "accel: {sockets} accelerated socket(s) handed back to plain TCP; {at_stop} queued byte(s) read by their apps in {} ms; the kernel frees the SOCKHASH and the pass-through sk_msg program when the last of them closes",
                 start.elapsed().as_millis()
             );
-        }
-    }
-
-    fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
-        match &mut self.target {
-            Some(t) => t.set_flag(flag, on),
-            None => Ok(()),
         }
     }
 

@@ -620,6 +620,18 @@ pub(crate) fn read_target(map: &Map, cookie: u64) -> Result<Target> {
     })
 }
 
+/// Sets or clears a `flags::*` bit of the target `cookie`'s entry: the one
+/// way a target's flags change (a single run's drain, the agent's).
+pub(crate) fn set_flag(map: &mut Map, cookie: u64, flag: u32, on: bool) -> Result<()> {
+    let mut t = read_target(map, cookie)?;
+    if on {
+        t.config.flags |= flag;
+    } else {
+        t.config.flags &= !flag;
+    }
+    write_target(map, cookie, &t)
+}
+
 pub(crate) fn remove_target(map: &mut Map, cookie: u64) -> Result<()> {
     let mut m: HashMap<&mut MapData, u64, Target> =
         HashMap::try_from(map).map_err(|source| Error::Map {
