@@ -33,6 +33,7 @@ use crate::{
     sys::{pins, system},
     target::{
         agent_state::{AgentState, lock_path, read_state, state_path, try_lock, write_state},
+        drain,
         loader::{LoadOptions, Loaded, MapSizes},
         nudger::{Netns, Nudger},
     },
@@ -153,19 +154,14 @@ impl Agent {
         if before.iter().any(gone) {
             let at = self.lock().record(id).map(|r| (r.netns_cookie, r.slot));
             if let Some((cookie, slot)) = at {
-                let deadline = std::time::Instant::now() + self.drain;
-                let active = || self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0);
-                let start = active();
-                let mut left = start;
-                while left > 0 && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(100));
-                    left = active();
-                }
-                if start > 0 {
+                let active = || Ok(self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0));
+                let d = drain::flows(active()?, self.drain, active, drain::sleep)?;
+                if d.start > 0 {
                     info!(
                         id,
-                        "before the change: drained {} flow(s), cut {left}",
-                        start.saturating_sub(left)
+                        "before the change: drained {} flow(s), cut {}",
+                        d.ended(),
+                        d.left
                     );
                 }
             }

@@ -24,6 +24,7 @@ use crate::{
     target::{
         agent_state::TargetRecord,
         attachment::{SteerGuard, TargetAttachment, TargetEnv},
+        drain,
         inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
         loader::{self, Loaded},
         record::AttachKind,
@@ -882,45 +883,31 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
     Ok(true)
 }
 
-/// A removal's steps between `start_draining` and the detach: steered
-/// flows get up to `drain` to finish, then acceleration is handed back
-/// (bounded wait for queued bytes to be read).
+/// A removal's steps between `start_draining` and the detach
+/// (`target::drain`): steered flows get up to `timeout` to finish, then
+/// acceleration is handed back (bounded wait for queued bytes to be read).
 fn drain_target(
     reg: &std::sync::Mutex<Registry>,
     id: &str,
     cookie: u64,
     slot: u32,
-    drain: Duration,
+    timeout: Duration,
 ) -> Result<()> {
     let lock = || {
         reg.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    let deadline = Instant::now() + drain;
-    let start = lock().active_flows(cookie, slot).unwrap_or(0);
-    let mut left = start;
-    while left > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        left = lock().active_flows(cookie, slot).unwrap_or(0);
-    }
-    info!(
-        id,
-        "drained {} flow(s), cut {left}",
-        start.saturating_sub(left)
-    );
-    lock().set_flag(cookie, flags::ACCEL, false)?;
-    // A sender that read the flag just before may be mid-enqueue.
-    std::thread::sleep(Duration::from_millis(100));
-    let t0 = Instant::now();
-    let (sockets, mut queued) = lock().accel_of_slot(slot).unwrap_or((0, 0));
-    while queued > 0 && t0.elapsed() < crate::target::instance::ACCEL_DRAIN_TIMEOUT {
-        std::thread::sleep(Duration::from_millis(10));
-        queued = lock().accel_of_slot(slot).map(|(_, q)| q).unwrap_or(0);
-    }
-    if sockets > 0 {
+    let active = || Ok(lock().active_flows(cookie, slot).unwrap_or(0));
+    let d = drain::flows(active()?, timeout, active, drain::sleep)?;
+    info!(id, "drained {} flow(s), cut {}", d.ended(), d.left);
+    let h = drain::accel(
+        || lock().set_flag(cookie, flags::ACCEL, false),
+        || lock().accel_of_slot(slot),
+    )?;
+    if h.sockets > 0 {
         info!(
             id,
-            "accel: {sockets} socket(s) handed back to plain TCP; {queued} byte(s) unread"
+            "accel: {} socket(s) handed back to plain TCP; {} byte(s) unread", h.sockets, h.left
         );
     }
     Ok(())

@@ -11,6 +11,7 @@ use crate::{
     sys::system,
     target::{
         attachment::{TargetAttachment, TargetEnv},
+        drain::{self, Handback},
         inspect::{FlowStats, flow_stats, socks_state, sum_counters},
         loader::Loaded,
         nudger::{Netns, Nudger},
@@ -211,58 +212,51 @@ impl Instance {
 
     /// Accelerated sockets and the redirected bytes queued, unread, at them.
     pub fn accel_state(&self) -> Result<(usize, i64)> {
-        let map = self
-            .loaded
-            .ebpf()
-            .map(names::SOCKS)
-            .expect("SOCKS in object");
-        socks_state(map)
+        accel_state(&self.loaded)
     }
 
-    /// Takes acceleration down without losing a byte.
-    ///
-    /// No new sockets enter (sockops detached) and no new bytes are
-    /// redirected (sk_msg passes everything to TCP, which each reader sees
-    /// only after its queued redirected bytes: order is kept). Then a
-    /// bounded wait for the readers to read what is queued: a psock that is
-    /// destroyed frees its unread ingress queue. On 6.18 the kernel keeps
-    /// the SOCKHASH (and, through it, the now pass-through sk_msg program)
-    /// alive while accelerated sockets remain in it, and frees both with
-    /// the last of them, so connections still open when tproxy exits keep
-    /// every byte (lab/experiments/sockmap_close.py, case map-gone).
+    /// Takes acceleration down without losing a byte (`drain::accel`).
+    /// On 6.18 the kernel keeps the SOCKHASH (and, through it, the now
+    /// pass-through sk_msg program) alive while accelerated sockets remain
+    /// in it, and frees both with the last of them, so connections still
+    /// open when tproxy exits keep every byte
+    /// (lab/experiments/sockmap_close.py, case map-gone).
     pub fn stop_accel(&mut self) {
         if self.accel_stopped || !self.loaded.accel() {
             return;
         }
         self.accel_stopped = true;
-        if let Err(e) = self.target.set_flag(flags::ACCEL, false) {
-            warn!(
-                "accel: could not stop redirecting ({}); detaching anyway",
-                crate::error::Chain(&e)
-            );
-            return;
-        }
-        // A sender that read the flag just before it changed may still be
-        // between its verdict and the enqueue: let it finish.
-        std::thread::sleep(ACCEL_GRACE);
-        let start = std::time::Instant::now();
-        let (sockets, at_stop) = self.accel_state().unwrap_or((0, 0));
-        let mut left = at_stop;
-        while left > 0 && start.elapsed() < ACCEL_DRAIN_TIMEOUT {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            left = self.accel_state().map(|(_, q)| q).unwrap_or(0);
-        }
+        let (target, loaded) = (&mut self.target, &self.loaded);
+        let h = match drain::accel(
+            || target.set_flag(flags::ACCEL, false),
+            || accel_state(loaded),
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(
+                    "accel: could not stop redirecting ({}); detaching anyway",
+                    crate::error::Chain(&e)
+                );
+                return;
+            }
+        };
+        let Handback {
+            sockets,
+            at_stop,
+            left,
+            took,
+        } = h;
         if sockets == 0 {
             info!("accel: no accelerated connection open; stopped");
         } else if left > 0 {
             warn!(
                 "accel: {sockets} accelerated socket(s) handed back to plain TCP; {left} redirected byte(s) still unread after {:?} (a reader that is not reading) stay queued for it: the kernel keeps the SOCKHASH and the pass-through sk_msg program until the last of these connections closes",
-                ACCEL_DRAIN_TIMEOUT
+                drain::ACCEL_DRAIN_TIMEOUT
             );
         } else {
             info!(
                 "accel: {sockets} accelerated socket(s) handed back to plain TCP; {at_stop} queued byte(s) read by their apps in {} ms; the kernel frees the SOCKHASH and the pass-through sk_msg program when the last of them closes",
-                start.elapsed().as_millis()
+                took.as_millis()
             );
         }
     }
@@ -276,11 +270,10 @@ impl Instance {
     }
 }
 
-/// After the redirect flag is cleared, time for a sender that read it just
-/// before to finish its enqueue.
-const ACCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
-/// How long teardown waits for readers to read their queued redirected bytes.
-pub const ACCEL_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// `Instance::accel_state`, of the object alone (borrowed beside the target).
+fn accel_state(loaded: &Loaded) -> Result<(usize, i64)> {
+    socks_state(loaded.ebpf().map(names::SOCKS).expect("SOCKS in object"))
+}
 
 impl Drop for Instance {
     fn drop(&mut self) {

@@ -7,6 +7,7 @@
 pub mod agent_state;
 pub mod attach;
 pub mod attachment;
+pub mod drain;
 pub mod inspect;
 pub mod instance;
 pub mod loader;
