@@ -18,15 +18,16 @@ use crate::{
     error::Chain,
     sys::{
         netns, pins,
-        routing::{TproxyRouting, TproxySpec},
+        routing::TproxyRouting,
         system, tc,
     },
     target::{
         agent_state::TargetRecord,
-        attachment::{SteerGuard, TargetAttachment, TargetEnv},
+        attachment::{SteerGuard, TargetAttachment},
         drain,
         inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
         loader::{self, Loaded},
+        probe::Probed,
         record::AttachKind,
     },
 };
@@ -183,35 +184,6 @@ pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
     }
 }
 
-/// What the target's namespace says, found inside it.
-struct Probed {
-    ifindex: u32,
-    l2_len: u8,
-    cookie: u64,
-    inode: u64,
-    tc_mode: TcMode,
-    tproxy: Option<TproxySpec>,
-    steer_mark: u32,
-}
-
-fn probe_netns(opts: &Options) -> Result<Probed> {
-    let ifindex = system::ifindex(&opts.iface)?;
-    let l2_len = system::link_header_len(&opts.iface)?;
-    let cookie = system::netns_cookie()?;
-    let inode = netns::current_inode()?;
-    let tc_mode = crate::sys::tc::check(opts.tc_mode)?;
-    let (tproxy, steer_mark) = crate::target::attachment::plan_steering(opts, ifindex)?;
-    Ok(Probed {
-        ifindex,
-        l2_len,
-        cookie,
-        inode,
-        tc_mode,
-        tproxy,
-        steer_mark,
-    })
-}
-
 /// The namespace at `path` is still the one with `cookie`.
 pub fn netns_alive(path: &Path, cookie: u64) -> bool {
     netns::run_in(path, netns::current_cookie).is_ok_and(|c| c.is_ok_and(|c| c == cookie))
@@ -323,11 +295,15 @@ impl Registry {
                 spec.netns.display()
             )));
         }
-        let probed = netns::run_in(&spec.netns, || probe_netns(&opts))??;
+        let (probed, plan) = netns::run_in(&spec.netns, || -> Result<_> {
+            let probed = Probed::here(&opts.iface, opts.tc_mode)?;
+            let plan = crate::target::attachment::plan_steering(&opts, probed.ifindex)?;
+            Ok((probed, plan))
+        })??;
         if let Some((other, _)) = self
             .targets
             .iter()
-            .find(|(_, e)| e.rec.netns_cookie == probed.cookie)
+            .find(|(_, e)| e.rec.netns_cookie == probed.netns_cookie)
         {
             return Err(Error::TargetExists {
                 netns: format!("{} (target {other})", spec.netns.display()),
@@ -340,16 +316,8 @@ impl Registry {
             ))
         })?;
         self.zero_counters(slot)?;
-        let env = TargetEnv {
-            ifindex: probed.ifindex,
-            l2_len: probed.l2_len,
-            netns_cookie: probed.cookie,
-            cgroup,
-            cgroup_dir,
-            tc_mode: probed.tc_mode,
-            tproxy: probed.tproxy.clone(),
-            steer_mark: probed.steer_mark,
-        };
+        let tproxy = plan.0.clone();
+        let env = probed.env(cgroup, cgroup_dir, plan);
         let loaded = &mut self.loaded;
         let mut created_clsact = false;
         let att = netns::run_in(&spec.netns, || {
@@ -402,13 +370,13 @@ impl Registry {
         let rec = TargetRecord {
             id: id.to_string(),
             spec: spec.clone(),
-            netns_cookie: probed.cookie,
-            netns_inode: probed.inode,
+            netns_cookie: probed.netns_cookie,
+            netns_inode: probed.netns_inode,
             slot,
             ifindex: probed.ifindex,
             tc_mode: probed.tc_mode,
             created_clsact,
-            tproxy: probed.tproxy,
+            tproxy,
             tc_progs,
             links,
             draining: false,

@@ -243,17 +243,9 @@ impl TargetEnv {
     /// each with its own message).
     pub fn here(iface: &str, cgroup: &std::path::Path) -> crate::Result<TargetEnv> {
         let dir = crate::sys::system::open_cgroup(Some(cgroup))?;
-        let ifindex = crate::sys::system::ifindex(iface)?;
-        Ok(TargetEnv {
-            ifindex,
-            l2_len: crate::sys::system::link_header_len(iface)?,
-            netns_cookie: crate::sys::system::netns_cookie()?,
-            cgroup: dir.path,
-            cgroup_dir: dir.dir,
-            tc_mode: crate::sys::tc::check(TcMode::Auto)?,
-            tproxy: None,
-            steer_mark: crate::config::options::default_steer_mark(ifindex),
-        })
+        let probed = crate::target::probe::Probed::here(iface, TcMode::Auto)?;
+        let steer_mark = crate::config::options::default_steer_mark(probed.ifindex);
+        Ok(probed.env(dir.path, dir.dir, (None, steer_mark)))
     }
 }
 

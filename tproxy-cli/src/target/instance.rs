@@ -10,11 +10,12 @@ use crate::{
     Error, Options, Result,
     sys::system,
     target::{
-        attachment::{TargetAttachment, TargetEnv},
+        attachment::TargetAttachment,
         drain::{self, Handback},
         inspect::{FlowStats, flow_stats, socks_state, sum_counters},
         loader::Loaded,
         nudger::{Netns, Nudger},
+        probe::Probed,
         record::{InstanceLock, Record},
     },
 };
@@ -44,7 +45,7 @@ impl Instance {
         system::check_kernel_version()?;
         system::check_btf()?;
         crate::sys::probe::check(opts.accel)?;
-        let ifindex = system::ifindex(&opts.iface)?;
+        let probed = Probed::here(&opts.iface, opts.tc_mode)?;
         let system::CgroupDir {
             path: cgroup,
             dir: cgroup_dir,
@@ -53,17 +54,21 @@ impl Instance {
         if let Some(what) = private_mount {
             info!("{what}");
         }
-        let tc_mode = crate::sys::tc::check(opts.tc_mode)?;
-        let netns_inode = system::netns_inode()?;
-        let l2_len = system::link_header_len(&opts.iface)?;
-        let netns_cookie = system::netns_cookie()?;
+        let Probed {
+            ifindex,
+            netns_inode,
+            netns_cookie,
+            tc_mode,
+            ..
+        } = probed;
 
         let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
         if let Some(stale) = stale {
             crate::target::recovery::recover_at_start(&stale, &opts.iface, ifindex);
         }
         // Mark and table checked free (or picked) before anything exists.
-        let (tproxy_spec, steer_mark) = crate::target::attachment::plan_steering(opts, ifindex)?;
+        let plan = crate::target::attachment::plan_steering(opts, ifindex)?;
+        let tproxy_spec = plan.0.clone();
 
         let mut loaded = Loaded::load(opts.accel, 1, Some(netns_cookie))?;
         let ids = loaded.map_ids();
@@ -94,16 +99,7 @@ impl Instance {
             attachments: loaded.attachments().to_vec(),
             ready: false,
         };
-        let env = TargetEnv {
-            ifindex,
-            l2_len,
-            netns_cookie,
-            cgroup: cgroup.clone(),
-            cgroup_dir,
-            tc_mode,
-            tproxy: tproxy_spec,
-            steer_mark,
-        };
+        let env = probed.env(cgroup.clone(), cgroup_dir, plan);
         let target = TargetAttachment::attach(&mut loaded, opts, env, SLOT, |planned| {
             record.tc_mode = Some(planned.tc_mode);
             record.created_clsact = planned.created_clsact;

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod instance;
 pub mod loader;
 pub mod nudger;
+pub mod probe;
 pub mod record;
 pub mod recovery;
 pub mod sweep;
