@@ -3,7 +3,7 @@
 //! caller runs them off the async runtime, one at a time (a Mutex).
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -17,15 +17,15 @@ use crate::{
     config::options::TcMode,
     error::Chain,
     sys::{
-        netns, pins,
-        routing::TproxyRouting,
-        system, tc,
+        netns::{self, Located},
+        pins, system,
     },
     target::{
         agent_state::TargetRecord,
         attachment::{SteerGuard, TargetAttachment},
         drain,
         inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
+        installed::{Installed, netns_alive},
         loader::{self, Loaded},
         probe::Probed,
         record::AttachKind,
@@ -184,11 +184,6 @@ pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
     }
 }
 
-/// The namespace at `path` is still the one with `cookie`.
-pub fn netns_alive(path: &Path, cookie: u64) -> bool {
-    netns::run_in(path, netns::current_cookie).is_ok_and(|c| c.is_ok_and(|c| c == cookie))
-}
-
 /// Runs `f` in a fresh, empty network namespace: for dropping an owner
 /// whose namespace is gone, so its netlink and routing removals (which
 /// would otherwise run here, in the agent's namespace, against whatever
@@ -205,27 +200,6 @@ fn in_empty_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     })
-}
-
-/// Removes, in the calling thread's namespace, what an adopted target has
-/// outside the kernel's links: netlink tc filters, routing.
-fn remove_adopted_in_netns(rec: &TargetRecord) {
-    if rec.tc_mode == TcMode::Netlink {
-        let r = tc::remove_stale_filters(
-            &rec.spec.iface,
-            rec.ifindex,
-            &rec.tc_progs,
-            rec.created_clsact,
-        );
-        for f in r.failed {
-            warn!("target {}: could not remove {f}", rec.id);
-        }
-    }
-    if let Some(spec) = &rec.tproxy {
-        for f in TproxyRouting::remove(spec).failed {
-            warn!("target {}: could not remove {f}", rec.id);
-        }
-    }
 }
 
 impl Registry {
@@ -303,7 +277,7 @@ impl Registry {
         if let Some((other, _)) = self
             .targets
             .iter()
-            .find(|(_, e)| e.rec.netns_cookie == probed.netns_cookie)
+            .find(|(_, e)| e.rec.installed.netns_cookie == probed.netns_cookie)
         {
             return Err(Error::TargetExists {
                 netns: format!("{} (target {other})", spec.netns.display()),
@@ -316,13 +290,12 @@ impl Registry {
             ))
         })?;
         self.zero_counters(slot)?;
-        let tproxy = plan.0.clone();
+        let mut installed = Installed::new(&probed, plan.0.clone());
         let env = probed.env(cgroup, cgroup_dir, plan);
         let loaded = &mut self.loaded;
-        let mut created_clsact = false;
         let att = netns::run_in(&spec.netns, || {
             let note = |planned: crate::target::attachment::Planned<'_>| {
-                created_clsact = planned.created_clsact;
+                installed.plan(&planned);
                 Ok(())
             };
             if replacing {
@@ -361,23 +334,11 @@ impl Registry {
             let _ = netns::run_in(&spec.netns, move || drop(att));
             return Err(e);
         }
-        let tc_progs = att
-            .attachments()
-            .iter()
-            .filter(|a| matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress))
-            .map(|a| a.prog_id)
-            .collect();
         let rec = TargetRecord {
             id: id.to_string(),
             spec: spec.clone(),
-            netns_cookie: probed.netns_cookie,
-            netns_inode: probed.netns_inode,
+            installed,
             slot,
-            ifindex: probed.ifindex,
-            tc_mode: probed.tc_mode,
-            created_clsact,
-            tproxy,
-            tc_progs,
             links,
             draining: false,
         };
@@ -418,12 +379,13 @@ impl Registry {
             return Err(Error::TargetSpec(format!("target {id} is gone")));
         };
         let old = options_of(&e.rec.spec, self.quotas)?;
-        let (cookie, netns) = (e.rec.netns_cookie, e.rec.spec.netns.clone());
+        let (cookie, netns) = (e.rec.installed.netns_cookie, e.rec.spec.netns.clone());
         // The rewrite back-end's steer mark (the tproxy back-end's is its
         // routing's, which an in-place change keeps).
         let steer_mark = (opts.steer == Steer::Rewrite).then(|| {
-            opts.steer_mark
-                .unwrap_or_else(|| crate::config::options::default_steer_mark(e.rec.ifindex))
+            opts.steer_mark.unwrap_or_else(|| {
+                crate::config::options::default_steer_mark(e.rec.installed.ifindex)
+            })
         });
         if steer_mark == Some(opts.proxy_mark) {
             return Err(Error::MarksCollide(opts.proxy_mark));
@@ -463,8 +425,13 @@ impl Registry {
             return Ok(None);
         };
         let rec = &e.rec;
-        let (netns, iface, ifindex) = (rec.spec.netns.clone(), rec.spec.iface.clone(), rec.ifindex);
-        let old_clsact = rec.tc_mode == TcMode::Netlink && rec.created_clsact;
+        let (netns, iface, ifindex) = (
+            rec.spec.netns.clone(),
+            rec.installed.iface.clone(),
+            rec.installed.ifindex,
+        );
+        let old_clsact =
+            rec.installed.tc_mode == Some(TcMode::Netlink) && rec.installed.created_clsact;
         let loaded = &mut self.loaded;
         let g = netns::run_in(&netns, || {
             SteerGuard::attach(loaded, &iface, ifindex, old_clsact)
@@ -479,10 +446,10 @@ impl Registry {
         let Some(e) = self.targets.get_mut(id) else {
             return;
         };
-        if e.rec.tc_mode != TcMode::Netlink || !guard.hand_over_clsact() {
+        if e.rec.installed.tc_mode != Some(TcMode::Netlink) || !guard.hand_over_clsact() {
             return;
         }
-        e.rec.created_clsact = true;
+        e.rec.installed.created_clsact = true;
         if let Owner::Fresh(att) = &mut e.owner {
             att.own_clsact();
         }
@@ -493,13 +460,13 @@ impl Registry {
     /// the same pinned ones. A target whose namespace is gone is removed.
     pub fn adopt(&mut self, rec: TargetRecord) {
         let dir = pins::target_dir(&self.bpffs, rec.slot);
-        if !netns_alive(&rec.spec.netns, rec.netns_cookie) {
+        if rec.located() == Located::Gone {
             info!(
                 id = rec.id,
                 "target's network namespace is gone (pod deleted while no agent ran): removing what is left of it"
             );
             pins::remove_tree(&dir);
-            if let Err(e) = self.remove_targets_entry(rec.netns_cookie, false) {
+            if let Err(e) = self.remove_targets_entry(rec.installed.netns_cookie, false) {
                 debug!("TARGETS entry of {}: {}", rec.id, Chain(&e));
             }
             self.sweep(&rec);
@@ -548,7 +515,7 @@ impl Registry {
             return Ok(None);
         };
         e.rec.draining = true;
-        let (cookie, slot) = (e.rec.netns_cookie, e.rec.slot);
+        let (cookie, slot) = (e.rec.installed.netns_cookie, e.rec.slot);
         self.set_flag(cookie, flags::STEER_NEW, false)?;
         Ok(Some((cookie, slot)))
     }
@@ -682,7 +649,8 @@ impl Registry {
         };
         let removed = pins::remove_tree(&pins::target_dir(&self.bpffs, rec.slot));
         debug!("target {id}: unpinned {} link(s)", removed.len());
-        let alive = netns_alive(&rec.spec.netns, rec.netns_cookie);
+        let at = rec.located();
+        let alive = at != Located::Gone;
         match owner {
             Owner::Fresh(mut att) => {
                 if keep_entry {
@@ -697,15 +665,17 @@ impl Registry {
                 }
             }
             Owner::Adopted => {
-                if alive {
-                    let r = rec.clone();
-                    if let Err(e) =
-                        netns::run_in(&rec.spec.netns, move || remove_adopted_in_netns(&r))
-                    {
-                        warn!("target {id}: detaching in its namespace: {}", Chain(&e));
+                // What outlives its links (netlink filters, routing), in its
+                // namespace; if that is gone, they went with it.
+                match rec.installed.remove(&at) {
+                    Ok((r, _)) => {
+                        for f in r.failed {
+                            warn!("target {id}: could not remove {f}");
+                        }
                     }
+                    Err(e) => warn!("target {id}: detaching in its namespace: {}", Chain(&e)),
                 }
-                if let Err(e) = self.remove_targets_entry(rec.netns_cookie, keep_entry) {
+                if let Err(e) = self.remove_targets_entry(rec.installed.netns_cookie, keep_entry) {
                     warn!("target {id}: removing its TARGETS entry: {}", Chain(&e));
                 }
                 // A fresh target's owner sweeps as it drops (target.rs).
@@ -720,7 +690,7 @@ impl Registry {
     fn sweep(&self, rec: &TargetRecord) {
         match self.loaded.sweep_maps() {
             Ok(mut maps) => {
-                maps.sweep_logged(&rec.id, rec.netns_cookie, rec.slot);
+                maps.sweep_logged(&rec.id, rec.installed.netns_cookie, rec.slot);
             }
             Err(e) => warn!("target {}: cannot sweep its entries: {}", rec.id, Chain(&e)),
         }
@@ -766,14 +736,19 @@ impl Registry {
         if e.rec.draining {
             return Some("DRAINING".into());
         }
-        if !netns_alive(&e.rec.spec.netns, e.rec.netns_cookie) {
+        if e.rec.located() == Located::Gone {
             return Some("DEGRADED: its network namespace is gone".into());
         }
         let dir = pins::target_dir(&self.bpffs, e.rec.slot);
         if let Some(missing) = e.rec.links.iter().find(|l| !dir.join(l).exists()) {
             return Some(format!("DEGRADED: its {missing} link is not pinned"));
         }
-        if loader::read_target(&self.loaded.targets_map().ok()?, e.rec.netns_cookie).is_err() {
+        if loader::read_target(
+            &self.loaded.targets_map().ok()?,
+            e.rec.installed.netns_cookie,
+        )
+        .is_err()
+        {
             return Some("DEGRADED: no TARGETS entry".into());
         }
         Some("OK".into())
@@ -795,7 +770,7 @@ impl Registry {
     pub fn netns_of(&self, cookie: u64) -> Option<PathBuf> {
         self.targets
             .values()
-            .find(|e| e.rec.netns_cookie == cookie)
+            .find(|e| e.rec.installed.netns_cookie == cookie)
             .map(|e| e.rec.spec.netns.clone())
     }
 
@@ -928,7 +903,7 @@ pub fn replace(
     let Some(mut guard) = guard else {
         return res;
     };
-    if r.record(id).map(|n| n.netns_cookie) != Some(cookie) {
+    if r.record(id).map(|n| n.installed.netns_cookie) != Some(cookie) {
         // The new target failed, or is another namespace at the same path:
         // the kept entry is no one's.
         let _ = r.remove_targets_entry(cookie, false);

@@ -255,14 +255,7 @@ pub fn serve(settings: &RunSettings) -> anyhow::Result<()> {
                 _ = reap.tick() => reap_flows(&mut instance),
             }
         };
-        let instance = drain(
-            instance,
-            sig,
-            settings.drain_timeout,
-            &mut term,
-            &mut int,
-        )
-        .await?;
+        let instance = drain(instance, sig, settings.drain_timeout, &mut term, &mut int).await?;
         let counters = instance.counters()?;
         instance.shutdown();
         let summary: Vec<String> = counters

@@ -62,7 +62,7 @@ pub fn view(state_dir: &Path) -> Result<Option<AgentView>> {
     let keys: Vec<(u64, u32)> = state
         .targets
         .iter()
-        .map(|t| (t.netns_cookie, t.slot))
+        .map(|t| (t.installed.netns_cookie, t.slot))
         .collect();
     let snaps = maps.snapshots_by_target(&keys)?;
     let node = maps.snapshot()?;
@@ -218,7 +218,7 @@ pub fn run_status(dir: Option<&Path>, json: bool) -> Result<()> {
         .targets
         .iter()
         .filter_map(|(r, _)| {
-            let why = if !crate::agent::registry::netns_alive(&r.spec.netns, r.netns_cookie) {
+            let why = if r.located() == crate::sys::netns::Located::Gone {
                 "its network namespace is gone"
             } else if r
                 .links

@@ -208,7 +208,7 @@ fn check(
         return Err(format!("{what}: program id {} is not loaded", a.prog_id));
     }
     let is_tc = matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress);
-    if is_tc && rec.tc_mode == Some(TcMode::Netlink) {
+    if is_tc && rec.installed.tc_mode == Some(TcMode::Netlink) {
         let egress = a.kind == AttachKind::TcEgress;
         return match ns.and_then(|n| n.filters.as_ref()) {
             Some(Ok(filters)) => {
@@ -221,14 +221,14 @@ fn check(
                     Err(format!(
                         "{what}: no {} filter on {} runs program id {}",
                         if egress { "egress" } else { "ingress" },
-                        rec.iface,
+                        rec.installed.iface,
                         a.prog_id
                     ))
                 }
             }
             Some(Err(e)) => Err(format!(
                 "{what}: listing the tc filters on {}: {e}",
-                rec.iface
+                rec.installed.iface
             )),
             None => Err(format!(
                 "{what}: its network namespace could not be entered"
@@ -253,7 +253,7 @@ fn check(
     let want = if l.kind == bpf_link_type::BPF_LINK_TYPE_CGROUP as u32 {
         cgroup_id
     } else if l.kind == bpf_link_type::BPF_LINK_TYPE_TCX as u32 {
-        Some(u64::from(rec.ifindex))
+        Some(u64::from(rec.installed.ifindex))
     } else {
         return Ok(());
     };
@@ -275,7 +275,7 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
     let located = f
         .record
         .as_ref()
-        .map(|r| netns::locate(r.netns_inode, r.netns_cookie))
+        .map(Record::located)
         .unwrap_or_else(|| netns::locate(f.netns_inode, 0));
     let mut s = InstanceStatus {
         state: State::Running,
@@ -316,16 +316,16 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
     };
     s.pid = rec.pid;
     s.pid_alive = Path::new(&format!("/proc/{}", rec.pid)).exists();
-    s.ifindex = rec.ifindex;
+    s.ifindex = rec.installed.ifindex;
     s.cgroup = Some(rec.cgroup.clone());
     s.ports.clone_from(&rec.ports);
     s.proxy_port = rec.proxy_port;
     s.steer = Some(rec.steer);
-    s.tproxy.clone_from(&rec.tproxy);
+    s.tproxy.clone_from(&rec.installed.tproxy);
     // Records written before these fields existed have no start time.
     let legacy = rec.started_at == 0;
     s.accel = (!legacy).then_some(rec.accel);
-    s.tc_mode = rec.tc_mode;
+    s.tc_mode = rec.installed.tc_mode;
     s.started_at = rec.started_at;
     s.uptime_s = (rec.started_at > 0).then(|| now_s().saturating_sub(rec.started_at));
     let not_checked = |a: &Attached| AttachmentStatus {
@@ -366,10 +366,10 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
     }
 
     // Alive: check it all.
-    let netlink = rec.tc_mode == Some(TcMode::Netlink);
+    let netlink = rec.installed.tc_mode == Some(TcMode::Netlink);
     let in_ns = netns::run_located(&located, || InNetns {
-        ifindex: system::ifindex(&rec.iface).ok(),
-        filters: netlink.then(|| tc::bpf_filters(rec.ifindex)),
+        ifindex: system::ifindex(&rec.installed.iface).ok(),
+        filters: netlink.then(|| tc::bpf_filters(rec.installed.ifindex)),
     });
     let in_ns = match in_ns {
         Some(Ok(n)) => Some(n),
@@ -384,11 +384,11 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
         }
     };
     if let Some(n) = &in_ns
-        && n.ifindex != Some(rec.ifindex)
+        && n.ifindex != Some(rec.installed.ifindex)
     {
         s.problems.push(format!(
             "its interface {} (index {}) no longer exists",
-            rec.iface, rec.ifindex
+            rec.installed.iface, rec.installed.ifindex
         ));
     }
     // Under `ip netns exec` (/sys remounted, no cgroup2 in sight) the path

@@ -13,6 +13,7 @@ use crate::{
         attachment::TargetAttachment,
         drain::{self, Handback},
         inspect::{FlowStats, flow_stats, socks_state, sum_counters},
+        installed::Installed,
         loader::Loaded,
         nudger::{Netns, Nudger},
         probe::Probed,
@@ -54,34 +55,22 @@ impl Instance {
         if let Some(what) = private_mount {
             info!("{what}");
         }
-        let Probed {
-            ifindex,
-            netns_inode,
-            netns_cookie,
-            tc_mode,
-            ..
-        } = probed;
+        let netns_cookie = probed.netns_cookie;
 
-        let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
+        let (mut lock, stale) = InstanceLock::acquire(probed.netns_inode, &opts.iface)?;
         if let Some(stale) = stale {
-            crate::target::recovery::recover_at_start(&stale, &opts.iface, ifindex);
+            crate::target::recovery::recover_at_start(&stale);
         }
         // Mark and table checked free (or picked) before anything exists.
-        let plan = crate::target::attachment::plan_steering(opts, ifindex)?;
-        let tproxy_spec = plan.0.clone();
+        let plan = crate::target::attachment::plan_steering(opts, probed.ifindex)?;
 
         let mut loaded = Loaded::load(opts.accel, 1, Some(netns_cookie))?;
         let ids = loaded.map_ids();
         let mut record = Record {
             pid: std::process::id() as i32,
-            iface: opts.iface.clone(),
-            ifindex,
-            netns_inode,
+            installed: Installed::new(&probed, plan.0.clone()),
             cgroup: cgroup.clone(),
-            tc_mode: None,
-            created_clsact: false,
             steer: opts.steer,
-            tproxy: tproxy_spec.clone(),
             counters_map_id: ids.counters,
             flows_map_id: ids.flows,
             syns_map_id: ids.syns,
@@ -95,14 +84,12 @@ impl Instance {
             started_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            netns_cookie,
             attachments: loaded.attachments().to_vec(),
             ready: false,
         };
         let env = probed.env(cgroup.clone(), cgroup_dir, plan);
         let target = TargetAttachment::attach(&mut loaded, opts, env, SLOT, |planned| {
-            record.tc_mode = Some(planned.tc_mode);
-            record.created_clsact = planned.created_clsact;
+            record.installed.plan(&planned);
             record.attachments.extend_from_slice(planned.attachments);
             // Written before the tc filters and routing exist, so a kill
             // right after leaves a record that says what to remove.
@@ -116,7 +103,7 @@ impl Instance {
             proxy_mark = format_args!("{:#x}", opts.proxy_mark),
             cgroup = %cgroup.display(),
             accel = opts.accel,
-            tc = ?tc_mode,
+            tc = ?probed.tc_mode,
             steer = ?opts.steer,
             "attached"
         );
