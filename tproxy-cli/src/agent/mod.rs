@@ -158,7 +158,8 @@ impl Agent {
                 .record(id)
                 .map(|r| (r.installed.netns_cookie, r.slot));
             if let Some((cookie, slot)) = at {
-                let active = || Ok(self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0));
+                let active =
+                    || Ok::<_, Error>(self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0));
                 let d = drain::flows(active()?, self.drain, active, drain::sleep)?;
                 if d.start > 0 {
                     info!(

@@ -20,6 +20,7 @@ use crate::{
         netns::{self, Located},
         pins, system,
     },
+    target,
     target::{
         agent_state::TargetRecord,
         attachment::{SteerGuard, TargetAttachment},
@@ -85,7 +86,7 @@ impl From<Error> for ApiFailure {
             | Error::UnsupportedLinkType(..)
             | Error::NotCgroup2(_)
             | Error::AgentCgroup { .. }
-            | Error::TargetExists { .. }
+            | Error::Target(target::Error::TargetExists { .. })
             | Error::TargetSpec(_) => code::INVALID_CONFIG,
             _ => code::OTHER,
         };
@@ -215,7 +216,7 @@ impl Registry {
 
     /// New descriptors of the object's maps (the metrics endpoint's).
     pub fn maps(&self) -> Result<crate::target::inspect::Maps> {
-        crate::target::inspect::Maps::dup(self.loaded.ebpf())
+        Ok(crate::target::inspect::Maps::dup(self.loaded.ebpf())?)
     }
 
     pub fn records(&self) -> Vec<TargetRecord> {
@@ -279,9 +280,10 @@ impl Registry {
             .iter()
             .find(|(_, e)| e.rec.installed.netns_cookie == probed.netns_cookie)
         {
-            return Err(Error::TargetExists {
+            return Err(target::Error::TargetExists {
                 netns: format!("{} (target {other})", spec.netns.display()),
-            });
+            }
+            .into());
         }
         let slot = self.free_slot().ok_or_else(|| {
             Error::TargetSpec(format!(
@@ -522,7 +524,12 @@ impl Registry {
 
     /// Sets or clears a `flags::*` bit of the target `cookie`.
     pub fn set_flag(&mut self, cookie: u64, flag: u32, on: bool) -> Result<()> {
-        loader::set_flag(&mut self.loaded.targets_map()?, cookie, flag, on)
+        Ok(loader::set_flag(
+            &mut self.loaded.targets_map()?,
+            cookie,
+            flag,
+            on,
+        )?)
     }
 
     /// An adopted target's `TARGETS` entry (unless `keep_entry`), its
@@ -542,7 +549,7 @@ impl Registry {
         }
         let mut addrs = self.loaded.target_addrs_map()?;
         let mut m: HashMap<&mut MapData, tproxy_common::TargetAddr, u64> =
-            HashMap::try_from(&mut addrs).map_err(|source| Error::Map {
+            HashMap::try_from(&mut addrs).map_err(|source| target::Error::Map {
                 name: names::TARGET_ADDRS,
                 source,
             })?;
@@ -559,7 +566,7 @@ impl Registry {
             return Ok(());
         }
         let mut map = self.loaded.targets_map()?;
-        loader::remove_target(&mut map, cookie)
+        Ok(loader::remove_target(&mut map, cookie)?)
     }
 
     /// One of the object's hash maps, typed.
@@ -568,7 +575,7 @@ impl Registry {
         name: &'static str,
     ) -> Result<HashMap<&MapData, K, V>> {
         let map = self.loaded.ebpf().map(name).expect("a map of the object");
-        HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+        Ok(HashMap::try_from(map).map_err(|source| target::Error::Map { name, source })?)
     }
 
     /// Active steered flows of the namespace `cookie`, counter slot
@@ -704,14 +711,14 @@ impl Registry {
             .map_mut(names::COUNTERS)
             .expect("COUNTERS");
         let mut arr: PerCpuArray<&mut MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+            PerCpuArray::try_from(map).map_err(|source| target::Error::Map {
                 name: names::COUNTERS,
                 source,
             })?;
         for c in Counter::ALL {
             let zeros = PerCpuValues::try_from(vec![0u64; ncpus]).expect("one per CPU");
             arr.set(c.index(slot), zeros, 0)
-                .map_err(|source| Error::Map {
+                .map_err(|source| target::Error::Map {
                     name: names::COUNTERS,
                     source,
                 })?;
@@ -723,11 +730,11 @@ impl Registry {
     pub fn counters_of_slot(&self, slot: u32) -> Result<Vec<(Counter, u64)>> {
         let map = self.loaded.ebpf().map(names::COUNTERS).expect("COUNTERS");
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+            PerCpuArray::try_from(map).map_err(|source| target::Error::Map {
                 name: names::COUNTERS,
                 source,
             })?;
-        crate::target::inspect::slot_counters(&arr, slot)
+        Ok(crate::target::inspect::slot_counters(&arr, slot)?)
     }
 
     /// `check`: attached and whole, or what is wrong.
@@ -840,7 +847,7 @@ fn drain_target(
         reg.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    let active = || Ok(lock().active_flows(cookie, slot).unwrap_or(0));
+    let active = || Ok::<_, Error>(lock().active_flows(cookie, slot).unwrap_or(0));
     let d = drain::flows(active()?, timeout, active, drain::sleep)?;
     info!(id, "drained {} flow(s), cut {}", d.ended(), d.left);
     let h = drain::accel(

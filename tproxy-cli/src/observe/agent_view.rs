@@ -12,6 +12,7 @@ use tproxy_common::{Counter, names};
 use crate::{
     Error, Result,
     sys::pins,
+    target,
     target::{
         agent_state::{AgentState, TargetRecord, default_state_dir, read_state, try_lock},
         inspect::{Maps, Snapshot},
@@ -34,7 +35,7 @@ pub struct AgentView {
 fn pinned_maps(bpffs: &Path) -> Result<Maps> {
     let dir = pins::node_dir(bpffs);
     let open = |name: &'static str| {
-        MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })
+        MapData::from_pin(dir.join(name)).map_err(|source| target::Error::Map { name, source })
     };
     Ok(Maps::from_parts(
         Map::PerCpuArray(open(names::COUNTERS)?),

@@ -189,7 +189,7 @@ fn sample(watched: &[Watched]) -> Result<Vec<Snapshot>> {
         match w.maps.snapshot() {
             Ok(s) => out.push(s),
             Err(_) if !w.alive(&record::live_records()) => return Err(w.gone()),
-            Err(e) => return Err(crate::target::inspect::explain(e, w.record.pid)),
+            Err(e) => return Err(crate::target::inspect::explain(e, w.record.pid).into()),
         }
     }
     Ok(out)

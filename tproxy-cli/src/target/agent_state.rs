@@ -11,10 +11,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Error, Result,
     api::TargetSpec,
     sys::netns::Located,
-    target::installed::{Installed, netns_at},
+    target::{
+        Error, Result,
+        installed::{Installed, netns_at},
+    },
 };
 
 /// What the state file keeps of one target: enough for the next agent to

@@ -28,6 +28,7 @@ use crate::{
         routing::{TproxyRouting, TproxySpec},
         tc::ClsactQdisc,
     },
+    target,
     target::{
         attach::{
             Attachment, GetsocknameAttachment, GetsockoptAttachment, SockopsAttachment,
@@ -67,10 +68,11 @@ pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<((u64, u32), st
         Some(path) => {
             let proxy = crate::sys::system::open_cgroup(Some(path))?;
             if !crate::sys::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
-                return Err(Error::ProxyCgroupOutside {
+                return Err(target::Error::ProxyCgroupOutside {
                     proxy: path.clone(),
                     cgroup: env.cgroup.clone(),
-                });
+                }
+                .into());
             }
             proxy.dir
         }
@@ -755,13 +757,14 @@ impl TargetAttachment {
         replacing: bool,
     ) -> Result<TargetAttachment> {
         if opts.accel && !loaded.accel() {
-            return Err(Error::AccelNotLoaded);
+            return Err(target::Error::AccelNotLoaded.into());
         }
         let mut map = loaded.targets_map()?;
         if !replacing && loader::read_target(&map, env.netns_cookie).is_ok() {
-            return Err(Error::TargetExists {
+            return Err(target::Error::TargetExists {
                 netns: format!("cookie {:#x}", env.netns_cookie),
-            });
+            }
+            .into());
         }
         let (proxy, proxy_dir) = proxy_identity(opts, &env)?;
         let listeners = PriorListeners::find(
@@ -826,7 +829,7 @@ impl TargetAttachment {
         )?);
         let id = prog
             .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| Error::Attach {
+            .map_err(|source| target::Error::Attach {
                 what: format!("sockops to cgroup {cgroup}"),
                 source,
             })?;
@@ -845,7 +848,7 @@ impl TargetAttachment {
         )?);
         let id = prog
             .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| Error::Attach {
+            .map_err(|source| target::Error::Attach {
                 what: format!("cgroup/getsockopt to {cgroup}"),
                 source,
             })?;
@@ -863,7 +866,7 @@ impl TargetAttachment {
             attachments.push(attached(&what, AttachKind::Cgroup, name, prog.info())?);
             let id = prog
                 .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-                .map_err(|source| Error::Attach {
+                .map_err(|source| target::Error::Attach {
                     what: format!("cgroup/{hook} to {cgroup}"),
                     source,
                 })?;
@@ -992,7 +995,7 @@ impl TargetAttachment {
     }
 
     /// Sets or clears a `flags::*` bit of this target.
-    pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
+    pub fn set_flag(&mut self, flag: u32, on: bool) -> target::Result<()> {
         loader::set_flag(&mut self.entry.map, self.entry.cookie, flag, on)
     }
 
@@ -1079,7 +1082,7 @@ fn attach_tc(
     let hook_s = hook_name(hook);
     let id = prog
         .attach_with_options(iface, hook, options)
-        .map_err(|source| Error::Attach {
+        .map_err(|source| target::Error::Attach {
             what: format!("tc {hook_s} ({mode:?}) on {iface}"),
             source,
         })?;

@@ -12,8 +12,6 @@
 //! here, once.
 use std::time::{Duration, Instant};
 
-use crate::Result;
-
 /// How often a drain looks at the flows it waits for.
 pub const FLOWS_TICK: Duration = Duration::from_millis(100);
 /// After the redirect flag is cleared, time for a sender that read it just
@@ -43,12 +41,12 @@ impl Drained {
 /// Waits up to `timeout` for the `start` steered flows `active` counts to
 /// end. Between two looks `pause(FLOWS_TICK)` waits and says whether to go
 /// on: `false` stops at once (a second signal), after one more count.
-pub fn flows(
+pub fn flows<E>(
     start: usize,
     timeout: Duration,
-    mut active: impl FnMut() -> Result<usize>,
+    mut active: impl FnMut() -> Result<usize, E>,
     mut pause: impl FnMut(Duration) -> bool,
-) -> Result<Drained> {
+) -> Result<Drained, E> {
     let deadline = Instant::now() + timeout;
     let mut left = start;
     while left > 0 && Instant::now() < deadline {
@@ -85,10 +83,10 @@ pub struct Handback {
 /// `ACCEL_DRAIN_TIMEOUT` for the readers to read what is queued, as
 /// `state` counts it (accelerated sockets, queued bytes). An error of
 /// `stop_redirect` returns at once.
-pub fn accel(
-    stop_redirect: impl FnOnce() -> Result<()>,
-    mut state: impl FnMut() -> Result<(usize, i64)>,
-) -> Result<Handback> {
+pub fn accel<E>(
+    stop_redirect: impl FnOnce() -> Result<(), E>,
+    mut state: impl FnMut() -> Result<(usize, i64), E>,
+) -> Result<Handback, E> {
     stop_redirect()?;
     // A sender that read the flag just before it changed may still be
     // between its verdict and the enqueue: let it finish.
@@ -120,7 +118,7 @@ mod tests {
         let n = Cell::new(2);
         let active = || {
             n.set(n.get() - 1);
-            Ok(n.get())
+            Ok::<_, ()>(n.get())
         };
         let d = flows(2, Duration::from_secs(5), active, |_| true).unwrap();
         assert_eq!((d.start, d.left, d.ended()), (2, 0, 2));
@@ -131,17 +129,18 @@ mod tests {
             Duration::from_secs(5),
             || {
                 looks.set(looks.get() + 1);
-                Ok(3)
+                Ok::<_, ()>(3)
             },
             |_| false,
         )
         .unwrap();
         assert_eq!((d.left, looks.get()), (3, 1));
         // Nothing to wait for: not even one look.
-        let d = flows(0, Duration::from_secs(5), || panic!("looked"), |_| true).unwrap();
+        let never = || -> Result<usize, ()> { panic!("looked") };
+        let d = flows(0, Duration::from_secs(5), never, |_| true).unwrap();
         assert_eq!(d.left, 0);
         // A zero timeout waits for nothing.
-        let d = flows(4, Duration::ZERO, || panic!("looked"), |_| true).unwrap();
+        let d = flows(4, Duration::ZERO, never, |_| true).unwrap();
         assert_eq!(d.left, 4);
     }
 }

@@ -14,13 +14,11 @@ use aya::{
 };
 use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
 
-use crate::{
+use crate::target::{
     Error, Result,
-    target::{
-        attach::{RecvmsgAttachment, SkMsgAttachment},
-        nudger::NudgeMaps,
-        record::{AttachKind, Attached},
-    },
+    attach::{RecvmsgAttachment, SkMsgAttachment},
+    nudger::NudgeMaps,
+    record::{AttachKind, Attached},
 };
 
 /// The eBPF object, built by build.rs and embedded in the binary.
@@ -231,7 +229,7 @@ impl Loaded {
     /// agent), and with `accel` attaches the node-wide acceleration hooks.
     /// Every program a target needs is loaded (verified) here, so attaching
     /// a target only links.
-    pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> Result<Loaded> {
+    pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> crate::Result<Loaded> {
         Loaded::load_with(&LoadOptions {
             accel,
             max_targets,
@@ -243,7 +241,7 @@ impl Loaded {
     /// `load` with the node agent's extras: table sizes, and maps and the
     /// node-wide recv tracepoint pinned under `pin_dir` (reused when already
     /// there: an agent restart keeps every flow and accelerated socket).
-    pub fn load_with(o: &LoadOptions) -> Result<Loaded> {
+    pub fn load_with(o: &LoadOptions) -> crate::Result<Loaded> {
         let (accel, single) = (o.accel, o.single);
         let max_targets = if single.is_some() {
             1
@@ -254,7 +252,7 @@ impl Loaded {
         if accel && (tcp_write_seq_offset == 0 || tcp_copied_seq_offset == 0) {
             // Without them a non-blocking sender's unseen sends could be
             // overtaken (tcpseq.rs): no acceleration rather than disorder.
-            return Err(Error::AccelUnsupported(
+            return Err(crate::Error::AccelUnsupported(
                 "BTF for struct tcp_sock.write_seq and copied_seq (byte order between the redirect and TCP is kept by them)".into(),
             ));
         }
@@ -272,7 +270,7 @@ impl Loaded {
         };
         let multi: u8 = if single.is_none() {
             let (nd_net, cookie) = crate::sys::btf::netns_offsets().ok_or_else(|| {
-                Error::KernelLacks(
+                crate::Error::KernelLacks(
                     "BTF for struct net_device.nd_net and struct net.net_cookie (the agent's tc programs read a packet's namespace through them)".into(),
                 )
             })?;
@@ -374,7 +372,7 @@ impl Loaded {
 
     /// The recvmsg tracepoint (reads of redirected bytes, counted before
     /// any byte is redirected), then sk_msg on the SOCKHASH.
-    fn attach_accel(&mut self) -> Result<()> {
+    fn attach_accel(&mut self) -> crate::Result<()> {
         let ebpf = &mut self.ebpf;
         let prog: &mut RawTracePoint = program(ebpf, names::PROG_RECV_LENGTH)?;
         prog.load()
@@ -447,7 +445,7 @@ impl Loaded {
         // The nudger's hand: loaded and linked now, so a kernel that
         // refuses it fails the start, not the first stall.
         let btf = Btf::from_sys_fs().map_err(|e| {
-            Error::KernelLacks(format!(
+            crate::Error::KernelLacks(format!(
                 "readable kernel BTF for the {} iterator ({e})",
                 names::PROG_NUDGE_ITER
             ))

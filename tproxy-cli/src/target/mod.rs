@@ -10,6 +10,7 @@ pub mod agent_state;
 pub mod attach;
 pub mod attachment;
 pub mod drain;
+pub mod error;
 pub mod inspect;
 pub mod installed;
 pub mod instance;
@@ -19,3 +20,5 @@ pub mod probe;
 pub mod record;
 pub mod recovery;
 pub mod sweep;
+
+pub use error::{Error, Result};

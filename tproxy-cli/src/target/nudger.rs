@@ -45,7 +45,7 @@ use aya::maps::{HashMap, MapData, RingBuf};
 use tproxy_common::{NUDGE_MAX, NudgeEvent, SockState, names, sock_flags::FAST};
 use tracing::{debug, warn};
 
-use crate::{Error, Result, error::Chain};
+use crate::{Error, Result, error::Chain, target};
 
 /// How long after a short read a reader that has not read since counts as
 /// asleep: a reader that is awake reads its TCP bytes well within it.
@@ -369,7 +369,7 @@ fn walk(link: RawFd) -> Result<()> {
 pub(crate) fn iter_link(prog: &aya::programs::Iter) -> Result<OwnedFd> {
     let prog_fd = prog
         .fd()
-        .map_err(|e| Error::load_program(names::PROG_NUDGE_ITER, e))?;
+        .map_err(|e| target::Error::load_program(names::PROG_NUDGE_ITER, e))?;
     // union bpf_attr's link_create: prog_fd, target_fd, attach_type, flags,
     // then iter_info and iter_info_len (none for TCP); the rest zero.
     let mut attr = [0u32; 16];

@@ -15,7 +15,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result, config::options::Steer, target::installed::Installed};
+use crate::{
+    config::options::Steer,
+    target::{Error, Result, installed::Installed},
+};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
 

@@ -19,6 +19,7 @@ use crate::{
         pins,
         removal::{Removal, RemovedKind},
     },
+    target,
     target::{
         agent_state::{AgentState, lock_path, read_state, state_path, try_lock},
         record::{Record, StaleRecord},
@@ -175,10 +176,11 @@ pub fn cleanup(scope: &Scope) -> Result<Vec<Cleaned>> {
             if let Scope::Iface(iface) = scope
                 && f.path.exists()
             {
-                return Err(Error::CleanupLive {
+                return Err(target::Error::CleanupLive {
                     iface: iface.clone(),
                     pid: f.record.map(|r| r.pid).unwrap_or(0),
-                });
+                }
+                .into());
             }
             continue; // a live instance: none of our business
         };
