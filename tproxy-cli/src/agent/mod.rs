@@ -32,9 +32,11 @@ use crate::{
     error::Chain,
     sys::{pins, system},
     target::{
-        agent_state::{AgentState, lock_path, read_state, state_path, try_lock, write_state},
+        agent_state::{AgentState, read_state, try_lock, write_state},
+        drain,
         loader::{LoadOptions, Loaded, MapSizes},
         nudger::{Netns, Nudger},
+        recovery,
     },
 };
 
@@ -151,21 +153,20 @@ impl Agent {
         let all = how == Change::InPlaceAfterDrain;
         let gone = |p: u16| before.contains(p) && (all || !opts.ports.contains(p));
         if before.iter().any(gone) {
-            let at = self.lock().record(id).map(|r| (r.netns_cookie, r.slot));
+            let at = self
+                .lock()
+                .record(id)
+                .map(|r| (r.installed.netns_cookie, r.slot));
             if let Some((cookie, slot)) = at {
-                let deadline = std::time::Instant::now() + self.drain;
-                let active = || self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0);
-                let start = active();
-                let mut left = start;
-                while left > 0 && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(100));
-                    left = active();
-                }
-                if start > 0 {
+                let active =
+                    || Ok::<_, Error>(self.lock().active_flows_to(cookie, slot, gone).unwrap_or(0));
+                let d = drain::flows(active()?, self.drain, active, drain::sleep)?;
+                if d.start > 0 {
                     info!(
                         id,
-                        "before the change: drained {} flow(s), cut {left}",
-                        start.saturating_sub(left)
+                        "before the change: drained {} flow(s), cut {}",
+                        d.ended(),
+                        d.left
                     );
                 }
             }
@@ -232,7 +233,7 @@ pub fn run(args: &Settings) -> Result<()> {
             node.display(),
             previous.targets.len()
         );
-        for line in remove_leftovers(&previous) {
+        for line in recovery::agent_leftovers(&previous) {
             info!("{line}");
         }
     }
@@ -314,7 +315,7 @@ pub fn run(args: &Settings) -> Result<()> {
                         .into_iter()
                         .map(|r| {
                             let pod = r.spec.name.clone().unwrap_or_default();
-                            (r.id, pod, r.netns_cookie, r.slot)
+                            (r.id, pod, r.installed.netns_cookie, r.slot)
                         })
                         .collect()
                 }),
@@ -414,98 +415,4 @@ fn watch_targets_dir(agent: &Agent, dir: &Path) {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
-}
-
-/// Removes what a dead agent's targets have outside its pins (netlink tc
-/// filters, routing), in their namespaces; one line per target.
-fn remove_leftovers(state: &AgentState) -> Vec<String> {
-    let mut out = Vec::new();
-    for rec in &state.targets {
-        let ns = rec.spec.netns.display();
-        if !registry::netns_alive(&rec.spec.netns, rec.netns_cookie) {
-            out.push(format!(
-                "target {} ({ns}): its network namespace is gone, and its filters and routing with it",
-                rec.id
-            ));
-            continue;
-        }
-        let mut removed = Vec::new();
-        let r = rec.clone();
-        let res = crate::sys::netns::run_in(&rec.spec.netns, move || {
-            let mut all = crate::sys::removal::Removal::default();
-            if r.tc_mode == crate::config::options::TcMode::Netlink {
-                all.extend(crate::sys::tc::remove_stale_filters(
-                    r.spec.iface(),
-                    r.ifindex,
-                    &r.tc_progs,
-                    r.created_clsact,
-                ));
-            }
-            if let Some(spec) = &r.tproxy {
-                all.extend(crate::sys::routing::TproxyRouting::remove(spec));
-            }
-            all
-        });
-        match res {
-            Ok(r) => {
-                removed.extend(r.removed.iter().map(ToString::to_string));
-                removed.extend(r.failed.iter().map(|f| format!("could not remove {f}")));
-            }
-            Err(e) => removed.push(format!("could not enter it: {}", Chain(&e))),
-        }
-        if removed.is_empty() {
-            out.push(format!(
-                "target {} ({ns}): no netlink filters or routing to remove",
-                rec.id
-            ));
-        }
-        for what in removed {
-            out.push(format!("target {} ({ns}): removed {what}", rec.id));
-        }
-    }
-    out
-}
-
-/// `tproxy cleanup`: what a dead agent (state in `dir`) left: its targets'
-/// filters and routing, its pins (the links detach, the maps go), its state.
-/// `None` if no agent state is there; an error line if the agent lives.
-pub fn cleanup(dir: &Path) -> Result<Option<Vec<String>>> {
-    if !state_path(dir).exists() && !lock_path(dir).exists() {
-        return Ok(None);
-    }
-    let Some(_lock) = try_lock(dir)? else {
-        return Err(Error::AgentRunning {
-            dir: dir.to_path_buf(),
-            pid: read_state(dir).map_or(0, |s| s.pid),
-        });
-    };
-    let state = read_state(dir).unwrap_or_default();
-    let mut out = remove_leftovers(&state);
-    if !state.bpffs.as_os_str().is_empty() {
-        for p in pins::remove_tree(&state.bpffs.join("targets")) {
-            out.push(format!("unpinned {}", p.display()));
-        }
-        for p in pins::remove_tree(&pins::node_dir(&state.bpffs)) {
-            out.push(format!("unpinned {}", p.display()));
-        }
-        let _ = fs::remove_dir(&state.bpffs);
-        match pins::unmount_ours(&state.bpffs) {
-            Ok(true) => out.push(format!(
-                "unmounted the bpf filesystem tproxy mounted on {}",
-                state.bpffs.display()
-            )),
-            Ok(false) => {}
-            Err(e) => out.push(format!("could not unmount: {}", Chain(&e))),
-        }
-    }
-    if fs::remove_file(state_path(dir)).is_ok() {
-        out.push(format!(
-            "removed the agent state {}",
-            state_path(dir).display()
-        ));
-    }
-    let _ = fs::remove_file(&state.socket);
-    let _ = fs::remove_file(lock_path(dir));
-    let _ = fs::remove_dir(dir);
-    Ok(Some(out))
 }

@@ -3,7 +3,7 @@
 //! caller runs them off the async runtime, one at a time (a Mutex).
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -17,15 +17,19 @@ use crate::{
     config::{self, Role, Target, options::TcMode},
     error::Chain,
     sys::{
-        self as sys, netns, pins,
-        routing::{TproxyRouting, TproxySpec},
-        system, tc,
+        self as sys,
+        netns::{self, Located},
+        pins, system,
     },
+    target,
     target::{
         agent_state::TargetRecord,
-        attachment::{SteerGuard, TargetAttachment, TargetEnv},
+        attachment::{SteerGuard, TargetAttachment},
+        drain,
         inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
+        installed::{Installed, netns_alive},
         loader::{self, Loaded},
+        probe::Probed,
         record::AttachKind,
     },
 };
@@ -82,7 +86,7 @@ impl From<Error> for ApiFailure {
                 | sys::Error::NotCgroup2(_)
                 | sys::Error::AgentCgroup { .. },
             )
-            | Error::TargetExists { .. } => code::INVALID_CONFIG,
+            | Error::Target(target::Error::TargetExists { .. }) => code::INVALID_CONFIG,
             _ => code::OTHER,
         };
         ApiFailure {
@@ -155,40 +159,6 @@ pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
     }
 }
 
-/// What the target's namespace says, found inside it.
-struct Probed {
-    ifindex: u32,
-    l2_len: u8,
-    cookie: u64,
-    inode: u64,
-    tc_mode: TcMode,
-    tproxy: Option<TproxySpec>,
-    steer_mark: u32,
-}
-
-fn probe_netns(opts: &Options) -> Result<Probed> {
-    let ifindex = system::ifindex(&opts.iface)?;
-    let l2_len = system::link_header_len(&opts.iface)?;
-    let cookie = system::netns_cookie()?;
-    let inode = netns::current_inode()?;
-    let tc_mode = crate::sys::tc::check(opts.tc_mode)?;
-    let (tproxy, steer_mark) = crate::target::attachment::plan_steering(opts, ifindex)?;
-    Ok(Probed {
-        ifindex,
-        l2_len,
-        cookie,
-        inode,
-        tc_mode,
-        tproxy,
-        steer_mark,
-    })
-}
-
-/// The namespace at `path` is still the one with `cookie`.
-pub fn netns_alive(path: &Path, cookie: u64) -> bool {
-    netns::run_in(path, netns::current_cookie).is_ok_and(|c| c.is_ok_and(|c| c == cookie))
-}
-
 /// Runs `f` in a fresh, empty network namespace: for dropping an owner
 /// whose namespace is gone, so its netlink and routing removals (which
 /// would otherwise run here, in the agent's namespace, against whatever
@@ -207,27 +177,6 @@ fn in_empty_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// Removes, in the calling thread's namespace, what an adopted target has
-/// outside the kernel's links: netlink tc filters, routing.
-fn remove_adopted_in_netns(rec: &TargetRecord) {
-    if rec.tc_mode == TcMode::Netlink {
-        let r = tc::remove_stale_filters(
-            rec.spec.iface(),
-            rec.ifindex,
-            &rec.tc_progs,
-            rec.created_clsact,
-        );
-        for f in r.failed {
-            warn!("target {}: could not remove {f}", rec.id);
-        }
-    }
-    if let Some(spec) = &rec.tproxy {
-        for f in TproxyRouting::remove(spec).failed {
-            warn!("target {}: could not remove {f}", rec.id);
-        }
-    }
-}
-
 impl Registry {
     pub fn new(loaded: Loaded, bpffs: PathBuf, max_targets: u32, quotas: Quotas) -> Registry {
         Registry {
@@ -241,7 +190,7 @@ impl Registry {
 
     /// New descriptors of the object's maps (the metrics endpoint's).
     pub fn maps(&self) -> Result<crate::target::inspect::Maps> {
-        crate::target::inspect::Maps::dup(self.loaded.ebpf())
+        Ok(crate::target::inspect::Maps::dup(self.loaded.ebpf())?)
     }
 
     pub fn records(&self) -> Vec<TargetRecord> {
@@ -296,15 +245,20 @@ impl Registry {
             ))
             .into());
         }
-        let probed = netns::run_in(&spec.netns, || probe_netns(&opts))??;
+        let (probed, plan) = netns::run_in(&spec.netns, || -> Result<_> {
+            let probed = Probed::here(&opts.iface, opts.tc_mode)?;
+            let plan = crate::target::attachment::plan_steering(&opts, probed.ifindex)?;
+            Ok((probed, plan))
+        })??;
         if let Some((other, _)) = self
             .targets
             .iter()
-            .find(|(_, e)| e.rec.netns_cookie == probed.cookie)
+            .find(|(_, e)| e.rec.installed.netns_cookie == probed.netns_cookie)
         {
-            return Err(Error::TargetExists {
+            return Err(target::Error::TargetExists {
                 netns: format!("{} (target {other})", spec.netns.display()),
-            });
+            }
+            .into());
         }
         let slot = self.free_slot().ok_or_else(|| {
             config::Error::InvalidTarget(format!(
@@ -313,21 +267,12 @@ impl Registry {
             ))
         })?;
         self.zero_counters(slot)?;
-        let env = TargetEnv {
-            ifindex: probed.ifindex,
-            l2_len: probed.l2_len,
-            netns_cookie: probed.cookie,
-            cgroup,
-            cgroup_dir,
-            tc_mode: probed.tc_mode,
-            tproxy: probed.tproxy.clone(),
-            steer_mark: probed.steer_mark,
-        };
+        let mut installed = Installed::new(&probed, plan.0.clone());
+        let env = probed.env(cgroup, cgroup_dir, plan);
         let loaded = &mut self.loaded;
-        let mut created_clsact = false;
         let att = netns::run_in(&spec.netns, || {
             let note = |planned: crate::target::attachment::Planned<'_>| {
-                created_clsact = planned.created_clsact;
+                installed.plan(&planned);
                 Ok(())
             };
             if replacing {
@@ -366,23 +311,11 @@ impl Registry {
             let _ = netns::run_in(&spec.netns, move || drop(att));
             return Err(e);
         }
-        let tc_progs = att
-            .attachments()
-            .iter()
-            .filter(|a| matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress))
-            .map(|a| a.prog_id)
-            .collect();
         let rec = TargetRecord {
             id: id.to_string(),
             spec: spec.clone(),
-            netns_cookie: probed.cookie,
-            netns_inode: probed.inode,
+            installed,
             slot,
-            ifindex: probed.ifindex,
-            tc_mode: probed.tc_mode,
-            created_clsact,
-            tproxy: probed.tproxy,
-            tc_progs,
             links,
             draining: false,
         };
@@ -423,12 +356,13 @@ impl Registry {
             return Err(config::Error::InvalidTarget(format!("target {id} is gone")).into());
         };
         let old = options_of(&e.rec.spec, self.quotas)?;
-        let (cookie, netns) = (e.rec.netns_cookie, e.rec.spec.netns.clone());
+        let (cookie, netns) = (e.rec.installed.netns_cookie, e.rec.spec.netns.clone());
         // The rewrite back-end's steer mark (the tproxy back-end's is its
         // routing's, which an in-place change keeps).
         let steer_mark = (opts.steer == Steer::Rewrite).then(|| {
-            opts.steer_mark
-                .unwrap_or_else(|| crate::config::options::default_steer_mark(e.rec.ifindex))
+            opts.steer_mark.unwrap_or_else(|| {
+                crate::config::options::default_steer_mark(e.rec.installed.ifindex)
+            })
         });
         if steer_mark == Some(opts.proxy_mark) {
             return Err(crate::config::Error::MarksCollide {
@@ -474,10 +408,11 @@ impl Registry {
         let rec = &e.rec;
         let (netns, iface, ifindex) = (
             rec.spec.netns.clone(),
-            rec.spec.iface().to_string(),
-            rec.ifindex,
+            rec.installed.iface.clone(),
+            rec.installed.ifindex,
         );
-        let old_clsact = rec.tc_mode == TcMode::Netlink && rec.created_clsact;
+        let old_clsact =
+            rec.installed.tc_mode == Some(TcMode::Netlink) && rec.installed.created_clsact;
         let loaded = &mut self.loaded;
         let g = netns::run_in(&netns, || {
             SteerGuard::attach(loaded, &iface, ifindex, old_clsact)
@@ -492,10 +427,10 @@ impl Registry {
         let Some(e) = self.targets.get_mut(id) else {
             return;
         };
-        if e.rec.tc_mode != TcMode::Netlink || !guard.hand_over_clsact() {
+        if e.rec.installed.tc_mode != Some(TcMode::Netlink) || !guard.hand_over_clsact() {
             return;
         }
-        e.rec.created_clsact = true;
+        e.rec.installed.created_clsact = true;
         if let Owner::Fresh(att) = &mut e.owner {
             att.own_clsact();
         }
@@ -506,13 +441,13 @@ impl Registry {
     /// the same pinned ones. A target whose namespace is gone is removed.
     pub fn adopt(&mut self, rec: TargetRecord) {
         let dir = pins::target_dir(&self.bpffs, rec.slot);
-        if !netns_alive(&rec.spec.netns, rec.netns_cookie) {
+        if rec.located() == Located::Gone {
             info!(
                 id = rec.id,
                 "target's network namespace is gone (pod deleted while no agent ran): removing what is left of it"
             );
             pins::remove_tree(&dir);
-            if let Err(e) = self.remove_targets_entry(rec.netns_cookie, false) {
+            if let Err(e) = self.remove_targets_entry(rec.installed.netns_cookie, false) {
                 debug!("TARGETS entry of {}: {}", rec.id, Chain(&e));
             }
             self.sweep(&rec);
@@ -561,20 +496,19 @@ impl Registry {
             return Ok(None);
         };
         e.rec.draining = true;
-        let (cookie, slot) = (e.rec.netns_cookie, e.rec.slot);
+        let (cookie, slot) = (e.rec.installed.netns_cookie, e.rec.slot);
         self.set_flag(cookie, flags::STEER_NEW, false)?;
         Ok(Some((cookie, slot)))
     }
 
+    /// Sets or clears a `flags::*` bit of the target `cookie`.
     pub fn set_flag(&mut self, cookie: u64, flag: u32, on: bool) -> Result<()> {
-        let mut map = self.loaded.targets_map()?;
-        let mut t = loader::read_target(&map, cookie)?;
-        if on {
-            t.config.flags |= flag;
-        } else {
-            t.config.flags &= !flag;
-        }
-        loader::write_target(&mut map, cookie, &t)
+        Ok(loader::set_flag(
+            &mut self.loaded.targets_map()?,
+            cookie,
+            flag,
+            on,
+        )?)
     }
 
     /// An adopted target's `TARGETS` entry (unless `keep_entry`), its
@@ -594,7 +528,7 @@ impl Registry {
         }
         let mut addrs = self.loaded.target_addrs_map()?;
         let mut m: HashMap<&mut MapData, tproxy_common::TargetAddr, u64> =
-            HashMap::try_from(&mut addrs).map_err(|source| Error::Map {
+            HashMap::try_from(&mut addrs).map_err(|source| target::Error::Map {
                 name: names::TARGET_ADDRS,
                 source,
             })?;
@@ -611,7 +545,7 @@ impl Registry {
             return Ok(());
         }
         let mut map = self.loaded.targets_map()?;
-        loader::remove_target(&mut map, cookie)
+        Ok(loader::remove_target(&mut map, cookie)?)
     }
 
     /// One of the object's hash maps, typed.
@@ -620,7 +554,7 @@ impl Registry {
         name: &'static str,
     ) -> Result<HashMap<&MapData, K, V>> {
         let map = self.loaded.ebpf().map(name).expect("a map of the object");
-        HashMap::try_from(map).map_err(|source| Error::Map { name, source })
+        Ok(HashMap::try_from(map).map_err(|source| target::Error::Map { name, source })?)
     }
 
     /// Active steered flows of the namespace `cookie`, counter slot
@@ -701,7 +635,8 @@ impl Registry {
         };
         let removed = pins::remove_tree(&pins::target_dir(&self.bpffs, rec.slot));
         debug!("target {id}: unpinned {} link(s)", removed.len());
-        let alive = netns_alive(&rec.spec.netns, rec.netns_cookie);
+        let at = rec.located();
+        let alive = at != Located::Gone;
         match owner {
             Owner::Fresh(mut att) => {
                 if keep_entry {
@@ -716,15 +651,17 @@ impl Registry {
                 }
             }
             Owner::Adopted => {
-                if alive {
-                    let r = rec.clone();
-                    if let Err(e) =
-                        netns::run_in(&rec.spec.netns, move || remove_adopted_in_netns(&r))
-                    {
-                        warn!("target {id}: detaching in its namespace: {}", Chain(&e));
+                // What outlives its links (netlink filters, routing), in its
+                // namespace; if that is gone, they went with it.
+                match rec.installed.remove(&at) {
+                    Ok((r, _)) => {
+                        for f in r.failed {
+                            warn!("target {id}: could not remove {f}");
+                        }
                     }
+                    Err(e) => warn!("target {id}: detaching in its namespace: {}", Chain(&e)),
                 }
-                if let Err(e) = self.remove_targets_entry(rec.netns_cookie, keep_entry) {
+                if let Err(e) = self.remove_targets_entry(rec.installed.netns_cookie, keep_entry) {
                     warn!("target {id}: removing its TARGETS entry: {}", Chain(&e));
                 }
                 // A fresh target's owner sweeps as it drops (target.rs).
@@ -739,7 +676,7 @@ impl Registry {
     fn sweep(&self, rec: &TargetRecord) {
         match self.loaded.sweep_maps() {
             Ok(mut maps) => {
-                maps.sweep_logged(&rec.id, rec.netns_cookie, rec.slot);
+                maps.sweep_logged(&rec.id, rec.installed.netns_cookie, rec.slot);
             }
             Err(e) => warn!("target {}: cannot sweep its entries: {}", rec.id, Chain(&e)),
         }
@@ -753,14 +690,14 @@ impl Registry {
             .map_mut(names::COUNTERS)
             .expect("COUNTERS");
         let mut arr: PerCpuArray<&mut MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+            PerCpuArray::try_from(map).map_err(|source| target::Error::Map {
                 name: names::COUNTERS,
                 source,
             })?;
         for c in Counter::ALL {
             let zeros = PerCpuValues::try_from(vec![0u64; ncpus]).expect("one per CPU");
             arr.set(c.index(slot), zeros, 0)
-                .map_err(|source| Error::Map {
+                .map_err(|source| target::Error::Map {
                     name: names::COUNTERS,
                     source,
                 })?;
@@ -772,11 +709,11 @@ impl Registry {
     pub fn counters_of_slot(&self, slot: u32) -> Result<Vec<(Counter, u64)>> {
         let map = self.loaded.ebpf().map(names::COUNTERS).expect("COUNTERS");
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+            PerCpuArray::try_from(map).map_err(|source| target::Error::Map {
                 name: names::COUNTERS,
                 source,
             })?;
-        crate::target::inspect::slot_counters(&arr, slot)
+        Ok(crate::target::inspect::slot_counters(&arr, slot)?)
     }
 
     /// `check`: attached and whole, or what is wrong.
@@ -785,14 +722,19 @@ impl Registry {
         if e.rec.draining {
             return Some("DRAINING".into());
         }
-        if !netns_alive(&e.rec.spec.netns, e.rec.netns_cookie) {
+        if e.rec.located() == Located::Gone {
             return Some("DEGRADED: its network namespace is gone".into());
         }
         let dir = pins::target_dir(&self.bpffs, e.rec.slot);
         if let Some(missing) = e.rec.links.iter().find(|l| !dir.join(l).exists()) {
             return Some(format!("DEGRADED: its {missing} link is not pinned"));
         }
-        if loader::read_target(&self.loaded.targets_map().ok()?, e.rec.netns_cookie).is_err() {
+        if loader::read_target(
+            &self.loaded.targets_map().ok()?,
+            e.rec.installed.netns_cookie,
+        )
+        .is_err()
+        {
             return Some("DEGRADED: no TARGETS entry".into());
         }
         Some("OK".into())
@@ -814,7 +756,7 @@ impl Registry {
     pub fn netns_of(&self, cookie: u64) -> Option<PathBuf> {
         self.targets
             .values()
-            .find(|e| e.rec.netns_cookie == cookie)
+            .find(|e| e.rec.installed.netns_cookie == cookie)
             .map(|e| e.rec.spec.netns.clone())
     }
 
@@ -870,45 +812,31 @@ pub fn remove(reg: &std::sync::Mutex<Registry>, id: &str, drain: Duration) -> Re
     Ok(true)
 }
 
-/// A removal's steps between `start_draining` and the detach: steered
-/// flows get up to `drain` to finish, then acceleration is handed back
-/// (bounded wait for queued bytes to be read).
+/// A removal's steps between `start_draining` and the detach
+/// (`target::drain`): steered flows get up to `timeout` to finish, then
+/// acceleration is handed back (bounded wait for queued bytes to be read).
 fn drain_target(
     reg: &std::sync::Mutex<Registry>,
     id: &str,
     cookie: u64,
     slot: u32,
-    drain: Duration,
+    timeout: Duration,
 ) -> Result<()> {
     let lock = || {
         reg.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    let deadline = Instant::now() + drain;
-    let start = lock().active_flows(cookie, slot).unwrap_or(0);
-    let mut left = start;
-    while left > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        left = lock().active_flows(cookie, slot).unwrap_or(0);
-    }
-    info!(
-        id,
-        "drained {} flow(s), cut {left}",
-        start.saturating_sub(left)
-    );
-    lock().set_flag(cookie, flags::ACCEL, false)?;
-    // A sender that read the flag just before may be mid-enqueue.
-    std::thread::sleep(Duration::from_millis(100));
-    let t0 = Instant::now();
-    let (sockets, mut queued) = lock().accel_of_slot(slot).unwrap_or((0, 0));
-    while queued > 0 && t0.elapsed() < crate::target::instance::ACCEL_DRAIN_TIMEOUT {
-        std::thread::sleep(Duration::from_millis(10));
-        queued = lock().accel_of_slot(slot).map(|(_, q)| q).unwrap_or(0);
-    }
-    if sockets > 0 {
+    let active = || Ok::<_, Error>(lock().active_flows(cookie, slot).unwrap_or(0));
+    let d = drain::flows(active()?, timeout, active, drain::sleep)?;
+    info!(id, "drained {} flow(s), cut {}", d.ended(), d.left);
+    let h = drain::accel(
+        || lock().set_flag(cookie, flags::ACCEL, false),
+        || lock().accel_of_slot(slot),
+    )?;
+    if h.sockets > 0 {
         info!(
             id,
-            "accel: {sockets} socket(s) handed back to plain TCP; {queued} byte(s) unread"
+            "accel: {} socket(s) handed back to plain TCP; {} byte(s) unread", h.sockets, h.left
         );
     }
     Ok(())
@@ -961,7 +889,7 @@ pub fn replace(
     let Some(mut guard) = guard else {
         return res;
     };
-    if r.record(id).map(|n| n.netns_cookie) != Some(cookie) {
+    if r.record(id).map(|n| n.installed.netns_cookie) != Some(cookie) {
         // The new target failed, or is another namespace at the same path:
         // the kept entry is no one's.
         let _ = r.remove_targets_entry(cookie, false);

@@ -15,6 +15,7 @@ use crate::{
     },
     error::Chain,
     observe::metrics,
+    target,
 };
 
 /// `tproxy`'s flags: a target's ([`Target`]: -i, -ports, --proxy-port…)
@@ -109,14 +110,7 @@ pub fn serve(settings: &RunSettings) -> anyhow::Result<()> {
                 _ = reap.tick() => reap_flows(&mut instance),
             }
         };
-        drain(
-            &mut instance,
-            sig,
-            settings.drain_timeout,
-            &mut term,
-            &mut int,
-        )
-        .await?;
+        let instance = drain(instance, sig, settings.drain_timeout, &mut term, &mut int).await?;
         let counters = instance.counters()?;
         instance.shutdown();
         let summary: Vec<String> = counters
@@ -135,14 +129,15 @@ pub fn serve(settings: &RunSettings) -> anyhow::Result<()> {
 
 /// Graceful stop: new connections to intercepted ports are refused from now
 /// on (their SYNs dropped: none reaches the app around the proxy), flows
-/// already steered keep their path until they end or the timeout runs out.
+/// already steered keep their path until they end or the timeout runs out
+/// (`target::drain`, off the runtime: a second signal stops it at once).
 async fn drain(
-    instance: &mut Instance,
+    mut instance: Instance,
     sig: &str,
     timeout_s: u64,
     term: &mut tokio::signal::unix::Signal,
     int: &mut tokio::signal::unix::Signal,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Instance> {
     instance.stop_steering_new()?;
     // Only flows seen lately: a client that went silent would hold the
     // drain for its whole timeout and gain nothing.
@@ -153,34 +148,53 @@ async fn drain(
             "{sig}: detaching ({start} active steered flow(s) cut; {} idle)",
             flows.open - flows.active
         );
-        return Ok(());
+        return Ok(instance);
     }
     info!(
         "{sig}: new connections to intercepted ports are now refused; draining {start} active steered flow(s) for up to {timeout_s} s ({} idle ones are not waited for; signal again to stop now)",
         flows.open - flows.active
     );
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-    let mut left = start;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                reap_flows(instance);
-                left = instance.flows()?.active;
-                if left == 0 || tokio::time::Instant::now() >= deadline {
-                    break;
-                }
-            }
-            _ = term.recv() => { info!("second signal: stopping now"); break; }
-            _ = int.recv() => { info!("second signal: stopping now"); break; }
-        }
-    }
-    let left = instance.flows().map(|f| f.active).unwrap_or(left);
+    // Sent (or dropped) to stop the drain now.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let mut waiting = tokio::task::spawn_blocking(move || {
+        let drained = target::drain::flows(
+            start,
+            std::time::Duration::from_secs(timeout_s),
+            || {
+                reap_flows(&mut instance);
+                instance.flows().map(|f| f.active)
+            },
+            |tick| {
+                matches!(
+                    stopped.recv_timeout(tick),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                )
+            },
+        );
+        (instance, drained)
+    });
+    let (instance, drained) = tokio::select! {
+        r = &mut waiting => r?,
+        _ = term.recv() => second_signal(stop, waiting).await?,
+        _ = int.recv() => second_signal(stop, waiting).await?,
+    };
+    let drained = drained?;
     info!(
-        "drained {} flow(s), cut {left}; detaching",
-        start.saturating_sub(left)
+        "drained {} flow(s), cut {}; detaching",
+        drained.ended(),
+        drained.left
     );
-    Ok(())
+    Ok(instance)
+}
+
+/// Stops the drain under way now.
+async fn second_signal<T>(
+    stop: std::sync::mpsc::Sender<()>,
+    waiting: tokio::task::JoinHandle<T>,
+) -> Result<T, tokio::task::JoinError> {
+    info!("second signal: stopping now");
+    let _ = stop.send(());
+    waiting.await
 }
 
 fn reap_flows(instance: &mut Instance) {

@@ -12,6 +12,7 @@ use tproxy_common::{Counter, names};
 use crate::{
     Error, Result,
     sys::pins,
+    target,
     target::{
         agent_state::{AgentState, TargetRecord, default_state_dir, read_state, try_lock},
         inspect::{Maps, Snapshot},
@@ -34,7 +35,7 @@ pub struct AgentView {
 fn pinned_maps(bpffs: &Path) -> Result<Maps> {
     let dir = pins::node_dir(bpffs);
     let open = |name: &'static str| {
-        MapData::from_pin(dir.join(name)).map_err(|source| Error::Map { name, source })
+        MapData::from_pin(dir.join(name)).map_err(|source| target::Error::Map { name, source })
     };
     Ok(Maps::from_parts(
         Map::PerCpuArray(open(names::COUNTERS)?),
@@ -62,7 +63,7 @@ pub fn view(state_dir: &Path) -> Result<Option<AgentView>> {
     let keys: Vec<(u64, u32)> = state
         .targets
         .iter()
-        .map(|t| (t.netns_cookie, t.slot))
+        .map(|t| (t.installed.netns_cookie, t.slot))
         .collect();
     let snaps = maps.snapshots_by_target(&keys)?;
     let node = maps.snapshot()?;
@@ -218,7 +219,7 @@ pub fn run_status(dir: Option<&Path>, json: bool) -> Result<()> {
         .targets
         .iter()
         .filter_map(|(r, _)| {
-            let why = if !crate::agent::registry::netns_alive(&r.spec.netns, r.netns_cookie) {
+            let why = if r.located() == crate::sys::netns::Located::Gone {
                 "its network namespace is gone"
             } else if r
                 .links

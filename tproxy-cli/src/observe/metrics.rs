@@ -303,10 +303,13 @@ fn instance_labels(instance: &Instance, opts: &Options) -> Vec<(String, String)>
     let r = instance.record();
     let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
     vec![
-        ("iface".into(), r.iface.clone()),
+        ("iface".into(), r.installed.iface.clone()),
         ("steer".into(), name(serde_json::json!(r.steer))),
         ("accel".into(), if opts.accel { "on" } else { "off" }.into()),
-        ("tc_mode".into(), name(serde_json::json!(r.tc_mode))),
+        (
+            "tc_mode".into(),
+            name(serde_json::json!(r.installed.tc_mode)),
+        ),
         ("pid".into(), r.pid.to_string()),
     ]
 }

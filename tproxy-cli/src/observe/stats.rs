@@ -39,8 +39,8 @@ pub fn run(args: &Query) -> Result<()> {
     let netns = crate::sys::system::netns_inode()?;
     let records: Vec<Record> = record::live_records()
         .into_iter()
-        .filter(|r| args.all || r.netns_inode == netns)
-        .filter(|r| args.iface.as_ref().is_none_or(|i| &r.iface == i))
+        .filter(|r| args.all || r.installed.netns_inode == netns)
+        .filter(|r| args.iface.as_ref().is_none_or(|i| &r.installed.iface == i))
         .collect();
     if records.is_empty() {
         return Err(Error::NoInstance {
@@ -77,7 +77,7 @@ pub fn instance_json(r: &Record, s: &Snapshot) -> serde_json::Value {
         .map(|(c, v)| (c.name().to_string(), (*v).into()))
         .collect();
     serde_json::json!({
-        "pid": r.pid, "iface": r.iface, "netns_inode": r.netns_inode,
+        "pid": r.pid, "iface": r.installed.iface, "netns_inode": r.installed.netns_inode,
         "steer": r.steer, "flows": s.flows.open, "flows_active": s.flows.active,
         "flows_closing": s.flows.closing, "flows_embryonic": s.flows.embryonic,
         "accel_sockets": s.accel_sockets, "flows_in_use": s.flows_in_use,
@@ -100,8 +100,8 @@ fn once(args: &Query, records: &[Record]) -> Result<()> {
             out,
             "tproxy pid {} on {} (netns {}, steer {:?}): {} open flow(s) ({} active in the last {} s), {} closing, {} embryonic; {} accelerated socket(s), {} byte(s) queued",
             r.pid,
-            r.iface,
-            r.netns_inode,
+            r.installed.iface,
+            r.installed.netns_inode,
             r.steer,
             s.flows.open,
             s.flows.active,
@@ -153,20 +153,24 @@ impl Watched {
     /// The same instance still holds its record's lock.
     fn alive(&self, live: &[Record]) -> bool {
         live.iter().any(|r| {
-            (r.pid, r.netns_inode, &r.iface, r.counters_map_id)
-                == (
-                    self.record.pid,
-                    self.record.netns_inode,
-                    &self.record.iface,
-                    self.record.counters_map_id,
-                )
+            (
+                r.pid,
+                r.installed.netns_inode,
+                &r.installed.iface,
+                r.counters_map_id,
+            ) == (
+                self.record.pid,
+                self.record.installed.netns_inode,
+                &self.record.installed.iface,
+                self.record.counters_map_id,
+            )
         })
     }
 
     fn gone(&self) -> Error {
         Error::InstanceGone {
             pid: self.record.pid,
-            iface: self.record.iface.clone(),
+            iface: self.record.installed.iface.clone(),
         }
     }
 }
@@ -185,7 +189,7 @@ fn sample(watched: &[Watched]) -> Result<Vec<Snapshot>> {
         match w.maps.snapshot() {
             Ok(s) => out.push(s),
             Err(_) if !w.alive(&record::live_records()) => return Err(w.gone()),
-            Err(e) => return Err(crate::target::inspect::explain(e, w.record.pid)),
+            Err(e) => return Err(crate::target::inspect::explain(e, w.record.pid).into()),
         }
     }
     Ok(out)
@@ -317,7 +321,7 @@ impl Frame<'_> {
                 .collect();
             out += &format!(
                 "{ts} {} pid {}: flows {} open, {} active, {} closing, {} embryonic; accel {} sockets, {} bytes queued; {}\n",
-                w.record.iface,
+                w.record.installed.iface,
                 w.record.pid,
                 s.flows.open,
                 s.flows.active,
@@ -349,8 +353,8 @@ impl Frame<'_> {
             lines.push(format!(
                 "tproxy pid {} on {} (netns {}, steer {})",
                 r.pid,
-                r.iface,
-                r.netns_inode,
+                r.installed.iface,
+                r.installed.netns_inode,
                 steer_name(r.steer)
             ));
             lines.push(format!(

@@ -131,7 +131,7 @@ fn check(
         return Err(format!("{what}: program id {} is not loaded", a.prog_id));
     }
     let is_tc = matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress);
-    if is_tc && rec.tc_mode == Some(TcMode::Netlink) {
+    if is_tc && rec.installed.tc_mode == Some(TcMode::Netlink) {
         let egress = a.kind == AttachKind::TcEgress;
         return match ns.and_then(|n| n.filters.as_ref()) {
             Some(Ok(filters)) => {
@@ -144,14 +144,14 @@ fn check(
                     Err(format!(
                         "{what}: no {} filter on {} runs program id {}",
                         if egress { "egress" } else { "ingress" },
-                        rec.iface,
+                        rec.installed.iface,
                         a.prog_id
                     ))
                 }
             }
             Some(Err(e)) => Err(format!(
                 "{what}: listing the tc filters on {}: {e}",
-                rec.iface
+                rec.installed.iface
             )),
             None => Err(format!(
                 "{what}: its network namespace could not be entered"
@@ -175,7 +175,7 @@ fn check(
     }
     let (want, target) = match l.target {
         LinkTarget::Cgroup(id) => (cgroup_id, id),
-        LinkTarget::Tcx(ifindex) => (Some(u64::from(rec.ifindex)), u64::from(ifindex)),
+        LinkTarget::Tcx(ifindex) => (Some(u64::from(rec.installed.ifindex)), u64::from(ifindex)),
         LinkTarget::Other => return Ok(()),
     };
     match want {
@@ -195,7 +195,7 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
     let located = f
         .record
         .as_ref()
-        .map(|r| netns::locate(r.netns_inode, r.netns_cookie))
+        .map(Record::located)
         .unwrap_or_else(|| netns::locate(f.netns_inode, 0));
     let mut s = InstanceStatus {
         state: State::Running,
@@ -236,16 +236,16 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
     };
     s.pid = rec.pid;
     s.pid_alive = Path::new(&format!("/proc/{}", rec.pid)).exists();
-    s.ifindex = rec.ifindex;
+    s.ifindex = rec.installed.ifindex;
     s.cgroup = Some(rec.cgroup.clone());
     s.ports.clone_from(&rec.ports);
     s.proxy_port = rec.proxy_port;
     s.steer = Some(rec.steer);
-    s.tproxy.clone_from(&rec.tproxy);
+    s.tproxy.clone_from(&rec.installed.tproxy);
     // Records written before these fields existed have no start time.
     let legacy = rec.started_at == 0;
     s.accel = (!legacy).then_some(rec.accel);
-    s.tc_mode = rec.tc_mode;
+    s.tc_mode = rec.installed.tc_mode;
     s.started_at = rec.started_at;
     s.uptime_s = (rec.started_at > 0).then(|| now_s().saturating_sub(rec.started_at));
     let not_checked = |a: &Attached| AttachmentStatus {
@@ -286,10 +286,10 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
     }
 
     // Alive: check it all.
-    let netlink = rec.tc_mode == Some(TcMode::Netlink);
+    let netlink = rec.installed.tc_mode == Some(TcMode::Netlink);
     let in_ns = netns::run_located(&located, || InNetns {
-        ifindex: system::ifindex(&rec.iface).ok(),
-        filters: netlink.then(|| tc::bpf_filters(rec.ifindex)),
+        ifindex: system::ifindex(&rec.installed.iface).ok(),
+        filters: netlink.then(|| tc::bpf_filters(rec.installed.ifindex)),
     });
     let in_ns = match in_ns {
         Some(Ok(n)) => Some(n),
@@ -304,11 +304,11 @@ fn status_of(f: RecordFile) -> Option<InstanceStatus> {
         }
     };
     if let Some(n) = &in_ns
-        && n.ifindex != Some(rec.ifindex)
+        && n.ifindex != Some(rec.installed.ifindex)
     {
         s.problems.push(format!(
             "its interface {} (index {}) no longer exists",
-            rec.iface, rec.ifindex
+            rec.installed.iface, rec.installed.ifindex
         ));
     }
     // Under `ip netns exec` (/sys remounted, no cgroup2 in sight) the path

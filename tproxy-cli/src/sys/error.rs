@@ -167,23 +167,23 @@ impl Error {
 /// An `nft` run that failed. nftables' own error leaves out what nft said
 /// on stderr (the actual reason); this one says it, on one line.
 #[derive(Debug)]
-pub struct NftError(pub nftables::helper::NftablesError);
+pub struct NftError(pub Box<nftables::helper::NftablesError>);
 
 impl NftError {
     /// nft said the object does not exist (ENOENT).
     pub fn is_missing(&self) -> bool {
-        matches!(&self.0, nftables::helper::NftablesError::NftFailed { stderr, .. } if stderr.contains("No such file"))
+        matches!(&*self.0, nftables::helper::NftablesError::NftFailed { stderr, .. } if stderr.contains("No such file"))
     }
 
     /// nft said the object already exists (EEXIST, from `create`).
     pub fn is_exists(&self) -> bool {
-        matches!(&self.0, nftables::helper::NftablesError::NftFailed { stderr, .. } if stderr.contains("File exists"))
+        matches!(&*self.0, nftables::helper::NftablesError::NftFailed { stderr, .. } if stderr.contains("File exists"))
     }
 }
 
 impl std::fmt::Display for NftError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
+        match &*self.0 {
             nftables::helper::NftablesError::NftFailed {
                 program, stderr, ..
             } => write!(

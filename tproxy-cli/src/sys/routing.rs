@@ -428,12 +428,14 @@ pub fn check_nft_table_free(spec: &TproxySpec) -> Result<()> {
 fn install_nft(spec: &TproxySpec) -> Result<()> {
     // `create`: the batch fails as a whole if the table appeared since
     // `check_nft_table_free` looked.
-    helper::apply_ruleset(&nft_batch(spec, true).to_nftables()).map_err(|e| match NftError(e) {
-        e if e.is_exists() => Error::NftTableExists(spec.nft_table.clone()),
-        e => Error::Nft {
-            what: "adding the tproxy table".into(),
-            source: e,
-        },
+    helper::apply_ruleset(&nft_batch(spec, true).to_nftables()).map_err(|e| {
+        match NftError(Box::new(e)) {
+            e if e.is_exists() => Error::NftTableExists(spec.nft_table.clone()),
+            e => Error::Nft {
+                what: "adding the tproxy table".into(),
+                source: e,
+            },
+        }
     })
 }
 
@@ -512,9 +514,9 @@ fn find_nft_table(spec: &TproxySpec) -> Result<Option<serde_json::Value>> {
             .map(Some)
             .map_err(|e| Error::Nft {
                 what: format!("reading the nftables table inet {}", spec.nft_table),
-                source: NftError(helper::NftablesError::NftInvalidJson(e)),
+                source: NftError(Box::new(helper::NftablesError::NftInvalidJson(e))),
             }),
-        Err(e) => match NftError(e) {
+        Err(e) => match NftError(Box::new(e)) {
             e if e.is_missing() => Ok(None),
             e => Err(Error::Nft {
                 what: format!("listing the nftables table inet {}", spec.nft_table),
@@ -564,7 +566,7 @@ fn remove_nft(spec: &TproxySpec) -> Result<bool> {
     .to_string();
     match helper::apply_ruleset_raw(&payload, helper::DEFAULT_NFT, helper::DEFAULT_ARGS) {
         Ok(_) => Ok(true),
-        Err(e) => match NftError(e) {
+        Err(e) => match NftError(Box::new(e)) {
             e if e.is_missing() => Ok(false),
             e => Err(Error::Nft {
                 what: "removing the tproxy table".into(),

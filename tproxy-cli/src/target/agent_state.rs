@@ -10,7 +10,14 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result, api::TargetSpec, config::options::TcMode, sys::routing::TproxySpec};
+use crate::{
+    api::TargetSpec,
+    sys::netns::Located,
+    target::{
+        Error, Result,
+        installed::{Installed, netns_at},
+    },
+};
 
 /// What the state file keeps of one target: enough for the next agent to
 /// adopt it, or for `tproxy cleanup` to remove it.
@@ -18,20 +25,24 @@ use crate::{Error, Result, api::TargetSpec, config::options::TcMode, sys::routin
 pub struct TargetRecord {
     pub id: String,
     pub spec: TargetSpec,
-    pub netns_cookie: u64,
-    pub netns_inode: u64,
+    /// Where it is and what outlives its links (namespace, interface, tc
+    /// mode and programs, routing: the same keys as ever, flattened).
+    #[serde(flatten)]
+    pub installed: Installed,
     pub slot: u32,
-    pub ifindex: u32,
-    pub tc_mode: TcMode,
-    pub created_clsact: bool,
-    pub tproxy: Option<TproxySpec>,
-    /// Program ids of its tc programs (netlink filters are found by them).
-    pub tc_progs: Vec<u32>,
     /// Its pinned links, by program name, under `targets/<slot>/`.
     pub links: Vec<String>,
     /// Being removed (steering of new flows off).
     #[serde(default)]
     pub draining: bool,
+}
+
+impl TargetRecord {
+    /// Where its namespace is now: at its path if that is still the one
+    /// it was attached in, else gone.
+    pub fn located(&self) -> Located {
+        netns_at(&self.spec.netns, self.installed.netns_cookie)
+    }
 }
 
 /// The agent's state file: what the next agent adopts.
@@ -83,7 +94,21 @@ pub fn try_lock(dir: &Path) -> Result<Option<AgentLock>> {
 }
 
 pub fn read_state(dir: &Path) -> Option<AgentState> {
-    serde_json::from_slice(&fs::read(state_path(dir)).ok()?).ok()
+    parse_state(&fs::read(state_path(dir)).ok()?)
+}
+
+/// A state file as written by this build or an earlier one: those name a
+/// target's interface only in its spec.
+fn parse_state(json: &[u8]) -> Option<AgentState> {
+    let mut state: AgentState = serde_json::from_slice(json).ok()?;
+    for t in &mut state.targets {
+        if t.installed.iface.is_empty()
+            && let Some(iface) = &t.spec.target.iface
+        {
+            t.installed.iface.clone_from(iface);
+        }
+    }
+    Some(state)
 }
 
 pub fn write_state(dir: &Path, state: &AgentState) -> Result<()> {
@@ -95,4 +120,40 @@ pub fn write_state(dir: &Path, state: &AgentState) -> Result<()> {
         .map_err(io)?;
     f.sync_all().map_err(io)?;
     fs::rename(&tmp, &path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::options::TcMode;
+
+    /// The previous build's state file: the target's installed part at the
+    /// top level of its record, its interface only in its spec.
+    #[test]
+    fn a_state_file_of_the_previous_build_reads() {
+        let old = br#"{"pid":9,"bpffs":"/sys/fs/bpf/tproxy","socket":"/run/tproxy/agent.sock",
+            "targets":[{"id":"k2","spec":{"netns":"/run/netns/pod","iface":"eth0",
+            "cgroup":"/sys/fs/cgroup/pod","ports":"8000"},"netns_cookie":4096,
+            "netns_inode":4026532301,"slot":1,"ifindex":3,"tc_mode":"netlink",
+            "created_clsact":true,"tproxy":null,"tc_progs":[71,72],
+            "links":["tproxy_sockops"],"draining":true}]}"#;
+        let s = parse_state(old).unwrap();
+        let t = &s.targets[0];
+        assert_eq!((t.id.as_str(), t.slot, t.draining), ("k2", 1, true));
+        let i = &t.installed;
+        assert_eq!(i.iface, "eth0");
+        assert_eq!(
+            (i.ifindex, i.netns_cookie, i.netns_inode),
+            (3, 4096, 4026532301)
+        );
+        assert_eq!(i.tc_mode, Some(TcMode::Netlink));
+        assert!(i.created_clsact && i.tproxy.is_none());
+        assert_eq!(i.tc_progs, vec![71, 72]);
+        // Written again: the same keys at the same level, and `iface`.
+        let v = serde_json::to_value(&s.targets[0]).unwrap();
+        assert_eq!(v["tc_mode"], "netlink");
+        assert_eq!(v["netns_cookie"], 4096);
+        assert_eq!(v["iface"], "eth0");
+        assert_eq!(serde_json::from_value::<TargetRecord>(v).unwrap(), *t);
+    }
 }

@@ -28,6 +28,7 @@ use crate::{
         routing::{TproxyRouting, TproxySpec},
         tc::ClsactQdisc,
     },
+    target,
     target::{
         attach::{
             Attachment, GetsocknameAttachment, GetsockoptAttachment, SockopsAttachment,
@@ -67,10 +68,11 @@ pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<((u64, u32), st
         Some(path) => {
             let proxy = crate::sys::system::open_cgroup(Some(path))?;
             if !crate::sys::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
-                return Err(Error::ProxyCgroupOutside {
+                return Err(target::Error::ProxyCgroupOutside {
                     proxy: path.clone(),
                     cgroup: env.cgroup.clone(),
-                });
+                }
+                .into());
             }
             proxy.dir
         }
@@ -243,17 +245,9 @@ impl TargetEnv {
     /// each with its own message).
     pub fn here(iface: &str, cgroup: &std::path::Path) -> crate::Result<TargetEnv> {
         let dir = crate::sys::system::open_cgroup(Some(cgroup))?;
-        let ifindex = crate::sys::system::ifindex(iface)?;
-        Ok(TargetEnv {
-            ifindex,
-            l2_len: crate::sys::system::link_header_len(iface)?,
-            netns_cookie: crate::sys::system::netns_cookie()?,
-            cgroup: dir.path,
-            cgroup_dir: dir.dir,
-            tc_mode: crate::sys::tc::check(TcMode::Auto)?,
-            tproxy: None,
-            steer_mark: crate::config::options::default_steer_mark(ifindex),
-        })
+        let probed = crate::target::probe::Probed::here(iface, TcMode::Auto)?;
+        let steer_mark = crate::config::options::default_steer_mark(probed.ifindex);
+        Ok(probed.env(dir.path, dir.dir, (None, steer_mark)))
     }
 }
 
@@ -767,13 +761,14 @@ impl TargetAttachment {
         replacing: bool,
     ) -> Result<TargetAttachment> {
         if opts.accel && !loaded.accel() {
-            return Err(Error::AccelNotLoaded);
+            return Err(target::Error::AccelNotLoaded.into());
         }
         let mut map = loaded.targets_map()?;
         if !replacing && loader::read_target(&map, env.netns_cookie).is_ok() {
-            return Err(Error::TargetExists {
+            return Err(target::Error::TargetExists {
                 netns: format!("cookie {:#x}", env.netns_cookie),
-            });
+            }
+            .into());
         }
         let (proxy, proxy_dir) = proxy_identity(opts, &env)?;
         let listeners = PriorListeners::find(
@@ -838,7 +833,7 @@ impl TargetAttachment {
         )?);
         let id = prog
             .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| Error::Attach {
+            .map_err(|source| target::Error::Attach {
                 what: format!("sockops to cgroup {cgroup}"),
                 source,
             })?;
@@ -857,7 +852,7 @@ impl TargetAttachment {
         )?);
         let id = prog
             .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| Error::Attach {
+            .map_err(|source| target::Error::Attach {
                 what: format!("cgroup/getsockopt to {cgroup}"),
                 source,
             })?;
@@ -875,7 +870,7 @@ impl TargetAttachment {
             attachments.push(attached(&what, AttachKind::Cgroup, name, prog.info())?);
             let id = prog
                 .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-                .map_err(|source| Error::Attach {
+                .map_err(|source| target::Error::Attach {
                     what: format!("cgroup/{hook} to {cgroup}"),
                     source,
                 })?;
@@ -1004,14 +999,8 @@ impl TargetAttachment {
     }
 
     /// Sets or clears a `flags::*` bit of this target.
-    pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
-        let mut t = loader::read_target(&self.entry.map, self.entry.cookie)?;
-        if on {
-            t.config.flags |= flag;
-        } else {
-            t.config.flags &= !flag;
-        }
-        loader::write_target(&mut self.entry.map, self.entry.cookie, &t)
+    pub fn set_flag(&mut self, flag: u32, on: bool) -> target::Result<()> {
+        loader::set_flag(&mut self.entry.map, self.entry.cookie, flag, on)
     }
 
     /// Counts down the proxy's listeners older than the target that have
@@ -1097,7 +1086,7 @@ fn attach_tc(
     let hook_s = hook_name(hook);
     let id = prog
         .attach_with_options(iface, hook, options)
-        .map_err(|source| Error::Attach {
+        .map_err(|source| target::Error::Attach {
             what: format!("tc {hook_s} ({mode:?}) on {iface}"),
             source,
         })?;

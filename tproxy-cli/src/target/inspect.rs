@@ -8,7 +8,7 @@ use tproxy_common::{
     Counter, FLOW_ACTIVE_NS, FLOW_LINGER_NS, FlowKey, FlowValue, SockState, names,
 };
 
-use crate::{Error, Result, target::record::Record};
+use crate::target::{Error, Result, record::Record};
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock the programs stamp entries with
 /// (bpf_ktime_get_coarse_ns).

@@ -6,13 +6,17 @@ use tproxy_common::{Counter, flags, names};
 use tracing::{info, warn};
 
 use crate::{
-    Error, Options, Result,
+    Options, Result,
     sys::system,
+    target,
     target::{
-        attachment::{TargetAttachment, TargetEnv},
+        attachment::TargetAttachment,
+        drain::{self, Handback},
         inspect::{FlowStats, flow_stats, socks_state, sum_counters},
+        installed::Installed,
         loader::Loaded,
         nudger::{Netns, Nudger},
+        probe::Probed,
         record::{InstanceLock, Record},
     },
 };
@@ -27,7 +31,7 @@ pub struct Instance {
     /// iterator.
     #[expect(dead_code, reason = "held for its Drop")]
     nudger: Option<Nudger>,
-    target: Option<TargetAttachment>,
+    target: TargetAttachment,
     accel_stopped: bool,
     loaded: Loaded,
     record: Record,
@@ -42,7 +46,7 @@ impl Instance {
         system::check_kernel_version()?;
         system::check_btf()?;
         crate::sys::probe::check(opts.accel)?;
-        let ifindex = system::ifindex(&opts.iface)?;
+        let probed = Probed::here(&opts.iface, opts.tc_mode)?;
         let system::CgroupDir {
             path: cgroup,
             dir: cgroup_dir,
@@ -51,30 +55,22 @@ impl Instance {
         if let Some(what) = private_mount {
             info!("{what}");
         }
-        let tc_mode = crate::sys::tc::check(opts.tc_mode)?;
-        let netns_inode = system::netns_inode()?;
-        let l2_len = system::link_header_len(&opts.iface)?;
-        let netns_cookie = system::netns_cookie()?;
+        let netns_cookie = probed.netns_cookie;
 
-        let (mut lock, stale) = InstanceLock::acquire(netns_inode, &opts.iface)?;
+        let (mut lock, stale) = InstanceLock::acquire(probed.netns_inode, &opts.iface)?;
         if let Some(stale) = stale {
-            crate::target::recovery::recover_at_start(&stale, &opts.iface, ifindex);
+            crate::target::recovery::recover_at_start(&stale);
         }
         // Mark and table checked free (or picked) before anything exists.
-        let (tproxy_spec, steer_mark) = crate::target::attachment::plan_steering(opts, ifindex)?;
+        let plan = crate::target::attachment::plan_steering(opts, probed.ifindex)?;
 
         let mut loaded = Loaded::load(opts.accel, 1, Some(netns_cookie))?;
         let ids = loaded.map_ids();
         let mut record = Record {
             pid: std::process::id() as i32,
-            iface: opts.iface.clone(),
-            ifindex,
-            netns_inode,
+            installed: Installed::new(&probed, plan.0.clone()),
             cgroup: cgroup.clone(),
-            tc_mode: None,
-            created_clsact: false,
             steer: opts.steer,
-            tproxy: tproxy_spec.clone(),
             counters_map_id: ids.counters,
             flows_map_id: ids.flows,
             syns_map_id: ids.syns,
@@ -88,27 +84,16 @@ impl Instance {
             started_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            netns_cookie,
             attachments: loaded.attachments().to_vec(),
             ready: false,
         };
-        let env = TargetEnv {
-            ifindex,
-            l2_len,
-            netns_cookie,
-            cgroup: cgroup.clone(),
-            cgroup_dir,
-            tc_mode,
-            tproxy: tproxy_spec,
-            steer_mark,
-        };
+        let env = probed.env(cgroup.clone(), cgroup_dir, plan);
         let target = TargetAttachment::attach(&mut loaded, opts, env, SLOT, |planned| {
-            record.tc_mode = Some(planned.tc_mode);
-            record.created_clsact = planned.created_clsact;
+            record.installed.plan(&planned);
             record.attachments.extend_from_slice(planned.attachments);
             // Written before the tc filters and routing exist, so a kill
             // right after leaves a record that says what to remove.
-            lock.write(&record)
+            Ok(lock.write(&record)?)
         })?;
 
         info!(
@@ -118,7 +103,7 @@ impl Instance {
             proxy_mark = format_args!("{:#x}", opts.proxy_mark),
             cgroup = %cgroup.display(),
             accel = opts.accel,
-            tc = ?tc_mode,
+            tc = ?probed.tc_mode,
             steer = ?opts.steer,
             "attached"
         );
@@ -141,7 +126,7 @@ impl Instance {
         lock.write(&record)?;
         Ok(Instance {
             nudger,
-            target: Some(target),
+            target,
             accel_stopped: false,
             loaded,
             record,
@@ -155,24 +140,20 @@ impl Instance {
 
     /// What is attached, one line each (for the demo and `-v`).
     pub fn attachments(&self) -> Vec<String> {
-        let mut out = self
-            .target
-            .as_ref()
-            .map(TargetAttachment::hooks)
-            .unwrap_or_default();
+        let mut out = self.target.hooks();
         out.extend(self.loaded.hooks());
         out
     }
 
     /// Counter totals over all CPUs.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+    pub fn counters(&self) -> target::Result<Vec<(Counter, u64)>> {
         let map = self
             .loaded
             .ebpf()
             .map(names::COUNTERS)
             .expect("COUNTERS in object");
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map {
+            PerCpuArray::try_from(map).map_err(|source| target::Error::Map {
                 name: names::COUNTERS,
                 source,
             })?;
@@ -180,7 +161,7 @@ impl Instance {
     }
 
     /// The flow table at a glance (open, active, closing, embryonic).
-    pub fn flows(&self) -> Result<FlowStats> {
+    pub fn flows(&self) -> target::Result<FlowStats> {
         flow_stats(
             self.loaded
                 .ebpf()
@@ -196,86 +177,70 @@ impl Instance {
 
     /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many. Also
     /// counts down the proxy's listeners older than tproxy that closed.
-    pub fn reap_flows(&mut self) -> Result<usize> {
-        if let Some(t) = &mut self.target {
-            t.recount_listeners();
-        }
+    pub fn reap_flows(&mut self) -> target::Result<usize> {
+        self.target.recount_listeners();
         self.loaded.reap_flows()
     }
 
     /// Stops steering new flows (flows already steered keep their state).
-    pub fn stop_steering_new(&mut self) -> Result<()> {
-        self.set_flag(flags::STEER_NEW, false)
+    pub fn stop_steering_new(&mut self) -> target::Result<()> {
+        self.target.set_flag(flags::STEER_NEW, false)
     }
 
     /// Handles on this instance's maps for another task (the metrics
     /// endpoint): new descriptors, so no CAP_SYS_ADMIN is needed.
-    pub fn maps(&self) -> Result<crate::target::inspect::Maps> {
+    pub fn maps(&self) -> target::Result<crate::target::inspect::Maps> {
         crate::target::inspect::Maps::dup(self.loaded.ebpf())
     }
 
     /// Accelerated sockets and the redirected bytes queued, unread, at them.
-    pub fn accel_state(&self) -> Result<(usize, i64)> {
-        let map = self
-            .loaded
-            .ebpf()
-            .map(names::SOCKS)
-            .expect("SOCKS in object");
-        socks_state(map)
+    pub fn accel_state(&self) -> target::Result<(usize, i64)> {
+        accel_state(&self.loaded)
     }
 
-    /// Takes acceleration down without losing a byte.
-    ///
-    /// No new sockets enter (sockops detached) and no new bytes are
-    /// redirected (sk_msg passes everything to TCP, which each reader sees
-    /// only after its queued redirected bytes: order is kept). Then a
-    /// bounded wait for the readers to read what is queued: a psock that is
-    /// destroyed frees its unread ingress queue. On 6.18 the kernel keeps
-    /// the SOCKHASH (and, through it, the now pass-through sk_msg program)
-    /// alive while accelerated sockets remain in it, and frees both with
-    /// the last of them, so connections still open when tproxy exits keep
-    /// every byte (lab/experiments/sockmap_close.py, case map-gone).
+    /// Takes acceleration down without losing a byte (`drain::accel`).
+    /// On 6.18 the kernel keeps the SOCKHASH (and, through it, the now
+    /// pass-through sk_msg program) alive while accelerated sockets remain
+    /// in it, and frees both with the last of them, so connections still
+    /// open when tproxy exits keep every byte
+    /// (lab/experiments/sockmap_close.py, case map-gone).
     pub fn stop_accel(&mut self) {
         if self.accel_stopped || !self.loaded.accel() {
             return;
         }
         self.accel_stopped = true;
-        if let Err(e) = self.set_flag(flags::ACCEL, false) {
-            warn!(
-                "accel: could not stop redirecting ({}); detaching anyway",
-                crate::error::Chain(&e)
-            );
-            return;
-        }
-        // A sender that read the flag just before it changed may still be
-        // between its verdict and the enqueue: let it finish.
-        std::thread::sleep(ACCEL_GRACE);
-        let start = std::time::Instant::now();
-        let (sockets, at_stop) = self.accel_state().unwrap_or((0, 0));
-        let mut left = at_stop;
-        while left > 0 && start.elapsed() < ACCEL_DRAIN_TIMEOUT {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            left = self.accel_state().map(|(_, q)| q).unwrap_or(0);
-        }
+        let (target, loaded) = (&mut self.target, &self.loaded);
+        let h = match drain::accel(
+            || target.set_flag(flags::ACCEL, false),
+            || accel_state(loaded),
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(
+                    "accel: could not stop redirecting ({}); detaching anyway",
+                    crate::error::Chain(&e)
+                );
+                return;
+            }
+        };
+        let Handback {
+            sockets,
+            at_stop,
+            left,
+            took,
+        } = h;
         if sockets == 0 {
             info!("accel: no accelerated connection open; stopped");
         } else if left > 0 {
             warn!(
                 "accel: {sockets} accelerated socket(s) handed back to plain TCP; {left} redirected byte(s) still unread after {:?} (a reader that is not reading) stay queued for it: the kernel keeps the SOCKHASH and the pass-through sk_msg program until the last of these connections closes",
-                ACCEL_DRAIN_TIMEOUT
+                drain::ACCEL_DRAIN_TIMEOUT
             );
         } else {
             info!(
                 "accel: {sockets} accelerated socket(s) handed back to plain TCP; {at_stop} queued byte(s) read by their apps in {} ms; the kernel frees the SOCKHASH and the pass-through sk_msg program when the last of them closes",
-                start.elapsed().as_millis()
+                took.as_millis()
             );
-        }
-    }
-
-    fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
-        match &mut self.target {
-            Some(t) => t.set_flag(flag, on),
-            None => Ok(()),
         }
     }
 
@@ -288,11 +253,10 @@ impl Instance {
     }
 }
 
-/// After the redirect flag is cleared, time for a sender that read it just
-/// before to finish its enqueue.
-const ACCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
-/// How long teardown waits for readers to read their queued redirected bytes.
-pub const ACCEL_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// `Instance::accel_state`, of the object alone (borrowed beside the target).
+fn accel_state(loaded: &Loaded) -> target::Result<(usize, i64)> {
+    socks_state(loaded.ebpf().map(names::SOCKS).expect("SOCKS in object"))
+}
 
 impl Drop for Instance {
     fn drop(&mut self) {

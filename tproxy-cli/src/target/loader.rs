@@ -15,9 +15,9 @@ use aya::{
 use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
 
 use crate::{
-    Error, Result,
     sys::object::EBPF_OBJECT,
     target::{
+        Error, Result,
         attach::{RecvmsgAttachment, SkMsgAttachment},
         nudger::NudgeMaps,
         record::{AttachKind, Attached},
@@ -229,7 +229,7 @@ impl Loaded {
     /// agent), and with `accel` attaches the node-wide acceleration hooks.
     /// Every program a target needs is loaded (verified) here, so attaching
     /// a target only links.
-    pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> Result<Loaded> {
+    pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> crate::Result<Loaded> {
         Loaded::load_with(&LoadOptions {
             accel,
             max_targets,
@@ -241,7 +241,7 @@ impl Loaded {
     /// `load` with the node agent's extras: table sizes, and maps and the
     /// node-wide recv tracepoint pinned under `pin_dir` (reused when already
     /// there: an agent restart keeps every flow and accelerated socket).
-    pub fn load_with(o: &LoadOptions) -> Result<Loaded> {
+    pub fn load_with(o: &LoadOptions) -> crate::Result<Loaded> {
         let (accel, single) = (o.accel, o.single);
         let max_targets = if single.is_some() {
             1
@@ -373,7 +373,7 @@ impl Loaded {
 
     /// The recvmsg tracepoint (reads of redirected bytes, counted before
     /// any byte is redirected), then sk_msg on the SOCKHASH.
-    fn attach_accel(&mut self) -> Result<()> {
+    fn attach_accel(&mut self) -> crate::Result<()> {
         let ebpf = &mut self.ebpf;
         let prog: &mut RawTracePoint = program(ebpf, names::PROG_RECV_LENGTH)?;
         prog.load()
@@ -617,6 +617,18 @@ pub(crate) fn read_target(map: &Map, cookie: u64) -> Result<Target> {
         name: names::TARGETS,
         source,
     })
+}
+
+/// Sets or clears a `flags::*` bit of the target `cookie`'s entry: the one
+/// way a target's flags change (a single run's drain, the agent's).
+pub(crate) fn set_flag(map: &mut Map, cookie: u64, flag: u32, on: bool) -> Result<()> {
+    let mut t = read_target(map, cookie)?;
+    if on {
+        t.config.flags |= flag;
+    } else {
+        t.config.flags &= !flag;
+    }
+    write_target(map, cookie, &t)
 }
 
 pub(crate) fn remove_target(map: &mut Map, cookie: u64) -> Result<()> {

@@ -16,9 +16,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Error, Result,
-    config::options::{Steer, TcMode},
-    sys::routing::TproxySpec,
+    config::options::Steer,
+    target::{Error, Result, installed::Installed},
 };
 
 pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
@@ -27,17 +26,12 @@ pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
     pub pid: i32,
-    pub iface: String,
-    pub ifindex: u32,
-    pub netns_inode: u64,
+    /// Where its target is and what outlives it (its interface, namespace,
+    /// tc mode, routing: the same keys as ever, flattened).
+    #[serde(flatten)]
+    pub installed: Installed,
     pub cgroup: PathBuf,
-    /// `None` until the tc programs are attached.
-    pub tc_mode: Option<TcMode>,
-    /// tproxy added the clsact qdisc (netlink mode).
-    pub created_clsact: bool,
     pub steer: Steer,
-    /// What the tproxy back-end installed (rule, routes, nftables table).
-    pub tproxy: Option<TproxySpec>,
     /// Map ids, for `tproxy stats` from another process.
     pub counters_map_id: u32,
     pub flows_map_id: u32,
@@ -63,11 +57,6 @@ pub struct Record {
     /// Unix seconds.
     #[serde(default)]
     pub started_at: u64,
-    /// SO_NETNS_COOKIE of its namespace. Unlike the inode it is never
-    /// reused, so a namespace created after this one died is never taken
-    /// for it. 0: not recorded.
-    #[serde(default)]
-    pub netns_cookie: u64,
     /// Every program it attaches, with the kernel's ids, for `tproxy
     /// status` to check and `tproxy cleanup` to find.
     #[serde(default)]
@@ -75,6 +64,13 @@ pub struct Record {
     /// Everything is attached (the record's last write during start).
     #[serde(default)]
     pub ready: bool,
+}
+
+impl Record {
+    /// Where its namespace is now (found by inode and cookie).
+    pub fn located(&self) -> crate::sys::netns::Located {
+        crate::sys::netns::locate(self.installed.netns_inode, self.installed.netns_cookie)
+    }
 }
 
 /// One attached program, as the kernel knows it.
@@ -135,7 +131,17 @@ fn try_flock(file: &File) -> std::io::Result<bool> {
 fn read_record(file: &mut File) -> Option<Record> {
     let mut s = String::new();
     file.read_to_string(&mut s).ok()?;
-    serde_json::from_str(&s).ok()
+    parse_record(&s)
+}
+
+/// A record as written by this build or an earlier one: those name their
+/// tc programs only among their attachments.
+fn parse_record(json: &str) -> Option<Record> {
+    let mut r: Record = serde_json::from_str(json).ok()?;
+    if r.installed.tc_progs.is_empty() {
+        r.installed.tc_progs = crate::target::installed::tc_progs(&r.attachments);
+    }
+    Some(r)
 }
 
 impl InstanceLock {
@@ -362,6 +368,7 @@ pub fn live_records() -> Vec<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{config::options::TcMode, sys::routing::TproxySpec};
 
     #[test]
     fn second_lock_is_refused_and_record_is_removed_on_drop() {
@@ -372,14 +379,18 @@ mod tests {
         assert!(stale.is_none());
         let rec = Record {
             pid: 42,
-            iface: "eth9".into(),
-            ifindex: 9,
-            netns_inode: 1,
+            installed: Installed {
+                iface: "eth9".into(),
+                ifindex: 9,
+                netns_inode: 1,
+                netns_cookie: 4096,
+                tc_mode: Some(TcMode::Netlink),
+                created_clsact: false,
+                tproxy: Some(TproxySpec::new("eth9", 0x7409, 0x7409, 15006)),
+                tc_progs: vec![77],
+            },
             cgroup: "/sys/fs/cgroup".into(),
-            tc_mode: None,
-            created_clsact: false,
             steer: Steer::Tproxy,
-            tproxy: Some(TproxySpec::new("eth9", 0x7409, 0x7409, 15006)),
             counters_map_id: 1,
             flows_map_id: 2,
             syns_map_id: 5,
@@ -391,7 +402,6 @@ mod tests {
             proxy_port: 15006,
             accel: true,
             started_at: 1_700_000_000,
-            netns_cookie: 4096,
             attachments: vec![Attached {
                 what: "tc ingress tproxy_steer on eth9 (Netlink)".into(),
                 kind: AttachKind::TcIngress,
@@ -421,9 +431,54 @@ mod tests {
             "cgroup":"/sys/fs/cgroup","tc_mode":"netlink","created_clsact":true,
             "steer":"tproxy","tproxy":null,"counters_map_id":1,"flows_map_id":2,
             "sockhash_map_id":3,"socks_map_id":4}"#;
-        let r: Record = serde_json::from_str(old).unwrap();
-        assert_eq!((r.pid, r.tc_mode), (7, Some(TcMode::Netlink)));
-        assert!(r.attachments.is_empty() && !r.ready && r.netns_cookie == 0);
+        let r = parse_record(old).unwrap();
+        assert_eq!((r.pid, r.installed.tc_mode), (7, Some(TcMode::Netlink)));
+        assert_eq!(
+            (r.installed.iface.as_str(), r.installed.ifindex),
+            ("eth0", 2)
+        );
+        assert!(r.attachments.is_empty() && !r.ready && r.installed.netns_cookie == 0);
+    }
+
+    /// The previous build's record named its tc programs only among its
+    /// attachments: the removal finds its filters by those ids all the
+    /// same. Its keys are this build's (`installed` is flattened).
+    #[test]
+    fn a_record_of_the_previous_build_reads_with_its_tc_programs() {
+        let old = r#"{"pid":7,"iface":"eth0","ifindex":2,"netns_inode":9,
+            "cgroup":"/sys/fs/cgroup","tc_mode":"netlink","created_clsact":true,
+            "steer":"tproxy","tproxy":{"nft_table":"tproxy_eth0","mark":29698,
+            "table":29698,"proxy_port":15006,"owner":"ab12"},
+            "counters_map_id":1,"flows_map_id":2,"syns_map_id":5,"closing_map_id":6,
+            "sockhash_map_id":3,"socks_map_id":4,"flows_in_use_map_id":7,
+            "ports":"8000","proxy_port":15006,"accel":true,"started_at":1700000000,
+            "netns_cookie":4096,"attachments":[
+            {"what":"sockops tproxy_sockops to /sys/fs/cgroup","kind":"cgroup",
+             "program":"tproxy_sockops","prog_id":70,"link_id":12},
+            {"what":"tc egress tproxy_restore on eth0 (Netlink)","kind":"tc_egress",
+             "program":"tproxy_restore","prog_id":71,"link_id":null},
+            {"what":"tc ingress tproxy_steer on eth0 (Netlink)","kind":"tc_ingress",
+             "program":"tproxy_steer","prog_id":72,"link_id":null}],
+            "ready":true}"#;
+        let r = parse_record(old).unwrap();
+        let i = &r.installed;
+        assert_eq!(i.tc_progs, vec![71, 72]);
+        assert_eq!((i.netns_inode, i.netns_cookie), (9, 4096));
+        assert!(i.created_clsact && i.tproxy.as_ref().unwrap().table == 29698);
+        // Written again, the keys stay at the top level, with one more.
+        let v = serde_json::to_value(&r).unwrap();
+        for key in [
+            "iface",
+            "ifindex",
+            "netns_inode",
+            "netns_cookie",
+            "tc_mode",
+            "tproxy",
+        ] {
+            assert!(v.get(key).is_some(), "{key}: {v:#}");
+        }
+        assert_eq!(v["tc_progs"], serde_json::json!([71, 72]));
+        assert_eq!(serde_json::from_value::<Record>(v).unwrap(), r);
     }
 
     #[test]

@@ -1,55 +1,39 @@
-//! After a crash: removing what an instance killed without cleanup
-//! (SIGKILL, OOM, a crash) left, at the next start on its interface or with
-//! `tproxy cleanup`. TCX and cgroup links die with the process's file
-//! descriptors; netlink tc filters, the clsact qdisc, the tproxy back-end's
-//! rules, routes and nftables table, and the runtime record do not.
+//! After a crash: removing what an owner killed without cleanup (SIGKILL,
+//! OOM, a crash) left: a single run's, at the next start on its interface
+//! or with `tproxy cleanup`; a dead agent's, with `tproxy cleanup` or when
+//! the next agent finds its pins gone. TCX and cgroup links die with the
+//! process's file descriptors (the agent's, with their pins); netlink tc
+//! filters, the clsact qdisc, the tproxy back-end's rules, routes and
+//! nftables table, and the records do not: each goes through the one
+//! removal path, `Installed::remove`.
+use std::{fs, path::Path};
+
 use tracing::{debug, warn};
 
 use crate::{
     Error, Result,
     config::options::TcMode,
+    error::Chain,
     sys::{
         netns::{self, Located},
+        pins,
         removal::{Removal, RemovedKind},
-        routing::TproxyRouting,
-        system, tc,
     },
-    target::record::{AttachKind, Record, StaleRecord},
+    target,
+    target::{
+        agent_state::{AgentState, lock_path, read_state, state_path, try_lock},
+        record::{Record, StaleRecord},
+    },
 };
 
-/// Removes, in the calling thread's network namespace, what the dead
-/// instance of `stale` left: its routing (tproxy back-end) and its netlink
-/// tc filters on `iface` (index `ifindex`) with the clsact qdisc it added.
-/// Only what it recorded as its own: filters by program id, rules and
-/// routes identical to its own, its nftables table.
-pub fn clean_up_after(stale: &Record, iface: &str, ifindex: u32) -> Removal {
-    let mut out = Removal::default();
-    if let Some(spec) = &stale.tproxy {
-        out.extend(TproxyRouting::remove(spec));
-    }
-    if stale.tc_mode == Some(TcMode::Netlink) {
-        let tc_progs: Vec<u32> = stale
-            .attachments
-            .iter()
-            .filter(|a| matches!(a.kind, AttachKind::TcIngress | AttachKind::TcEgress))
-            .map(|a| a.prog_id)
-            .collect();
-        out.extend(tc::remove_stale_filters(
-            iface,
-            ifindex,
-            &tc_progs,
-            stale.created_clsact,
-        ));
-    }
-    out
-}
-
 /// At start, on finding the record of a dead instance on our interface:
-/// clean up after it and say so.
-pub fn recover_at_start(stale: &Record, iface: &str, ifindex: u32) {
-    let r = clean_up_after(stale, iface, ifindex);
+/// clean up after it (`Installed::remove_here`: we run in its namespace)
+/// and say so.
+pub fn recover_at_start(stale: &Record) {
+    let (r, notes) = stale.installed.remove_here();
     let pid = stale.pid;
-    if let Some(spec) = &stale.tproxy {
+    let iface = &stale.installed.iface;
+    if let Some(spec) = &stale.installed.tproxy {
         // Its table is removed only if it is still the one it created.
         let table = if r.removed.iter().any(|x| x.what.contains("nftables table")) {
             format!("nftables table {}, ", spec.nft_table)
@@ -62,7 +46,7 @@ pub fn recover_at_start(stale: &Record, iface: &str, ifindex: u32) {
             spec.table
         );
     }
-    match stale.tc_mode {
+    match stale.installed.tc_mode {
         Some(TcMode::Netlink) => warn!(
             "a previous tproxy (pid {pid}) on {iface} died without cleaning up; removed {} tc filter hook(s) it left",
             r.count(RemovedKind::TcFilter)
@@ -70,6 +54,9 @@ pub fn recover_at_start(stale: &Record, iface: &str, ifindex: u32) {
         _ => warn!(
             "a previous tproxy (pid {pid}) on {iface} died without cleaning up; its links died with it, nothing to remove"
         ),
+    }
+    for n in &notes {
+        debug!("{n}");
     }
     for x in &r.removed {
         debug!("removed {x}");
@@ -127,27 +114,6 @@ fn describe(record_pid: Option<i32>, iface: &str, inode: u64, at: &Located) -> S
     }
 }
 
-/// In the namespace the record names: its tc filters (if its interface is
-/// still the one it used) and its routing.
-fn clean_in_place(rec: &Record) -> (Removal, Vec<String>) {
-    match system::ifindex(&rec.iface) {
-        Ok(i) if i == rec.ifindex => (clean_up_after(rec, &rec.iface, rec.ifindex), Vec::new()),
-        _ => {
-            // Its interface is gone (or another took the name): its tc
-            // filters went with it. Routing is not tied to the interface.
-            let mut r = Removal::default();
-            if let Some(spec) = &rec.tproxy {
-                r.extend(TproxyRouting::remove(spec));
-            }
-            let note = format!(
-                "its interface {} (index {}) no longer exists: its tc filters went with it",
-                rec.iface, rec.ifindex
-            );
-            (r, vec![note])
-        }
-    }
-}
-
 /// Cleans up after one dead instance whose record we hold locked.
 fn clean_one(stale: StaleRecord, iface: &str, inode: u64) -> Result<Cleaned> {
     let Some(rec) = stale.record.clone() else {
@@ -166,15 +132,14 @@ fn clean_one(stale: StaleRecord, iface: &str, inode: u64) -> Result<Cleaned> {
             removal,
         });
     };
-    let at = netns::locate(rec.netns_inode, rec.netns_cookie);
-    let instance = describe(Some(rec.pid), &rec.iface, rec.netns_inode, &at);
-    let (mut removal, notes) = match netns::run_located(&at, || clean_in_place(&rec)) {
-        Some(r) => r?,
-        None => (
-            Removal::default(),
-            vec!["its network namespace no longer exists: its tc filters, routing and nftables table went with it".into()],
-        ),
-    };
+    let at = rec.located();
+    let instance = describe(
+        Some(rec.pid),
+        &rec.installed.iface,
+        rec.installed.netns_inode,
+        &at,
+    );
+    let (mut removal, notes) = rec.installed.remove(&at)?;
     // Keep the record while something of it could not be removed, so a
     // later cleanup (or start) can try again.
     if removal.failed.is_empty() {
@@ -211,10 +176,11 @@ pub fn cleanup(scope: &Scope) -> Result<Vec<Cleaned>> {
             if let Scope::Iface(iface) = scope
                 && f.path.exists()
             {
-                return Err(Error::CleanupLive {
+                return Err(target::Error::CleanupLive {
                     iface: iface.clone(),
                     pid: f.record.map(|r| r.pid).unwrap_or(0),
-                });
+                }
+                .into());
             }
             continue; // a live instance: none of our business
         };
@@ -226,56 +192,83 @@ pub fn cleanup(scope: &Scope) -> Result<Vec<Cleaned>> {
     Ok(out)
 }
 
-/// `tproxy cleanup`: cleans up and says what it removed, one line per
-/// object; an error if anything could not be removed.
-pub fn run_cleanup(scope: &Scope) -> Result<()> {
-    system::check_privileges()?;
-    let cleaned = cleanup(scope)?;
-    // A node agent that died (SIGKILL) or exited for good: its pins, its
-    // targets' filters and routing, its state. A living one is left alone.
-    let agent_dir = crate::target::agent_state::default_state_dir();
-    let agent = match scope {
-        Scope::Iface(_) => None,
-        _ => match crate::agent::cleanup(&agent_dir) {
-            Ok(r) => r,
-            Err(Error::AgentRunning { .. }) => None,
-            Err(e) => return Err(e),
-        },
+/// Removes what a dead agent's targets have outside its pins (netlink tc
+/// filters, routing), in their namespaces (`Installed::remove`); lines
+/// that say what, each naming its target.
+pub fn agent_leftovers(state: &AgentState) -> Vec<String> {
+    let mut out = Vec::new();
+    for rec in &state.targets {
+        let ns = rec.spec.netns.display();
+        let at = rec.located();
+        if at == Located::Gone {
+            out.push(format!(
+                "target {} ({ns}): its network namespace is gone, and its filters and routing with it",
+                rec.id
+            ));
+            continue;
+        }
+        let mut said = Vec::new();
+        match rec.installed.remove(&at) {
+            Ok((r, notes)) => {
+                said.extend(notes);
+                said.extend(r.removed.iter().map(|x| format!("removed {x}")));
+                said.extend(r.failed.iter().map(|f| format!("could not remove {f}")));
+            }
+            Err(e) => said.push(format!("could not enter it: {}", Chain(&e))),
+        }
+        if said.is_empty() {
+            out.push(format!(
+                "target {} ({ns}): no netlink filters or routing to remove",
+                rec.id
+            ));
+        }
+        for what in said {
+            out.push(format!("target {} ({ns}): {what}", rec.id));
+        }
+    }
+    out
+}
+
+/// `tproxy cleanup`: what a dead agent (state in `dir`) left: its targets'
+/// filters and routing, its pins (the links detach, the maps go), its state.
+/// `None` if no agent state is there; an error if the agent lives.
+pub fn cleanup_agent(dir: &Path) -> Result<Option<Vec<String>>> {
+    if !state_path(dir).exists() && !lock_path(dir).exists() {
+        return Ok(None);
+    }
+    let Some(_lock) = try_lock(dir)? else {
+        return Err(Error::AgentRunning {
+            dir: dir.to_path_buf(),
+            pid: read_state(dir).map_or(0, |s| s.pid),
+        });
     };
-    if let Some(lines) = &agent {
-        println!(
-            "tproxy agent (state {}) is not running:",
-            agent_dir.display()
-        );
-        for l in lines {
-            println!("  {l}");
+    let state = read_state(dir).unwrap_or_default();
+    let mut out = agent_leftovers(&state);
+    if !state.bpffs.as_os_str().is_empty() {
+        for p in pins::remove_tree(&state.bpffs.join("targets")) {
+            out.push(format!("unpinned {}", p.display()));
+        }
+        for p in pins::remove_tree(&pins::node_dir(&state.bpffs)) {
+            out.push(format!("unpinned {}", p.display()));
+        }
+        let _ = fs::remove_dir(&state.bpffs);
+        match pins::unmount_ours(&state.bpffs) {
+            Ok(true) => out.push(format!(
+                "unmounted the bpf filesystem tproxy mounted on {}",
+                state.bpffs.display()
+            )),
+            Ok(false) => {}
+            Err(e) => out.push(format!("could not unmount: {}", Chain(&e))),
         }
     }
-    if cleaned.is_empty() {
-        if agent.is_none() {
-            println!("nothing to clean up");
-        }
-        return Ok(());
+    if fs::remove_file(state_path(dir)).is_ok() {
+        out.push(format!(
+            "removed the agent state {}",
+            state_path(dir).display()
+        ));
     }
-    let mut failed = Vec::new();
-    for c in &cleaned {
-        println!("{} died without cleaning up:", c.instance);
-        for n in &c.notes {
-            println!("  {n}");
-        }
-        for r in &c.removal.removed {
-            println!("  removed {r}");
-        }
-        for f in &c.removal.failed {
-            println!("  could not remove {f}");
-            failed.push(f.clone());
-        }
-    }
-    match failed.first() {
-        None => Ok(()),
-        Some(first) => Err(Error::CleanupFailed {
-            count: failed.len(),
-            first: first.clone(),
-        }),
-    }
+    let _ = fs::remove_file(&state.socket);
+    let _ = fs::remove_file(lock_path(dir));
+    let _ = fs::remove_dir(dir);
+    Ok(Some(out))
 }

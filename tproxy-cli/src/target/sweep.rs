@@ -37,7 +37,7 @@ use tproxy_common::{
 };
 use tracing::{info, warn};
 
-use crate::{Error, Result};
+use crate::target::{Error, Result};
 
 /// New descriptors of every map the sweep touches.
 pub struct SweepMaps {
