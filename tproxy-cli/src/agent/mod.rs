@@ -11,6 +11,7 @@
 //! (`del`, or deleting the target file), draining like a single run's stop;
 //! after an agent that is not coming back, `tproxy cleanup` removes what it
 //! left.
+pub mod error;
 pub mod files;
 pub mod registry;
 pub mod server;
@@ -25,9 +26,11 @@ use std::{
 
 use tracing::{info, warn};
 
-pub use self::registry::{ApiFailure, Change, Registry};
+pub use self::{
+    error::{Error, Result},
+    registry::{ApiFailure, Change, Registry},
+};
 use crate::{
-    Error, Result,
     api::{TargetSpec, code},
     error::Chain,
     sys::{pins, system},

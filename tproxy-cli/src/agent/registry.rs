@@ -12,12 +12,12 @@ use tproxy_common::{Counter, FLOW_ACTIVE_NS, FlowKey, FlowValue, SockState, flag
 use tracing::{debug, info, warn};
 
 use crate::{
-    Error, Options, Result, Steer,
+    Options, Steer,
+    agent::{Error, Result},
     api::{TargetSpec, TargetStatus},
     config::{self, Role, Target, options::TcMode},
     error::Chain,
     sys::{
-        self as sys,
         netns::{self, Located},
         pins, system,
     },
@@ -74,23 +74,8 @@ pub struct ApiFailure {
 
 impl From<Error> for ApiFailure {
     fn from(e: Error) -> Self {
-        use crate::api::code;
-        let c = match &e {
-            Error::Config(_)
-            | Error::Sys(
-                sys::Error::Config(_)
-                | sys::Error::TableInUse { .. }
-                | sys::Error::MarkInUse { .. }
-                | sys::Error::NoSuchInterface(_)
-                | sys::Error::UnsupportedLinkType(..)
-                | sys::Error::NotCgroup2(_)
-                | sys::Error::AgentCgroup { .. },
-            )
-            | Error::Target(target::Error::TargetExists { .. }) => code::INVALID_CONFIG,
-            _ => code::OTHER,
-        };
         ApiFailure {
-            code: c,
+            code: e.api_code(),
             error: Chain(&e).to_string(),
         }
     }

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::Agent;
 use crate::{
-    Error, Result,
+    agent::{Error, Result},
     api::{self, MAX_MESSAGE, Request, Response, code},
 };
 

@@ -5,7 +5,6 @@ use std::{path::PathBuf, time::Duration};
 use serde::Deserialize;
 
 use crate::{
-    Result,
     agent::{
         DEFAULT_BPFFS, DEFAULT_MAX_TARGETS, DEFAULT_METRICS_ADDR, DEFAULT_TARGETS_DIR, Settings,
         registry,
@@ -96,7 +95,7 @@ pub fn default_quota(table: u32, max_targets: u32) -> u32 {
 
 impl AgentArgs {
     /// The agent's settings: each flag, else its key in --config, else its default.
-    pub fn settings(&self) -> Result<Settings> {
+    pub fn settings(&self) -> crate::config::Result<Settings> {
         let args = self;
         let file = match &args.config {
             Some(p) => crate::config::file::load::<Option<AgentConfig>>(p)?.unwrap_or_default(),

@@ -30,7 +30,7 @@ pub struct CheckArgs {
 
 impl CheckArgs {
     /// Prints every requirement; an error if one fails.
-    pub fn run(&self) -> crate::Result<()> {
+    pub fn run(&self) -> crate::observe::Result<()> {
         crate::observe::check::run(
             &self.target.resolve(Role::Check)?,
             self.target.iface.is_some(),

@@ -105,12 +105,12 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString>
 
 /// The log filter: RUST_LOG when set, else TPROXY_LOG (the older name),
 /// else info, debug (-v) or trace (-vv).
-fn log_filter(verbose: u8) -> crate::Result<tracing_subscriber::EnvFilter> {
+fn log_filter(verbose: u8) -> crate::config::Result<tracing_subscriber::EnvFilter> {
     for var in ["RUST_LOG", "TPROXY_LOG"] {
         if let Some(value) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
             return tracing_subscriber::EnvFilter::builder()
                 .parse(&value)
-                .map_err(|source| crate::config::Error::LogFilter { var, value, source }.into());
+                .map_err(|source| crate::config::Error::LogFilter { var, value, source });
         }
     }
     let default = match verbose {
@@ -178,8 +178,8 @@ pub fn main() -> ExitCode {
     let result: anyhow::Result<()> = match &cli.command {
         Some(Command::Agent(args)) => args
             .settings()
-            .and_then(|s| crate::agent::run(&s))
-            .map_err(Into::into),
+            .map_err(anyhow::Error::from)
+            .and_then(|s| Ok(crate::agent::run(&s)?)),
         Some(Command::Stats(args)) => stats::run(args).map_err(Into::into),
         Some(Command::Check(args)) => args.run().map_err(Into::into),
         Some(Command::Status(args)) => args.run().map_err(Into::into),
@@ -195,8 +195,8 @@ pub fn main() -> ExitCode {
             // One line: the error and its causes, down to the errno.
             let line = Chain(e.as_ref()).to_string();
             let usage = e
-                .downcast_ref::<crate::Error>()
-                .is_some_and(crate::Error::is_usage);
+                .downcast_ref::<crate::config::Error>()
+                .is_some_and(crate::config::Error::is_usage);
             if format == LogFormat::Json {
                 tracing::error!("{line}");
             } else {
@@ -219,7 +219,7 @@ mod tests {
     }
 
     /// The run's options (checked), from the flags alone.
-    fn options(cli: &Cli) -> crate::Result<crate::Options> {
+    fn options(cli: &Cli) -> crate::config::Result<crate::Options> {
         run::resolve(cli).map(|s| s.options)
     }
 
@@ -338,10 +338,7 @@ mod tests {
         let cli = parse(&["tproxy", "-i", "eth0", "-ports", "15000-15010"]).unwrap();
         let e = options(&cli).unwrap_err();
         assert!(
-            matches!(
-                e,
-                crate::Error::Config(config::Error::ProxyPortIntercepted { port: 15006, .. })
-            ),
+            matches!(e, config::Error::ProxyPortIntercepted { port: 15006, .. }),
             "{e}"
         );
         // Named as the flags it came from; exit 1 (not a usage error) as
@@ -358,10 +355,7 @@ mod tests {
         for t in ["0", "253", "254", "0xff"] {
             let cli = parse(&["tproxy", "-i", "eth0", "-ports", "80", "--route-table", t]).unwrap();
             assert!(
-                matches!(
-                    options(&cli),
-                    Err(crate::Error::Config(config::Error::ReservedTable { .. }))
-                ),
+                matches!(options(&cli), Err(config::Error::ReservedTable { .. })),
                 "{t}"
             );
         }

@@ -7,9 +7,9 @@ use tracing::info;
 
 use super::Cli;
 use crate::{
-    Instance, Result,
+    Instance,
     config::{
-        Options, Role, Target,
+        Options, Result, Role, Target,
         file::{FileConfig, RunKeys},
         options::{DEFAULT_DRAIN_TIMEOUT, LogFormat},
     },
@@ -210,7 +210,7 @@ mod tests {
     use std::{ffi::OsString, io::Write as _};
 
     use super::*;
-    use crate::{Error, Steer, cmd::parse_from, config};
+    use crate::{Steer, cmd::parse_from, config};
     /// `tproxy ARGS…` resolved against a config file holding `yaml`.
     fn run_with(yaml: &str, args: &[&str]) -> Result<RunSettings> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -279,19 +279,13 @@ mod tests {
     fn iface_and_ports_are_needed_from_somewhere() {
         let e = run_with("ports: 8000\n", &[]).unwrap_err();
         assert!(
-            matches!(
-                e,
-                Error::Config(config::Error::Missing { key: "iface", .. })
-            ),
+            matches!(e, config::Error::Missing { key: "iface", .. }),
             "{e}"
         );
         assert!(e.is_usage());
         let e = run_with("iface: eth0\n", &[]).unwrap_err();
         assert!(
-            matches!(
-                e,
-                Error::Config(config::Error::Missing { key: "ports", .. })
-            ),
+            matches!(e, config::Error::Missing { key: "ports", .. }),
             "{e}"
         );
         assert!(run_with("iface: eth0\n", &["-ports", "80"]).is_ok());

@@ -1,11 +1,8 @@
 //! `tproxy stats`: its flags.
 
-use crate::{
-    Result,
-    observe::{
-        agent_view,
-        stats::{self, Query},
-    },
+use crate::observe::{
+    Result, agent_view,
+    stats::{self, Query},
 };
 
 #[derive(Debug, clap::Args)]
@@ -35,7 +32,7 @@ pub struct StatsArgs {
     pub interval: std::time::Duration,
 }
 
-fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+fn parse_interval(s: &str) -> std::result::Result<std::time::Duration, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.05..=86400.0).contains(&v) => Ok(std::time::Duration::from_secs_f64(v)),
         _ => Err(format!(

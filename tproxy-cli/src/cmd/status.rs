@@ -1,10 +1,7 @@
 //! `tproxy status`: every single run on the host, or the node agent.
 use std::path::PathBuf;
 
-use crate::{
-    Result,
-    observe::{agent_view, status},
-};
+use crate::observe::{Result, agent_view, status};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {

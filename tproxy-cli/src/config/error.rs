@@ -98,6 +98,8 @@ pub enum Error {
     },
 }
 
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 impl Error {
     /// A bad command line or config file (exit status 2, as clap's usage
     /// errors): nothing was tried.

@@ -9,7 +9,7 @@ pub mod options;
 pub mod ports;
 pub mod target;
 
-pub use error::{Error, Via};
+pub use error::{Error, Result, Via};
 pub use options::{Options, Steer};
 pub use ports::PortSet;
 pub use target::{Role, Target};

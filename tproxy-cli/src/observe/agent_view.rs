@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tproxy_common::{Counter, names};
 
 use crate::{
-    Error, Result,
+    observe::{Error, Result},
     sys::pins,
     target,
     target::{

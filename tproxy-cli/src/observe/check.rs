@@ -10,8 +10,9 @@ use aya::programs::ProgramType;
 use serde::Serialize;
 
 use crate::{
-    Error, Options, Result, Steer,
+    Options, Steer,
     config::options::TcMode,
+    observe::{Error, Result},
     sys::{
         probe::{self, Feature, Need},
         routing, system,

@@ -43,7 +43,11 @@ use tokio::{
 };
 use tproxy_common::Counter;
 
-use crate::{Error, Instance, Options, Result, target::inspect::Maps};
+use crate::{
+    Instance, Options,
+    observe::{Error, Result},
+    target::inspect::Maps,
+};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 

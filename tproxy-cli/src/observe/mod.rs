@@ -3,6 +3,9 @@
 //! process.
 pub mod agent_view;
 pub mod check;
+pub mod error;
 pub mod metrics;
 pub mod stats;
 pub mod status;
+
+pub use error::{Error, Result};

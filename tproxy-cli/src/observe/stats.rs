@@ -12,8 +12,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tproxy_common::{Counter, FLOW_ACTIVE_NS};
 
 use crate::{
-    Error, Result,
     config::options::Steer,
+    observe::{Error, Result},
     target::{
         inspect::{Maps, Snapshot},
         record::{self, Record},

@@ -13,8 +13,9 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    Error, Result, Steer,
+    Steer,
     config::options::TcMode,
+    observe::{Error, Result},
     sys::{
         bpf::{self, LinkInfo, LinkTarget},
         netns::{self, Located},
