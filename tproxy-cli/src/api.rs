@@ -560,7 +560,7 @@ mod tests {
         let resp = call(
             &sock,
             &Request::Check { id: "c9".into() },
-            Duration::from_secs(5),
+            Duration::from_secs(60),
         )
         .unwrap();
         assert_eq!(resp, Response::error(code::NOT_FOUND, "no such id"));

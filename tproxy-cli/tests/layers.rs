@@ -181,6 +181,9 @@ fn tree() -> Tree {
         if me.is_empty() {
             continue; // lib.rs: declares and re-exports
         }
+        // Unit tests (`#[cfg(test)] mod tests`, at the end of a file) are
+        // not the file's layer: their `super` is the file itself.
+        let text = text.split("#[cfg(test)]\nmod ").next().unwrap_or(text);
         let code = code_only(text);
         // `super::` from `a/b.rs` is `a`; from `a/mod.rs` it is the parent of `a`.
         let parent = {

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Options, Steer,
-    agent::{Error, Result},
+    agent::error::{Error, Result},
     api::{TargetSpec, TargetStatus},
     config::{self, Role, Target, options::TcMode},
     error::Chain,

@@ -14,9 +14,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::Agent;
+use super::service::Agent;
 use crate::{
-    agent::{Error, Result},
+    agent::error::{Error, Result},
     api::{self, MAX_MESSAGE, Request, Response, code},
 };
 

@@ -634,18 +634,19 @@ mod tests {
     fn the_hosts_mount_namespace_is_not_private_and_unshares_is() {
         assert!(!in_private_mount_namespace());
         let mut child = std::process::Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sleep", "10"])
+            .args(["-m", "--propagation", "private", "sleep", "infinity"])
             .spawn()
             .unwrap();
         let pid = child.id().to_string();
-        // unshare execs sleep in the new namespace (no fork): wait for it.
+        // unshare execs sleep in the new namespace (no fork): wait for it,
+        // however long a busy machine takes to run it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let mut private = false;
-        for _ in 0..100 {
+        while !private && std::time::Instant::now() < deadline {
             private = is_private_mount_namespace(&pid);
-            if private {
-                break;
+            if !private {
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let _ = child.kill();
         let _ = child.wait();
