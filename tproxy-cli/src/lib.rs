@@ -1,18 +1,21 @@
 //! tproxy: transparent ingress steering to a local proxy with eBPF, and
 //! socket-level acceleration of the proxy<->app leg.
 //!
-//! Where things are: `options` is what an instance is asked to do;
-//! `instance` loads and attaches everything (one owner per attachment, in
-//! `attach`); `inspect` reads a running instance's maps, which `stats`
-//! prints and `metrics` serves to Prometheus; `recovery` cleans up after a
-//! killed one (at start and `tproxy cleanup`); `status` checks every
-//! instance against the kernel; `netns` finds and enters the namespaces
-//! records name; `tc` handles netlink-mode tc; `state` is the runtime record
-//! and instance lock; `system` the host checks; `probe` the kernel features;
-//! `nudger` wakes readers of accelerated sockets asleep on TCP bytes;
-//! `check` the preflight (`tproxy check`) over both; `cli` the
-//! command line, `config` the `--config` file, `dist` its completions and
-//! man pages. The kernel side is in the `tproxy-ebpf` crate.
+//! The folders are layers, lowest first (a file uses its own layer and
+//! those below; `tests/layers.rs` checks it):
+//! - `config`: what tproxy is asked to do, as values (one `Target` type
+//!   for flags, `--config`, target files and the agent API);
+//! - `api`: the agent API's types and client (all `tproxy-cni` uses);
+//! - `sys`: the kernel and the host (bpf syscalls, pins, netns, tc,
+//!   routing and nftables, host checks, probes);
+//! - `target`: one target's lifecycle (load once, probe, attach, drain,
+//!   detach, the record of what was installed and its removal);
+//! - `observe`: `stats`, `status`, `check`, the metrics endpoint;
+//! - `agent`: the node agent;
+//! - `cmd`: one file per subcommand, the only users of clap.
+//!
+//! The kernel side is in the `tproxy-ebpf` crate, the types both share in
+//! `tproxy-common`.
 pub mod agent;
 pub mod api;
 pub mod cmd;

@@ -1,7 +1,7 @@
 //! `tproxy agent`: one long-running process per node that loads the
 //! programs once and attaches them per target (a pod: its network
 //! namespace, interface, cgroup and ports), added and removed at run time
-//! through a Unix socket (`agent_api`) or files in `--targets-dir`.
+//! through a Unix socket (`crate::api`) or files in `--targets-dir`.
 //!
 //! Restarts keep every target attached: the shared maps and each target's
 //! bpf_links are pinned in bpffs (`pins`), and the state file says what

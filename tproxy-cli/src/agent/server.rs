@@ -1,4 +1,4 @@
-//! The agent API on a Unix socket (`agent_api`): one request per
+//! The agent API on a Unix socket (`crate::api`): one request per
 //! connection, handled off the async runtime, one at a time against the
 //! registry.
 use std::{
