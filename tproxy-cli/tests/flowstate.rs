@@ -348,27 +348,6 @@ fn drain_does_not_wait_for_a_silent_client() {
     assert!(!log.contains("draining"), "{log}");
 }
 
-/// SYN retransmissions of a connected socket (TCP_INFO's total_retrans:
-/// a connect answered on its first SYN has none).
-fn syn_retransmissions(c: &TcpStream) -> u32 {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: tcp_info is plain data; getsockopt fills at most `len`.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid socket, buffer and length.
-    let rc = unsafe {
-        libc::getsockopt(
-            c.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_total_retrans
-}
-
 /// Two connections from one client port: A to 8000, half-closed while the
 /// app still sends; B to 8080 while A lives. Rewritten to the proxy they
 /// would be one 4-tuple, so B is held off (its SYNs dropped and counted)

@@ -15,26 +15,6 @@ use std::{
 use common::*;
 use tproxy_lab::topology::*;
 
-/// SYN retransmissions of a connected socket (TCP_INFO's total_retrans).
-fn syn_retransmissions(c: &std::net::TcpStream) -> u32 {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: tcp_info is plain data; getsockopt fills at most `len`.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid socket, buffer and length.
-    let rc = unsafe {
-        libc::getsockopt(
-            c.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_total_retrans
-}
-
 /// One forged SYN every 0.5 s from the client's 10.0.0.20:46000 to :8080
 /// while the real client, from the same port, connects to :8000. Before,
 /// every spoofed SYN renewed the entry's hold-off and the real connection

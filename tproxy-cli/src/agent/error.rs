@@ -33,23 +33,14 @@ pub enum Error {
         .dir.display()
     )]
     SocketDir { dir: PathBuf, mode: u32 },
-
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A failed I/O step, described: the sys layer's `Io`.
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            what: what.into(),
-            source,
-        }
+        sys::Error::io(what, source).into()
     }
 
     /// The agent API's code for this error: `INVALID_CONFIG` for a target

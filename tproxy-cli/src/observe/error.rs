@@ -53,22 +53,13 @@ pub enum Error {
         "{stale} dead and {degraded} degraded tproxy instance(s) (see above): `tproxy cleanup --all` removes what dead ones left; restart degraded ones"
     )]
     Unhealthy { stale: usize, degraded: usize },
-
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: io::Error,
-    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// A failed I/O step, described: the sys layer's `Io`.
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            what: what.into(),
-            source,
-        }
+        crate::sys::Error::io(what, source).into()
     }
 }

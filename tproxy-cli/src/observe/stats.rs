@@ -53,7 +53,11 @@ pub fn run(args: &Query) -> Result<()> {
         once(args, &records)
     };
     match result {
-        Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(Error::Sys(crate::sys::Error::Io { source, .. }))
+            if source.kind() == io::ErrorKind::BrokenPipe =>
+        {
+            Ok(())
+        }
         r => r,
     }
 }

@@ -438,6 +438,27 @@ impl Attempts {
     }
 }
 
+/// SYN retransmissions of a connected socket (TCP_INFO's total_retrans:
+/// a connect answered on its first SYN has none).
+pub fn syn_retransmissions(c: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain data; getsockopt fills at most `len`.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, buffer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            c.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_total_retrans
+}
+
 /// A connection from a chosen client port (SO_REUSEADDR, so two
 /// connections to different ports may share it, as NATs and Linux do).
 pub fn connect_from(

@@ -937,7 +937,10 @@ pub fn run(opts: Opts) -> Result<()> {
         }
         let raw = dir.join("raw");
         std::fs::create_dir_all(&raw)?;
-        let wrk_script = dir.join("wrk-percentiles.lua");
+        // wrk reads its script from a file; the script is in the
+        // repository (xtask/src/bench/), so a report need not carry a copy.
+        let wrk_script =
+            std::env::temp_dir().join(format!("tproxy-bench-wrk-{}.lua", std::process::id()));
         std::fs::write(&wrk_script, WRK_SCRIPT)?;
         eprintln!("bench: {} ({})", proxy.name(), dir.display());
         let servers = start_servers(&lab, &bin_dir, &dir, pin.server, proxy, opts.envoy_workers)?;
@@ -990,6 +993,7 @@ pub fn run(opts: Opts) -> Result<()> {
         }
         bench.progress.finish_with_message("done");
         drop(servers);
+        let _ = std::fs::remove_file(&bench.wrk_script);
 
         let mut env = environment();
         env["placement"] = match (pin.client, pin.server) {
