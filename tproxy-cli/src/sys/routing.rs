@@ -331,7 +331,7 @@ pub fn plan(opts: &Options, ifindex: u32) -> Result<TproxySpec> {
 /// keeps the lock for the install: two instances starting at once in one
 /// namespace do not both take a value.
 fn recheck_locked(spec: &TproxySpec) -> Result<std::fs::File> {
-    let dir = crate::target::record::run_dir();
+    let dir = crate::sys::run_dir::run_dir();
     let lock = std::fs::File::open(&dir)
         .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
     // SAFETY: flock on a valid fd; blocks only while another start installs.

@@ -55,7 +55,7 @@ pub struct AgentState {
 }
 
 pub fn default_state_dir() -> PathBuf {
-    crate::target::record::run_dir().join("agent")
+    crate::sys::run_dir::run_dir().join("agent")
 }
 
 pub fn state_path(dir: &Path) -> PathBuf {

@@ -17,10 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::options::Steer,
+    sys::run_dir::run_dir,
     target::{Error, Result, installed::Installed},
 };
-
-pub const DEFAULT_RUN_DIR: &str = "/run/tproxy";
 
 /// What a running instance installed, and where to find its maps.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -101,12 +100,6 @@ pub enum AttachKind {
 pub struct InstanceLock {
     file: File,
     path: PathBuf,
-}
-
-pub fn run_dir() -> PathBuf {
-    std::env::var_os("TPROXY_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
 }
 
 pub fn record_path(dir: &Path, netns_inode: u64, iface: &str) -> PathBuf {
