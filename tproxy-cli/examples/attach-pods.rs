@@ -11,10 +11,7 @@ use tproxy::{
     Options, PortSet, Steer,
     config::options::TcMode,
     sys::netns::run_in,
-    target::{
-        attachment::{TargetAttachment, TargetEnv},
-        loader::Loaded,
-    },
+    target::{attachment::TargetAttachment, loader::Loaded, probe::TargetEnv},
 };
 
 fn main() -> Result<()> {

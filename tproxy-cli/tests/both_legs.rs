@@ -20,10 +20,7 @@ use tproxy::{
     Options, PortSet, Steer,
     config::options::TcMode,
     sys::netns::run_in,
-    target::{
-        attachment::{TargetAttachment, TargetEnv},
-        loader::Loaded,
-    },
+    target::{attachment::TargetAttachment, loader::Loaded, probe::TargetEnv},
 };
 use tproxy_common::{Counter, SockState, names};
 use tproxy_lab::{Cgroup, Logged, Netns, envoy, unique};

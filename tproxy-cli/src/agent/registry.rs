@@ -232,7 +232,7 @@ impl Registry {
         }
         let (probed, plan) = netns::run_in(&spec.netns, || -> Result<_> {
             let probed = Probed::here(&opts.iface, opts.tc_mode)?;
-            let plan = crate::target::attachment::plan_steering(&opts, probed.ifindex)?;
+            let plan = crate::target::probe::plan_steering(&opts, probed.ifindex)?;
             Ok((probed, plan))
         })??;
         if let Some((other, _)) = self

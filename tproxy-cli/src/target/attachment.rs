@@ -6,7 +6,7 @@
 //! Attaching and dropping touch the interface and routing of the target's
 //! namespace: the calling thread must be in it (the agent enters it with
 //! `netns::Entered` for the duration).
-use std::{net::IpAddr, path::PathBuf};
+use std::net::IpAddr;
 
 use aya::{
     maps::{HashMap, Map, MapData},
@@ -24,10 +24,7 @@ use tracing::warn;
 use crate::{
     Error, Options, Result,
     config::options::TcMode,
-    sys::{
-        routing::{TproxyRouting, TproxySpec},
-        tc::ClsactQdisc,
-    },
+    sys::{routing::TproxyRouting, tc::ClsactQdisc},
     target,
     target::{
         attach::{
@@ -35,25 +32,10 @@ use crate::{
             TcAttachment,
         },
         loader::{self, Loaded, attached, program, sockops_name},
+        probe::TargetEnv,
         record::{AttachKind, Attached},
     },
 };
-
-/// What the caller found out about the target, in its namespace, before
-/// attaching (checks that can fail with a clear message come first).
-pub struct TargetEnv {
-    pub ifindex: u32,
-    pub l2_len: u8,
-    pub netns_cookie: u64,
-    /// The cgroup as the user names it, and open for the attach calls.
-    pub cgroup: PathBuf,
-    pub cgroup_dir: std::fs::File,
-    /// Checked against the kernel (`TcMode::check`).
-    pub tc_mode: TcMode,
-    /// The tproxy back-end's plan (mark and table checked free).
-    pub tproxy: Option<TproxySpec>,
-    pub steer_mark: u32,
-}
 
 /// Who the proxy is (`tproxy-ebpf/src/identity.rs`): a cgroup's id and
 /// level, and the cgroup open: `--proxy-cgroup` if given (it must be
@@ -235,20 +217,6 @@ fn socket_owners(inode: u64) -> Vec<u32> {
             })
         })
         .collect()
-}
-
-impl TargetEnv {
-    /// The current namespace's interface `iface` and the cgroup `cgroup`,
-    /// with the defaults a run without flags takes (tc mode checked, no
-    /// tproxy back-end, the default steer mark): for tools and tests that
-    /// attach targets themselves (the agent and a single run check more,
-    /// each with its own message).
-    pub fn here(iface: &str, cgroup: &std::path::Path) -> crate::Result<TargetEnv> {
-        let dir = crate::sys::system::open_cgroup(Some(cgroup))?;
-        let probed = crate::target::probe::Probed::here(iface, TcMode::Auto)?;
-        let steer_mark = crate::config::options::default_steer_mark(probed.ifindex);
-        Ok(probed.env(dir.path, dir.dir, (None, steer_mark)))
-    }
 }
 
 /// What a target looks like before its tc programs are attached: what the
@@ -594,36 +562,6 @@ pub fn interface_addrs(iface: &str) -> std::io::Result<Vec<IpAddr>> {
         }
     }
     Ok(out)
-}
-
-/// The tproxy back-end's plan (mark and table checked free, or picked)
-/// and the mark steered packets get, for a target on `ifindex`, before
-/// anything exists: run in the target's namespace.
-pub fn plan_steering(opts: &Options, ifindex: u32) -> Result<(Option<TproxySpec>, u32)> {
-    let tproxy = match opts.steer {
-        crate::Steer::Tproxy => {
-            let spec = crate::sys::routing::plan(opts, ifindex)?;
-            crate::sys::routing::check_nft_table_free(&spec)?;
-            crate::sys::routing::check_nft(&spec)?;
-            Some(spec)
-        }
-        crate::Steer::Rewrite => None,
-    };
-    let steer_mark = tproxy.as_ref().map_or_else(
-        || {
-            opts.steer_mark
-                .unwrap_or_else(|| crate::config::options::default_steer_mark(ifindex))
-        },
-        |s| s.mark,
-    );
-    if steer_mark == opts.proxy_mark {
-        return Err(crate::config::Error::MarksCollide {
-            mark: steer_mark,
-            via: crate::config::Via::FlagsOrFile,
-        }
-        .into());
-    }
-    Ok((tproxy, steer_mark))
 }
 
 /// What an in-place update (`update_in_place`) added to a target, for its

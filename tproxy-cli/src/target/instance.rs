@@ -62,7 +62,7 @@ impl Instance {
             crate::target::recovery::recover_at_start(&stale);
         }
         // Mark and table checked free (or picked) before anything exists.
-        let plan = crate::target::attachment::plan_steering(opts, probed.ifindex)?;
+        let plan = crate::target::probe::plan_steering(opts, probed.ifindex)?;
 
         let mut loaded = Loaded::load(opts.accel, 1, Some(netns_cookie))?;
         let ids = loaded.map_ids();
