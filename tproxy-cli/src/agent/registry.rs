@@ -27,10 +27,9 @@ use crate::{
         attachment::{SteerGuard, TargetAttachment},
         drain,
         inspect::{accelerated, monotonic_coarse_ns, queued_redirected},
-        installed::{Installed, netns_alive},
+        installed::{AttachKind, Installed, netns_alive},
         loader::{self, Loaded},
         probe::Probed,
-        record::AttachKind,
     },
 };
 
@@ -256,7 +255,7 @@ impl Registry {
         let env = probed.env(cgroup, cgroup_dir, plan);
         let loaded = &mut self.loaded;
         let att = netns::run_in(&spec.netns, || {
-            let note = |planned: crate::target::attachment::Planned<'_>| {
+            let note = |planned: crate::target::installed::Planned<'_>| {
                 installed.plan(&planned);
                 Ok(())
             };

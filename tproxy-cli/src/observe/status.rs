@@ -25,7 +25,8 @@ use crate::{
     },
     target::{
         inspect::{self, FlowStats},
-        record::{self, AttachKind, Attached, Record, RecordFile},
+        installed::{AttachKind, Attached},
+        record::{self, Record, RecordFile},
     },
 };
 

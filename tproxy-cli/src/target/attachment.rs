@@ -31,9 +31,9 @@ use crate::{
             Attachment, GetsocknameAttachment, GetsockoptAttachment, SockopsAttachment,
             TcAttachment,
         },
+        installed::{AttachKind, Attached, Planned},
         loader::{self, Loaded, attached, program, sockops_name},
         probe::TargetEnv,
-        record::{AttachKind, Attached},
     },
 };
 
@@ -217,14 +217,6 @@ fn socket_owners(inode: u64) -> Vec<u32> {
             })
         })
         .collect()
-}
-
-/// What a target looks like before its tc programs are attached: what the
-/// runtime record must say before anything on the interface exists.
-pub struct Planned<'a> {
-    pub attachments: &'a [Attached],
-    pub tc_mode: TcMode,
-    pub created_clsact: bool,
 }
 
 /// One attached target. Fields drop in declaration order: steering stops

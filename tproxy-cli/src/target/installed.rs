@@ -6,7 +6,9 @@
 //! links die with their last file descriptor or pin). A single run's
 //! record (`record::Record`) and each target of the agent's state file
 //! (`agent_state::TargetRecord`) embed it, flattened: their JSON keeps its
-//! fields where they always were.
+//! fields where they always were. With it, the entries those records list
+//! the attached programs by (`Attached`), and what an attach says it is
+//! about to install before it touches the interface (`Planned`).
 //!
 //! `Installed::remove` is the removal path for every owner that is gone: a
 //! single run killed (at the next start on its interface, and `tproxy
@@ -25,11 +27,7 @@ use crate::{
         routing::{TproxyRouting, TproxySpec},
         system, tc,
     },
-    target::{
-        attachment::Planned,
-        probe::Probed,
-        record::{AttachKind, Attached},
-    },
+    target::probe::Probed,
 };
 
 /// Where a target is, and what of it outlives its owner.
@@ -57,6 +55,14 @@ pub struct Installed {
     /// readers take them from the record's attachments).
     #[serde(default)]
     pub tc_progs: Vec<u32>,
+}
+
+/// What a target looks like before its tc programs are attached: what the
+/// runtime record must say before anything on the interface exists.
+pub struct Planned<'a> {
+    pub attachments: &'a [Attached],
+    pub tc_mode: TcMode,
+    pub created_clsact: bool,
 }
 
 impl Installed {
@@ -127,6 +133,30 @@ impl Installed {
             )),
         }
     }
+}
+
+/// One attached program, as the kernel knows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attached {
+    /// For people: "tc ingress tproxy_steer on eth0 (Tcx)".
+    pub what: String,
+    pub kind: AttachKind,
+    pub program: String,
+    pub prog_id: u32,
+    /// Its bpf_link: TCX, cgroup and tracepoint attachments are links;
+    /// netlink tc filters and sk_msg (attached to the SOCKHASH) are not.
+    #[serde(default)]
+    pub link_id: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachKind {
+    TcIngress,
+    TcEgress,
+    Cgroup,
+    SkMsg,
+    Tracepoint,
 }
 
 /// The program ids of the tc attachments among `attachments`.

@@ -19,8 +19,8 @@ use crate::{
     target::{
         Error, Result,
         attach::{RecvmsgAttachment, SkMsgAttachment},
+        installed::{AttachKind, Attached},
         nudger::NudgeMaps,
-        record::{AttachKind, Attached},
     },
 };
 

@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::options::Steer,
     sys::run_dir::run_dir,
-    target::{Error, Result, installed::Installed},
+    target::{
+        Error, Result,
+        installed::{Attached, Installed},
+    },
 };
 
 /// What a running instance installed, and where to find its maps.
@@ -70,30 +73,6 @@ impl Record {
     pub fn located(&self) -> crate::sys::netns::Located {
         crate::sys::netns::locate(self.installed.netns_inode, self.installed.netns_cookie)
     }
-}
-
-/// One attached program, as the kernel knows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Attached {
-    /// For people: "tc ingress tproxy_steer on eth0 (Tcx)".
-    pub what: String,
-    pub kind: AttachKind,
-    pub program: String,
-    pub prog_id: u32,
-    /// Its bpf_link: TCX, cgroup and tracepoint attachments are links;
-    /// netlink tc filters and sk_msg (attached to the SOCKHASH) are not.
-    #[serde(default)]
-    pub link_id: Option<u32>,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum AttachKind {
-    TcIngress,
-    TcEgress,
-    Cgroup,
-    SkMsg,
-    Tracepoint,
 }
 
 /// The held lock on an instance's record; dropping it removes the record.
@@ -361,7 +340,7 @@ pub fn live_records() -> Vec<Record> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::options::TcMode, sys::routing::TproxySpec};
+    use crate::{config::options::TcMode, sys::routing::TproxySpec, target::installed::AttachKind};
 
     #[test]
     fn second_lock_is_refused_and_record_is_removed_on_drop() {
