@@ -1,6 +1,8 @@
 //! Reading a running instance's maps, from inside it or from another
-//! process through the map ids in its runtime record: counters, the flow
-//! table, accelerated sockets. Read-only.
+//! process through the map ids in its runtime record (or the agent's
+//! `MapIds`): counters, the flow table, accelerated sockets, and the
+//! clock their entries are stamped with. Read-only; the loader, above,
+//! fills `MapIds` and reaps lingering flows by this file's clock.
 use std::os::fd::AsFd as _;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
@@ -44,6 +46,22 @@ pub fn explain(e: Error, pid: i32) -> Error {
     } else {
         e
     }
+}
+
+/// Kernel ids of the maps, for other processes (`stats`, `status`) to open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapIds {
+    pub targets: u32,
+    pub counters: u32,
+    pub flows: u32,
+    pub syns: u32,
+    pub closing: u32,
+    pub sockhash: u32,
+    pub socks: u32,
+    #[serde(default)]
+    pub flows_in_use: u32,
+    #[serde(default)]
+    pub socks_in_use: u32,
 }
 
 /// The flow table at a glance.
@@ -274,7 +292,7 @@ impl Maps {
 
     /// A loaded object's maps, by the ids `Loaded::map_ids` gives (another
     /// process: the agent's, from its state).
-    pub fn of_ids(ids: &crate::target::loader::MapIds) -> Result<Maps> {
+    pub fn of_ids(ids: &MapIds) -> Result<Maps> {
         let open = |id, name| MapData::from_id(id).map_err(|source| Error::Map { name, source });
         Ok(Maps {
             counters: Map::PerCpuArray(open(ids.counters, names::COUNTERS)?),

@@ -1,8 +1,10 @@
 //! Load once: the eBPF object, loaded and verified one time, with the
 //! hooks every target shares (sk_msg on the SOCKHASH, the recvmsg
-//! tracepoint). Targets (`target.rs`) attach its programs to their cgroup
-//! and interface and have an entry each in `TARGETS`. A single `tproxy`
-//! run is one `Loaded` with one target; the node agent, one with many.
+//! tracepoint), the maps the agent pins and the check that pinned ones are
+//! this build's. Targets (`attachment`) attach its programs to their
+//! cgroup and interface and have an entry each in `TARGETS`, which the
+//! functions at the end read and write. A single `tproxy` run is one
+//! `Loaded` with one target; the node agent, one with many.
 use std::os::fd::{AsFd as _, OwnedFd};
 
 use aya::{
@@ -19,26 +21,11 @@ use crate::{
     target::{
         Error, Result,
         attach::{RecvmsgAttachment, SkMsgAttachment},
+        inspect::{MapIds, lingered, monotonic_coarse_ns},
         installed::{AttachKind, Attached},
         nudger::NudgeMaps,
     },
 };
-
-/// Kernel ids of the maps, for other processes (`stats`, `status`) to open.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct MapIds {
-    pub targets: u32,
-    pub counters: u32,
-    pub flows: u32,
-    pub syns: u32,
-    pub closing: u32,
-    pub sockhash: u32,
-    pub socks: u32,
-    #[serde(default)]
-    pub flows_in_use: u32,
-    #[serde(default)]
-    pub socks_in_use: u32,
-}
 
 /// The loaded object. Fields drop in declaration order: the node-wide
 /// hooks before the object.
@@ -526,7 +513,6 @@ impl Loaded {
     pub fn reap_flows(&mut self) -> Result<usize> {
         use tproxy_common::{FlowKey, FlowValue};
 
-        use crate::target::inspect::{lingered, monotonic_coarse_ns};
         let map = self
             .ebpf
             .map_mut(names::CLOSING)
