@@ -51,7 +51,7 @@ fn main() -> Result<()> {
         let ns = PathBuf::from(ns);
         let cgroup = PathBuf::from(cgroup);
         let l = &mut loaded;
-        let t = run_in(&ns, move || -> tproxy::Result<TargetAttachment> {
+        let t = run_in(&ns, move || -> tproxy::target::Result<TargetAttachment> {
             let env = TargetEnv::here("eth0", &cgroup)?;
             TargetAttachment::attach(l, &opts, env, i as u32 + 1, |_| Ok(()))
         })?

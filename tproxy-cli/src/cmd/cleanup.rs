@@ -3,7 +3,7 @@ use crate::{
     Error, Result,
     sys::system,
     target::{
-        agent_state,
+        self, agent_state,
         recovery::{self, Scope},
     },
 };
@@ -36,8 +36,8 @@ fn run_cleanup(scope: &Scope) -> Result<()> {
         Scope::Iface(_) => None,
         _ => match recovery::cleanup_agent(&agent_dir) {
             Ok(r) => r,
-            Err(Error::AgentRunning { .. }) => None,
-            Err(e) => return Err(e),
+            Err(target::Error::AgentRunning { .. }) => None,
+            Err(e) => return Err(e.into()),
         },
     };
     if let Some(lines) = &agent {

@@ -46,7 +46,7 @@ impl<L: Link> Drop for Attachment<L> {
         if let Some(link) = self.link.take() {
             match link.detach() {
                 Ok(()) => debug!("detached {}", self.what),
-                Err(e) => warn!("detaching {}: {}", self.what, crate::error::Chain(&e)),
+                Err(e) => warn!("detaching {}: {}", self.what, crate::sys::error::Chain(&e)),
             }
         }
     }

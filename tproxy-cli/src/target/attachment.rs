@@ -22,11 +22,13 @@ use tproxy_common::{
 use tracing::warn;
 
 use crate::{
-    Error, Options, Result,
-    config::options::TcMode,
-    sys::{routing::TproxyRouting, tc::ClsactQdisc},
-    target,
+    config::{
+        options::{Options, TcMode},
+        ports::PortSet,
+    },
+    sys::{error::Chain, routing::TproxyRouting, tc::ClsactQdisc},
     target::{
+        Error, Result,
         attach::{
             Attachment, GetsocknameAttachment, GetsockoptAttachment, SockopsAttachment,
             TcAttachment,
@@ -50,11 +52,10 @@ pub fn proxy_identity(opts: &Options, env: &TargetEnv) -> Result<((u64, u32), st
         Some(path) => {
             let proxy = crate::sys::system::open_cgroup(Some(path))?;
             if !crate::sys::system::cgroup_within(&proxy.dir, &env.cgroup_dir)? {
-                return Err(target::Error::ProxyCgroupOutside {
+                return Err(Error::ProxyCgroupOutside {
                     proxy: path.clone(),
                     cgroup: env.cgroup.clone(),
-                }
-                .into());
+                });
             }
             proxy.dir
         }
@@ -259,7 +260,7 @@ impl Drop for TargetEntry {
             warn!(
                 "removing target {:#x} from TARGETS: {}",
                 self.cookie,
-                crate::error::Chain(&e)
+                Chain(&e)
             );
         }
     }
@@ -359,7 +360,7 @@ impl PriorFlows {
     }
 
     /// Lists the calling thread's namespace's connections to `ports`.
-    fn list(&mut self, ports: &crate::PortSet, cookie: u64) {
+    fn list(&mut self, ports: &PortSet, cookie: u64) {
         self.list_where(|p| ports.contains(p), cookie);
     }
 
@@ -588,7 +589,7 @@ pub fn update_in_place(
     maps: EntryMaps,
     cookie: u64,
     opts: &Options,
-    old: &crate::PortSet,
+    old: &PortSet,
     steer_mark: Option<u32>,
     claim_addrs: bool,
 ) -> Result<Updated> {
@@ -691,14 +692,13 @@ impl TargetAttachment {
         replacing: bool,
     ) -> Result<TargetAttachment> {
         if opts.accel && !loaded.accel() {
-            return Err(target::Error::AccelNotLoaded.into());
+            return Err(Error::AccelNotLoaded);
         }
         let mut map = loaded.targets_map()?;
         if !replacing && loader::read_target(&map, env.netns_cookie).is_ok() {
-            return Err(target::Error::TargetExists {
+            return Err(Error::TargetExists {
                 netns: format!("cookie {:#x}", env.netns_cookie),
-            }
-            .into());
+            });
         }
         let (proxy, proxy_dir) = proxy_identity(opts, &env)?;
         let listeners = PriorListeners::find(
@@ -763,7 +763,7 @@ impl TargetAttachment {
         )?);
         let id = prog
             .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| target::Error::Attach {
+            .map_err(|source| Error::Attach {
                 what: format!("sockops to cgroup {cgroup}"),
                 source,
             })?;
@@ -782,7 +782,7 @@ impl TargetAttachment {
         )?);
         let id = prog
             .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| target::Error::Attach {
+            .map_err(|source| Error::Attach {
                 what: format!("cgroup/getsockopt to {cgroup}"),
                 source,
             })?;
@@ -800,7 +800,7 @@ impl TargetAttachment {
             attachments.push(attached(&what, AttachKind::Cgroup, name, prog.info())?);
             let id = prog
                 .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-                .map_err(|source| target::Error::Attach {
+                .map_err(|source| Error::Attach {
                     what: format!("cgroup/{hook} to {cgroup}"),
                     source,
                 })?;
@@ -929,7 +929,7 @@ impl TargetAttachment {
     }
 
     /// Sets or clears a `flags::*` bit of this target.
-    pub fn set_flag(&mut self, flag: u32, on: bool) -> target::Result<()> {
+    pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<()> {
         loader::set_flag(&mut self.entry.map, self.entry.cookie, flag, on)
     }
 
@@ -1016,7 +1016,7 @@ fn attach_tc(
     let hook_s = hook_name(hook);
     let id = prog
         .attach_with_options(iface, hook, options)
-        .map_err(|source| target::Error::Attach {
+        .map_err(|source| Error::Attach {
             what: format!("tc {hook_s} ({mode:?}) on {iface}"),
             source,
         })?;

@@ -1,10 +1,12 @@
-//! The target layer's errors: what probing, loading, attaching, recording
-//! and removing a target raise themselves. Causes from below (aya's
-//! program and map errors, I/O) are their `source`; the crate's `Error`
-//! wraps this one (`Error::Target`, transparent), so a message prints the
-//! same whichever layer returns it. Each message is one line that names
-//! the problem and, where there is one, the fix; it names a command-line
-//! flag only where a flag caused it.
+//! The target layer's errors, the one type every file of `target/`
+//! returns: what probing, loading, attaching, recording and removing a
+//! target raise themselves, and the errors of the layers below taken whole
+//! (`Sys`, `Config`, transparent). Causes from outside (aya's program and
+//! map errors, I/O) are their `source`; the crate's `Error` wraps this one
+//! (`Error::Target`, transparent), so a message prints the same whichever
+//! layer returns it. Each message is one line that names the problem and,
+//! where there is one, the fix; it names a command-line flag only where a
+//! flag caused it.
 use std::{io, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,11 @@ pub enum Error {
         "the tproxy instance (pid {pid}) was started by another tproxy build whose maps have another layout: read it with that build's `tproxy stats`"
     )]
     OtherBuild { pid: i32 },
+
+    #[error(
+        "a tproxy agent (pid {pid}) already runs with the state directory {dir}; stop it first (or give this one another --state-dir)"
+    )]
+    AgentRunning { dir: PathBuf, pid: i32 },
 
     #[error(
         "tproxy (pid {pid}) on {iface} is running: cleanup only removes what dead instances left; stop it with SIGTERM (`kill {pid}`), which removes everything it installed"

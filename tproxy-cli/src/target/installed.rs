@@ -19,7 +19,6 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Result,
     config::options::TcMode,
     sys::{
         netns::{self, Located},
@@ -27,7 +26,7 @@ use crate::{
         routing::{TproxyRouting, TproxySpec},
         system, tc,
     },
-    target::probe::Probed,
+    target::{Result, probe::Probed},
 };
 
 /// Where a target is, and what of it outlives its owner.

@@ -6,10 +6,10 @@ use tproxy_common::{Counter, flags, names};
 use tracing::{info, warn};
 
 use crate::{
-    Options, Result,
-    sys::system,
-    target,
+    config::options::Options,
+    sys::{error::Chain, system},
     target::{
+        Error, Result,
         attachment::TargetAttachment,
         drain::{self, Handback},
         inspect::{FlowStats, flow_stats, socks_state, sum_counters},
@@ -146,14 +146,14 @@ impl Instance {
     }
 
     /// Counter totals over all CPUs.
-    pub fn counters(&self) -> target::Result<Vec<(Counter, u64)>> {
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let map = self
             .loaded
             .ebpf()
             .map(names::COUNTERS)
             .expect("COUNTERS in object");
         let arr: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| target::Error::Map {
+            PerCpuArray::try_from(map).map_err(|source| Error::Map {
                 name: names::COUNTERS,
                 source,
             })?;
@@ -161,7 +161,7 @@ impl Instance {
     }
 
     /// The flow table at a glance (open, active, closing, embryonic).
-    pub fn flows(&self) -> target::Result<FlowStats> {
+    pub fn flows(&self) -> Result<FlowStats> {
         flow_stats(
             self.loaded
                 .ebpf()
@@ -177,24 +177,24 @@ impl Instance {
 
     /// Removes closed flows that lingered `FLOW_LINGER_NS`; how many. Also
     /// counts down the proxy's listeners older than tproxy that closed.
-    pub fn reap_flows(&mut self) -> target::Result<usize> {
+    pub fn reap_flows(&mut self) -> Result<usize> {
         self.target.recount_listeners();
         self.loaded.reap_flows()
     }
 
     /// Stops steering new flows (flows already steered keep their state).
-    pub fn stop_steering_new(&mut self) -> target::Result<()> {
+    pub fn stop_steering_new(&mut self) -> Result<()> {
         self.target.set_flag(flags::STEER_NEW, false)
     }
 
     /// Handles on this instance's maps for another task (the metrics
     /// endpoint): new descriptors, so no CAP_SYS_ADMIN is needed.
-    pub fn maps(&self) -> target::Result<crate::target::inspect::Maps> {
+    pub fn maps(&self) -> Result<crate::target::inspect::Maps> {
         crate::target::inspect::Maps::dup(self.loaded.ebpf())
     }
 
     /// Accelerated sockets and the redirected bytes queued, unread, at them.
-    pub fn accel_state(&self) -> target::Result<(usize, i64)> {
+    pub fn accel_state(&self) -> Result<(usize, i64)> {
         accel_state(&self.loaded)
     }
 
@@ -218,7 +218,7 @@ impl Instance {
             Err(e) => {
                 warn!(
                     "accel: could not stop redirecting ({}); detaching anyway",
-                    crate::error::Chain(&e)
+                    Chain(&e)
                 );
                 return;
             }
@@ -254,7 +254,7 @@ impl Instance {
 }
 
 /// `Instance::accel_state`, of the object alone (borrowed beside the target).
-fn accel_state(loaded: &Loaded) -> target::Result<(usize, i64)> {
+fn accel_state(loaded: &Loaded) -> Result<(usize, i64)> {
     socks_state(loaded.ebpf().map(names::SOCKS).expect("SOCKS in object"))
 }
 

@@ -216,7 +216,7 @@ impl Loaded {
     /// agent), and with `accel` attaches the node-wide acceleration hooks.
     /// Every program a target needs is loaded (verified) here, so attaching
     /// a target only links.
-    pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> crate::Result<Loaded> {
+    pub fn load(accel: bool, max_targets: u32, single: Option<u64>) -> Result<Loaded> {
         Loaded::load_with(&LoadOptions {
             accel,
             max_targets,
@@ -228,7 +228,7 @@ impl Loaded {
     /// `load` with the node agent's extras: table sizes, and maps and the
     /// node-wide recv tracepoint pinned under `pin_dir` (reused when already
     /// there: an agent restart keeps every flow and accelerated socket).
-    pub fn load_with(o: &LoadOptions) -> crate::Result<Loaded> {
+    pub fn load_with(o: &LoadOptions) -> Result<Loaded> {
         let (accel, single) = (o.accel, o.single);
         let max_targets = if single.is_some() {
             1
@@ -360,7 +360,7 @@ impl Loaded {
 
     /// The recvmsg tracepoint (reads of redirected bytes, counted before
     /// any byte is redirected), then sk_msg on the SOCKHASH.
-    fn attach_accel(&mut self) -> crate::Result<()> {
+    fn attach_accel(&mut self) -> Result<()> {
         let ebpf = &mut self.ebpf;
         let prog: &mut RawTracePoint = program(ebpf, names::PROG_RECV_LENGTH)?;
         prog.load()

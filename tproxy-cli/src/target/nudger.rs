@@ -44,7 +44,10 @@ use aya::maps::{HashMap, MapData, RingBuf};
 use tproxy_common::{NUDGE_MAX, NudgeEvent, SockState, names, sock_flags::FAST};
 use tracing::{debug, warn};
 
-use crate::{Error, Result, error::Chain, target};
+use crate::{
+    sys::error::Chain,
+    target::{Error, Result},
+};
 
 /// How long after a short read a reader that has not read since counts as
 /// asleep: a reader that is awake reads its TCP bytes well within it.
@@ -345,7 +348,7 @@ fn walk(link: BorrowedFd<'_>) -> Result<()> {
 pub(crate) fn iter_link(prog: &aya::programs::Iter) -> Result<OwnedFd> {
     let prog_fd = prog
         .fd()
-        .map_err(|e| target::Error::load_program(names::PROG_NUDGE_ITER, e))?;
+        .map_err(|e| Error::load_program(names::PROG_NUDGE_ITER, e))?;
     crate::sys::bpf::iter_link_create(prog_fd.as_fd()).map_err(|e| {
         Error::io(
             "creating the nudger's TCP iterator link (BPF_LINK_CREATE)",

@@ -11,16 +11,15 @@ use std::{fs, path::Path};
 use tracing::{debug, warn};
 
 use crate::{
-    Error, Result,
     config::options::TcMode,
-    error::Chain,
     sys::{
+        error::Chain,
         netns::{self, Located},
         pins,
         removal::{Removal, RemovedKind},
     },
-    target,
     target::{
+        Error, Result,
         agent_state::{AgentState, lock_path, read_state, state_path, try_lock},
         record::{Record, StaleRecord},
     },
@@ -176,11 +175,10 @@ pub fn cleanup(scope: &Scope) -> Result<Vec<Cleaned>> {
             if let Scope::Iface(iface) = scope
                 && f.path.exists()
             {
-                return Err(target::Error::CleanupLive {
+                return Err(Error::CleanupLive {
                     iface: iface.clone(),
                     pid: f.record.map(|r| r.pid).unwrap_or(0),
-                }
-                .into());
+                });
             }
             continue; // a live instance: none of our business
         };

@@ -194,7 +194,7 @@ impl SweepMaps {
         if let Err(e) = self.zero_in_use(slot) {
             warn!(
                 "zeroing the counts of slot {slot}: {}",
-                crate::error::Chain(&e)
+                crate::sys::error::Chain(&e)
             );
         }
         s
