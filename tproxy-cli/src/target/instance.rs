@@ -93,7 +93,7 @@ impl Instance {
             record.attachments.extend_from_slice(planned.attachments);
             // Written before the tc filters and routing exist, so a kill
             // right after leaves a record that says what to remove.
-            Ok(lock.write(&record)?)
+            lock.write(&record)
         })?;
 
         info!(
