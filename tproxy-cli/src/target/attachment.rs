@@ -1,7 +1,11 @@
 //! Attach per target: one network namespace (a pod, or the namespace of a
-//! single `tproxy` run) served by a `Loaded` object. Its `TARGETS` entry,
-//! its cgroup hooks, its tc programs and (tproxy back-end) its routing,
-//! owned by one `TargetAttachment` whose Drop detaches exactly those.
+//! single `tproxy` run) served by a `Loaded` object, with the `TargetEnv`
+//! its probe made. Its `TARGETS` entry, its cgroup hooks, its tc programs
+//! and (tproxy back-end) its routing, owned by one `TargetAttachment`
+//! whose Drop detaches exactly those; with them, the entries it keeps in
+//! the shared maps (the connections and proxy listeners older than it,
+//! its addresses), the in-place update of a target's settings, and the
+//! steering guard that covers an interface while its target is replaced.
 //!
 //! Attaching and dropping touch the interface and routing of the target's
 //! namespace: the calling thread must be in it (the agent enters it with

@@ -1,11 +1,25 @@
-//! One target's lifecycle: probe its namespace (`probe`), load the object
-//! (`loader`) and attach it (`attachment`, one owner per attachment in
-//! `attach`), serve (a single run's `instance`, the nudger, reading the
-//! maps in `inspect`), drain (`drain`), detach (the owners' drops, then
-//! `sweep` of the shared maps). One record of what a target installed
-//! (`installed`), in the single run's runtime record (`record`) and the
-//! agent's state (`agent_state`), and one way to remove it after its owner
-//! died (`installed`, used by `recovery`).
+//! One target's lifecycle: probe its namespace, load the object, attach
+//! it, serve, drain, detach; one record of what a target installed, in the
+//! single run's runtime record and the agent's state, and one way to
+//! remove it after its owner died. Its files form a stack, each using only
+//! the ones before it (and `sys`, `config`, `api` below), lowest first:
+//!
+//! - `error`: the layer's `Error`, which every file here returns.
+//! - `drain`: waiting for a target's flows and accelerated bytes to end.
+//! - `attach`: the owners that detach one kernel attachment on drop.
+//! - `sweep`: taking a removed target's entries out of the shared maps.
+//! - `nudger`: waking readers of accelerated sockets asleep on TCP bytes.
+//! - `probe`: a target's facts in its namespace, its steering plan, and
+//!   the `TargetEnv` it attaches with.
+//! - `installed`: what a target installed (`Installed`, its `Attached`
+//!   programs, the `Planned` tc hooks) and its one removal path.
+//! - `record`: a single run's runtime record and instance lock.
+//! - `agent_state`: the agent's state file and lock.
+//! - `inspect`: reading a running instance's maps (`Maps`, `MapIds`).
+//! - `loader`: the object, loaded once, its node-wide hooks and pins.
+//! - `attachment`: one attached target (`TargetAttachment`).
+//! - `recovery`: removing what a dead single run or agent left.
+//! - `instance`: a single run, built all-or-nothing from the above.
 pub mod agent_state;
 pub mod attach;
 pub mod attachment;
