@@ -20,7 +20,6 @@ pub mod agent;
 pub mod api;
 pub mod cmd;
 pub mod config;
-pub mod error;
 pub mod observe;
 pub mod sys;
 pub mod target;
@@ -29,5 +28,4 @@ pub use config::{
     options::{Options, Steer},
     ports::PortSet,
 };
-pub use error::{Error, Result};
 pub use target::instance::Instance;

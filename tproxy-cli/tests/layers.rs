@@ -129,7 +129,26 @@ fn paths_after(text: &str, prefix: &str) -> Vec<String> {
             let end = rest
                 .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
                 .unwrap_or(rest.len());
-            out.push(rest[..end].trim_end_matches(':').to_string());
+            let head = &rest[..end];
+            if head.ends_with("::") && rest[end..].starts_with('{') {
+                let group = &rest[end..];
+                let mut depth = 0;
+                let gend = group
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        depth += match c {
+                            '{' => 1,
+                            '}' => -1,
+                            _ => 0,
+                        };
+                        depth == 0
+                    })
+                    .map_or(group.len(), |(i, _)| i + 1);
+                expand(&group[..gend], head.trim_end_matches(':'), &mut out);
+                rest = &group[gend..];
+                continue;
+            }
+            out.push(head.trim_end_matches(':').to_string());
             rest = &rest[end..];
         }
     }
@@ -152,7 +171,7 @@ fn tree() -> Tree {
         .iter()
         .map(|(rel, _)| (module_of(rel), rel.clone()))
         .collect();
-    // The crate root's `pub use` names: `crate::Error` is `error`'s.
+    // The crate root's `pub use` names: `crate::Options` is `config::options`'s.
     let lib = code_only(&fs::read_to_string(src.join("lib.rs")).unwrap());
     let mut aliases = BTreeMap::new();
     for p in paths_after(&lib.replace("pub use ", "pub use crate::"), "crate") {

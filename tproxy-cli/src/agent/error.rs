@@ -19,15 +19,6 @@ pub enum Error {
     #[error(transparent)]
     Observe(#[from] crate::observe::Error),
 
-    // TEMPORARY until target/ returns target::Error everywhere.
-    #[error(transparent)]
-    Lower(#[from] crate::Error),
-
-    #[error(
-        "a tproxy agent (pid {pid}) already runs with the state directory {dir}; stop it first (or give this one another --state-dir)"
-    )]
-    AgentRunning { dir: PathBuf, pid: i32 },
-
     #[error(
         "the agent socket's directory {} (mode {mode:o}) may be written by other users, who could replace the socket; pass --socket a path in a directory only root writes (a missing one is created with mode 0700)",
         .dir.display()
@@ -63,13 +54,6 @@ impl Error {
             Error::Config(_) => true,
             Error::Sys(e) | Error::Target(target::Error::Sys(e)) => sys_invalid(e),
             Error::Target(target::Error::Config(_) | target::Error::TargetExists { .. }) => true,
-            Error::Lower(crate::Error::Config(_)) => true,
-            Error::Lower(crate::Error::Sys(e) | crate::Error::Target(target::Error::Sys(e))) => {
-                sys_invalid(e)
-            }
-            Error::Lower(crate::Error::Target(
-                target::Error::Config(_) | target::Error::TargetExists { .. },
-            )) => true,
             _ => false,
         };
         if invalid {

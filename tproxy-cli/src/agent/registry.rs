@@ -16,8 +16,8 @@ use crate::{
     agent::error::{Error, Result},
     api::{TargetSpec, TargetStatus},
     config::{self, Role, Target, options::TcMode},
-    error::Chain,
     sys::{
+        error::Chain,
         netns::{self, Located},
         pins, system,
     },

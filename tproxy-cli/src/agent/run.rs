@@ -20,8 +20,7 @@ use super::{
     settings::Settings,
 };
 use crate::{
-    error::Chain,
-    sys::{pins, system},
+    sys::{error::Chain, pins, system},
     target::{
         agent_state::{read_state, try_lock},
         loader::{LoadOptions, Loaded},
@@ -45,7 +44,7 @@ pub fn run(args: &Settings) -> Result<()> {
     system::check_kernel_version()?;
     system::check_btf()?;
     crate::sys::probe::check(true)?;
-    let lock = try_lock(&state_dir)?.ok_or_else(|| Error::AgentRunning {
+    let lock = try_lock(&state_dir)?.ok_or_else(|| crate::target::Error::AgentRunning {
         dir: state_dir.clone(),
         pid: read_state(&state_dir).map_or(0, |s| s.pid),
     })?;

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     api::{TargetSpec, code},
-    error::Chain,
+    sys::error::Chain,
     target::{
         agent_state::{AgentState, write_state},
         drain,

@@ -1,6 +1,7 @@
 //! `tproxy cleanup`: remove what dead instances left.
+use anyhow::Result;
+
 use crate::{
-    Error, Result,
     sys::system,
     target::{
         self, agent_state,
@@ -71,9 +72,9 @@ fn run_cleanup(scope: &Scope) -> Result<()> {
     }
     match failed.first() {
         None => Ok(()),
-        Some(first) => Err(Error::CleanupFailed {
-            count: failed.len(),
-            first: first.clone(),
-        }),
+        Some(first) => anyhow::bail!(
+            "could not remove {} object(s) a dead tproxy left (first: {first}); their records are kept, so `tproxy cleanup` can try again",
+            failed.len()
+        ),
     }
 }

@@ -15,7 +15,7 @@ use std::{ffi::OsString, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 
-use crate::{config::options::LogFormat, error::Chain};
+use crate::{config::options::LogFormat, sys::error::Chain};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -183,7 +183,7 @@ pub fn main() -> ExitCode {
         Some(Command::Stats(args)) => stats::run(args).map_err(Into::into),
         Some(Command::Check(args)) => args.run().map_err(Into::into),
         Some(Command::Status(args)) => args.run().map_err(Into::into),
-        Some(Command::Cleanup(args)) => args.run().map_err(Into::into),
+        Some(Command::Cleanup(args)) => args.run(),
         None => settings
             .expect("resolved for a run")
             .map_err(Into::into)

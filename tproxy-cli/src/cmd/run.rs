@@ -13,8 +13,8 @@ use crate::{
         file::{FileConfig, RunKeys},
         options::{DEFAULT_DRAIN_TIMEOUT, LogFormat},
     },
-    error::Chain,
     observe::metrics,
+    sys::error::Chain,
     target,
 };
 
@@ -302,7 +302,7 @@ mod tests {
     fn file_errors_name_the_file() {
         let e = run_with("proxy_port: 0\n", &["-i", "eth0", "-ports", "80"]).unwrap_err();
         assert!(e.is_usage());
-        let line = crate::error::Chain(&e).to_string();
+        let line = crate::sys::error::Chain(&e).to_string();
         assert!(line.starts_with("config file /"), "{line}");
         assert!(
             line.contains(": proxy_port: port 0 is out of range"),
@@ -317,7 +317,7 @@ mod tests {
         let e = resolve(&cli).unwrap_err();
         assert!(e.is_usage());
         assert_eq!(
-            crate::error::Chain(&e).to_string(),
+            crate::sys::error::Chain(&e).to_string(),
             "reading config file /nonexistent/tproxy.yaml: No such file or directory (os error 2)"
         );
     }

@@ -57,7 +57,7 @@ impl Item {
         let top = e.to_string();
         let (problem, fix) = split_fix(&top, fallback_fix);
         // The causes (down to the errno) belong to the problem, not the fix.
-        let chain = crate::error::Chain(e).to_string();
+        let chain = crate::sys::error::Chain(e).to_string();
         let causes = chain.get(top.len()..).unwrap_or_default();
         Item::fail(name, format!("{problem}{causes}"), fix)
     }
@@ -89,11 +89,7 @@ pub fn checks(opts: &Options, iface_given: bool, metrics_addr: Option<SocketAddr
     let opts = opts.clone();
     let mut items = Vec::new();
     if let Err(e) = opts.validate() {
-        items.push(Item::from_error(
-            "options",
-            &crate::Error::from(e),
-            "change the options",
-        ));
+        items.push(Item::from_error("options", &e, "change the options"));
     }
     let caps = system::missing_privileges(opts.accel);
     items.push(match &caps {

@@ -129,3 +129,38 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+    use crate::sys::error::Chain;
+
+    /// Wrapped through the layers, an error still prints as one line down
+    /// to the failing call's errno.
+    #[test]
+    fn chain_goes_down_to_the_errno_on_one_line() {
+        let e: Error = crate::sys::Error::io(
+            "adding the fwmark rule",
+            io::Error::from_raw_os_error(libc::EPERM),
+        )
+        .into();
+        assert_eq!(
+            Chain(&e).to_string(),
+            "adding the fwmark rule: Operation not permitted (os error 1)"
+        );
+        // aya's SyscallError names the call; its errno is its source.
+        let e = Error::Attach {
+            what: "sockops to cgroup /x".into(),
+            source: aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(libc::EBADF),
+            }),
+        };
+        assert_eq!(
+            Chain(&e).to_string(),
+            "could not attach sockops to cgroup /x: `bpf_link_create` failed: Bad file descriptor (os error 9)"
+        );
+    }
+}
