@@ -3,7 +3,6 @@
 //! `MapIds`): counters, the flow table, accelerated sockets, and the
 //! clock their entries are stamped with. Read-only; the loader, above,
 //! fills `MapIds` and reaps lingering flows by this file's clock.
-use std::os::fd::AsFd as _;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use tproxy_common::{
@@ -310,19 +309,12 @@ impl Maps {
     pub(crate) fn dup(ebpf: &aya::Ebpf) -> Result<Maps> {
         let dup = |name: &'static str| -> Result<Map> {
             let map = ebpf.map(name).expect("map in object");
-            let data = |d: &MapData| {
-                let fd = d
-                    .fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|e| Error::io(format!("duplicating map {name}"), e))?;
-                MapData::from_fd(fd).map_err(|source| Error::Map { name, source })
-            };
+            let data = crate::target::sweep::dup(map, name)?;
             Ok(match map {
-                Map::HashMap(d) => Map::HashMap(data(d)?),
-                Map::LruHashMap(d) => Map::LruHashMap(data(d)?),
-                Map::PerCpuArray(d) => Map::PerCpuArray(data(d)?),
-                Map::Array(d) => Map::Array(data(d)?),
+                Map::HashMap(_) => Map::HashMap(data),
+                Map::LruHashMap(_) => Map::LruHashMap(data),
+                Map::PerCpuArray(_) => Map::PerCpuArray(data),
+                Map::Array(_) => Map::Array(data),
                 other => unreachable!("{name} is a {other:?}"),
             })
         };

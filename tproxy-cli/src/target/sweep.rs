@@ -87,7 +87,8 @@ impl Swept {
     }
 }
 
-fn dup(map: &Map, name: &'static str) -> Result<MapData> {
+/// A new descriptor for the map `name` (of any kind tproxy has).
+pub(crate) fn dup(map: &Map, name: &'static str) -> Result<MapData> {
     let data = match map {
         Map::HashMap(d)
         | Map::LruHashMap(d)
