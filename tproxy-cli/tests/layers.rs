@@ -110,9 +110,15 @@ fn paths_after(text: &str, prefix: &str) -> Vec<String> {
         if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
             continue;
         }
-        if rest.starts_with('{') {
+        // A path, then a group or not: `crate::{…}`, `crate::a::{…}`, `crate::a::b`.
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let head = rest[..end].trim_end_matches(':');
+        let after = &rest[end..];
+        if after.starts_with('{') {
             let mut depth = 0;
-            let end = rest
+            let gend = after
                 .char_indices()
                 .find(|&(_, c)| {
                     depth += match c {
@@ -122,34 +128,12 @@ fn paths_after(text: &str, prefix: &str) -> Vec<String> {
                     };
                     depth == 0
                 })
-                .map_or(rest.len(), |(i, _)| i + 1);
-            expand(&rest[..end], "", &mut out);
-            rest = &rest[end..];
+                .map_or(after.len(), |(i, _)| i + 1);
+            expand(&after[..gend], head, &mut out);
+            rest = &after[gend..];
         } else {
-            let end = rest
-                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
-                .unwrap_or(rest.len());
-            let head = &rest[..end];
-            if head.ends_with("::") && rest[end..].starts_with('{') {
-                let group = &rest[end..];
-                let mut depth = 0;
-                let gend = group
-                    .char_indices()
-                    .find(|&(_, c)| {
-                        depth += match c {
-                            '{' => 1,
-                            '}' => -1,
-                            _ => 0,
-                        };
-                        depth == 0
-                    })
-                    .map_or(group.len(), |(i, _)| i + 1);
-                expand(&group[..gend], head.trim_end_matches(':'), &mut out);
-                rest = &group[gend..];
-                continue;
-            }
-            out.push(head.trim_end_matches(':').to_string());
-            rest = &rest[end..];
+            out.push(head.to_string());
+            rest = after;
         }
     }
     out
