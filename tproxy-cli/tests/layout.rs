@@ -7,8 +7,8 @@ use tproxy::sys::object::EBPF_OBJECT;
 use tproxy_common::{
     ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
     NUDGE_EVENTS_BYTES, NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX,
-    PROXY_LISTENERS_MAX, Pending, SOCKHASH_MAX, SYNS_MAX, SockKey, SockState, TARGETS_MAX, Target,
-    TargetAddr, names,
+    PROXY_LISTENERS_MAX, Pending, PortKey, SOCK_API_MAX, SOCKHASH_MAX, SYNS_MAX, SockKey,
+    SockState, TARGETS_MAX, Target, TargetAddr, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -106,9 +106,19 @@ fn maps_in_the_object_match_the_shared_types() {
     // load with TARGETS).
     check(names::FLOWS_IN_USE, ARRAY, 4, 8, TARGETS_MAX + 1);
     check(names::SOCKS_IN_USE, ARRAY, 4, 8, TARGETS_MAX + 1);
+    // Socket options noted before a socket was paired, by its address and
+    // by its listener's port (`sock_api` bytes).
+    check(names::SOCK_API, LRU_HASH, 8, 8, SOCK_API_MAX);
+    check(
+        names::LISTENER_API,
+        LRU_HASH,
+        size_of::<PortKey>(),
+        8,
+        SOCK_API_MAX,
+    );
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 18, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 20, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]
@@ -125,6 +135,7 @@ fn programs_in_the_object_are_the_hooks() {
         names::PROG_SOCKOPS,
         names::PROG_SOCKOPS_FLOWS,
         names::PROG_SK_MSG,
+        names::PROG_SETSOCKOPT,
         names::PROG_RECV_LENGTH,
         names::PROG_NUDGE_ITER,
     ];

@@ -158,6 +158,20 @@ counters! {
     /// Sockets not accelerated because the target holds its quota of
     /// accelerated sockets (`Config::socks_quota`): they stay plain TCP.
     AccelQuotaFull => "accel_quota_full",
+    /// Socket options noted because redirected bytes would not honour
+    /// them (SO_ZEROCOPY, SO_RCVLOWAT, TCP_INQ, receive timestamps,
+    /// TCP_ULP; tproxy-ebpf/src/setsockopt.rs).
+    AccelApiNoted => "accel_api_noted",
+    /// Pairs that left the fast path because one end used an API it cannot
+    /// honour (a noted option, a MSG_WAITALL, MSG_TRUNC or MSG_OOB read,
+    /// or its own half-close; `sock_api`).
+    AccelApiRetired => "accel_api_retired",
+    /// Sockets not accelerated because an option they inherited or set
+    /// before they were established is one the fast path cannot honour.
+    AccelApiRefused => "accel_api_refused",
+    /// Sends that went by TCP because the peer's reader had not yet made
+    /// a plain recvmsg (`sock_api::READS_PLAIN`).
+    AccelReaderUnseen => "accel_reader_unseen",
 }
 
 impl Counter {
@@ -170,7 +184,7 @@ impl Counter {
     }
 }
 
-const _: () = assert!(Counter::COUNT == Counter::AccelQuotaFull as u32 + 1);
+const _: () = assert!(Counter::COUNT == Counter::AccelReaderUnseen as u32 + 1);
 
 #[cfg(test)]
 mod tests {

@@ -62,4 +62,5 @@ mod user {
     unsafe impl aya::Pod for TargetAddr {}
     unsafe impl aya::Pod for NudgeEvent {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for PortKey {}
 }

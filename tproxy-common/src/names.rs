@@ -21,6 +21,8 @@ pub const PROXY_LISTENERS: &str = "PROXY_LISTENERS";
 pub const PRIOR_LISTENERS: &str = "PRIOR_LISTENERS";
 pub const FLOWS_IN_USE: &str = "FLOWS_IN_USE";
 pub const SOCKS_IN_USE: &str = "SOCKS_IN_USE";
+pub const SOCK_API: &str = "SOCK_API";
+pub const LISTENER_API: &str = "LISTENER_API";
 
 pub const PROG_STEER: &str = "tproxy_steer";
 pub const PROG_RESTORE: &str = "tproxy_restore";
@@ -32,6 +34,9 @@ pub const PROG_SOCKOPS: &str = "tproxy_sockops";
 /// socket addresses as map keys (so no CAP_PERFMON needed).
 pub const PROG_SOCKOPS_FLOWS: &str = "tproxy_sockops_flows";
 pub const PROG_SK_MSG: &str = "tproxy_sk_msg";
+/// cgroup/setsockopt (acceleration): notes the options the fast path
+/// cannot honour.
+pub const PROG_SETSOCKOPT: &str = "tproxy_setsockopt";
 pub const PROG_RECV_LENGTH: &str = "tproxy_recv_length";
 /// Raw tracepoint after every recvmsg (socket, bytes read, flags).
 pub const RECV_TRACEPOINT: &str = "sock_recv_length";

@@ -108,7 +108,73 @@ pub struct SockState {
     /// TCP unseen (`Counter::AccelUncounted`) or TCP took only part of a
     /// message (EAGAIN: the rest is the app's to send again).
     pub tcp_unsynced: u64,
+    /// What this socket's own program did that decides whether it may take
+    /// part in the fast path (`sock_api`): one byte per fact, each only
+    /// ever set, by a plain byte store, so hooks on several CPUs never
+    /// need a read-modify-write and never undo each other.
+    pub api: [u8; 8],
 }
+
+/// `SockState::api`: which socket APIs this socket's program used, one byte
+/// each (index). Redirected bytes are read by tcp_bpf_recvmsg (and sent by
+/// tcp_bpf_sendmsg), which honour only part of TCP's API; a socket that
+/// used another part must not hold redirected bytes when it next reads,
+/// so a pair with any `OFF_*` byte set never redirects again and leaves
+/// the SOCKHASH once drained (`retire.rs`). The table of what each API does
+/// under acceleration: README and docs/how-it-works.md.
+pub mod sock_api {
+    /// The socket's reader made a plain recvmsg (no MSG_WAITALL, MSG_TRUNC
+    /// or MSG_OOB). Its peer redirects to it only after this: a reader that
+    /// only ever splices, or waits with MSG_WAITALL from its first read,
+    /// never has a redirected byte queued (tcp_splice_read and MSG_WAITALL
+    /// do not see them).
+    pub const READS_PLAIN: usize = 0;
+    /// A recvmsg with MSG_WAITALL, MSG_TRUNC or MSG_OOB (tcp_bpf_recvmsg
+    /// returns what is queued instead, copies where TCP discards, and reads
+    /// urgent-data requests as plain reads).
+    pub const OFF_ODD_READ: usize = 1;
+    /// SO_ZEROCOPY (redirected MSG_ZEROCOPY sends are never notified).
+    pub const OFF_ZEROCOPY: usize = 2;
+    /// SO_RCVLOWAT above 1 (tcp_bpf_recvmsg and its poll ignore it).
+    pub const OFF_RCVLOWAT: usize = 3;
+    /// A receive control message: TCP_INQ or a receive timestamp (none is
+    /// produced for redirected bytes).
+    pub const OFF_RECV_CMSG: usize = 4;
+    /// An upper-layer protocol (TCP_ULP, kTLS: tls_sw would hand redirected
+    /// plaintext to a reader expecting records, and encrypts nothing it
+    /// redirects).
+    pub const OFF_ULP: usize = 5;
+    /// The socket shut down its sending side: tcp_bpf_recvmsg returns
+    /// EAGAIN to a blocking reader that the ACK of its own FIN wakes, so
+    /// the pair leaves the SOCKHASH at the FIN, before the reader waits.
+    pub const OFF_HALF_CLOSED: usize = 6;
+    /// Any `OFF_*` byte, as a mask over the bytes read as one u64.
+    pub const OFF_MASK: u64 = !0xff;
+    /// Names for userspace, by byte.
+    pub const NAMES: [&str; 7] = [
+        "reads_plain",
+        "waitall_trunc_or_oob_read",
+        "so_zerocopy",
+        "so_rcvlowat",
+        "recv_cmsg",
+        "ulp",
+        "half_closed",
+    ];
+}
+
+/// `SOCK_API` key: options set on a listener (an accepted socket inherits
+/// them), by its namespace and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub netns_cookie: u64,
+    pub port: u32,
+    pub _pad0: u32,
+}
+
+/// Sockets whose options tproxy noted before they were established or
+/// accepted (`SOCK_API`, LRU).
+pub const SOCK_API_MAX: u32 = 8_192;
 
 /// The read-rate window of `SockState::rcvbuf`.
 pub const READ_RATE_WINDOW_NS: u64 = 4_000_000;
@@ -169,7 +235,9 @@ pub struct NudgeEvent {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<SockState>() == 136);
+    assert!(size_of::<SockState>() == 144);
+    assert!(offset_of!(SockState, api) == 136);
+    assert!(size_of::<PortKey>() == 16);
     assert!(offset_of!(SockState, tcp_seq) == 124);
     assert!(offset_of!(SockState, tcp_unsynced) == 128);
     assert!(offset_of!(SockState, slot) == 120);

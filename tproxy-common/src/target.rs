@@ -112,6 +112,9 @@ pub struct Config {
 pub struct Target {
     pub config: Config,
     pub ports: [u64; PORT_WORDS],
+    /// The intercepted ports whose proxy<->app (or pod<->pod) connections
+    /// sockops pairs for acceleration: by default all of `ports`.
+    pub accel_ports: [u64; PORT_WORDS],
 }
 
 impl Target {
@@ -119,11 +122,33 @@ impl Target {
         let mut t = Target {
             config,
             ports: [0; PORT_WORDS],
+            accel_ports: [0; PORT_WORDS],
         };
         for p in ports {
             t.ports[usize::from(p / 64)] |= 1 << (p % 64);
         }
+        t.accel_ports = t.ports;
         t
+    }
+
+    /// Accelerates only those of its ports that are in `ports`.
+    pub fn accelerate_only(&mut self, ports: impl IntoIterator<Item = u16>) {
+        let mut only = [0u64; PORT_WORDS];
+        for p in ports {
+            only[usize::from(p / 64)] |= 1 << (p % 64);
+        }
+        for (a, (o, i)) in self
+            .accel_ports
+            .iter_mut()
+            .zip(only.iter().zip(self.ports.iter()))
+        {
+            *a = o & i;
+        }
+    }
+
+    #[inline(always)]
+    pub fn accelerates(&self, port: u16) -> bool {
+        self.accel_ports[usize::from(port >> 6) & (PORT_WORDS - 1)] & (1 << (port & 63)) != 0
     }
 
     #[inline(always)]
@@ -221,7 +246,7 @@ const _: () = {
     assert!(offset_of!(Config, accel_max_queued) == 16);
     assert!(offset_of!(Config, accel_retire_ms) == 20);
     assert!(offset_of!(Config, slot) == 24);
-    assert!(size_of::<Target>() == 56 + 8 * PORT_WORDS);
+    assert!(size_of::<Target>() == 56 + 2 * 8 * PORT_WORDS);
     assert!(offset_of!(Target, ports) == 56);
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);

@@ -6,6 +6,7 @@
 //! | tc egress         | `tproxy_restore`   | `restore.rs`    |
 //! | cgroup/getsockopt | `tproxy_getsockopt`| `getsockopt.rs` |
 //! | cgroup/getsockname4/6 | `tproxy_getsockname4/6` | `getsockname.rs` |
+//! | cgroup/setsockopt | `tproxy_setsockopt`| `setsockopt.rs` |
 //! | sockops           | `tproxy_sockops`   | `sockops.rs`    |
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
 //! | raw tracepoint sock_recv_length | `tproxy_recv_length` | `recv_length.rs` |
@@ -41,6 +42,7 @@ mod peer;
 mod recv_length;
 mod restore;
 mod retire;
+mod setsockopt;
 mod sk_msg;
 mod sockkey;
 mod sockops;

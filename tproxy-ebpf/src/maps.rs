@@ -8,7 +8,10 @@ use tproxy_common::{
     counters::Counter,
     flow::{CLOSING_MAX, FLOWS_MAX, FlowKey, FlowValue, SYNS_MAX},
     identity::{ListenerKey, PROXY_CONNECTS_MAX, PROXY_LISTENERS_MAX},
-    sock::{NUDGE_EVENTS_BYTES, NUDGE_MAX, PENDING_MAX, Pending, SOCKHASH_MAX, SockKey, SockState},
+    sock::{
+        NUDGE_EVENTS_BYTES, NUDGE_MAX, PENDING_MAX, Pending, PortKey, SOCK_API_MAX, SOCKHASH_MAX,
+        SockKey, SockState,
+    },
     target::{ADDRS_PER_TARGET, NodeConfig, TARGETS_MAX, Target, TargetAddr},
 };
 
@@ -79,6 +82,18 @@ pub static SOCKHASH: SockHash<SockKey> = SockHash::with_max_entries(SOCKHASH_MAX
 /// its peer, bytes sent and read, fast-path flag.
 #[map]
 pub static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(SOCKHASH_MAX, 0);
+
+/// Socket options noted before a socket was established (`setsockopt.rs`),
+/// by its kernel address, as `SockState::api` bytes: sockops takes them
+/// into its `SOCKS` entry at ESTABLISHED. LRU: a socket that never gets
+/// there costs an entry until newer ones push it out.
+#[map]
+pub static SOCK_API: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SOCK_API_MAX, 0);
+
+/// Options noted on a listener, by namespace and port: the sockets it
+/// accepts inherit them.
+#[map]
+pub static LISTENER_API: LruHashMap<PortKey, u64> = LruHashMap::with_max_entries(SOCK_API_MAX, 0);
 
 /// A socket's `SOCKS` entry by its address; 0 (a `peer` not known yet)
 /// has none.

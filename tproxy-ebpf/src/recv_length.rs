@@ -11,7 +11,7 @@
 //! available on every kernel tproxy runs on (not on the CI's); raw
 //! tracepoints are. The cost falls on every recvmsg of the host: one
 //! 8-byte hash lookup, a miss for sockets that are not ours.
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use tproxy_common::{
-    Counter, NudgeEvent, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS, SockState,
+    Counter, NudgeEvent, READ_RATE_WINDOW_NS, READ_RATE_WINDOWS, SockState, sock_api,
     sock_flags::{FAST, LEFT},
 };
 
@@ -29,7 +29,11 @@ use crate::{
     tcpseq,
 };
 
+const MSG_OOB: i32 = 1;
 const MSG_PEEK: i32 = 2;
+const MSG_TRUNC: i32 = 0x20;
+const MSG_WAITALL: i32 = 0x100;
+const ODD_READ: i32 = MSG_OOB | MSG_TRUNC | MSG_WAITALL;
 const MSG_ERRQUEUE: i32 = 0x2000;
 
 // TP_PROTO(struct sock *sk, int ret, int flags)
@@ -49,10 +53,27 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     // sender think its TCP bytes were read and redirect past them. Checked
     // before the lookup: an event loop's last read of a wake-up often finds
     // nothing (EAGAIN), and those cost no lookup.
+    if flags & ODD_READ != 0 {
+        // A read the fast path cannot honour (tcp_bpf_recvmsg returns what
+        // is queued for MSG_WAITALL, copies for MSG_TRUNC, reads data for
+        // MSG_OOB): the pair leaves it before this reader's next read
+        // (sk_msg.rs), whatever this one returned.
+        if let Some(st) = SOCKS.get_ptr_mut(&sk) {
+            // SAFETY: a live entry; one byte, stored whole.
+            unsafe { write_volatile(&raw mut (*st).api[sock_api::OFF_ODD_READ], 1) };
+        }
+    }
     if read <= 0 || flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
         return Ok(());
     }
     let st = SOCKS.get_ptr_mut(&sk).ok_or(())?;
+    // A plain read: from now on this reader may be sent redirected bytes.
+    // SAFETY: as above.
+    if flags & ODD_READ == 0
+        && unsafe { read_volatile(&raw const (*st).api[sock_api::READS_PLAIN]) } == 0
+    {
+        unsafe { write_volatile(&raw mut (*st).api[sock_api::READS_PLAIN], 1) };
+    }
     // A pair that left the SOCKHASH is two plain TCP sockets: nothing reads
     // their counts any more (the pair left only once each end had read
     // every byte redirected to it, and the nudge goes by the kernel's

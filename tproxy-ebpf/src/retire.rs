@@ -82,3 +82,40 @@ pub fn leave(own: *mut SockState, peer: *mut SockState) {
         }
     }
 }
+
+/// Takes `own` alone out of the SOCKHASH (it half-closed: see sockops.rs
+/// `half_closed`) if nothing redirected to it is left unread, so its reads
+/// are TCP's from now on. Its own redirected bytes queued at the peer stay
+/// there: the peer's queue is the peer's, and the peer leaves by `leave`
+/// once it has read them. `own` must have published RETIRED first (the
+/// order `leave` relies on: the peer's claim shows here, or the peer sees
+/// the flag and withdraws it).
+#[inline(always)]
+pub fn leave_own(own: *mut SockState, peer: *mut SockState) {
+    // SAFETY: both live SOCKS entries; aligned words stored whole by their
+    // writers (`read` added to atomically by readers).
+    let (flags, own_read, peer_end) = unsafe {
+        (
+            read_volatile(&raw const (*own).flags),
+            read_volatile(&raw const (*own).read),
+            read_volatile(&raw const (*peer).redirected_end),
+        )
+    };
+    if flags & RETIRED == 0 || flags & LEFT != 0 || own_read < peer_end {
+        return;
+    }
+    // SAFETY: the peer's `peer_key` is this socket's key (written once at
+    // insert); SOCKHASH is a map of this object.
+    let mut key: SockKey = unsafe { (*peer).peer_key };
+    let r = unsafe {
+        bpf_map_delete_elem(
+            (&raw const SOCKHASH).cast_mut().cast(),
+            (&raw mut key).cast(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: own live entry; written under this socket's lock.
+        unsafe { write_volatile(&raw mut (*own).flags, flags | LEFT) };
+        counters::inc(unsafe { (*own).slot }, Counter::AccelLeft);
+    }
+}

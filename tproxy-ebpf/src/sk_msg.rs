@@ -40,7 +40,7 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use tproxy_common::{
-    Counter, SockState, flags,
+    Counter, SockState, flags, sock_api,
     sock_flags::{FAST, RETIRED},
 };
 
@@ -112,6 +112,20 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     if state & RETIRED != 0 {
         return pass(own, state, slot, Counter::MsgPassthrough, size);
     }
+    // An API the fast path cannot honour, used by either end (`sock_api`):
+    // this pair is done with it. A reader that has not yet made a plain
+    // read gets TCP's bytes until it does (it may be one that only
+    // splices, or waits with MSG_WAITALL).
+    let (own_api, peer_api) = (api(own), api(peer));
+    if (own_api | peer_api) & sock_api::OFF_MASK != 0 {
+        state = retire(own, state, slot);
+        counters::inc(slot, Counter::AccelApiRetired);
+        return pass(own, state, slot, Counter::MsgPassthrough, size);
+    }
+    if peer_api & 0xff == 0 {
+        counters::inc(slot, Counter::AccelReaderUnseen);
+        return pass(own, state, slot, Counter::MsgPassthrough, size);
+    }
     // SAFETY: the peer's live SOCKS entry; `read` is one aligned 8-byte
     // word its readers add to atomically (a stale value only overstates
     // what is unread).
@@ -176,6 +190,14 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     counters::inc(slot, Counter::MsgRedirected);
     counters::add(slot, Counter::MsgRedirectedBytes, size);
     Ok(())
+}
+
+/// A socket's `api` bytes as one word (each byte is stored whole by its
+/// writer; a stale read sees a fact one send late).
+#[inline(always)]
+fn api(st: *mut SockState) -> u64 {
+    // SAFETY: a live SOCKS entry; 8 aligned bytes.
+    unsafe { read_volatile((&raw const (*st).api).cast::<u64>()) }
 }
 
 /// This message goes by TCP; the sender is off the fast path.

@@ -34,17 +34,18 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use tproxy_common::{
-    Config, Counter, Pending, SockKey, SockState, Target, flags,
+    Config, Counter, Pending, PortKey, SockKey, SockState, Target, flags, sock_api,
     sock_flags::{FAST, LEFT, RETIRED},
 };
 
 use crate::{
     atomic, counters, flow, identity,
-    maps::{PENDING_PEERS, PROXY_CONNECTS, SOCKHASH, SOCKS, SOCKS_IN_USE},
+    maps::{LISTENER_API, PENDING_PEERS, PROXY_CONNECTS, SOCK_API, SOCKHASH, SOCKS, SOCKS_IN_USE},
     peer, sockkey, tcpseq,
 };
 
-/// TCP_CLOSE and TCP_LISTEN in the kernel's TCP state enum.
+/// TCP_FIN_WAIT1, TCP_CLOSE and TCP_LISTEN in the kernel's TCP state enum.
+const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
 
@@ -96,7 +97,11 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
                 let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
             }
             if ACCEL && target.config.flags & flags::ACCEL != 0 {
-                accelerate(ctx, op, &key, target)?;
+                if api_refused(ctx, op, &key) {
+                    counters::inc(slot, Counter::AccelApiRefused);
+                } else {
+                    accelerate(ctx, op, &key, target)?;
+                }
             }
         }
         // listen(2), in the listening process: the proxy's listeners.
@@ -109,6 +114,9 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_LISTEN && ctx.arg(1) == TCP_CLOSE => {
             identity::stopped_listening(ctx, key.netns_cookie);
         }
+        // This socket shut down its sending side (or closed): see
+        // `half_closed`.
+        BPF_SOCK_OPS_STATE_CB if ACCEL && ctx.arg(1) == TCP_FIN_WAIT1 => half_closed(ctx, slot),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             if target.is_some() {
                 flow::closed(slot, &flow::key_of_socket(&key));
@@ -142,6 +150,12 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
         let Some(peer_key) = peer::expected(key, target) else {
             return Ok(());
         };
+        // The port dialled is one its target accelerates (`--accel-ports`).
+        if !counters::target(peer_key.netns_cookie)
+            .is_some_and(|t| t.accelerates(key.remote_port as u16))
+        {
+            return Ok(());
+        }
         // The proxy->app leg: only a connection the proxy made (another
         // local process dialling the app stays plain TCP, and cannot fill
         // the maps the proxy's legs need).
@@ -199,6 +213,61 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
     Ok(())
 }
 
+/// Is this socket one the fast path cannot serve, by the options noted on
+/// it before it was established, or on the listener that accepted it
+/// (`setsockopt.rs`)? Its note is taken either way.
+#[inline(always)]
+fn api_refused(ctx: &SockOpsContext, op: u32, key: &SockKey) -> bool {
+    let sk = sk_addr(ctx);
+    let mut api = 0u64;
+    // SAFETY: map values, read whole.
+    if let Some(v) = unsafe { SOCK_API.get(&sk) } {
+        api |= *v;
+        let _ = SOCK_API.remove(&sk);
+    }
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let listener = PortKey {
+            netns_cookie: key.netns_cookie,
+            port: key.local_port,
+            _pad0: 0,
+        };
+        // SAFETY: as above.
+        if let Some(v) = unsafe { LISTENER_API.get(&listener) } {
+            api |= *v;
+        }
+    }
+    api & sock_api::OFF_MASK != 0
+}
+
+/// An accelerated socket shut down its sending side. Linux's
+/// tcp_bpf_recvmsg wakes from its wait once and returns EAGAIN if nothing
+/// arrived, and the ACK of this socket's own FIN (its move to FIN_WAIT2)
+/// is such a wake-up: a blocking reader waiting for its peer's answer
+/// after a half-close would see EAGAIN, which TCP never returns to it. So
+/// the socket takes no more part in the fast path (its sends are over
+/// anyway) and leaves the SOCKHASH now, before its reader can wait there,
+/// if nothing redirected to it is left unread (else on a later packet).
+#[inline(always)]
+fn half_closed(ctx: &SockOpsContext, slot: u32) {
+    let sk = sk_addr(ctx);
+    let Some(own) = SOCKS.get_ptr_mut(&sk) else {
+        return;
+    };
+    // SAFETY: own live entry; `flags` is written under this socket's lock,
+    // which we hold (a state change), as its sk_msg does.
+    let flags = unsafe { core::ptr::read_volatile(&raw const (*own).flags) };
+    unsafe { core::ptr::write_volatile(&raw mut (*own).api[sock_api::OFF_HALF_CLOSED], 1) };
+    if flags & RETIRED == 0 {
+        crate::atomic::publish32(unsafe { &raw mut (*own).flags }, flags, flags | RETIRED);
+        counters::inc(slot, Counter::AccelApiRetired);
+    }
+    // SAFETY: as above; one aligned word, set at pairing.
+    let peer_sk = unsafe { core::ptr::read_volatile(&raw const (*own).peer) };
+    if let Some(peer) = crate::maps::sock_state(peer_sk) {
+        crate::retire::leave_own(own, peer);
+    }
+}
+
 /// The socket's kernel address: what sk_msg and the recvmsg tracepoint see.
 #[inline(always)]
 fn sk_addr(ctx: &SockOpsContext) -> u64 {
@@ -250,6 +319,7 @@ fn insert(
         // ESTABLISHED, nothing sent yet: `write_seq` is `snd_nxt`.
         tcp_seq: peer::seqs(ctx).0,
         tcp_unsynced: 0,
+        api: [0; 8],
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.

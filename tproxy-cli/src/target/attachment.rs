@@ -232,6 +232,7 @@ pub struct TargetAttachment {
     #[expect(dead_code, reason = "held for its Drop")]
     routing: Option<TproxyRouting>,
     getsockopt: Option<GetsockoptAttachment>,
+    setsockopt: Option<GetsockoptAttachment>,
     getsockname: Vec<GetsocknameAttachment>,
     sockops: Option<SockopsAttachment>,
     clsact: Option<ClsactQdisc>,
@@ -617,11 +618,7 @@ pub fn update_in_place(
     let added = |p: u16| opts.ports.contains(p) && !old.contains(p);
     let mut listed = PriorFlows::new(prior);
     listed.list_where(added, cookie);
-    loader::write_target(
-        &mut targets,
-        cookie,
-        &Target::new(config, opts.ports.iter()),
-    )?;
+    loader::write_target(&mut targets, cookie, &target_entry(config, opts))?;
     listed.list_where(added, cookie);
     let addrs = if claim_addrs {
         TargetAddrs::register(addrs, &opts.iface, cookie).into_addrs()
@@ -652,7 +649,17 @@ pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32, proxy: (u64, u32
         flows_quota: opts.flows_quota,
         socks_quota: opts.socks_quota,
     };
-    Target::new(config, opts.ports.iter())
+    target_entry(config, opts)
+}
+
+/// A `TARGETS` entry: `config`, with the ports and accelerated ports of
+/// `opts`.
+fn target_entry(config: Config, opts: &Options) -> Target {
+    let mut t = Target::new(config, opts.ports.iter());
+    if let Some(only) = &opts.accel_ports {
+        t.accelerate_only(only.iter());
+    }
+    t
 }
 
 impl TargetAttachment {
@@ -748,6 +755,7 @@ impl TargetAttachment {
         // program (one without acceleration has its ACCEL flag clear, so it
         // pairs nothing); a `--no-accel` run loads the flows-only one.
         let sockops_name = sockops_name(loaded.accel());
+        let loaded_accel = loaded.accel();
         let ebpf = loaded.ebpf_mut();
 
         // Cgroup attachments are bpf_links, which the kernel always stacks
@@ -794,6 +802,29 @@ impl TargetAttachment {
             what,
             prog.take_link(id).expect("fresh link"),
         ));
+        // With acceleration: the options the fast path cannot honour.
+        let setsockopt = if loaded_accel {
+            let prog: &mut CgroupSockopt = program(ebpf, names::PROG_SETSOCKOPT)?;
+            let what = format!("cgroup/setsockopt {} to {cgroup}", names::PROG_SETSOCKOPT);
+            attachments.push(attached(
+                &what,
+                AttachKind::Cgroup,
+                names::PROG_SETSOCKOPT,
+                prog.info(),
+            )?);
+            let id = prog
+                .attach(&env.cgroup_dir, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    what: format!("cgroup/setsockopt to {cgroup}"),
+                    source,
+                })?;
+            Some(GetsockoptAttachment::new(
+                what,
+                prog.take_link(id).expect("fresh link"),
+            ))
+        } else {
+            None
+        };
         let mut getsockname = Vec::new();
         for (name, hook) in [
             (names::PROG_GETSOCKNAME4, "getsockname4"),
@@ -859,6 +890,7 @@ impl TargetAttachment {
             restore,
             routing,
             getsockopt,
+            setsockopt,
             getsockname,
             sockops,
             clsact,
@@ -917,6 +949,7 @@ impl TargetAttachment {
             .map(|a| a.what().to_string())
             .collect();
         out.extend(self.getsockopt.iter().map(|a| a.what().to_string()));
+        out.extend(self.setsockopt.iter().map(|a| a.what().to_string()));
         out.extend(self.getsockname.iter().map(|a| a.what().to_string()));
         out.extend(self.sockops.iter().map(|a| a.what().to_string()));
         out

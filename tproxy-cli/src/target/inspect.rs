@@ -546,6 +546,7 @@ mod tests {
             slot: 1,
             tcp_seq: 0,
             tcp_unsynced: 0,
+            api: [0; 8],
         }
     }
 

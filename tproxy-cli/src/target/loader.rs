@@ -335,6 +335,11 @@ impl Loaded {
         let prog: &mut CgroupSockopt = program(&mut ebpf, names::PROG_GETSOCKOPT)?;
         prog.load()
             .map_err(|e| Error::load_program(names::PROG_GETSOCKOPT, e))?;
+        if accel {
+            let prog: &mut CgroupSockopt = program(&mut ebpf, names::PROG_SETSOCKOPT)?;
+            prog.load()
+                .map_err(|e| Error::load_program(names::PROG_SETSOCKOPT, e))?;
+        }
         for name in [names::PROG_GETSOCKNAME4, names::PROG_GETSOCKNAME6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|e| Error::load_program(name, e))?;

@@ -414,6 +414,7 @@ mod tests {
             slot: 3,
             tcp_seq: 0,
             tcp_unsynced: 0,
+            api: [0; 8],
         }
     }
 
