@@ -39,6 +39,7 @@ fn main() -> Result<()> {
             proxy_port: 15006,
             proxy_mark: 0x539,
             accel: accel == "accel",
+            accel_ports: None,
             tc_mode: TcMode::Auto,
             steer: Steer::Rewrite,
             steer_mark: None,

@@ -116,6 +116,7 @@ fn options(ports: &str) -> Options {
         proxy_port: 15006,
         proxy_mark: 0x539,
         accel: true,
+        accel_ports: None,
         tc_mode: TcMode::Auto,
         steer: Steer::Rewrite,
         steer_mark: None,

@@ -113,6 +113,7 @@ pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
         target: Target {
             ports: None,
             accel: None,
+            accel_ports: None,
             accel_max_queued: None,
             accel_retire_ms: None,
             ..s.target.clone()
@@ -913,6 +914,7 @@ mod tests {
             spec(|t| t.ports = Some("8000,8080".parse().unwrap())),
             spec(|t| {
                 t.accel = Some(false);
+                t.accel_ports = Some("8000".parse().unwrap());
                 t.accel_max_queued = Some(1 << 20);
                 t.accel_retire_ms = Some(5);
             }),

@@ -45,6 +45,13 @@ pub enum Error {
     ProxyPortIntercepted { port: u16, via: Via },
 
     #[error(
+        "port {port} is to be accelerated but is not intercepted; drop it from {} or add it to {}",
+        .via.name("accel_ports"),
+        .via.name("ports")
+    )]
+    AccelPortNotIntercepted { port: u16, via: Via },
+
+    #[error(
         "the proxy mark and the steer mark are both {mark:#x}; they must differ ({} / {})",
         .via.name("proxy_mark"),
         .via.name("steer_mark")

@@ -169,6 +169,7 @@ mod tests {
                     accel: Some(false),
                     accel_max_queued: Some(1 << 20),
                     accel_retire_ms: Some(50),
+                    accel_ports: None,
                     tc_mode: Some(TcMode::Netlink),
                     steer: Some(Steer::Tproxy),
                     steer_mark: Some(0x20),

@@ -23,6 +23,8 @@ pub struct Options {
     pub proxy_port: u16,
     pub proxy_mark: u32,
     pub accel: bool,
+    /// The intercepted ports whose connections are accelerated; None: all.
+    pub accel_ports: Option<PortSet>,
     pub tc_mode: TcMode,
     pub steer: Steer,
     /// tproxy back-end: the mark tc sets and the routing table it selects.
@@ -88,6 +90,14 @@ impl Options {
                 port: self.proxy_port,
                 via,
             });
+        }
+        if let Some(port) = self
+            .accel_ports
+            .iter()
+            .flat_map(PortSet::iter)
+            .find(|&p| !self.ports.contains(p))
+        {
+            return Err(Error::AccelPortNotIntercepted { port, via });
         }
         if self.proxy_mark == 0 || self.steer_mark == Some(0) {
             return Err(Error::ZeroMark { via });

@@ -85,6 +85,17 @@ pub struct Target {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accel: Option<bool>,
 
+    /// Of the intercepted ports, the ones whose proxy<->app connections are
+    /// accelerated (e.g. to keep an app that sizes its reads with FIONREAD,
+    /// or mixes read(2) and splice(2), on plain TCP) [default: all of them].
+    #[arg(long, value_name = "PORTS", value_parser = ports_flag)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "keys::ports_str",
+        deserialize_with = "keys::ports"
+    )]
+    pub accel_ports: Option<PortSet>,
+
     /// Upper bound on the unread bytes a socket may hold before its sender
     /// leaves the fast path; the bound itself follows the reader (the larger
     /// of its receive buffer and what it read in the last 8 ms). Past it
@@ -211,6 +222,7 @@ impl Target {
             proxy_port,
             proxy_mark: self.proxy_mark.unwrap_or(DEFAULT_PROXY_MARK),
             accel: !self.no_accel && self.accel.unwrap_or(true),
+            accel_ports: self.accel_ports.clone(),
             tc_mode: self.tc_mode.unwrap_or(TcMode::Auto),
             steer: self.steer.unwrap_or(Steer::Rewrite),
             steer_mark: self.steer_mark,
@@ -244,6 +256,7 @@ impl Target {
             proxy_mark,
             no_accel,
             accel,
+            accel_ports,
             accel_max_queued,
             accel_retire_ms,
             tc_mode,
@@ -260,6 +273,7 @@ impl Target {
             proxy_mark: proxy_mark.or(below.proxy_mark),
             no_accel: no_accel || (accel.is_none() && below.no_accel),
             accel: accel.or(below.accel),
+            accel_ports: accel_ports.or(below.accel_ports),
             accel_max_queued: accel_max_queued.or(below.accel_max_queued),
             accel_retire_ms: accel_retire_ms.or(below.accel_retire_ms),
             tc_mode: tc_mode.or(below.tc_mode),
@@ -303,6 +317,7 @@ mod tests {
                 proxy_port: DEFAULT_PROXY_PORT,
                 proxy_mark: DEFAULT_PROXY_MARK,
                 accel: true,
+                accel_ports: None,
                 tc_mode: TcMode::Auto,
                 steer: Steer::Rewrite,
                 steer_mark: None,
@@ -453,7 +468,7 @@ mod tests {
     #[test]
     fn the_keys_are_the_fields() {
         let keys = keys::target_keys();
-        assert_eq!(keys.len(), 13, "{keys:?}");
+        assert_eq!(keys.len(), 14, "{keys:?}");
         assert_eq!(keys[0], "iface");
         assert!(!keys.contains(&"no_accel"));
     }

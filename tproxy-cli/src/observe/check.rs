@@ -167,11 +167,34 @@ pub fn checks(opts: &Options, iface_given: bool, metrics_addr: Option<SocketAddr
     if opts.steer == Steer::Tproxy {
         items.extend(tproxy_items(&opts, ifindex, iface_given));
     }
+    if opts.accel {
+        items.push(fast_path_item(&opts));
+    }
     items.push(listener_item(opts.proxy_port));
     if let Some(addr) = metrics_addr {
         items.push(metrics_item(addr));
     }
     items
+}
+
+/// Which connections acceleration takes, and the socket features that keep
+/// a socket off the fast path (docs/how-it-works.md, "What acceleration
+/// changes").
+fn fast_path_item(opts: &Options) -> Item {
+    let ports = match &opts.accel_ports {
+        Some(p) => format!("ports {p} (--accel-ports)"),
+        None => format!("every intercepted port ({})", opts.ports),
+    };
+    Item::pass(
+        "fast path",
+        format!(
+            "{ports}; kept off it: sockets with SO_ZEROCOPY, SO_RCVLOWAT > 1, TCP_INQ, \
+             receive timestamps or a ULP (kTLS), readers until their first plain recvmsg \
+             and after a MSG_WAITALL, MSG_TRUNC or MSG_OOB read, sockets after their own \
+             half-close; not detectable here: FIONREAD, splice(2) after recvmsg, MSG_OOB sends \
+             (keep such an app's ports out of --accel-ports)"
+        ),
+    )
 }
 
 /// The metrics address binds (and is let go at once), as the run binds it.
