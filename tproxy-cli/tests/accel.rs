@@ -742,7 +742,7 @@ fn a_writer_refused_by_tcp_that_writes_more_is_counted_exactly() {
     assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
     // The held pair: the writer (sent the header line, BYTES, and one byte
     // after the app's answer, which it read) and the app.
-    let want = format!("SINK 1 {BYTES}\n").len() as u64 + BYTES.parse::<u64>().unwrap() + 1;
+    let want = format!("SINK 1 {BYTES} go\n").len() as u64 + BYTES.parse::<u64>().unwrap() + 1;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let socks = live_socks(&lab);
@@ -801,11 +801,16 @@ fn a_reader_that_drained_its_redirected_bytes_sees_the_tcp_ones() {
     let lab = Lab::with_app(&["--sink-rate", "40000000"]);
     let _t = lab.tproxy(Steer::Rewrite, &[]);
     let server = &lab.topo.server;
-    lab.app.proc.pause().unwrap();
     let mut cmd = server.command_in(example("lab-client"), Some(&lab.topo.cgroup));
     cmd.args(["sink", "127.0.0.1:8000", "--bytes", "4000000"]);
+    // Held after the app's `go` (its first read: from then on its
+    // connection is accelerated), and after the last byte.
+    cmd.args(["--pause-every", "4000000", "--pause-stdin"]);
     let started = Instant::now();
-    let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
+    let mut w = Logged::spawn_with_stdin("lab-client", &mut cmd).unwrap();
+    w.wait_for("paused sent=0", STARTUP).unwrap();
+    lab.app.proc.pause().unwrap();
+    w.send_line("go").unwrap();
     let probing = || {
         // The writer's socket (its peer is the app's port 8000).
         let ss = server
@@ -819,6 +824,9 @@ fn a_reader_that_drained_its_redirected_bytes_sees_the_tcp_ones() {
         || counter(server, "accel_fallbacks") >= 1 && probing(),
     );
     lab.app.proc.resume();
+    w.wait_for("paused sent=4000000", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("frozen: {e}\n{}", w.log()));
+    w.send_line("end").unwrap();
     let st = w.wait_timeout(Duration::from_secs(120));
     let c = stats(server)["counters"].clone();
     eprintln!("{:.2} s, counters {c}", started.elapsed().as_secs_f64());

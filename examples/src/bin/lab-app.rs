@@ -11,7 +11,7 @@
 //!   closes at once (a peer that closes mid-stream).
 //! - `COUNT <n>` (a line): reads n bytes, answers `count ok <n>`, and
 //!   waits for the client to close (a request answered without a FIN).
-//! - `SINK <seed> [<n>]` (a line): a slow reader: reads at --sink-rate
+//! - `SINK <seed> [<n>] [go]` (a line; `go`: answer `go` first): a slow reader: reads at --sink-rate
 //!   bytes/s, checks the seeded stream, answers `sink ok bytes=N` (or a
 //!   mismatch) at EOF, or after n bytes, and then waits for the client to
 //!   close (the connection stays open as long as the client wants).
@@ -224,9 +224,15 @@ async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Resu
         return count(s, want, n - (first_line.len() + 1)).await;
     }
     if let Some(v) = first_line.strip_prefix("SINK ") {
-        let mut words = v.split_whitespace().map(|w| w.parse::<u64>().ok());
-        let seed = words.next().flatten().unwrap_or(0);
-        let want = words.next().flatten();
+        let mut words = v.split_whitespace().filter_map(|w| w.parse::<u64>().ok());
+        let seed = words.next().unwrap_or(0);
+        let want = words.next();
+        // `go`: the writer waits for this word before its stream, so this
+        // reader has made its first (plain) read by then, and its
+        // connection is accelerated from the stream's first byte.
+        if v.split_whitespace().any(|w| w == "go") {
+            s.write_all(b"go\n").await?;
+        }
         let rest = buf[first_line.len() + 1..n].to_vec();
         return sink(s, seed, want, rest, opts.sink_rate).await;
     }

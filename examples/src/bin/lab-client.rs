@@ -13,7 +13,7 @@
 //!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B (--pause-ms MS | --pause-stdin)]
 //!         [--sndbuf BYTES] [--like-envoy]
 //!
-//! Writes N bytes (`SINK <seed>` first) as fast as it can, for a slow
+//! Writes N bytes (`SINK <seed> go` first, then waits for the app's `go`) as fast as it can, for a slow
 //! reader, optionally pausing MS ms after every B bytes (bursts); prints
 //! `ok bytes=N errors=…` with what the writes returned. `--pause-stdin`:
 //! the pauses (and one after the `SINK` line, before the first byte, and
@@ -297,7 +297,8 @@ fn sink(
     if let Some(b) = sndbuf {
         force_sndbuf(&c, b)?;
     }
-    c.write_all(format!("SINK {seed}\n").as_bytes())?;
+    c.write_all(format!("SINK {seed} go\n").as_bytes())?;
+    wait_go(&mut c)?;
     if let Some((_, p @ Pause::Stdin)) = pause {
         p.wait(0)?;
     }
@@ -359,16 +360,33 @@ fn sink(
     ))
 }
 
+/// Reads the app's `go` (its answer to a `SINK … go` line): the app has
+/// read the line, so the stream that follows is the accelerated one.
+fn wait_go(c: &mut TcpStream) -> Result<()> {
+    use std::io::Read as _;
+    let mut go = [0u8; 3];
+    c.read_exact(&mut go).context("waiting for the app's go")?;
+    if &go != b"go\n" {
+        bail!(
+            "the app answered {:?}, not go",
+            String::from_utf8_lossy(&go)
+        );
+    }
+    Ok(())
+}
+
 /// `sink --like-envoy`: the writer side of a proxy whose upstream is slow.
 /// Up to 1 MiB buffered; each write offers all of it; after a short or
 /// refused write, more is buffered before the next.
 fn sink_like_envoy(addr: SocketAddr, bytes: usize, seed: u64) -> Result<(String, TcpStream)> {
     use std::os::fd::AsRawFd as _;
     let mut c = connect(addr, None)?;
-    c.set_nonblocking(true)?;
     // With the length, the app answers without waiting for EOF, and the
     // connection stays open until this end closes it.
-    let mut pending = format!("SINK {seed} {bytes}\n").into_bytes();
+    c.write_all(format!("SINK {seed} {bytes} go\n").as_bytes())?;
+    wait_go(&mut c)?;
+    c.set_nonblocking(true)?;
+    let mut pending = Vec::new();
     let mut data = Stream::new(seed);
     let (mut made, mut short) = (0, 0);
     let t0 = Instant::now();
