@@ -414,6 +414,7 @@ fn serves_under_ip_netns_exec_and_tears_down() {
             "tproxy_getsockname4",
             "tproxy_getsockname6",
             "tproxy_getsockopt",
+            "tproxy_setsockopt",
             "tproxy_sockops"
         ]
     );

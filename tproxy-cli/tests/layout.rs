@@ -8,7 +8,7 @@ use tproxy_common::{
     ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
     NUDGE_EVENTS_BYTES, NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX,
     PROXY_LISTENERS_MAX, Pending, PortKey, SOCK_API_MAX, SOCKHASH_MAX, SYNS_MAX, SockKey,
-    SockState, TARGETS_MAX, Target, TargetAddr, names,
+    SockState, TARGETS_MAX, Target, TargetAddr, UPSTREAM_FLOWS_MAX, Upstream, names,
 };
 
 // Map types from the kernel's uapi (enum bpf_map_type).
@@ -116,9 +116,25 @@ fn maps_in_the_object_match_the_shared_types() {
         8,
         SOCK_API_MAX,
     );
+    // Which flow a proxy thread asked about last, and which flow each of the
+    // proxy's upstream sockets serves (`tproxy flows`).
+    check(
+        names::ASKED,
+        LRU_HASH,
+        8,
+        size_of::<FlowKey>(),
+        UPSTREAM_FLOWS_MAX,
+    );
+    check(
+        names::UPSTREAM_FLOWS,
+        LRU_HASH,
+        8,
+        size_of::<Upstream>(),
+        UPSTREAM_FLOWS_MAX,
+    );
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 20, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 22, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

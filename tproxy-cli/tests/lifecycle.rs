@@ -29,7 +29,7 @@ fn eventually(what: &str, f: impl FnMut() -> bool) {
 }
 
 /// Without acceleration, the first five.
-const ALL_PROGS: [&str; 9] = [
+const ALL_PROGS: [&str; 10] = [
     "tproxy_steer",
     "tproxy_restore",
     "tproxy_getsockopt",
@@ -37,6 +37,8 @@ const ALL_PROGS: [&str; 9] = [
     "tproxy_getsockname6",
     "tproxy_sockops",
     "tproxy_sk_msg",
+    // The options the fast path cannot honour (cgroup/setsockopt).
+    "tproxy_setsockopt",
     "tproxy_recv_length",
     // The nudger's iter/tcp walk (loaded and attached, run on demand).
     "tproxy_nudge_iter",
@@ -90,6 +92,9 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
         "tproxy_sockops_flows"
     };
     want.push(("cgroup_sock_ops".into(), sockops.into()));
+    if accel {
+        want.push(("cgroup_setsockopt".into(), "tproxy_setsockopt".into()));
+    }
     want.sort();
     assert_eq!(cg, want, "cgroup attachments");
 
@@ -188,7 +193,7 @@ fn attaches_everything_and_sigterm_removes_it_all() {
     let ids = assert_attached(&sb, rec["counters_map_id"].as_u64().unwrap(), true, true);
     let (status, log) = t.terminate().unwrap();
     assert!(status.success(), "exit {status}; log:\n{log}");
-    assert!(log.contains("detached 8 programs"), "{log}");
+    assert!(log.contains("detached 9 programs"), "{log}");
     assert_gone(&sb, &ids, &before);
 }
 

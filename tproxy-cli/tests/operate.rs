@@ -176,16 +176,16 @@ fn status_reports_a_running_instance_as_the_kernel_sees_it() {
             (before..=now_s()).contains(&started),
             "started_at {started}"
         );
-        // Eight programs, each checked attached: links by id, sk_msg by
+        // Nine programs, each checked attached: links by id, sk_msg by
         // its program.
         let att = e["attachments"].as_array().unwrap();
-        assert_eq!(att.len(), 8, "{e:#}");
+        assert_eq!(att.len(), 9, "{e:#}");
         for a in att {
             assert_eq!(a["attached"], true, "{a}");
             assert!(a["prog_id"].as_u64().unwrap() > 0, "{a}");
         }
         let links = att.iter().filter(|a| a["link_id"].is_u64()).count();
-        assert_eq!(links, 7, "every attachment but sk_msg is a link: {e:#}");
+        assert_eq!(links, 8, "every attachment but sk_msg is a link: {e:#}");
 
         // At a glance, for people.
         let out = tproxy(None, None, &["status"]);
@@ -207,7 +207,7 @@ fn status_reports_a_running_instance_as_the_kernel_sees_it() {
             format!("ports {INTERCEPTED} -> proxy port 15006"),
             format!("{HELD} open"),
             format!("{} accelerated socket(s)", 2 * HELD),
-            "8/8 attached".into(),
+            "9/9 attached".into(),
         ] {
             assert!(block.contains(&want), "{want:?} not in:\n{block}");
         }

@@ -37,7 +37,7 @@ pub mod target;
 pub use counters::*;
 pub use flow::*;
 pub use identity::*;
-pub use names::MULTI_TARGET_GLOBAL;
+pub use names::{MULTI_TARGET_GLOBAL, PID_TGID_GLOBAL};
 pub use sock::*;
 pub use target::*;
 
@@ -63,4 +63,5 @@ mod user {
     unsafe impl aya::Pod for NudgeEvent {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for Upstream {}
 }

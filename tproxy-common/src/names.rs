@@ -23,6 +23,12 @@ pub const FLOWS_IN_USE: &str = "FLOWS_IN_USE";
 pub const SOCKS_IN_USE: &str = "SOCKS_IN_USE";
 pub const SOCK_API: &str = "SOCK_API";
 pub const LISTENER_API: &str = "LISTENER_API";
+pub const ASKED: &str = "ASKED";
+pub const UPSTREAM_FLOWS: &str = "UPSTREAM_FLOWS";
+/// 1 when the kernel lets sockops and cgroup/getsockopt call
+/// bpf_get_current_pid_tgid (Linux >= 6.10): the link from a steered flow to
+/// the proxy's upstream socket (`tproxy flows`).
+pub const PID_TGID_GLOBAL: &str = "TPROXY_PID_TGID";
 
 pub const PROG_STEER: &str = "tproxy_steer";
 pub const PROG_RESTORE: &str = "tproxy_restore";

@@ -113,6 +113,15 @@ pub struct SockState {
     /// ever set, by a plain byte store, so hooks on several CPUs never
     /// need a read-modify-write and never undo each other.
     pub api: [u8; 8],
+    /// The socket's cookie (`UPSTREAM_FLOWS` is keyed by it): how `tproxy
+    /// flows` finds the steered flow a proxy's upstream socket serves.
+    pub cookie: u64,
+    /// Bytes this socket's sends redirected, in all.
+    pub redirected: u64,
+    /// Times this sender left the fast path for TCP (a slow reader), and
+    /// came back to it.
+    pub fallbacks: u32,
+    pub returns: u32,
 }
 
 /// `SockState::api`: which socket APIs this socket's program used, one byte
@@ -161,6 +170,43 @@ pub mod sock_api {
         "half_closed",
     ];
 }
+
+/// `UPSTREAM_FLOWS` value, by the cookie of a socket the proxy connected:
+/// the steered flow whose original destination the proxy's thread asked
+/// for just before (cgroup/getsockopt, then sockops at TCP_CONNECT_CB, by
+/// thread id), and why sockops did not pair it, if it did not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub flow: crate::FlowKey,
+    /// `refused::*`.
+    pub refused: u32,
+    pub _pad0: u32,
+}
+
+/// Why a proxy's upstream socket was not paired (`Upstream::refused`).
+pub mod refused {
+    /// Paired, or not decided yet.
+    pub const NONE: u32 = 0;
+    /// Its port is not in `--accel-ports`.
+    pub const PORT: u32 = 1;
+    /// An option noted on it before it was established (`sock_api`).
+    pub const API: u32 = 2;
+    /// The target holds its quota of accelerated sockets.
+    pub const QUOTA: u32 = 3;
+    /// Acceleration is off for the target.
+    pub const ACCEL_OFF: u32 = 4;
+    pub const NAMES: [&str; 5] = [
+        "",
+        "port not in accel_ports",
+        "socket options",
+        "socks quota",
+        "acceleration off",
+    ];
+}
+
+/// `UPSTREAM_FLOWS` entries (LRU), and the threads' last asked flows.
+pub const UPSTREAM_FLOWS_MAX: u32 = 16_384;
 
 /// `SOCK_API` key: options set on a listener (an accepted socket inherits
 /// them), by its namespace and port.
@@ -235,7 +281,9 @@ pub struct NudgeEvent {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<SockState>() == 144);
+    assert!(size_of::<SockState>() == 168);
+    assert!(offset_of!(SockState, cookie) == 144);
+    assert!(size_of::<Upstream>() == 56);
     assert!(offset_of!(SockState, api) == 136);
     assert!(size_of::<PortKey>() == 16);
     assert!(offset_of!(SockState, tcp_seq) == 124);

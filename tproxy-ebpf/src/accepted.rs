@@ -14,6 +14,8 @@ pub struct OrigDst {
     pub addr: [u32; 4],
     /// Network order.
     pub port: u16,
+    /// The flow's key in the flow table.
+    pub key: FlowKey,
 }
 
 /// Looks the socket up in the flow table, by exactly the tuple the steering
@@ -71,5 +73,6 @@ pub fn original_dst(sk: *const bpf_sock, netns_cookie: u64) -> Option<OrigDst> {
         family,
         addr: local,
         port: orig_port,
+        key,
     })
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use tproxy_common::{AF_INET, AF_INET6, Counter};
 
-use crate::{accepted, counters, identity};
+use crate::{accepted, counters, identity, maps::ASKED};
 
 /// 1 = the call returns (with whatever we changed); 0 would be EPERM.
 const PROCEED: i32 = 1;
@@ -118,5 +118,10 @@ fn try_getsockopt(ctx: &SockoptContext, so: &mut bpf_sockopt) -> Result<(), ()> 
     so.optlen = len as i32;
     so.retval = 0;
     counters::inc(slot, Counter::GetsockoptAnswered);
+    // The proxy's next connect from this thread is this flow's upstream
+    // (`tproxy flows`).
+    if let Some(t) = identity::thread() {
+        let _ = ASKED.insert(&t, &orig.key, 0);
+    }
     Ok(())
 }

@@ -21,6 +21,23 @@ use crate::{
     packet::Tcp,
 };
 
+/// 1 when the kernel offers bpf_get_current_pid_tgid to sockops and cgroup
+/// sockopt programs (Linux >= 6.10), set by the loader (`PID_TGID_GLOBAL`).
+/// Read-only data: on older kernels the verifier never looks at the call.
+#[unsafe(no_mangle)]
+static TPROXY_PID_TGID: u8 = 0;
+
+/// The calling thread (pid_tgid), where the kernel lets this program ask.
+#[inline(always)]
+pub fn thread() -> Option<u64> {
+    // SAFETY: a plain read of our own global.
+    if unsafe { core::ptr::read_volatile(&TPROXY_PID_TGID) } == 0 {
+        return None;
+    }
+    // SAFETY: no arguments.
+    Some(unsafe { aya_ebpf::helpers::bpf_get_current_pid_tgid() })
+}
+
 /// Is the calling process (a syscall's: cgroup sockopt and sock_addr
 /// hooks, sockops at TCP_CONNECT_CB) the proxy? Always true with no
 /// identity set (crafted-packet tests).

@@ -10,7 +10,7 @@ use tproxy_common::{
     identity::{ListenerKey, PROXY_CONNECTS_MAX, PROXY_LISTENERS_MAX},
     sock::{
         NUDGE_EVENTS_BYTES, NUDGE_MAX, PENDING_MAX, Pending, PortKey, SOCK_API_MAX, SOCKHASH_MAX,
-        SockKey, SockState,
+        SockKey, SockState, UPSTREAM_FLOWS_MAX, Upstream,
     },
     target::{ADDRS_PER_TARGET, NodeConfig, TARGETS_MAX, Target, TargetAddr},
 };
@@ -94,6 +94,17 @@ pub static SOCK_API: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SOCK_AP
 /// accepts inherit them.
 #[map]
 pub static LISTENER_API: LruHashMap<PortKey, u64> = LruHashMap::with_max_entries(SOCK_API_MAX, 0);
+
+/// The flow a proxy thread last asked the original destination of, by
+/// thread (pid_tgid): its next connect is that flow's upstream.
+#[map]
+pub static ASKED: LruHashMap<u64, FlowKey> = LruHashMap::with_max_entries(UPSTREAM_FLOWS_MAX, 0);
+
+/// A proxy's upstream socket (by cookie) -> the steered flow it serves, and
+/// why it was not paired (`tproxy flows`).
+#[map]
+pub static UPSTREAM_FLOWS: LruHashMap<u64, Upstream> =
+    LruHashMap::with_max_entries(UPSTREAM_FLOWS_MAX, 0);
 
 /// A socket's `SOCKS` entry by its address; 0 (a `peer` not known yet)
 /// has none.

@@ -149,7 +149,10 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
         // (A reader that has read everything takes the next message whatever
         // its size, as TCP takes a write larger than the receive buffer.)
         // SAFETY: own entry, see above.
-        unsafe { (*own).tcp_since = crate::flow::now() };
+        unsafe {
+            (*own).tcp_since = crate::flow::now();
+            (*own).fallbacks += 1;
+        }
         counters::inc(slot, Counter::AccelFallbacks);
         return pass(own, state, slot, Counter::MsgPassthrough, size);
     }
@@ -184,9 +187,14 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     if state & FAST == 0 && sent != 0 {
         // Back from TCP (counted only once the redirect is really made).
         counters::inc(slot, Counter::AccelResumed);
+        // SAFETY: own entry.
+        unsafe { (*own).returns += 1 };
     }
     // SAFETY: own entry.
-    unsafe { (*own).flags = state | FAST };
+    unsafe {
+        (*own).flags = state | FAST;
+        (*own).redirected += size;
+    }
     counters::inc(slot, Counter::MsgRedirected);
     counters::add(slot, Counter::MsgRedirectedBytes, size);
     Ok(())

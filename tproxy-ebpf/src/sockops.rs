@@ -34,13 +34,17 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use tproxy_common::{
-    Config, Counter, Pending, PortKey, SockKey, SockState, Target, flags, sock_api,
+    Config, Counter, Pending, PortKey, SockKey, SockState, Target, Upstream, flags, refused,
+    sock_api,
     sock_flags::{FAST, LEFT, RETIRED},
 };
 
 use crate::{
     atomic, counters, flow, identity,
-    maps::{LISTENER_API, PENDING_PEERS, PROXY_CONNECTS, SOCK_API, SOCKHASH, SOCKS, SOCKS_IN_USE},
+    maps::{
+        ASKED, LISTENER_API, PENDING_PEERS, PROXY_CONNECTS, SOCK_API, SOCKHASH, SOCKS,
+        SOCKS_IN_USE, UPSTREAM_FLOWS,
+    },
     peer, sockkey, tcpseq,
 };
 
@@ -86,6 +90,19 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
                 // SAFETY: the helper takes this program's own context.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
                 let _ = PROXY_CONNECTS.insert(&cookie, &1, 0);
+                // The flow this thread asked about last is this connection's.
+                if let Some(t) = identity::thread()
+                    // SAFETY: a map value, read whole.
+                    && let Some(flow) = unsafe { ASKED.get(&t) }
+                {
+                    let up = Upstream {
+                        flow: *flow,
+                        refused: refused::NONE,
+                        _pad0: 0,
+                    };
+                    let _ = UPSTREAM_FLOWS.insert(&cookie, &up, 0);
+                    let _ = ASKED.remove(&t);
+                }
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
@@ -99,6 +116,7 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
             if ACCEL && target.config.flags & flags::ACCEL != 0 {
                 if api_refused(ctx, op, &key) {
                     counters::inc(slot, Counter::AccelApiRefused);
+                    refuse(ctx, refused::API);
                 } else {
                     accelerate(ctx, op, &key, target)?;
                 }
@@ -126,7 +144,8 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
             let sk = sk_addr(ctx);
             if ACCEL && let Some(st) = SOCKS.get_ptr(&sk) {
                 // SAFETY: a live entry; written once at insert.
-                let own = unsafe { (*st).slot };
+                let (own, cookie) = unsafe { ((*st).slot, (*st).cookie) };
+                let _ = UPSTREAM_FLOWS.remove(&cookie);
                 if SOCKS.remove(&sk).is_ok() {
                     counters::inc(slot, Counter::SockhashRemoved);
                     if let Some(p) = SOCKS_IN_USE.get_ptr_mut(own) {
@@ -150,12 +169,6 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
         let Some(peer_key) = peer::expected(key, target) else {
             return Ok(());
         };
-        // The port dialled is one its target accelerates (`--accel-ports`).
-        if !counters::target(peer_key.netns_cookie)
-            .is_some_and(|t| t.accelerates(key.remote_port as u16))
-        {
-            return Ok(());
-        }
         // The proxy->app leg: only a connection the proxy made (another
         // local process dialling the app stays plain TCP, and cannot fill
         // the maps the proxy's legs need).
@@ -165,6 +178,13 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
             if PROXY_CONNECTS.remove(&cookie).is_err() {
                 return Ok(());
             }
+        }
+        // The port dialled is one its target accelerates (`--accel-ports`).
+        if !counters::target(peer_key.netns_cookie)
+            .is_some_and(|t| t.accelerates(key.remote_port as u16))
+        {
+            refuse(ctx, refused::PORT);
+            return Ok(());
         }
         let sk = insert(ctx, key, &peer_key, 0, &target.config)?;
         let (snd_nxt, rcv_nxt) = peer::seqs(ctx);
@@ -211,6 +231,18 @@ fn accelerate(ctx: &SockOpsContext, op: u32, key: &SockKey, target: &Target) -> 
         counters::inc(slot, leg);
     }
     Ok(())
+}
+
+/// Notes why this socket (a proxy's upstream one, if `UPSTREAM_FLOWS` knows
+/// it) was not paired.
+#[inline(always)]
+fn refuse(ctx: &SockOpsContext, why: u32) {
+    // SAFETY: the helper takes this program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if let Some(up) = UPSTREAM_FLOWS.get_ptr_mut(&cookie) {
+        // SAFETY: a live entry; one aligned word.
+        unsafe { core::ptr::write_volatile(&raw mut (*up).refused, why) };
+    }
 }
 
 /// Is this socket one the fast path cannot serve, by the options noted on
@@ -302,6 +334,7 @@ fn insert(
         && atomic::count_reached(p, cfg.socks_quota)
     {
         counters::inc(slot, Counter::AccelQuotaFull);
+        refuse(ctx, refused::QUOTA);
         return Err(());
     }
     let state = SockState {
@@ -320,6 +353,11 @@ fn insert(
         tcp_seq: peer::seqs(ctx).0,
         tcp_unsynced: 0,
         api: [0; 8],
+        // SAFETY: the helper takes this program's own context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.ops.cast()) },
+        redirected: 0,
+        fallbacks: 0,
+        returns: 0,
     };
     SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.

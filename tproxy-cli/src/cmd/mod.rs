@@ -8,6 +8,7 @@ pub mod agent;
 pub mod check;
 pub mod cleanup;
 pub mod dist;
+pub mod flows;
 pub mod run;
 pub mod stats;
 pub mod status;
@@ -50,6 +51,9 @@ pub enum Command {
     Agent(agent::AgentArgs),
     /// Print the counters of the running instance(s), once or with --watch.
     Stats(stats::StatsArgs),
+    /// Every steered flow (the `conntrack -L` of tproxy): client, dialled
+    /// address, state, and what became of its proxy<->app pair, and why.
+    Flows(flows::FlowsArgs),
     /// Check, attaching nothing, that a run with these options would work:
     /// one line per requirement, with the fix for each that fails (exit 1).
     Check(check::CheckArgs),
@@ -181,6 +185,7 @@ pub fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|s| Ok(crate::agent::run(&s)?)),
         Some(Command::Stats(args)) => stats::run(args).map_err(Into::into),
+        Some(Command::Flows(args)) => args.run().map_err(Into::into),
         Some(Command::Check(args)) => args.run().map_err(Into::into),
         Some(Command::Status(args)) => args.run().map_err(Into::into),
         Some(Command::Cleanup(args)) => args.run(),

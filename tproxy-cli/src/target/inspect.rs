@@ -61,6 +61,9 @@ pub struct MapIds {
     pub flows_in_use: u32,
     #[serde(default)]
     pub socks_in_use: u32,
+    /// `UPSTREAM_FLOWS` (`tproxy flows`); 0: an object of an older build.
+    #[serde(default)]
+    pub upstream_flows: u32,
 }
 
 /// The flow table at a glance.
@@ -547,6 +550,10 @@ mod tests {
             tcp_seq: 0,
             tcp_unsynced: 0,
             api: [0; 8],
+            cookie: 0,
+            redirected: 0,
+            fallbacks: 0,
+            returns: 0,
         }
     }
 

@@ -78,6 +78,7 @@ impl Instance {
             sockhash_map_id: ids.sockhash,
             socks_map_id: ids.socks,
             flows_in_use_map_id: ids.flows_in_use,
+            upstream_flows_map_id: ids.upstream_flows,
             ports: opts.ports.to_string(),
             proxy_port: opts.proxy_port,
             accel: opts.accel,

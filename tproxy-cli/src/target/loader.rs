@@ -48,7 +48,7 @@ pub struct Loaded {
 
 /// The maps the agent pins: every one that carries state between its
 /// programs (NODE is written at each load; the globals are per object).
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 20] = [
     names::TARGETS,
     // Pods' addresses: same-node pairing of an adopted target keeps working.
     names::TARGET_ADDRS,
@@ -70,6 +70,12 @@ pub const PINNED_MAPS: [&str; 16] = [
     names::PRIOR_LISTENERS,
     // The kept recv tracepoint (a previous agent's) reports into this one.
     names::NUDGE_EVENTS,
+    // Options noted before sockets were paired, and which flow each of the
+    // proxies' upstream sockets serves (`tproxy flows`).
+    names::SOCK_API,
+    names::LISTENER_API,
+    names::ASKED,
+    names::UPSTREAM_FLOWS,
 ];
 
 /// Maps pinned in `dir` by an agent of another build may have another
@@ -268,6 +274,10 @@ impl Loaded {
         } else {
             0
         };
+        // bpf_get_current_pid_tgid in sockops and cgroup/getsockopt: 6.10.
+        let pid_tgid: u8 = aya::util::KernelVersion::current()
+            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 10, 0))
+            .into();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::TARGETS, max_targets)
@@ -279,7 +289,8 @@ impl Loaded {
             .map_max_entries(names::COUNTERS, (max_targets + 1) * Counter::COUNT)
             .map_max_entries(names::FLOWS_IN_USE, max_targets + 1)
             .map_max_entries(names::SOCKS_IN_USE, max_targets + 1)
-            .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true);
+            .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true)
+            .override_global(tproxy_common::PID_TGID_GLOBAL, &pid_tgid, true);
         for (name, size) in [
             (names::FLOWS, o.sizes.flows),
             (names::SYNS, o.sizes.syns),
@@ -324,6 +335,7 @@ impl Loaded {
             socks: map_id(&ebpf, names::SOCKS)?,
             flows_in_use: map_id(&ebpf, names::FLOWS_IN_USE)?,
             socks_in_use: map_id(&ebpf, names::SOCKS_IN_USE)?,
+            upstream_flows: map_id(&ebpf, names::UPSTREAM_FLOWS)?,
         };
         for name in [names::PROG_RESTORE, names::PROG_STEER] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;

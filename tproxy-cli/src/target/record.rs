@@ -49,6 +49,10 @@ pub struct Record {
     /// instance of an older build.
     #[serde(default)]
     pub flows_in_use_map_id: u32,
+    /// Which flow each of the proxy's upstream sockets serves
+    /// (`UPSTREAM_FLOWS`, `tproxy flows`); 0: an instance of an older build.
+    #[serde(default)]
+    pub upstream_flows_map_id: u32,
     /// The intercepted ports, as given to `-ports` (normalized).
     #[serde(default)]
     pub ports: String,
@@ -370,6 +374,7 @@ mod tests {
             sockhash_map_id: 3,
             socks_map_id: 4,
             flows_in_use_map_id: 0,
+            upstream_flows_map_id: 0,
             ports: "8000".into(),
             proxy_port: 15006,
             accel: true,

@@ -27,7 +27,12 @@
 //! sends to TCP; nothing queued at it is lost) and stays in the SOCKHASH
 //! until it closes.
 //!
-//! PROXY_CONNECTS is keyed by socket cookie and LRU: left alone.
+//! PROXY_CONNECTS is keyed by socket cookie and LRU: left alone. So are
+//! SOCK_API, LISTENER_API, ASKED and UPSTREAM_FLOWS (LRU; keyed by socket
+//! address, namespace cookie, thread or socket cookie): a namespace cookie
+//! is never reused, and sockops drops a socket's note at ESTABLISHED and
+//! an upstream's flow when it closes, so no entry of a removed target
+//! can match another's.
 use std::{collections::HashMap as Std, os::fd::AsFd as _};
 
 use aya::maps::{Array, HashMap, Map, MapData, SockHash};
@@ -415,6 +420,10 @@ mod tests {
             tcp_seq: 0,
             tcp_unsynced: 0,
             api: [0; 8],
+            cookie: 0,
+            redirected: 0,
+            fallbacks: 0,
+            returns: 0,
         }
     }
 
