@@ -5,7 +5,7 @@ use std::mem::size_of;
 
 use tproxy::sys::object::EBPF_OBJECT;
 use tproxy_common::{
-    ADDRS_PER_TARGET, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
+    ADDRS_PER_TARGET, Asked, CLOSING_MAX, Counter, FLOWS_MAX, FlowKey, FlowValue, ListenerKey,
     NUDGE_EVENTS_BYTES, NUDGE_MAX, NodeConfig, PENDING_MAX, PROXY_CONNECTS_MAX,
     PROXY_LISTENERS_MAX, Pending, PortKey, SOCK_API_MAX, SOCKHASH_MAX, SYNS_MAX, SockKey,
     SockState, TARGETS_MAX, Target, TargetAddr, UPSTREAM_FLOWS_MAX, Upstream, names,
@@ -122,7 +122,7 @@ fn maps_in_the_object_match_the_shared_types() {
         names::ASKED,
         LRU_HASH,
         8,
-        size_of::<FlowKey>(),
+        size_of::<Asked>(),
         UPSTREAM_FLOWS_MAX,
     );
     check(

@@ -64,4 +64,5 @@ mod user {
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for Upstream {}
+    unsafe impl aya::Pod for Asked {}
 }

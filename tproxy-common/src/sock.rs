@@ -184,6 +184,19 @@ pub struct Upstream {
     pub _pad0: u32,
 }
 
+/// `ASKED` value, by thread: the flow whose original destination the
+/// thread was just told, and that destination's port (host order): the
+/// thread's next connect is the flow's upstream only if it dials exactly
+/// there (a thread pool may connect from another thread than the one that
+/// asked).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Asked {
+    pub flow: crate::FlowKey,
+    pub port: u16,
+    pub _pad0: [u16; 3],
+}
+
 /// Why a proxy's upstream socket was not paired (`Upstream::refused`).
 pub mod refused {
     /// Paired, or not decided yet.
@@ -284,6 +297,7 @@ const _: () = {
     assert!(size_of::<SockState>() == 168);
     assert!(offset_of!(SockState, cookie) == 144);
     assert!(size_of::<Upstream>() == 56);
+    assert!(size_of::<Asked>() == 56);
     assert!(offset_of!(SockState, api) == 136);
     assert!(size_of::<PortKey>() == 16);
     assert!(offset_of!(SockState, tcp_seq) == 124);

@@ -8,7 +8,7 @@ use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sockopt, helpers::bpf_get_netns_cookie, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
-use tproxy_common::{AF_INET, AF_INET6, Counter};
+use tproxy_common::{AF_INET, AF_INET6, Asked, Counter};
 
 use crate::{accepted, counters, identity, maps::ASKED};
 
@@ -121,7 +121,12 @@ fn try_getsockopt(ctx: &SockoptContext, so: &mut bpf_sockopt) -> Result<(), ()> 
     // The proxy's next connect from this thread is this flow's upstream
     // (`tproxy flows`).
     if let Some(t) = identity::thread() {
-        let _ = ASKED.insert(&t, &orig.key, 0);
+        let asked = Asked {
+            flow: orig.key,
+            port: u16::from_be(orig_port),
+            _pad0: [0; 3],
+        };
+        let _ = ASKED.insert(&t, &asked, 0);
     }
     Ok(())
 }

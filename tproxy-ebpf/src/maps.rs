@@ -9,8 +9,8 @@ use tproxy_common::{
     flow::{CLOSING_MAX, FLOWS_MAX, FlowKey, FlowValue, SYNS_MAX},
     identity::{ListenerKey, PROXY_CONNECTS_MAX, PROXY_LISTENERS_MAX},
     sock::{
-        NUDGE_EVENTS_BYTES, NUDGE_MAX, PENDING_MAX, Pending, PortKey, SOCK_API_MAX, SOCKHASH_MAX,
-        SockKey, SockState, UPSTREAM_FLOWS_MAX, Upstream,
+        Asked, NUDGE_EVENTS_BYTES, NUDGE_MAX, PENDING_MAX, Pending, PortKey, SOCK_API_MAX,
+        SOCKHASH_MAX, SockKey, SockState, UPSTREAM_FLOWS_MAX, Upstream,
     },
     target::{ADDRS_PER_TARGET, NodeConfig, TARGETS_MAX, Target, TargetAddr},
 };
@@ -98,7 +98,7 @@ pub static LISTENER_API: LruHashMap<PortKey, u64> = LruHashMap::with_max_entries
 /// The flow a proxy thread last asked the original destination of, by
 /// thread (pid_tgid): its next connect is that flow's upstream.
 #[map]
-pub static ASKED: LruHashMap<u64, FlowKey> = LruHashMap::with_max_entries(UPSTREAM_FLOWS_MAX, 0);
+pub static ASKED: LruHashMap<u64, Asked> = LruHashMap::with_max_entries(UPSTREAM_FLOWS_MAX, 0);
 
 /// A proxy's upstream socket (by cookie) -> the steered flow it serves, and
 /// why it was not paired (`tproxy flows`).

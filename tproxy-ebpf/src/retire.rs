@@ -114,8 +114,9 @@ pub fn leave_own(own: *mut SockState, peer: *mut SockState) {
         )
     };
     if r == 0 {
-        // SAFETY: own live entry; written under this socket's lock.
+        // SAFETY: own live entry; written under this socket's lock. (Not
+        // counted in `accel_left`, which counts pairs: the peer's `leave`
+        // counts this one.)
         unsafe { write_volatile(&raw mut (*own).flags, flags | LEFT) };
-        counters::inc(unsafe { (*own).slot }, Counter::AccelLeft);
     }
 }

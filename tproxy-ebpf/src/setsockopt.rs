@@ -39,12 +39,20 @@ const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
 
+/// The most a program sees of an option's value.
+const SMALLEST_PAGE: i32 = 4096;
+
 #[cgroup_sockopt(setsockopt)]
 pub fn tproxy_setsockopt(ctx: SockoptContext) -> i32 {
     let _ = try_setsockopt(&ctx);
     // SAFETY: the kernel passes a valid bpf_sockopt for the program's run.
-    // 0: the kernel uses the caller's own buffer, whatever its length.
-    unsafe { (*ctx.sockopt).optlen = 0 };
+    let so = unsafe { &mut *ctx.sockopt };
+    // `optlen` is left as it is (an earlier program's change stands),
+    // except past a page, which kernels before 6.5 fail with EFAULT unless
+    // a program sets 0: the kernel then uses the caller's own buffer.
+    if so.optlen > SMALLEST_PAGE {
+        so.optlen = 0;
+    }
     PROCEED
 }
 

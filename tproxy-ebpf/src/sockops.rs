@@ -91,17 +91,23 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
                 let _ = PROXY_CONNECTS.insert(&cookie, &1, 0);
                 // The flow this thread asked about last is this connection's.
+                // (Only if it dials that flow's original destination.)
                 if let Some(t) = identity::thread()
                     // SAFETY: a map value, read whole.
-                    && let Some(flow) = unsafe { ASKED.get(&t) }
+                    && let Some(asked) = unsafe { ASKED.get(&t) }
                 {
-                    let up = Upstream {
-                        flow: *flow,
-                        refused: refused::NONE,
-                        _pad0: 0,
-                    };
-                    let _ = UPSTREAM_FLOWS.insert(&cookie, &up, 0);
+                    let asked = *asked;
                     let _ = ASKED.remove(&t);
+                    if asked.flow.local_addr == key.remote_addr
+                        && u32::from(asked.port) == key.remote_port
+                    {
+                        let up = Upstream {
+                            flow: asked.flow,
+                            refused: refused::NONE,
+                            _pad0: 0,
+                        };
+                        let _ = UPSTREAM_FLOWS.insert(&cookie, &up, 0);
+                    }
                 }
             }
         }

@@ -331,6 +331,19 @@ mod tests {
     }
 
     #[test]
+    fn accelerated_ports_must_be_intercepted_ones() {
+        let t = target("iface: eth0\nports: 8000,9000-9010\naccel_ports: 9005\n");
+        let o = t.resolve(Role::Run { file: true }).unwrap();
+        assert_eq!(o.accel_ports, Some("9005".parse().unwrap()));
+        let t = target("iface: eth0\nports: 8000\naccel_ports: 8000,8080\n");
+        let e = t.resolve(Role::Run { file: true }).unwrap_err().to_string();
+        assert!(
+            e.starts_with("port 8080 is to be accelerated but is not intercepted"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn each_role_requires_its_keys_and_names_them_its_way() {
         let t = target("iface: eth0\nports: 8000\n");
         assert!(t.resolve(Role::Run { file: true }).is_ok());
