@@ -84,6 +84,10 @@ pub struct Opts {
     /// Set-ups to run (default: all): base, proxy, proxy+accel, nft-redirect, proxy-tproxy-backend.
     #[arg(long, value_delimiter = ',')]
     pub setups: Vec<String>,
+    /// iperf3 write sizes in bytes (default: 64,1448,16384,65536,1048576, or
+    /// 65536 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<u64>,
     /// Results folder, one subfolder per proxy. Default: a run with every
     /// default option (only --proxy and --json given) replaces
     /// lab/results/<proxy>/, the current report; any other run writes
@@ -139,7 +143,9 @@ impl Plan {
             seconds: opts
                 .seconds
                 .unwrap_or(if opts.quick { 1 } else { DEFAULT_SECONDS }),
-            sizes: if opts.quick {
+            sizes: if !opts.sizes.is_empty() {
+                opts.sizes.clone()
+            } else if opts.quick {
                 SIZES_QUICK.to_vec()
             } else {
                 SIZES_FULL.to_vec()
@@ -158,8 +164,8 @@ enum Dest {
     /// swaps that in only when the proxy's run is complete: an interrupted
     /// run leaves the current report as it was.
     Current { root: PathBuf },
-    /// Anything else (--quick, --pin, other set-ups, repetitions, seconds,
-    /// workers or binary, or --out): `<out>/<proxy>/`, never the current
+    /// Anything else (--quick, --pin, other set-ups, sizes, repetitions,
+    /// seconds, workers or binary, or --out): `<out>/<proxy>/`, never the current
     /// report.
     Experiment { out: PathBuf },
 }
@@ -175,6 +181,7 @@ impl Dest {
             && plan.reps == DEFAULT_REPS
             && plan.seconds == DEFAULT_SECONDS
             && plan.setups == Setup::ALL
+            && plan.sizes == SIZES_FULL
             && opts.envoy_workers == DEFAULT_ENVOY_WORKERS;
         match &opts.out {
             Some(out) => Dest::Experiment { out: out.clone() },
