@@ -99,6 +99,11 @@ const SCENARIOS: &[(&str, &str)] = &[
         "8 MiB non-blocking with edge-triggered EPOLLOUT to a slow client",
     ),
     ("r-ktls", "TCP_ULP tls (kTLS) on the app's socket"),
+    (
+        "r-io-uring",
+        "io_uring recv, twice, with the second part arriving later",
+    ),
+    ("w-io-uring", "io_uring send of three messages"),
 ];
 
 fn main() -> Result<()> {
@@ -541,6 +546,19 @@ fn app_side(scenario: &str, s: TcpStream) -> String {
             o.push(show(&read_to_end(&s)));
         }
         "w-nonblock" => o.push(nonblock_write(&s, 8 << 20)),
+        "r-io-uring" => {
+            for _ in 0..2 {
+                let _ = send(&s, b"R", 0);
+                o.push(uring(&s, None));
+            }
+        }
+        "w-io-uring" => {
+            for part in [&b"one"[..], b"two", b"three"] {
+                o.push(uring(&s, Some(part)));
+            }
+            let _ = s.shutdown(Shutdown::Write);
+            o.push(show(&read_to_end(&s)));
+        }
         "r-ktls" => {
             let name = b"tls\0";
             // SAFETY: setsockopt TCP_ULP with a NUL-terminated name.
@@ -572,6 +590,32 @@ fn exchange_first(s: &TcpStream) -> String {
     let got = read_exact(s, 5);
     let _ = send(s, b"hi", 0);
     format!("first={:?}", String::from_utf8_lossy(&got))
+}
+
+/// One io_uring recv of up to 64 bytes (`data`: None) or send of `data`;
+/// its completion's result.
+fn uring(s: &TcpStream, data: Option<&[u8]>) -> String {
+    use io_uring::{IoUring, opcode, types};
+    let Ok(mut ring) = IoUring::new(4) else {
+        return "no io_uring".into();
+    };
+    let mut buf = [0u8; 64];
+    let fd = types::Fd(fd(s));
+    let entry = match data {
+        None => opcode::Recv::new(fd, buf.as_mut_ptr(), buf.len() as u32).build(),
+        Some(d) => opcode::Send::new(fd, d.as_ptr(), d.len() as u32).build(),
+    };
+    // SAFETY: the buffer outlives the operation: we wait for its completion
+    // below before returning.
+    if unsafe { ring.submission().push(&entry) }.is_err() || ring.submit_and_wait(1).is_err() {
+        return "submit failed".into();
+    }
+    match ring.completion().next().map(|c| c.result()) {
+        Some(n) if n >= 0 && data.is_none() => show(&Ok(buf[..n as usize].to_vec())),
+        Some(n) if n >= 0 => n.to_string(),
+        Some(e) => errno_name(-e),
+        None => "no completion".into(),
+    }
 }
 
 fn pipe() -> (i32, i32) {
@@ -1013,6 +1057,12 @@ fn client(scenario: &str, s: TcpStream) -> String {
         "r-shut-rd" => {
             let _ = w.write_all(b"hello");
         }
+        "r-io-uring" => {
+            for part in [&b"hello"[..], b"world"] {
+                wait_r(&s);
+                let _ = w.write_all(part);
+            }
+        }
         "r-close-unread" => {
             let _ = w.write_all(&pattern(0, 100));
             // What the app's close looks like from here: EOF or a reset.
@@ -1023,7 +1073,8 @@ fn client(scenario: &str, s: TcpStream) -> String {
             let _ = w.write_all(b"hello");
             o.push(show(&read_to_end(&s)));
         }
-        "w-oob" | "w-zerocopy" | "w-splice" | "w-sendfile" | "w-cork" | "w-msg-more" | "w-outq" => {
+        "w-oob" | "w-zerocopy" | "w-splice" | "w-sendfile" | "w-cork" | "w-msg-more" | "w-outq"
+        | "w-io-uring" => {
             let got = read_to_end(&s);
             o.push(show(&got));
         }
