@@ -784,44 +784,26 @@ impl TargetAttachment {
             prog.take_link(id).expect("fresh link"),
         ));
 
-        let prog: &mut CgroupSockopt = program(ebpf, names::PROG_GETSOCKOPT)?;
-        let what = format!("cgroup/getsockopt {} to {cgroup}", names::PROG_GETSOCKOPT);
-        attachments.push(attached(
-            &what,
-            AttachKind::Cgroup,
-            names::PROG_GETSOCKOPT,
-            prog.info(),
-        )?);
-        let id = prog
-            .attach(&env.cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| Error::Attach {
-                what: format!("cgroup/getsockopt to {cgroup}"),
-                source,
-            })?;
-        let getsockopt = Some(GetsockoptAttachment::new(
-            what,
-            prog.take_link(id).expect("fresh link"),
-        ));
-        // With acceleration: the options the fast path cannot honour.
-        let setsockopt = if loaded_accel {
-            let prog: &mut CgroupSockopt = program(ebpf, names::PROG_SETSOCKOPT)?;
-            let what = format!("cgroup/setsockopt {} to {cgroup}", names::PROG_SETSOCKOPT);
-            attachments.push(attached(
-                &what,
-                AttachKind::Cgroup,
-                names::PROG_SETSOCKOPT,
-                prog.info(),
-            )?);
+        // A cgroup sockopt program on the cgroup, its record entry pushed.
+        let mut sockopt = |name: &'static str, hook: &str| -> Result<GetsockoptAttachment> {
+            let prog: &mut CgroupSockopt = program(ebpf, name)?;
+            let what = format!("cgroup/{hook} {name} to {cgroup}");
+            attachments.push(attached(&what, AttachKind::Cgroup, name, prog.info())?);
             let id = prog
                 .attach(&env.cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|source| Error::Attach {
-                    what: format!("cgroup/setsockopt to {cgroup}"),
+                    what: format!("cgroup/{hook} to {cgroup}"),
                     source,
                 })?;
-            Some(GetsockoptAttachment::new(
+            Ok(GetsockoptAttachment::new(
                 what,
                 prog.take_link(id).expect("fresh link"),
             ))
+        };
+        let getsockopt = Some(sockopt(names::PROG_GETSOCKOPT, "getsockopt")?);
+        // With acceleration: the options the fast path cannot honour.
+        let setsockopt = if loaded_accel {
+            Some(sockopt(names::PROG_SETSOCKOPT, "setsockopt")?)
         } else {
             None
         };
