@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod dist;
+mod image;
 mod lab;
 mod setup;
 
@@ -44,6 +45,9 @@ enum Task {
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
     },
+    /// The node agent's image (deploy/Containerfile) from the static release
+    /// binaries, built with podman; prints the image reference last.
+    Image,
     /// The lab playground: bring it up or down, open a shell in it.
     Lab {
         #[command(subcommand)]
@@ -160,6 +164,7 @@ fn main() -> Result<()> {
             bench::run(opts)
         }
         Task::Dist { out } => dist::run(out),
+        Task::Image => image::run(),
         Task::Lab { cmd } => {
             require_root()?;
             lab::run(cmd)
