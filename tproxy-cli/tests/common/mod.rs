@@ -12,6 +12,9 @@ use std::{
 use tproxy_lab::{Logged, Netns, Topology, envoy, sibling_bin, unique};
 
 pub mod agent;
+pub mod daemonset;
+pub mod podman;
+pub mod pods;
 pub mod sandbox;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
