@@ -693,6 +693,7 @@ fn install_cni_picks_the_runtimes_config_and_refuses_what_it_cannot_chain() {
         ("TPROXY_PROXY_PORT", "15006,"),
         ("TPROXY_ACCEL", "yes"),
         ("TPROXY_AGENT_SOCKET", "relative.sock"),
+        ("TPROXY_CGROUP", "/pod\",\"x"),
     ] {
         let fail = node.fails(&[], &[(k, v)]);
         assert!(fail.contains(k), "{fail}");
@@ -717,10 +718,19 @@ fn install_cni_picks_the_runtimes_config_and_refuses_what_it_cannot_chain() {
             ("CNI_CONF_NAME", "20-calico.conflist"),
             ("TPROXY_PORTS", "8000,9000-9010"),
             ("TPROXY_ACCEL", "false"),
+            // For runtimes that pass no cgroupPath (tproxy-cni expands it).
+            ("TPROXY_CGROUP", "/kubepods/pod${K8S_POD_UID}"),
         ],
     );
     assert!(out.status.success());
     let entry = parse(&node.net().join("20-calico.conflist"))["plugins"][3].clone();
     assert_eq!(entry["ports"], "8000,9000-9010");
     assert_eq!(entry["accel"], false);
+    assert_eq!(entry["cgroup"], "/kubepods/pod${K8S_POD_UID}");
+    // Without it, no "cgroup" key: the runtime's cgroupPath is the one.
+    assert!(
+        parse(&node.net().join("10-flannel.conflist"))["plugins"][2]
+            .get("cgroup")
+            .is_none()
+    );
 }
