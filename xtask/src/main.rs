@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the project's tasks. The README's two commands are
 //! `cargo xtask demo` and `cargo xtask test`; both run `setup` first.
-//! `cargo xtask dist` writes shell completions and man pages.
+//! `cargo xtask dist` writes the release tarball, `cargo xtask image` the
+//! node image.
 mod bench;
 mod demo;
 mod dist;
@@ -39,7 +40,8 @@ enum Task {
     },
     /// The comparison: base, proxy, proxy+accel, nft-redirect (and the tproxy back-end).
     Bench(bench::Opts),
-    /// Shell completions (bash, zsh, fish) and man pages, into OUT/completions and OUT/man.
+    /// The release tarball (static binaries, completions, man pages, example
+    /// configs, manifests) and its sha256, into OUT; prints its path last.
     Dist {
         /// Output folder [default: target/dist].
         #[arg(long, value_name = "DIR")]
