@@ -21,6 +21,8 @@ use common::{
     Attempts, Progress, STARTUP, addr,
     agent::{Agent, MountNs},
     eventually, example, exchange,
+    pods::start_app_and_proxy,
+    target_by,
 };
 use tproxy::api::{self, Request, Target, TargetSpec};
 use tproxy_lab::{Cgroup, Logged, Netns, unique};
@@ -84,17 +86,7 @@ impl Pod {
     /// the tproxy back-end).
     fn with_proxy(tag: &str, proxy_args: &[&str]) -> Pod {
         let mut pod = Pod::bare(tag);
-        let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
-        cmd.args(["8000,8080", "--tag", tag]);
-        let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
-        app.wait_for("listening", STARTUP).unwrap();
-        let mut cmd = pod
-            .ns
-            .command_in(example("origdst-proxy"), Some(&pod.cgroup));
-        cmd.args(proxy_args);
-        let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
-        proxy.wait_for("listening", STARTUP).unwrap();
-        pod.procs = vec![proxy, app];
+        pod.procs = start_app_and_proxy(&pod.ns, &pod.cgroup, "8000,8080", tag, proxy_args);
         pod
     }
 
@@ -1131,14 +1123,7 @@ fn a_target_waits_for_its_cgroup_and_is_attached_once_it_appears() {
             .unwrap()
             .is_empty()
     );
-    let mut cmd = pod.ns.command_in(example("lab-app"), Some(&cgroup));
-    cmd.args(["8000", "--tag", "pod-w"]);
-    let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
-    app.wait_for("listening", STARTUP).unwrap();
-    let mut cmd = pod.ns.command_in(example("origdst-proxy"), Some(&cgroup));
-    let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
-    proxy.wait_for("listening", STARTUP).unwrap();
-    pod.procs = vec![proxy, app];
+    pod.procs = start_app_and_proxy(&pod.ns, &cgroup, "8000", "pod-w", &[]);
     assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
     agent.del("w");
     assert!(!tc().contains("tproxy"));
@@ -1838,13 +1823,7 @@ fn agent_stats(agent: &Agent, id: &str) -> serde_json::Value {
         .unwrap();
     assert!(out.status.success(), "stats: {out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["id"] == id)
-        .unwrap_or_else(|| panic!("no {id} in {v}"))
-        .clone()
+    target_by(&v, "id", id).clone()
 }
 
 /// Issue #20 item 6, the quota: a pod whose quota of open flows is 3 gets

@@ -20,6 +20,7 @@ use common::{
     eventually,
     podman::Podman,
     pods::{Rounds, ask, start_workload},
+    target_by,
 };
 use serde_json::{Value, json};
 use tproxy::api::{self, Request, Steer};
@@ -51,18 +52,11 @@ fn json_from(ds: &DaemonSetPod, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
-fn target<'a>(v: &'a Value, name: &str) -> &'a Value {
-    v["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == name)
-        .unwrap_or_else(|| panic!("{name} in {v}"))
-}
-
 fn counter(ds: &DaemonSetPod, name: &str, counter: &str) -> u64 {
     let stats = json_from(ds, &["stats", "--agent"]);
-    target(&stats, name)["counters"][counter].as_u64().unwrap()
+    target_by(&stats, "name", name)["counters"][counter]
+        .as_u64()
+        .unwrap()
 }
 
 #[test]
@@ -164,7 +158,7 @@ fn the_daemonset_runs_from_the_image_and_a_restart_keeps_established_flows() {
     assert!(out.contains("ok   nft: /usr/sbin/nft"), "{out}{err}");
     let status = json_from(&ds, &["status", "--agent"]);
     for name in ["default/web", "default/web-t"] {
-        assert_eq!(target(&status, name)["state"], "OK", "{status}");
+        assert_eq!(target_by(&status, "name", name)["state"], "OK", "{status}");
     }
 
     // A restart under traffic: a connection held open through web's proxy,

@@ -306,6 +306,18 @@ pub fn flows(ns: &Netns) -> u64 {
     v[0]["flows"].as_u64().unwrap()
 }
 
+/// The entry of `v["targets"]` (`tproxy stats|status --agent --json`)
+/// whose `key` is `value`.
+#[track_caller]
+pub fn target_by<'a>(v: &'a serde_json::Value, key: &str, value: &str) -> &'a serde_json::Value {
+    v["targets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no targets in {v}"))
+        .iter()
+        .find(|t| t[key] == value)
+        .unwrap_or_else(|| panic!("no target with {key} {value} in {v}"))
+}
+
 pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

@@ -12,21 +12,30 @@ use tproxy_lab::{Cgroup, Logged, Netns, cni::SimPod};
 
 use super::{STARTUP, example};
 
-/// A pod's workload: the app (tagged with the pod's name) on 8000 and
-/// origdst-proxy (with `proxy_args`) on 15006, both in the pod's cgroup,
-/// as containers of one pod share its cgroup.
-pub fn start_workload(pod: &SimPod, proxy_args: &[&str]) -> Vec<Logged> {
-    let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
-    cmd.args(["8000", "--tag", &pod.name]);
+/// A pod's workload: lab-app on `ports`, tagged `tag`, and origdst-proxy
+/// (with `proxy_args`) on 15006, both in `cgroup`, as containers of one
+/// pod share its cgroup; started and listening. The proxy first.
+pub fn start_app_and_proxy(
+    ns: &Netns,
+    cgroup: &Cgroup,
+    ports: &str,
+    tag: &str,
+    proxy_args: &[&str],
+) -> Vec<Logged> {
+    let mut cmd = ns.command_in(example("lab-app"), Some(cgroup));
+    cmd.args([ports, "--tag", tag]);
     let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
     app.wait_for("listening", STARTUP).unwrap();
-    let mut cmd = pod
-        .ns
-        .command_in(example("origdst-proxy"), Some(&pod.cgroup));
+    let mut cmd = ns.command_in(example("origdst-proxy"), Some(cgroup));
     cmd.args(proxy_args);
     let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
     proxy.wait_for("listening", STARTUP).unwrap();
     vec![proxy, app]
+}
+
+/// A simulated pod's workload: the app on 8000 tagged with the pod's name.
+pub fn start_workload(pod: &SimPod, proxy_args: &[&str]) -> Vec<Logged> {
+    start_app_and_proxy(&pod.ns, &pod.cgroup, "8000", &pod.name, proxy_args)
 }
 
 /// From inside `from`'s namespace: the app that answered (its tag) and
