@@ -305,6 +305,11 @@ fn take_runtime_files(pkg: &Path, into: &Path) -> Result<()> {
 /// The packages of [`DEBS`] and their dependencies, as .deb files in
 /// `cache` (downloaded by apt once; apt's own list says which versions).
 fn fetch_debs(cache: &Path) -> Result<Vec<PathBuf>> {
+    fetch_debs_with(cache, false)
+}
+
+/// `fetch_debs`; `refreshed`: apt's lists were just updated.
+fn fetch_debs_with(cache: &Path, refreshed: bool) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(cache)?;
     let deps = output(
         Command::new("apt-cache")
@@ -349,11 +354,21 @@ fn fetch_debs(cache: &Path) -> Result<Vec<PathBuf>> {
         eprintln!("image: downloading {}", missing.join(" "));
         // As root into a directory apt's sandbox user cannot write: apt
         // would warn and download as root anyway.
-        sh(Command::new("apt-get")
-            .args(["-o", "APT::Sandbox::User=root", "download", "-q"])
-            .args(&missing)
-            .current_dir(cache))
-        .context("apt-get download (Debian's archive)")?;
+        let download = || {
+            sh(Command::new("apt-get")
+                .args(["-o", "APT::Sandbox::User=root", "download", "-q"])
+                .args(&missing)
+                .current_dir(cache))
+        };
+        if let Err(e) = download() {
+            if refreshed {
+                return Err(e).context("apt-get download (Debian's archive)");
+            }
+            // Package lists older than the archive name versions it no
+            // longer has: once more with fresh ones.
+            sh(Command::new("apt-get").args(["update", "-qq"]))?;
+            return fetch_debs_with(cache, true);
+        }
     }
     files
         .iter()
