@@ -146,8 +146,8 @@ fn the_daemonset_runs_from_the_image_and_a_restart_keeps_established_flows() {
     }
 
     // `tproxy check` from the image, in a pod's namespace, for the
-    // tproxy back-end (nft, its table's name taken): each line, exit 1
-    // only for what the served pod already holds.
+    // tproxy back-end: nft found and the kernel taking its table, every
+    // line ok.
     let ns = format!("--net={}", tp.ns.path().display());
     let cg = tp.cgroup.path().display().to_string();
     let (code, out, err) = ds.exec(&[
@@ -155,6 +155,7 @@ fn the_daemonset_runs_from_the_image_and_a_restart_keeps_established_flows() {
         "tproxy",
     ]);
     eprintln!("tproxy check (exit {code}):\n{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("ok   nft: /usr/sbin/nft"), "{out}{err}");
     let status = json_from(&ds, &["status", "--agent"]);
     for name in ["default/web", "default/web-t"] {
