@@ -27,6 +27,9 @@
 #   The entry's node-wide defaults (each pod's tproxy.io/* annotations win):
 #   TPROXY_AGENT_SOCKET=/run/tproxy/agent.sock TPROXY_PORTS=8000
 #   TPROXY_PROXY_PORT=15006 TPROXY_PROXY_MARK=1337 TPROXY_ACCEL=true
+#   TPROXY_CGROUP (unset: no "cgroup" key): the pod's cgroup for runtimes
+#   that do not pass cgroupPath, ${NAME} standing for a CNI_ARGS value
+#   (/kubepods/pod${K8S_POD_UID})
 set -eu
 
 CNI_BIN_DIR=${CNI_BIN_DIR:-/host/opt/cni/bin}
@@ -37,6 +40,7 @@ TPROXY_PORTS=${TPROXY_PORTS:-8000}
 TPROXY_PROXY_PORT=${TPROXY_PROXY_PORT:-15006}
 TPROXY_PROXY_MARK=${TPROXY_PROXY_MARK:-1337}
 TPROXY_ACCEL=${TPROXY_ACCEL:-true}
+TPROXY_CGROUP=${TPROXY_CGROUP:-}
 
 die() {
 	echo "install-cni: $*" >&2
@@ -52,6 +56,7 @@ check_env() {
 	case $TPROXY_ACCEL in true | false) ;; *) die "TPROXY_ACCEL=$TPROXY_ACCEL: want true or false" ;; esac
 	case $TPROXY_AGENT_SOCKET in /*) ;; *) die "TPROXY_AGENT_SOCKET=$TPROXY_AGENT_SOCKET: want an absolute path" ;; esac
 	case $TPROXY_AGENT_SOCKET in *[\"\\]*) die "TPROXY_AGENT_SOCKET: no quotes or backslashes" ;; esac
+	case $TPROXY_CGROUP in *[!A-Za-z0-9_./\$\{\}-]*) die "TPROXY_CGROUP=$TPROXY_CGROUP: want a cgroup path like /kubepods/pod\${K8S_POD_UID}" ;; esac
 }
 
 # The runtime's config file: libcni loads *.conf, *.conflist and *.json in
@@ -184,7 +189,9 @@ do_install() {
 		echo "install-cni: $conf already chains tproxy-cni: unchanged"
 		return
 	fi
-	ENTRY="{\"type\": \"tproxy-cni\", \"agentSocket\": \"$TPROXY_AGENT_SOCKET\", \"ports\": \"$TPROXY_PORTS\", \"proxyPort\": $TPROXY_PROXY_PORT, \"proxyMark\": $TPROXY_PROXY_MARK, \"accel\": $TPROXY_ACCEL, \"capabilities\": {\"io.kubernetes.cri.pod-annotations\": true, \"cgroupPath\": true}}"
+	cgroup=
+	[ -z "$TPROXY_CGROUP" ] || cgroup=", \"cgroup\": \"$TPROXY_CGROUP\""
+	ENTRY="{\"type\": \"tproxy-cni\", \"agentSocket\": \"$TPROXY_AGENT_SOCKET\", \"ports\": \"$TPROXY_PORTS\", \"proxyPort\": $TPROXY_PROXY_PORT, \"proxyMark\": $TPROXY_PROXY_MARK, \"accel\": $TPROXY_ACCEL$cgroup, \"capabilities\": {\"io.kubernetes.cri.pod-annotations\": true, \"cgroupPath\": true}}"
 	export ENTRY
 	# The pod network's own file, once: a later run must not overwrite it
 	# with one that already has our entry.

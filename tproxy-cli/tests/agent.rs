@@ -21,6 +21,8 @@ use common::{
     Attempts, Progress, STARTUP, addr,
     agent::{Agent, MountNs},
     eventually, example, exchange,
+    pods::start_app_and_proxy,
+    target_by,
 };
 use tproxy::api::{self, Request, Target, TargetSpec};
 use tproxy_lab::{Cgroup, Logged, Netns, unique};
@@ -84,17 +86,7 @@ impl Pod {
     /// the tproxy back-end).
     fn with_proxy(tag: &str, proxy_args: &[&str]) -> Pod {
         let mut pod = Pod::bare(tag);
-        let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
-        cmd.args(["8000,8080", "--tag", tag]);
-        let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
-        app.wait_for("listening", STARTUP).unwrap();
-        let mut cmd = pod
-            .ns
-            .command_in(example("origdst-proxy"), Some(&pod.cgroup));
-        cmd.args(proxy_args);
-        let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
-        proxy.wait_for("listening", STARTUP).unwrap();
-        pod.procs = vec![proxy, app];
+        pod.procs = start_app_and_proxy(&pod.ns, &pod.cgroup, "8000,8080", tag, proxy_args);
         pod
     }
 
@@ -1051,6 +1043,94 @@ fn the_agent_refuses_the_cgroup_root_and_paths_outside_the_cgroup2_mount() {
     );
 }
 
+/// A pod whose cgroup the runtime makes only after CNI ADD (podman makes
+/// it when the pod's first container starts): the add is accepted and the
+/// target waits, listed and checked as WAITING and kept across an agent
+/// restart, with nothing attached; its keys and namespace were checked at
+/// the add all the same; a waiting target's del forgets it. Once the
+/// cgroup appears (parent and all, as a runtime's mkdir -p makes it), the
+/// target is attached whole within a poll or two, and the pod's
+/// processes in that cgroup are served.
+#[test]
+fn a_target_waits_for_its_cgroup_and_is_attached_once_it_appears() {
+    let mut agent = Agent::new(&[]);
+    let mut pod = Pod::bare("pod-w");
+    let name = unique("tpx-ag-later");
+    let later = format!("{name}/pod");
+    let mount = tproxy_lab::cgroup::cgroup2_root().unwrap();
+    assert!(!mount.join(&name).exists());
+    let spec = with(pod.spec(), |t| t.cgroup = Some(later.clone().into()));
+    agent.add("w", &spec);
+    let waiting = |agent: &Agent| {
+        let r = agent.call(&Request::Check { id: "w".into() });
+        assert!(!r.ok, "{r:?}");
+        let state = r.state.unwrap_or_default();
+        assert!(
+            state.starts_with("WAITING for its cgroup") && state.contains(&later),
+            "{state}"
+        );
+        let listed = agent.call(&Request::List).targets.unwrap();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].target, spec);
+    };
+    waiting(&agent);
+    assert!(pins_under(&agent.pins().join("targets")).is_empty());
+    let tc = || {
+        pod.ns
+            .exec("tc", &["filter", "show", "dev", "eth0", "ingress"])
+            .unwrap()
+    };
+    assert!(!tc().contains("tproxy"), "nothing attached while waiting");
+    // What can be checked is, at the add.
+    let mut bad = spec.clone();
+    bad.netns = "/run/netns/tpx-no-such-ns".into();
+    let r = agent.call(&Request::Add {
+        id: "bad".into(),
+        target: bad,
+    });
+    assert!(
+        !r.ok && r.error.as_deref().unwrap_or("").contains("does not exist"),
+        "{r:?}"
+    );
+    // Kept across a restart.
+    agent.terminate();
+    agent.start();
+    waiting(&agent);
+    // Removed while waiting: forgotten.
+    let other = Pod::bare("pod-w2");
+    agent.add(
+        "x",
+        &with(other.spec(), |t| {
+            t.cgroup = Some(format!("{name}/x").into())
+        }),
+    );
+    agent.del("x");
+    assert_eq!(agent.ids(), ["w"]);
+
+    // The runtime makes the cgroup (mkdir -p) and starts the pod in it.
+    let parent = Cgroup::create(&name).unwrap();
+    let cgroup = Cgroup::create(&later).unwrap();
+    let made = Instant::now();
+    eventually("the waiting target attached", STARTUP, || {
+        agent.call(&Request::Check { id: "w".into() }).ok
+    });
+    eprintln!(
+        "attached {:.0} ms after its cgroup appeared",
+        made.elapsed().as_secs_f64() * 1000.0
+    );
+    assert!(
+        !tproxy_lab::kernel::cgroup_programs(cgroup.path())
+            .unwrap()
+            .is_empty()
+    );
+    pod.procs = start_app_and_proxy(&pod.ns, &cgroup, "8000", "pod-w", &[]);
+    assert!(pod.steered(POD_V4) && pod.steered(POD_V6));
+    agent.del("w");
+    assert!(!tc().contains("tproxy"));
+    pod.procs.clear();
+    drop((cgroup, parent));
+}
+
 /// Fills the agent's FLOWS and SYNS with `n` entries each of a namespace
 /// no target has (steering never looks them up): the walk a busy node's
 /// scrape makes. They go with the agent's bpffs.
@@ -1743,13 +1823,7 @@ fn agent_stats(agent: &Agent, id: &str) -> serde_json::Value {
         .unwrap();
     assert!(out.status.success(), "stats: {out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["targets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["id"] == id)
-        .unwrap_or_else(|| panic!("no {id} in {v}"))
-        .clone()
+    target_by(&v, "id", id).clone()
 }
 
 /// Issue #20 item 6, the quota: a pod whose quota of open flows is 3 gets

@@ -361,43 +361,38 @@ fn envoy_sidecar_example_is_annotated_and_envoy_loads_its_config() {
 }
 
 /// The image puts the binaries and the script where the DaemonSet runs
-/// them, from the release build's output, with nft.
+/// them, with nft, from nothing pulled (`FROM scratch`: `cargo xtask image`
+/// assembles the context); both containers name the image that command
+/// builds (tests/daemonset.rs builds and runs it).
 #[test]
 fn containerfile_ships_what_the_daemonset_runs() {
     let text = std::fs::read_to_string(deploy().join("Containerfile")).unwrap();
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
-    let has = |l: &str| lines.iter().any(|x| x.trim() == l);
-    assert!(
-        has("COPY target/release/tproxy target/release/tproxy-cni /usr/local/bin/"),
-        "{text}"
-    );
-    assert!(has(
-        "COPY deploy/install-cni.sh /usr/local/bin/install-cni.sh"
-    ));
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("apt-get install") && l.contains("nftables"))
-    );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with("FROM ") && l.contains("debian:trixie-slim"))
-    );
-    // The ignore file lets exactly those through.
-    let ignore = std::fs::read_to_string(deploy().join("Containerfile.dockerignore")).unwrap();
-    for f in [
-        "target/release/tproxy",
-        "target/release/tproxy-cni",
-        "deploy/install-cni.sh",
+    let froms: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms, [&"FROM scratch"], "{text}");
+    for l in [
+        "COPY base/ /",
+        "COPY nft/ /",
+        "COPY tproxy tproxy-cni install-cni.sh /usr/local/bin/",
+        "ENTRYPOINT [\"/usr/local/bin/tproxy\"]",
     ] {
-        assert!(ignore.lines().any(|l| l == format!("!{f}")), "{f}");
+        assert!(lines.contains(&l), "{l:?} in {text}");
     }
+    assert!(
+        !lines.iter().any(|l| l.starts_with("RUN ")),
+        "nothing runs at build time (a scratch image has no shell to run it)"
+    );
     let ds = resource("DaemonSet");
-    let agent = named(&ds["spec"]["template"]["spec"]["containers"], "agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = named(&pod["containers"], "agent");
+    let init = named(&pod["initContainers"], "install-cni");
+    let image = format!("localhost/tproxy:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(agent["image"].as_str(), Some(image.as_str()));
+    assert_eq!(init["image"].as_str(), Some(image.as_str()));
     assert_eq!(agent["command"][0].as_str(), Some("/usr/local/bin/tproxy"));
 }
 
@@ -698,6 +693,7 @@ fn install_cni_picks_the_runtimes_config_and_refuses_what_it_cannot_chain() {
         ("TPROXY_PROXY_PORT", "15006,"),
         ("TPROXY_ACCEL", "yes"),
         ("TPROXY_AGENT_SOCKET", "relative.sock"),
+        ("TPROXY_CGROUP", "/pod\",\"x"),
     ] {
         let fail = node.fails(&[], &[(k, v)]);
         assert!(fail.contains(k), "{fail}");
@@ -722,10 +718,19 @@ fn install_cni_picks_the_runtimes_config_and_refuses_what_it_cannot_chain() {
             ("CNI_CONF_NAME", "20-calico.conflist"),
             ("TPROXY_PORTS", "8000,9000-9010"),
             ("TPROXY_ACCEL", "false"),
+            // For runtimes that pass no cgroupPath (tproxy-cni expands it).
+            ("TPROXY_CGROUP", "/kubepods/pod${K8S_POD_UID}"),
         ],
     );
     assert!(out.status.success());
     let entry = parse(&node.net().join("20-calico.conflist"))["plugins"][3].clone();
     assert_eq!(entry["ports"], "8000,9000-9010");
     assert_eq!(entry["accel"], false);
+    assert_eq!(entry["cgroup"], "/kubepods/pod${K8S_POD_UID}");
+    // Without it, no "cgroup" key: the runtime's cgroupPath is the one.
+    assert!(
+        parse(&node.net().join("10-flannel.conflist"))["plugins"][2]
+            .get("cgroup")
+            .is_none()
+    );
 }

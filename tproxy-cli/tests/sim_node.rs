@@ -8,17 +8,18 @@ mod common;
 use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, TcpStream},
     path::Path,
     time::Duration,
 };
 
-use common::{STARTUP, agent::Agent, eventually, example};
-use serde_json::{Value, json};
-use tproxy_lab::{
-    Logged,
-    cni::{SimNode, SimPod},
+use common::{
+    agent::Agent,
+    eventually, example,
+    pods::{Rounds, ask, start_workload},
 };
+use serde_json::{Value, json};
+use tproxy_lab::{Logged, cni::SimNode};
 
 const CNI: &str = env!("CARGO_BIN_EXE_tproxy-cni");
 const PROXY_PORT: u16 = 15006;
@@ -50,51 +51,6 @@ fn pods_on_the_simulated_node_reach_each_other_and_the_outside() {
             .exec("ping", &["-c1", "-W1", &a.ip4.to_string()])
             .is_err()
     );
-}
-
-/// A pod's workload: the app (tagged with the pod's name) on 8000 and
-/// origdst-proxy on 15006, both in the pod's cgroup, as containers of one
-/// pod share its cgroup.
-fn start_workload(pod: &SimPod) -> Vec<Logged> {
-    let mut cmd = pod.ns.command_in(example("lab-app"), Some(&pod.cgroup));
-    cmd.args(["8000", "--tag", &pod.name]);
-    let mut app = Logged::spawn("lab-app", &mut cmd).unwrap();
-    app.wait_for("listening", STARTUP).unwrap();
-    let mut cmd = pod
-        .ns
-        .command_in(example("origdst-proxy"), Some(&pod.cgroup));
-    let mut proxy = Logged::spawn("origdst-proxy", &mut cmd).unwrap();
-    proxy.wait_for("listening", STARTUP).unwrap();
-    vec![proxy, app]
-}
-
-/// From inside `from`'s namespace: the app that answered (its tag) and
-/// the peer it saw. Steered: the pod's own proxy is the app's peer.
-fn ask(from: &tproxy_lab::Netns, ip: IpAddr) -> (String, IpAddr) {
-    let dst = SocketAddr::new(ip, 8000);
-    let all = from
-        .run(|| {
-            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(20)))?;
-            s.write_all(b"hello")?;
-            s.shutdown(std::net::Shutdown::Write)?;
-            let mut all = String::new();
-            s.read_to_string(&mut all)?;
-            Ok::<_, std::io::Error>(all)
-        })
-        .unwrap();
-    // "app port=8000 peer=10.244.0.2:4711 tag=web-a", then the echo.
-    let (banner, echoed) = all.split_once('\n').unwrap_or((&all, ""));
-    assert_eq!(echoed, "hello", "{all:?}");
-    let field = |k: &str| {
-        banner
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .unwrap_or_default()
-            .to_string()
-    };
-    let peer: SocketAddr = field("peer=").parse().unwrap();
-    (field("tag="), peer.ip())
 }
 
 fn tproxy_json(agent: &Agent, args: &[&str]) -> Value {
@@ -154,8 +110,8 @@ fn one_agent_serves_the_pods_tproxy_cni_registers() {
     let ann = json!({"tproxy.io/ports": "8000"});
     let mut a = node.add_pod("web-a", ann.clone()).unwrap();
     let b = node.add_pod("web-b", ann.clone()).unwrap();
-    let _wa = start_workload(&a);
-    let _wb = start_workload(&b);
+    let _wa = start_workload(&a, &[]);
+    let _wb = start_workload(&b, &[]);
     let mut ids = agent.ids();
     ids.sort();
     let mut want = vec![a.id.clone(), b.id.clone()];
@@ -196,7 +152,7 @@ fn one_agent_serves_the_pods_tproxy_cni_registers() {
     cmd.args(["echo", &format!("{}:8000", b.ip4), "--bytes", "268435456"]);
     let mut stream = Logged::spawn("stream", &mut cmd).unwrap();
     let c = node.add_pod("web-c", ann.clone()).unwrap();
-    let _wc = start_workload(&c);
+    let _wc = start_workload(&c, &[]);
     let (tag, peer) = ask(&node.outside, IpAddr::V4(c.ip4));
     assert_eq!((tag.as_str(), peer), ("web-c", IpAddr::V4(c.ip4)));
     node.del_pod(&mut a).unwrap();
@@ -282,26 +238,6 @@ fn one_agent_serves_the_pods_tproxy_cni_registers() {
 /// DEL late enough to find the client gone.)
 #[test]
 fn deleting_a_pod_waits_for_a_same_node_flow_on_the_fast_path() {
-    const ROUNDS: &str = "import os,socket,sys,time\n\
-        s=socket.create_connection((sys.argv[1],8000));s.settimeout(60)\n\
-        def readn(n):\n\
-        \x20 b=b''\n\
-        \x20 while len(b)<n:\n\
-        \x20   c=s.recv(n-len(b))\n\
-        \x20   if not c: sys.exit('closed after %d bytes' % len(b))\n\
-        \x20   b+=c\n\
-        \x20 return b\n\
-        s.sendall(b'hold\\n')\n\
-        line=b''\n\
-        while not line.endswith(b'\\n'): line+=readn(1)\n\
-        assert readn(5)==b'hold\\n'\n\
-        print('held',line.decode().strip(),flush=True)\n\
-        n=0\n\
-        while not os.path.exists(sys.argv[2]):\n\
-        \x20 d=os.urandom(65536);s.sendall(d)\n\
-        \x20 if readn(65536)!=d: sys.exit('round %d differs' % n)\n\
-        \x20 n+=1;time.sleep(0.1)\n\
-        s.close();print('rounds',n,'ok',flush=True)\n";
     // A drain as long as the flow lasts (it ends when the client stops).
     let agent = Agent::new(&["--drain-timeout", "600"]);
     let node = SimNode::new(
@@ -312,16 +248,9 @@ fn deleting_a_pod_waits_for_a_same_node_flow_on_the_fast_path() {
     .unwrap();
     let a = node.add_pod("web-a", json!({})).unwrap();
     let mut b = node.add_pod("web-b", json!({})).unwrap();
-    let _wa = start_workload(&a);
-    let _wb = start_workload(&b);
-    let stop = tempfile::tempdir().unwrap();
-    let stop_file = stop.path().join("stop");
-    let mut cmd = a.ns.command_in("python3", Some(&a.cgroup));
-    cmd.args(["-c", ROUNDS, &b.ip4.to_string()]).arg(&stop_file);
-    let mut client = Logged::spawn("rounds", &mut cmd).unwrap();
-    client
-        .wait_for("held app port=8000", STARTUP)
-        .unwrap_or_else(|e| panic!("{e}: {}", client.log()));
+    let _wa = start_workload(&a, &[]);
+    let _wb = start_workload(&b, &[]);
+    let mut rounds = Rounds::start(&a.ns, Some(&a.cgroup), IpAddr::V4(b.ip4));
     let held = std::time::Instant::now();
     let stats = tproxy_json(&agent, &["stats", "--agent", "--json"]);
     let web_b = stats["targets"]
@@ -342,16 +271,12 @@ fn deleting_a_pod_waits_for_a_same_node_flow_on_the_fast_path() {
             r.state.as_deref() == Some("DRAINING")
         });
         // The client is still at it, and the DEL waits for it.
-        assert!(client.proc.is_running(), "{}", client.log());
+        assert!(rounds.running(), "{}", rounds.client.log());
         assert!(!del.is_finished(), "the DEL did not wait for the flow");
-        std::fs::write(&stop_file, "").unwrap();
+        // Every round came back intact; the client closed, and the DEL ends.
+        rounds.finish();
         del.join().unwrap().unwrap();
     });
-    let st = client
-        .wait_timeout(Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("the flow was cut ({e}): {}", client.log()));
-    let log = client.log();
-    assert!(st.success() && log.contains(" ok"), "{log}");
     let agent_log = agent.proc.as_ref().unwrap().log();
     assert!(
         agent_log.contains("drained 1 flow(s), cut 0"),

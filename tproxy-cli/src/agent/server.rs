@@ -124,7 +124,7 @@ fn answer(agent: &Agent, req: Request) -> Response {
         },
         Request::Check { id } => {
             let reg = agent.lock();
-            match reg.check(&id) {
+            match reg.check(&id).or_else(|| agent.waiting().state(&id)) {
                 None => Response::error(code::NOT_FOUND, format!("no target {id} on this agent")),
                 Some(state) if state == "OK" => Response {
                     state: Some(state),
@@ -136,7 +136,11 @@ fn answer(agent: &Agent, req: Request) -> Response {
                 },
             }
         }
-        Request::List => Response::targets(agent.lock().statuses()),
+        Request::List => {
+            let mut all = agent.lock().statuses();
+            all.extend(agent.waiting().statuses());
+            Response::targets(all)
+        }
     }
 }
 

@@ -1,10 +1,11 @@
-//! The running agent: its registry of targets, shared by the API server,
-//! the target-file scanner and the signal handler; adding, replacing and
+//! The running agent: its registry of targets and those waiting for
+//! their cgroup, shared by the API server, the target-file scanner, the
+//! waiting targets' watcher and the signal handler; adding, replacing and
 //! removing a target, and saving the state file after each change.
 use std::{
     path::PathBuf,
     sync::{Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tracing::{info, warn};
@@ -12,12 +13,14 @@ use tracing::{info, warn};
 use super::{
     error::Error,
     registry::{self, ApiFailure, Change, Registry},
+    waiting::{self, Waiting},
 };
 use crate::{
     api::{TargetSpec, code},
-    sys::error::Chain,
+    config,
+    sys::{error::Chain, system},
     target::{
-        agent_state::{AgentState, write_state},
+        agent_state::{AgentState, WaitingRecord, write_state},
         drain,
     },
 };
@@ -26,6 +29,8 @@ use crate::{
 /// and the signal handler.
 pub struct Agent {
     reg: Mutex<Registry>,
+    /// Taken after `reg` when both are (never the other way round).
+    waiting: Mutex<Waiting>,
     state_dir: PathBuf,
     bpffs: PathBuf,
     socket: PathBuf,
@@ -44,6 +49,7 @@ impl Agent {
     ) -> Agent {
         Agent {
             reg: Mutex::new(reg),
+            waiting: Mutex::new(Waiting::default()),
             state_dir,
             bpffs,
             socket,
@@ -67,12 +73,20 @@ impl Agent {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The targets waiting for their cgroup.
+    pub fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn save(&self, reg: &Registry) {
         let state = AgentState {
             pid: std::process::id() as i32,
             bpffs: self.bpffs.clone(),
             socket: self.socket.clone(),
             targets: reg.records(),
+            waiting: self.waiting().records(),
         };
         if let Err(e) = write_state(&self.state_dir, &state) {
             warn!("saving the agent state: {}", Chain(&e));
@@ -99,6 +113,19 @@ impl Agent {
                     }
                 },
                 None => {
+                    if let Some(cgroup) = self.cgroup_to_wait_for(spec, &reg)? {
+                        if self.waiting().insert(id, spec, cgroup.clone()) {
+                            info!(
+                                id,
+                                name = spec.name.as_deref().unwrap_or(""),
+                                cgroup = %cgroup.display(),
+                                "target waits for its cgroup, which does not exist yet (the runtime makes it when the pod's first container starts)"
+                            );
+                            self.save(&reg);
+                        }
+                        return Ok(());
+                    }
+                    self.waiting().remove(id);
                     let r = reg.attach(id, spec);
                     self.save(&reg);
                     return r.map_err(Into::into);
@@ -164,14 +191,103 @@ impl Agent {
         r.map_err(Into::into)
     }
 
-    /// `del`: drain and detach; an unknown id is fine.
+    /// `del`: drain and detach (a waiting target is just forgotten); an
+    /// unknown id is fine.
     pub fn del(&self, id: &str) -> std::result::Result<(), ApiFailure> {
-        if self.lock().is_draining(id) {
-            return Ok(()); // another request is already removing it
+        {
+            let reg = self.lock();
+            if self.waiting().remove(id) {
+                info!(id, "target removed before its cgroup appeared");
+                self.save(&reg);
+                return Ok(());
+            }
+            if reg.is_draining(id) {
+                return Ok(()); // another request is already removing it
+            }
         }
         let r = registry::remove(&self.reg, id, self.drain);
         self.save(&self.lock());
         r.map(drop).map_err(Into::into)
+    }
+}
+
+impl Agent {
+    /// Where `spec`'s cgroup will appear, when it does not exist yet and
+    /// the rest of the target is sound: such a target waits. Its keys and
+    /// its network namespace are checked now, so a mistake still fails
+    /// the `add` (CNI ADD) that made it.
+    fn cgroup_to_wait_for(
+        &self,
+        spec: &TargetSpec,
+        reg: &Registry,
+    ) -> std::result::Result<Option<PathBuf>, ApiFailure> {
+        let Ok(mount) = system::cgroup2_root() else {
+            return Ok(None);
+        };
+        let Some(cgroup) = waiting::cgroup_path(spec, &mount).filter(|p| !p.exists()) else {
+            return Ok(None);
+        };
+        registry::options_of(spec, reg.quotas())?;
+        if !spec.netns.exists() {
+            return Err(Error::from(config::Error::InvalidTarget(format!(
+                "network namespace {} does not exist: give the pod's namespace path",
+                spec.netns.display()
+            )))
+            .into());
+        }
+        Ok(Some(cgroup))
+    }
+
+    /// Takes the previous agent's waiting targets over.
+    pub fn restore_waiting(&self, records: Vec<WaitingRecord>) {
+        let Ok(mount) = system::cgroup2_root() else {
+            return;
+        };
+        let reg = self.lock();
+        for r in records {
+            if let Some(cgroup) = waiting::cgroup_path(&r.spec, &mount) {
+                self.waiting().insert(&r.id, &r.spec, cgroup);
+            }
+        }
+        self.save(&reg);
+    }
+
+    /// Attaches the waiting targets whose cgroup has appeared; forgets
+    /// those whose namespace went. The watcher calls it every
+    /// [`waiting::POLL`].
+    pub fn attach_waiting(&self) {
+        if self.waiting().is_empty() {
+            return;
+        }
+        let (ready, gone) = self.waiting().due(Instant::now());
+        if !gone.is_empty() {
+            for id in &gone {
+                info!(id, "waiting target dropped: its network namespace is gone");
+            }
+            self.save(&self.lock());
+        }
+        for (id, spec, cgroup) in ready {
+            let mut reg = self.lock();
+            // Removed or changed since: that request's word stands.
+            if !self.waiting().spec_of(&id).is_some_and(|s| *s == spec) {
+                continue;
+            }
+            self.waiting().remove(&id);
+            match reg.attach(&id, &spec) {
+                Ok(()) => {
+                    info!(id, cgroup = %cgroup.display(), "the target's cgroup appeared: attached")
+                }
+                Err(e) => {
+                    let why = Chain(&e).to_string();
+                    if self.waiting().failed(&id, &spec, cgroup, why.clone()) {
+                        warn!(
+                            "attaching target {id} once its cgroup appeared: {why}; retried every second"
+                        );
+                    }
+                }
+            }
+            self.save(&reg);
+        }
     }
 }
 

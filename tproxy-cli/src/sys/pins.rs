@@ -20,8 +20,6 @@ use std::{
 
 use crate::sys::{Error, Result, bpf};
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Pins the bpf_link `link_id` at `path`: it stays attached until the pin
 /// is removed, whatever happens to this process.
 pub fn pin_link_id(link_id: u32, path: &Path) -> Result<()> {
@@ -57,7 +55,8 @@ pub fn update_link(path: &Path, new_prog: BorrowedFd<'_>) -> io::Result<()> {
 
 /// `path` is on a bpf filesystem.
 pub fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// The source a bpffs mount tproxy makes carries (the first column of

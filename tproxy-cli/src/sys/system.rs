@@ -177,7 +177,8 @@ fn link_type(name: &str) -> Result<u16> {
     let rc = unsafe {
         libc::ioctl(
             std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SIOCGIFHWADDR,
+            // The request's type is glibc's c_ulong but musl's c_int.
+            libc::SIOCGIFHWADDR as libc::Ioctl,
             &mut req,
         )
     };

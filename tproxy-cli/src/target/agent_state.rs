@@ -45,6 +45,14 @@ impl TargetRecord {
     }
 }
 
+/// A target accepted before its cgroup existed, attached once it does
+/// (`agent::waiting`): nothing of it is installed yet.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WaitingRecord {
+    pub id: String,
+    pub spec: TargetSpec,
+}
+
 /// The agent's state file: what the next agent adopts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AgentState {
@@ -52,6 +60,9 @@ pub struct AgentState {
     pub bpffs: PathBuf,
     pub socket: PathBuf,
     pub targets: Vec<TargetRecord>,
+    /// Left out when empty, so earlier agents read the file as ever.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<WaitingRecord>,
 }
 
 pub fn default_state_dir() -> PathBuf {

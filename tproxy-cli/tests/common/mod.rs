@@ -12,6 +12,9 @@ use std::{
 use tproxy_lab::{Logged, Netns, Topology, envoy, sibling_bin, unique};
 
 pub mod agent;
+pub mod daemonset;
+pub mod podman;
+pub mod pods;
 pub mod sandbox;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy");
@@ -301,6 +304,18 @@ pub fn flows(ns: &Netns) -> u64 {
     let out = ns.exec(BIN, &["stats", "--json"]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v[0]["flows"].as_u64().unwrap()
+}
+
+/// The entry of `v["targets"]` (`tproxy stats|status --agent --json`)
+/// whose `key` is `value`.
+#[track_caller]
+pub fn target_by<'a>(v: &'a serde_json::Value, key: &str, value: &str) -> &'a serde_json::Value {
+    v["targets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no targets in {v}"))
+        .iter()
+        .find(|t| t[key] == value)
+        .unwrap_or_else(|| panic!("no target with {key} {value} in {v}"))
 }
 
 pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

@@ -133,7 +133,8 @@ pub struct NetConf {
     /// `false`: pods are skipped unless annotated `tproxy.io/enabled: "true"`.
     #[serde(default)]
     pub enabled: Option<bool>,
-    /// The cgroup for runtimes that do not pass `cgroupPath`.
+    /// The cgroup for runtimes that do not pass `cgroupPath`; `${NAME}`
+    /// stands for the `CNI_ARGS` value NAME (`/kubepods/pod${K8S_POD_UID}`).
     #[serde(default)]
     pub cgroup: Option<String>,
 }
@@ -193,16 +194,20 @@ impl CniEnv {
         })
     }
 
-    /// `K8S_POD_NAMESPACE/K8S_POD_NAME` from `CNI_ARGS`
-    /// (`K=V;K=V…`), or the pod name alone.
-    pub fn pod_name(&self) -> Option<String> {
-        let args: HashMap<&str, &str> = self
-            .args
+    /// `CNI_ARGS` (`K=V;K=V…`) by key.
+    pub fn args(&self) -> HashMap<&str, &str> {
+        self.args
             .as_deref()
             .unwrap_or("")
             .split(';')
             .filter_map(|kv| kv.split_once('='))
-            .collect();
+            .collect()
+    }
+
+    /// `K8S_POD_NAMESPACE/K8S_POD_NAME` from `CNI_ARGS`, or the pod name
+    /// alone.
+    pub fn pod_name(&self) -> Option<String> {
+        let args = self.args();
         match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
             (Some(ns), Some(pod)) => Some(format!("{ns}/{pod}")),
             (None, Some(pod)) => Some(pod.to_string()),
@@ -590,7 +595,14 @@ pub fn target_for(
     let accel = parse_bool_annotation(conf, annotation::ACCEL)?.or(conf.accel);
 
     let given = |p: &Option<String>| p.clone().filter(|p| !p.is_empty());
-    let cgroup = match given(&conf.runtime_config.cgroup_path).or(given(&conf.cgroup)) {
+    // The entry's only when the runtime passes none.
+    let given_cgroup = match given(&conf.runtime_config.cgroup_path) {
+        Some(p) => Some(p),
+        None => given(&conf.cgroup)
+            .map(|c| expand_cni_args(&c, env))
+            .transpose()?,
+    };
+    let cgroup = match given_cgroup {
         // The root ("/" with the cgroupfs driver, "-.slice" with systemd's)
         // holds every process of the node. The agent refuses it whatever
         // the spelling; this names the value the runtime or entry gave.
@@ -627,6 +639,44 @@ pub fn target_for(
         name: env.pod_name(),
         ..TargetSpec::new(netns, ifname)
     }))
+}
+
+/// `template` with each `${NAME}` replaced by the `CNI_ARGS` value NAME:
+/// a pod's cgroup for runtimes that pass its uid but not its cgroup
+/// (podman with `CNI_ARGS=K8S_POD_UID=…`). A value must be one path
+/// component: it cannot lead elsewhere.
+fn expand_cni_args(template: &str, env: &CniEnv) -> Result<String, CniError> {
+    let args = env.args();
+    let bad = |msg: String| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            msg,
+            "have the runtime pass the pod's cgroup (\"capabilities\": {\"cgroupPath\": true}), or the CNI_ARGS the \"cgroup\" of the tproxy-cni entry names",
+        )
+    };
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let Some(end) = rest[at..].find('}') else {
+            return Err(bad(format!("\"cgroup\": {template:?} has an unclosed ${{")));
+        };
+        let name = &rest[at + 2..at + end];
+        let value = args.get(name).ok_or_else(|| {
+            bad(format!(
+                "\"cgroup\": {template:?} names ${{{name}}}, which CNI_ARGS does not have"
+            ))
+        })?;
+        if value.is_empty() || value.contains('/') || *value == "." || *value == ".." {
+            return Err(bad(format!(
+                "\"cgroup\": CNI_ARGS {name}={value:?} is not one path component"
+            )));
+        }
+        out.push_str(value);
+        rest = &rest[at + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// A port list, its error without the command line's hint (`-ports …`):
@@ -844,6 +894,57 @@ mod tests {
         let c = conf(base(json!({"runtimeConfig": {}, "cgroup": "tproxy/pods"})));
         let t = target_for(&env("ADD"), &c, mount()).unwrap().unwrap();
         assert_eq!(t.target.cgroup.as_deref(), Some(Path::new("tproxy/pods")));
+    }
+
+    /// `${NAME}` in the entry's cgroup: from CNI_ARGS, one path component,
+    /// or ADD fails naming it; the runtime's cgroupPath still wins.
+    #[test]
+    fn cgroup_from_config_names_cni_args() {
+        let mut e = env("ADD");
+        e.args = Some("IgnoreUnknown=1;K8S_POD_NAME=web;K8S_POD_UID=1234-ab".into());
+        let entry = |cg: &str| conf(base(json!({"runtimeConfig": {}, "cgroup": cg})));
+        let t = target_for(&e, &entry("/tpx/kubepods/pod${K8S_POD_UID}"), mount())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            t.target.cgroup.as_deref(),
+            Some(Path::new("tpx/kubepods/pod1234-ab"))
+        );
+        let t = target_for(&e, &entry("${K8S_POD_NAME}/${K8S_POD_UID}"), mount())
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.target.cgroup.as_deref(), Some(Path::new("web/1234-ab")));
+        for (cg, args, want) in [
+            (
+                "/pod${K8S_POD_UID}",
+                "K8S_POD_NAME=web",
+                "which CNI_ARGS does not have",
+            ),
+            ("/pod${K8S_POD_UID", "K8S_POD_UID=1", "unclosed"),
+            (
+                "/pod${K8S_POD_UID}",
+                "K8S_POD_UID=../../x",
+                "not one path component",
+            ),
+            (
+                "/pod${K8S_POD_UID}",
+                "K8S_POD_UID=",
+                "not one path component",
+            ),
+        ] {
+            e.args = Some(args.into());
+            let err = target_for(&e, &entry(cg), mount()).unwrap_err();
+            assert_eq!(err.code, code::INVALID_CONFIG, "{cg} {args}");
+            assert!(err.msg.contains(want), "{cg} {args}: {err:?}");
+            assert!(err.details.contains("cgroupPath"), "{err:?}");
+        }
+        let c = conf(base(json!({"cgroup": "/pod${K8S_POD_UID}"})));
+        let t = target_for(&e, &c, mount()).unwrap().unwrap();
+        assert_eq!(
+            t.target.cgroup.as_deref(),
+            Some(Path::new("kubepods/besteffort/pod1")),
+            "runtimeConfig.cgroupPath wins, the entry's template unread"
+        );
     }
 
     #[test]
