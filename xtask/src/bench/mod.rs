@@ -106,6 +106,10 @@ pub struct Opts {
     /// Envoy's worker threads (--concurrency), recorded in the results.
     #[arg(long, default_value_t = DEFAULT_ENVOY_WORKERS)]
     pub envoy_workers: u32,
+    /// HAProxy with its default buffers (16 KiB), as an operator's own
+    /// config has them, instead of the shipped config's tune.bufsize.
+    #[arg(long)]
+    pub haproxy_default_buffers: bool,
     /// Measure this tproxy binary instead of the one built from this tree
     /// (a before/after comparison under the same harness and workload).
     #[arg(long)]
@@ -182,7 +186,8 @@ impl Dest {
             && plan.seconds == DEFAULT_SECONDS
             && plan.setups == Setup::ALL
             && plan.sizes == SIZES_FULL
-            && opts.envoy_workers == DEFAULT_ENVOY_WORKERS;
+            && opts.envoy_workers == DEFAULT_ENVOY_WORKERS
+            && !opts.haproxy_default_buffers;
         match &opts.out {
             Some(out) => Dest::Experiment { out: out.clone() },
             None if defaults => Dest::Current { root },
@@ -750,6 +755,7 @@ fn start_servers(
     cpu: Option<usize>,
     proxy: Proxy,
     envoy_workers: u32,
+    haproxy_default_buffers: bool,
 ) -> Result<Servers> {
     let cg = Some(&lab.cgroup);
     let cmd =
@@ -779,6 +785,9 @@ fn start_servers(
             let cfg: String = std::fs::read_to_string(&example)?
                 .lines()
                 .filter(|l| !l.trim_start().starts_with("log"))
+                .filter(|l| {
+                    !(haproxy_default_buffers && l.trim_start().starts_with("tune.bufsize"))
+                })
                 .map(|l| format!("{l}\n"))
                 .collect();
             let cfg_path = out.join("haproxy-bench.cfg");
@@ -950,7 +959,15 @@ pub fn run(opts: Opts) -> Result<()> {
             std::env::temp_dir().join(format!("tproxy-bench-wrk-{}.lua", std::process::id()));
         std::fs::write(&wrk_script, WRK_SCRIPT)?;
         eprintln!("bench: {} ({})", proxy.name(), dir.display());
-        let servers = start_servers(&lab, &bin_dir, &dir, pin.server, proxy, opts.envoy_workers)?;
+        let servers = start_servers(
+            &lab,
+            &bin_dir,
+            &dir,
+            pin.server,
+            proxy,
+            opts.envoy_workers,
+            opts.haproxy_default_buffers,
+        )?;
 
         // iperf3 sizes, latency, loopback, HTTP, conn rate
         let per_setup = sizes.len() as u64 + 4;
@@ -1018,6 +1035,12 @@ pub fn run(opts: Opts) -> Result<()> {
             }
             Proxy::Haproxy => {
                 env["proxy_version"] = environment_line("haproxy", &["-v"]).into();
+                env["haproxy_bufsize"] = if opts.haproxy_default_buffers {
+                    "default (16384)"
+                } else {
+                    "the shipped config's"
+                }
+                .into();
             }
         }
         env["wrk"] = environment_line("wrk", &["-v"]).into();
