@@ -135,6 +135,16 @@ fn documented(s: &str, plain: &Seen, accel: &Seen) -> Option<Result<(), String>>
                     .any(|got| accel.client.ends_with(got)),
             "the urgent byte inline",
         ),
+        // The client's urgent byte meets the proxy, not the app: ours and
+        // Envoy drop it from the stream, HAProxy at times resets both ends;
+        // either way, with acceleration or not.
+        "r-oobinline" => check(
+            a[0] == p[0]
+                && ["2:\"xz\"", "1:\"x\"", "ECONNRESET", "0:\"\""]
+                    .iter()
+                    .any(|got| accel.app.ends_with(got)),
+            "what the proxy made of urgent data",
+        ),
         _ => return None,
     })
 }

@@ -36,6 +36,10 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("r-read-then-waitall", "plain reads first, then MSG_WAITALL"),
     ("r-peek", "MSG_PEEK, then a read"),
     ("r-oob", "recv(MSG_OOB) with no urgent data, then a read"),
+    (
+        "r-oobinline",
+        "SO_OOBINLINE, with the client sending x, MSG_OOB Y, z",
+    ),
     ("r-trunc", "recv(MSG_TRUNC) discards, then a read"),
     (
         "r-splice",
@@ -393,6 +397,14 @@ fn app_side(scenario: &str, s: TcpStream) -> String {
             pause(50);
             o.push(show(&recv(&s, 1, libc::MSG_OOB)));
             o.push(show(&recv(&s, 64, 0)));
+        }
+        "r-oobinline" => {
+            o.push(format!(
+                "{:?}",
+                setsockopt_int(&s, libc::SOL_SOCKET, libc::SO_OOBINLINE, 1)
+            ));
+            let _ = send(&s, b"R", 0);
+            o.push(show(&read_to_end(&s)));
         }
         "r-trunc" => {
             readable(&s);
@@ -1056,6 +1068,12 @@ fn client(scenario: &str, s: TcpStream) -> String {
         }
         "r-shut-rd" => {
             let _ = w.write_all(b"hello");
+        }
+        "r-oobinline" => {
+            wait_r(&s);
+            let _ = send(&s, b"x", 0);
+            let _ = send(&s, b"Y", libc::MSG_OOB);
+            let _ = send(&s, b"z", 0);
         }
         "r-io-uring" => {
             for part in [&b"hello"[..], b"world"] {
