@@ -56,8 +56,9 @@ fn try_recv_length(ctx: &RawTracePointContext) -> Result<(), ()> {
     if flags & ODD_READ != 0 {
         // A read the fast path cannot honour (tcp_bpf_recvmsg returns what
         // is queued for MSG_WAITALL, copies for MSG_TRUNC, reads data for
-        // MSG_OOB): the pair leaves it before this reader's next read
-        // (sk_msg.rs), whatever this one returned.
+        // MSG_OOB): its peer sends by TCP from its next send on, and the
+        // pair retires (sk_msg.rs), whatever this one returned. Bytes
+        // redirected before are still read the fast path's way.
         if let Some(st) = SOCKS.get_ptr_mut(&sk) {
             // SAFETY: a live entry; one byte, stored whole.
             unsafe { write_volatile(&raw mut (*st).api[sock_api::OFF_ODD_READ], 1) };
