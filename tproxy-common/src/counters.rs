@@ -163,8 +163,8 @@ counters! {
     /// TCP_ULP; tproxy-ebpf/src/setsockopt.rs).
     AccelApiNoted => "accel_api_noted",
     /// Pairs that left the fast path because one end used an API it cannot
-    /// honour (a noted option, a MSG_WAITALL, MSG_TRUNC or MSG_OOB read,
-    /// or its own half-close; `sock_api`).
+    /// honour (a noted option, a MSG_WAITALL, MSG_TRUNC or MSG_OOB read),
+    /// or sent its FIN: a shutdown(SHUT_WR), and every close (`sock_api`).
     AccelApiRetired => "accel_api_retired",
     /// Sockets not accelerated because an option they inherited or set
     /// before they were established is one the fast path cannot honour.
