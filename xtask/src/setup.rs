@@ -40,8 +40,9 @@ pub const PACKAGES: &[&str] = &[
     "python3-venv",
     "python3-pip",
     // deploy/install-cni.sh runs in the image with busybox's sh and awk
-    // in mind: its test runs it under busybox too.
-    "busybox",
+    // in mind: its test runs it under busybox too. The static build, which
+    // virtme-ng's guest init needs as well (it replaces `busybox`).
+    "busybox-static",
     // The CNI tests chain tproxy-cni after the reference plugins
     // (/usr/lib/cni/bridge, host-local) exactly as a container runtime does.
     "containernetworking-plugins",
@@ -81,6 +82,13 @@ fn missing_packages() -> Vec<&'static str> {
         .copied()
         .filter(|p| !installed.iter().any(|i| i == p))
         .collect()
+}
+
+fn package_installed(p: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Abbrev}", p])
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"ii "))
 }
 
 fn apt_install(pkgs: &[&str]) -> Result<()> {
@@ -174,7 +182,13 @@ pub fn run() -> Result<()> {
     let t0 = Instant::now();
     let mut changed = Vec::new();
 
-    let missing = missing_packages();
+    let mut missing = missing_packages();
+    missing.extend(
+        crate::kernels::PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !package_installed(p)),
+    );
     if !missing.is_empty() {
         apt_install(&missing)?;
         changed.push(format!("apt: {}", missing.join(" ")));
@@ -233,6 +247,23 @@ pub fn run() -> Result<()> {
             bin.display(),
             envoy::version(&bin)?
         ));
+    }
+
+    // The kernel matrix: virtme-ng, and Debian's kernels for the guests.
+    if !crate::kernels::vng_installed() {
+        eprintln!(
+            "setup: installing virtme-ng=={} into {}",
+            crate::kernels::VNG_VERSION,
+            crate::kernels::VNG_PREFIX
+        );
+        crate::kernels::install_vng()?;
+        changed.push(format!("pip: virtme-ng=={}", crate::kernels::VNG_VERSION));
+    }
+    for k in crate::kernels::KERNELS {
+        if crate::kernels::installed(*k).is_none() {
+            let pkg = crate::kernels::install(*k)?;
+            changed.push(format!("apt: {pkg} (the {} guest)", k.name));
+        }
     }
 
     // kubernetes-validate (pinned) for the manifests' offline schema test.
