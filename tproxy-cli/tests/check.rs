@@ -502,3 +502,66 @@ fn record_path(ns: &Netns) -> std::path::PathBuf {
 fn record(ns: &Netns) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(record_path(ns)).unwrap()).unwrap()
 }
+
+/// Whatever the kernel, `tproxy check` and a run agree: where check finds a
+/// kernel need missing, the run refuses with one line that names a missing
+/// need and its fix, and attaches nothing; where none is missing, the same
+/// run attaches and serves, and SIGTERM removes it all. With acceleration
+/// and without. The kernel matrix runs this on every kernel: on 5.10 the
+/// refusal is what it tests, elsewhere the run.
+#[test]
+fn the_kernels_needs_decide_between_a_run_and_a_one_line_refusal() {
+    for accel in [false, true] {
+        let sb = sandbox();
+        let _proxy = listen(&sb, 15006);
+        let cg = sb.cg();
+        let mode: &[&str] = if accel { &[] } else { &["--no-accel"] };
+        let mut args = vec!["-i", "eth0", "--cgroup", &cg];
+        args.extend_from_slice(mode);
+        let (_, items, _) = check_json(&mut check_cmd(&sb, &args));
+        assert_well_formed(&items);
+        let missing: Vec<&serde_json::Value> = failed(&items);
+        let tc = sb.tc_listing();
+        if missing.is_empty() {
+            let t = sb.start(mode);
+            assert_ne!(
+                kernel::cgroup_programs(sb.cgroup.path()).unwrap(),
+                vec![],
+                "accel {accel}: check passed, the run attached nothing"
+            );
+            let (st, log) = t.terminate().unwrap();
+            assert!(st.success(), "accel {accel}: {log}");
+            assert_nothing_attached(&sb, &tc);
+            continue;
+        }
+        let out = sb.command(mode).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "accel {accel}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "accel {accel}: {err}");
+        // The line names one of the needs check found missing (by the
+        // helpers, program or tracepoint it lists, or the kernel's version)
+        // and what to do.
+        let named = missing.iter().any(|i| {
+            let detail = i["detail"].as_str().unwrap_or("");
+            let name = i["name"].as_str().unwrap_or("");
+            detail
+                .split([' ', ',', ';'])
+                .filter(|w| w.starts_with("bpf_") || w.starts_with("sock_"))
+                .any(|w| lines[0].contains(w))
+                || lines[0].contains(name)
+                || (name == "kernel" && lines[0].contains("Linux"))
+        });
+        assert!(
+            named,
+            "accel {accel}: {:?} names none of {missing:#?}",
+            lines[0]
+        );
+        assert!(
+            lines[0].contains("Linux") || lines[0].contains("--no-accel"),
+            "accel {accel}: no fix in {:?}",
+            lines[0]
+        );
+        assert_nothing_attached(&sb, &tc);
+    }
+}

@@ -493,3 +493,35 @@ pub fn connect_from(
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     Ok(s)
 }
+
+/// What this kernel offers tproxy, as `tproxy check` probes it (cached):
+/// tests follow it rather than this machine's kernel.
+pub struct KernelCaps {
+    /// TCX links (else tproxy's `auto` tc mode uses netlink filters).
+    pub tcx: bool,
+}
+
+pub fn kernel_caps() -> &'static KernelCaps {
+    static CAPS: std::sync::OnceLock<KernelCaps> = std::sync::OnceLock::new();
+    CAPS.get_or_init(|| {
+        let out = std::process::Command::new(BIN)
+            .args(["check", "--json", "--no-accel"])
+            .output()
+            .expect("tproxy check");
+        let items: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "tproxy check --json: {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let tc = items
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == "tc attach"))
+            .and_then(|i| i["detail"].as_str())
+            .expect("a tc attach line")
+            .to_string();
+        KernelCaps {
+            tcx: tc.starts_with("TCX"),
+        }
+    })
+}
