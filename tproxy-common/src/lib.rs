@@ -37,7 +37,7 @@ pub mod target;
 pub use counters::*;
 pub use flow::*;
 pub use identity::*;
-pub use names::{MULTI_TARGET_GLOBAL, PID_TGID_GLOBAL};
+pub use names::{MULTI_TARGET_GLOBAL, PID_TGID_GLOBAL, SOCKOPS_CGROUP_GLOBAL};
 pub use sock::*;
 pub use target::*;
 

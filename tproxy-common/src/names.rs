@@ -29,6 +29,10 @@ pub const UPSTREAM_FLOWS: &str = "UPSTREAM_FLOWS";
 /// bpf_get_current_pid_tgid (Linux >= 6.10): the link from a steered flow to
 /// the proxy's upstream socket (`tproxy flows`).
 pub const PID_TGID_GLOBAL: &str = "TPROXY_PID_TGID";
+/// Read-only global: 1 when sock_ops programs may call
+/// bpf_get_current_ancestor_cgroup_id (Linux 6.4); 0: sockops walks the
+/// calling task's cgroups itself (`NodeConfig::task_cgroups_offset`…).
+pub const SOCKOPS_CGROUP_GLOBAL: &str = "TPROXY_SOCKOPS_CGROUP";
 
 pub const PROG_STEER: &str = "tproxy_steer";
 pub const PROG_RESTORE: &str = "tproxy_restore";

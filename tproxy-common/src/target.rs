@@ -182,6 +182,18 @@ pub struct NodeConfig {
     /// TCP has been read); 0 if unknown.
     pub tcp_write_seq_offset: u32,
     pub tcp_copied_seq_offset: u32,
+    /// Where sockops finds the calling process's cgroup on a kernel whose
+    /// sock_ops programs may not call bpf_get_current_ancestor_cgroup_id
+    /// (before 6.4): offsets (from BTF) of `task_struct.cgroups`,
+    /// `css_set.dfl_cgrp`, `cgroup.level`, `cgroup.ancestors`,
+    /// `cgroup.kn` and `kernfs_node.id`, the helper's own walk. 0 where
+    /// the helper is used (or BTF lacks one: no caller is the proxy).
+    pub task_cgroups_offset: u32,
+    pub css_set_dfl_cgrp_offset: u32,
+    pub cgroup_level_offset: u32,
+    pub cgroup_ancestors_offset: u32,
+    pub cgroup_kn_offset: u32,
+    pub kernfs_node_id_offset: u32,
 }
 
 /// `NodeConfig::flags` bits.
@@ -251,7 +263,8 @@ const _: () = {
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
-    assert!(size_of::<NodeConfig>() == 32);
+    assert!(size_of::<NodeConfig>() == 56);
+    assert!(offset_of!(NodeConfig, kernfs_node_id_offset) == 52);
     assert!(offset_of!(NodeConfig, tcp_write_seq_offset) == 24);
     assert!(offset_of!(NodeConfig, single_netns_cookie) == 16);
     assert!(size_of::<TargetAddr>() == 24);

@@ -10,14 +10,17 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock, bpf_sock_ops, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_probe_read_kernel,
+        bpf_sk_lookup_tcp, bpf_sk_release,
+    },
     programs::{SockOpsContext, TcContext},
 };
 use tproxy_common::{AF_INET, AF_INET6, Config, ListenerKey};
 
 use crate::{
     atomic,
-    maps::{PRIOR_LISTENERS, PROXY_LISTENERS},
+    maps::{NODE, PRIOR_LISTENERS, PROXY_LISTENERS},
     packet::Tcp,
 };
 
@@ -51,13 +54,69 @@ pub fn caller_is_proxy(cfg: &Config) -> bool {
     id == cfg.proxy_cgroup_id
 }
 
+/// 1 when sock_ops programs may call bpf_get_current_ancestor_cgroup_id
+/// (Linux 6.4), set by the loader (`SOCKOPS_CGROUP_GLOBAL`). Read-only
+/// data: where it is 0 the verifier never sees that call.
+#[unsafe(no_mangle)]
+static TPROXY_SOCKOPS_CGROUP: u8 = 0;
+
+/// `caller_is_proxy` for sockops (TCP_CONNECT_CB, TCP_LISTEN_CB: the
+/// calling process's context). Before 6.4 sock_ops may not call the
+/// helper; it may read kernel memory (CAP_PERFMON), so it walks what the
+/// helper walks: current->cgroups->dfl_cgrp, its ancestor at the proxy's
+/// level, that cgroup's kernfs node id. Offsets come from the kernel's
+/// BTF; any read that fails, or an offset BTF did not give, is "not the
+/// proxy" (fail closed).
+#[inline(always)]
+pub fn sockops_caller_is_proxy(cfg: &Config) -> bool {
+    if cfg.proxy_cgroup_id == 0 {
+        return true;
+    }
+    // SAFETY: a plain read of our own global.
+    if unsafe { core::ptr::read_volatile(&TPROXY_SOCKOPS_CGROUP) } != 0 {
+        return caller_is_proxy(cfg);
+    }
+    current_ancestor_cgroup_id(cfg.proxy_cgroup_level) == Some(cfg.proxy_cgroup_id)
+}
+
+#[inline(always)]
+fn read_u64(addr: u64) -> Option<u64> {
+    // SAFETY: the helper checks the read; a bad address is an error.
+    unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok()
+}
+
+/// The kernel's `__bpf_get_ancestor_cgroup_id(task_dfl_cgroup(current),
+/// level)`, by hand.
+#[inline(always)]
+fn current_ancestor_cgroup_id(level: u32) -> Option<u64> {
+    let n = NODE.get(0)?;
+    if n.task_cgroups_offset == 0 || n.kernfs_node_id_offset == 0 {
+        return None;
+    }
+    // SAFETY: no arguments; the current task, read only through the helper.
+    let task = unsafe { bpf_get_current_task() };
+    let cset = read_u64(task + u64::from(n.task_cgroups_offset))?;
+    let cgrp = read_u64(cset + u64::from(n.css_set_dfl_cgrp_offset))?;
+    // SAFETY: as read_u64; `level` is an int.
+    let own =
+        unsafe { bpf_probe_read_kernel((cgrp + u64::from(n.cgroup_level_offset)) as *const i32) }
+            .ok()?;
+    // cgroup_ancestor(): none past the cgroup's own level.
+    if own < 0 || level > own as u32 || level > 255 {
+        return None;
+    }
+    let anc = read_u64(cgrp + u64::from(n.cgroup_ancestors_offset) + 8 * u64::from(level))?;
+    let kn = read_u64(anc + u64::from(n.cgroup_kn_offset))?;
+    read_u64(kn + u64::from(n.kernfs_node_id_offset))
+}
+
 /// sockops, TCP_LISTEN_CB (in the listening process): a proxy socket
 /// starting to listen is counted in `PROXY_LISTENERS` (on any port: the
 /// proxy port may change in place later), and asks for state callbacks to
 /// be uncounted when it closes.
 #[inline(always)]
 pub fn listening(ctx: &SockOpsContext, cfg: &Config, cookie: u64) {
-    if !caller_is_proxy(cfg) {
+    if !sockops_caller_is_proxy(cfg) {
         return;
     }
     let key = listener_key(ctx, cookie);

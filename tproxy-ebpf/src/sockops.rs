@@ -85,7 +85,7 @@ fn try_sockops<const ACCEL: bool>(ctx: &SockOpsContext) -> Result<(), ()> {
             if let Some(t) = target
                 && ACCEL
                 && t.config.flags & flags::ACCEL != 0
-                && identity::caller_is_proxy(&t.config)
+                && identity::sockops_caller_is_proxy(&t.config)
             {
                 // SAFETY: the helper takes this program's own context.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };

@@ -143,6 +143,25 @@ pub fn tcp_seq_offsets() -> (u32, u32) {
         .unwrap_or((0, 0))
 }
 
+/// The walk sockops does for the calling process's cgroup where sock_ops
+/// may not call bpf_get_current_ancestor_cgroup_id (before Linux 6.4):
+/// offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.level`,
+/// `cgroup.ancestors` (6.0's array of pointers), `cgroup.kn` and
+/// `kernfs_node.id`. None without BTF or if one is missing.
+pub fn task_cgroup_offsets() -> Option<[u32; 6]> {
+    let btf = std::fs::read(VMLINUX).ok()?;
+    Some([
+        member_offset(&btf, "task_struct", "cgroups")?,
+        member_offset(&btf, "css_set", "dfl_cgrp")?,
+        member_offset(&btf, "cgroup", "level")?,
+        member_offset(&btf, "cgroup", "ancestors")?,
+        member_offset(&btf, "cgroup", "kn")?,
+        member_offset(&btf, "kernfs_node", "id")?,
+    ])
+    // Offset 0 means "unknown" to the eBPF side; none of these is first.
+    .filter(|o| o.iter().all(|&v| v != 0))
+}
+
 /// Offsets of `nd_net` in `struct net_device` and of `net_cookie` in
 /// `struct net`, if `dev` is where the tc programs expect it in `struct
 /// sk_buff` (the third word); None otherwise (or without BTF).
@@ -168,6 +187,15 @@ mod tests {
         assert!(write > 1024 && copied > 1024, "{write} {copied}");
         assert_ne!(write, copied);
         eprintln!("tcp_sock.write_seq at {write}, copied_seq at {copied}");
+    }
+
+    #[test]
+    fn finds_the_task_cgroup_walk_in_the_running_kernel() {
+        let o = task_cgroup_offsets().expect("this machine's BTF has them");
+        // kernfs_node.id and cgroup.level are small structs' early words;
+        // task_struct.cgroups is deep in a large struct.
+        assert!(o[0] > 1000, "{o:?}");
+        assert!(o.iter().all(|&v| v % 4 == 0), "{o:?}");
     }
 
     #[test]

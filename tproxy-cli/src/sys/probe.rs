@@ -29,6 +29,54 @@ pub enum Feature {
     Helper(ProgramType, BpfHelper),
     /// The `sock_recv_length` tracepoint (Linux 6.3).
     RecvTracepoint,
+    /// The calling process's cgroup in sock_ops programs: the helper
+    /// (Linux 6.4), or bpf_get_current_task and BTF for the walk.
+    SockopsCaller,
+}
+
+/// Helpers a program calls only where a read-only global says the kernel
+/// has them (the verifier never sees the call elsewhere): not needs.
+/// pid_tgid in sock_ops and cgroup/getsockopt (6.10: `tproxy flows`'
+/// upstream link); the cgroup helper in sock_ops (6.4), which
+/// [`Feature::SockopsCaller`] stands for with the walk it falls back to.
+const GATED: &[(ProgramType, BpfHelper)] = &[
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_get_current_pid_tgid,
+    ),
+    (
+        ProgramType::CgroupSockopt,
+        BpfHelper::BPF_FUNC_get_current_pid_tgid,
+    ),
+    (
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id,
+    ),
+    (ProgramType::SockOps, BpfHelper::BPF_FUNC_get_current_task),
+];
+
+fn has_helper(t: ProgramType, h: BpfHelper) -> bool {
+    sys::is_helper_supported(t, h).unwrap_or(false)
+}
+
+/// Whether sockops and cgroup/getsockopt may both call
+/// bpf_get_current_pid_tgid (Linux 6.10).
+pub fn pid_tgid_everywhere() -> bool {
+    has_helper(
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_get_current_pid_tgid,
+    ) && has_helper(
+        ProgramType::CgroupSockopt,
+        BpfHelper::BPF_FUNC_get_current_pid_tgid,
+    )
+}
+
+/// Whether sock_ops may call bpf_get_current_ancestor_cgroup_id (6.4).
+pub fn sockops_has_cgroup_helper() -> bool {
+    has_helper(
+        ProgramType::SockOps,
+        BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id,
+    )
 }
 
 /// A feature, its name in messages, and whether only acceleration needs it.
@@ -137,7 +185,7 @@ fn helper_needs(accel: bool) -> Vec<(ProgramType, BpfHelper)> {
     for (name, ids) in helpers_called(crate::sys::object::EBPF_OBJECT, &names) {
         let t = progs.iter().find(|(n, _)| *n == name).expect("asked for").1;
         for h in ids.into_iter().filter_map(helper) {
-            if !out.contains(&(t, h)) {
+            if !out.contains(&(t, h)) && !GATED.contains(&(t, h)) {
                 out.push((t, h));
             }
         }
@@ -172,6 +220,11 @@ pub fn needs(accel: bool) -> Vec<Need> {
         need(Map(MapType::LruHash), "LRU hash maps", false),
         need(Map(MapType::SockHash), "SOCKHASH maps", false),
         need(Map(MapType::RingBuf), "ring buffer maps", false),
+        need(
+            Feature::SockopsCaller,
+            "the caller's cgroup in sock_ops programs",
+            false,
+        ),
     ];
     if accel {
         v.extend([
@@ -255,6 +308,10 @@ pub fn probe(feature: Feature) -> Result<bool, String> {
         Feature::Program(t) => sys::is_program_supported(t).map_err(|e| Chain(&e).to_string()),
         Feature::Map(t) => sys::is_map_supported(t).map_err(|e| Chain(&e).to_string()),
         Feature::Helper(t, h) => sys::is_helper_supported(t, h).map_err(|e| Chain(&e).to_string()),
+        Feature::SockopsCaller => Ok(sockops_has_cgroup_helper()
+            || (has_helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_current_task)
+                && has_helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_probe_read_kernel)
+                && crate::sys::btf::task_cgroup_offsets().is_some())),
         Feature::RecvTracepoint => {
             let name = names::RECV_TRACEPOINT;
             tracepoint_verdict(tracepoint_in_btf(name), tracepoint_in_tracefs("sock", name))

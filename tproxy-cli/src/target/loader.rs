@@ -274,10 +274,25 @@ impl Loaded {
         } else {
             0
         };
-        // bpf_get_current_pid_tgid in sockops and cgroup/getsockopt: 6.10.
-        let pid_tgid: u8 = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 10, 0))
-            .into();
+        // bpf_get_current_pid_tgid in sockops and cgroup/getsockopt
+        // (6.10), probed: where it is missing the calls are dead code.
+        let pid_tgid: u8 = crate::sys::probe::pid_tgid_everywhere().into();
+        // bpf_get_current_ancestor_cgroup_id in sock_ops (6.4); before,
+        // sockops walks the task's cgroups with offsets from BTF.
+        let sockops_cgroup: u8 = crate::sys::probe::sockops_has_cgroup_helper().into();
+        if sockops_cgroup == 0 {
+            let o = crate::sys::btf::task_cgroup_offsets().ok_or_else(|| {
+                crate::sys::Error::KernelLacks(
+                    "bpf_get_current_ancestor_cgroup_id in sock_ops programs (Linux >= 6.4), or BTF for the task's cgroups to read the caller's cgroup without it".into(),
+                )
+            })?;
+            node.task_cgroups_offset = o[0];
+            node.css_set_dfl_cgrp_offset = o[1];
+            node.cgroup_level_offset = o[2];
+            node.cgroup_ancestors_offset = o[3];
+            node.cgroup_kn_offset = o[4];
+            node.kernfs_node_id_offset = o[5];
+        }
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::TARGETS, max_targets)
@@ -290,7 +305,8 @@ impl Loaded {
             .map_max_entries(names::FLOWS_IN_USE, max_targets + 1)
             .map_max_entries(names::SOCKS_IN_USE, max_targets + 1)
             .override_global(tproxy_common::MULTI_TARGET_GLOBAL, &multi, true)
-            .override_global(tproxy_common::PID_TGID_GLOBAL, &pid_tgid, true);
+            .override_global(tproxy_common::PID_TGID_GLOBAL, &pid_tgid, true)
+            .override_global(tproxy_common::SOCKOPS_CGROUP_GLOBAL, &sockops_cgroup, true);
         for (name, size) in [
             (names::FLOWS, o.sizes.flows),
             (names::SYNS, o.sizes.syns),
