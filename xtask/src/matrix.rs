@@ -17,8 +17,6 @@ use serde::{Deserialize, Serialize};
 /// What a column needs from the kernel.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Need {
-    /// Every need of `--no-accel`.
-    Steering,
     /// Every need of acceleration too.
     Accel,
     /// Nothing: the test applies to every kernel.
@@ -40,6 +38,11 @@ pub enum Choice {
     ReadHook,
 }
 
+/// A column of the table. Every column but the refusal test needs
+/// acceleration: the lab runs tproxy as users do, accelerated (the
+/// default), so on a kernel with steering but no read hook its tests
+/// would not start; each is then listed as not applicable with the
+/// reason, rather than run with `--no-accel`.
 pub struct Column {
     pub key: &'static str,
     pub title: &'static str,
@@ -70,7 +73,7 @@ pub const COLUMNS: &[Column] = &[
     Column {
         key: "rewrite",
         title: "rewrite back-end",
-        need: Need::Steering,
+        need: Need::Accel,
         follows: &[Choice::Tc],
         tests: &[
             ("ingress", "rewrite_through_our_proxy"),
@@ -89,7 +92,7 @@ pub const COLUMNS: &[Column] = &[
     Column {
         key: "tproxy",
         title: "tproxy back-end",
-        need: Need::Steering,
+        need: Need::Accel,
         follows: &[Choice::Tc],
         tests: &[
             ("ingress", "tproxy_through_our_proxy"),
@@ -109,7 +112,6 @@ pub const COLUMNS: &[Column] = &[
     Column {
         key: "tc",
         title: "tc attach (TCX or netlink)",
-        // Its tests attach everything, acceleration included.
         need: Need::Accel,
         follows: &[Choice::Tc],
         tests: &[
@@ -150,7 +152,7 @@ pub const COLUMNS: &[Column] = &[
     Column {
         key: "origdst",
         title: "original destination v4/v6",
-        need: Need::Steering,
+        need: Need::Accel,
         follows: &[],
         tests: &[
             ("fail_closed", "only_the_proxy_learns_original_destinations"),
@@ -162,7 +164,7 @@ pub const COLUMNS: &[Column] = &[
     Column {
         key: "failclosed",
         title: "fail closed",
-        need: Need::Steering,
+        need: Need::Accel,
         follows: &[],
         tests: &[
             (
@@ -260,7 +262,7 @@ pub const COLUMNS: &[Column] = &[
     Column {
         key: "agent",
         title: "agent",
-        need: Need::Steering,
+        need: Need::Accel,
         follows: &[Choice::Tc, Choice::ReadHook],
         tests: &[
             (
@@ -349,7 +351,7 @@ pub const COLUMNS: &[Column] = &[
     Column {
         key: "cni",
         title: "CNI",
-        need: Need::Steering,
+        need: Need::Accel,
         follows: &[],
         tests: &[
             ("sim_node", "one_agent_serves_the_pods_tproxy_cni_registers"),
@@ -395,7 +397,6 @@ impl Caps {
     pub fn lacks(&self, need: Need) -> Option<&str> {
         match need {
             Need::Nothing => None,
-            Need::Steering => self.steering_missing.as_deref(),
             Need::Accel => self
                 .steering_missing
                 .as_deref()
