@@ -41,9 +41,9 @@ pub fn run(args: &Settings) -> Result<()> {
     let state_dir = args.state_dir.clone();
 
     system::check_privileges_for(true)?;
-    system::check_kernel_version()?;
     system::check_btf()?;
     crate::sys::probe::check(true)?;
+    system::check_kernel_version()?;
     let lock = try_lock(&state_dir)?.ok_or_else(|| crate::target::Error::AgentRunning {
         dir: state_dir.clone(),
         pid: read_state(&state_dir).map_or(0, |s| s.pid),

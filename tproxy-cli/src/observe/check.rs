@@ -227,14 +227,17 @@ fn feature_items(probed: &[(Need, Result<bool, String>)]) -> Vec<Item> {
                 need,
                 r,
             )),
-            Feature::SockopsCaller if *r == Ok(true) => items.push(Item::pass(
-                need.name.clone(),
-                if probe::sockops_has_cgroup_helper() {
-                    "bpf_get_current_ancestor_cgroup_id (probed)"
-                } else {
-                    "read through the task's cgroups with offsets from BTF (probed; the helper is Linux >= 6.4)"
-                },
-            )),
+            Feature::SockopsCaller => items.push(match r {
+                Ok(true) => Item::pass(
+                    "sock_ops caller's cgroup",
+                    if probe::sockops_has_cgroup_helper() {
+                        "bpf_get_current_ancestor_cgroup_id (probed)"
+                    } else {
+                        "read through the task's cgroups with offsets from BTF (probed; the helper is Linux >= 6.4)"
+                    },
+                ),
+                _ => feature_item("sock_ops caller's cgroup".into(), need, r),
+            }),
             _ => items.push(feature_item(need.name.clone(), need, r)),
         }
     }

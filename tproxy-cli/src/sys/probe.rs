@@ -220,11 +220,6 @@ pub fn needs(accel: bool) -> Vec<Need> {
         need(Map(MapType::LruHash), "LRU hash maps", false),
         need(Map(MapType::SockHash), "SOCKHASH maps", false),
         need(Map(MapType::RingBuf), "ring buffer maps", false),
-        need(
-            Feature::SockopsCaller,
-            "the caller's cgroup in sock_ops programs",
-            false,
-        ),
     ];
     if accel {
         v.extend([
@@ -253,6 +248,14 @@ pub fn needs(accel: bool) -> Vec<Need> {
             accel && !base.contains(&(t, h)),
         ));
     }
+    v.push(need(
+        Feature::SockopsCaller,
+        "the caller's cgroup in sock_ops programs (bpf_get_current_ancestor_cgroup_id, Linux >= 6.4, or BTF for the task's cgroups, Linux >= 6.0)",
+        false,
+    ));
+    // What steering needs first: a kernel that lacks one of those is told
+    // so, not sent to --no-accel first.
+    v.sort_by_key(|n| n.accel_only);
     v
 }
 

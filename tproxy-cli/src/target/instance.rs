@@ -43,9 +43,11 @@ impl Instance {
     pub fn start(opts: &Options) -> Result<Instance> {
         opts.validate()?;
         system::check_privileges_for(opts.accel)?;
-        system::check_kernel_version()?;
         system::check_btf()?;
+        // Probed needs first: a kernel that lacks one is told which; the
+        // version line is only the floor tproxy was tested on.
         crate::sys::probe::check(opts.accel)?;
+        system::check_kernel_version()?;
         let probed = Probed::here(&opts.iface, opts.tc_mode)?;
         let system::CgroupDir {
             path: cgroup,
