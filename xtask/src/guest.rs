@@ -26,6 +26,8 @@ pub struct Job {
     pub depth: Depth,
     /// The kernels run before this one in this run, the host first.
     pub seen: Vec<Caps>,
+    /// Only these columns (keys), if any.
+    pub only: Vec<String>,
     /// Test binary name → its executable.
     pub bins: BTreeMap<String, PathBuf>,
     pub tproxy: PathBuf,
@@ -76,7 +78,13 @@ pub fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
 
 /// Boots the kernel, runs its part of the suite, returns its row. The
 /// guest is killed (its process group) past `limit`.
-pub fn run(k: Kernel, depth: Depth, seen: &[Caps], limit: Duration) -> Result<Row> {
+pub fn run(
+    k: Kernel,
+    depth: Depth,
+    seen: &[Caps],
+    only: &[String],
+    limit: Duration,
+) -> Result<Row> {
     let (vmlinuz, release) = kernels::installed(k).with_context(|| {
         format!(
             "the {} kernel is not installed: run `cargo xtask setup`",
@@ -89,6 +97,7 @@ pub fn run(k: Kernel, depth: Depth, seen: &[Caps], limit: Duration) -> Result<Ro
         kernel: k.name.to_string(),
         depth,
         seen: seen.to_vec(),
+        only: only.to_vec(),
         bins,
         tproxy: crate::target_dir().join("debug/tproxy"),
         cwd: root.join("tproxy-cli"),
@@ -198,7 +207,7 @@ pub fn suite(job_file: &Path) -> Result<()> {
         caps.tc,
         caps.read_hook
     );
-    let plan = matrix::plan(&caps, &job.seen, job.depth);
+    let plan = matrix::plan(&caps, &job.seen, job.depth, &job.only);
     let mut row = Row {
         kernel: job.kernel.clone(),
         caps: caps.clone(),

@@ -42,6 +42,11 @@ enum Task {
         /// full for a single guest kernel].
         #[arg(long, value_enum)]
         depth: Option<matrix::Depth>,
+        /// Only these columns of the kernel table in the guests (rewrite,
+        /// tproxy, tc, origdst, failclosed, accel, bothlegs, agent, cni,
+        /// refusal); the table keeps the other cells of the last run.
+        #[arg(long = "column", value_name = "KEY")]
+        columns: Vec<String>,
         /// Extra arguments for the host's `cargo test` (e.g. a test name
         /// filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -184,7 +189,25 @@ fn run_tests(args: &[String]) -> Result<std::collections::BTreeMap<String, Strin
 
 /// `cargo xtask test`: the host's suite, then each guest kernel's; one
 /// closing line per kernel and the table.
-fn test(kernels: &[String], depth: Option<matrix::Depth>, args: &[String]) -> Result<()> {
+fn test(
+    kernels: &[String],
+    depth: Option<matrix::Depth>,
+    columns: &[String],
+    args: &[String],
+) -> Result<()> {
+    if let Some(bad) = columns
+        .iter()
+        .find(|k| !matrix::COLUMNS.iter().any(|c| c.key == k.as_str()))
+    {
+        bail!(
+            "unknown column {bad:?}: give one of {}",
+            matrix::COLUMNS
+                .iter()
+                .map(|c| c.key)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let mut wanted: Vec<String> = Vec::new();
     for k in kernels {
         match k.as_str() {
@@ -261,7 +284,7 @@ fn test(kernels: &[String], depth: Option<matrix::Depth>, args: &[String]) -> Re
                 matrix::Depth::Focused => 30 * 60,
                 matrix::Depth::Full => 3 * 60 * 60,
             });
-            match guest::run(k, depth, &seen, limit) {
+            match guest::run(k, depth, &seen, columns, limit) {
                 Ok(row) => {
                     let run: Vec<&String> = row
                         .tests
@@ -281,7 +304,11 @@ fn test(kernels: &[String], depth: Option<matrix::Depth>, args: &[String]) -> Re
                         run.len() - failed,
                         row.seconds
                     ));
-                    matrix::save(&row)?;
+                    if columns.is_empty() {
+                        matrix::save(&row)?;
+                    } else {
+                        matrix::save_columns(&row, columns)?;
+                    }
                     seen.push(row.caps);
                 }
                 Err(e) => {
@@ -313,11 +340,12 @@ fn main() -> Result<()> {
         Task::Test {
             kernels,
             depth,
+            columns,
             args,
         } => {
             require_root()?;
             setup::run()?;
-            test(&kernels, depth, &args)
+            test(&kernels, depth, &columns, &args)
         }
         Task::GuestSuite { job } => guest::suite(&job),
         Task::Demo { proxy } => {

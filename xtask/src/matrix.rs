@@ -529,9 +529,15 @@ pub type Planned = (&'static str, &'static str, Plan);
 
 /// Every column's tests with what to do with each on a kernel, given the
 /// kernels already run (`seen`, the host first).
-pub fn plan(caps: &Caps, seen: &[Caps], depth: Depth) -> Vec<(&'static Column, Vec<Planned>)> {
+pub fn plan(
+    caps: &Caps,
+    seen: &[Caps],
+    depth: Depth,
+    only: &[String],
+) -> Vec<(&'static Column, Vec<Planned>)> {
     COLUMNS
         .iter()
+        .filter(|c| only.is_empty() || only.iter().any(|k| k == c.key))
         .map(|c| {
             let lacks = caps.lacks(c.need);
             let differs = c
@@ -619,6 +625,32 @@ pub fn save(row: &Row) -> Result<()> {
         serde_json::to_vec_pretty(row)?,
     )?;
     Ok(())
+}
+
+/// Saves a row of some columns only: over the kernel's saved row, whose
+/// other columns stay as they were.
+pub fn save_columns(row: &Row, columns: &[String]) -> Result<()> {
+    let path = results_dir().join(format!("{}.json", row.kernel));
+    let Some(mut prev) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Row>(&b).ok())
+    else {
+        return save(row);
+    };
+    let keys: Vec<String> = COLUMNS
+        .iter()
+        .filter(|c| columns.iter().any(|k| k == c.key))
+        .flat_map(|c| c.tests.iter().map(|(b, n)| format!("{b}::{n}")))
+        .collect();
+    for k in keys {
+        if let Some(v) = row.tests.get(&k) {
+            prev.tests.insert(k, v.clone());
+        }
+    }
+    prev.depth = format!("{}; {} for {}", prev.depth, row.depth, columns.join(", "));
+    prev.seconds += row.seconds;
+    prev.caps = row.caps.clone();
+    save(&prev)
 }
 
 fn load_all() -> Vec<Row> {
@@ -729,7 +761,7 @@ mod tests {
             tc: "netlink".into(),
             ..host.clone()
         };
-        let p = plan(&old, std::slice::from_ref(&host), Depth::Focused);
+        let p = plan(&old, std::slice::from_ref(&host), Depth::Focused, &[]);
         let tc = p.iter().find(|(c, _)| c.key == "tc").unwrap();
         let col = COLUMNS.iter().find(|c| c.key == "tc").unwrap();
         for (i, t) in tc.1.iter().enumerate() {
@@ -746,10 +778,10 @@ mod tests {
             ..host.clone()
         };
         // Once a kernel with netlink filters ran, the next runs the reps.
-        let p2 = plan(&old, &[host.clone(), old.clone()], Depth::Focused);
+        let p2 = plan(&old, &[host.clone(), old.clone()], Depth::Focused, &[]);
         let tc = p2.iter().find(|(c, _)| c.key == "tc").unwrap();
         assert_eq!(tc.1.iter().filter(|t| t.2 == Plan::Run).count(), 2);
-        let p = plan(&none, &[host], Depth::Full);
+        let p = plan(&none, &[host], Depth::Full, &[]);
         for (c, tests) in &p {
             for t in tests {
                 match c.need {
