@@ -385,7 +385,7 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
         agent.start();
         let log = agent.proc.as_ref().unwrap().log();
         assert!(log.contains("target adopted"), "{log}");
-        assert!(log.contains("kept the pinned recv tracepoint"), "{log}");
+        assert!(log.contains("kept the pinned read hook"), "{log}");
         // Rounds wholly after the new agent started.
         rounds.wait_more(2);
         load.store(false, std::sync::atomic::Ordering::Relaxed);
