@@ -352,6 +352,38 @@ fn accel_sockets(agent: &Agent) -> usize {
     m.keys().flatten().count()
 }
 
+/// A restarted agent adopts only a pinned read hook of the kind it attaches
+/// (fexit or tracepoint, probed): one of the other kind (another build's,
+/// here the own one renamed) is removed before its own is attached, so no
+/// read is counted twice, and the pair still goes socket to socket.
+#[test]
+fn a_pinned_read_hook_of_the_other_kind_is_replaced_not_adopted() {
+    use tproxy::sys::probe::ReadHooks;
+    let hook = ReadHooks::probed().chosen().expect("a read hook");
+    let node =
+        |h: tproxy::sys::probe::ReadHook| -> PathBuf { PathBuf::from("node").join(h.link_pin()) };
+    let mut agent = Agent::new(&[]);
+    let pod = Pod::new("pod-k");
+    let spec = with(pod.spec(), |t| t.accel_retire_ms = Some(0));
+    agent.add("k", &spec);
+    let own = agent.pins().join(node(hook));
+    let other = agent.pins().join(node(hook.other()));
+    assert!(own.exists() && !other.exists());
+    agent.terminate();
+    std::fs::rename(&own, &other).unwrap();
+    agent.start();
+    let log = agent.proc.as_ref().unwrap().log();
+    assert!(
+        log.contains("removed the previous agent's read hook"),
+        "{log}"
+    );
+    assert!(!log.contains("kept the pinned read hook"), "{log}");
+    assert!(own.exists() && !other.exists());
+    let mut s = Stream::open(&pod, POD_V4);
+    s.round(1 << 20);
+    assert!(accel_sockets(&agent) >= 2, "not accelerated after the swap");
+}
+
 #[test]
 fn restart_keeps_an_established_accelerated_connection_byte_exact() {
     let mut agent = Agent::new(&[]);
@@ -385,7 +417,7 @@ fn restart_keeps_an_established_accelerated_connection_byte_exact() {
         agent.start();
         let log = agent.proc.as_ref().unwrap().log();
         assert!(log.contains("target adopted"), "{log}");
-        assert!(log.contains("kept the pinned recv tracepoint"), "{log}");
+        assert!(log.contains("kept the pinned read hook"), "{log}");
         // Rounds wholly after the new agent started.
         rounds.wait_more(2);
         load.store(false, std::sync::atomic::Ordering::Relaxed);

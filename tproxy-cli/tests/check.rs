@@ -108,7 +108,7 @@ fn passes_in_a_ready_namespace_and_attaches_nothing() {
         "tc attach",
         "interface",
         "proxy listener",
-        "sock_recv_length tracepoint",
+        "read hook",
         "sk_msg programs",
         "SOCKHASH maps",
         "sched_cls helpers",
@@ -116,6 +116,13 @@ fn passes_in_a_ready_namespace_and_attaches_nothing() {
     ] {
         item(&items, name);
     }
+    // The read hook this kernel takes, probed: fexit where it runs.
+    let hook = item(&items, "read hook")["detail"].as_str().unwrap();
+    let want = match tproxy::sys::probe::ReadHooks::probed().chosen() {
+        Some(tproxy::sys::probe::ReadHook::Fexit) => "fexit on tcp_bpf_recvmsg (probed)",
+        _ => "sock_recv_length tracepoint (probed)",
+    };
+    assert!(hook.starts_with(want), "{hook}");
     // Probed, not assumed: the helper lines name what they probed.
     let helpers = item(&items, "sk_msg helpers")["detail"].as_str().unwrap();
     assert!(helpers.contains("bpf_msg_redirect_hash"), "{helpers}");
@@ -149,11 +156,7 @@ fn passes_in_a_ready_namespace_and_attaches_nothing() {
     ));
     assert_eq!(code, 0, "{items:#?}");
     assert!(items.iter().all(|i| i["name"] != "sk_msg programs"));
-    assert!(
-        items
-            .iter()
-            .all(|i| i["name"] != "sock_recv_length tracepoint")
-    );
+    assert!(items.iter().all(|i| i["name"] != "read hook"));
     assert_nothing_attached(&sb, &tc);
 }
 

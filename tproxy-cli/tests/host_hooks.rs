@@ -244,7 +244,7 @@ fn refused_without(cap: &str, extra: &[&str], needles: &[&str]) {
 const NO_PERFMON: &str = "cap_perfmon,cap_sys_admin";
 
 /// With CAP_BPF + CAP_NET_ADMIN only, tproxy names CAP_PERFMON before
-/// installing anything. Acceleration needs it (raw tracepoint program,
+/// installing anything. Acceleration needs it (read hook program,
 /// socket-pointer map keys); so, today, does --no-accel: the tc programs'
 /// packet parser adds a variable offset to the packet pointer, which the
 /// verifier allows only with CAP_PERFMON (system.rs NO_ACCEL_NEEDS_PERFMON).

@@ -28,6 +28,19 @@ fn eventually(what: &str, f: impl FnMut() -> bool) {
     common::eventually(what, Duration::from_secs(120), f);
 }
 
+/// Stands for the read hook's program in `ALL_PROGS`.
+const READ_HOOK: &str = "(read hook)";
+
+/// The read hook's program and its kind, as this kernel offers it: probed
+/// the way tproxy probes (fexit where it runs, else the tracepoint).
+fn read_hook() -> (&'static str, &'static str) {
+    use tproxy::sys::probe::{ReadHook, ReadHooks};
+    match ReadHooks::probed().chosen().expect("a read hook") {
+        h @ ReadHook::Fexit => (h.program(), "tracing"),
+        h @ ReadHook::Tracepoint => (h.program(), "raw_tracepoint"),
+    }
+}
+
 /// Without acceleration, the first five.
 const ALL_PROGS: [&str; 10] = [
     "tproxy_steer",
@@ -39,7 +52,8 @@ const ALL_PROGS: [&str; 10] = [
     "tproxy_sk_msg",
     // The options the fast path cannot honour (cgroup/setsockopt).
     "tproxy_setsockopt",
-    "tproxy_recv_length",
+    // The read hook: tproxy_recv_fexit or tproxy_recv_length (`read_hook`).
+    READ_HOOK,
     // The nudger's iter/tcp walk (loaded and attached, run on demand).
     "tproxy_nudge_iter",
 ];
@@ -50,9 +64,13 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
     let progs = kernel::programs_using_map(map_id).unwrap();
     let names: Vec<&str> = progs.iter().map(|p| p.name.as_str()).collect();
     // Without acceleration: the flow-tracking sockops and no socket
-    // programs (no SOCKHASH, sk_msg or recvmsg tracepoint).
+    // programs (no SOCKHASH, sk_msg or read hook).
+    let (hook, hook_kind) = read_hook();
     let expected: Vec<&str> = if accel {
-        ALL_PROGS.to_vec()
+        ALL_PROGS
+            .iter()
+            .map(|&p| if p == READ_HOOK { hook } else { p })
+            .collect()
     } else {
         let mut v = ALL_PROGS[..5].to_vec();
         v.push("tproxy_sockops_flows");
@@ -72,7 +90,7 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
     if accel {
         assert_eq!(kind("tproxy_sockops"), "sock_ops");
         assert_eq!(kind("tproxy_sk_msg"), "sk_msg");
-        assert_eq!(kind("tproxy_recv_length"), "raw_tracepoint");
+        assert_eq!(kind(hook), hook_kind);
         assert_eq!(kind("tproxy_nudge_iter"), "tracing");
     }
 
@@ -203,7 +221,7 @@ fn attaches_everything_and_sigterm_removes_it_all() {
 #[test]
 fn sigint_works_too_and_no_accel_loads_no_socket_programs() {
     // (--no-accel still tracks flows with sockops, but loads no SOCKHASH,
-    // sk_msg or tracepoint program.)
+    // sk_msg or read hook program.)
     let sb = sandbox();
     let before = sb.tc_listing();
     let mut t = sb.start(&["--no-accel"]);

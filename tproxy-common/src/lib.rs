@@ -19,7 +19,7 @@
 //!   `PROXY_LISTENERS_MAX`, `PROXY_CONNECTS_MAX`; `identity.rs`).
 //! - `sock`: acceleration: `SockKey`, `SockState`, `sock_flags`, `Pending`,
 //!   `NudgeEvent` and the sizes of their maps (`sockops.rs`, `sk_msg.rs`,
-//!   `peer.rs`, `recv_length.rs`, `nudge_iter.rs`).
+//!   `peer.rs`, `recv.rs`, `nudge_iter.rs`).
 //! - `counters`: `Counter`, each event counter with what it counts and the
 //!   name userspace shows it by (`counters.rs`).
 //!

@@ -47,9 +47,14 @@ pub const PROG_SK_MSG: &str = "tproxy_sk_msg";
 /// cgroup/setsockopt (acceleration): notes the options the fast path
 /// cannot honour.
 pub const PROG_SETSOCKOPT: &str = "tproxy_setsockopt";
+/// The read hook on kernels without fexit: the raw tracepoint below.
 pub const PROG_RECV_LENGTH: &str = "tproxy_recv_length";
 /// Raw tracepoint after every recvmsg (socket, bytes read, flags).
 pub const RECV_TRACEPOINT: &str = "sock_recv_length";
+/// The read hook where the kernel has fexit: on the function below.
+pub const PROG_RECV_FEXIT: &str = "tproxy_recv_fexit";
+/// The recvmsg of sockets in a sockmap or SOCKHASH (net/ipv4/tcp_bpf.c).
+pub const RECV_FEXIT_FUNCTION: &str = "tcp_bpf_recvmsg";
 /// The nudger's TCP socket iterator (`iter/tcp`).
 pub const PROG_NUDGE_ITER: &str = "tproxy_nudge_iter";
 /// Its iterator type: the kernel's `bpf_iter_tcp`.

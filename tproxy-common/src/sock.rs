@@ -2,7 +2,7 @@
 //! the sockets waiting for their other end (`PENDING_PEERS`), and the
 //! nudger's reports and walks (`NUDGE_EVENTS`, `NUDGE`). On the eBPF side:
 //! `sockops.rs`, `sk_msg.rs`, `peer.rs`, `sockkey.rs`, `retire.rs`,
-//! `recv_length.rs` and `nudge_iter.rs`.
+//! `recv.rs` and `nudge_iter.rs`.
 use core::mem::{offset_of, size_of};
 
 /// Size of the SOCKHASH (two entries per accelerated connection).
@@ -51,7 +51,7 @@ impl SockKey {
 }
 
 /// `SOCKS` value: one accelerated socket, keyed by its kernel address
-/// (`struct sock *`, which sockops, sk_msg and the recvmsg tracepoint all
+/// (`struct sock *`, which sockops, sk_msg and the read hook all
 /// see), so each hook finds it with one 8-byte hash lookup.
 ///
 /// Byte order across the two paths (redirect and plain TCP): the peer's
@@ -77,7 +77,7 @@ pub struct SockState {
     /// `sent` just after the last redirected message: every byte before it
     /// is at the peer, read or queued in its ingress queue.
     pub redirected_end: u64,
-    /// Bytes this socket's readers took (recvmsg tracepoint, MSG_PEEK
+    /// Bytes this socket's readers took (the read hook, MSG_PEEK
     /// excluded), since it entered the map. Atomic adds.
     pub read: u64,
     /// `sock_flags::*`.
@@ -98,7 +98,7 @@ pub struct SockState {
     /// CLOCK_MONOTONIC_COARSE ns; 0: never.
     pub tcp_since: u64,
     /// The counter slot of this socket's target (`Config::slot`), for the
-    /// hooks that see only the socket (the recvmsg tracepoint).
+    /// hooks that see only the socket (the read hook).
     pub slot: u32,
     /// The socket's `write_seq` when `sent` was last trued up (at insert:
     /// its `snd_nxt` at ESTABLISHED, nothing queued yet).
@@ -278,7 +278,7 @@ pub struct Pending {
 /// `NUDGE_EVENTS` record: a read took the last redirected byte queued at
 /// socket `sk` while bytes its peer sent by TCP were not read yet. Linux
 /// makes that read short, and an edge-triggered reader may then sleep on
-/// the TCP bytes for good (see tproxy-ebpf/src/recv_length.rs).
+/// the TCP bytes for good (see tproxy-ebpf/src/recv.rs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NudgeEvent {

@@ -163,7 +163,7 @@ impl Target {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
     /// Offset of `sk_rcvbuf` in the kernel's `struct sock` (from its BTF),
-    /// for the recvmsg tracepoint to refresh `SockState::rcvbuf`; 0 if
+    /// for the read hook to refresh `SockState::rcvbuf`; 0 if
     /// unknown (then the value read at insert stays).
     pub sk_rcvbuf_offset: u32,
     /// Offsets of `nd_net` in `struct net_device` and of `net_cookie` in

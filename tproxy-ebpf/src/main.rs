@@ -10,10 +10,13 @@
 //! | sockops           | `tproxy_sockops`   | `sockops.rs`    |
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
 //! | raw tracepoint sock_recv_length | `tproxy_recv_length` | `recv_length.rs` |
+//! | fexit tcp_bpf_recvmsg | `tproxy_recv_fexit` | `recv_fexit.rs` |
 //! | iter/tcp (run by userspace) | `tproxy_nudge_iter` | `nudge_iter.rs` |
 //!
 //! `peer.rs`: which sockets sockops pairs, and why no other can be.
 //! `identity.rs`: who the proxy is (its cgroup), which every hook checks.
+//! `recv.rs`: what a read does, for both read hooks (userspace attaches
+//! one of the two).
 //! `tcpseq.rs`: the kernel's sequence numbers that byte order hangs on.
 //! `retire.rs`: sockops takes a pair that gave up the fast path out of the
 //! SOCKHASH (sk_msg may not delete from it).
@@ -39,6 +42,8 @@ mod netns;
 mod nudge_iter;
 mod packet;
 mod peer;
+mod recv;
+mod recv_fexit;
 mod recv_length;
 mod restore;
 mod retire;

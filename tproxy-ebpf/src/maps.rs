@@ -160,7 +160,7 @@ pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
     HashMap::with_max_entries(TARGETS_MAX * ADDRS_PER_TARGET, 0);
 
 /// Short reads that may leave a reader asleep on TCP bytes
-/// (`tproxy_common::NudgeEvent`, from `recv_length.rs`), for tproxy's
+/// (`tproxy_common::NudgeEvent`, from `recv.rs`), for tproxy's
 /// nudger in userspace: a ring buffer, so reporting never blocks a reader
 /// and a full buffer only loses reports.
 #[map]

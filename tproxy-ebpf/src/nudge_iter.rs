@@ -9,7 +9,7 @@
 //! syscall of that socket; the kernel holds the socket's lock around it.)
 //!
 //! Only sockets userspace put in `NUDGE`, which holds only sockets it was
-//! told about by `recv_length.rs`, which reports only sockets in `SOCKS`:
+//! told about by `recv.rs`, which reports only sockets in `SOCKS`:
 //! nothing else in the namespace is touched.
 //!
 //! aya-ebpf has no macro for iterators: the section name is what tells the
@@ -48,7 +48,7 @@ pub fn tproxy_nudge_iter(ctx: *mut c_void) -> i32 {
 fn wake(sk: *mut c_void) {
     const SOL_SOCKET: i32 = 1;
     const SO_RCVLOWAT: i32 = 18;
-    // The socket's address, as sockops, sk_msg and the tracepoint see it
+    // The socket's address, as sockops, sk_msg and the read hook see it
     // (struct sock starts with its sock_common).
     let addr = sk as u64;
     // SAFETY: a map value, valid for this run.

@@ -66,8 +66,8 @@ pub fn leave(own: *mut SockState, peer: *mut SockState) {
     // next packet here only finds the keys gone and sets it again.)
     // SAFETY: own live entry, one aligned 4-byte word.
     unsafe { write_volatile(&raw mut (*own).flags, flags | LEFT) };
-    // The peer too, so that its reads stop costing the recvmsg tracepoint
-    // more than a lookup (`recv_length`): a slow reader, the usual reason a
+    // The peer too, so that its reads stop costing the read hook more
+    // than a lookup (`recv.rs`): a slow reader, the usual reason a
     // pair leaves, reads often. A plain store, racing only a sk_msg of the
     // peer's that was already running when the keys went: the mark may be
     // lost (its reads go on being counted, as before the mark), or a flag

@@ -254,8 +254,8 @@ fn retire(own: *mut SockState, state: u32, slot: u32) -> u32 {
 
 /// Unread bytes a sender may leave at its peer: the larger of what the
 /// peer's receive buffer would let TCP hold there and what its reader takes
-/// in a few milliseconds (`SockState::rcvbuf`, kept by the recvmsg
-/// tracepoint), at most `max` (`--accel-max-queued`).
+/// in a few milliseconds (`SockState::rcvbuf`, kept by the read
+/// hook), at most `max` (`--accel-max-queued`).
 /// Redirected bytes are charged to the peer's sk_rmem_alloc but not limited
 /// by its sk_rcvbuf; past it, TCP's own segments meet a full buffer and the
 /// kernel grows sk_rcvbuf to what is allocated (tcp_clamp_window), for the

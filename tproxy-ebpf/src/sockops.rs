@@ -306,7 +306,7 @@ fn half_closed(ctx: &SockOpsContext, slot: u32) {
     }
 }
 
-/// The socket's kernel address: what sk_msg and the recvmsg tracepoint see.
+/// The socket's kernel address: what sk_msg and the read hook see.
 #[inline(always)]
 fn sk_addr(ctx: &SockOpsContext) -> u64 {
     // SAFETY: reading the context's socket pointer, as a number.
@@ -418,8 +418,8 @@ fn rcvbuf(ctx: &SockOpsContext) -> u32 {
 /// here; setting SO_RCVLOWAT (to the value it has) makes tcp_set_rcvlowat
 /// call tcp_data_ready, which wakes the reader if TCP bytes are readable.
 /// When the socket sends nothing at all (its writer waits for an answer),
-/// the recvmsg tracepoint's report and tproxy's nudger wake it instead
-/// (`recv_length.rs`, `nudge_iter.rs`).
+/// the read hook's report and tproxy's nudger wake it instead
+/// (`recv.rs`, `nudge_iter.rs`).
 /// The same callback (every packet an accelerated socket sends) is where a
 /// retired pair leaves the SOCKHASH (`retire::leave`).
 /// Only pure ACKs (no payload: not the sends of its own writer, nor the

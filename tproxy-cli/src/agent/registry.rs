@@ -560,7 +560,7 @@ impl Registry {
         let now = monotonic_coarse_ns();
         // Clients (address, port) of this pod's fast-path sockets that read
         // lately. The proxy's accepted socket's peer is the client's socket;
-        // `win_start` moves on its reads (the recvmsg tracepoint).
+        // `win_start` moves on its reads (the read hook).
         let socks: HashMap<&MapData, u64, SockState> = self.hash_map(names::SOCKS)?;
         let reading: std::collections::HashSet<([u32; 4], u16)> = socks
             .iter()

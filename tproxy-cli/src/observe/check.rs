@@ -14,7 +14,7 @@ use crate::{
     config::options::TcMode,
     observe::{Error, Result},
     sys::{
-        probe::{self, Feature, Need},
+        probe::{self, Feature, Need, ReadHooks},
         routing, system,
     },
 };
@@ -81,6 +81,7 @@ fn split_fix(msg: &str, fallback_fix: &str) -> (String, String) {
 
 const ROOT_FIX: &str = "run tproxy as root (sudo)";
 const DEBUG_FIX: &str = "run with -v for the details";
+const READ_HOOK: &str = "read hook";
 
 /// Every check, in the order a run makes them.
 /// Every requirement of a run with `opts`; `iface_given`: the interface
@@ -123,7 +124,10 @@ pub fn checks(opts: &Options, iface_given: bool, metrics_addr: Option<SocketAddr
             ROOT_FIX,
         ));
     } else {
-        items.extend(feature_items(&probe::probe_all(opts.accel)));
+        items.extend(feature_items(
+            &probe::probe_all(opts.accel),
+            ReadHooks::probed(),
+        ));
     }
     items.push(match system::open_cgroup(opts.cgroup.as_deref()) {
         Ok(c) => {
@@ -210,9 +214,10 @@ fn metrics_item(addr: std::net::SocketAddr) -> Item {
     }
 }
 
-/// One item per program type, map type and the tracepoint; the helpers
-/// one item per program type (the line names them all).
-fn feature_items(probed: &[(Need, Result<bool, String>)]) -> Vec<Item> {
+/// One item per program type, map type and the read hook (which one this
+/// kernel takes, from `hooks`); the helpers one item per program type (the
+/// line names them all).
+fn feature_items(probed: &[(Need, Result<bool, String>)], hooks: &ReadHooks) -> Vec<Item> {
     let mut items = Vec::new();
     let mut helper_types: Vec<ProgramType> = Vec::new();
     for (need, r) in probed {
@@ -222,11 +227,6 @@ fn feature_items(probed: &[(Need, Result<bool, String>)]) -> Vec<Item> {
                     helper_types.push(t);
                 }
             }
-            Feature::RecvTracepoint => items.push(feature_item(
-                format!("{} tracepoint", tproxy_common::names::RECV_TRACEPOINT),
-                need,
-                r,
-            )),
             Feature::SockopsCaller => items.push(match r {
                 Ok(true) => Item::pass(
                     "sock_ops caller's cgroup",
@@ -237,6 +237,10 @@ fn feature_items(probed: &[(Need, Result<bool, String>)]) -> Vec<Item> {
                     },
                 ),
                 _ => feature_item("sock_ops caller's cgroup".into(), need, r),
+            }),
+            Feature::ReadHook => items.push(match hooks.detail() {
+                Some(detail) => Item::pass(READ_HOOK, detail),
+                None => Item::from_error(READ_HOOK, &probe::error_for(need), DEBUG_FIX),
             }),
             _ => items.push(feature_item(need.name.clone(), need, r)),
         }
@@ -509,11 +513,15 @@ mod tests {
     /// grouped by program type.
     #[test]
     fn missing_features_fail_with_a_fix() {
-        let probed: Vec<(Need, Result<bool, String>)> = probe::needs(true)
+        let no_hook = ReadHooks {
+            fexit: Ok(false),
+            tracepoint: Ok(false),
+        };
+        let probed: Vec<(Need, Result<bool, String>)> = probe::needs(true, None)
             .into_iter()
             .map(|n| {
                 let r = match n.feature {
-                    Feature::RecvTracepoint => Ok(false),
+                    Feature::ReadHook => Ok(false),
                     Feature::Helper(ProgramType::SkMsg, _) => Ok(false),
                     Feature::Map(_) => Err("EPERM".into()),
                     _ => Ok(true),
@@ -521,12 +529,16 @@ mod tests {
                 (n, r)
             })
             .collect();
-        let items = feature_items(&probed);
+        let items = feature_items(&probed, &no_hook);
         let get = |name: &str| items.iter().find(|i| i.name == name).unwrap();
-        let tp = get("sock_recv_length tracepoint");
+        let hook = get("read hook");
         assert!(
-            !tp.ok && tp.fix.as_deref().unwrap().contains("--no-accel"),
-            "{tp:?}"
+            !hook.ok && hook.fix.as_deref().unwrap().contains("--no-accel"),
+            "{hook:?}"
+        );
+        assert!(
+            hook.detail.contains("tcp_bpf_recvmsg") && hook.detail.contains("sock_recv_length"),
+            "{hook:?}"
         );
         let sk = get("sk_msg helpers");
         assert!(
@@ -539,5 +551,31 @@ mod tests {
         let m = get("SOCKHASH maps");
         assert!(m.ok && m.detail.contains("EPERM"), "{m:?}");
         assert_eq!(items.iter().filter(|i| !i.ok).count(), 2, "{items:#?}");
+    }
+
+    /// The read hook line names the hook this kernel takes.
+    #[test]
+    fn the_read_hook_line_names_the_chosen_hook() {
+        let probed: Vec<(Need, Result<bool, String>)> = probe::needs(true, None)
+            .into_iter()
+            .filter(|n| n.feature == Feature::ReadHook)
+            .map(|n| (n, Ok(true)))
+            .collect();
+        for (fexit, want) in [
+            (Ok(true), "fexit on tcp_bpf_recvmsg (probed)"),
+            (Ok(false), "sock_recv_length tracepoint (probed)"),
+        ] {
+            let hooks = ReadHooks {
+                fexit,
+                tracepoint: Ok(true),
+            };
+            let items = feature_items(&probed, &hooks);
+            assert_eq!(items.len(), 1);
+            assert!(
+                items[0].ok && items[0].detail.starts_with(want),
+                "{items:?}"
+            );
+            assert!(items[0].line().starts_with("ok   read hook: "));
+        }
     }
 }

@@ -15,7 +15,9 @@
 //! - a program or link by id (aya's `ProgramInfo` and `LinkInfo` have no
 //!   `from_id`), and where a link is attached (`LinkInfo` has no target);
 //! - an iterator link that stays, and new iterators of it (aya's
-//!   `Iter::attach` keeps the link and `IterLink::into_file` spends it).
+//!   `Iter::attach` keeps the link and `IterLink::into_file` spends it);
+//! - a trivial fexit program on a function of our choice, to probe it
+//!   (aya's `is_program_supported` tries one fixed function only).
 use std::{
     ffi::CString,
     fs::File,
@@ -27,7 +29,9 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
+use aya_obj::generated::{
+    bpf_attach_type, bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type, bpf_prog_type,
+};
 
 /// `bpf(cmd, attr)`: the kernel reads (and for some commands writes)
 /// `attr`, of the size of the whole union; its trailing zeroes are what
@@ -112,6 +116,47 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
     attr.link_update.link_fd = link.as_raw_fd() as u32;
     attr.link_update.__bindgen_anon_1.new_prog_fd = new_prog.as_raw_fd() as u32;
     sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Loads `return 0` as an fexit program on the kernel function whose
+/// vmlinux BTF id is `btf_id` and attaches it (which builds the
+/// trampoline), then lets both go: whether the kernel runs tracing
+/// programs there. `Err` of the load or of the attach, with the errno.
+pub fn fexit_attaches(btf_id: u32) -> Result<(), FexitProbeError> {
+    // r0 = 0; exit
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    let mut attr = zeroed();
+    // SAFETY: writing plain fields of the BPF_PROG_LOAD member.
+    let u = unsafe { &mut attr.__bindgen_anon_3 };
+    u.prog_type = bpf_prog_type::BPF_PROG_TYPE_TRACING as u32;
+    u.expected_attach_type = bpf_attach_type::BPF_TRACE_FEXIT as u32;
+    u.attach_btf_id = btf_id;
+    u.insns = insns.as_ptr() as u64;
+    u.insn_cnt = insns.len() as u32;
+    u.license = license.as_ptr() as u64;
+    let prog = fd_sys_bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).map_err(FexitProbeError::Load)?;
+    let mut attr = zeroed();
+    attr.raw_tracepoint.prog_fd = prog.as_raw_fd() as u32;
+    fd_sys_bpf(bpf_cmd::BPF_RAW_TRACEPOINT_OPEN, &mut attr)
+        .map(drop)
+        .map_err(FexitProbeError::Attach)
+}
+
+/// Which step of [`fexit_attaches`] the kernel refused.
+#[derive(Debug)]
+pub enum FexitProbeError {
+    Load(io::Error),
+    Attach(io::Error),
+}
+
+impl std::fmt::Display for FexitProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FexitProbeError::Load(e) => write!(f, "loading an fexit program: {e}"),
+            FexitProbeError::Attach(e) => write!(f, "attaching an fexit program: {e}"),
+        }
+    }
 }
 
 /// What the kernel says about one link.

@@ -1,6 +1,6 @@
 //! Just enough of a BTF reader to find one member's offset in one kernel
 //! struct (aya's parser keeps its type lookups private). Used for
-//! `sk_rcvbuf` in `struct sock`, which the recvmsg tracepoint reads to
+//! `sk_rcvbuf` in `struct sock`, which the read hook reads to
 //! keep each accelerated socket's receive buffer in view.
 
 /// The kernel's own BTF.
@@ -120,7 +120,7 @@ pub fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Option<u32> {
 }
 
 /// Where `sk_rcvbuf` is in the running kernel's `struct sock`; 0 if that
-/// cannot be read (no BTF): the recvmsg tracepoint then leaves each
+/// cannot be read (no BTF): the read hook then leaves each
 /// socket's receive buffer as read at insert.
 pub fn sk_rcvbuf_offset() -> u32 {
     std::fs::read(VMLINUX)

@@ -66,17 +66,17 @@ pub enum Error {
     NotPrivileged { missing: String },
 
     #[error(
-        "socket acceleration needs CAP_PERFMON (or CAP_SYS_ADMIN) for its tracepoint program and socket-pointer map keys, and tproxy lacks it; run it as root, grant it CAP_PERFMON, or turn acceleration off (`accel: false`, --no-accel)"
+        "socket acceleration needs CAP_PERFMON (or CAP_SYS_ADMIN) for its read hook program and socket-pointer map keys, and tproxy lacks it; run it as root, grant it CAP_PERFMON, or turn acceleration off (`accel: false`, --no-accel)"
     )]
     NoPerfmonForAccel,
 
     #[error(
-        "socket acceleration needs the sock_recv_length tracepoint (Linux >= 6.3), which this kernel lacks; turn acceleration off (`accel: false`, --no-accel) or use a newer kernel"
+        "socket acceleration needs a read hook, fexit on tcp_bpf_recvmsg (a kernel with fentry/fexit) or the sock_recv_length tracepoint (Linux >= 6.3), and this kernel has neither; turn acceleration off (`accel: false`, --no-accel) or use a kernel with either"
     )]
-    NoRecvTracepoint,
+    NoReadHook,
 
     #[error(
-        "socket acceleration needs {0}, which this kernel lacks; turn acceleration off (`accel: false`, --no-accel) or use a kernel that has them (Linux >= 6.3)"
+        "socket acceleration needs {0}, which this kernel lacks; turn acceleration off (`accel: false`, --no-accel) or use a kernel that has them"
     )]
     AccelUnsupported(String),
 
@@ -271,7 +271,7 @@ mod tests {
             Error::NotCgroup2("/x".into()),
             Error::NoCgroup2,
             Error::NoPerfmonForAccel,
-            Error::NoRecvTracepoint,
+            Error::NoReadHook,
             Error::AccelUnsupported("sk_msg".into()),
             Error::NoNft,
             Error::NftTproxyUnsupported(user()),

@@ -2,7 +2,8 @@
 //! runs (a restart, or a SIGKILL until `tproxy cleanup`).
 //!
 //! Layout under `--bpffs DIR`: `node/<MAP>` for the shared maps and
-//! `node/link_recv_length` for the recv tracepoint; `targets/<slot>/<program>`
+//! `node/link_recv_fexit` or `node/link_recv_length` for the read hook
+//! (fexit or tracepoint, `ReadHook::link_pin`); `targets/<slot>/<program>`
 //! for each target's bpf_links (cgroup hooks, TCX). Netlink tc filters and
 //! routing outlive the process by themselves.
 //!

@@ -34,7 +34,7 @@ const NO_ACCEL_NEEDS_PERFMON: bool = true;
 
 /// The capabilities missing from `caps` (a CapEff mask), as the kernel
 /// checks them: loading needs CAP_BPF, attaching to tc and cgroups
-/// CAP_NET_ADMIN; acceleration's raw tracepoint program and the socket
+/// CAP_NET_ADMIN; acceleration's read hook program and the socket
 /// pointers its sockops/sk_msg programs use as map keys need CAP_PERFMON
 /// (and so, for now, does --no-accel). CAP_SYS_ADMIN stands in for CAP_BPF
 /// and CAP_PERFMON.
@@ -105,7 +105,7 @@ pub fn check_kernel_version() -> Result<aya::util::KernelVersion> {
     Ok(v)
 }
 
-/// The kernel's BTF, which tproxy reads (the tracepoint probe, `struct
+/// The kernel's BTF, which tproxy reads (the read hook probes, `struct
 /// sock`'s layout for acceleration).
 pub fn check_btf() -> Result<()> {
     if Path::new(crate::sys::btf::VMLINUX).is_file() {

@@ -3,7 +3,7 @@
 //! down what was set up.
 use aya::programs::{
     Link, cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
-    raw_trace_point::RawTracePointLink, sk_msg::SkMsgLink, sock_ops::SockOpsLink,
+    fexit::FExitLink, raw_trace_point::RawTracePointLink, sk_msg::SkMsgLink, sock_ops::SockOpsLink,
     tc::SchedClassifierLink,
 };
 use tracing::{debug, warn};
@@ -24,8 +24,22 @@ pub type GetsocknameAttachment = Attachment<CgroupSockAddrLink>;
 pub type SockopsAttachment = Attachment<SockOpsLink>;
 /// sk_msg on the SOCKHASH.
 pub type SkMsgAttachment = Attachment<SkMsgLink>;
-/// raw tracepoint sock_recv_length (reads of redirected bytes).
-pub type RecvmsgAttachment = Attachment<RawTracePointLink>;
+/// The read hook (reads of our sockets): whichever the kernel offers.
+pub enum RecvmsgAttachment {
+    /// raw tracepoint sock_recv_length.
+    Tracepoint(Attachment<RawTracePointLink>),
+    /// fexit on tcp_bpf_recvmsg.
+    Fexit(Attachment<FExitLink>),
+}
+
+impl RecvmsgAttachment {
+    pub fn what(&self) -> &str {
+        match self {
+            RecvmsgAttachment::Tracepoint(a) => a.what(),
+            RecvmsgAttachment::Fexit(a) => a.what(),
+        }
+    }
+}
 
 impl<L: Link> Attachment<L> {
     pub fn new(what: String, link: L) -> Self {

@@ -50,9 +50,7 @@ pub enum Error {
     )]
     CleanupLive { iface: String, pid: i32 },
 
-    #[error(
-        "the kernel refused to load the eBPF object (tproxy needs Linux >= 6.1 with BTF, 6.3 for acceleration)"
-    )]
+    #[error("the kernel refused to load the eBPF object (tproxy needs Linux >= 6.1 with BTF)")]
     LoadObject(#[source] aya::EbpfError),
 
     #[error(
@@ -61,7 +59,7 @@ pub enum Error {
     PinnedOtherBuild { dir: PathBuf, detail: String },
 
     #[error(
-        "the kernel refused program {name} (tproxy needs Linux >= 6.1 with BTF, 6.3 for acceleration; run with -v for the verifier log)"
+        "the kernel refused program {name} (tproxy needs Linux >= 6.1 with BTF; run with -v for the verifier log)"
     )]
     LoadProgram {
         name: &'static str,

@@ -142,7 +142,7 @@ pub struct Attached {
     pub kind: AttachKind,
     pub program: String,
     pub prog_id: u32,
-    /// Its bpf_link: TCX, cgroup and tracepoint attachments are links;
+    /// Its bpf_link: TCX, cgroup, tracepoint and fexit attachments are links;
     /// netlink tc filters and sk_msg (attached to the SOCKHASH) are not.
     #[serde(default)]
     pub link_id: Option<u32>,
@@ -156,6 +156,8 @@ pub enum AttachKind {
     Cgroup,
     SkMsg,
     Tracepoint,
+    /// An fexit (tracing) link: the read hook where the kernel has fexit.
+    Fexit,
 }
 
 /// The program ids of the tc attachments among `attachments`.

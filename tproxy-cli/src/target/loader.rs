@@ -1,6 +1,6 @@
 //! Load once: the eBPF object, loaded and verified one time, with the
-//! hooks every target shares (sk_msg on the SOCKHASH, the recvmsg
-//! tracepoint), the maps the agent pins and the check that pinned ones are
+//! hooks every target shares (sk_msg on the SOCKHASH, the read hook), the
+//! maps the agent pins and the check that pinned ones are
 //! this build's. Targets (`attachment`) attach its programs to their
 //! cgroup and interface and have an entry each in `TARGETS`, which the
 //! functions at the end read and write. A single `tproxy` run is one
@@ -11,16 +11,19 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, RingBuf, SockHash},
     programs::{
-        CgroupSockAddr, CgroupSockopt, Iter, RawTracePoint, SchedClassifier, SkMsg, SockOps,
+        CgroupSockAddr, CgroupSockopt, FExit, Iter, RawTracePoint, SchedClassifier, SkMsg, SockOps,
     },
 };
 use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
 
 use crate::{
-    sys::object::EBPF_OBJECT,
+    sys::{
+        object::EBPF_OBJECT,
+        probe::{ReadHook, ReadHooks},
+    },
     target::{
         Error, Result,
-        attach::{RecvmsgAttachment, SkMsgAttachment},
+        attach::{Attachment, RecvmsgAttachment, SkMsgAttachment},
         inspect::{MapIds, lingered, monotonic_coarse_ns},
         installed::{AttachKind, Attached},
         nudger::NudgeMaps,
@@ -42,8 +45,9 @@ pub struct Loaded {
     ids: MapIds,
     /// The node-wide hooks, for the runtime record.
     attachments: Vec<Attached>,
-    /// Where the recv tracepoint's link is pinned (the agent), if anywhere.
-    recv_pin: Option<std::path::PathBuf>,
+    /// Where the read hook's link is pinned (the agent's node directory),
+    /// if anywhere.
+    pin_dir: Option<std::path::PathBuf>,
 }
 
 /// The maps the agent pins: every one that carries state between its
@@ -68,7 +72,7 @@ pub const PINNED_MAPS: [&str; 20] = [
     // Where the proxies of adopted targets listen.
     names::PROXY_LISTENERS,
     names::PRIOR_LISTENERS,
-    // The kept recv tracepoint (a previous agent's) reports into this one.
+    // The kept read hook (a previous agent's) reports into this one.
     names::NUDGE_EVENTS,
     // Options noted before sockets were paired, and which flow each of the
     // proxies' upstream sockets serves (`tproxy flows`).
@@ -132,9 +136,6 @@ fn check_pinned_layout(dir: &std::path::Path) -> Result<()> {
     }
     Ok(())
 }
-
-/// The recv tracepoint's link pin, in the pin directory.
-pub const RECV_LINK_PIN: &str = "link_recv_length";
 
 /// Table sizes (max entries); `None`: the object's default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -232,7 +233,7 @@ impl Loaded {
     }
 
     /// `load` with the node agent's extras: table sizes, and maps and the
-    /// node-wide recv tracepoint pinned under `pin_dir` (reused when already
+    /// node-wide read hook pinned under `pin_dir` (reused when already
     /// there: an agent restart keeps every flow and accelerated socket).
     pub fn load_with(o: &LoadOptions) -> Result<Loaded> {
         let (accel, single) = (o.accel, o.single);
@@ -383,7 +384,7 @@ impl Loaded {
             max_targets,
             ids,
             attachments: Vec::new(),
-            recv_pin: o.pin_dir.as_ref().map(|d| d.join(RECV_LINK_PIN)),
+            pin_dir: o.pin_dir.clone(),
         };
         if accel {
             loaded.attach_accel()?;
@@ -391,52 +392,20 @@ impl Loaded {
         Ok(loaded)
     }
 
-    /// The recvmsg tracepoint (reads of redirected bytes, counted before
-    /// any byte is redirected), then sk_msg on the SOCKHASH.
+    /// The read hook (reads of redirected bytes, counted before any byte
+    /// is redirected), then sk_msg on the SOCKHASH.
     fn attach_accel(&mut self) -> Result<()> {
+        let hook = ReadHooks::probed()
+            .chosen()
+            .ok_or(crate::sys::Error::NoReadHook)?;
+        let btf = Btf::from_sys_fs().map_err(|e| {
+            crate::sys::Error::KernelLacks(format!(
+                "readable kernel BTF for the read hook and the {} iterator ({e})",
+                names::PROG_NUDGE_ITER
+            ))
+        })?;
+        self.attach_read_hook(hook, &btf)?;
         let ebpf = &mut self.ebpf;
-        let prog: &mut RawTracePoint = program(ebpf, names::PROG_RECV_LENGTH)?;
-        prog.load()
-            .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
-        // A previous agent's tracepoint link is kept: a raw tracepoint link
-        // cannot swap its program, and two would count every read twice.
-        let adopt = self.recv_pin.as_ref().filter(|p| p.exists());
-        if let Some(pin) = adopt {
-            tracing::info!(
-                "kept the pinned recv tracepoint {} of the previous agent",
-                pin.display()
-            );
-        }
-        if adopt.is_none() {
-            let what = format!(
-                "raw tracepoint {} on {}",
-                names::PROG_RECV_LENGTH,
-                names::RECV_TRACEPOINT
-            );
-            self.attachments.push(attached(
-                &what,
-                AttachKind::Tracepoint,
-                names::PROG_RECV_LENGTH,
-                prog.info(),
-            )?);
-            let id = prog
-                .attach(names::RECV_TRACEPOINT)
-                .map_err(|source| Error::Attach {
-                    what: format!("raw tracepoint {}", names::RECV_TRACEPOINT),
-                    source,
-                })?;
-            self.recvmsg = Some(RecvmsgAttachment::new(
-                what,
-                prog.take_link(id).expect("fresh link"),
-            ));
-            if let Some(pin) = &self.recv_pin {
-                let info = prog
-                    .info()
-                    .map_err(|e| Error::load_program(names::PROG_RECV_LENGTH, e))?;
-                crate::sys::pins::pin_newest_link_of(info.id(), pin)?;
-            }
-        }
-
         let sockhash: SockHash<MapData, SockKey> =
             SockHash::try_from(ebpf.take_map(names::SOCKHASH).expect("SOCKHASH in object"))
                 .map_err(|source| Error::Map {
@@ -465,17 +434,101 @@ impl Loaded {
 
         // The nudger's hand: loaded and linked now, so a kernel that
         // refuses it fails the start, not the first stall.
-        let btf = Btf::from_sys_fs().map_err(|e| {
-            crate::sys::Error::KernelLacks(format!(
-                "readable kernel BTF for the {} iterator ({e})",
-                names::PROG_NUDGE_ITER
-            ))
-        })?;
         let prog: &mut Iter = program(ebpf, names::PROG_NUDGE_ITER)?;
         prog.load(names::NUDGE_ITER_TYPE, &btf)
             .map_err(|e| Error::load_program(names::PROG_NUDGE_ITER, e))?;
         self.nudge_link = Some(crate::target::nudger::iter_link(prog)?);
         Ok(())
+    }
+
+    /// Loads the read hook's program and attaches it, or adopts the link
+    /// a previous agent pinned: a link cannot swap its program for one of
+    /// another load here (a raw tracepoint link not at all), and two hooks
+    /// would count every read twice.
+    fn attach_read_hook(&mut self, hook: ReadHook, btf: &Btf) -> Result<()> {
+        let name = hook.program();
+        let ebpf = &mut self.ebpf;
+        let load = |e| Error::load_program(name, e);
+        let info = match hook {
+            ReadHook::Fexit => {
+                let prog: &mut FExit = program(ebpf, name)?;
+                prog.load(names::RECV_FEXIT_FUNCTION, btf).map_err(load)?;
+                prog.info()
+            }
+            ReadHook::Tracepoint => {
+                let prog: &mut RawTracePoint = program(ebpf, name)?;
+                prog.load().map_err(load)?;
+                prog.info()
+            }
+        };
+        let pin = self.pin_dir.as_ref().map(|d| d.join(hook.link_pin()));
+        let other = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(hook.other().link_pin()));
+        if let Some(other) = other.filter(|p| p.exists()) {
+            // The previous agent counted with the other hook (another build,
+            // or the kernel's choice changed). It goes before ours comes:
+            // a read counted twice could end a drain with bytes unread; one
+            // missed in between only keeps its sender on TCP.
+            std::fs::remove_file(&other)
+                .map_err(|e| Error::io(format!("removing {}", other.display()), e))?;
+            tracing::warn!(
+                "removed the previous agent's read hook {} ({}): this one attaches {}",
+                other.display(),
+                hook.other().describe(),
+                hook.describe()
+            );
+        }
+        if let Some(pin) = pin.as_ref().filter(|p| p.exists()) {
+            tracing::info!(
+                "kept the pinned read hook {} ({}) of the previous agent",
+                pin.display(),
+                hook.describe()
+            );
+            return Ok(());
+        }
+        let (what, kind) = match hook {
+            ReadHook::Fexit => (
+                format!("fexit {name} on {}", names::RECV_FEXIT_FUNCTION),
+                AttachKind::Fexit,
+            ),
+            ReadHook::Tracepoint => (
+                format!("raw tracepoint {name} on {}", names::RECV_TRACEPOINT),
+                AttachKind::Tracepoint,
+            ),
+        };
+        let info = info.map_err(load)?;
+        let prog_id = info.id();
+        self.attachments
+            .push(attached(&what, kind, name, Ok(info))?);
+        let attach_err = |source| Error::Attach {
+            what: hook.describe(),
+            source,
+        };
+        self.recvmsg = Some(match hook {
+            ReadHook::Fexit => {
+                let prog: &mut FExit = program(ebpf, name)?;
+                let id = prog.attach().map_err(attach_err)?;
+                let link = prog.take_link(id).expect("fresh link");
+                RecvmsgAttachment::Fexit(Attachment::new(what, link))
+            }
+            ReadHook::Tracepoint => {
+                let prog: &mut RawTracePoint = program(ebpf, name)?;
+                let id = prog.attach(names::RECV_TRACEPOINT).map_err(attach_err)?;
+                let link = prog.take_link(id).expect("fresh link");
+                RecvmsgAttachment::Tracepoint(Attachment::new(what, link))
+            }
+        });
+        if let Some(pin) = &pin {
+            crate::sys::pins::pin_newest_link_of(prog_id, pin)?;
+        }
+        Ok(())
+    }
+
+    /// The read hook this object attaches (or adopted), if acceleration.
+    pub fn read_hook(&self) -> Option<ReadHook> {
+        self.accel.then(|| ReadHooks::probed().chosen()).flatten()
     }
 
     /// What the nudger needs (with acceleration, once): the report ring

@@ -8,8 +8,8 @@
 //! bytes' wake-up came before that read. sockops' `nudge` wakes it from the
 //! next packet its socket sends, but when the writer waits for an answer
 //! none comes: both ends sleep for good. After that read nothing of the
-//! kernel runs for that socket but the recvmsg tracepoint, which may not
-//! call bpf_setsockopt; so it reports the read (`NUDGE_EVENTS`), and this
+//! kernel runs for that socket but the read hook, which may not call
+//! bpf_setsockopt; so it reports the read (`NUDGE_EVENTS`), and this
 //! thread looks again `SETTLE` later: if the reader has not read since and
 //! the TCP bytes are still unread, it puts the socket in `NUDGE` and walks
 //! the TCP sockets of its namespace with `tproxy_nudge_iter`, which wakes
