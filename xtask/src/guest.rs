@@ -40,14 +40,7 @@ const ROW_TAG: &str = "@@kernel-matrix-row ";
 /// The root integration tests' executables, built (debug, as `cargo test`
 /// builds them), by test name.
 pub fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
-    crate::sh(Command::new("cargo").args([
-        "build",
-        "-q",
-        "-p",
-        "tproxy-cli",
-        "-p",
-        "tproxy-examples",
-    ]))?;
+    crate::build_bins(false)?;
     let out = crate::output(Command::new("cargo").args([
         "test",
         "-q",

@@ -121,7 +121,8 @@ fn apt_opts(suite: &str) -> Result<Vec<String>> {
     ])
 }
 
-fn apt(args: &[&str], opts: &[String]) -> Result<()> {
+/// `apt-get OPTS ARGS`, non-interactive; fails on a non-zero exit.
+pub fn apt(args: &[&str], opts: &[String]) -> Result<()> {
     let st = Command::new("apt-get")
         .args(opts)
         .args(args)

@@ -111,16 +111,18 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 /// Builds the release binaries the lab runs (tproxy, with its embedded
 /// eBPF object, and the example programs) and returns their folder.
 pub fn build_release() -> Result<std::path::PathBuf> {
-    sh(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "tproxy-cli",
-        "-p",
-        "tproxy-examples",
-    ]))?;
+    build_bins(true)?;
     Ok(target_dir().join("release"))
+}
+
+/// `cargo build` of tproxy (with its eBPF object) and the example programs.
+pub fn build_bins(release: bool) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "-q", "-p", "tproxy-cli", "-p", "tproxy-examples"]);
+    if release {
+        cmd.arg("--release");
+    }
+    sh(&mut cmd)
 }
 
 /// The workspace's target folder.

@@ -93,17 +93,7 @@ fn package_installed(p: &str) -> bool {
 
 fn apt_install(pkgs: &[&str]) -> Result<()> {
     eprintln!("setup: installing {}", pkgs.join(" "));
-    let run = |args: &[&str]| -> Result<()> {
-        let st = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("apt-get")?;
-        if !st.success() {
-            bail!("apt-get {} failed", args.join(" "));
-        }
-        Ok(())
-    };
+    let run = |args: &[&str]| crate::kernels::apt(args, &[]);
     run(&["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend_from_slice(pkgs);
