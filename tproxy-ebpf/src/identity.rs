@@ -37,8 +37,8 @@ pub fn thread() -> Option<u64> {
     if unsafe { core::ptr::read_volatile(&TPROXY_PID_TGID) } == 0 {
         return None;
     }
-    // SAFETY: no arguments.
-    Some(unsafe { aya_ebpf::helpers::bpf_get_current_pid_tgid() })
+    // aya-ebpf wraps this helper safely (no arguments).
+    Some(aya_ebpf::helpers::bpf_get_current_pid_tgid())
 }
 
 /// Is the calling process (a syscall's: cgroup sockopt and sock_addr
