@@ -133,9 +133,12 @@ pub fn run(
                 std::env::var("PATH").unwrap_or_default()
             ),
         )
+        // Both piped: virtme-ng reopens the console it is given, and a
+        // regular file (CI's log) opened anew is truncated, losing
+        // everything the host's suite printed before.
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
     // Its own process group: a guest past its limit is ended whole (vng
     // and the qemu it started), and nothing else.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -154,6 +157,13 @@ pub fn run(
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
         true
     });
+    let stderr = child.stderr.take().expect("piped");
+    let name = k.name;
+    let errs = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[{name}] {line}");
+        }
+    });
     let mut row: Option<Row> = None;
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
@@ -162,10 +172,17 @@ pub fn run(
             row = Some(serde_json::from_str(json).context("the guest's row")?);
             continue;
         }
-        println!("[{}] {line}", k.name);
+        // The guest's console pads some lines with thousands of spaces.
+        let shown = if line.len() > 200 {
+            line.trim()
+        } else {
+            line.trim_end()
+        };
+        println!("[{}] {shown}", k.name);
         std::io::stdout().flush()?;
     }
     let st = child.wait()?;
+    let _ = errs.join();
     let killed = watchdog.join().unwrap_or(false);
     if killed {
         bail!(
