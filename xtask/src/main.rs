@@ -52,6 +52,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Rewrites the kernel table in docs/kernel-notes.md from the rows the
+    /// last runs saved under target/matrix.
+    KernelTable,
     /// Inside a guest (started by `test`): probe, pick and run its tests.
     #[command(hide = true)]
     GuestSuite {
@@ -350,6 +353,11 @@ fn main() -> Result<()> {
             test(&kernels, depth, &columns, &args)
         }
         Task::GuestSuite { job } => guest::suite(&job),
+        Task::KernelTable => {
+            let doc = matrix::write_table()?;
+            println!("{}", doc.display());
+            Ok(())
+        }
         Task::Demo { proxy } => {
             require_root()?;
             setup::run()?;
