@@ -23,13 +23,22 @@ pub enum Need {
     Nothing,
     /// TCX links (Linux 6.6): a test of what only TCX does.
     Tcx,
+    /// A real machine: a test that bounds a latency, which a guest under
+    /// software emulation cannot be held to (it runs on the host).
+    RealTime,
 }
 
 /// Tests that need more than their column does.
-const TEST_NEEDS: &[(&str, Need)] = &[(
-    "sigkill_with_tcx_leaves_only_the_record_and_next_start_recovers",
-    Need::Tcx,
-)];
+const TEST_NEEDS: &[(&str, Need)] = &[
+    (
+        "sigkill_with_tcx_leaves_only_the_record_and_next_start_recovers",
+        Need::Tcx,
+    ),
+    (
+        "scrapes_answer_from_a_cached_snapshot_and_the_api_stays_responsive",
+        Need::RealTime,
+    ),
+];
 
 /// A choice the kernel makes for tproxy (which code path runs).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -383,6 +392,9 @@ pub struct Caps {
     pub tc: String,
     /// The read hook acceleration would use.
     pub read_hook: String,
+    /// A guest under software emulation (its timings mean nothing).
+    #[serde(default)]
+    pub emulated: bool,
 }
 
 impl Caps {
@@ -401,6 +413,9 @@ impl Caps {
                 .steering_missing
                 .as_deref()
                 .or(self.accel_missing.as_deref()),
+            Need::RealTime => self.emulated.then_some(
+                "a bound on latency: timings under software emulation mean nothing (the host runs it)",
+            ),
             Need::Tcx => self
                 .steering_missing
                 .as_deref()
@@ -501,6 +516,8 @@ pub fn probe(tproxy: &Path) -> Result<Caps> {
         steering_missing,
         tc,
         read_hook,
+        // The guest says so; `probe` cannot tell.
+        emulated: false,
     })
 }
 
