@@ -286,7 +286,7 @@ fn test(
         for name in wanted.iter().filter(|k| *k != "host") {
             let k = kernels::by_name(name).expect("checked");
             let limit = std::time::Duration::from_secs(match depth {
-                matrix::Depth::Focused => 30 * 60,
+                matrix::Depth::Focused => 40 * 60,
                 matrix::Depth::Full => 3 * 60 * 60,
             });
             match guest::run(k, depth, &seen, columns, limit) {
