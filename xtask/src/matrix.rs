@@ -613,17 +613,20 @@ impl Row {
         let na = outcomes
             .iter()
             .find_map(|o| o.strip_prefix("not applicable: "));
+        // The hook's name, without check's reasons for it.
+        let hook = self.caps.read_hook.split(" (").next().unwrap_or_default();
         let detail = match c.key {
             "tc" => format!(" ({})", self.caps.tc),
-            "accel" | "bothlegs" => format!(" ({})", self.caps.read_hook),
+            "accel" | "bothlegs" => format!(" ({hook})"),
             _ => String::new(),
         };
         if failed > 0 {
             format!("**FAILED** {failed} of {}", passed + failed)
         } else if passed > 0 {
             format!("passed {passed}/{}{detail}", c.tests.len())
-        } else if let Some(why) = na {
-            format!("refused: {why}")
+        } else if na.is_some() {
+            // Why: once per row, under the table.
+            "refused".into()
         } else {
             "not run".into()
         }
@@ -716,7 +719,7 @@ pub fn table(rows: &[Row]) -> String {
     s += "\n";
     for r in rows {
         s += &format!(
-            "- {}: {} tests run in {} s on {} ({} depth).\n",
+            "- {}: {} of the table's tests run in {} s on {} ({} depth{}).\n",
             r.caps.release,
             r.tests
                 .values()
@@ -724,8 +727,23 @@ pub fn table(rows: &[Row]) -> String {
                 .count(),
             r.seconds,
             r.date,
-            r.depth
+            r.depth,
+            if r.kernel == "host" {
+                "; the seconds are the whole host suite's, with the build"
+            } else {
+                ""
+            }
         );
+        let mut reasons: Vec<&str> = r
+            .tests
+            .values()
+            .filter_map(|o| o.strip_prefix("not applicable: "))
+            .collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        for why in reasons {
+            s += &format!("  Not applicable there: {why}.\n");
+        }
     }
     s
 }
