@@ -232,7 +232,10 @@ fn test(
             ),
         }
     }
-    wanted.dedup();
+    // Once each, in the order given (`--kernel 6.1 --kernel all` runs 6.1
+    // once).
+    let mut seen_names = std::collections::HashSet::new();
+    wanted.retain(|k| seen_names.insert(k.clone()));
     let guests = wanted.iter().filter(|k| *k != "host").count();
     let depth = depth.unwrap_or(if guests > 1 {
         matrix::Depth::Focused
