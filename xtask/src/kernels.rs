@@ -176,6 +176,7 @@ pub fn install(k: Kernel) -> Result<String> {
                 .current_dir(&dir)
                 .status()?;
             if !st.success() {
+                let _ = std::fs::remove_dir_all(&dir);
                 bail!("apt-get download {pkg} failed");
             }
             let deb = std::fs::read_dir(&dir)?
