@@ -28,6 +28,9 @@ pub struct Job {
     pub seen: Vec<Caps>,
     /// Only these columns (keys), if any.
     pub only: Vec<String>,
+    /// Only these tests (names), if any.
+    #[serde(default)]
+    pub tests: Vec<String>,
     /// Test binary name → its executable.
     pub bins: BTreeMap<String, PathBuf>,
     pub tproxy: PathBuf,
@@ -76,6 +79,7 @@ pub fn run(
     depth: Depth,
     seen: &[Caps],
     only: &[String],
+    tests: &[String],
     limit: Duration,
 ) -> Result<Row> {
     let (vmlinuz, release) = kernels::installed(k).with_context(|| {
@@ -91,6 +95,7 @@ pub fn run(
         depth,
         seen: seen.to_vec(),
         only: only.to_vec(),
+        tests: tests.to_vec(),
         bins,
         tproxy: crate::target_dir().join("debug/tproxy"),
         cwd: root.join("tproxy-cli"),
@@ -221,7 +226,7 @@ pub fn suite(job_file: &Path) -> Result<()> {
         caps.tc,
         caps.read_hook
     );
-    let plan = matrix::plan(&caps, &job.seen, job.depth, &job.only);
+    let plan = matrix::plan(&caps, &job.seen, job.depth, &job.only, &job.tests);
     let mut row = Row {
         kernel: job.kernel.clone(),
         caps: caps.clone(),

@@ -47,6 +47,10 @@ enum Task {
         /// refusal); the table keeps the other cells of the last run.
         #[arg(long = "column", value_name = "KEY")]
         columns: Vec<String>,
+        /// Only these tests (exact names from the table's columns) in the
+        /// guests, whatever the depth; their outcomes replace the last run's.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
         /// Extra arguments for the host's `cargo test` (e.g. a test name
         /// filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -198,6 +202,7 @@ fn test(
     kernels: &[String],
     depth: Option<matrix::Depth>,
     columns: &[String],
+    tests: &[String],
     args: &[String],
 ) -> Result<()> {
     if let Some(bad) = columns
@@ -212,6 +217,13 @@ fn test(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    if let Some(bad) = tests.iter().find(|t| {
+        !matrix::COLUMNS
+            .iter()
+            .any(|c| c.tests.iter().any(|(_, n)| n == t))
+    }) {
+        bail!("unknown test {bad:?}: give the exact name of a test in the kernel table's columns");
     }
     let mut wanted: Vec<String> = Vec::new();
     for k in kernels {
@@ -292,7 +304,7 @@ fn test(
                 matrix::Depth::Focused => 40 * 60,
                 matrix::Depth::Full => 3 * 60 * 60,
             });
-            match guest::run(k, depth, &seen, columns, limit) {
+            match guest::run(k, depth, &seen, columns, tests, limit) {
                 Ok(row) => {
                     let run: Vec<&String> = row
                         .tests
@@ -312,10 +324,11 @@ fn test(
                         run.len() - failed,
                         row.seconds
                     ));
-                    if columns.is_empty() {
+                    if columns.is_empty() && tests.is_empty() {
                         matrix::save(&row)?;
                     } else {
-                        matrix::save_columns(&row, columns)?;
+                        let what = [columns, tests].concat().join(", ");
+                        matrix::save_part(&row, &what)?;
                     }
                     seen.push(row.caps);
                 }
@@ -349,11 +362,12 @@ fn main() -> Result<()> {
             kernels,
             depth,
             columns,
+            tests,
             args,
         } => {
             require_root()?;
             setup::run()?;
-            test(&kernels, depth, &columns, &args)
+            test(&kernels, depth, &columns, &tests, &args)
         }
         Task::GuestSuite { job } => guest::suite(&job),
         Task::KernelTable => {

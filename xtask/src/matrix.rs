@@ -545,17 +545,24 @@ pub enum Plan {
 pub type Planned = (&'static str, &'static str, Plan);
 
 /// Every column's tests with what to do with each on a kernel, given the
-/// kernels already run (`seen`, the host first).
+/// kernels already run (`seen`, the host first); with `only` or `named`,
+/// just those columns' tests and the tests named.
 pub fn plan(
     caps: &Caps,
     seen: &[Caps],
     depth: Depth,
     only: &[String],
+    named: &[String],
 ) -> Vec<(&'static Column, Vec<Planned>)> {
+    let everything = only.is_empty() && named.is_empty();
+    let is_named = |name: &str| named.iter().any(|t| t == name);
     COLUMNS
         .iter()
-        .filter(|c| only.is_empty() || only.iter().any(|k| k == c.key))
-        .map(|c| {
+        .filter_map(|c| {
+            let whole = everything || only.iter().any(|k| k == c.key);
+            if !whole && !c.tests.iter().any(|(_, n)| is_named(n)) {
+                return None;
+            }
             let lacks = caps.lacks(c.need);
             let differs = c
                 .follows
@@ -570,6 +577,7 @@ pub fn plan(
                 .tests
                 .iter()
                 .enumerate()
+                .filter(|(_, (_, name))| whole || is_named(name))
                 .map(|(i, (bin, name))| {
                     let own = TEST_NEEDS
                         .iter()
@@ -577,13 +585,14 @@ pub fn plan(
                         .and_then(|(_, need)| caps.lacks(*need));
                     let p = match lacks.or(own) {
                         Some(why) => Plan::NotApplicable(why.to_string()),
-                        None if i < n => Plan::Run,
+                        // A test asked for by name runs whatever the depth.
+                        None if i < n || is_named(name) => Plan::Run,
                         None => Plan::Covered,
                     };
                     (*bin, *name, p)
                 })
                 .collect();
-            (c, tests)
+            Some((c, tests))
         })
         .collect()
 }
@@ -647,9 +656,9 @@ pub fn save(row: &Row) -> Result<()> {
     Ok(())
 }
 
-/// Saves a row of some columns only: over the kernel's saved row, whose
-/// other columns stay as they were.
-pub fn save_columns(row: &Row, columns: &[String]) -> Result<()> {
+/// Merges a partial run (some columns or tests) into the kernel's saved
+/// row: the outcomes it has replace the saved ones, the rest stay.
+pub fn save_part(row: &Row, what: &str) -> Result<()> {
     let path = results_dir().join(format!("{}.json", row.kernel));
     let Some(mut prev) = std::fs::read(&path)
         .ok()
@@ -657,17 +666,10 @@ pub fn save_columns(row: &Row, columns: &[String]) -> Result<()> {
     else {
         return save(row);
     };
-    let keys: Vec<String> = COLUMNS
-        .iter()
-        .filter(|c| columns.iter().any(|k| k == c.key))
-        .flat_map(|c| c.tests.iter().map(|(b, n)| format!("{b}::{n}")))
-        .collect();
-    for k in keys {
-        if let Some(v) = row.tests.get(&k) {
-            prev.tests.insert(k, v.clone());
-        }
+    for (k, v) in &row.tests {
+        prev.tests.insert(k.clone(), v.clone());
     }
-    prev.depth = format!("{}; {} for {}", prev.depth, row.depth, columns.join(", "));
+    prev.depth = format!("{}; {} for {what}", prev.depth, row.depth);
     prev.seconds += row.seconds;
     prev.caps = row.caps.clone();
     save(&prev)
@@ -796,7 +798,7 @@ mod tests {
             tc: "netlink".into(),
             ..host.clone()
         };
-        let p = plan(&old, std::slice::from_ref(&host), Depth::Focused, &[]);
+        let p = plan(&old, std::slice::from_ref(&host), Depth::Focused, &[], &[]);
         let tc = p.iter().find(|(c, _)| c.key == "tc").unwrap();
         let col = COLUMNS.iter().find(|c| c.key == "tc").unwrap();
         for (i, t) in tc.1.iter().enumerate() {
@@ -813,10 +815,37 @@ mod tests {
             ..host.clone()
         };
         // Once a kernel with netlink filters ran, the next runs the reps.
-        let p2 = plan(&old, &[host.clone(), old.clone()], Depth::Focused, &[]);
+        let p2 = plan(&old, &[host.clone(), old.clone()], Depth::Focused, &[], &[]);
         let tc = p2.iter().find(|(c, _)| c.key == "tc").unwrap();
         assert_eq!(tc.1.iter().filter(|t| t.2 == Plan::Run).count(), 2);
-        let p = plan(&none, &[host], Depth::Full, &[]);
+        // A test named runs at any depth, and nothing else does.
+        let name = COLUMNS.iter().find(|c| c.key == "accel").unwrap().tests[15].1;
+        let p3 = plan(
+            &old,
+            &[host.clone(), old.clone()],
+            Depth::Focused,
+            &[],
+            &[name.into()],
+        );
+        let planned: Vec<_> = p3.iter().flat_map(|(_, t)| t).collect();
+        assert_eq!(planned.len(), 1, "{planned:?}");
+        assert_eq!((planned[0].1, &planned[0].2), (name, &Plan::Run));
+        let p4 = plan(
+            &old,
+            &[host.clone(), old.clone()],
+            Depth::Full,
+            &["agent".into()],
+            &[name.into()],
+        );
+        let keys: Vec<_> = p4.iter().map(|(c, t)| (c.key, t.len())).collect();
+        let agent = COLUMNS
+            .iter()
+            .find(|c| c.key == "agent")
+            .unwrap()
+            .tests
+            .len();
+        assert_eq!(keys, [("accel", 1), ("agent", agent)]);
+        let p = plan(&none, &[host], Depth::Full, &[], &[]);
         for (c, tests) in &p {
             for t in tests {
                 match c.need {
