@@ -149,9 +149,8 @@ fn documented(s: &str, plain: &Seen, accel: &Seen) -> Option<Result<(), String>>
     })
 }
 
-fn equivalence(proxy: Proxy) {
-    let lab = Lab::new();
-    let _p = lab.proxy(proxy, Steer::Rewrite);
+/// A tproxy run on the lab, `ACCEL` accelerated and `PLAIN` not.
+fn start(lab: &Lab) -> Logged {
     let cg = lab.cg();
     let ports = format!("{ACCEL},{PLAIN}");
     let accel = ACCEL.to_string();
@@ -165,7 +164,13 @@ fn equivalence(proxy: Proxy) {
         "--cgroup",
         &cg,
     ];
-    let _t = Logged::start(BIN, &lab.topo.server, None, &args).unwrap();
+    Logged::start(BIN, &lab.topo.server, None, &args).unwrap()
+}
+
+fn equivalence(proxy: Proxy) {
+    let lab = Lab::new();
+    let _p = lab.proxy(proxy, Steer::Rewrite);
+    let _t = start(&lab);
     let mut results = BTreeMap::new();
     for (i, s) in scenarios().iter().enumerate() {
         let [a, p] = observe(&lab, s, i % 2 == 1);
@@ -205,4 +210,27 @@ fn an_app_cannot_tell_acceleration_through_haproxy() {
 #[test]
 fn an_app_cannot_tell_acceleration_through_envoy() {
     equivalence(Proxy::Envoy);
+}
+
+/// A send that opens a TLS handshake record takes its pair off the fast
+/// path before any of it is redirected: the app may turn kTLS on next,
+/// with the peer's first records already queued, and kTLS reads redirected
+/// bytes without decrypting them (the guests' kernels, which have kTLS,
+/// show that in `r-starttls-ktls` above; this kernel has no CONFIG_TLS).
+/// The pair was on the fast path just before: the second plain round
+/// ("hello", "hi") is redirected, and not one byte after it.
+#[test]
+fn a_tls_handshake_leaves_the_fast_path_before_its_first_byte() {
+    let lab = Lab::new();
+    let _p = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = start(&lab);
+    let [a, p] = observe(&lab, "r-starttls-ktls", false);
+    assert_eq!(a, p);
+    let c = stats(&lab.topo.server)["counters"].clone();
+    assert_eq!(
+        c["msg_redirected_bytes"].as_u64().unwrap(),
+        "hello".len() as u64 + "hi".len() as u64,
+        "{a:?}\n{c}"
+    );
+    assert!(c["accel_api_retired"].as_u64().unwrap() >= 1, "{c}");
 }
