@@ -627,7 +627,7 @@ fn ktls(s: &TcpStream, tx: u8, rx: u8) -> String {
             fd(s),
             libc::IPPROTO_TCP,
             libc::TCP_ULP,
-            b"tls\0".as_ptr().cast(),
+            c"tls".as_ptr().cast(),
             3,
         )
     };
