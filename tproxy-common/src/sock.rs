@@ -140,7 +140,9 @@ pub mod sock_api {
     pub const READS_PLAIN: usize = 0;
     /// A recvmsg with MSG_WAITALL, MSG_TRUNC or MSG_OOB (tcp_bpf_recvmsg
     /// returns what is queued instead, copies where TCP discards, and reads
-    /// urgent-data requests as plain reads).
+    /// urgent-data requests as plain reads), or a send with MSG_OOB
+    /// (tcp_bpf_sendmsg ignores it: the urgent byte would arrive inline),
+    /// seen by the send hook where the kernel has one.
     pub const OFF_ODD_READ: usize = 1;
     /// SO_ZEROCOPY (redirected MSG_ZEROCOPY sends are never notified).
     pub const OFF_ZEROCOPY: usize = 2;
@@ -169,7 +171,7 @@ pub mod sock_api {
     /// Names for userspace, by byte.
     pub const NAMES: [&str; 8] = [
         "reads_plain",
-        "waitall_trunc_or_oob_read",
+        "waitall_trunc_or_oob",
         "so_zerocopy",
         "so_rcvlowat",
         "recv_cmsg",
