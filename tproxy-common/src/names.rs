@@ -55,6 +55,11 @@ pub const RECV_TRACEPOINT: &str = "sock_recv_length";
 pub const PROG_RECV_FEXIT: &str = "tproxy_recv_fexit";
 /// The recvmsg of sockets in a sockmap or SOCKHASH (net/ipv4/tcp_bpf.c).
 pub const RECV_FEXIT_FUNCTION: &str = "tcp_bpf_recvmsg";
+/// The send hook where the kernel has fentry: on the function below (it
+/// sees a send's flags, which sk_msg does not).
+pub const PROG_SEND_FENTRY: &str = "tproxy_send_fentry";
+/// The sendmsg of sockets in a sockmap or SOCKHASH (net/ipv4/tcp_bpf.c).
+pub const SEND_FENTRY_FUNCTION: &str = "tcp_bpf_sendmsg";
 /// The nudger's TCP socket iterator (`iter/tcp`).
 pub const PROG_NUDGE_ITER: &str = "tproxy_nudge_iter";
 /// Its iterator type: the kernel's `bpf_iter_tcp`.

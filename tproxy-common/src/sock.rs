@@ -140,7 +140,9 @@ pub mod sock_api {
     pub const READS_PLAIN: usize = 0;
     /// A recvmsg with MSG_WAITALL, MSG_TRUNC or MSG_OOB (tcp_bpf_recvmsg
     /// returns what is queued instead, copies where TCP discards, and reads
-    /// urgent-data requests as plain reads).
+    /// urgent-data requests as plain reads), or a send with MSG_OOB
+    /// (tcp_bpf_sendmsg ignores it: the urgent byte would arrive inline),
+    /// seen by the send hook where the kernel has one.
     pub const OFF_ODD_READ: usize = 1;
     /// SO_ZEROCOPY (redirected MSG_ZEROCOPY sends are never notified).
     pub const OFF_ZEROCOPY: usize = 2;
@@ -157,17 +159,25 @@ pub mod sock_api {
     /// EAGAIN to a blocking reader that the ACK of its own FIN wakes, so
     /// the pair leaves the SOCKHASH at the FIN, before the reader waits.
     pub const OFF_HALF_CLOSED: usize = 6;
+    /// A send opened with a TLS handshake record: the app terminates TLS
+    /// and may turn kTLS on next, with bytes already queued for it. kTLS
+    /// reads queued redirected bytes without decrypting them
+    /// (tls_sw_recvmsg) and hands its plaintext records to sk_msg
+    /// (bpf_exec_tx_verdict), so no byte after the handshake's first may
+    /// be redirected: sk_msg sees it before TCP_ULP is ever set.
+    pub const OFF_TLS: usize = 7;
     /// Any `OFF_*` byte, as a mask over the bytes read as one u64.
     pub const OFF_MASK: u64 = !0xff;
     /// Names for userspace, by byte.
-    pub const NAMES: [&str; 7] = [
+    pub const NAMES: [&str; 8] = [
         "reads_plain",
-        "waitall_trunc_or_oob_read",
+        "waitall_trunc_or_oob",
         "so_zerocopy",
         "so_rcvlowat",
         "recv_cmsg",
         "ulp",
         "half_closed",
+        "tls_handshake",
     ];
 }
 

@@ -194,6 +194,11 @@ pub struct NodeConfig {
     pub cgroup_ancestors_offset: u32,
     pub cgroup_kn_offset: u32,
     pub kernfs_node_id_offset: u32,
+    /// Offset of `msg_flags` in the kernel's `struct msghdr` (from BTF):
+    /// the send hook (fentry on tcp_bpf_sendmsg, where the kernel has
+    /// tracing programs) reads a send's flags there; 0 if unknown.
+    pub msghdr_flags_offset: u32,
+    pub _pad0: u32,
 }
 
 /// `NodeConfig::flags` bits.
@@ -263,7 +268,8 @@ const _: () = {
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
-    assert!(size_of::<NodeConfig>() == 56);
+    assert!(size_of::<NodeConfig>() == 64);
+    assert!(offset_of!(NodeConfig, msghdr_flags_offset) == 56);
     assert!(offset_of!(NodeConfig, kernfs_node_id_offset) == 52);
     assert!(offset_of!(NodeConfig, tcp_write_seq_offset) == 24);
     assert!(offset_of!(NodeConfig, single_netns_cookie) == 16);

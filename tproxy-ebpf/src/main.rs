@@ -11,6 +11,7 @@
 //! | sk_msg (SOCKHASH) | `tproxy_sk_msg`    | `sk_msg.rs`     |
 //! | raw tracepoint sock_recv_length | `tproxy_recv_length` | `recv_length.rs` |
 //! | fexit tcp_bpf_recvmsg | `tproxy_recv_fexit` | `recv_fexit.rs` |
+//! | fentry tcp_bpf_sendmsg | `tproxy_send_fentry` | `send_fentry.rs` |
 //! | iter/tcp (run by userspace) | `tproxy_nudge_iter` | `nudge_iter.rs` |
 //!
 //! `peer.rs`: which sockets sockops pairs, and why no other can be.
@@ -47,6 +48,7 @@ mod recv_fexit;
 mod recv_length;
 mod restore;
 mod retire;
+mod send_fentry;
 mod setsockopt;
 mod sk_msg;
 mod sockkey;

@@ -35,7 +35,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_msg_pull_data},
     macros::sk_msg,
     programs::SkMsgContext,
 };
@@ -68,6 +68,12 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     // SAFETY: own live entry; written once at insert.
     let slot = unsafe { (*own).slot };
     counters::inc(slot, Counter::MsgSeen);
+    // Looked at on every send, whatever the verdict, so that the first
+    // (which goes by TCP: its reader has not read yet) is seen too.
+    if opens_tls_handshake(ctx) {
+        // SAFETY: own live entry; one byte, stored whole (`sock_api`).
+        unsafe { core::ptr::write_volatile(&raw mut (*own).api[sock_api::OFF_TLS], 1) };
+    }
     // SAFETY (every access to *own below): this socket's live SOCKS entry.
     // `sent`, `redirected_end`, `flags` and `tcp_since` are written only
     // here, by one sendmsg at a time; `peer` is one aligned 8-byte word
@@ -198,6 +204,35 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     counters::inc(slot, Counter::MsgRedirected);
     counters::add(slot, Counter::MsgRedirectedBytes, size);
     Ok(())
+}
+
+/// Whether the message begins like a TLS record of the handshake (type 22,
+/// version 3.x, a length a record may have): a ClientHello or ServerHello,
+/// also one after a STARTTLS exchange. Application data records (type 23)
+/// and other streams pass unnoticed but for one send in millions of random
+/// bytes, which then only loses the fast path.
+#[inline(always)]
+fn opens_tls_handshake(ctx: &SkMsgContext) -> bool {
+    const HEAD: usize = 5;
+    if ctx.size() < HEAD as u32 {
+        return false;
+    }
+    if ctx.data() + HEAD > ctx.data_end() {
+        // The first fragment is shorter (the sender's page frag was almost
+        // full): make the first bytes one run. Rare.
+        // SAFETY: the program's own message; a range inside it.
+        if unsafe { bpf_msg_pull_data(ctx.msg, 0, HEAD as u32, 0) } != 0 {
+            return false;
+        }
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + HEAD > end {
+        return false;
+    }
+    // SAFETY: HEAD bytes at data are inside the message (checked above).
+    let h = unsafe { core::ptr::read_unaligned(data as *const [u8; HEAD]) };
+    let len = u16::from_be_bytes([h[3], h[4]]);
+    h[0] == 0x16 && h[1] == 3 && h[2] <= 4 && len != 0 && len <= (1 << 14) + 2048
 }
 
 /// A socket's `api` bytes as one word (each byte is stored whole by its

@@ -43,7 +43,7 @@ enum Task {
         #[arg(long, value_enum)]
         depth: Option<matrix::Depth>,
         /// Only these columns of the kernel table in the guests (rewrite,
-        /// tproxy, tc, origdst, failclosed, accel, bothlegs, agent, cni,
+        /// tproxy, tc, origdst, failclosed, accel, semantics, bothlegs, agent, cni,
         /// refusal); the table keeps the other cells of the last run.
         #[arg(long = "column", value_name = "KEY")]
         columns: Vec<String>,

@@ -250,6 +250,27 @@ pub const COLUMNS: &[Column] = &[
         rep: 2,
     },
     Column {
+        key: "semantics",
+        title: "acceleration invisible (semantics)",
+        need: Need::Accel,
+        follows: &[Choice::ReadHook],
+        // Every kernel runs one: what tcp_bpf honours changes from release
+        // to release (FIONREAD, splice, kTLS where the kernel has it).
+        tests: &[
+            (
+                "semantics",
+                "an_app_cannot_tell_acceleration_through_our_proxy",
+            ),
+            ("semantics", "an_app_cannot_tell_acceleration_through_envoy"),
+            (
+                "semantics",
+                "an_app_cannot_tell_acceleration_through_haproxy",
+            ),
+        ],
+        core: 1,
+        rep: 1,
+    },
+    Column {
         key: "bothlegs",
         title: "both legs",
         need: Need::Accel,

@@ -102,7 +102,14 @@ const SCENARIOS: &[(&str, &str)] = &[
         "w-nonblock",
         "8 MiB non-blocking with edge-triggered EPOLLOUT to a slow client",
     ),
-    ("r-ktls", "TCP_ULP tls (kTLS) on the app's socket"),
+    (
+        "r-ktls",
+        "a TLS handshake from the first byte, then kTLS both ways, a record queued before TLS_RX",
+    ),
+    (
+        "r-starttls-ktls",
+        "plain exchanges, then a TLS handshake and kTLS (STARTTLS), a record queued before TLS_RX",
+    ),
     (
         "r-io-uring",
         "io_uring recv, twice, with the second part arriving later",
@@ -222,6 +229,8 @@ fn errno_name(e: i32) -> String {
         libc::EFAULT => "EFAULT".into(),
         libc::ENOPROTOOPT => "ENOPROTOOPT".into(),
         libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
+        libc::EBADMSG => "EBADMSG".into(),
+        libc::EIO => "EIO".into(),
         e => format!("errno{e}"),
     }
 }
@@ -571,28 +580,78 @@ fn app_side(scenario: &str, s: TcpStream) -> String {
             let _ = s.shutdown(Shutdown::Write);
             o.push(show(&read_to_end(&s)));
         }
-        "r-ktls" => {
-            let name = b"tls\0";
-            // SAFETY: setsockopt TCP_ULP with a NUL-terminated name.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd(&s),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_ULP,
-                    name.as_ptr().cast(),
-                    3,
-                )
-            };
-            o.push(if r == 0 {
-                "ulp=ok".into()
-            } else {
-                format!("ulp={}", errno_name(last_errno()))
-            });
+        "r-ktls" | "r-starttls-ktls" => {
+            if scenario == "r-starttls-ktls" {
+                // Twice: the second round is redirected.
+                o.push(exchange_first(&s));
+                o.push(exchange_first(&s));
+            }
+            // The handshake in userspace, with plain calls.
+            let hello = read_exact(&s, handshake_record(b"client").len());
+            o.push(show(&Ok(hello)));
+            let _ = send(&s, &handshake_record(b"server"), 0);
+            // The client's first record is on its way meanwhile: queued
+            // before this socket reads records (as a TLS 1.3 client's data
+            // may follow its Finished at once).
+            pause(300);
+            o.push(ktls(&s, KEY_APP, KEY_CLIENT));
             o.push(show(&recv(&s, 64, 0)));
+            let _ = send(&s, b"answer", 0);
+            o.push(show(&read_to_end(&s)));
         }
         _ => unreachable!(),
     }
     o.join(" | ")
+}
+
+/// A record like the one a TLS handshake opens with (handshake, version
+/// 3.1, its length), carrying `body`.
+fn handshake_record(body: &[u8]) -> Vec<u8> {
+    let mut r = vec![0x16, 0x03, 0x01, 0, body.len() as u8];
+    r.extend_from_slice(body);
+    r
+}
+
+/// The key each end sends with (the other receives with it).
+const KEY_CLIENT: u8 = 1;
+const KEY_APP: u8 = 2;
+
+/// kTLS on `s` as a TLS library enables it after its handshake: the ULP,
+/// then fixed AES-GCM-128 keys (TLS 1.2) for sending and for receiving.
+/// "ktls=ok", or the first call's errno (ENOENT where the kernel has no
+/// CONFIG_TLS).
+fn ktls(s: &TcpStream, tx: u8, rx: u8) -> String {
+    // SAFETY: setsockopt TCP_ULP with its name; the length excludes the NUL.
+    let r = unsafe {
+        libc::setsockopt(
+            fd(s),
+            libc::IPPROTO_TCP,
+            libc::TCP_ULP,
+            c"tls".as_ptr().cast(),
+            3,
+        )
+    };
+    if r != 0 {
+        return format!("ulp={}", errno_name(last_errno()));
+    }
+    const SOL_TLS: i32 = 282;
+    for (dir, name, k) in [(1, "tx", tx), (2, "rx", rx)] {
+        // struct tls12_crypto_info_aes_gcm_128: version (TLS 1.2), cipher
+        // (AES-GCM-128 = 51), iv[8], key[16], salt[4], rec_seq[8].
+        let mut info = vec![0x03, 0x03, 51, 0];
+        info.extend([k; 8]);
+        info.extend([k.wrapping_add(0x10); 16]);
+        info.extend([k.wrapping_add(0x20); 4]);
+        info.extend([0u8; 8]);
+        // SAFETY: setsockopt with our buffer and its length.
+        let r = unsafe {
+            libc::setsockopt(fd(s), SOL_TLS, dir, info.as_ptr().cast(), info.len() as u32)
+        };
+        if r != 0 {
+            return format!("{name}={}", errno_name(last_errno()));
+        }
+    }
+    "ktls=ok".into()
 }
 
 /// A first request and answer with plain calls (the client sends "hello",
@@ -1126,8 +1185,18 @@ fn client(scenario: &str, s: TcpStream) -> String {
             }
             o.push(format!("got={got} exact={ok}"));
         }
-        "r-ktls" => {
-            let _ = w.write_all(b"hello");
+        "r-ktls" | "r-starttls-ktls" => {
+            if scenario == "r-starttls-ktls" {
+                for _ in 0..2 {
+                    let _ = w.write_all(b"hello");
+                    o.push(show(&Ok(read_exact(&s, 2))));
+                }
+            }
+            let _ = w.write_all(&handshake_record(b"client"));
+            o.push(show(&Ok(read_exact(&s, handshake_record(b"server").len()))));
+            o.push(ktls(&s, KEY_CLIENT, KEY_APP));
+            let _ = w.write_all(b"request");
+            o.push(show(&recv(&s, 64, 0)));
         }
         _ => unreachable!(),
     }

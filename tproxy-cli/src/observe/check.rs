@@ -172,7 +172,8 @@ pub fn checks(opts: &Options, iface_given: bool, metrics_addr: Option<SocketAddr
         items.extend(tproxy_items(&opts, ifindex, iface_given));
     }
     if opts.accel {
-        items.push(fast_path_item(&opts));
+        let send_hook = ReadHooks::probed().chosen() == Some(probe::ReadHook::Fexit);
+        items.push(fast_path_item(&opts, send_hook));
     }
     items.push(listener_item(opts.proxy_port));
     if let Some(addr) = metrics_addr {
@@ -184,7 +185,7 @@ pub fn checks(opts: &Options, iface_given: bool, metrics_addr: Option<SocketAddr
 /// Which connections acceleration takes, and the socket features that keep
 /// a socket off the fast path (docs/how-it-works.md, "What acceleration
 /// changes").
-fn fast_path_item(opts: &Options) -> Item {
+fn fast_path_item(opts: &Options, send_hook: bool) -> Item {
     let ports = match &opts.accel_ports {
         Some(p) => format!("ports {p} (--accel-ports)"),
         None => format!("every intercepted port ({})", opts.ports),
@@ -193,10 +194,17 @@ fn fast_path_item(opts: &Options) -> Item {
         "fast path",
         format!(
             "{ports}; kept off it: sockets with SO_ZEROCOPY, SO_RCVLOWAT > 1, TCP_INQ, \
-             receive timestamps or a ULP (kTLS), readers until their first plain recvmsg \
-             and after a MSG_WAITALL, MSG_TRUNC or MSG_OOB read, sockets after their own \
-             half-close; not detectable here: FIONREAD, splice(2) after recvmsg, MSG_OOB sends \
-             (keep such an app's ports out of --accel-ports)"
+             receive timestamps or a ULP (kTLS), streams after a TLS handshake record, \
+             readers until their first plain recvmsg and after a MSG_WAITALL, MSG_TRUNC or \
+             MSG_OOB read, {}sockets after their own half-close; not detectable here: \
+             FIONREAD, splice(2) after recvmsg{} (keep such an app's ports out of \
+             --accel-ports)",
+            if send_hook {
+                "senders after a MSG_OOB send (fentry on tcp_bpf_sendmsg), "
+            } else {
+                ""
+            },
+            if send_hook { "" } else { ", MSG_OOB sends" }
         ),
     )
 }

@@ -129,6 +129,15 @@ pub fn sk_rcvbuf_offset() -> u32 {
         .unwrap_or(0)
 }
 
+/// Where `msg_flags` is in `struct msghdr`, for the send hook; 0 without
+/// BTF (the hook then notes nothing).
+pub fn msghdr_flags_offset() -> u32 {
+    std::fs::read(VMLINUX)
+        .ok()
+        .and_then(|btf| member_offset(&btf, "msghdr", "msg_flags"))
+        .unwrap_or(0)
+}
+
 /// Offsets of `write_seq` and `copied_seq` in `struct tcp_sock`; (0, 0)
 /// without BTF.
 pub fn tcp_seq_offsets() -> (u32, u32) {

@@ -3,8 +3,8 @@
 //! down what was set up.
 use aya::programs::{
     Link, cgroup_sock_addr::CgroupSockAddrLink, cgroup_sockopt::CgroupSockoptLink,
-    fexit::FExitLink, raw_trace_point::RawTracePointLink, sk_msg::SkMsgLink, sock_ops::SockOpsLink,
-    tc::SchedClassifierLink,
+    fentry::FEntryLink, fexit::FExitLink, raw_trace_point::RawTracePointLink, sk_msg::SkMsgLink,
+    sock_ops::SockOpsLink, tc::SchedClassifierLink,
 };
 use tracing::{debug, warn};
 
@@ -24,6 +24,9 @@ pub type GetsocknameAttachment = Attachment<CgroupSockAddrLink>;
 pub type SockopsAttachment = Attachment<SockOpsLink>;
 /// sk_msg on the SOCKHASH.
 pub type SkMsgAttachment = Attachment<SkMsgLink>;
+/// The send hook: fentry on tcp_bpf_sendmsg (MSG_OOB sends), where the
+/// kernel has fentry.
+pub type SendAttachment = Attachment<FEntryLink>;
 /// The read hook (reads of our sockets): whichever the kernel offers.
 pub enum RecvmsgAttachment {
     /// raw tracepoint sock_recv_length.

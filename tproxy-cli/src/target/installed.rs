@@ -158,6 +158,8 @@ pub enum AttachKind {
     Tracepoint,
     /// An fexit (tracing) link: the read hook where the kernel has fexit.
     Fexit,
+    /// An fentry (tracing) link: the send hook, with the fexit read hook.
+    Fentry,
 }
 
 /// The program ids of the tc attachments among `attachments`.

@@ -11,7 +11,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, RingBuf, SockHash},
     programs::{
-        CgroupSockAddr, CgroupSockopt, FExit, Iter, RawTracePoint, SchedClassifier, SkMsg, SockOps,
+        CgroupSockAddr, CgroupSockopt, FEntry, FExit, Iter, RawTracePoint, SchedClassifier, SkMsg,
+        SockOps,
     },
 };
 use tproxy_common::{Counter, NodeConfig, SockKey, Target, names};
@@ -23,7 +24,7 @@ use crate::{
     },
     target::{
         Error, Result,
-        attach::{Attachment, RecvmsgAttachment, SkMsgAttachment},
+        attach::{Attachment, RecvmsgAttachment, SendAttachment, SkMsgAttachment},
         inspect::{MapIds, lingered, monotonic_coarse_ns},
         installed::{AttachKind, Attached},
         nudger::NudgeMaps,
@@ -35,6 +36,7 @@ use crate::{
 pub struct Loaded {
     sk_msg: Option<SkMsgAttachment>,
     recvmsg: Option<RecvmsgAttachment>,
+    send: Option<SendAttachment>,
     /// Kept open: the programs were relocated against this fd.
     sockhash: Option<SockHash<MapData, SockKey>>,
     /// The nudger's iterator link (acceleration), until `nudge_maps`.
@@ -255,6 +257,7 @@ impl Loaded {
             sk_rcvbuf_offset: crate::sys::btf::sk_rcvbuf_offset(),
             tcp_write_seq_offset,
             tcp_copied_seq_offset,
+            msghdr_flags_offset: crate::sys::btf::msghdr_flags_offset(),
             single_netns_cookie: single.unwrap_or(0),
             flags: if o.same_node {
                 tproxy_common::node_flags::SAME_NODE
@@ -377,6 +380,7 @@ impl Loaded {
         let mut loaded = Loaded {
             sk_msg: None,
             recvmsg: None,
+            send: None,
             sockhash: None,
             nudge_link: None,
             ebpf,
@@ -405,6 +409,9 @@ impl Loaded {
             ))
         })?;
         self.attach_read_hook(hook, &btf)?;
+        if hook == ReadHook::Fexit {
+            self.attach_send_hook(&btf)?;
+        }
         let ebpf = &mut self.ebpf;
         let sockhash: SockHash<MapData, SockKey> =
             SockHash::try_from(ebpf.take_map(names::SOCKHASH).expect("SOCKHASH in object"))
@@ -523,6 +530,27 @@ impl Loaded {
         if let Some(pin) = &pin {
             crate::sys::pins::pin_newest_link_of(prog_id, pin)?;
         }
+        Ok(())
+    }
+
+    /// The send hook, where the kernel has fentry (the fexit read hook's
+    /// probe found tracing programs): it notes MSG_OOB sends, which sk_msg
+    /// cannot see, before sk_msg runs. Not pinned: while no agent runs,
+    /// such a send is redirected (its urgent byte inline), no byte lost.
+    fn attach_send_hook(&mut self, btf: &Btf) -> Result<()> {
+        let name = names::PROG_SEND_FENTRY;
+        let prog: &mut FEntry = program(&mut self.ebpf, name)?;
+        prog.load(names::SEND_FENTRY_FUNCTION, btf)
+            .map_err(|e| Error::load_program(name, e))?;
+        let what = format!("fentry {name} on {}", names::SEND_FENTRY_FUNCTION);
+        self.attachments
+            .push(attached(&what, AttachKind::Fentry, name, prog.info())?);
+        let id = prog.attach().map_err(|source| Error::Attach {
+            what: what.clone(),
+            source,
+        })?;
+        let link = prog.take_link(id).expect("fresh link");
+        self.send = Some(Attachment::new(what, link));
         Ok(())
     }
 

@@ -499,29 +499,39 @@ pub fn connect_from(
 pub struct KernelCaps {
     /// TCX links (else tproxy's `auto` tc mode uses netlink filters).
     pub tcx: bool,
+    /// The send hook (fentry on tcp_bpf_sendmsg, with the fexit read
+    /// hook): MSG_OOB sends are seen.
+    pub send_hook: bool,
 }
 
 pub fn kernel_caps() -> &'static KernelCaps {
     static CAPS: std::sync::OnceLock<KernelCaps> = std::sync::OnceLock::new();
     CAPS.get_or_init(|| {
-        let out = std::process::Command::new(BIN)
-            .args(["check", "--json", "--no-accel"])
-            .output()
-            .expect("tproxy check");
-        let items: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "tproxy check --json: {e}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        let tc = items
-            .as_array()
-            .and_then(|a| a.iter().find(|i| i["name"] == "tc attach"))
-            .and_then(|i| i["detail"].as_str())
-            .expect("a tc attach line")
-            .to_string();
+        let line = |args: &[&str], name: &str| -> String {
+            let out = std::process::Command::new(BIN)
+                .args(["check", "--json"])
+                .args(args)
+                .output()
+                .expect("tproxy check");
+            let items: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                    panic!(
+                        "tproxy check --json: {e}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                });
+            items
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["name"] == name))
+                .and_then(|i| i["detail"].as_str())
+                .map(str::to_string)
+                .unwrap_or_default()
+        };
+        let tc = line(&["--no-accel"], "tc attach");
+        assert!(!tc.is_empty(), "tproxy check has no tc attach line");
         KernelCaps {
             tcx: tc.starts_with("TCX"),
+            send_hook: line(&[], "read hook").starts_with("fexit"),
         }
     })
 }
