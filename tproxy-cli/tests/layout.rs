@@ -155,6 +155,8 @@ fn programs_in_the_object_are_the_hooks() {
         // The read hooks: the loader attaches one (`sys::probe::ReadHook`).
         names::PROG_RECV_LENGTH,
         names::PROG_RECV_FEXIT,
+        // The send hook, attached with the fexit read hook.
+        names::PROG_SEND_FENTRY,
         names::PROG_NUDGE_ITER,
     ];
     want.sort_unstable();

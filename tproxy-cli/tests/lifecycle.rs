@@ -67,10 +67,15 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
     // programs (no SOCKHASH, sk_msg or read hook).
     let (hook, hook_kind) = read_hook();
     let expected: Vec<&str> = if accel {
-        ALL_PROGS
+        let mut v: Vec<&str> = ALL_PROGS
             .iter()
             .map(|&p| if p == READ_HOOK { hook } else { p })
-            .collect()
+            .collect();
+        // The send hook comes with the fexit read hook (tracing programs).
+        if hook_kind == "tracing" {
+            v.push(tproxy_common::names::PROG_SEND_FENTRY);
+        }
+        v
     } else {
         let mut v = ALL_PROGS[..5].to_vec();
         v.push("tproxy_sockops_flows");
@@ -92,6 +97,9 @@ fn assert_attached(sb: &Sandbox, map_id: u64, accel: bool, tcx: bool) -> Vec<u64
         assert_eq!(kind("tproxy_sk_msg"), "sk_msg");
         assert_eq!(kind(hook), hook_kind);
         assert_eq!(kind("tproxy_nudge_iter"), "tracing");
+        if hook_kind == "tracing" {
+            assert_eq!(kind(tproxy_common::names::PROG_SEND_FENTRY), "tracing");
+        }
     }
 
     // Cgroup: attached to the child cgroup, nowhere else we can see.

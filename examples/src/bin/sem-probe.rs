@@ -107,6 +107,10 @@ const SCENARIOS: &[(&str, &str)] = &[
         "a TLS handshake from the first byte, then kTLS both ways, a record queued before TLS_RX",
     ),
     (
+        "r-ktls-at-once",
+        "a TLS handshake, then kTLS at once after the app's last handshake send, as a library does",
+    ),
+    (
         "r-starttls-ktls",
         "plain exchanges, then a TLS handshake and kTLS (STARTTLS), a record queued before TLS_RX",
     ),
@@ -597,6 +601,17 @@ fn app_side(scenario: &str, s: TcpStream) -> String {
             o.push(ktls(&s, KEY_APP, KEY_CLIENT));
             o.push(show(&recv(&s, 64, 0)));
             let _ = send(&s, b"answer", 0);
+            o.push(show(&read_to_end(&s)));
+        }
+        "r-ktls-at-once" => {
+            let hello = read_exact(&s, handshake_record(b"client").len());
+            o.push(show(&Ok(hello)));
+            // The handshake's last send and kTLS right behind it, before
+            // the pair can have left the SOCKHASH.
+            let _ = send(&s, &handshake_record(b"server"), 0);
+            o.push(ktls(&s, KEY_APP, KEY_CLIENT));
+            let _ = send(&s, b"answer", 0);
+            o.push(show(&recv(&s, 64, 0)));
             o.push(show(&read_to_end(&s)));
         }
         _ => unreachable!(),
@@ -1197,6 +1212,13 @@ fn client(scenario: &str, s: TcpStream) -> String {
             o.push(ktls(&s, KEY_CLIENT, KEY_APP));
             let _ = w.write_all(b"request");
             o.push(show(&recv(&s, 64, 0)));
+        }
+        "r-ktls-at-once" => {
+            let _ = w.write_all(&handshake_record(b"client"));
+            o.push(show(&Ok(read_exact(&s, handshake_record(b"server").len()))));
+            o.push(ktls(&s, KEY_CLIENT, KEY_APP));
+            o.push(show(&recv(&s, 64, 0)));
+            let _ = w.write_all(b"request");
         }
         _ => unreachable!(),
     }

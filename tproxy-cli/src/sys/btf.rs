@@ -199,6 +199,17 @@ mod tests {
     }
 
     #[test]
+    fn finds_msghdr_flags_in_the_running_kernel() {
+        // After msg_name, msg_namelen and the iov_iter (over 40 bytes
+        // on every kernel since 5.x), inside the 96-128-byte struct; an
+        // int, so 4-aligned. A bitfield before it in the struct (its BTF
+        // has kind_flag set) must not shift the answer.
+        let off = msghdr_flags_offset();
+        assert!((40..128).contains(&off) && off.is_multiple_of(4), "{off}");
+        eprintln!("msghdr.msg_flags at {off}");
+    }
+
+    #[test]
     fn finds_the_task_cgroup_walk_in_the_running_kernel() {
         let o = task_cgroup_offsets().expect("this machine's BTF has them");
         // kernfs_node.id and cgroup.level are small structs' early words;
