@@ -327,7 +327,15 @@ fn test(
                     if columns.is_empty() && tests.is_empty() {
                         matrix::save(&row)?;
                     } else {
-                        let what = [columns, tests].concat().join(", ");
+                        // The table's row says what was added: columns by
+                        // key, a test by name, many tests by count.
+                        let mut what = columns.to_vec();
+                        match tests {
+                            [] => {}
+                            [one] => what.push(one.clone()),
+                            many => what.push(format!("{} tests by name", many.len())),
+                        }
+                        let what = what.join(", ");
                         matrix::save_part(&row, &what)?;
                     }
                     seen.push(row.caps);
