@@ -51,7 +51,8 @@ fn echo_checked(c: TcpStream, bytes: usize, seed: u64) -> Result<String, String>
     while sent < bytes {
         let n = sizes.next_size().min(bytes - sent);
         data.fill(&mut buf[..n]);
-        w.write_all(&buf[..n]).map_err(|e| format!("write: {e}"))?;
+        w.write_all(&buf[..n])
+            .map_err(|e| format!("write after {sent}: {e}"))?;
         sent += n;
     }
     w.shutdown(Shutdown::Write).unwrap();
@@ -61,6 +62,10 @@ fn echo_checked(c: TcpStream, bytes: usize, seed: u64) -> Result<String, String>
     }
     Ok(banner)
 }
+
+/// How long `byte_exact`'s transfers may take: seconds on the host, two
+/// or three minutes in an emulated guest.
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(480);
 
 /// `conns` connections in parallel through the accelerated proxy, each
 /// sending `each` bytes up and getting them back: random data, writes of
@@ -72,19 +77,49 @@ fn byte_exact(proxy: Proxy, conns: usize, each: usize) {
     // fast path carries most of the stream across its fallbacks.
     let _t = lab.tproxy(Steer::Rewrite, &["--accel-retire-ms", "0"]);
     let port = proxy.stream_port();
-    let results: Vec<Result<String, String>> = lab.topo.client.run(|| {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = (0..conns)
-                .map(|i| {
-                    s.spawn(move || {
-                        let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
-                        let c = TcpStream::connect(addr(ip, port)).unwrap();
-                        echo_checked(c, each, 100 + i as u64)
+    let streams = std::sync::Mutex::new(Vec::new());
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let results: Vec<Result<String, String>> = std::thread::scope(|s| {
+        // A transfer that crawls (bytes keep coming, so no read times out)
+        // would run into the guests' column limit with nothing said: past
+        // the deadline, say where the bytes are, then end the connections.
+        let (streams, topo) = (&streams, &lab.topo);
+        s.spawn(move || {
+            if finished.recv_timeout(TRANSFER_DEADLINE).is_ok() {
+                return;
+            }
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "byte_exact: not done after {TRANSFER_DEADLINE:?}");
+            for (what, ns, cmd, args) in [
+                ("stats", &topo.server, BIN, &["stats", "--json"][..]),
+                ("flows", &topo.server, BIN, &["flows"][..]),
+                ("server sockets", &topo.server, "ss", &["-tnmi"][..]),
+                ("client sockets", &topo.client, "ss", &["-tnmi"][..]),
+            ] {
+                let out = ns.exec(cmd, args).unwrap_or_else(|e| format!("{e}"));
+                let _ = writeln!(err, "--- {what}:\n{out}");
+            }
+            for c in streams.lock().unwrap().iter() {
+                let _ = TcpStream::shutdown(c, Shutdown::Both);
+            }
+        });
+        let results = lab.topo.client.run(|| {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..conns)
+                    .map(|i| {
+                        s.spawn(move || {
+                            let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
+                            let c = TcpStream::connect(addr(ip, port)).unwrap();
+                            streams.lock().unwrap().push(c.try_clone().unwrap());
+                            echo_checked(c, each, 100 + i as u64)
+                        })
                     })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        });
+        let _ = done.send(());
+        results
     });
     for (i, r) in results.iter().enumerate() {
         let banner = r.as_ref().unwrap_or_else(|e| panic!("connection {i}: {e}"));
