@@ -95,6 +95,15 @@ fn byte_exact(proxy: Proxy, conns: usize, each: usize) {
                 ("flows", &topo.server, BIN, &["flows"][..]),
                 ("server sockets", &topo.server, "ss", &["-tnmi"][..]),
                 ("client sockets", &topo.client, "ss", &["-tnmi"][..]),
+                ("server TCP counters", &topo.server, "nstat", &["-as"][..]),
+                // TCP's memory is one pool for the whole machine: under
+                // pressure it shrinks every socket's buffers.
+                (
+                    "socket memory",
+                    &topo.server,
+                    "cat",
+                    &["/proc/net/sockstat", "/proc/sys/net/ipv4/tcp_mem"][..],
+                ),
             ] {
                 let out = ns.exec(cmd, args).unwrap_or_else(|e| format!("{e}"));
                 let _ = writeln!(err, "--- {what}:\n{out}");
