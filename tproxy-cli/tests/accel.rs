@@ -1024,3 +1024,101 @@ fn rounds_that_fall_back_mid_round_never_stall() {
     // Every wake-up follows a reported short read.
     assert!(n("accel_wakeups") <= n("accel_short_reads"), "{c}");
 }
+
+/// A cgroup v1 memory cgroup with a TCP limit
+/// (`memory.kmem.tcp.limit_in_bytes`), removed on drop once its processes
+/// are gone. (Writing a TCP limit turns on the kernel's socket memory
+/// accounting for good; cgroup v2 machines have it on always.)
+struct TcpMemcg(std::path::PathBuf);
+
+impl TcpMemcg {
+    fn create(limit: u64) -> TcpMemcg {
+        let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(unique("tpx-tcpmem-"));
+        std::fs::create_dir(&dir).unwrap();
+        let g = TcpMemcg(dir);
+        std::fs::write(
+            g.0.join("memory.kmem.tcp.limit_in_bytes"),
+            limit.to_string(),
+        )
+        .unwrap();
+        g
+    }
+
+    fn join(&self, pid: i32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+/// The machine's possible CPUs ("0-1", "0,2-5").
+fn possible_cpus() -> u64 {
+    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    s.trim()
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+impl Drop for TcpMemcg {
+    fn drop(&mut self) {
+        // Its processes may take a moment to be reaped.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove {}", self.0.display());
+    }
+}
+
+/// A redirect charges its bytes to the reader's socket memory, which the
+/// kernel may refuse (the reader's memory cgroup at its TCP limit, or the
+/// machine's TCP memory under pressure): then the sender's send fails with
+/// ENOMEM, or only part of it is redirected. Plain TCP waits for memory
+/// instead. Here the app is in a memory cgroup whose TCP limit its echo
+/// streams reach: every byte must come back, by TCP once memory is short,
+/// as without acceleration. (Without the check, the proxy's send got
+/// ENOMEM and it closed the connection: the client's write failed.)
+#[test]
+fn a_reader_short_of_socket_memory_gets_every_byte_by_tcp() {
+    // Above what sk_msg keeps spare (2 MiB per possible CPU), so that the
+    // fast path runs before memory grows short.
+    let memcg = TcpMemcg::create((possible_cpus() * 2 + 8) << 20);
+    let lab = Lab::new();
+    memcg.join(lab.app.proc.pid());
+    let proxy = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = lab.tproxy(Steer::Rewrite, &["--accel-retire-ms", "0"]);
+    let port = Proxy::Ours.stream_port();
+    let results: Vec<Result<String, String>> = lab.topo.client.run(|| {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    s.spawn(move || {
+                        let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
+                        let c = TcpStream::connect(addr(ip, port)).unwrap();
+                        echo_checked(c, 32 << 20, 200 + i as u64)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    });
+    let c = &stats(&lab.topo.server)["counters"];
+    for (i, r) in results.iter().enumerate() {
+        r.as_ref().unwrap_or_else(|e| {
+            panic!(
+                "connection {i}: {e}; counters {c}\napp: {}\nproxy: {}",
+                lab.app.log(),
+                proxy.log()
+            )
+        });
+    }
+    // sk_msg saw the limit coming (and so the kernel never had to refuse
+    // a redirect; without the check it did, within 2 s every time).
+    assert!(c["accel_memory_short"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
+    drop(lab);
+}

@@ -172,6 +172,11 @@ counters! {
     /// Sends that went by TCP because the peer's reader had not yet made
     /// a plain recvmsg (`sock_api::READS_PLAIN`).
     AccelReaderUnseen => "accel_reader_unseen",
+    /// Sends that went by TCP because the reader's socket memory was short
+    /// (the machine's TCP memory at its pressure mark, or the reader's
+    /// memory cgroup at its TCP limit): the kernel would have refused part
+    /// or all of a redirect, and handed the sender ENOMEM.
+    AccelMemoryShort => "accel_memory_short",
 }
 
 impl Counter {
@@ -184,7 +189,7 @@ impl Counter {
     }
 }
 
-const _: () = assert!(Counter::COUNT == Counter::AccelReaderUnseen as u32 + 1);
+const _: () = assert!(Counter::COUNT == Counter::AccelMemoryShort as u32 + 1);
 
 #[cfg(test)]
 mod tests {

@@ -198,6 +198,25 @@ pub struct NodeConfig {
     /// the send hook (fentry on tcp_bpf_sendmsg, where the kernel has
     /// tracing programs) reads a send's flags there; 0 if unknown.
     pub msghdr_flags_offset: u32,
+    /// Where sk_msg finds whether the kernel will take a redirect's bytes
+    /// into the reader's socket memory (`tproxy-ebpf/src/memory.rs`):
+    /// offsets (from BTF) of `sock_common.skc_prot`, of
+    /// `proto.memory_allocated`, `proto.memory_pressure` and
+    /// `proto.sysctl_mem`, of `sock.sk_memcg`, `mem_cgroup.tcpmem` and
+    /// `page_counter.max`. 0 where BTF lacks one: then no check, and no
+    /// acceleration (the loader refuses).
+    pub sk_prot_offset: u32,
+    pub proto_memory_allocated_offset: u32,
+    pub proto_memory_pressure_offset: u32,
+    pub proto_sysctl_mem_offset: u32,
+    pub sk_memcg_offset: u32,
+    pub memcg_tcpmem_offset: u32,
+    pub page_counter_max_offset: u32,
+    /// Pages of TCP memory sk_msg keeps spare below a limit: per CPU,
+    /// 1 MiB by which the machine's count may lag (the kernel's per-CPU
+    /// reserve) and 1 MiB for a message another sender charges between
+    /// the check and its redirect (a message is at most 17 page frags).
+    pub mem_margin_pages: u32,
     pub _pad0: u32,
 }
 
@@ -268,7 +287,9 @@ const _: () = {
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
-    assert!(size_of::<NodeConfig>() == 64);
+    assert!(size_of::<NodeConfig>() == 96);
+    assert!(offset_of!(NodeConfig, sk_prot_offset) == 60);
+    assert!(offset_of!(NodeConfig, mem_margin_pages) == 88);
     assert!(offset_of!(NodeConfig, msghdr_flags_offset) == 56);
     assert!(offset_of!(NodeConfig, kernfs_node_id_offset) == 52);
     assert!(offset_of!(NodeConfig, tcp_write_seq_offset) == 24);

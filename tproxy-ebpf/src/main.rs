@@ -39,6 +39,7 @@ mod getsockname;
 mod getsockopt;
 mod identity;
 mod maps;
+mod memory;
 mod netns;
 mod nudge_iter;
 mod packet;

@@ -167,6 +167,16 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
         counters::inc(slot, Counter::AccelOrderHeld);
         return pass(own, state, slot, Counter::MsgPassthrough, size);
     }
+    // The kernel would refuse part or all of the bytes (`memory.rs`): TCP,
+    // which waits for memory, and the way back as after a fallback.
+    if !crate::memory::has_room(peer_sk, size) {
+        if state & FAST != 0 {
+            // SAFETY: own entry, see above.
+            unsafe { (*own).tcp_since = crate::flow::now() };
+        }
+        counters::inc(slot, Counter::AccelMemoryShort);
+        return pass(own, state, slot, Counter::MsgPassthrough, size);
+    }
     // Claim the bytes before looking at the peer's flags, and the peer sets
     // its flag before looking at our claim (`leave`): of two sockets doing
     // this at once, at least one sees the other's store, so the peer never

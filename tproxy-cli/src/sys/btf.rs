@@ -152,6 +152,36 @@ pub fn tcp_seq_offsets() -> (u32, u32) {
         .unwrap_or((0, 0))
 }
 
+/// Where sk_msg reads a reader's socket memory (`memory.rs` in
+/// tproxy-ebpf): offsets of `sock_common.skc_prot`,
+/// `proto.memory_allocated`, `proto.memory_pressure`, `proto.sysctl_mem`,
+/// `sock.sk_memcg`, `mem_cgroup.tcpmem` and `page_counter.max` (a
+/// `page_counter`'s `usage` is its first member). None without BTF or if
+/// one of the first four is missing; the last three are 0 where the
+/// kernel has no cgroup v1 TCP counter (a kernel built without cgroup v1
+/// memory has none to run into).
+pub fn socket_memory_offsets() -> Option<[u32; 7]> {
+    let btf = std::fs::read(VMLINUX).ok()?;
+    let memcg = (|| {
+        (member_offset(&btf, "page_counter", "usage")? == 0).then_some(())?;
+        Some([
+            member_offset(&btf, "sock", "sk_memcg")?,
+            member_offset(&btf, "mem_cgroup", "tcpmem")?,
+            member_offset(&btf, "page_counter", "max")?,
+        ])
+    })()
+    .unwrap_or([0; 3]);
+    Some([
+        member_offset(&btf, "sock_common", "skc_prot")?,
+        member_offset(&btf, "proto", "memory_allocated")?,
+        member_offset(&btf, "proto", "memory_pressure")?,
+        member_offset(&btf, "proto", "sysctl_mem")?,
+        memcg[0],
+        memcg[1],
+        memcg[2],
+    ])
+}
+
 /// The walk sockops does for the calling process's cgroup where sock_ops
 /// may not call bpf_get_current_ancestor_cgroup_id (before Linux 6.4):
 /// offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.level`,
@@ -196,6 +226,16 @@ mod tests {
         assert!(write > 1024 && copied > 1024, "{write} {copied}");
         assert_ne!(write, copied);
         eprintln!("tcp_sock.write_seq at {write}, copied_seq at {copied}");
+    }
+
+    #[test]
+    fn finds_the_socket_memory_counters_in_the_running_kernel() {
+        let o = socket_memory_offsets().expect("this machine's BTF has them");
+        // skc_prot follows the addresses, ports, family, state, flags,
+        // bound_dev_if and the two hash nodes; sk_memcg is far into sock.
+        assert!(o[0] >= 40, "{o:?}");
+        assert!(o[4] > 200, "this machine has cgroup v1 memory: {o:?}");
+        assert!(o.iter().all(|&x| x % 8 == 0), "pointers and longs: {o:?}");
     }
 
     #[test]

@@ -575,6 +575,13 @@ pub fn netns_inode() -> Result<u64> {
         .map_err(|e| Error::io("reading /proc/self/ns/net", e))
 }
 
+/// How many CPUs the kernel keeps per-CPU counts for (its possible CPUs);
+/// 256 if that cannot be read (a count too high only makes sk_msg's
+/// memory margin wider).
+pub fn possible_cpus() -> u32 {
+    aya::util::nr_cpus().map_or(256, |n| n as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -253,7 +253,29 @@ impl Loaded {
             )
             .into());
         }
+        let mem = match (crate::sys::btf::socket_memory_offsets(), accel) {
+            (Some(m), _) => m,
+            (None, false) => [0; 7],
+            // Without them a redirect could meet a reader whose memory is
+            // short, and the kernel would hand the sender ENOMEM
+            // (tproxy-ebpf/src/memory.rs): no acceleration then.
+            (None, true) => {
+                return Err(crate::sys::Error::AccelUnsupported(
+                    "BTF for the kernel's socket memory accounting (struct proto.memory_allocated, sock.sk_memcg, mem_cgroup.tcpmem)".into(),
+                )
+                .into());
+            }
+        };
         let mut node = NodeConfig {
+            sk_prot_offset: mem[0],
+            proto_memory_allocated_offset: mem[1],
+            proto_memory_pressure_offset: mem[2],
+            proto_sysctl_mem_offset: mem[3],
+            sk_memcg_offset: mem[4],
+            memcg_tcpmem_offset: mem[5],
+            page_counter_max_offset: mem[6],
+            // 2 MiB in 4 KiB pages per CPU (`NodeConfig::mem_margin_pages`).
+            mem_margin_pages: crate::sys::system::possible_cpus() * 512,
             sk_rcvbuf_offset: crate::sys::btf::sk_rcvbuf_offset(),
             tcp_write_seq_offset,
             tcp_copied_seq_offset,
