@@ -85,15 +85,19 @@ fn slow_reader_memory(proxy: Proxy, extra: &[&str]) -> Peak {
     const BYTES: &str = "100000000";
     let port = proxy.stream_port();
     let lab = Lab::with_app(&["--sink-rate", "20000000"]);
-    // The kernel's default ceiling for autotuned receive buffers, 6 MiB (a
-    // new namespace copies the host's, 32 MiB here): the proxy's
-    // client-side receive buffer autotunes in the connection's first
-    // milliseconds to anywhere from 4 MiB to that ceiling, in either mode
-    // (Envoy's in the lab: 4.3-32 MiB without acceleration, 4.3-15 MiB
-    // with, in five runs each), and with 32 MiB that draw outweighed everything measured here.
+    // A ceiling of 4 MiB for autotuned receive buffers (a new namespace
+    // copies the host's, 32 MiB here): the proxy's client-side receive
+    // buffer autotunes in the connection's first milliseconds to anywhere
+    // from 4 MiB to the ceiling, in either mode (Envoy's in the lab:
+    // 4.3-32 MiB without acceleration, 4.3-15 MiB with, in five runs
+    // each), and that draw outweighed everything measured here: with 32 MiB
+    // the totals' ratio swung 0.72-2.17x; with the kernel's default 6 MiB,
+    // a CI-like run's medians of seven still came to 1.64x (runs of 6.8-11.3
+    // MB against 5.8-10.0 MB, the difference that one socket's queue). At 4
+    // MiB every run draws the same.
     lab.topo
         .server
-        .exec("sysctl", &["-qw", "net.ipv4.tcp_rmem=4096 131072 6291456"])
+        .exec("sysctl", &["-qw", "net.ipv4.tcp_rmem=4096 131072 4194304"])
         .unwrap();
     let _p = lab.proxy(proxy, Steer::Rewrite);
     let _t = lab.tproxy(Steer::Rewrite, extra);
@@ -158,7 +162,7 @@ fn median(runs: &[Peak], field: fn(&Peak) -> u64) -> (u64, Vec<u64>) {
 /// Why the leg on its own: it is where an unbounded redirect would pile
 /// up, and it is free of the proxy's client-side receive queue, which the
 /// redirect does not touch and whose autotuned size is the noisiest part
-/// of the total even under the 6 MiB ceiling set above (in one suite, the
+/// of the total even under the 6 MiB ceiling it once had (in one suite, the
 /// three proxies' ratios of medians: 0.88-1.22x on totals, 1.00-1.05x on
 /// legs). With the host's 32 MiB ceiling the ratio on totals swung
 /// 0.72-2.17x between suites with nothing changed, while the legs stayed
