@@ -1122,3 +1122,71 @@ fn a_reader_short_of_socket_memory_gets_every_byte_by_tcp() {
     assert!(c["msg_redirected_bytes"].as_u64().unwrap() > 0, "{c}");
     drop(lab);
 }
+
+/// Puts back the machine's `net.ipv4.tcp_mem` on drop.
+struct TcpMem(String);
+
+impl TcpMem {
+    const PATH: &str = "/proc/sys/net/ipv4/tcp_mem";
+
+    fn set(pages: [u64; 3]) -> TcpMem {
+        let old = std::fs::read_to_string(Self::PATH).unwrap();
+        let [a, b, c] = pages;
+        std::fs::write(Self::PATH, format!("{a} {b} {c}")).unwrap();
+        TcpMem(old)
+    }
+}
+
+impl Drop for TcpMem {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
+
+/// The machine's TCP memory short (past `tcp_mem`'s pressure mark): the
+/// kernel then refuses a redirect's charge to the reader, and the sender
+/// got ENOMEM (or a partly redirected send its counts took for two). In a
+/// 4 GiB 6.1 guest with tcp_mem lowered to 16/24/32 MiB our proxy closed a
+/// connection on ENOMEM within 76 s, where the same run without
+/// acceleration completed. sk_msg now sees the mark coming and sends by
+/// TCP. It changes a machine-wide setting, so it runs only where the test
+/// owns the machine: in the kernel matrix's guests, alone, after the rest
+/// (`cargo xtask test --kernel 6.1`). On the host, the same check meets a
+/// cgroup's TCP limit instead
+/// (`a_reader_short_of_socket_memory_gets_every_byte_by_tcp`).
+#[test]
+#[ignore = "changes the machine-wide net.ipv4.tcp_mem: runs in the kernel matrix's guests"]
+fn a_machine_short_of_tcp_memory_sends_by_tcp() {
+    assert!(
+        std::env::var_os("TPROXY_GUEST").is_some(),
+        "this test lowers the machine's tcp_mem: run it in a guest (cargo xtask test --kernel 6.1 --test a_machine_short_of_tcp_memory_sends_by_tcp)"
+    );
+    // Pages: pressure from 24 MiB of socket memory on, which four echo
+    // streams of 32 MiB pass early.
+    let _mem = TcpMem::set([4000, 6000, 8000]);
+    let lab = Lab::new();
+    let proxy = lab.proxy(Proxy::Ours, Steer::Rewrite);
+    let _t = lab.tproxy(Steer::Rewrite, &["--accel-retire-ms", "0"]);
+    let port = Proxy::Ours.stream_port();
+    let results: Vec<Result<String, String>> = lab.topo.client.run(|| {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    s.spawn(move || {
+                        let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
+                        let c = TcpStream::connect(addr(ip, port)).unwrap();
+                        echo_checked(c, 32 << 20, 300 + i as u64)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    });
+    let c = &stats(&lab.topo.server)["counters"];
+    for (i, r) in results.iter().enumerate() {
+        r.as_ref().unwrap_or_else(|e| {
+            panic!("connection {i}: {e}; counters {c}\nproxy: {}", proxy.log())
+        });
+    }
+    assert!(c["accel_memory_short"].as_u64().unwrap() > 0, "{c}");
+}

@@ -262,23 +262,33 @@ pub fn suite(job_file: &Path) -> Result<()> {
             .get(bin)
             .with_context(|| format!("no test executable named {bin}"))?;
         println!("\n-- {bin}: {} tests", names.len());
-        let mut child = Command::new(exe)
-            .args(["--exact", "--test-threads", "2"])
-            .args(&names)
-            .current_dir(&job.cwd)
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {}", exe.display()))?;
-        let stdout = child.stdout.take().expect("piped");
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
-            println!("{line}");
-            if let Some((name, outcome)) = test_line(&line) {
-                row.tests
-                    .insert(format!("{bin}::{name}"), outcome.to_string());
+        // Tests that change the machine (`Need::OwnMachine`, ignored on the
+        // host) run after the rest, one at a time.
+        let (alone, together): (Vec<&str>, Vec<&str>) =
+            names.iter().partition(|n| matrix::runs_alone(n));
+        for (group, threads) in [(&together, "2"), (&alone, "1")] {
+            if group.is_empty() {
+                continue;
             }
+            let mut child = Command::new(exe)
+                .args(["--exact", "--include-ignored", "--test-threads", threads])
+                .args(group)
+                .env("TPROXY_GUEST", "1")
+                .current_dir(&job.cwd)
+                .stdout(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("running {}", exe.display()))?;
+            let stdout = child.stdout.take().expect("piped");
+            for line in BufReader::new(stdout).lines() {
+                let line = line?;
+                println!("{line}");
+                if let Some((name, outcome)) = test_line(&line) {
+                    row.tests
+                        .insert(format!("{bin}::{name}"), outcome.to_string());
+                }
+            }
+            child.wait()?;
         }
-        child.wait()?;
         for name in names {
             row.tests
                 .entry(format!("{bin}::{name}"))

@@ -288,7 +288,14 @@ fn test(
             };
             for c in matrix::COLUMNS {
                 for (bin, name) in c.tests {
-                    let o = outcomes.get(*name).cloned().unwrap_or("not run".into());
+                    let o = match outcomes.get(*name) {
+                        // Ignored here for a reason the matrix knows
+                        // (a test that changes the machine).
+                        Some(o) if o == "ignored" => matrix::lacked_need(&row.caps, name)
+                            .map_or(o.clone(), |why| format!("not applicable: {why}")),
+                        Some(o) => o.clone(),
+                        None => "not run".into(),
+                    };
                     row.tests.insert(format!("{bin}::{name}"), o);
                 }
             }

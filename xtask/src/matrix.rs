@@ -26,6 +26,26 @@ pub enum Need {
     /// A real machine: a test that bounds a latency, which a guest under
     /// software emulation cannot be held to (it runs on the host).
     RealTime,
+    /// A machine the test owns: it changes a machine-wide setting, so it
+    /// runs only in a guest, alone, after the rest (`runs_alone`).
+    OwnMachine,
+}
+
+/// Why test `name` cannot run on a kernel with `caps`, by its own need
+/// (`TEST_NEEDS`).
+pub fn lacked_need<'a>(caps: &'a Caps, name: &str) -> Option<&'a str> {
+    TEST_NEEDS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, need)| caps.lacks(*need))
+}
+
+/// Whether test `name` runs alone in a guest (`Need::OwnMachine`): it is
+/// `#[ignore]`d on the host and changes what every other test would see.
+pub fn runs_alone(name: &str) -> bool {
+    TEST_NEEDS
+        .iter()
+        .any(|(n, need)| *n == name && matches!(need, Need::OwnMachine))
 }
 
 /// Tests that need more than their column does.
@@ -37,6 +57,10 @@ const TEST_NEEDS: &[(&str, Need)] = &[
     (
         "scrapes_answer_from_a_cached_snapshot_and_the_api_stays_responsive",
         Need::RealTime,
+    ),
+    (
+        "a_machine_short_of_tcp_memory_sends_by_tcp",
+        Need::OwnMachine,
     ),
 ];
 
@@ -218,6 +242,7 @@ pub const COLUMNS: &[Column] = &[
                 "accel",
                 "transfers_through_accelerated_envoy_are_byte_exact",
             ),
+            ("accel", "a_machine_short_of_tcp_memory_sends_by_tcp"),
             (
                 "accel",
                 "a_stream_its_reader_never_catches_up_with_leaves_the_sockhash",
@@ -246,7 +271,7 @@ pub const COLUMNS: &[Column] = &[
                 "a_slow_reader_costs_no_more_memory_than_without_acceleration_envoy",
             ),
         ],
-        core: 8,
+        core: 9,
         rep: 2,
     },
     Column {
@@ -437,6 +462,9 @@ impl Caps {
             Need::RealTime => self.emulated.then_some(
                 "a bound on latency: timings under software emulation mean nothing (the host runs it)",
             ),
+            Need::OwnMachine => (!self.emulated).then_some(
+                "changes the machine-wide tcp_mem: runs in the guests, whose machine the test owns",
+            ),
             Need::Tcx => self
                 .steering_missing
                 .as_deref()
@@ -600,10 +628,7 @@ pub fn plan(
                 .enumerate()
                 .filter(|(_, (_, name))| whole || is_named(name))
                 .map(|(i, (bin, name))| {
-                    let own = TEST_NEEDS
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .and_then(|(_, need)| caps.lacks(*need));
+                    let own = lacked_need(caps, name);
                     let p = match lacks.or(own) {
                         Some(why) => Plan::NotApplicable(why.to_string()),
                         // A test asked for by name runs whatever the depth.
@@ -799,6 +824,23 @@ mod tests {
             read_hook: hook.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_test_that_changes_the_machine_runs_alone_and_only_in_guests() {
+        let name = "a_machine_short_of_tcp_memory_sends_by_tcp";
+        assert!(runs_alone(name));
+        assert!(!runs_alone("a_slow_reader_is_bounded"));
+        let host = caps("TCX", "sock_recv_length tracepoint");
+        assert!(lacked_need(&host, name).is_some());
+        let guest = Caps {
+            emulated: true,
+            ..caps("netlink", "fexit on tcp_bpf_recvmsg")
+        };
+        assert_eq!(lacked_need(&guest, name), None);
+        let p = plan(&guest, &[host], Depth::Focused, &[], &[]);
+        let accel = p.iter().find(|(c, _)| c.key == "accel").unwrap();
+        assert!(accel.1.iter().any(|t| t.1 == name && t.2 == Plan::Run));
     }
 
     #[test]
