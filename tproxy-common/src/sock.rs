@@ -138,6 +138,13 @@ pub mod sock_api {
     /// never has a redirected byte queued (tcp_splice_read and MSG_WAITALL
     /// do not see them).
     pub const READS_PLAIN: usize = 0;
+    /// The `READS_PLAIN` byte's value (else 1) for a reader whose memory
+    /// cgroup limits TCP memory (cgroup v1's
+    /// `memory.kmem.tcp.limit_in_bytes`), as its first plain read found
+    /// (an accepted socket gets its cgroup at accept): a redirect to it
+    /// checks that limit first (`memory.rs` in tproxy-ebpf); to others it
+    /// skips those reads.
+    pub const PLAIN_TCP_LIMITED: u8 = 2;
     /// A recvmsg with MSG_WAITALL, MSG_TRUNC or MSG_OOB (tcp_bpf_recvmsg
     /// returns what is queued instead, copies where TCP discards, and reads
     /// urgent-data requests as plain reads), or a send with MSG_OOB

@@ -217,7 +217,9 @@ pub struct NodeConfig {
     /// reserve) and 1 MiB for a message another sender charges between
     /// the check and its redirect (a message is at most 17 page frags).
     pub mem_margin_pages: u32,
-    pub _pad0: u32,
+    /// The machine's possible CPUs: sk_msg splits the machine's TCP memory
+    /// headroom among them (`memory.rs`).
+    pub possible_cpus: u32,
 }
 
 /// `NodeConfig::flags` bits.

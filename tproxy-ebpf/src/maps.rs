@@ -159,6 +159,12 @@ pub static PRIOR_LISTENERS: HashMap<ListenerKey, u64> =
 pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
     HashMap::with_max_entries(TARGETS_MAX * ADDRS_PER_TARGET, 0);
 
+/// Each CPU's share of the machine's TCP memory headroom, as last read
+/// (`memory.rs`): redirects spend it without reading the kernel's
+/// figures again, for a few milliseconds.
+#[map]
+pub static MEM_BUDGET: PerCpuArray<crate::memory::Budget> = PerCpuArray::with_max_entries(1, 0);
+
 /// Short reads that may leave a reader asleep on TCP bytes
 /// (`tproxy_common::NudgeEvent`, from `recv.rs`), for tproxy's
 /// nudger in userspace: a ring buffer, so reporting never blocks a reader

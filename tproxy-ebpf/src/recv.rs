@@ -67,7 +67,12 @@ pub fn on_read(sk: u64, read: i32, flags: i32) -> Result<(), ()> {
     if flags & ODD_READ == 0
         && unsafe { read_volatile(&raw const (*st).api[sock_api::READS_PLAIN]) } == 0
     {
-        unsafe { write_volatile(&raw mut (*st).api[sock_api::READS_PLAIN], 1) };
+        let plain = if crate::memory::tcp_limited(sk) {
+            sock_api::PLAIN_TCP_LIMITED
+        } else {
+            1
+        };
+        unsafe { write_volatile(&raw mut (*st).api[sock_api::READS_PLAIN], plain) };
     }
     // A pair that left the SOCKHASH is two plain TCP sockets: nothing reads
     // their counts any more (the pair left only once each end had read

@@ -169,7 +169,8 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Result<(), ()> {
     }
     // The kernel would refuse part or all of the bytes (`memory.rs`): TCP,
     // which waits for memory, and the way back as after a fallback.
-    if !crate::memory::has_room(peer_sk, size) {
+    let limited = peer_api & 0xff == u64::from(sock_api::PLAIN_TCP_LIMITED);
+    if !crate::memory::has_room(peer_sk, limited, size) {
         if state & FAST != 0 {
             // SAFETY: own entry, see above.
             unsafe { (*own).tcp_since = crate::flow::now() };

@@ -276,6 +276,7 @@ impl Loaded {
             page_counter_max_offset: mem[6],
             // 2 MiB in 4 KiB pages per CPU (`NodeConfig::mem_margin_pages`).
             mem_margin_pages: crate::sys::system::possible_cpus() * 512,
+            possible_cpus: crate::sys::system::possible_cpus(),
             sk_rcvbuf_offset: crate::sys::btf::sk_rcvbuf_offset(),
             tcp_write_seq_offset,
             tcp_copied_seq_offset,
