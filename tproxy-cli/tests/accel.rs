@@ -1074,6 +1074,38 @@ impl Drop for TcpMemcg {
     }
 }
 
+/// Four echo streams of 32 MiB (seeds `seed`..) through our proxy, IPv4
+/// and IPv6, every byte checked: fails with the proxy's and the app's logs
+/// if one broke. Returns tproxy's counters.
+fn four_echo_streams(lab: &Lab, proxy: &Logged, seed: u64) -> serde_json::Value {
+    let port = Proxy::Ours.stream_port();
+    let results: Vec<Result<String, String>> = lab.topo.client.run(|| {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    s.spawn(move || {
+                        let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
+                        let c = TcpStream::connect(addr(ip, port)).unwrap();
+                        echo_checked(c, 32 << 20, seed + i as u64)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    });
+    let c = stats(&lab.topo.server)["counters"].clone();
+    for (i, r) in results.iter().enumerate() {
+        r.as_ref().unwrap_or_else(|e| {
+            panic!(
+                "connection {i}: {e}; counters {c}\napp: {}\nproxy: {}",
+                lab.app.log(),
+                proxy.log()
+            )
+        });
+    }
+    c
+}
+
 /// A redirect charges its bytes to the reader's socket memory, which the
 /// kernel may refuse (the reader's memory cgroup at its TCP limit, or the
 /// machine's TCP memory under pressure): then the sender's send fails with
@@ -1091,31 +1123,7 @@ fn a_reader_short_of_socket_memory_gets_every_byte_by_tcp() {
     memcg.join(lab.app.proc.pid());
     let proxy = lab.proxy(Proxy::Ours, Steer::Rewrite);
     let _t = lab.tproxy(Steer::Rewrite, &["--accel-retire-ms", "0"]);
-    let port = Proxy::Ours.stream_port();
-    let results: Vec<Result<String, String>> = lab.topo.client.run(|| {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4)
-                .map(|i| {
-                    s.spawn(move || {
-                        let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
-                        let c = TcpStream::connect(addr(ip, port)).unwrap();
-                        echo_checked(c, 32 << 20, 200 + i as u64)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    });
-    let c = &stats(&lab.topo.server)["counters"];
-    for (i, r) in results.iter().enumerate() {
-        r.as_ref().unwrap_or_else(|e| {
-            panic!(
-                "connection {i}: {e}; counters {c}\napp: {}\nproxy: {}",
-                lab.app.log(),
-                proxy.log()
-            )
-        });
-    }
+    let c = &four_echo_streams(&lab, &proxy, 200);
     // sk_msg saw the limit coming (and so the kernel never had to refuse
     // a redirect; without the check it did, within 2 s every time).
     assert!(c["accel_memory_short"].as_u64().unwrap() > 0, "{c}");
@@ -1167,26 +1175,6 @@ fn a_machine_short_of_tcp_memory_sends_by_tcp() {
     let lab = Lab::new();
     let proxy = lab.proxy(Proxy::Ours, Steer::Rewrite);
     let _t = lab.tproxy(Steer::Rewrite, &["--accel-retire-ms", "0"]);
-    let port = Proxy::Ours.stream_port();
-    let results: Vec<Result<String, String>> = lab.topo.client.run(|| {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = (0..4)
-                .map(|i| {
-                    s.spawn(move || {
-                        let ip = if i % 2 == 0 { SERVER_IP } else { SERVER_IP6 };
-                        let c = TcpStream::connect(addr(ip, port)).unwrap();
-                        echo_checked(c, 32 << 20, 300 + i as u64)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    });
-    let c = &stats(&lab.topo.server)["counters"];
-    for (i, r) in results.iter().enumerate() {
-        r.as_ref().unwrap_or_else(|e| {
-            panic!("connection {i}: {e}; counters {c}\nproxy: {}", proxy.log())
-        });
-    }
+    let c = &four_echo_streams(&lab, &proxy, 300);
     assert!(c["accel_memory_short"].as_u64().unwrap() > 0, "{c}");
 }
