@@ -94,6 +94,9 @@ fn maps_in_the_object_match_the_shared_types() {
     // its size in bytes is its max entries), and the sockets it wakes.
     check(names::NUDGE_EVENTS, RINGBUF, 0, 0, NUDGE_EVENTS_BYTES);
     check(names::NUDGE, HASH, 8, 8, NUDGE_MAX);
+    // Each CPU's share of the machine's TCP memory headroom (sk_msg's
+    // memory check: a timestamp and a count of pages).
+    check(names::MEM_BUDGET, PERCPU_ARRAY, 4, 16, 1);
     // Connections open at attach (never evicted), and the proxy's connects
     // between TCP_CONNECT_CB and ESTABLISHED.
     check(names::PRIOR_FLOWS, HASH, size_of::<FlowKey>(), 8, FLOWS_MAX);
@@ -134,7 +137,7 @@ fn maps_in_the_object_match_the_shared_types() {
     );
     // Our maps; the compiler may add data sections (.rodata) of its own.
     let ours = obj.maps.keys().filter(|k| !k.starts_with('.')).count();
-    assert_eq!(ours, 22, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
+    assert_eq!(ours, 23, "maps: {:?}", obj.maps.keys().collect::<Vec<_>>());
 }
 
 #[test]

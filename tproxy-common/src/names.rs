@@ -15,6 +15,7 @@ pub const PENDING_PEERS: &str = "PENDING_PEERS";
 pub const TARGET_ADDRS: &str = "TARGET_ADDRS";
 pub const NUDGE_EVENTS: &str = "NUDGE_EVENTS";
 pub const NUDGE: &str = "NUDGE";
+pub const MEM_BUDGET: &str = "MEM_BUDGET";
 pub const PRIOR_FLOWS: &str = "PRIOR_FLOWS";
 pub const PROXY_CONNECTS: &str = "PROXY_CONNECTS";
 pub const PROXY_LISTENERS: &str = "PROXY_LISTENERS";
