@@ -163,7 +163,15 @@ pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
 /// (`memory.rs`): redirects spend it without reading the kernel's
 /// figures again, for a few milliseconds.
 #[map]
-pub static MEM_BUDGET: PerCpuArray<crate::memory::Budget> = PerCpuArray::with_max_entries(1, 0);
+pub static MEM_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
+
+/// `MEM_BUDGET` value: a CPU's share of the machine's headroom below its
+/// pressure mark, in pages, and when it was read (coarse clock).
+#[repr(C)]
+pub struct Budget {
+    pub at: u64,
+    pub pages: i64,
+}
 
 /// Short reads that may leave a reader asleep on TCP bytes
 /// (`tproxy_common::NudgeEvent`, from `recv.rs`), for tproxy's

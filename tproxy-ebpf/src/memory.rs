@@ -37,14 +37,6 @@ use tproxy_common::NodeConfig;
 
 use crate::maps::{MEM_BUDGET, NODE};
 
-/// A CPU's share of the machine's headroom below its pressure mark, in
-/// pages, and when it was read (coarse clock).
-#[repr(C)]
-pub struct Budget {
-    at: u64,
-    pages: i64,
-}
-
 /// How long a share read from the kernel's figures is spent before they
 /// are read again: a jiffy or two. Each CPU spends only its share, so all
 /// of them together stay below the mark however they send.
