@@ -299,12 +299,14 @@ pub fn suite(job_file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `test NAME ... ok` (or FAILED, ignored).
+/// `test NAME ... ok` (or FAILED, ignored, and `ignored, REASON` for a
+/// test whose #[ignore] gives one).
 pub fn test_line(line: &str) -> Option<(&str, &str)> {
     let rest = line.strip_prefix("test ")?;
     let (name, outcome) = rest.rsplit_once(" ... ")?;
     match outcome {
         "ok" | "FAILED" | "ignored" => Some((name, outcome)),
+        o if o.starts_with("ignored, ") => Some((name, "ignored")),
         _ => None,
     }
 }
@@ -324,6 +326,10 @@ mod tests {
     fn test_lines_are_read_and_others_are_not() {
         assert_eq!(test_line("test a_b ... ok"), Some(("a_b", "ok")));
         assert_eq!(test_line("test x ... FAILED"), Some(("x", "FAILED")));
+        assert_eq!(
+            test_line("test m ... ignored, changes the machine-wide tcp_mem"),
+            Some(("m", "ignored"))
+        );
         assert_eq!(test_line("test result: ok. 3 passed"), None);
         assert_eq!(test_line("running 3 tests"), None);
     }
