@@ -203,8 +203,9 @@ pub struct NodeConfig {
     /// offsets (from BTF) of `sock_common.skc_prot`, of
     /// `proto.memory_allocated`, `proto.memory_pressure` and
     /// `proto.sysctl_mem`, of `sock.sk_memcg`, `mem_cgroup.tcpmem` and
-    /// `page_counter.max`. 0 where BTF lacks one: then no check, and no
-    /// acceleration (the loader refuses).
+    /// `page_counter.max`. Without the first four the loader refuses
+    /// acceleration; the last three are 0 on a kernel without cgroup v1
+    /// memory (no cgroup TCP limit to check).
     pub sk_prot_offset: u32,
     pub proto_memory_allocated_offset: u32,
     pub proto_memory_pressure_offset: u32,

@@ -166,7 +166,8 @@ pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
 pub static MEM_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
 
 /// `MEM_BUDGET` value: a CPU's share of the machine's headroom below its
-/// pressure mark, in pages, and when it was read (coarse clock).
+/// pressure mark, in pages (-1: found short), and when it was read
+/// (coarse clock).
 #[repr(C)]
 pub struct Budget {
     pub at: u64,

@@ -44,7 +44,7 @@ const BUDGET_NS: u64 = 4_000_000;
 
 /// Room in socket `reader`'s memory (a kernel address) for `size` more
 /// bytes; `limited`: its memory cgroup limits TCP memory
-/// (`sock_flags::TCP_LIMITED`). False when anything cannot be read.
+/// (`sock_api::PLAIN_TCP_LIMITED`). False when anything cannot be read.
 #[inline(always)]
 pub fn has_room(reader: u64, limited: bool, size: u64) -> bool {
     let Some(node) = NODE.get(0) else {
@@ -119,16 +119,26 @@ fn machine_has_room(node: &NodeConfig, reader: u64, pages: i64) -> bool {
     // SAFETY: this CPU's own slot; a program preempted on it by another
     // sender at worst spends the share twice, within the margin.
     unsafe {
-        if now.wrapping_sub((*b).at) < BUDGET_NS && (*b).pages >= pages {
-            (*b).pages -= pages;
-            return true;
+        if now.wrapping_sub((*b).at) < BUDGET_NS {
+            if (*b).pages >= pages {
+                (*b).pages -= pages;
+                return true;
+            }
+            // Found short a moment ago: TCP, without reading again.
+            if (*b).pages < 0 {
+                return false;
+            }
         }
     }
     let headroom = headroom(node, reader).unwrap_or(-1) - pages;
     // SAFETY: as above.
     unsafe {
         (*b).at = now;
-        (*b).pages = headroom.max(0) / i64::from(node.possible_cpus.max(1));
+        (*b).pages = if headroom < 0 {
+            -1
+        } else {
+            headroom / i64::from(node.possible_cpus.max(1))
+        };
     }
     headroom >= 0
 }

@@ -266,6 +266,7 @@ impl Loaded {
                 .into());
             }
         };
+        let cpus = crate::sys::system::possible_cpus();
         let mut node = NodeConfig {
             sk_prot_offset: mem[0],
             proto_memory_allocated_offset: mem[1],
@@ -275,8 +276,8 @@ impl Loaded {
             memcg_tcpmem_offset: mem[5],
             page_counter_max_offset: mem[6],
             // 2 MiB in 4 KiB pages per CPU (`NodeConfig::mem_margin_pages`).
-            mem_margin_pages: crate::sys::system::possible_cpus() * 512,
-            possible_cpus: crate::sys::system::possible_cpus(),
+            mem_margin_pages: cpus * 512,
+            possible_cpus: cpus,
             sk_rcvbuf_offset: crate::sys::btf::sk_rcvbuf_offset(),
             tcp_write_seq_offset,
             tcp_copied_seq_offset,
