@@ -167,7 +167,7 @@ pub static MEM_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0)
 
 /// `MEM_BUDGET` value: a CPU's share of the machine's headroom below its
 /// pressure mark, in pages (-1: found short), and when it was read
-/// (coarse clock).
+/// (jiffies; 0 on a CPU that has not read yet, never fresh).
 #[repr(C)]
 pub struct Budget {
     pub at: u64,

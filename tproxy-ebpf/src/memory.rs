@@ -32,15 +32,18 @@
 //! Read as the kernel reads them: `sk->sk_prot->memory_allocated`,
 //! `->memory_pressure` and `->sysctl_mem[1]`, `sk->sk_memcg->tcpmem`.
 //! Offsets from BTF (`NodeConfig`), reads by bpf_probe_read_kernel.
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_probe_read_kernel};
 use tproxy_common::NodeConfig;
 
 use crate::maps::{MEM_BUDGET, NODE};
 
 /// How long a share read from the kernel's figures is spent before they
-/// are read again: a jiffy or two. Each CPU spends only its share, so all
-/// of them together stay below the mark however they send.
-const BUDGET_NS: u64 = 4_000_000;
+/// are read again: until the tick after next (1-2 jiffies: 4-8 ms at
+/// HZ=250, 1-2 ms at HZ=1000). Each CPU spends only its share, so all of
+/// them together stay below the mark however they send. Jiffies, not the
+/// coarse clock: the verifier inlines bpf_jiffies64 into one load, where
+/// the clock is a helper call on every redirect.
+const BUDGET_JIFFIES: u64 = 2;
 
 /// Room in socket `reader`'s memory (a kernel address) for `size` more
 /// bytes; `limited`: its memory cgroup limits TCP memory
@@ -115,11 +118,12 @@ fn machine_has_room(node: &NodeConfig, reader: u64, pages: i64) -> bool {
     let Some(b) = MEM_BUDGET.get_ptr_mut(0) else {
         return false;
     };
-    let now = crate::flow::now();
+    // SAFETY: no arguments, no side effects.
+    let now = unsafe { bpf_jiffies64() };
     // SAFETY: this CPU's own slot; a program preempted on it by another
     // sender at worst spends the share twice, within the margin.
     unsafe {
-        if now.wrapping_sub((*b).at) < BUDGET_NS {
+        if now.wrapping_sub((*b).at) < BUDGET_JIFFIES {
             if (*b).pages >= pages {
                 (*b).pages -= pages;
                 return true;
