@@ -50,7 +50,7 @@ sys.exit('iperf3: '+d['error']) if 'error' in d else print(round(d['end']['sum_r
     # The run's own binary reads its maps (their layout follows the build).
     c=$(nsenter --net=$SRV "$bin" stats --json | python3 -c "import json,sys
 d=json.load(sys.stdin)[0]['counters']
-print(*(f'{k}={d.get(k,0)}' for k in ['msg_redirected','msg_passthrough','accel_fallbacks','accel_left']))")
+print(*(f'{k}={d.get(k,0)}' for k in ['msg_redirected','msg_passthrough','accel_fallbacks','accel_left','accel_small_messages']))")
     kill -TERM $TP; wait $TP || true; TP=
     echo "$r $label $SZ $bps $c"
     figs[$label]="${figs[$label]:-} $bps"

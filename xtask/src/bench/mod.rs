@@ -331,7 +331,7 @@ fn wakeups(pid: i32) -> f64 {
 /// The accel counters that explain a figure: fallbacks to TCP and returns,
 /// pairs that retired and left the SOCKHASH, sendmsg calls redirected or
 /// passed to TCP, bytes redirected.
-const ACCEL_COUNTERS: [&str; 8] = [
+const ACCEL_COUNTERS: [&str; 12] = [
     "accel_fallbacks",
     "accel_resumed",
     "accel_retired",
@@ -340,6 +340,10 @@ const ACCEL_COUNTERS: [&str; 8] = [
     "msg_redirected_bytes",
     "msg_passthrough",
     "msg_miss",
+    "msg_redirected_idle",
+    "msg_reads",
+    "accel_small_messages",
+    "accel_nudges",
 ];
 
 /// CPU time a process (all its threads) has run, in ns (schedstat).
@@ -992,9 +996,17 @@ pub fn run(opts: Opts) -> Result<()> {
             accel: false,
         };
         // Interleaved: every set-up once per repetition, so drift over the
-        // run (thermal, noisy neighbours) spreads over all of them alike.
+        // run (thermal, noisy neighbours) spreads over all of them alike;
+        // in reverse order every other repetition, so that no set-up always
+        // runs after the same one (a connection-rate phase leaves thousands
+        // of TIME_WAIT sockets to the next set-up's iperf3).
         for rep in 1..=reps {
-            for &setup in setups {
+            let order: Vec<Setup> = if rep % 2 == 1 {
+                setups.to_vec()
+            } else {
+                setups.iter().rev().copied().collect()
+            };
+            for setup in order {
                 bench.step(format!("rep {rep} {}: entering", setup.name()));
                 let active = setups::enter(setup, &lab, &bench.tproxy)?;
                 bench.accel = setup == Setup::ProxyAccel;
