@@ -48,6 +48,7 @@ fn main() -> Result<()> {
             accel_retire_ms: 100,
             flows_quota: 0,
             socks_quota: 0,
+            accel_min_message: 0,
         };
         let ns = PathBuf::from(ns);
         let cgroup = PathBuf::from(cgroup);

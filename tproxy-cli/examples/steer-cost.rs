@@ -63,6 +63,8 @@ fn cost(multi: bool) -> f64 {
         proxy_cgroup_id: 0,
         flows_quota: 0,
         socks_quota: 0,
+        accel_min_message: 0,
+        _pad0: 0,
     };
     HashMap::<&mut MapData, u64, Target>::try_from(ebpf.map_mut(names::TARGETS).unwrap())
         .unwrap()

@@ -602,6 +602,101 @@ fn a_stream_its_reader_never_catches_up_with_leaves_the_sockhash() {
     );
 }
 
+/// One sink stream into the app on 8000 (the writer in the proxy's
+/// cgroup, paired with the app), `bytes` in writes of `write_size`; asserts
+/// every byte arrived and the writer saw no error.
+fn sink_stream(lab: &Lab, bytes: usize, write_size: usize, extra: &[&str]) {
+    let mut cmd = lab
+        .topo
+        .server
+        .command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    let (bytes, write_size) = (bytes.to_string(), write_size.to_string());
+    cmd.args(["sink", "127.0.0.1:8000", "--bytes", &bytes]);
+    cmd.args(["--write-size", &write_size]);
+    cmd.args(extra);
+    let mut w = Logged::spawn("lab-client", &mut cmd).unwrap();
+    let st = w.wait_timeout(Duration::from_secs(300)).unwrap();
+    let log = w.log();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("errors=0"), "the writer saw errors: {log}");
+    assert!(
+        log.contains(&format!("reply=sink ok bytes={bytes}")),
+        "{log}"
+    );
+}
+
+/// A one-way stream of small writes (4 KiB) leaves the fast path by itself
+/// (`--accel-min-message`, default 48 KiB: TCP merges such writes and moved
+/// them faster in the bench), mid-stream and byte-exact; then its reader,
+/// on plain TCP in a stream that keeps flowing, is not nudged on every ACK
+/// (sockops stops looking at a left pair's packets once its reader has
+/// read since the leaving). A stream of 64 KiB writes, and an echo of
+/// small writes (two ways), stay on the fast path.
+#[test]
+fn a_one_way_stream_of_small_writes_leaves_the_fast_path_by_itself() {
+    // An app that reads as fast as it can (the sink's rate: 4 GB/s).
+    let lab = Lab::with_app(&["--sink-rate", "4000000000"]);
+    let _t = lab.tproxy(Steer::Rewrite, &["--accel-retire-ms", "0"]);
+    let server = &lab.topo.server;
+    // In bursts of 128 KiB a millisecond apart, so that the app keeps up
+    // (a writer it falls behind goes by TCP until it catches up, which is
+    // another test's matter).
+    sink_stream(
+        &lab,
+        64 << 20,
+        4096,
+        &["--pause-every", "131072", "--pause-ms", "1"],
+    );
+    let c = stats(server)["counters"].clone();
+    eprintln!("small writes: counters {c}");
+    assert_eq!(c["accel_small_messages"].as_u64().unwrap(), 1, "{c}");
+    assert_eq!(c["accel_left"].as_u64().unwrap(), 1, "{c}");
+    // Left within its first windows (4 of 64 redirects), not at the end.
+    let redirected = c["msg_redirected"].as_u64().unwrap();
+    assert!((256..4096).contains(&redirected), "{c}");
+    // The app's ACKs of 60-odd MB of plain TCP, and a nudge for none of
+    // them but the few before its first read after the leaving.
+    let nudges = c["accel_nudges"].as_u64().unwrap();
+    assert!(
+        nudges < 16,
+        "a left pair's reader nudged {nudges} times: {c}"
+    );
+
+    sink_stream(
+        &lab,
+        64 << 20,
+        64 << 10,
+        &["--pause-every", "131072", "--pause-ms", "1"],
+    );
+    let d = stats(server)["counters"].clone();
+    eprintln!("large writes: counters {d}");
+    assert_eq!(d["accel_small_messages"], c["accel_small_messages"], "{d}");
+    let more =
+        d["msg_redirected_bytes"].as_u64().unwrap() - c["msg_redirected_bytes"].as_u64().unwrap();
+    assert!(more > 48 << 20, "{more} B redirected of 64 MiB: {d}");
+
+    // 1,000 rounds of 100 B each way: small messages, but two ways, so no
+    // window of them completes.
+    let mut cmd = server.command_in(example("lab-client"), Some(&lab.topo.cgroup));
+    cmd.args([
+        "pingpong",
+        "127.0.0.1:8000",
+        "--bytes",
+        "100",
+        "--rounds",
+        "1000",
+    ]);
+    let mut client = Logged::spawn("lab-client", &mut cmd).unwrap();
+    let st = client.wait_timeout(Duration::from_secs(300)).unwrap();
+    assert!(st.success(), "{}", client.log());
+    assert!(client.log().contains("ok rounds=1000"), "{}", client.log());
+    let e = stats(server)["counters"].clone();
+    eprintln!("ping-pong: counters {e}");
+    assert_eq!(e["accel_small_messages"], c["accel_small_messages"], "{e}");
+    let rounds = e["msg_redirected"].as_u64().unwrap() - d["msg_redirected"].as_u64().unwrap();
+    assert!(rounds > 1900, "{rounds} of 2,000 messages redirected: {e}");
+}
+
 /// Echo streams both ways with a small bound and a short --accel-retire-ms:
 /// pairs fall back, retire on either end (a sender that sees its peer
 /// retired retires too) and leave the SOCKHASH while bytes move both ways;

@@ -126,6 +126,7 @@ fn options(ports: &str) -> Options {
         accel_retire_ms: 0,
         flows_quota: 0,
         socks_quota: 0,
+        accel_min_message: 0,
     }
 }
 

@@ -82,6 +82,8 @@ impl Progs {
             proxy_cgroup_id: 0,
             flows_quota: 0,
             socks_quota: 0,
+            accel_min_message: 0,
+            _pad0: 0,
         };
         // A single run's object: its tc programs take the namespace from NODE.
         let mut node: Array<&mut MapData, NodeConfig> =

@@ -122,6 +122,19 @@ pub struct SockState {
     /// came back to it.
     pub fallbacks: u32,
     pub returns: u32,
+    /// The current stream window (`Config::accel_min_message`): redirects
+    /// in it, the windows of small messages just before it, and this
+    /// socket's `redirected` and its peer's `sent` when it began. Written
+    /// only by this socket's sk_msg.
+    pub win_msgs: u32,
+    pub win_small: u32,
+    pub win_redirected: u64,
+    pub win_peer_sent: u64,
+    /// This socket's `copied_seq` when sockops first saw one of its
+    /// packets after the pair left the SOCKHASH, with bit 32 set (0: not
+    /// yet): once its reader has read past it, no read of it can be stuck
+    /// after a short read, and sockops stops looking at its packets.
+    pub left_copied: u64,
 }
 
 /// `SockState::api`: which socket APIs this socket's program used, one byte
@@ -272,6 +285,9 @@ pub mod sock_flags {
     /// again. Set on both by the end that took it out (on the peer at best
     /// effort); their reads are counted no more.
     pub const LEFT: u32 = 1 << 2;
+    /// Retired by `Config::accel_min_message` (with RETIRED): a one-way
+    /// stream of small writes, which TCP moves faster.
+    pub const SMALL_MESSAGES: u32 = 1 << 3;
 }
 
 /// `PENDING_PEERS` value, keyed by the key the other end's socket will have:
@@ -311,7 +327,8 @@ pub struct NudgeEvent {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<SockState>() == 168);
+    assert!(size_of::<SockState>() == 200);
+    assert!(offset_of!(SockState, win_msgs) == 168);
     assert!(offset_of!(SockState, cookie) == 144);
     assert!(size_of::<Upstream>() == 56);
     assert!(size_of::<Asked>() == 56);

@@ -16,6 +16,17 @@ pub const DEFAULT_ACCEL_MAX_QUEUED: u32 = 16 << 20;
 /// scheduler slices (a reader descheduled for a moment is not a stream that
 /// never lets it catch up).
 pub const DEFAULT_ACCEL_RETIRE_MS: u32 = 100;
+/// Default `Config::accel_min_message`: a one-way stream's redirects
+/// lost to TCP in the bench at 7-37 KB a message (HAProxy's 16 KiB writes,
+/// Envoy's coalesced small ones), and won at 75 KB and up.
+pub const DEFAULT_ACCEL_MIN_MESSAGE: u32 = 48 << 10;
+/// Redirects over which a sender's mean message size is judged against
+/// `Config::accel_min_message`.
+pub const STREAM_WINDOW_MSGS: u32 = 64;
+/// Consecutive windows of small messages that retire the sender: one
+/// window dips below the mean now and then (the first messages after a
+/// return, a pause in the stream), a stream of small writes stays there.
+pub const STREAM_SMALL_WINDOWS: u32 = 4;
 /// Default number of targets (network namespaces) one loaded object
 /// serves: `TARGETS` entries, and counter slots. A single `tproxy` run
 /// serves one; the agent sizes it from its config.
@@ -102,6 +113,14 @@ pub struct Config {
     /// connections cannot take the node's SOCKHASH from the others. 0: no
     /// quota.
     pub socks_quota: u32,
+    /// A sender whose redirects averaged fewer bytes than this over
+    /// `STREAM_SMALL_WINDOWS` windows of `STREAM_WINDOW_MSGS` in a row,
+    /// while its peer sent nothing (a one-way stream of small writes),
+    /// retires: each redirected message is queued and
+    /// announced to the reader on its own, where TCP merges such writes
+    /// into fewer, larger segments and wake-ups. Bytes; 0: never.
+    pub accel_min_message: u32,
+    pub _pad0: u32,
 }
 
 /// `TARGETS` value, keyed by the netns cookie: the settings and the
@@ -275,7 +294,8 @@ impl TargetAddr {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<Config>() == 56);
+    assert!(size_of::<Config>() == 64);
+    assert!(offset_of!(Config, accel_min_message) == 56);
     assert!(offset_of!(Config, flows_quota) == 48);
     assert!(offset_of!(Config, socks_quota) == 52);
     assert!(offset_of!(Config, proxy_cgroup_level) == 28);
@@ -285,8 +305,8 @@ const _: () = {
     assert!(offset_of!(Config, accel_max_queued) == 16);
     assert!(offset_of!(Config, accel_retire_ms) == 20);
     assert!(offset_of!(Config, slot) == 24);
-    assert!(size_of::<Target>() == 56 + 2 * 8 * PORT_WORDS);
-    assert!(offset_of!(Target, ports) == 56);
+    assert!(size_of::<Target>() == 64 + 2 * 8 * PORT_WORDS);
+    assert!(offset_of!(Target, ports) == 64);
     assert!(offset_of!(Config, proxy_mark) == 4);
     assert!(offset_of!(Config, steer_mark) == 8);
     assert!(offset_of!(Config, flags) == 12);
@@ -322,6 +342,8 @@ mod tests {
             proxy_cgroup_id: 0,
             flows_quota: 0,
             socks_quota: 0,
+            accel_min_message: 0,
+            _pad0: 0,
         };
         let t = Target::new(cfg, [0, 63, 64, 8000, 65535]);
         for p in [0, 63, 64, 8000, 65535] {

@@ -86,7 +86,9 @@ pub fn on_read(sk: u64, read: i32, flags: i32) -> Result<(), ()> {
     // may add at once.
     atomic::add(unsafe { &raw mut (*st).read }, u64::from(read as u32));
     // SAFETY: as above; written once at insert.
-    counters::add(unsafe { (*st).slot }, Counter::MsgReadBytes, read as u64);
+    let slot = unsafe { (*st).slot };
+    counters::add(slot, Counter::MsgReadBytes, read as u64);
+    counters::inc(slot, Counter::MsgReads);
     report_short_read(sk, st, u64::from(read as u32));
     // What the sender may leave queued here, refreshed once a window: the
     // reader's receive buffer (TCP autotunes it while the sender goes by

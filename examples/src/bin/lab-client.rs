@@ -11,7 +11,7 @@
 //! a transfer may end; N in the `ok` line is then all it wrote).
 //!
 //!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B (--pause-ms MS | --pause-stdin)]
-//!         [--sndbuf BYTES] [--like-envoy]
+//!         [--sndbuf BYTES] [--write-size BYTES] [--like-envoy]
 //!
 //! Writes N bytes (`SINK <seed> go` first, then waits for the app's `go`) as fast as it can, for a slow
 //! reader, optionally pausing MS ms after every B bytes (bursts); prints
@@ -21,12 +21,19 @@
 //! on stdin, each announced with `paused sent=S` (S:
 //! bytes written so far), so a test drives the bursts. `--sndbuf`: the
 //! socket's send buffer (SO_SNDBUFFORCE), so a burst fits whole in it
-//! whatever the reader does. `--like-envoy`:
+//! whatever the reader does. `--write-size`: bytes per write (256 KiB).
+//! `--like-envoy`:
 //! a non-blocking writer that, as Envoy does, keeps buffering while TCP
 //! refuses it (EAGAIN) and then writes all it holds in one call, so the
 //! write after a refused one is larger than what was refused; with
 //! `--hold-ms MS` it prints its line and keeps the connection open MS ms
 //! more (its sockets' figures can then be read), after one last byte.
+//!
+//!     lab-client pingpong ADDR --bytes N [--rounds R] [--seed S]
+//!
+//! R rounds against the app's echo, each N bytes written and the same N
+//! read back (checked) before the next: small messages, two ways. Prints
+//! `ok rounds=R`.
 //!
 //!     lab-client request ADDR --bytes N [--timeout-s S]
 //!
@@ -292,6 +299,7 @@ fn sink(
     seed: u64,
     pause: Option<(usize, Pause)>,
     sndbuf: Option<usize>,
+    write_size: usize,
 ) -> Result<String> {
     let mut c = connect(addr, None)?;
     if let Some(b) = sndbuf {
@@ -303,7 +311,7 @@ fn sink(
         p.wait(0)?;
     }
     let mut data = Stream::new(seed);
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; write_size.max(1)];
     let (mut sent, mut errors) = (0, Vec::new());
     let t0 = Instant::now();
     while sent < bytes {
@@ -358,6 +366,32 @@ fn sink(
         errors.len(),
         reply.trim()
     ))
+}
+
+/// `pingpong`: the app answers its banner to the first byte and echoes it,
+/// then echoes each round.
+fn pingpong(addr: SocketAddr, rounds: usize, size: usize, seed: u64) -> Result<String> {
+    use std::io::Read as _;
+    let mut c = connect(addr, None)?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    c.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        c.read_exact(&mut b).context("banner")?;
+    }
+    c.read_exact(&mut b).context("echo of the first byte")?;
+    let (mut data, mut check) = (Stream::new(seed), Stream::new(seed));
+    let (mut out, mut back) = (vec![0u8; size], vec![0u8; size]);
+    for round in 0..rounds {
+        data.fill(&mut out);
+        c.write_all(&out)?;
+        c.read_exact(&mut back)
+            .with_context(|| format!("round {round}"))?;
+        if let Some(off) = check.check(&back) {
+            bail!("round {round}: byte {off} differs");
+        }
+    }
+    Ok(format!("ok rounds={rounds}"))
 }
 
 /// Reads the app's `go` (its answer to a `SINK … go` line): the app has
@@ -790,6 +824,13 @@ fn main() -> Result<()> {
         .transpose()?
         .unwrap_or(0x1234);
     match mode.as_str() {
+        "pingpong" => {
+            let rounds: usize = opt("--rounds")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(1000);
+            println!("{}", pingpong(addr, rounds, bytes, seed)?);
+        }
         "echo" => {
             let conns: usize = opt("--conns").map(|v| v.parse()).transpose()?.unwrap_or(1);
             let bind: Option<SocketAddr> = opt("--bind").map(|v| v.parse()).transpose()?;
@@ -839,6 +880,10 @@ fn main() -> Result<()> {
                 Pause::Sleep(ms)
             };
             let sndbuf: Option<usize> = opt("--sndbuf").map(|v| v.parse()).transpose()?;
+            let write_size: usize = opt("--write-size")
+                .map(|v| v.parse())
+                .transpose()?
+                .unwrap_or(256 << 10);
             if args.iter().any(|a| a == "--like-envoy") {
                 let hold: u64 = opt("--hold-ms")
                     .map(|v| v.parse())
@@ -852,7 +897,14 @@ fn main() -> Result<()> {
             } else {
                 println!(
                     "{}",
-                    sink(addr, bytes, seed, every.map(|e| (e, how)), sndbuf)?
+                    sink(
+                        addr,
+                        bytes,
+                        seed,
+                        every.map(|e| (e, how)),
+                        sndbuf,
+                        write_size
+                    )?
                 )
             }
         }

@@ -116,6 +116,7 @@ pub fn change(old: &TargetSpec, new: &TargetSpec) -> Change {
             accel_ports: None,
             accel_max_queued: None,
             accel_retire_ms: None,
+            accel_min_message: None,
             ..s.target.clone()
         },
         name: None,

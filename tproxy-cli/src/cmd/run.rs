@@ -389,6 +389,11 @@ mod tests {
             (&help, "--proxy-mark", format!("{:#x}", o.proxy_mark)),
             (&help, "--accel-max-queued", o.accel_max_queued.to_string()),
             (&help, "--accel-retire-ms", o.accel_retire_ms.to_string()),
+            (
+                &help,
+                "--accel-min-message",
+                o.accel_min_message.to_string(),
+            ),
             (&help, "--tc-mode", name(o.tc_mode.to_possible_value())),
             (&help, "--steer", name(o.steer.to_possible_value())),
             (&help, "--drain-timeout", s.drain_timeout.to_string()),

@@ -146,6 +146,7 @@ mod tests {
              accel: false\n\
              accel_max_queued: 1048576\n\
              accel_retire_ms: 50\n\
+             accel_min_message: 0\n\
              tc_mode: netlink\n\
              steer: tproxy\n\
              steer_mark: \"0x20\"\n\
@@ -169,6 +170,7 @@ mod tests {
                     accel: Some(false),
                     accel_max_queued: Some(1 << 20),
                     accel_retire_ms: Some(50),
+                    accel_min_message: Some(0),
                     accel_ports: None,
                     tc_mode: Some(TcMode::Netlink),
                     steer: Some(Steer::Tproxy),

@@ -35,6 +35,9 @@ pub struct Options {
     /// A sender on TCP this long (ms) without its reader catching up leaves
     /// the fast path for good (0: never).
     pub accel_retire_ms: u32,
+    /// A one-way stream whose redirects average fewer bytes than this
+    /// leaves the fast path for good (0: never).
+    pub accel_min_message: u32,
     /// Most FLOWS entries (open steered flows) the target may hold; past
     /// it, its new flows stay embryonic. 0: no quota (the whole table).
     pub flows_quota: u32,

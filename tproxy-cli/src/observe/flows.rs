@@ -19,7 +19,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::Serialize;
 use tproxy_common::{
     AF_INET, FlowKey, FlowValue, SockState, Upstream, names, refused, sock_api,
-    sock_flags::{FAST, LEFT, RETIRED},
+    sock_flags::{FAST, LEFT, RETIRED, SMALL_MESSAGES},
 };
 
 use crate::{
@@ -229,6 +229,9 @@ pub fn classify(proxy: &SockState, app: Option<&SockState>) -> (&'static str, St
     off.dedup();
     let why = if !off.is_empty() {
         off.join(", ")
+    } else if both.iter().any(|s| s.flags & SMALL_MESSAGES != 0) {
+        "a one-way stream of small writes (under --accel-min-message), which TCP moves faster"
+            .into()
     } else if both.iter().any(|s| s.flags & RETIRED != 0) {
         "on TCP past --accel-retire-ms (a reader that never caught up)".into()
     } else {
@@ -314,6 +317,15 @@ mod tests {
         assert_eq!(classify(&slow, Some(&a)).0, "returned");
         let unseen = sock(0, [0; 8]);
         assert_eq!(classify(&sock(0, plain), Some(&unseen)).0, "waiting");
+    }
+
+    #[test]
+    fn a_pair_retired_for_small_writes_says_so() {
+        let plain = [1, 0, 0, 0, 0, 0, 0, 0];
+        let (p, a) = (sock(RETIRED | SMALL_MESSAGES, plain), sock(0, plain));
+        let (pair, why) = classify(&p, Some(&a));
+        assert_eq!(pair, "retired");
+        assert!(why.contains("small writes"), "{why}");
     }
 
     #[test]

@@ -613,6 +613,7 @@ pub fn update_in_place(
     config.flags = (config.flags & !flags::ACCEL) | if opts.accel { flags::ACCEL } else { 0 };
     config.accel_max_queued = opts.accel_max_queued;
     config.accel_retire_ms = opts.accel_retire_ms;
+    config.accel_min_message = opts.accel_min_message;
     config.flows_quota = opts.flows_quota;
     config.socks_quota = opts.socks_quota;
     let added = |p: u16| opts.ports.contains(p) && !old.contains(p);
@@ -648,6 +649,8 @@ pub fn target_value(opts: &Options, env: &TargetEnv, slot: u32, proxy: (u64, u32
         proxy_cgroup_id: proxy.0,
         flows_quota: opts.flows_quota,
         socks_quota: opts.socks_quota,
+        accel_min_message: opts.accel_min_message,
+        _pad0: 0,
     };
     target_entry(config, opts)
 }

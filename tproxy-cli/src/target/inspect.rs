@@ -554,6 +554,11 @@ mod tests {
             redirected: 0,
             fallbacks: 0,
             returns: 0,
+            win_msgs: 0,
+            win_small: 0,
+            win_redirected: 0,
+            win_peer_sent: 0,
+            left_copied: 0,
         }
     }
 
