@@ -114,6 +114,11 @@ pub struct Opts {
     /// (a before/after comparison under the same harness and workload).
     #[arg(long)]
     pub tproxy_bin: Option<PathBuf>,
+    /// One more tproxy argument for proxy+accel (repeatable), as
+    /// `--accel-arg=--accel-min-message=0`: a policy's cost or effect
+    /// measured against the same binary's defaults.
+    #[arg(long = "accel-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub accel_args: Vec<String>,
 }
 
 const DEFAULT_REPS: usize = 5;
@@ -182,6 +187,7 @@ impl Dest {
         let defaults = !opts.quick
             && !opts.pin
             && opts.tproxy_bin.is_none()
+            && opts.accel_args.is_empty()
             && plan.reps == DEFAULT_REPS
             && plan.seconds == DEFAULT_SECONDS
             && plan.setups == Setup::ALL
@@ -1008,7 +1014,7 @@ pub fn run(opts: Opts) -> Result<()> {
             };
             for setup in order {
                 bench.step(format!("rep {rep} {}: entering", setup.name()));
-                let active = setups::enter(setup, &lab, &bench.tproxy)?;
+                let active = setups::enter(setup, &lab, &bench.tproxy, &opts.accel_args)?;
                 bench.accel = setup == Setup::ProxyAccel;
                 let r = (|| -> Result<()> {
                     bench.iperf3(setup, rep)?;

@@ -54,7 +54,13 @@ pub enum Active {
 
 const NFT_TABLE: &str = "tproxy_bench_redirect";
 
-pub fn enter(setup: Setup, lab: &Topology, tproxy_bin: &str) -> Result<Active> {
+/// Starts `setup`; `accel_args`: more tproxy arguments for proxy+accel.
+pub fn enter(
+    setup: Setup,
+    lab: &Topology,
+    tproxy_bin: &str,
+    accel_args: &[String],
+) -> Result<Active> {
     let cg = lab.cgroup.path().display().to_string();
     let base = [
         "-i",
@@ -79,7 +85,7 @@ pub fn enter(setup: Setup, lab: &Topology, tproxy_bin: &str) -> Result<Active> {
     match setup {
         Setup::Base => Ok(Active::Nothing),
         Setup::Proxy => tproxy(&["--no-accel"]),
-        Setup::ProxyAccel => tproxy(&[]),
+        Setup::ProxyAccel => tproxy(&accel_args.iter().map(String::as_str).collect::<Vec<_>>()),
         Setup::TproxyBackend => tproxy(&["--no-accel", "--steer", "tproxy"]),
         Setup::NftRedirect => {
             let rules = format!(
