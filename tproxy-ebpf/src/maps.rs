@@ -165,6 +165,12 @@ pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
 #[map]
 pub static MEM_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
 
+/// Where sockops builds a socket's `SockState` before inserting it into
+/// `SOCKS` (one per CPU): 200 bytes on sockops' stack would take it past
+/// the 512 bytes Linux 6.1 allows a program and its calls together.
+#[map]
+pub static SOCK_SCRATCH: PerCpuArray<SockState> = PerCpuArray::with_max_entries(1, 0);
+
 /// `MEM_BUDGET` value: a CPU's share of the machine's headroom below its
 /// pressure mark, in pages (-1: found short), and when it was read
 /// (jiffies; 0 on a CPU that has not read yet, never fresh).

@@ -42,8 +42,8 @@ use tproxy_common::{
 use crate::{
     atomic, counters, flow, identity,
     maps::{
-        ASKED, LISTENER_API, PENDING_PEERS, PROXY_CONNECTS, SOCK_API, SOCKHASH, SOCKS,
-        SOCKS_IN_USE, UPSTREAM_FLOWS,
+        ASKED, LISTENER_API, PENDING_PEERS, PROXY_CONNECTS, SOCK_API, SOCK_SCRATCH, SOCKHASH,
+        SOCKS, SOCKS_IN_USE, UPSTREAM_FLOWS,
     },
     peer, sockkey, tcpseq,
 };
@@ -343,34 +343,39 @@ fn insert(
         refuse(ctx, refused::QUOTA);
         return Err(());
     }
-    let state = SockState {
-        peer_key: *peer_key,
-        peer,
-        sent: 0,
-        redirected_end: 0,
-        read: 0,
-        flags: 0,
-        rcvbuf: rcvbuf(ctx),
-        win_start: crate::flow::now(),
-        win_read: 0,
-        tcp_since: 0,
-        slot,
+    // Built in this CPU's scratch slot, not on the stack (`SOCK_SCRATCH`),
+    // every field written.
+    let state = SOCK_SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's own slot, for this program run only.
+    unsafe {
+        (*state).peer_key = *peer_key;
+        (*state).peer = peer;
+        (*state).sent = 0;
+        (*state).redirected_end = 0;
+        (*state).read = 0;
+        (*state).flags = 0;
+        (*state).rcvbuf = rcvbuf(ctx);
+        (*state).win_start = crate::flow::now();
+        (*state).win_read = 0;
+        (*state).tcp_since = 0;
+        (*state).slot = slot;
         // ESTABLISHED, nothing sent yet: `write_seq` is `snd_nxt`.
-        tcp_seq: peer::seqs(ctx).0,
-        tcp_unsynced: 0,
-        api: [0; 8],
-        // SAFETY: the helper takes this program's own context.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.ops.cast()) },
-        redirected: 0,
-        fallbacks: 0,
-        returns: 0,
-        win_msgs: 0,
-        win_small: 0,
-        win_redirected: 0,
-        win_peer_sent: 0,
-        left_copied: 0,
-    };
-    SOCKS.insert(&sk, &state, 0).map_err(|_| ())?;
+        (*state).tcp_seq = peer::seqs(ctx).0;
+        (*state).tcp_unsynced = 0;
+        (*state).api = [0; 8];
+        // The helper takes this program's own context.
+        (*state).cookie = bpf_get_socket_cookie(ctx.ops.cast());
+        (*state).redirected = 0;
+        (*state).fallbacks = 0;
+        (*state).returns = 0;
+        (*state).win_msgs = 0;
+        (*state).win_small = 0;
+        (*state).win_redirected = 0;
+        (*state).win_peer_sent = 0;
+        (*state).left_copied = 0;
+    }
+    // SAFETY: as above; a whole value, read by the helper.
+    SOCKS.insert(&sk, unsafe { &*state }, 0).map_err(|_| ())?;
     // SAFETY: ctx.ops is the kernel's bpf_sock_ops for this socket.
     SOCKHASH
         .update(*key, unsafe { &mut *ctx.ops }, BPF_ANY as u64)

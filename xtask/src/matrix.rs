@@ -259,6 +259,10 @@ pub const COLUMNS: &[Column] = &[
             ("accel", "the_map_holds_exactly_envoys_live_pairs"),
             ("accel", "a_namespace_that_is_not_a_target_is_left_alone"),
             (
+                "accel",
+                "a_one_way_stream_of_small_writes_leaves_the_fast_path_by_itself",
+            ),
+            (
                 "accel_memory",
                 "a_slow_reader_costs_no_more_memory_than_without_acceleration_ours",
             ),
