@@ -177,12 +177,6 @@ counters! {
     /// memory cgroup at its TCP limit): the kernel would have refused part
     /// or all of a redirect, and handed the sender ENOMEM.
     AccelMemoryShort => "accel_memory_short",
-    /// Redirected sends that found every byte their sender had sent before
-    /// already read: the reader had caught up, so the send likely woke it.
-    MsgRedirectedIdle => "msg_redirected_idle",
-    /// Reads that took bytes from accelerated sockets (either path), until
-    /// the pair leaves the SOCKHASH.
-    MsgReads => "msg_reads",
     /// Senders retired because a one-way stream's redirects averaged less
     /// than `accel_min_message` (TCP merges such writes and moves them
     /// faster).

@@ -124,12 +124,18 @@ pub struct SockState {
     pub returns: u32,
     /// The current stream window (`Config::accel_min_message`): redirects
     /// in it, the windows of small messages just before it, and this
-    /// socket's `redirected` and its peer's `sent` when it began. Written
-    /// only by this socket's sk_msg.
+    /// socket's `redirected`, and its peer's `sent`, `reads` and `read`
+    /// when it began. Written only by this socket's sk_msg.
     pub win_msgs: u32,
     pub win_small: u32,
     pub win_redirected: u64,
     pub win_peer_sent: u64,
+    pub win_peer_reads: u64,
+    pub win_peer_read: u64,
+    /// Reads that took bytes from this socket (the read hook, like `read`;
+    /// a plain add: two readers at once may lose one, which only delays
+    /// the small-writes rule).
+    pub reads: u64,
     /// This socket's `copied_seq` when sockops first saw one of its
     /// packets after the pair left the SOCKHASH, with bit 32 set (0: not
     /// yet): once its reader has read past it, no read of it can be stuck
@@ -327,7 +333,7 @@ pub struct NudgeEvent {
 // Layout checks: the eBPF side reads these structs through raw map values,
 // so a silent change of size or offset would be a wrong answer, not an error.
 const _: () = {
-    assert!(size_of::<SockState>() == 200);
+    assert!(size_of::<SockState>() == 224);
     assert!(offset_of!(SockState, win_msgs) == 168);
     assert!(offset_of!(SockState, cookie) == 144);
     assert!(size_of::<Upstream>() == 56);

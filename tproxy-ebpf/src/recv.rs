@@ -85,10 +85,10 @@ pub fn on_read(sk: u64, read: i32, flags: i32) -> Result<(), ()> {
     // SAFETY: st points at a live SOCKS entry; two readers of one socket
     // may add at once.
     atomic::add(unsafe { &raw mut (*st).read }, u64::from(read as u32));
+    // SAFETY: as above; a plain add (`SockState::reads`).
+    unsafe { (*st).reads += 1 };
     // SAFETY: as above; written once at insert.
-    let slot = unsafe { (*st).slot };
-    counters::add(slot, Counter::MsgReadBytes, read as u64);
-    counters::inc(slot, Counter::MsgReads);
+    counters::add(unsafe { (*st).slot }, Counter::MsgReadBytes, read as u64);
     report_short_read(sk, st, u64::from(read as u32));
     // What the sender may leave queued here, refreshed once a window: the
     // reader's receive buffer (TCP autotunes it while the sender goes by

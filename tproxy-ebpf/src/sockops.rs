@@ -372,6 +372,9 @@ fn insert(
         (*state).win_small = 0;
         (*state).win_redirected = 0;
         (*state).win_peer_sent = 0;
+        (*state).win_peer_reads = 0;
+        (*state).win_peer_read = 0;
+        (*state).reads = 0;
         (*state).left_copied = 0;
     }
     // SAFETY: as above; a whole value, read by the helper.

@@ -11,7 +11,8 @@
 //!   closes at once (a peer that closes mid-stream).
 //! - `COUNT <n>` (a line): reads n bytes, answers `count ok <n>`, and
 //!   waits for the client to close (a request answered without a FIN).
-//! - `SINK <seed> [<n>] [go]` (a line; `go`: answer `go` first): a slow reader: reads at --sink-rate
+//! - `SINK <seed> [<n>] [go] [read=<b>]` (a line; `go`: answer `go` first;
+//!   `read=`: at most b bytes a read): a slow reader: reads at --sink-rate
 //!   bytes/s, checks the seeded stream, answers `sink ok bytes=N` (or a
 //!   mismatch) at EOF, or after n bytes, and then waits for the client to
 //!   close (the connection stays open as long as the client wants).
@@ -76,11 +77,14 @@ async fn sink(
     want: Option<u64>,
     rest: Vec<u8>,
     rate: u64,
+    read: Option<usize>,
 ) -> std::io::Result<()> {
     let mut check = tproxy_examples::Stream::new(seed);
     let mut got = rest.len();
     let mut bad = check.check(&rest);
-    let chunk = (rate / 100).clamp(1, 64 * 1024) as usize;
+    let chunk = read
+        .unwrap_or((rate / 100).clamp(1, 64 * 1024) as usize)
+        .max(1);
     let mut buf = vec![0u8; chunk];
     let start = tokio::time::Instant::now();
     while want.is_none_or(|w| (got as u64) < w) {
@@ -233,8 +237,11 @@ async fn handle(mut s: TcpStream, peer: SocketAddr, opts: Opts) -> std::io::Resu
         if v.split_whitespace().any(|w| w == "go") {
             s.write_all(b"go\n").await?;
         }
+        let read = v
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("read=")?.parse::<usize>().ok());
         let rest = buf[first_line.len() + 1..n].to_vec();
-        return sink(s, seed, want, rest, opts.sink_rate).await;
+        return sink(s, seed, want, rest, opts.sink_rate, read).await;
     }
     if buf[..n].starts_with(b"GET ") || buf[..n].starts_with(b"HEAD ") {
         buf.truncate(n);

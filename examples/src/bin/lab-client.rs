@@ -11,7 +11,7 @@
 //! a transfer may end; N in the `ok` line is then all it wrote).
 //!
 //!     lab-client sink ADDR --bytes N [--seed S] [--pause-every B (--pause-ms MS | --pause-stdin)]
-//!         [--sndbuf BYTES] [--write-size BYTES] [--like-envoy]
+//!         [--sndbuf BYTES] [--write-size BYTES] [--read-size BYTES] [--like-envoy]
 //!
 //! Writes N bytes (`SINK <seed> go` first, then waits for the app's `go`) as fast as it can, for a slow
 //! reader, optionally pausing MS ms after every B bytes (bursts); prints
@@ -22,6 +22,7 @@
 //! bytes written so far), so a test drives the bursts. `--sndbuf`: the
 //! socket's send buffer (SO_SNDBUFFORCE), so a burst fits whole in it
 //! whatever the reader does. `--write-size`: bytes per write (256 KiB).
+//! `--read-size`: the app reads at most this many bytes a read.
 //! `--like-envoy`:
 //! a non-blocking writer that, as Envoy does, keeps buffering while TCP
 //! refuses it (EAGAIN) and then writes all it holds in one call, so the
@@ -300,12 +301,14 @@ fn sink(
     pause: Option<(usize, Pause)>,
     sndbuf: Option<usize>,
     write_size: usize,
+    read_size: Option<usize>,
 ) -> Result<String> {
     let mut c = connect(addr, None)?;
     if let Some(b) = sndbuf {
         force_sndbuf(&c, b)?;
     }
-    c.write_all(format!("SINK {seed} go\n").as_bytes())?;
+    let read = read_size.map_or(String::new(), |r| format!(" read={r}"));
+    c.write_all(format!("SINK {seed} go{read}\n").as_bytes())?;
     wait_go(&mut c)?;
     if let Some((_, p @ Pause::Stdin)) = pause {
         p.wait(0)?;
@@ -884,6 +887,7 @@ fn main() -> Result<()> {
                 .map(|v| v.parse())
                 .transpose()?
                 .unwrap_or(256 << 10);
+            let read_size: Option<usize> = opt("--read-size").map(|v| v.parse()).transpose()?;
             if args.iter().any(|a| a == "--like-envoy") {
                 let hold: u64 = opt("--hold-ms")
                     .map(|v| v.parse())
@@ -903,7 +907,8 @@ fn main() -> Result<()> {
                         seed,
                         every.map(|e| (e, how)),
                         sndbuf,
-                        write_size
+                        write_size,
+                        read_size
                     )?
                 )
             }

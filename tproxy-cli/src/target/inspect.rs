@@ -558,6 +558,9 @@ mod tests {
             win_small: 0,
             win_redirected: 0,
             win_peer_sent: 0,
+            win_peer_reads: 0,
+            win_peer_read: 0,
+            reads: 0,
             left_copied: 0,
         }
     }

@@ -337,7 +337,7 @@ fn wakeups(pid: i32) -> f64 {
 /// The accel counters that explain a figure: fallbacks to TCP and returns,
 /// pairs that retired and left the SOCKHASH, sendmsg calls redirected or
 /// passed to TCP, bytes redirected.
-const ACCEL_COUNTERS: [&str; 12] = [
+const ACCEL_COUNTERS: [&str; 10] = [
     "accel_fallbacks",
     "accel_resumed",
     "accel_retired",
@@ -346,8 +346,6 @@ const ACCEL_COUNTERS: [&str; 12] = [
     "msg_redirected_bytes",
     "msg_passthrough",
     "msg_miss",
-    "msg_redirected_idle",
-    "msg_reads",
     "accel_small_messages",
     "accel_nudges",
 ];
