@@ -114,8 +114,9 @@ pub struct Target {
     pub accel_retire_ms: Option<u32>,
 
     /// A sender whose writes, redirected, average fewer bytes than this
-    /// over 4 windows of 64 in a row while its peer sends nothing (a
-    /// one-way stream of small writes) leaves the fast path for good: TCP
+    /// and are read about one per read, over 4 windows of 64 in a row,
+    /// while its peer sends nothing (a one-way stream of small writes
+    /// whose reader is woken for each) leaves the fast path for good: TCP
     /// merges such writes into larger segments and moved them faster in
     /// the bench. 0: never [default: 49152].
     #[arg(long, value_name = "BYTES")]
