@@ -522,47 +522,17 @@ pub fn counters_of(record: &Record) -> Result<Vec<(Counter, u64)>> {
 mod tests {
     use std::collections::HashMap;
 
-    use tproxy_common::SockKey;
-
     use super::*;
 
     fn sock(peer: u64, redirected_end: u64, read: u64) -> SockState {
-        SockState {
-            peer_key: SockKey {
-                local_addr: [0; 4],
-                remote_addr: [0; 4],
-                local_port: 0,
-                remote_port: 0,
-                family: 0,
-                _pad0: 0,
-                netns_cookie: 0,
-            },
-            peer,
-            sent: redirected_end + 100,
-            redirected_end,
-            read,
-            flags: 0,
-            rcvbuf: 0,
-            win_start: 0,
-            win_read: 0,
-            tcp_since: 0,
-            slot: 1,
-            tcp_seq: 0,
-            tcp_unsynced: 0,
-            api: [0; 8],
-            cookie: 0,
-            redirected: 0,
-            fallbacks: 0,
-            returns: 0,
-            win_msgs: 0,
-            win_small: 0,
-            win_redirected: 0,
-            win_peer_sent: 0,
-            win_peer_reads: 0,
-            win_peer_read: 0,
-            reads: 0,
-            left_copied: 0,
-        }
+        // SAFETY: SockState is plain data; all-zero is a valid value.
+        let mut s: SockState = unsafe { std::mem::zeroed() };
+        s.peer = peer;
+        s.sent = redirected_end + 100;
+        s.redirected_end = redirected_end;
+        s.read = read;
+        s.slot = 1;
+        s
     }
 
     #[test]

@@ -405,34 +405,15 @@ mod tests {
     /// A socket whose peer's key is `peer_key`, having sent `sent` bytes
     /// (all redirected) and read `read`.
     fn sock(peer_key: SockKey, sent: u64, read: u64) -> SockState {
-        SockState {
-            peer_key,
-            peer: 1,
-            sent,
-            redirected_end: sent,
-            read,
-            flags: 0,
-            rcvbuf: 0,
-            win_start: 0,
-            win_read: 0,
-            tcp_since: 0,
-            slot: 3,
-            tcp_seq: 0,
-            tcp_unsynced: 0,
-            api: [0; 8],
-            cookie: 0,
-            redirected: 0,
-            fallbacks: 0,
-            returns: 0,
-            win_msgs: 0,
-            win_small: 0,
-            win_redirected: 0,
-            win_peer_sent: 0,
-            win_peer_reads: 0,
-            win_peer_read: 0,
-            reads: 0,
-            left_copied: 0,
-        }
+        // SAFETY: SockState is plain data; all-zero is a valid value.
+        let mut s: SockState = unsafe { std::mem::zeroed() };
+        s.peer_key = peer_key;
+        s.peer = 1;
+        s.sent = sent;
+        s.redirected_end = sent;
+        s.read = read;
+        s.slot = 3;
+        s
     }
 
     #[test]
