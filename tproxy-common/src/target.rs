@@ -116,9 +116,10 @@ pub struct Config {
     /// A sender whose redirects averaged fewer bytes than this, read
     /// about one per read, over `STREAM_SMALL_WINDOWS` windows of
     /// `STREAM_WINDOW_MSGS` in a row, while its peer sent nothing (a
-    /// one-way stream of small writes), retires: each redirected message is queued and
-    /// announced to the reader on its own, where TCP merges such writes
-    /// into fewer, larger segments and wake-ups. Bytes; 0: never.
+    /// one-way stream of small writes), retires: each redirected message
+    /// is queued and announced to the reader on its own, where TCP merges
+    /// such writes into fewer, larger segments and wake-ups. Bytes; 0:
+    /// never.
     pub accel_min_message: u32,
     pub _pad0: u32,
 }

@@ -166,8 +166,8 @@ pub static TARGET_ADDRS: HashMap<TargetAddr, u64> =
 pub static MEM_BUDGET: PerCpuArray<Budget> = PerCpuArray::with_max_entries(1, 0);
 
 /// Where sockops builds a socket's `SockState` before inserting it into
-/// `SOCKS` (one per CPU): 200 bytes on sockops' stack would take it past
-/// the 512 bytes Linux 6.1 allows a program and its calls together.
+/// `SOCKS` (one per CPU): its 224 bytes on sockops' stack took the
+/// program and its calls past the 512 bytes Linux 6.1 allows.
 #[map]
 pub static SOCK_SCRATCH: PerCpuArray<SockState> = PerCpuArray::with_max_entries(1, 0);
 

@@ -336,7 +336,7 @@ fn wakeups(pid: i32) -> f64 {
 
 /// The accel counters that explain a figure: fallbacks to TCP and returns,
 /// pairs that retired and left the SOCKHASH, sendmsg calls redirected or
-/// passed to TCP, bytes redirected.
+/// passed to TCP, bytes redirected, retirements for small writes, nudges.
 const ACCEL_COUNTERS: [&str; 10] = [
     "accel_fallbacks",
     "accel_resumed",
